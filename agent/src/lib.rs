@@ -1,0 +1,1 @@
+//! nodeseal-agent : not yet implemented; see the issues.

@@ -1,0 +1,1 @@
+//! nodeseal-bpf-common : not yet implemented; see the issues.

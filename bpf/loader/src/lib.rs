@@ -1,0 +1,1 @@
+//! nodeseal-bpf : not yet implemented; see the issues.

@@ -1,0 +1,1 @@
+//! nodeseal-keymgr : not yet implemented; see the issues.

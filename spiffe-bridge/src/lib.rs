@@ -1,0 +1,1 @@
+//! nodeseal-spiffe-bridge : not yet implemented; see the issues.

@@ -1,0 +1,1 @@
+//! nodeseal-xfrm : not yet implemented; see the issues.
