@@ -3,6 +3,7 @@
 //! Everything a fresh Debian 12 machine needs is installed here (see [`deps`]), so the README's
 //! two commands work from a clean clone.
 
+mod bench;
 mod deps;
 mod kernel;
 mod run;
@@ -29,6 +30,8 @@ enum Command {
     Test(test::TestArgs),
     /// Run a command as root inside the test VM, with the host's filesystem visible read-only.
     Vm(vm::VmArgs),
+    /// Run a benchmark (figures as ratios against a baseline measured in the same run).
+    Bench(bench::BenchArgs),
     /// Install the Debian packages and toolchains the project needs, then exit.
     Setup,
 }
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
     let result: Result<ExitCode> = match cli.command {
         Command::Test(args) => test::run(args),
         Command::Vm(args) => vm::run_cli(args),
+        Command::Bench(args) => bench::run(args),
         Command::Setup => deps::ensure_all().map(|()| ExitCode::SUCCESS),
     };
     match result {
