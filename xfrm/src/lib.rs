@@ -60,6 +60,4 @@ pub use stats::{StatError, XfrmStat};
 
 /// Helpers for tests in this and other crates.
 #[cfg(any(test, feature = "testing"))]
-pub mod test_helpers {
-    pub use crate::kernel::fake::FakeKernel;
-}
+pub mod test_helpers;

@@ -378,3 +378,228 @@ async fn apply(handle: &Handle, ops: Vec<Op>) -> Result<(), XfrmError> {
     }
     Err(BatchError { total, failures }.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::KernelErrorKind;
+    use crate::policy::{Action, Direction, PolicySpec};
+    use crate::selector::Selector;
+    use crate::state::{Aead, AeadAlgorithm, Lifetime, Limits, Spi, StateStats};
+    use crate::test_helpers::{FakeKernel, IN_MARK, mesh, ownership, peer_objects, reqid};
+
+    fn setup() -> (FakeKernel, Handle) {
+        let fake = FakeKernel::new();
+        (fake.clone(), Handle::with_kernel(fake))
+    }
+
+    /// A foreign ESP state (reqid 1) and policy, plus a non-ESP-tunnel foreign state.
+    async fn add_foreign(handle: &Handle, fake: &FakeKernel) -> (usize, usize) {
+        let (mut s, mut p) = peer_objects(0, 9000, 1);
+        s[0].reqid = ReqId::new(1).unwrap();
+        p[0].templates[0].reqid = ReqId::new(1).unwrap();
+        p[0].priority = 7;
+        handle.states().add(s[0].clone()).execute().await.unwrap();
+        handle.policies().add(p[0].clone()).execute().await.unwrap();
+        fake.insert_state(KernelState {
+            dst: "192.0.2.1".parse().unwrap(),
+            spi: 0x10,
+            proto: 51, // AH, transport: not describable, not ours
+            reqid: REQID_IN_RANGE,
+            mark: Mark::NONE,
+            spec: None,
+            stats: StateStats::default(),
+        });
+        (fake.states().len(), fake.policies().len())
+    }
+
+    const REQID_IN_RANGE: u32 = crate::test_helpers::REQID_BASE + 5;
+
+    #[tokio::test]
+    async fn reconcile_is_minimal_and_idempotent() {
+        let (fake, handle) = setup();
+        let owner = ownership();
+        let r = reconcile(&handle, &owner, mesh(0, 20, |_| 1)).await.unwrap();
+        assert_eq!((r.states_added, r.policies_added), (40, 60));
+        assert_eq!((fake.states().len(), fake.policies().len()), (40, 60));
+
+        let before = fake.messages();
+        let r = reconcile(&handle, &owner, mesh(0, 20, |_| 1)).await.unwrap();
+        assert!(r.is_noop(), "{r:?}");
+        assert_eq!(r.unchanged, 100);
+        assert_eq!(fake.messages() - before, 2, "second run sends only the two dumps");
+    }
+
+    #[tokio::test]
+    async fn rekey_lifetime_key_and_policy_changes_plan_the_right_ops() {
+        let (fake, handle) = setup();
+        let owner = ownership();
+        reconcile(&handle, &owner, mesh(0, 10, |_| 1)).await.unwrap();
+
+        // Peer 3 rekeys (new SPIs), peer 10 leaves.
+        let mut d = mesh(0, 9, |p| if p == 3 { 2 } else { 1 });
+        // Peer 4: lifetime change on the IN state -> update in place.
+        let lft = Lifetime {
+            soft: Limits::default(),
+            hard: Limits {
+                add_seconds: Some(3600),
+                ..Limits::default()
+            },
+        };
+        let in4 = d.states.iter_mut().find(|s| s.reqid == reqid(4) && s.mark == IN_MARK).unwrap();
+        in4.lifetime = lft;
+        // Peer 5: same SPI, different key -> delete + add.
+        let out5 = d.states.iter_mut().find(|s| s.reqid == reqid(5) && s.mark != IN_MARK).unwrap();
+        out5.aead = Aead::new(AeadAlgorithm::AesGcm128, &[9; 20]).unwrap();
+        let new_key5 = out5.clone();
+        // Peer 6: policy priority change -> atomic replace.
+        let pol6 = d.policies.iter_mut().find(|p| p.templates[0].reqid == reqid(6)).unwrap();
+        pol6.priority = 10;
+
+        let r = reconcile(&handle, &owner, d.clone()).await.unwrap();
+        assert_eq!(
+            r,
+            ReconcileReport {
+                states_added: 2,
+                states_updated: 1,
+                states_replaced: 1,
+                states_deleted: 2 + 2,
+                policies_added: 0,
+                policies_updated: 1,
+                policies_deleted: 3,
+                unchanged: 2 * 9 - 2 - 2 + 3 * 9 - 1,
+                foreign_states: 0,
+                foreign_policies: 0,
+            }
+        );
+        let states = fake.states();
+        let in4k = states.iter().find(|s| s.reqid == reqid(4).get() && s.mark == IN_MARK).unwrap();
+        assert_eq!(in4k.spec.as_ref().unwrap().lifetime, lft);
+        assert!(states.iter().any(|s| s.spec.as_ref() == Some(&new_key5)));
+        assert!(reconcile(&handle, &owner, d).await.unwrap().is_noop());
+    }
+
+    #[tokio::test]
+    async fn foreign_objects_are_never_touched() {
+        let (fake, handle) = setup();
+        let owner = ownership();
+        let (fs, fp) = add_foreign(&handle, &fake).await;
+        let foreign_states: Vec<_> = fake.states();
+        let foreign_policies: Vec<_> = fake.policies();
+        let r = reconcile(&handle, &owner, mesh(0, 5, |_| 1)).await.unwrap();
+        assert_eq!((r.foreign_states, r.foreign_policies), (fs, fp));
+        let r = reconcile(&handle, &owner, Desired::default()).await.unwrap();
+        assert_eq!(r.states_deleted, 10);
+        assert_eq!(fake.states(), foreign_states);
+        assert_eq!(fake.policies(), foreign_policies);
+        reconcile(&handle, &owner, mesh(0, 5, |_| 1)).await.unwrap();
+        assert_eq!(flush_owned(&handle, &owner).await.unwrap(), 25);
+        assert_eq!(fake.states(), foreign_states);
+        assert_eq!(fake.policies(), foreign_policies);
+    }
+
+    #[tokio::test]
+    async fn collisions_and_unowned_desires_are_refused_before_sending() {
+        let (fake, handle) = setup();
+        let owner = ownership();
+        add_foreign(&handle, &fake).await;
+        let before = fake.messages();
+        // Same identity as the foreign policy (selector, dir, mark) but our reqid.
+        let (_, p) = peer_objects(0, 9000, 1);
+        let d = Desired {
+            states: vec![],
+            policies: vec![p[0].clone()],
+        };
+        let e = reconcile(&handle, &owner, d).await.unwrap_err();
+        assert!(matches!(e, ReconcileError::ForeignConflict { .. }), "{e}");
+        // A state with a reqid outside the range.
+        let (mut s, _) = peer_objects(0, 1, 1);
+        s[0].reqid = ReqId::new(2).unwrap();
+        let d = Desired {
+            states: vec![s[0].clone()],
+            policies: vec![],
+        };
+        let e = reconcile(&handle, &owner, d).await.unwrap_err();
+        assert!(matches!(e, ReconcileError::NotOwned { .. }), "{e}");
+        let (s, _) = peer_objects(0, 1, 1);
+        let d = Desired {
+            states: vec![s[0].clone(), s[0].clone()],
+            policies: vec![],
+        };
+        let e = reconcile(&handle, &owner, d).await.unwrap_err();
+        assert!(matches!(e, ReconcileError::Duplicate { .. }), "{e}");
+        assert_eq!(fake.messages() - before, 6, "only dumps were sent");
+    }
+
+    #[tokio::test]
+    async fn mark_bits_claim_template_less_policies() {
+        let (fake, handle) = setup();
+        let bits = Mark::new(0x0e00, 0x0f00);
+        let owner = ownership().with_mark_bits(bits);
+        let block = PolicySpec {
+            selector: Selector::new("10.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap())
+                .unwrap(),
+            dir: Direction::Out,
+            action: Action::Block,
+            priority: 100,
+            mark: Mark::new(0x0e00, 0xff00),
+            templates: vec![],
+        };
+        let mut foreign_block = block.clone();
+        foreign_block.mark = Mark::new(0x0100, 0xff00);
+        handle.policies().add(foreign_block).execute().await.unwrap();
+        let d = Desired {
+            states: vec![],
+            policies: vec![block],
+        };
+        let r = reconcile(&handle, &owner, d).await.unwrap();
+        assert_eq!((r.policies_added, r.foreign_policies), (1, 1));
+        assert_eq!(flush_owned(&handle, &owner).await.unwrap(), 1);
+        assert_eq!(fake.policies().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn batch_failures_name_each_object_and_missing_modules() {
+        let (fake, handle) = setup();
+        fake.refuse_aead(true);
+        let e = reconcile(&handle, &ownership(), mesh(0, 2, |_| 1)).await.unwrap_err();
+        let ReconcileError::Xfrm(XfrmError::Batch(b)) = e else {
+            panic!("{e:?}")
+        };
+        assert_eq!((b.total, b.failures.len()), (10, 4));
+        let (s, _) = peer_objects(0, 1, 1);
+        assert_eq!(b.failures[0].object, ObjectRef::State(s[0].id()));
+        assert!(matches!(
+            &b.failures[0].error.kind,
+            KernelErrorKind::MissingSupport { modules } if modules.contains(&"esp4")
+        ));
+        let text = b.to_string();
+        assert!(text.contains("4 of 10") && text.contains("spi") && text.contains("esp4"), "{text}");
+        // The policies of the same batch were applied.
+        assert_eq!(fake.policies().len(), 6);
+    }
+
+    #[tokio::test]
+    async fn handle_requests_round_trip_through_the_seam() {
+        let (_fake, handle) = setup();
+        let (s, p) = peer_objects(0, 1, 1);
+        handle.states().add(s[0].clone()).execute().await.unwrap();
+        let e = handle.states().add(s[0].clone()).execute().await.unwrap_err();
+        assert_eq!(e.kernel_error().unwrap().kind, KernelErrorKind::Exists);
+        let got = handle.states().get(s[0].id()).execute().await.unwrap();
+        assert_eq!(got.spec.as_ref(), Some(&s[0]));
+        handle.policies().update(p[0].clone()).execute().await.unwrap();
+        let got = handle.policies().get(p[0].id()).execute().await.unwrap();
+        assert_eq!(got.spec.as_ref(), Some(&p[0]));
+        handle.policies().delete(p[0].id()).execute().await.unwrap();
+        handle.states().delete(s[0].id()).execute().await.unwrap();
+        let e = handle.states().delete(s[0].id()).execute().await.unwrap_err();
+        assert_eq!(e.kernel_error().unwrap().kind, KernelErrorKind::NotFound);
+        assert!(handle.states().dump().execute().await.unwrap().is_empty());
+        let mut bad = s[1].clone();
+        bad.replay_window = u32::MAX;
+        let e = handle.states().add(bad).execute().await.unwrap_err();
+        assert!(matches!(e, XfrmError::Spec { .. }), "{e}");
+        let _ = Spi::new(300).unwrap();
+    }
+}
