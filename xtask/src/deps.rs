@@ -16,7 +16,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("xz-utils", "decompresses Debian's kernel modules"),
     ("zstd", "decompresses Debian's kernel modules"),
     ("kmod", "depmod for the initramfs module tree"),
-    ("iproute2", "namespaces, links and the independent XFRM reader"),
+    (
+        "iproute2",
+        "namespaces, links and the independent XFRM reader",
+    ),
     ("wireguard-tools", "wg, the WireGuard reference"),
     ("iputils-ping", "ping between test pods"),
     ("tcpdump", "wire captures when debugging a scenario"),
@@ -24,9 +27,18 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "independent X.509 reader in keymgr tests"),
     ("etcd-server", "the etcd store backend's tests"),
     ("llvm-22-dev", "bpf-linker links the eBPF programs"),
-    ("libpolly-22-dev", "bpf-linker links against LLVM's static libraries"),
-    ("libzstd-dev", "bpf-linker links against LLVM's static libraries"),
-    ("zlib1g-dev", "bpf-linker links against LLVM's static libraries"),
+    (
+        "libpolly-22-dev",
+        "bpf-linker links against LLVM's static libraries",
+    ),
+    (
+        "libzstd-dev",
+        "bpf-linker links against LLVM's static libraries",
+    ),
+    (
+        "zlib1g-dev",
+        "bpf-linker links against LLVM's static libraries",
+    ),
 ];
 
 const NIGHTLY: &str = "nightly";

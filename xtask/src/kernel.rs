@@ -73,7 +73,11 @@ const BOOT_MODULES: &[&str] = &[
 ];
 
 /// Module directories copied whole, so on-demand crypto loading finds every algorithm.
-const WHOLE_DIRS: &[&str] = &["kernel/crypto", "kernel/arch/x86/crypto", "kernel/lib/crypto"];
+const WHOLE_DIRS: &[&str] = &[
+    "kernel/crypto",
+    "kernel/arch/x86/crypto",
+    "kernel/lib/crypto",
+];
 
 /// Bump when the initramfs layout or init script changes, to rebuild cached images.
 const INITRAMFS_REVISION: u32 = 1;
@@ -155,11 +159,19 @@ fn cached_package(series: &KernelSeries, kernels: &Path) -> Result<String> {
 
 fn download(package: &str, dir: &Path) -> Result<PathBuf> {
     eprintln!("xtask: downloading {package}");
-    run::checked(Command::new("apt-get").args(["download", "-q", package]).current_dir(dir))
-        .or_else(|_| {
-            run::checked(Command::new("apt-get").args(["update", "-qq"]))?;
-            run::checked(Command::new("apt-get").args(["download", "-q", package]).current_dir(dir))
-        })?;
+    run::checked(
+        Command::new("apt-get")
+            .args(["download", "-q", package])
+            .current_dir(dir),
+    )
+    .or_else(|_| {
+        run::checked(Command::new("apt-get").args(["update", "-qq"]))?;
+        run::checked(
+            Command::new("apt-get")
+                .args(["download", "-q", package])
+                .current_dir(dir),
+        )
+    })?;
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
@@ -167,14 +179,19 @@ fn download(package: &str, dir: &Path) -> Result<PathBuf> {
             return Ok(path);
         }
     }
-    bail!("apt-get download {package} left no .deb in {}", dir.display())
+    bail!(
+        "apt-get download {package} left no .deb in {}",
+        dir.display()
+    )
 }
 
 fn single_entry(dir: &Path) -> Result<String> {
     let mut names = fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()));
-    let first = names.next().with_context(|| format!("{} is empty", dir.display()))?;
+    let first = names
+        .next()
+        .with_context(|| format!("{} is empty", dir.display()))?;
     Ok(first)
 }
 
@@ -224,7 +241,11 @@ fn build_initramfs(unpacked: &Path, release: &str, out: &Path) -> Result<()> {
             }
         }
     }
-    for meta in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
+    for meta in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
         let src = modules_src.join(meta);
         if src.is_file() {
             fs::copy(&src, modules_dst.join(meta))?;
@@ -358,8 +379,14 @@ mod tests {
         let files = dependency_closure(&deps, &["esp4".into(), "not_a_module".into()]);
         assert_eq!(
             files.into_iter().collect::<Vec<_>>(),
-            ["kernel/net/ipv4/esp4.ko.xz", "kernel/net/xfrm/xfrm_algo.ko.xz"]
+            [
+                "kernel/net/ipv4/esp4.ko.xz",
+                "kernel/net/xfrm/xfrm_algo.ko.xz"
+            ]
         );
-        assert_eq!(module_name("kernel/crypto/crc32c-intel.ko.zst"), "crc32c_intel");
+        assert_eq!(
+            module_name("kernel/crypto/crc32c-intel.ko.zst"),
+            "crc32c_intel"
+        );
     }
 }

@@ -114,7 +114,10 @@ pub fn streamed(cmd: &mut Command, timeout: Duration) -> Result<(bool, Tally)> {
             break Some(status);
         }
         if Instant::now() >= deadline {
-            eprintln!("xtask: {} timed out after {timeout:?}; killing it", describe(cmd));
+            eprintln!(
+                "xtask: {} timed out after {timeout:?}; killing it",
+                describe(cmd)
+            );
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -142,7 +145,9 @@ mod tests {
     fn tally_reads_libtest_summaries() {
         let mut t = Tally::default();
         t.add_line("test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
-        t.add_line("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add_line(
+            "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
         t.add_line("running 3 tests");
         assert_eq!(
             t,

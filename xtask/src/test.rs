@@ -1,12 +1,229 @@
-//! `cargo xtask test`.
-use std::process::ExitCode;
+//! `cargo xtask test`: set-up, host unit tests, then the network-namespace suite (package
+//! `nodeseal-netns`) either directly on the host, when its kernel has everything, or once per
+//! kernel of the matrix inside the test VM (one boot per kernel runs every scenario).
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
 use clap::Args;
 
-#[derive(Args)]
-pub struct TestArgs {}
+use crate::kernel::{DEFAULT_MATRIX, MATRIX_ENV};
+use crate::run::{self, Tally};
+use crate::{deps, vm};
 
-pub fn run(_args: TestArgs) -> Result<ExitCode> {
-    Ok(ExitCode::SUCCESS)
+#[derive(Args)]
+pub struct TestArgs {
+    /// Kernel series for the network-namespace suite, comma-separated (6.1, 6.12), or `host`.
+    #[arg(long, env = MATRIX_ENV, default_value = DEFAULT_MATRIX)]
+    kernels: String,
+    /// Skip installing packages and toolchains.
+    #[arg(long)]
+    skip_setup: bool,
+    /// Skip the host unit tests (only the network-namespace suite).
+    #[arg(long)]
+    netns_only: bool,
+    #[command(flatten)]
+    vm: vm::VmOptions,
+    /// Passed to every test binary (a name filter, `--nocapture`, ...).
+    #[arg(last = true)]
+    test_args: Vec<String>,
+}
+
+/// Set for every test run: a test that cannot find the privileges or kernel features it needs
+/// fails instead of skipping.
+const REQUIRE_PRIVILEGED: (&str, &str) = ("NODESEAL_REQUIRE_PRIVILEGED", "1");
+const HOST_TIMEOUT: Duration = Duration::from_secs(45 * 60);
+
+struct Phase {
+    name: String,
+    ok: bool,
+    tally: Tally,
+    elapsed: Duration,
+}
+
+pub fn run(args: TestArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    if !args.skip_setup {
+        deps::ensure_all()?;
+    }
+    let mut phases = Vec::new();
+    if !args.netns_only {
+        let t = Instant::now();
+        let mut cmd = Command::new("cargo");
+        cmd.args(["test", "--workspace", "--exclude", "nodeseal-netns"])
+            .env(REQUIRE_PRIVILEGED.0, REQUIRE_PRIVILEGED.1);
+        if !args.test_args.is_empty() {
+            cmd.arg("--").args(&args.test_args);
+        }
+        let (ok, tally) = run::streamed(&mut cmd, HOST_TIMEOUT)?;
+        phases.push(Phase {
+            name: "host unit tests".into(),
+            ok,
+            tally,
+            elapsed: t.elapsed(),
+        });
+    }
+
+    // The binaries the scenarios start (the agent, ...) are found next to the test executables.
+    run::checked(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
+    let binaries = netns_test_binaries()?;
+    let script = suite_script(&binaries, &args.test_args);
+
+    if args.kernels.trim() == "host" || host_has_kernel_features() {
+        eprintln!("xtask: the host kernel has ESP, WireGuard, veth and tc BPF: running directly");
+        let t = Instant::now();
+        let (ok, tally) = run::streamed(
+            Command::new("sh")
+                .args(["-c", &script])
+                .env(REQUIRE_PRIVILEGED.0, REQUIRE_PRIVILEGED.1),
+            HOST_TIMEOUT,
+        )?;
+        phases.push(Phase {
+            name: "netns on host kernel".into(),
+            ok,
+            tally,
+            elapsed: t.elapsed(),
+        });
+    } else {
+        let kernels = vm::prepare_matrix(&args.kernels)?;
+        if kernels.is_empty() {
+            bail!("{MATRIX_ENV} names no kernel");
+        }
+        for kernel in &kernels {
+            let t = Instant::now();
+            let command = vec![
+                "env".to_owned(),
+                format!("{}={}", REQUIRE_PRIVILEGED.0, REQUIRE_PRIVILEGED.1),
+                format!("NODESEAL_KERNEL_SERIES={}", kernel.series),
+                "sh".to_owned(),
+                "-c".to_owned(),
+                script.clone(),
+            ];
+            let (ok, tally) = vm::run_command(kernel, &command, &args.vm)?;
+            phases.push(Phase {
+                name: format!("netns on Linux {}", kernel.release),
+                ok,
+                tally,
+                elapsed: t.elapsed(),
+            });
+        }
+    }
+
+    let mut total = Tally::default();
+    let mut all_ok = true;
+    println!();
+    println!("nodeseal test summary ({:.0?} in all):", started.elapsed());
+    for phase in &phases {
+        // A phase that ran no test binary at all is a broken run, not a pass.
+        let ok = phase.ok && phase.tally.failed == 0 && phase.tally.suites > 0;
+        all_ok &= ok;
+        total.merge(phase.tally);
+        println!(
+            "  {:<40} {:>4} passed, {:>3} failed, {:>3} ignored  {:>7.1?}  {}",
+            phase.name,
+            phase.tally.passed,
+            phase.tally.failed,
+            phase.tally.ignored,
+            phase.elapsed,
+            if ok { "ok" } else { "FAILED" }
+        );
+    }
+    println!(
+        "test result: {}. {} passed; {} failed; {} ignored",
+        if all_ok { "ok" } else { "FAILED" },
+        total.passed,
+        total.failed,
+        total.ignored
+    );
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Builds the netns suite and returns its test executables.
+fn netns_test_binaries() -> Result<Vec<PathBuf>> {
+    let out = run::output(Command::new("cargo").args([
+        "test",
+        "-p",
+        "nodeseal-netns",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]))?;
+    let mut binaries = Vec::new();
+    for line in out.lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && msg["profile"]["test"] == true
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            binaries.push(PathBuf::from(exe));
+        }
+    }
+    if binaries.is_empty() {
+        bail!("the nodeseal-netns package produced no test executable");
+    }
+    binaries.sort();
+    Ok(binaries)
+}
+
+/// One shell script running every test binary in turn; fails if any fails.
+fn suite_script(binaries: &[PathBuf], test_args: &[String]) -> String {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let extra: Vec<String> = test_args.iter().map(|a| quote(a)).collect();
+    let mut script = String::from("rc=0\n");
+    for bin in binaries {
+        script.push_str(&format!(
+            "echo \"     Running {name}\"\n{bin} --color=never {extra} || rc=1\n",
+            name = bin
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            bin = quote(&bin.to_string_lossy()),
+            extra = extra.join(" ")
+        ));
+    }
+    script.push_str("exit $rc\n");
+    script
+}
+
+/// Whether this kernel can run the netns suite directly: create a scratch namespace and try a
+/// veth pair, an rfc4106 ESP state, a WireGuard link and a clsact qdisc in it.
+fn host_has_kernel_features() -> bool {
+    let ns = format!("nodeseal-probe-{}", std::process::id());
+    if !run::succeeds(Command::new("ip").args(["netns", "add", &ns])) {
+        return false;
+    }
+    let ip = |args: &[&str]| run::succeeds(Command::new("ip").args(["-n", &ns]).args(args));
+    let ok = ip(&["link", "add", "pv0", "type", "veth", "peer", "name", "pv1"])
+        && ip(&["link", "set", "pv0", "up"])
+        && ip(&[
+            "xfrm",
+            "state",
+            "add",
+            "src",
+            "192.0.2.1",
+            "dst",
+            "192.0.2.2",
+            "proto",
+            "esp",
+            "spi",
+            "0x1000",
+            "mode",
+            "tunnel",
+            "aead",
+            "rfc4106(gcm(aes))",
+            "0x0102030405060708090a0b0c0d0e0f1011121314",
+            "128",
+        ])
+        && ip(&["link", "add", "wg0", "type", "wireguard"])
+        && run::succeeds(
+            Command::new("tc").args(["-n", &ns, "qdisc", "add", "dev", "pv0", "clsact"]),
+        );
+    let _ = run::succeeds(Command::new("ip").args(["netns", "del", &ns]));
+    ok
 }

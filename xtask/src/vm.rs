@@ -65,7 +65,11 @@ pub fn run_cli(args: VmArgs) -> Result<ExitCode> {
     let series = KernelSeries::parse(&args.kernel)?;
     let kernel = kernel::prepare(&series, &cache_dir())?;
     let (ok, _) = run_command(&kernel, &args.command, &args.options)?;
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub fn cache_dir() -> PathBuf {
@@ -91,16 +95,19 @@ pub fn run_command(
         script.push_str(&format!("export {k}={}\n", shell_quote(&v)));
     }
     script.push_str("export NODESEAL_IN_VM=1\n");
-    script.push_str(&format!("cd {} || exit 125\n", shell_quote(&cwd.to_string_lossy())));
+    script.push_str(&format!(
+        "cd {} || exit 125\n",
+        shell_quote(&cwd.to_string_lossy())
+    ));
     let quoted: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
     script.push_str(&format!("exec {}\n", quoted.join(" ")));
     fs::write(scratch.path.join("run.sh"), script)?;
 
+    let shown = command.join(" ");
     eprintln!(
-        "xtask: booting Linux {} ({:?}) for: {}",
+        "xtask: booting Linux {} ({accel:?}) for: {}",
         kernel.release,
-        accel,
-        command.join(" ")
+        shown.lines().next().unwrap_or_default()
     );
     let mut qemu = qemu_command(kernel, &scratch.path, options, accel);
     let (_, tally) = run::streamed(&mut qemu, Duration::from_secs(options.timeout_secs))?;
@@ -130,30 +137,43 @@ fn qemu_command(
         Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
         _ => cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
     };
-    cmd.args(["-smp", &cpus.to_string(), "-m", &options.memory_mib.to_string()])
-        .args(["-nographic", "-no-reboot", "-nic", "none", "-device", "virtio-rng-pci"])
-        .arg("-kernel")
-        .arg(&kernel.vmlinuz)
-        .arg("-initrd")
-        .arg(&kernel.initramfs)
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off nodeseal.scratch={}",
-            scratch.display()
-        ))
-        .args([
-            "-fsdev",
-            "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
-            "-device",
-            "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-            "-fsdev",
-        ])
-        .arg(format!(
-            "local,id=scratch,path={},security_model=none",
-            scratch.display()
-        ))
-        .args(["-device", "virtio-9p-pci,fsdev=scratch,mount_tag=scratch"])
-        .stdin(std::process::Stdio::null());
+    cmd.args([
+        "-smp",
+        &cpus.to_string(),
+        "-m",
+        &options.memory_mib.to_string(),
+    ])
+    .args([
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-device",
+        "virtio-rng-pci",
+    ])
+    .args(["-bios", "/usr/share/qemu/qboot.rom"])
+    .arg("-kernel")
+    .arg(&kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(&kernel.initramfs)
+    .arg("-append")
+    .arg(format!(
+        "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off nodeseal.scratch={}",
+        scratch.display()
+    ))
+    .args([
+        "-fsdev",
+        "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device",
+        "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+        "-fsdev",
+    ])
+    .arg(format!(
+        "local,id=scratch,path={},security_model=none",
+        scratch.display()
+    ))
+    .args(["-device", "virtio-9p-pci,fsdev=scratch,mount_tag=scratch"])
+    .stdin(std::process::Stdio::null());
     cmd
 }
 
@@ -175,7 +195,11 @@ fn kvm_works(kernel: &BootableKernel, options: &VmOptions) -> bool {
     let works = run_command(kernel, &["true".to_owned()], &probe).is_ok_and(|(ok, _)| ok);
     eprintln!(
         "xtask: KVM {}",
-        if works { "works" } else { "does not work here; using TCG" }
+        if works {
+            "works"
+        } else {
+            "does not work here; using TCG"
+        }
     );
     let _ = fs::write(&marker, if works { "ok" } else { "fail" });
     works

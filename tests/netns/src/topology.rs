@@ -1,0 +1,329 @@
+//! A cluster in namespaces: an underlay namespace holding bridge `br0`, node namespaces wired to
+//! it by veth pairs, and pod namespaces behind each node, routed the way Cilium's native routing
+//! does it (a /32 per pod over its veth, each peer's pod CIDR via the peer's node IP).
+//!
+//! Addresses: node `i` is `10.0.0.(i+1)/24` on its `eth0`; its pod CIDR is `10.244.i.0/24`, with
+//! the gateway `10.244.i.1` on its loopback; pod `j` of node `i` is `10.244.i.(10+j)/32` on its
+//! `eth0`, whose peer in the node is `lxc<j>`.
+//!
+//! When a test panics while a topology is alive, its drop prints a failure report: every
+//! namespace's addresses, routes and XFRM state, the logs of processes started through it, and a
+//! summary of the wire captures.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+
+use crate::capture::{self, WireCapture};
+use crate::net::Cidr;
+use crate::{Netns, Process};
+
+/// The bridge joining the nodes, in the underlay namespace.
+pub const UNDERLAY_BRIDGE: &str = "br0";
+
+pub struct TopologyBuilder {
+    name: String,
+    nodes: usize,
+    pods_per_node: usize,
+}
+
+impl TopologyBuilder {
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    pub fn pods_per_node(mut self, n: usize) -> Self {
+        self.pods_per_node = n;
+        self
+    }
+
+    pub fn build(self) -> Result<Topology> {
+        anyhow::ensure!(
+            (1..=200).contains(&self.nodes) && self.pods_per_node <= 200,
+            "topology of {} nodes x {} pods does not fit the address plan",
+            self.nodes,
+            self.pods_per_node
+        );
+        let short: String = self
+            .name
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(12)
+            .collect();
+        let log_dir = std::env::temp_dir()
+            .join("nodeseal-netns")
+            .join(format!("{short}-{}", std::process::id()));
+        let underlay = Netns::new(&format!("{short}-u"))?;
+        underlay.ip(&["link", "add", UNDERLAY_BRIDGE, "type", "bridge"])?;
+        underlay.ip(&["link", "set", UNDERLAY_BRIDGE, "up"])?;
+        let mut topo = Topology {
+            name: self.name,
+            underlay,
+            nodes: Vec::new(),
+            log_dir,
+            logs: Mutex::new(Vec::new()),
+            captures: Mutex::new(Vec::new()),
+        };
+        for i in 0..self.nodes {
+            let node = Node::create(&topo.underlay, &short, i, self.pods_per_node)?;
+            topo.nodes.push(node);
+        }
+        for node in &topo.nodes {
+            for peer in topo.nodes.iter().filter(|p| p.index != node.index) {
+                node.ns.ip(&[
+                    "route",
+                    "add",
+                    &peer.pod_cidr.to_string(),
+                    "via",
+                    &peer.ip.to_string(),
+                ])?;
+            }
+        }
+        Ok(topo)
+    }
+}
+
+pub struct Topology {
+    name: String,
+    underlay: Netns,
+    nodes: Vec<Node>,
+    log_dir: PathBuf,
+    logs: Mutex<Vec<(String, PathBuf)>>,
+    captures: Mutex<Vec<Arc<capture::Shared>>>,
+}
+
+impl Topology {
+    /// Starts describing a topology; `name` (the test's) prefixes every namespace.
+    pub fn builder(name: &str) -> TopologyBuilder {
+        TopologyBuilder {
+            name: name.to_owned(),
+            nodes: 2,
+            pods_per_node: 1,
+        }
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    pub fn underlay(&self) -> &Netns {
+        &self.underlay
+    }
+
+    /// Every node's pod CIDR.
+    pub fn pod_cidrs(&self) -> Vec<Cidr> {
+        self.nodes.iter().map(|n| n.pod_cidr).collect()
+    }
+
+    /// Where processes started through [`Topology::spawn`] write their logs.
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+
+    /// Starts capturing every frame on the underlay wire.
+    pub fn capture(&self) -> Result<WireCapture> {
+        let capture = WireCapture::start(&self.underlay, UNDERLAY_BRIDGE)?;
+        if let Ok(mut c) = self.captures.lock() {
+            c.push(capture.shared());
+        }
+        Ok(capture)
+    }
+
+    /// Starts `cmd` inside `ns`, logging to `<log_dir>/<name>.log`; the log is part of the
+    /// failure report.
+    pub fn spawn(&self, ns: &Netns, name: &str, program: &str, args: &[&str]) -> Result<Process> {
+        let mut cmd = ns.command(program);
+        cmd.args(args);
+        self.spawn_command(name, cmd)
+    }
+
+    /// Like [`Topology::spawn`] for a prepared command (environment, working directory...).
+    pub fn spawn_command(&self, name: &str, cmd: Command) -> Result<Process> {
+        let process = Process::spawn(name, cmd, &self.log_dir)?;
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push((name.to_owned(), process.log_path().to_owned()));
+        }
+        Ok(process)
+    }
+
+    /// The failure report: namespace state, process logs, capture summaries.
+    pub fn report(&self) -> String {
+        let mut out = format!("===== nodeseal-netns report for {} =====\n", self.name);
+        for node in &self.nodes {
+            out.push_str(&format!(
+                "----- node {} ({}, pods {}) -----\n",
+                node.index, node.ip, node.pod_cidr
+            ));
+            for args in [
+                &["-br", "addr"][..],
+                &["route"],
+                &["-s", "xfrm", "state"],
+                &["xfrm", "policy"],
+            ] {
+                out.push_str(&format!("$ ip {}\n", args.join(" ")));
+                out.push_str(&node.ns.ip(args).unwrap_or_else(|e| format!("{e:#}\n")));
+            }
+            for pod in &node.pods {
+                out.push_str(&format!("--- pod {} ({})\n", pod.ns.name(), pod.ip));
+                out.push_str(&pod.ns.ip(&["-br", "addr"]).unwrap_or_default());
+            }
+        }
+        if let Ok(logs) = self.logs.lock() {
+            for (name, path) in logs.iter() {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(200)..];
+                out.push_str(&format!(
+                    "----- log of {name} ({}, last {} lines) -----\n{}\n",
+                    path.display(),
+                    tail.len(),
+                    tail.join("\n")
+                ));
+            }
+        }
+        if let Ok(captures) = self.captures.lock() {
+            for (i, shared) in captures.iter().enumerate() {
+                out.push_str(&format!("----- wire capture {i}: {}\n", shared.summary()));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.report());
+            eprintln!("(logs kept in {})", self.log_dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.log_dir);
+        }
+    }
+}
+
+/// A node: its namespace, underlay address, pod CIDR and pods.
+pub struct Node {
+    pub index: usize,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: Cidr,
+    pub pods: Vec<Pod>,
+}
+
+impl Node {
+    fn create(underlay: &Netns, prefix: &str, index: usize, pods: usize) -> Result<Self> {
+        let i = u8::try_from(index).context("node index")?;
+        let ns = Netns::new(&format!("{prefix}-n{i}"))?;
+        let ip = Ipv4Addr::new(10, 0, 0, i + 1);
+        let port = format!("n{i}");
+        ns.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            underlay.name(),
+        ])?;
+        underlay.ip(&["link", "set", &port, "master", UNDERLAY_BRIDGE, "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        let gateway = Ipv4Addr::new(10, 244, i, 1);
+        ns.ip(&["addr", "add", &format!("{gateway}/32"), "dev", "lo"])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        for key in ["all", "default", "eth0"] {
+            ns.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0")?;
+        }
+        let mut node = Self {
+            index,
+            ns,
+            ip,
+            pod_cidr: Cidr::v4(10, 244, i, 0, 24),
+            pods: Vec::new(),
+        };
+        for j in 0..pods {
+            let pod = Pod::create(&node, prefix, j, gateway)?;
+            node.pods.push(pod);
+        }
+        Ok(node)
+    }
+
+    pub fn pod(&self, j: usize) -> &Pod {
+        &self.pods[j]
+    }
+}
+
+/// A pod: a namespace behind its node's `lxc<j>`.
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// The host-side veth in the node namespace.
+    pub host_ifname: String,
+}
+
+impl Pod {
+    fn create(node: &Node, prefix: &str, index: usize, gateway: Ipv4Addr) -> Result<Self> {
+        let j = u8::try_from(index + 10).context("pod index")?;
+        let i = u8::try_from(node.index).context("node index")?;
+        let ns = Netns::new(&format!("{prefix}-n{i}p{index}"))?;
+        let ip = Ipv4Addr::new(10, 244, i, j);
+        let host_ifname = format!("lxc{index}");
+        node.ns.ip(&[
+            "link",
+            "add",
+            &host_ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        node.ns.ip(&["link", "set", &host_ifname, "up"])?;
+        node.ns
+            .sysctl(&format!("net.ipv4.conf.{host_ifname}.rp_filter"), "0")?;
+        node.ns
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_ifname])?;
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            &gateway.to_string(),
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway.to_string(),
+            "src",
+            &ip.to_string(),
+        ])?;
+        Ok(Self {
+            ns,
+            ip,
+            host_ifname,
+        })
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.ip.into()
+    }
+}

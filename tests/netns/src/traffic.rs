@@ -1,0 +1,275 @@
+//! Traffic between pods: `ping` (iputils) and a UDP sequence stream that reports lost,
+//! duplicated and reordered packets, for the hitless rotation and restart scenarios.
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::Netns;
+
+/// What `ping` reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PingResult {
+    pub transmitted: u32,
+    pub received: u32,
+}
+
+impl PingResult {
+    pub fn all_answered(&self) -> bool {
+        self.transmitted > 0 && self.received == self.transmitted
+    }
+}
+
+/// Sends `count` echo requests from inside `from` to `to`, 0.2 s apart, waiting at most one
+/// second per reply.
+pub fn ping(from: &Netns, to: Ipv4Addr, count: u32) -> Result<PingResult> {
+    let out = from
+        .command("ping")
+        .args(["-n", "-q", "-i", "0.2", "-W", "1", "-c", &count.to_string()])
+        .arg(to.to_string())
+        .output()
+        .context("running ping (package iputils-ping)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "3 packets transmitted, 3 received, 0% packet loss, time 402ms"
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .with_context(|| format!("ping printed no statistics: {text}"))?;
+    let number_before = |label: &str| -> Result<u32> {
+        let idx = line
+            .find(label)
+            .with_context(|| format!("no {label:?} in {line:?}"))?;
+        let n = line[..idx]
+            .trim_end()
+            .rsplit([' ', ','])
+            .next()
+            .unwrap_or_default();
+        n.parse()
+            .with_context(|| format!("parsing {label:?} in {line:?}"))
+    };
+    Ok(PingResult {
+        transmitted: number_before(" packets transmitted")?,
+        received: number_before(" received")?,
+    })
+}
+
+/// Loss, duplication and reordering of a finished stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamReport {
+    pub sent: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+}
+
+impl StreamReport {
+    pub fn is_perfect(&self) -> bool {
+        self.sent > 0 && self.lost == 0 && self.duplicated == 0
+    }
+}
+
+/// A UDP stream of sequence-numbered datagrams from one namespace to another.
+pub struct UdpStream {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    sender: Option<JoinHandle<Result<()>>>,
+    receiver: Option<JoinHandle<Result<Vec<u64>>>>,
+    receiver_stop: Arc<AtomicBool>,
+}
+
+/// Payload: an 8-byte sequence number, then padding to a realistic size.
+const DATAGRAM_LEN: usize = 200;
+
+impl UdpStream {
+    /// Starts a receiver on `dst` inside `receiver_ns` and a sender inside `sender_ns` sending
+    /// `rate_pps` datagrams per second, for at most `max_duration`.
+    pub fn start(
+        sender_ns: &Netns,
+        receiver_ns: &Netns,
+        dst: SocketAddrV4,
+        rate_pps: u32,
+        max_duration: Duration,
+    ) -> Result<Self> {
+        if rate_pps == 0 {
+            bail!("rate must be positive");
+        }
+        let receiver_stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let rstop = Arc::clone(&receiver_stop);
+        let receiver = receiver_ns.spawn_thread("udp-receiver", move || {
+            let socket = match bind_receiver(dst.port()) {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                    return Err(e);
+                }
+            };
+            receive(&socket, &rstop)
+        })?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("receiver did not start")??;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (sstop, ssent) = (Arc::clone(&stop), Arc::clone(&sent));
+        let sender = sender_ns.spawn_thread("udp-sender", move || {
+            send(dst, rate_pps, max_duration, &sstop, &ssent)
+        })?;
+        Ok(Self {
+            stop,
+            sent,
+            sender: Some(sender),
+            receiver: Some(receiver),
+            receiver_stop,
+        })
+    }
+
+    /// Datagrams sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops sending, waits `drain` for datagrams in flight, and reports.
+    pub fn finish(mut self, drain: Duration) -> Result<StreamReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = self.sender.take() {
+            s.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        }
+        std::thread::sleep(drain);
+        self.receiver_stop.store(true, Ordering::Relaxed);
+        let seqs = match self.receiver.take() {
+            Some(r) => r
+                .join()
+                .map_err(|_| anyhow::anyhow!("receiver panicked"))??,
+            None => Vec::new(),
+        };
+        Ok(analyse(self.sent(), &seqs))
+    }
+}
+
+impl Drop for UdpStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.receiver_stop.store(true, Ordering::Relaxed);
+        if let Some(s) = self.sender.take() {
+            let _ = s.join();
+        }
+        if let Some(r) = self.receiver.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+fn bind_receiver(port: u16) -> Result<UdpSocket> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("binding UDP port {port}"))?;
+    socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    Ok(socket)
+}
+
+fn receive(socket: &UdpSocket, stop: &AtomicBool) -> Result<Vec<u64>> {
+    let mut seqs = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        match socket.recv(&mut buf) {
+            Ok(n) if n >= 8 => {
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&buf[..8]);
+                seqs.push(u64::from_be_bytes(seq));
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e).context("receiving"),
+        }
+    }
+    Ok(seqs)
+}
+
+fn send(
+    dst: SocketAddrV4,
+    rate_pps: u32,
+    max_duration: Duration,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+) -> Result<()> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let interval = Duration::from_secs(1) / rate_pps;
+    let start = Instant::now();
+    let mut payload = [0u8; DATAGRAM_LEN];
+    let mut seq: u64 = 0;
+    while !stop.load(Ordering::Relaxed) && start.elapsed() < max_duration {
+        let due = start + interval * u32::try_from(seq).unwrap_or(u32::MAX);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        payload[..8].copy_from_slice(&seq.to_be_bytes());
+        // A send error (no route for a moment, EPERM from a policy) is a lost packet, which is
+        // exactly what the report must show; keep going.
+        let _ = socket.send_to(&payload, dst);
+        seq += 1;
+        sent.store(seq, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Counts from the received sequence numbers, in arrival order.
+pub fn analyse(sent: u64, received: &[u64]) -> StreamReport {
+    let mut seen = HashSet::with_capacity(received.len());
+    let mut duplicated = 0;
+    let mut reordered = 0;
+    let mut highest: Option<u64> = None;
+    for &seq in received {
+        if !seen.insert(seq) {
+            duplicated += 1;
+            continue;
+        }
+        if highest.is_some_and(|h| seq < h) {
+            reordered += 1;
+        }
+        highest = Some(highest.map_or(seq, |h| h.max(seq)));
+    }
+    let unique = seen.iter().filter(|&&s| s < sent).count() as u64;
+    StreamReport {
+        sent,
+        received: received.len() as u64,
+        lost: sent.saturating_sub(unique),
+        duplicated,
+        reordered,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn analyse_counts_loss_duplicates_and_reordering() {
+        let r = analyse(6, &[0, 2, 1, 2, 5]);
+        assert_eq!(
+            r,
+            StreamReport {
+                sent: 6,
+                received: 5,
+                lost: 2,
+                duplicated: 1,
+                reordered: 1
+            }
+        );
+        assert!(!r.is_perfect());
+        assert!(analyse(3, &[0, 1, 2]).is_perfect());
+    }
+}
