@@ -175,10 +175,30 @@ pub fn missing_privileges() -> Option<String> {
     if unsafe { geteuid() } != 0 {
         return Some("not root".to_owned());
     }
-    if !std::path::Path::new("/sys/fs/bpf").is_dir() {
-        return Some("no bpffs at /sys/fs/bpf".to_owned());
+    static MOUNT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serialised = MOUNT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !bpffs_mounted() {
+        // Like the agent's start-up, mount bpffs where it is expected.
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted || !bpffs_mounted() {
+            return Some("no bpffs at /sys/fs/bpf and mounting one failed".to_owned());
+        }
     }
     None
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let mut f = l.split_whitespace().skip(1);
+            f.next() == Some("/sys/fs/bpf") && f.next() == Some("bpf")
+        })
+    })
 }
 
 unsafe extern "C" {
