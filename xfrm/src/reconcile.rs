@@ -419,22 +419,32 @@ mod tests {
     async fn reconcile_is_minimal_and_idempotent() {
         let (fake, handle) = setup();
         let owner = ownership();
-        let r = reconcile(&handle, &owner, mesh(0, 20, |_| 1)).await.unwrap();
+        let r = reconcile(&handle, &owner, mesh(0, 20, |_| 1))
+            .await
+            .unwrap();
         assert_eq!((r.states_added, r.policies_added), (40, 60));
         assert_eq!((fake.states().len(), fake.policies().len()), (40, 60));
 
         let before = fake.messages();
-        let r = reconcile(&handle, &owner, mesh(0, 20, |_| 1)).await.unwrap();
+        let r = reconcile(&handle, &owner, mesh(0, 20, |_| 1))
+            .await
+            .unwrap();
         assert!(r.is_noop(), "{r:?}");
         assert_eq!(r.unchanged, 100);
-        assert_eq!(fake.messages() - before, 2, "second run sends only the two dumps");
+        assert_eq!(
+            fake.messages() - before,
+            2,
+            "second run sends only the two dumps"
+        );
     }
 
     #[tokio::test]
     async fn rekey_lifetime_key_and_policy_changes_plan_the_right_ops() {
         let (fake, handle) = setup();
         let owner = ownership();
-        reconcile(&handle, &owner, mesh(0, 10, |_| 1)).await.unwrap();
+        reconcile(&handle, &owner, mesh(0, 10, |_| 1))
+            .await
+            .unwrap();
 
         // Peer 3 rekeys (new SPIs), peer 10 leaves.
         let mut d = mesh(0, 9, |p| if p == 3 { 2 } else { 1 });
@@ -446,14 +456,26 @@ mod tests {
                 ..Limits::default()
             },
         };
-        let in4 = d.states.iter_mut().find(|s| s.reqid == reqid(4) && s.mark == IN_MARK).unwrap();
+        let in4 = d
+            .states
+            .iter_mut()
+            .find(|s| s.reqid == reqid(4) && s.mark == IN_MARK)
+            .unwrap();
         in4.lifetime = lft;
         // Peer 5: same SPI, different key -> delete + add.
-        let out5 = d.states.iter_mut().find(|s| s.reqid == reqid(5) && s.mark != IN_MARK).unwrap();
+        let out5 = d
+            .states
+            .iter_mut()
+            .find(|s| s.reqid == reqid(5) && s.mark != IN_MARK)
+            .unwrap();
         out5.aead = Aead::new(AeadAlgorithm::AesGcm128, &[9; 20]).unwrap();
         let new_key5 = out5.clone();
         // Peer 6: policy priority change -> atomic replace.
-        let pol6 = d.policies.iter_mut().find(|p| p.templates[0].reqid == reqid(6)).unwrap();
+        let pol6 = d
+            .policies
+            .iter_mut()
+            .find(|p| p.templates[0].reqid == reqid(6))
+            .unwrap();
         pol6.priority = 10;
 
         let r = reconcile(&handle, &owner, d.clone()).await.unwrap();
@@ -473,7 +495,10 @@ mod tests {
             }
         );
         let states = fake.states();
-        let in4k = states.iter().find(|s| s.reqid == reqid(4).get() && s.mark == IN_MARK).unwrap();
+        let in4k = states
+            .iter()
+            .find(|s| s.reqid == reqid(4).get() && s.mark == IN_MARK)
+            .unwrap();
         assert_eq!(in4k.spec.as_ref().unwrap().lifetime, lft);
         assert!(states.iter().any(|s| s.spec.as_ref() == Some(&new_key5)));
         assert!(reconcile(&handle, &owner, d).await.unwrap().is_noop());
@@ -488,7 +513,9 @@ mod tests {
         let foreign_policies: Vec<_> = fake.policies();
         let r = reconcile(&handle, &owner, mesh(0, 5, |_| 1)).await.unwrap();
         assert_eq!((r.foreign_states, r.foreign_policies), (fs, fp));
-        let r = reconcile(&handle, &owner, Desired::default()).await.unwrap();
+        let r = reconcile(&handle, &owner, Desired::default())
+            .await
+            .unwrap();
         assert_eq!(r.states_deleted, 10);
         assert_eq!(fake.states(), foreign_states);
         assert_eq!(fake.policies(), foreign_policies);
@@ -547,7 +574,12 @@ mod tests {
         };
         let mut foreign_block = block.clone();
         foreign_block.mark = Mark::new(0x0100, 0xff00);
-        handle.policies().add(foreign_block).execute().await.unwrap();
+        handle
+            .policies()
+            .add(foreign_block)
+            .execute()
+            .await
+            .unwrap();
         let d = Desired {
             states: vec![],
             policies: vec![block],
@@ -562,7 +594,9 @@ mod tests {
     async fn batch_failures_name_each_object_and_missing_modules() {
         let (fake, handle) = setup();
         fake.refuse_aead(true);
-        let e = reconcile(&handle, &ownership(), mesh(0, 2, |_| 1)).await.unwrap_err();
+        let e = reconcile(&handle, &ownership(), mesh(0, 2, |_| 1))
+            .await
+            .unwrap_err();
         let ReconcileError::Xfrm(XfrmError::Batch(b)) = e else {
             panic!("{e:?}")
         };
@@ -574,7 +608,10 @@ mod tests {
             KernelErrorKind::MissingSupport { modules } if modules.contains(&"esp4")
         ));
         let text = b.to_string();
-        assert!(text.contains("4 of 10") && text.contains("spi") && text.contains("esp4"), "{text}");
+        assert!(
+            text.contains("4 of 10") && text.contains("spi") && text.contains("esp4"),
+            "{text}"
+        );
         // The policies of the same batch were applied.
         assert_eq!(fake.policies().len(), 6);
     }
@@ -584,16 +621,31 @@ mod tests {
         let (_fake, handle) = setup();
         let (s, p) = peer_objects(0, 1, 1);
         handle.states().add(s[0].clone()).execute().await.unwrap();
-        let e = handle.states().add(s[0].clone()).execute().await.unwrap_err();
+        let e = handle
+            .states()
+            .add(s[0].clone())
+            .execute()
+            .await
+            .unwrap_err();
         assert_eq!(e.kernel_error().unwrap().kind, KernelErrorKind::Exists);
         let got = handle.states().get(s[0].id()).execute().await.unwrap();
         assert_eq!(got.spec.as_ref(), Some(&s[0]));
-        handle.policies().update(p[0].clone()).execute().await.unwrap();
+        handle
+            .policies()
+            .update(p[0].clone())
+            .execute()
+            .await
+            .unwrap();
         let got = handle.policies().get(p[0].id()).execute().await.unwrap();
         assert_eq!(got.spec.as_ref(), Some(&p[0]));
         handle.policies().delete(p[0].id()).execute().await.unwrap();
         handle.states().delete(s[0].id()).execute().await.unwrap();
-        let e = handle.states().delete(s[0].id()).execute().await.unwrap_err();
+        let e = handle
+            .states()
+            .delete(s[0].id())
+            .execute()
+            .await
+            .unwrap_err();
         assert_eq!(e.kernel_error().unwrap().kind, KernelErrorKind::NotFound);
         assert!(handle.states().dump().execute().await.unwrap().is_empty());
         let mut bad = s[1].clone();

@@ -79,10 +79,22 @@ pub fn peer_objects(local: u32, peer: u32, epoch: u32) -> (Vec<StateSpec>, Vec<P
     let state = |src, dst, spi, aead, sel| {
         StateSpec::new(src, dst, spi, r, aead, sel).unwrap_or_else(|_| unreachable!("both v4"))
     };
-    let mut out = state(l, p, spi(local, peer, epoch), key(local, peer, epoch), sel_out);
+    let mut out = state(
+        l,
+        p,
+        spi(local, peer, epoch),
+        key(local, peer, epoch),
+        sel_out,
+    );
     out.mark = out_mark(peer);
     out.replay_window = 0; // an OUT state has no replay window
-    let mut inb = state(p, l, spi(peer, local, epoch), key(peer, local, epoch), sel_in);
+    let mut inb = state(
+        p,
+        l,
+        spi(peer, local, epoch),
+        key(peer, local, epoch),
+        sel_in,
+    );
     inb.mark = IN_MARK;
     let t_out = Template::new(l, p, r).unwrap_or_else(|_| unreachable!("both v4"));
     let t_in = Template::new(p, l, r).unwrap_or_else(|_| unreachable!("both v4"));
