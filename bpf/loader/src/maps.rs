@@ -1,0 +1,703 @@
+//! Typed handles over the datapath's maps. Callers never build raw keys.
+
+use std::net::IpAddr;
+
+use aya::maps::{
+    Array, HashMap, Map, MapData, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
+use nodeseal_bpf_common::{
+    maps::{
+        Config, EndpointInfo, IpCacheEntry, NodeEntry, NodeKey, PeerSlot, PolicyEntry, PolicyKey,
+    },
+    mark,
+    reason::DropReason,
+};
+
+/// Errors of the map handles.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MapError {
+    /// The object has no map of this name (a build mismatch: our bug).
+    #[error("BUG: map {name} is not in the eBPF object")]
+    Missing {
+        /// Map name.
+        name: &'static str,
+    },
+    /// The map's type or key/value size does not match the wrapper.
+    #[error("map {name} does not match its typed wrapper")]
+    Shape {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A map operation failed in the kernel (full map, missing key on removal, ...).
+    #[error("{op} on map {name}")]
+    Kernel {
+        /// What was attempted.
+        op: &'static str,
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A prefix length larger than the address.
+    #[error("prefix length {len} is too long for {addr}")]
+    PrefixLength {
+        /// The address.
+        addr: IpAddr,
+        /// The length given.
+        len: u8,
+    },
+    /// A key slot outside 1..=15.
+    #[error("key slot {0} is outside 1..=15")]
+    KeySlot(u8),
+    /// A policy rule with a port but no protocol.
+    #[error("policy rule has port {port} but no protocol")]
+    PortWithoutProtocol {
+        /// The port.
+        port: u16,
+    },
+}
+
+/// Dense numeric id of a node (16 bits: it goes into `skb->mark`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u16);
+
+/// An IP prefix, with the host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl Prefix {
+    /// A prefix of `len` bits of `addr`; host bits are cleared.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::PrefixLength`] if `len` exceeds 32 (IPv4) or 128 (IPv6).
+    pub fn new(addr: IpAddr, len: u8) -> Result<Self, MapError> {
+        let addr = match addr {
+            IpAddr::V4(a) if len <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) if len <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+            _ => return Err(MapError::PrefixLength { addr, len }),
+        };
+        Ok(Self { addr, len })
+    }
+
+    /// A host prefix (/32 or /128).
+    #[must_use]
+    pub fn host(addr: IpAddr) -> Self {
+        let len = if addr.is_ipv4() { 32 } else { 128 };
+        Self { addr, len }
+    }
+
+    /// The network address.
+    #[must_use]
+    pub const fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    #[must_use]
+    pub const fn len(&self) -> u8 {
+        self.len
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// Where addresses of an ipcache prefix live, which decides encryption.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Location {
+    /// A pod on this node: no encryption.
+    LocalPod,
+    /// A pod on another node: encrypted for that node; plaintext from it is refused in strict
+    /// ingress mode.
+    RemotePod(NodeId),
+    /// Another node's IP: encrypted only with node encryption.
+    RemoteNode(NodeId),
+    /// Anything else (world CIDRs, this host): never encrypted.
+    External,
+}
+
+/// The `IPCACHE_V4` / `IPCACHE_V6` LPM tries: prefix → identity and location.
+#[derive(Debug)]
+pub struct IpCache {
+    v4: LpmTrie<MapData, [u8; 4], IpCacheEntry>,
+    v6: LpmTrie<MapData, [u8; 16], IpCacheEntry>,
+}
+
+impl IpCache {
+    pub(crate) fn new(v4: Map, v6: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            v4: v4.try_into().map_err(|source| MapError::Shape {
+                name: "IPCACHE_V4",
+                source,
+            })?,
+            v6: v6.try_into().map_err(|source| MapError::Shape {
+                name: "IPCACHE_V6",
+                source,
+            })?,
+        })
+    }
+
+    /// Maps `prefix` to `identity` at `location` (insert or replace).
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] if the trie is full.
+    pub fn insert(
+        &mut self,
+        prefix: Prefix,
+        identity: u32,
+        location: Location,
+    ) -> Result<(), MapError> {
+        let (node_id, flags) = match location {
+            Location::LocalPod => (0, IpCacheEntry::FLAG_POD),
+            Location::RemotePod(NodeId(n)) => {
+                (n, IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_POD)
+            }
+            Location::RemoteNode(NodeId(n)) => {
+                (n, IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_NODE)
+            }
+            Location::External => (0, 0),
+        };
+        let entry = IpCacheEntry {
+            identity,
+            node_id,
+            flags,
+        };
+        let len = u32::from(prefix.len);
+        match prefix.addr {
+            IpAddr::V4(a) => self.v4.insert(&Key::new(len, a.octets()), entry, 0),
+            IpAddr::V6(a) => self.v6.insert(&Key::new(len, a.octets()), entry, 0),
+        }
+        .map_err(|source| kernel("insert", ipcache_name(prefix), source))
+    }
+
+    /// Removes `prefix`.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] if it is not there.
+    pub fn remove(&mut self, prefix: Prefix) -> Result<(), MapError> {
+        let len = u32::from(prefix.len);
+        match prefix.addr {
+            IpAddr::V4(a) => self.v4.remove(&Key::new(len, a.octets())),
+            IpAddr::V6(a) => self.v6.remove(&Key::new(len, a.octets())),
+        }
+        .map_err(|source| kernel("remove", ipcache_name(prefix), source))
+    }
+
+    /// Longest-prefix match for `addr`: `(identity, location)`.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] on a failed lookup other than "not found".
+    pub fn lookup(&self, addr: IpAddr) -> Result<Option<(u32, Location)>, MapError> {
+        let found = match addr {
+            IpAddr::V4(a) => self.v4.get(&Key::new(32, a.octets()), 0),
+            IpAddr::V6(a) => self.v6.get(&Key::new(128, a.octets()), 0),
+        };
+        let entry = match found {
+            Ok(entry) => entry,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(source) => {
+                return Err(kernel("lookup", ipcache_name(Prefix::host(addr)), source));
+            }
+        };
+        let remote = entry.flags & IpCacheEntry::FLAG_REMOTE != 0;
+        let location = if remote && entry.flags & IpCacheEntry::FLAG_POD != 0 {
+            Location::RemotePod(NodeId(entry.node_id))
+        } else if remote {
+            Location::RemoteNode(NodeId(entry.node_id))
+        } else if entry.flags & IpCacheEntry::FLAG_POD != 0 {
+            Location::LocalPod
+        } else {
+            Location::External
+        };
+        Ok(Some((entry.identity, location)))
+    }
+}
+
+fn ipcache_name(prefix: Prefix) -> &'static str {
+    if prefix.addr.is_ipv4() {
+        "IPCACHE_V4"
+    } else {
+        "IPCACHE_V6"
+    }
+}
+
+fn node_key(addr: IpAddr) -> NodeKey {
+    let addr = match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    NodeKey { addr }
+}
+
+fn kernel(op: &'static str, name: &'static str, source: aya::maps::MapError) -> MapError {
+    MapError::Kernel { op, name, source }
+}
+
+/// `NODES`: node IP → node id. ESP from an IP not in here is dropped (`unknown_node`).
+#[derive(Debug)]
+pub struct Nodes {
+    map: HashMap<MapData, NodeKey, NodeEntry>,
+}
+
+impl Nodes {
+    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            map: map.try_into().map_err(|source| MapError::Shape {
+                name: "NODES",
+                source,
+            })?,
+        })
+    }
+
+    /// Records that `ip` belongs to node `node`.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] if the map is full.
+    pub fn insert(&mut self, ip: IpAddr, node: NodeId) -> Result<(), MapError> {
+        let entry = NodeEntry {
+            node_id: node.0,
+            reserved: 0,
+        };
+        self.map
+            .insert(node_key(ip), entry, 0)
+            .map_err(|source| kernel("insert", "NODES", source))
+    }
+
+    /// Forgets `ip` (revocation: its ESP is dropped from now on).
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] if it is not there.
+    pub fn remove(&mut self, ip: IpAddr) -> Result<(), MapError> {
+        self.map
+            .remove(&node_key(ip))
+            .map_err(|source| kernel("remove", "NODES", source))
+    }
+
+    /// The node id of `ip`, if known.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] on a failed lookup other than "not found".
+    pub fn get(&self, ip: IpAddr) -> Result<Option<NodeId>, MapError> {
+        match self.map.get(&node_key(ip), 0) {
+            Ok(entry) => Ok(Some(NodeId(entry.node_id))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(kernel("lookup", "NODES", source)),
+        }
+    }
+}
+
+/// `PEER_SLOTS`: per peer node, the key slot its OUT SA matches and whether it is ready.
+/// Changing a peer's slot is one 4-byte map write: the datapath switches keys atomically.
+pub struct PeerSlots {
+    map: Array<MapData, PeerSlot>,
+}
+
+impl PeerSlots {
+    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            map: map.try_into().map_err(|source| MapError::Shape {
+                name: "PEER_SLOTS",
+                source,
+            })?,
+        })
+    }
+
+    /// Makes traffic to `node` use `key_slot` (1..=15), or marks it not ready (`None`: strict
+    /// egress drops it with `no_sa`, otherwise it goes in clear).
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::KeySlot`] for a slot outside 1..=15; [`MapError::Kernel`] on failure.
+    pub fn set(&mut self, node: NodeId, key_slot: Option<u8>) -> Result<(), MapError> {
+        let value = match key_slot {
+            Some(slot) if (1..=mark::MAX_KEY_SLOT).contains(&slot) => PeerSlot {
+                key_slot: slot,
+                flags: PeerSlot::FLAG_READY,
+                reserved: 0,
+            },
+            Some(slot) => return Err(MapError::KeySlot(slot)),
+            None => PeerSlot::default(),
+        };
+        self.map
+            .set(u32::from(node.0), value, 0)
+            .map_err(|source| kernel("set", "PEER_SLOTS", source))
+    }
+
+    /// The ready key slot of `node`, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] on failure.
+    pub fn get(&self, node: NodeId) -> Result<Option<u8>, MapError> {
+        let slot = self
+            .map
+            .get(&u32::from(node.0), 0)
+            .map_err(|source| kernel("lookup", "PEER_SLOTS", source))?;
+        Ok((slot.flags & PeerSlot::FLAG_READY != 0 && slot.key_slot != 0).then_some(slot.key_slot))
+    }
+}
+
+/// Which directions a policy selects an endpoint for (selected = default deny).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Enforcement {
+    /// Traffic toward the endpoint.
+    pub ingress: bool,
+    /// Traffic from the endpoint.
+    pub egress: bool,
+}
+
+/// `ENDPOINTS`: host-side veth ifindex → pod identity and enforcement.
+#[derive(Debug)]
+pub struct Endpoints {
+    map: HashMap<MapData, u32, EndpointInfo>,
+}
+
+impl Endpoints {
+    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            map: map.try_into().map_err(|source| MapError::Shape {
+                name: "ENDPOINTS",
+                source,
+            })?,
+        })
+    }
+
+    /// Registers the pod behind `ifindex`.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] if the map is full.
+    pub fn insert(
+        &mut self,
+        ifindex: u32,
+        identity: u32,
+        enforcement: Enforcement,
+    ) -> Result<(), MapError> {
+        let mut flags = 0;
+        if enforcement.ingress {
+            flags |= EndpointInfo::FLAG_ENFORCE_INGRESS;
+        }
+        if enforcement.egress {
+            flags |= EndpointInfo::FLAG_ENFORCE_EGRESS;
+        }
+        self.map
+            .insert(ifindex, EndpointInfo { identity, flags }, 0)
+            .map_err(|source| kernel("insert", "ENDPOINTS", source))
+    }
+
+    /// Unregisters `ifindex`.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] if it is not there.
+    pub fn remove(&mut self, ifindex: u32) -> Result<(), MapError> {
+        self.map
+            .remove(&ifindex)
+            .map_err(|source| kernel("remove", "ENDPOINTS", source))
+    }
+
+    /// Identity and enforcement of `ifindex`.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] on a failed lookup other than "not found".
+    pub fn get(&self, ifindex: u32) -> Result<Option<(u32, Enforcement)>, MapError> {
+        match self.map.get(&ifindex, 0) {
+            Ok(e) => Ok(Some((
+                e.identity,
+                Enforcement {
+                    ingress: e.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0,
+                    egress: e.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0,
+                },
+            ))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(kernel("lookup", "ENDPOINTS", source)),
+        }
+    }
+}
+
+/// Direction of a policy rule, seen from its subject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyDirection {
+    /// Traffic toward the subject.
+    Ingress,
+    /// Traffic from the subject.
+    Egress,
+}
+
+/// Allow or deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyVerdict {
+    /// Let it through.
+    Allow,
+    /// Drop with `policy_denied`.
+    Deny,
+}
+
+/// One policy map entry. Lookup is most-specific-first (port, then any port, then any protocol;
+/// a specific peer before any peer); the agent writes explicit denies where a broader deny must
+/// win over a narrower allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyRule {
+    /// The local endpoint's identity.
+    pub subject: u32,
+    /// The other side's identity; `None` for any.
+    pub peer: Option<u32>,
+    /// IP protocol; `None` for any.
+    pub protocol: Option<u8>,
+    /// Destination port (ICMP: type); `None` for any. Needs a protocol.
+    pub port: Option<u16>,
+    /// Direction.
+    pub direction: PolicyDirection,
+}
+
+impl PolicyRule {
+    fn key(&self) -> Result<PolicyKey, MapError> {
+        if let (None, Some(port)) = (self.protocol, self.port) {
+            return Err(MapError::PortWithoutProtocol { port });
+        }
+        Ok(PolicyKey {
+            subject: self.subject,
+            peer: self.peer.unwrap_or(nodeseal_bpf_common::identity::ANY),
+            port: self.port.unwrap_or(0),
+            protocol: self.protocol.unwrap_or(0),
+            direction: match self.direction {
+                PolicyDirection::Ingress => PolicyKey::INGRESS,
+                PolicyDirection::Egress => PolicyKey::EGRESS,
+            },
+        })
+    }
+}
+
+/// `POLICY`: rules for endpoints whose [`Enforcement`] selects the direction.
+#[derive(Debug)]
+pub struct Policy {
+    map: HashMap<MapData, PolicyKey, PolicyEntry>,
+}
+
+impl Policy {
+    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            map: map.try_into().map_err(|source| MapError::Shape {
+                name: "POLICY",
+                source,
+            })?,
+        })
+    }
+
+    /// Inserts or replaces a rule.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::PortWithoutProtocol`]; [`MapError::Kernel`] if the map is full.
+    pub fn insert(&mut self, rule: PolicyRule, verdict: PolicyVerdict) -> Result<(), MapError> {
+        let entry = PolicyEntry {
+            verdict: match verdict {
+                PolicyVerdict::Allow => PolicyEntry::ALLOW,
+                PolicyVerdict::Deny => PolicyEntry::DENY,
+            },
+            reserved: [0; 3],
+        };
+        self.map
+            .insert(rule.key()?, entry, 0)
+            .map_err(|source| kernel("insert", "POLICY", source))
+    }
+
+    /// Removes a rule.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::PortWithoutProtocol`]; [`MapError::Kernel`] if it is not there.
+    pub fn remove(&mut self, rule: PolicyRule) -> Result<(), MapError> {
+        self.map
+            .remove(&rule.key()?)
+            .map_err(|source| kernel("remove", "POLICY", source))
+    }
+}
+
+/// Datapath mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Mode {
+    /// No encryption datapath (policy only).
+    #[default]
+    None,
+    /// IPsec: encrypt/decrypt marks.
+    Ipsec,
+    /// WireGuard: routing does the steering; strict mode still applies.
+    Wireguard,
+}
+
+/// The datapath's global settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathConfig {
+    /// Mode.
+    pub mode: Mode,
+    /// This node's id.
+    pub local_node: Option<NodeId>,
+    /// Drop traffic to remote pods whose peer has no ready SA (`no_sa`).
+    pub strict_egress: bool,
+    /// Drop plaintext from remote pod CIDRs on the uplink (`unencrypted`).
+    pub strict_ingress: bool,
+    /// Also encrypt pod traffic to remote node IPs.
+    pub node_encryption: bool,
+    /// Emit trace events for passed packets (debugging; costs per packet).
+    pub trace: bool,
+}
+
+/// `CONFIG`.
+pub struct ConfigMap {
+    map: Array<MapData, Config>,
+}
+
+impl ConfigMap {
+    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            map: map.try_into().map_err(|source| MapError::Shape {
+                name: "CONFIG",
+                source,
+            })?,
+        })
+    }
+
+    /// Writes the settings (one map write; the programs see old or new, never a mix).
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] on failure.
+    pub fn set(&mut self, config: DatapathConfig) -> Result<(), MapError> {
+        let mut flags = 0;
+        for (on, flag) in [
+            (config.strict_egress, Config::FLAG_STRICT_EGRESS),
+            (config.strict_ingress, Config::FLAG_STRICT_INGRESS),
+            (config.node_encryption, Config::FLAG_NODE_ENCRYPTION),
+            (config.trace, Config::FLAG_TRACE),
+        ] {
+            if on {
+                flags |= flag;
+            }
+        }
+        let value = Config {
+            flags,
+            local_node_id: config.local_node.map_or(0, |n| n.0),
+            mode: match config.mode {
+                Mode::None => Config::MODE_NONE,
+                Mode::Ipsec => Config::MODE_IPSEC,
+                Mode::Wireguard => Config::MODE_WIREGUARD,
+            },
+            reserved: 0,
+        };
+        self.map
+            .set(0, value, 0)
+            .map_err(|source| kernel("set", "CONFIG", source))
+    }
+
+    /// Reads the settings back.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] on failure.
+    pub fn get(&self) -> Result<DatapathConfig, MapError> {
+        let c = self
+            .map
+            .get(&0, 0)
+            .map_err(|source| kernel("lookup", "CONFIG", source))?;
+        Ok(DatapathConfig {
+            mode: match c.mode {
+                Config::MODE_IPSEC => Mode::Ipsec,
+                Config::MODE_WIREGUARD => Mode::Wireguard,
+                _ => Mode::None,
+            },
+            local_node: (c.local_node_id != 0).then_some(NodeId(c.local_node_id)),
+            strict_egress: c.flags & Config::FLAG_STRICT_EGRESS != 0,
+            strict_ingress: c.flags & Config::FLAG_STRICT_INGRESS != 0,
+            node_encryption: c.flags & Config::FLAG_NODE_ENCRYPTION != 0,
+            trace: c.flags & Config::FLAG_TRACE != 0,
+        })
+    }
+}
+
+/// `DROP_COUNTERS`: per-CPU packet counts by drop reason.
+pub struct DropCounters {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl DropCounters {
+    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            map: map.try_into().map_err(|source| MapError::Shape {
+                name: "DROP_COUNTERS",
+                source,
+            })?,
+        })
+    }
+
+    /// Drops counted for `reason`, summed over CPUs.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] on failure.
+    pub fn get(&self, reason: DropReason) -> Result<u64, MapError> {
+        let values = self
+            .map
+            .get(&u32::from(reason.code()), 0)
+            .map_err(|source| kernel("lookup", "DROP_COUNTERS", source))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Every reason with its count.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] on failure.
+    pub fn all(&self) -> Result<Vec<(DropReason, u64)>, MapError> {
+        DropReason::ALL
+            .into_iter()
+            .map(|r| Ok((r, self.get(r)?)))
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for PeerSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerSlots").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ConfigMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigMap").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for DropCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DropCounters").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,40 @@
+//! Map definitions. All pinned by name, so a restarted loader reuses the same maps.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use nodeseal_bpf_common::{
+    maps::{
+        Config, EndpointInfo, IpCacheEntry, NodeEntry, NodeKey, PeerSlot, PolicyEntry, PolicyKey,
+        capacity,
+    },
+    reason::DropReason,
+};
+
+#[map]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+#[map]
+pub static IPCACHE_V4: LpmTrie<[u8; 4], IpCacheEntry> = LpmTrie::pinned(capacity::IPCACHE, 0);
+
+#[map]
+pub static IPCACHE_V6: LpmTrie<[u8; 16], IpCacheEntry> = LpmTrie::pinned(capacity::IPCACHE, 0);
+
+#[map]
+pub static NODES: HashMap<NodeKey, NodeEntry> = HashMap::pinned(capacity::NODES, 0);
+
+#[map]
+pub static PEER_SLOTS: Array<PeerSlot> = Array::pinned(capacity::PEER_SLOTS, 0);
+
+#[map]
+pub static POLICY: HashMap<PolicyKey, PolicyEntry> = HashMap::pinned(capacity::POLICY, 0);
+
+#[map]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map]
+pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);

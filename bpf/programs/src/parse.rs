@@ -1,0 +1,251 @@
+//! Packet parsing: Ethernet, IPv4 (with options), IPv6 (with extension headers), L4 ports.
+//!
+//! Reads through `bpf_skb_load_bytes`, so non-linear skbs parse the same as linear ones and
+//! every read is bounds-checked by the kernel: a failed read means the packet is shorter than
+//! the header (`Truncated`).
+
+use aya_ebpf::programs::TcContext;
+use nodeseal_bpf_common::reason::DropReason;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ESP: u8 = 50;
+pub const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+/// How many IPv6 extension headers the parser walks before giving up.
+const MAX_IPV6_EXTENSIONS: usize = 8;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    None,
+    /// First fragment (offset 0, more fragments): carries the L4 header.
+    First,
+    /// Any later fragment: no L4 header.
+    Later,
+}
+
+/// What the ethertype says.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L3 {
+    Ip,
+    Arp,
+    Other,
+}
+
+pub struct Packet {
+    /// 4 or 6 (0 until parsed).
+    pub ip_version: u8,
+    /// L4 protocol after extension headers.
+    pub protocol: u8,
+    /// IPv6, or IPv4-mapped IPv6.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub fragment: Fragment,
+    pub src_port: u16,
+    /// Destination port; ICMP/ICMPv6: the message type.
+    pub dst_port: u16,
+    /// ICMP code (valid when `protocol` is ICMP/ICMPv6 and `has_ports`).
+    pub icmp_code: u8,
+    /// The L4 header was read: ports (or ICMP type/code) are valid.
+    pub has_ports: bool,
+}
+
+impl Packet {
+    pub const fn new() -> Self {
+        Self {
+            ip_version: 0,
+            protocol: 0,
+            src: [0; 16],
+            dst: [0; 16],
+            fragment: Fragment::None,
+            src_port: 0,
+            dst_port: 0,
+            icmp_code: 0,
+            has_ports: false,
+        }
+    }
+
+    /// ICMP "fragmentation needed" or ICMPv6 "packet too big": path MTU discovery.
+    pub fn is_pmtu_error(&self) -> bool {
+        self.has_ports
+            && ((self.protocol == IPPROTO_ICMP && self.dst_port == 3 && self.icmp_code == 4)
+                || (self.protocol == IPPROTO_ICMPV6 && self.dst_port == 2))
+    }
+}
+
+/// Reads the ethertype.
+#[inline(always)]
+pub fn l3(ctx: &TcContext) -> Result<(L3, u16), DropReason> {
+    let proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| DropReason::Truncated)?);
+    let l3 = match proto {
+        ETH_P_IP | ETH_P_IPV6 => L3::Ip,
+        ETH_P_ARP => L3::Arp,
+        _ => L3::Other,
+    };
+    Ok((l3, proto))
+}
+
+/// Parses the IP header (IPv4 or IPv6 per `ethertype`) and the L4 ports into `p`.
+#[inline(always)]
+pub fn parse_ip(ctx: &TcContext, ethertype: u16, p: &mut Packet) -> Result<(), DropReason> {
+    let l4 = if ethertype == ETH_P_IP {
+        parse_v4(ctx, p)?
+    } else {
+        parse_v6(ctx, p)?
+    };
+    if p.fragment == Fragment::Later {
+        return Ok(());
+    }
+    match p.protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let ports = ctx.load::<[u8; 4]>(l4).map_err(|_| DropReason::Truncated)?;
+            p.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+            p.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+            p.has_ports = true;
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            // Only the ICMP of the packet's own IP version is ICMP; the other is an unknown
+            // protocol and gets no "ports".
+            let own = (p.ip_version == 4 && p.protocol == IPPROTO_ICMP)
+                || (p.ip_version == 6 && p.protocol == IPPROTO_ICMPV6);
+            if own {
+                let h = ctx.load::<[u8; 2]>(l4).map_err(|_| DropReason::Truncated)?;
+                p.dst_port = u16::from(h[0]);
+                p.icmp_code = h[1];
+                p.has_ports = true;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Returns the offset of the L4 header.
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<usize, DropReason> {
+    let h = ctx
+        .load::<[u8; 20]>(ETH_HLEN)
+        .map_err(|_| DropReason::Truncated)?;
+    if h[0] >> 4 != 4 {
+        return Err(DropReason::Malformed);
+    }
+    p.ip_version = 4;
+    let ihl = usize::from(h[0] & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(DropReason::Malformed);
+    }
+    // Total length 0 is what BIG TCP (GSO > 64 KiB) puts there: the skb length rules.
+    let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+    if total != 0 {
+        if total < ihl {
+            return Err(DropReason::Malformed);
+        }
+        if ETH_HLEN + total > ctx.len() as usize {
+            return Err(DropReason::Truncated);
+        }
+    }
+    let frag = u16::from_be_bytes([h[6], h[7]]);
+    p.fragment = if frag & 0x1fff != 0 {
+        Fragment::Later
+    } else if frag & 0x2000 != 0 {
+        Fragment::First
+    } else {
+        Fragment::None
+    };
+    p.protocol = h[9];
+    p.src[10] = 0xff;
+    p.src[11] = 0xff;
+    p.dst[10] = 0xff;
+    p.dst[11] = 0xff;
+    p.src[12] = h[12];
+    p.src[13] = h[13];
+    p.src[14] = h[14];
+    p.src[15] = h[15];
+    p.dst[12] = h[16];
+    p.dst[13] = h[17];
+    p.dst[14] = h[18];
+    p.dst[15] = h[19];
+    // Options (ihl > 20) are skipped, not interpreted.
+    Ok(ETH_HLEN + ihl)
+}
+
+/// Returns the offset of the L4 header (or of the fragment payload).
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, p: &mut Packet) -> Result<usize, DropReason> {
+    let h = ctx
+        .load::<[u8; 40]>(ETH_HLEN)
+        .map_err(|_| DropReason::Truncated)?;
+    if h[0] >> 4 != 6 {
+        return Err(DropReason::Malformed);
+    }
+    p.ip_version = 6;
+    // Payload length 0 is a jumbogram or BIG TCP: the skb length rules.
+    let payload = usize::from(u16::from_be_bytes([h[4], h[5]]));
+    if payload != 0 && ETH_HLEN + 40 + payload > ctx.len() as usize {
+        return Err(DropReason::Truncated);
+    }
+    p.src.copy_from_slice(&h[8..24]);
+    p.dst.copy_from_slice(&h[24..40]);
+
+    let mut next = h[6];
+    let mut off = ETH_HLEN + 40;
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let e = ctx
+                    .load::<[u8; 2]>(off)
+                    .map_err(|_| DropReason::Truncated)?;
+                next = e[0];
+                off += (usize::from(e[1]) + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let e = ctx
+                    .load::<[u8; 2]>(off)
+                    .map_err(|_| DropReason::Truncated)?;
+                next = e[0];
+                off += (usize::from(e[1]) + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let e = ctx
+                    .load::<[u8; 4]>(off)
+                    .map_err(|_| DropReason::Truncated)?;
+                next = e[0];
+                off += 8;
+                let frag = u16::from_be_bytes([e[2], e[3]]);
+                if frag & 0xfff8 != 0 {
+                    // Later fragment: what follows is payload, not headers.
+                    p.fragment = Fragment::Later;
+                    p.protocol = next;
+                    return Ok(off);
+                }
+                if frag & 1 != 0 {
+                    p.fragment = Fragment::First;
+                }
+            }
+            _ => {
+                p.protocol = next;
+                return Ok(off);
+            }
+        }
+    }
+    p.protocol = next;
+    match next {
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
+            Err(DropReason::Ipv6ExtensionChain)
+        }
+        _ => Ok(off),
+    }
+}

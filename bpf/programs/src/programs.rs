@@ -1,0 +1,206 @@
+//! The tc entry points. Each maps its inputs to one explicit verdict (see the table in
+//! `main.rs`).
+
+use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, maps::lpm_trie::Key, programs::TcContext};
+use nodeseal_bpf_common::{
+    event::Event,
+    identity,
+    maps::{Config, EndpointInfo, IpCacheEntry, NodeKey, PeerSlot, PolicyKey},
+    mark,
+    reason::{DropReason, TraceReason},
+};
+
+use crate::{
+    maps::{CONFIG, ENDPOINTS, IPCACHE_V4, IPCACHE_V6, NODES, PEER_SLOTS},
+    parse::{self, IPPROTO_ESP, L3, Packet},
+    policy,
+    verdict::{self, Who},
+};
+
+/// Baseline for the benchmark: passes every packet untouched.
+#[classifier]
+pub fn pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// tc ingress on the host side of a pod's veth: traffic leaving the pod.
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    const PROGRAM: u8 = Event::PROGRAM_FROM_POD;
+    let mut p = Packet::new();
+    let mut who = Who::unknown();
+    let ethertype = match parse::l3(&ctx) {
+        Ok((L3::Ip, ethertype)) => ethertype,
+        Ok((L3::Arp, _)) => return TC_ACT_OK,
+        Ok((L3::Other, _)) => {
+            return verdict::drop(&ctx, PROGRAM, DropReason::UnsupportedL3, &p, &who);
+        }
+        Err(reason) => return verdict::drop(&ctx, PROGRAM, reason, &p, &who),
+    };
+    let Some(endpoint) = endpoint(verdict::ifindex(&ctx)) else {
+        return verdict::drop(&ctx, PROGRAM, DropReason::UnknownEndpoint, &p, &who);
+    };
+    who.src_identity = endpoint.identity;
+    if let Err(reason) = parse::parse_ip(&ctx, ethertype, &mut p) {
+        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+    }
+    let dst = ipcache(&p, false);
+    who.dst_identity = dst.map_or(identity::WORLD, |e| e.identity);
+
+    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0 {
+        if let Err(reason) =
+            policy::check(endpoint.identity, who.dst_identity, PolicyKey::EGRESS, &p)
+        {
+            return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+        }
+    }
+
+    let cfg = config();
+    let tracing = cfg.flags & Config::FLAG_TRACE != 0;
+    let Some(dst) = dst else {
+        return pass_verdict(&ctx, tracing, PROGRAM, &p, &who);
+    };
+    let remote = dst.flags & IpCacheEntry::FLAG_REMOTE != 0
+        && (dst.flags & IpCacheEntry::FLAG_POD != 0
+            || cfg.flags & Config::FLAG_NODE_ENCRYPTION != 0);
+    if !remote || cfg.mode == Config::MODE_NONE {
+        return pass_verdict(&ctx, tracing, PROGRAM, &p, &who);
+    }
+    who.node_id = dst.node_id;
+    let slot = PEER_SLOTS
+        .get(u32::from(dst.node_id))
+        .copied()
+        .unwrap_or_default();
+    if slot.flags & PeerSlot::FLAG_READY != 0 && slot.key_slot != 0 {
+        if cfg.mode == Config::MODE_IPSEC {
+            let old = verdict::mark(&ctx) & !mark::OWNED_MASK;
+            ctx.set_mark(old | mark::encrypt(dst.node_id, slot.key_slot));
+        }
+        if tracing {
+            return verdict::trace(&ctx, PROGRAM, TraceReason::Encrypt as u8, &p, &who);
+        }
+        return TC_ACT_OK;
+    }
+    if cfg.flags & Config::FLAG_STRICT_EGRESS != 0 {
+        return verdict::drop(&ctx, PROGRAM, DropReason::NoSa, &p, &who);
+    }
+    if tracing {
+        return verdict::trace(&ctx, PROGRAM, TraceReason::Plaintext as u8, &p, &who);
+    }
+    TC_ACT_OK
+}
+
+/// tc ingress on the node's uplink: node authentication and strict ingress.
+#[classifier]
+pub fn from_network(ctx: TcContext) -> i32 {
+    const PROGRAM: u8 = Event::PROGRAM_FROM_NETWORK;
+    let mut p = Packet::new();
+    let mut who = Who::unknown();
+    let ethertype = match parse::l3(&ctx) {
+        Ok((L3::Ip, ethertype)) => ethertype,
+        Ok((L3::Arp | L3::Other, _)) => return TC_ACT_OK,
+        Err(reason) => return verdict::drop(&ctx, PROGRAM, reason, &p, &who),
+    };
+    if let Err(reason) = parse::parse_ip(&ctx, ethertype, &mut p) {
+        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+    }
+    let cfg = config();
+    let tracing = cfg.flags & Config::FLAG_TRACE != 0;
+    let current = verdict::mark(&ctx);
+    // The inner packet of ESP we marked and the kernel decrypted comes through again; it was
+    // authenticated by the SA (whose IN policy template binds its inner source).
+    if current & mark::MAGIC_MASK == mark::MAGIC_DECRYPT {
+        return pass_verdict(&ctx, tracing, PROGRAM, &p, &who);
+    }
+    if cfg.mode == Config::MODE_IPSEC && p.protocol == IPPROTO_ESP {
+        let key = NodeKey { addr: p.src };
+        let Some(node) = NODES.get_ptr(&key) else {
+            return verdict::drop(&ctx, PROGRAM, DropReason::UnknownNode, &p, &who);
+        };
+        // SAFETY: pointer from a successful lookup, read once.
+        let node_id = unsafe { (*node).node_id };
+        who.node_id = node_id;
+        who.src_identity = identity::REMOTE_NODE;
+        ctx.set_mark((current & !mark::OWNED_MASK) | mark::decrypt(node_id));
+        if tracing {
+            return verdict::trace(&ctx, PROGRAM, TraceReason::Decrypt as u8, &p, &who);
+        }
+        return TC_ACT_OK;
+    }
+    if cfg.flags & Config::FLAG_STRICT_INGRESS != 0 {
+        if let Some(src) = ipcache(&p, true) {
+            let remote_pod = IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_POD;
+            if src.flags & remote_pod == remote_pod {
+                who.src_identity = src.identity;
+                who.node_id = src.node_id;
+                return verdict::drop(&ctx, PROGRAM, DropReason::Unencrypted, &p, &who);
+            }
+        }
+    }
+    pass_verdict(&ctx, tracing, PROGRAM, &p, &who)
+}
+
+/// tc egress on the host side of a pod's veth: traffic toward the pod.
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    const PROGRAM: u8 = Event::PROGRAM_TO_POD;
+    let mut p = Packet::new();
+    let mut who = Who::unknown();
+    let ethertype = match parse::l3(&ctx) {
+        Ok((L3::Ip, ethertype)) => ethertype,
+        Ok((L3::Arp, _)) => return TC_ACT_OK,
+        Ok((L3::Other, _)) => {
+            return verdict::drop(&ctx, PROGRAM, DropReason::UnsupportedL3, &p, &who);
+        }
+        Err(reason) => return verdict::drop(&ctx, PROGRAM, reason, &p, &who),
+    };
+    let Some(endpoint) = endpoint(verdict::ifindex(&ctx)) else {
+        // Not a managed pod: nothing to enforce.
+        return TC_ACT_OK;
+    };
+    who.dst_identity = endpoint.identity;
+    if let Err(reason) = parse::parse_ip(&ctx, ethertype, &mut p) {
+        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+    }
+    who.src_identity = ipcache(&p, true).map_or(identity::WORLD, |e| e.identity);
+    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0 {
+        if let Err(reason) =
+            policy::check(endpoint.identity, who.src_identity, PolicyKey::INGRESS, &p)
+        {
+            return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+        }
+    }
+    let tracing = config().flags & Config::FLAG_TRACE != 0;
+    pass_verdict(&ctx, tracing, PROGRAM, &p, &who)
+}
+
+#[inline(always)]
+fn pass_verdict(ctx: &TcContext, tracing: bool, program: u8, p: &Packet, who: &Who) -> i32 {
+    if tracing {
+        return verdict::trace(ctx, program, TraceReason::Pass as u8, p, who);
+    }
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn config() -> Config {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+#[inline(always)]
+fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
+    // SAFETY: pointer from a successful lookup, copied at once.
+    ENDPOINTS.get_ptr(&ifindex).map(|e| unsafe { *e })
+}
+
+/// Longest-prefix match of the packet's source (`src`) or destination address.
+#[inline(always)]
+fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
+    let addr = if src { &p.src } else { &p.dst };
+    if p.ip_version == 4 {
+        let v4 = [addr[12], addr[13], addr[14], addr[15]];
+        IPCACHE_V4.get(Key::new(32, v4)).copied()
+    } else {
+        IPCACHE_V6.get(Key::new(128, *addr)).copied()
+    }
+}

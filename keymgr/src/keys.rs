@@ -1,0 +1,183 @@
+//! SA key material derived from the TLS exporter.
+//!
+//! Every key is `export_keying_material(label = "EXPORTER-nodeseal-v1", context)` with
+//! `context = purpose (1 byte) || epoch (u64 BE) || initiator's inbound SPI (u32 BE) ||
+//! responder's inbound SPI (u32 BE)`. Purposes separate the two directions, the two AEADs and the
+//! WireGuard PSK, so no two keys share exporter output. Keys are zeroized on drop, print as
+//! `[redacted]`, and are neither `Clone` nor `Serialize`.
+
+use std::fmt;
+
+use zeroize::{Zeroize as _, Zeroizing};
+
+use crate::protocol::{Epoch, Spi};
+
+/// Exporter label (RFC 8446 section 7.5; labels start with "EXPORTER").
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-nodeseal-v1";
+/// Salt length of `rfc4106(gcm(aes))`.
+pub const GCM_SALT_LEN: usize = 4;
+
+const PURPOSE_I2R_AES128: u8 = 1;
+const PURPOSE_I2R_AES256: u8 = 2;
+const PURPOSE_R2I_AES128: u8 = 3;
+const PURPOSE_R2I_AES256: u8 = 4;
+const PURPOSE_WG_PSK: u8 = 5;
+
+/// ESP AEAD algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Aead {
+    /// `rfc4106(gcm(aes))` with a 128-bit key (160 bits with salt), ICV 128 bits.
+    Aes128Gcm,
+    /// `rfc4106(gcm(aes))` with a 256-bit key (288 bits with salt), ICV 128 bits.
+    Aes256Gcm,
+}
+
+impl Aead {
+    /// AES key length in bytes (without salt).
+    pub fn key_len(self) -> usize {
+        match self {
+            Aead::Aes128Gcm => 16,
+            Aead::Aes256Gcm => 32,
+        }
+    }
+}
+
+/// Key and salt of one ESP SA.
+pub struct SaKey {
+    aead: Aead,
+    /// AES key followed by the 4-byte salt, as XFRM wants it.
+    material: Zeroizing<Vec<u8>>,
+}
+
+impl SaKey {
+    /// The algorithm.
+    pub fn aead(&self) -> Aead {
+        self.aead
+    }
+
+    /// The AES key.
+    pub fn key(&self) -> &[u8] {
+        &self.material[..self.aead.key_len()]
+    }
+
+    /// The 4-byte salt (nonce prefix).
+    pub fn salt(&self) -> &[u8] {
+        &self.material[self.aead.key_len()..]
+    }
+
+    /// Key followed by salt: the `rfc4106(gcm(aes))` key blob XFRM takes.
+    pub fn rfc4106_key(&self) -> &[u8] {
+        &self.material
+    }
+}
+
+impl fmt::Debug for SaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SaKey({:?}, [redacted])", self.aead)
+    }
+}
+
+/// A 32-byte WireGuard pre-shared key for one peer pair.
+pub struct WgPsk(Zeroizing<[u8; 32]>);
+
+impl WgPsk {
+    /// The key bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for WgPsk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WgPsk([redacted])")
+    }
+}
+
+/// Keys for one direction of the pair.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct DirectionKeys {
+    /// The SPI of this direction's SA (chosen by the receiving side).
+    pub spi: Spi,
+    /// Key for AES-128-GCM.
+    pub aes128_gcm: SaKey,
+    /// Key for AES-256-GCM.
+    pub aes256_gcm: SaKey,
+}
+
+impl DirectionKeys {
+    /// The key for `aead`.
+    pub fn key(&self, aead: Aead) -> &SaKey {
+        match aead {
+            Aead::Aes128Gcm => &self.aes128_gcm,
+            Aead::Aes256Gcm => &self.aes256_gcm,
+        }
+    }
+}
+
+/// Everything one handshake yields, from the local node's point of view.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct SessionKeys {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// Local → peer (SPI chosen by the peer).
+    pub outbound: DirectionKeys,
+    /// Peer → local (SPI chosen by us).
+    pub inbound: DirectionKeys,
+    /// WireGuard PSK for the pair.
+    pub wg_psk: WgPsk,
+}
+
+/// Which side of the handshake we are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Initiator,
+    Responder,
+}
+
+/// Derives all keys through `export(output, label, context)`.
+pub(crate) fn derive<E>(
+    mut export: impl FnMut(&mut [u8], &[u8], &[u8]) -> Result<(), E>,
+    side: Side,
+    epoch: Epoch,
+    initiator_spi: Spi,
+    responder_spi: Spi,
+) -> Result<SessionKeys, E> {
+    let mut context = [0u8; 17];
+    context[1..9].copy_from_slice(&epoch.0.to_be_bytes());
+    context[9..13].copy_from_slice(&initiator_spi.get().to_be_bytes());
+    context[13..17].copy_from_slice(&responder_spi.get().to_be_bytes());
+    let mut sa = |purpose: u8, aead: Aead| -> Result<SaKey, E> {
+        let mut material = Zeroizing::new(vec![0u8; aead.key_len() + GCM_SALT_LEN]);
+        context[0] = purpose;
+        export(&mut material, EXPORTER_LABEL, &context)?;
+        Ok(SaKey { aead, material })
+    };
+    // Initiator → responder travels on the SA whose SPI the responder chose.
+    let i2r = DirectionKeys {
+        spi: responder_spi,
+        aes128_gcm: sa(PURPOSE_I2R_AES128, Aead::Aes128Gcm)?,
+        aes256_gcm: sa(PURPOSE_I2R_AES256, Aead::Aes256Gcm)?,
+    };
+    let r2i = DirectionKeys {
+        spi: initiator_spi,
+        aes128_gcm: sa(PURPOSE_R2I_AES128, Aead::Aes128Gcm)?,
+        aes256_gcm: sa(PURPOSE_R2I_AES256, Aead::Aes256Gcm)?,
+    };
+    let mut psk = Zeroizing::new([0u8; 32]);
+    context[0] = PURPOSE_WG_PSK;
+    export(psk.as_mut_slice(), EXPORTER_LABEL, &context)?;
+    context.zeroize();
+    let (outbound, inbound) = match side {
+        Side::Initiator => (i2r, r2i),
+        Side::Responder => (r2i, i2r),
+    };
+    Ok(SessionKeys {
+        epoch,
+        outbound,
+        inbound,
+        wg_psk: WgPsk(psk),
+    })
+}

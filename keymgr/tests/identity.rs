@@ -1,0 +1,434 @@
+//! CA → CSR → SVID → verify, every rejection with its own error, bundle format, and independent
+//! readers (openssl CLI, the `spiffe` crate).
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helper functions panic on set-up failure"
+)]
+
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use nodeseal_keymgr::test_helpers::{TestPki, leaf_params};
+use nodeseal_keymgr::{
+    BundleError, ClusterCa, ExpectedPeer, IdError, IssueOptions, NodeName, PeerRole, SvidError,
+    SvidInfo, TrustBundle, TrustDomain, TrustStore, VerifyError, svid::certs_from_pem,
+};
+use rustls_pki_types::CertificateDer;
+
+fn node(s: &str) -> NodeName {
+    s.parse().unwrap()
+}
+
+fn verify(
+    store: &TrustStore,
+    chain: &[CertificateDer<'static>],
+    expected: &ExpectedPeer,
+) -> Result<nodeseal_keymgr::PeerIdentity, VerifyError> {
+    store.verify(chain, SystemTime::now(), PeerRole::Client, expected)
+}
+
+#[test]
+fn round_trip_issue_and_verify() {
+    let pki = TestPki::new();
+    let id = pki.identity("worker-1");
+    assert_eq!(
+        id.info().spiffe_id.as_str(),
+        "spiffe://cluster.local/node/worker-1"
+    );
+    let lifetime = id
+        .info()
+        .not_after
+        .duration_since(id.info().not_before)
+        .unwrap();
+    assert_eq!(lifetime, Duration::from_secs(24 * 3600 + 60));
+    assert!(id.info().serial.len() >= 16, "128-bit serial");
+    let store = pki.trust_store();
+    let peer = verify(&store, id.chain(), &ExpectedPeer::Node(node("worker-1"))).unwrap();
+    assert_eq!(peer.node, node("worker-1"));
+    store
+        .verify(
+            id.chain(),
+            SystemTime::now(),
+            PeerRole::Server,
+            &ExpectedPeer::AnyNode,
+        )
+        .unwrap();
+    // Two SVIDs get different serials.
+    let other = pki.identity("worker-1");
+    assert_ne!(other.info().serial, id.info().serial);
+}
+
+#[test]
+fn each_rejection_has_its_own_error() {
+    let pki = TestPki::new();
+    let store = pki.trust_store();
+    let any = ExpectedPeer::AnyNode;
+    let leaf = |params: rcgen::CertificateParams| vec![pki.custom_leaf(&params).0];
+
+    let mut two = leaf_params("spiffe://cluster.local/node/a");
+    two.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://cluster.local/node/b".try_into().unwrap(),
+    ));
+    assert_eq!(
+        verify(&store, &leaf(two), &any),
+        Err(VerifyError::Svid {
+            source: SvidError::MultipleUriSans { count: 2 }
+        })
+    );
+
+    let mut ca_leaf = leaf_params("spiffe://cluster.local/node/a");
+    ca_leaf.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    assert_eq!(
+        verify(&store, &leaf(ca_leaf), &any),
+        Err(VerifyError::Svid {
+            source: SvidError::LeafIsCa
+        })
+    );
+
+    let wrong_td = leaf_params("spiffe://other.domain/node/a");
+    assert!(matches!(
+        verify(&store, &leaf(wrong_td), &any),
+        Err(VerifyError::WrongTrustDomain { .. })
+    ));
+
+    for (uri, want) in [
+        ("spiffe://cluster.local/node/../a", IdError::DotPathSegment),
+        ("spiffe://cluster.local/node//a", IdError::EmptyPathSegment),
+        (
+            "spiffe://Cluster.local/node/a",
+            IdError::TrustDomainUppercase { ch: 'C' },
+        ),
+    ] {
+        assert_eq!(
+            verify(&store, &leaf(leaf_params(uri)), &any),
+            Err(VerifyError::Svid {
+                source: SvidError::InvalidSpiffeId { source: want }
+            }),
+            "{uri}"
+        );
+    }
+
+    let mut no_ku = leaf_params("spiffe://cluster.local/node/a");
+    no_ku.key_usages.clear();
+    assert_eq!(
+        verify(&store, &leaf(no_ku), &any),
+        Err(VerifyError::Svid {
+            source: SvidError::MissingKeyUsage
+        })
+    );
+
+    let mut ku_no_ds = leaf_params("spiffe://cluster.local/node/a");
+    ku_no_ds.key_usages = vec![rcgen::KeyUsagePurpose::KeyEncipherment];
+    assert_eq!(
+        verify(&store, &leaf(ku_no_ds), &any),
+        Err(VerifyError::Svid {
+            source: SvidError::MissingDigitalSignature
+        })
+    );
+
+    let mut expired = leaf_params("spiffe://cluster.local/node/a");
+    let now = time::OffsetDateTime::now_utc();
+    expired.not_before = now - time::Duration::hours(2);
+    expired.not_after = now - time::Duration::hours(1);
+    assert!(matches!(
+        verify(&store, &leaf(expired), &any),
+        Err(VerifyError::Expired { .. })
+    ));
+
+    let mut future = leaf_params("spiffe://cluster.local/node/a");
+    future.not_before = now + time::Duration::hours(1);
+    future.not_after = now + time::Duration::hours(2);
+    assert!(matches!(
+        verify(&store, &leaf(future), &any),
+        Err(VerifyError::NotYetValid { .. })
+    ));
+
+    let mut no_eku = leaf_params("spiffe://cluster.local/node/a");
+    no_eku.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    assert_eq!(
+        verify(&store, &leaf(no_eku), &any),
+        Err(VerifyError::MissingExtendedKeyUsage)
+    );
+
+    let not_node = leaf_params("spiffe://cluster.local/workload/a");
+    assert!(matches!(
+        verify(&store, &leaf(not_node), &any),
+        Err(VerifyError::NotANodeId { .. })
+    ));
+
+    let other_ca = TestPki::new();
+    let foreign = other_ca.identity("a");
+    assert_eq!(
+        verify(&store, foreign.chain(), &any),
+        Err(VerifyError::UnknownIssuer)
+    );
+
+    let good = pki.identity("a");
+    assert_eq!(
+        verify(&store, good.chain(), &ExpectedPeer::Node(node("b"))),
+        Err(VerifyError::UnexpectedPeer {
+            expected: node("b"),
+            found: node("a"),
+        })
+    );
+
+    let truncated = CertificateDer::from(good.chain()[0][..100].to_vec());
+    assert!(matches!(
+        verify(&store, &[truncated], &any),
+        Err(VerifyError::Svid {
+            source: SvidError::Der { .. }
+        })
+    ));
+    assert_eq!(verify(&store, &[], &any), Err(VerifyError::NoCertificate));
+    assert!(matches!(
+        certs_from_pem(b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"),
+        Err(SvidError::Pem { .. })
+    ));
+
+    // Revocation by serial, then by SPIFFE ID; both checked after the chain.
+    let other = pki.identity("a");
+    store.revoke_serial(&good.info().serial);
+    assert!(matches!(
+        verify(&store, good.chain(), &any),
+        Err(VerifyError::RevokedSerial { .. })
+    ));
+    verify(&store, other.chain(), &any).unwrap();
+    store.revoke_id(good.info().spiffe_id.clone());
+    assert_eq!(
+        verify(&store, other.chain(), &any),
+        Err(VerifyError::RevokedNode {
+            id: good.info().spiffe_id.clone()
+        })
+    );
+    store.set_revocations([], []);
+    verify(&store, other.chain(), &any).unwrap();
+}
+
+#[test]
+fn ttl_and_backdate_are_applied() {
+    let pki = TestPki::new();
+    let opts = IssueOptions::with_ttl(Duration::from_secs(600));
+    let id = pki.identity_with("n1", &opts);
+    let now = SystemTime::now();
+    assert!(id.info().not_before < now - Duration::from_secs(50));
+    assert!(id.info().not_after <= now + Duration::from_secs(600));
+    assert!(id.info().not_after > now + Duration::from_secs(590));
+    let renew = id.info().renew_at();
+    let nb = id.info().not_before;
+    let half = (id.info().not_after.duration_since(nb).unwrap()) / 2;
+    assert!(renew <= nb + half && renew >= nb + half - half / 5);
+}
+
+#[test]
+fn bundle_json_round_trip_and_rollover() {
+    let pki = TestPki::new();
+    let mut bundle = pki.bundle();
+    let json = bundle.to_json().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["spiffe_sequence"], 1);
+    assert_eq!(v["keys"][0]["use"], "x509-svid");
+    assert_eq!(v["keys"][0]["kty"], "EC");
+    assert_eq!(v["keys"][0]["crv"], "P-256");
+    assert_eq!(v["keys"][0]["x5c"].as_array().unwrap().len(), 1);
+    let back = TrustBundle::from_json(pki.trust_domain(), json.as_bytes()).unwrap();
+    assert_eq!(back, bundle);
+
+    // Rollover: old and new CA both trusted during the overlap.
+    let old_id = pki.identity("a");
+    let new_ca = ClusterCa::generate(pki.trust_domain(), Duration::from_secs(3600)).unwrap();
+    assert!(bundle.add_authority(new_ca.trust_anchor().clone()));
+    assert_eq!(bundle.sequence(), 2);
+    let store = TrustStore::new(bundle.clone()).unwrap();
+    let key = nodeseal_keymgr::NodeKey::generate().unwrap();
+    let csr = nodeseal_keymgr::create_csr(&key, &pki.trust_domain(), &node("b")).unwrap();
+    let valid = nodeseal_keymgr::validate_csr(&csr, &pki.trust_domain(), &node("b")).unwrap();
+    let new_chain = new_ca.issue(&valid, &IssueOptions::default()).unwrap();
+    let any = ExpectedPeer::AnyNode;
+    verify(&store, old_id.chain(), &any).unwrap();
+    verify(&store, &new_chain, &any).unwrap();
+    assert!(bundle.remove_authority(pki.ca.trust_anchor()));
+    assert_eq!(bundle.sequence(), 3);
+    store.set_bundle(bundle).unwrap();
+    assert_eq!(
+        verify(&store, old_id.chain(), &any),
+        Err(VerifyError::UnknownIssuer)
+    );
+    verify(&store, &new_chain, &any).unwrap();
+
+    // Malformed bundles.
+    assert!(matches!(
+        TrustBundle::from_json(pki.trust_domain(), b"{"),
+        Err(BundleError::Json { .. })
+    ));
+    let two = r#"{"keys":[{"use":"x509-svid","kty":"EC","x5c":[]}]}"#;
+    assert_eq!(
+        TrustBundle::from_json(pki.trust_domain(), two.as_bytes()),
+        Err(BundleError::X5cCount { count: 0 })
+    );
+    let leaf_b64 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&old_id.chain()[0])
+    };
+    let not_ca = format!(r#"{{"keys":[{{"use":"x509-svid","kty":"EC","x5c":["{leaf_b64}"]}}]}}"#);
+    assert_eq!(
+        TrustBundle::from_json(pki.trust_domain(), not_ca.as_bytes()),
+        Err(BundleError::NotACa)
+    );
+    let jwt_only = r#"{"keys":[{"use":"jwt-svid","kty":"EC","kid":"x"}],"spiffe_sequence":4}"#;
+    let b = TrustBundle::from_json(pki.trust_domain(), jwt_only.as_bytes());
+    assert!(b.is_err() || b.unwrap().authorities().is_empty());
+}
+
+#[test]
+fn ca_files_import_and_intermediate() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    pki.ca.write_files(dir.path()).unwrap();
+    let mode = std::fs::metadata(dir.path().join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let loaded = ClusterCa::load_files(pki.trust_domain(), dir.path()).unwrap();
+    assert_eq!(loaded.certificate(), pki.ca.certificate());
+
+    // An operator-provided root signs an intermediate; nodeseal imports the intermediate.
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut root_params = rcgen::CertificateParams::default();
+    root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    root_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let root = root_params.self_signed(&root_key).unwrap();
+    let int_key = rcgen::KeyPair::generate().unwrap();
+    let mut int_params = rcgen::CertificateParams::default();
+    int_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    int_params.key_usages = root_params.key_usages.clone();
+    int_params.distinguished_name = rcgen::DistinguishedName::new();
+    int_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "intermediate");
+    let root_issuer = rcgen::Issuer::from_params(&root_params, &root_key);
+    let int = int_params.signed_by(&int_key, &root_issuer).unwrap();
+    let chain_pem = format!("{}{}", int.pem(), root.pem());
+    let td: TrustDomain = "cluster.local".parse().unwrap();
+    let ca = ClusterCa::import(
+        td.clone(),
+        chain_pem.as_bytes(),
+        int_key.serialize_pem().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(ca.trust_anchor().as_ref(), root.der().as_ref());
+    let key = nodeseal_keymgr::NodeKey::generate().unwrap();
+    let csr = nodeseal_keymgr::create_csr(&key, &td, &node("c")).unwrap();
+    let valid = nodeseal_keymgr::validate_csr(&csr, &td, &node("c")).unwrap();
+    let chain = ca.issue(&valid, &IssueOptions::default()).unwrap();
+    assert_eq!(chain.len(), 2);
+    let store = TrustStore::new(TrustBundle::new(
+        td.clone(),
+        vec![ca.trust_anchor().clone()],
+    ))
+    .unwrap();
+    verify(&store, &chain, &ExpectedPeer::AnyNode).unwrap();
+
+    // Importing a leaf as CA, or a mismatched key, fails.
+    let leaf_pem = pki.identity("z").chain_pem();
+    assert!(matches!(
+        ClusterCa::import(
+            td.clone(),
+            leaf_pem.as_bytes(),
+            int_key.serialize_pem().as_bytes()
+        ),
+        Err(nodeseal_keymgr::CaError::NotACa)
+    ));
+    assert!(matches!(
+        ClusterCa::import(
+            td,
+            chain_pem.as_bytes(),
+            root_key.serialize_pem().as_bytes()
+        ),
+        Err(nodeseal_keymgr::CaError::Input { .. })
+    ));
+}
+
+fn openssl_available() -> bool {
+    Command::new("openssl").arg("version").output().is_ok()
+}
+
+#[test]
+fn openssl_accepts_issued_svids() {
+    assert!(openssl_available(), "openssl CLI is required for this test");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let id = pki.identity("worker-7");
+    let ca = dir.path().join("ca.pem");
+    let leaf = dir.path().join("leaf.pem");
+    std::fs::write(&ca, pki.ca.chain_pem()).unwrap();
+    std::fs::write(&leaf, id.chain_pem()).unwrap();
+    for purpose in ["sslclient", "sslserver"] {
+        let out = Command::new("openssl")
+            .args(["verify", "-purpose", purpose, "-CAfile"])
+            .arg(&ca)
+            .arg(&leaf)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl verify ({purpose}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("URI:spiffe://cluster.local/node/worker-7"),
+        "{text}"
+    );
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(text.contains("X509v3 Key Usage: critical"), "{text}");
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    // A certificate from another CA must not verify (the test can fail).
+    let other = TestPki::new().identity("worker-7");
+    std::fs::write(&leaf, other.chain_pem()).unwrap();
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&ca)
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn spiffe_crate_parses_issued_svids() {
+    let pki = TestPki::new();
+    let id = pki.identity("worker-9");
+    let chain: Vec<u8> = id.chain().iter().flat_map(|c| c.to_vec()).collect();
+    let svid = spiffe::X509Svid::parse_from_der(&chain, id.key().pkcs8_der()).unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://cluster.local/node/worker-9"
+    );
+    let bundle = spiffe::X509Bundle::parse_from_der(
+        spiffe::TrustDomain::new("cluster.local").unwrap(),
+        pki.ca.trust_anchor(),
+    )
+    .unwrap();
+    assert_eq!(bundle.authorities().len(), 1);
+    // And our parser agrees with theirs on the ID.
+    assert_eq!(
+        SvidInfo::parse(&id.chain()[0]).unwrap().spiffe_id.as_str(),
+        svid.spiffe_id().to_string()
+    );
+}

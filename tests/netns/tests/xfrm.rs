@@ -1,0 +1,585 @@
+//! Kernel scenarios for `nodeseal-xfrm`, each in a fresh network namespace.
+//!
+//! Policies work on any kernel with XFRM (the development host included); states need ESP and
+//! the AEAD transforms, so those tests skip with a reason unless the kernel has them (the VM
+//! runner's Debian kernels do). With `NODESEAL_REQUIRE_PRIVILEGED=1` a skip is a failure.
+//! iproute2 is the independent reader: after programming, `ip xfrm state` / `ip xfrm policy`
+//! must list exactly our objects with the same SPIs, marks, selectors, algorithms and keys.
+
+use std::fs::File;
+use std::future::Future;
+use std::process::Command;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use fixture::{IN_MARK, mesh, ownership, peer_objects};
+use nodeseal_xfrm::{
+    Desired, Handle, KernelErrorKind, Mark, PolicySpec, StateSpec, XfrmError, XfrmStat,
+    reconcile::{flush_owned, reconcile},
+};
+
+/// A synthetic peer mesh like the agent installs (the same shape as
+/// `nodeseal_xfrm::test_helpers`, which this package cannot see without the `testing` feature).
+/// Node `i`: node IP `172.16.0.0 + i`, pod CIDR `10.(i/256).(i%256).0/24`.
+mod fixture {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use nodeseal_xfrm::{
+        Aead, AeadAlgorithm, Desired, Direction, Mark, Ownership, PolicySpec, ReqId, Selector, Spi,
+        StateSpec, Template,
+    };
+
+    pub const REQID_BASE: u32 = 0x4e53_0000;
+    pub const IN_MARK: Mark = Mark::new(0x0d00, 0x0f00);
+
+    pub fn ownership() -> Ownership {
+        Ownership::new(ReqId::new(REQID_BASE).unwrap()..=ReqId::new(REQID_BASE + 0xffff).unwrap())
+    }
+
+    pub fn node_ip(i: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i))
+    }
+
+    fn pod_cidr(i: u32) -> String {
+        format!("10.{}.{}.0/24", (i >> 8) & 0xff, i & 0xff)
+    }
+
+    pub fn peer_objects(local: u32, peer: u32, epoch: u32) -> (Vec<StateSpec>, Vec<PolicySpec>) {
+        let (l, p) = (node_ip(local), node_ip(peer));
+        let sel_out = Selector::new(
+            pod_cidr(local).parse().unwrap(),
+            pod_cidr(peer).parse().unwrap(),
+        )
+        .unwrap();
+        let sel_in = Selector::new(
+            pod_cidr(peer).parse().unwrap(),
+            pod_cidr(local).parse().unwrap(),
+        )
+        .unwrap();
+        let r = ReqId::new(REQID_BASE + (peer & 0xffff)).unwrap();
+        let spi = |from: u32, to: u32| {
+            Spi::new(0x1000_0000 | (to & 0x0f) << 24 | (from & 0xffff) << 8 | (epoch & 0xff))
+                .unwrap()
+        };
+        let key = |from: u32, to: u32| {
+            let mut k = [0u8; 20];
+            k[..4].copy_from_slice(&from.to_be_bytes());
+            k[4..8].copy_from_slice(&to.to_be_bytes());
+            k[8..12].copy_from_slice(&epoch.to_be_bytes());
+            k[12..].copy_from_slice(b"netnstst");
+            Aead::new(AeadAlgorithm::AesGcm128, &k).unwrap()
+        };
+        let out_mark = Mark::new(0x0e00 | (peer << 16), 0xffff_ff00);
+        let mut out = StateSpec::new(l, p, spi(local, peer), r, key(local, peer), sel_out).unwrap();
+        out.mark = out_mark;
+        out.replay_window = 0;
+        let mut inb = StateSpec::new(p, l, spi(peer, local), r, key(peer, local), sel_in).unwrap();
+        inb.mark = IN_MARK;
+        let t_out = Template::new(l, p, r).unwrap();
+        let t_in = Template::new(p, l, r).unwrap();
+        let mut po = PolicySpec::new(sel_out, Direction::Out, t_out);
+        po.mark = out_mark;
+        let mut pi = PolicySpec::new(sel_in, Direction::In, t_in);
+        pi.mark = IN_MARK;
+        let mut pf = PolicySpec::new(sel_in, Direction::Fwd, t_in);
+        pf.mark = IN_MARK;
+        (vec![out, inb], vec![po, pi, pf])
+    }
+
+    pub fn mesh(local: u32, n: u32, epoch: impl Fn(u32) -> u32) -> Desired {
+        let mut d = Desired::default();
+        for peer in (0..=n).filter(|p| *p != local) {
+            let (s, p) = peer_objects(local, peer, epoch(peer));
+            d.states.extend(s);
+            d.policies.extend(p);
+        }
+        d
+    }
+}
+
+/// Runs a future to completion on this thread (the netns package has no async runtime; the
+/// xfrm handle's futures only wait on a oneshot from its worker thread).
+fn block_on<F: Future>(fut: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// Skips (returns true) with a printed reason, or fails under NODESEAL_REQUIRE_PRIVILEGED=1.
+fn skip(reason: &str) -> bool {
+    if std::env::var("NODESEAL_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("required kernel feature missing: {reason}");
+    }
+    eprintln!("skipping: {reason}");
+    true
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+struct Netns {
+    name: String,
+    file: File,
+}
+
+impl Netns {
+    fn new(test: &str) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            skip("needs root to create network namespaces");
+            return None;
+        }
+        let name = format!("nsx-{test}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let ok = Command::new("ip").args(["netns", "add", &name]).status();
+        if !ok.is_ok_and(|s| s.success()) {
+            skip("`ip netns add` failed");
+            return None;
+        }
+        let file = File::open(format!("/run/netns/{name}")).expect("opening the netns file");
+        Some(Self { name, file })
+    }
+
+    fn handle(&self) -> Handle {
+        Handle::in_namespace(&self.file).expect("xfrm handle in namespace")
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .expect("running ip");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Whether the namespace's kernel can install an ESP AEAD state (probes with a scratch state).
+fn esp_available(ns: &Netns, handle: &Handle) -> bool {
+    let (s, _) = peer_objects(0, 60000, 1);
+    match block_on(handle.states().add(s[0].clone()).execute()) {
+        Ok(()) => {
+            block_on(handle.states().delete(s[0].id()).execute()).expect("deleting probe state");
+            true
+        }
+        Err(XfrmError::Kernel { source, .. })
+            if matches!(source.kind, KernelErrorKind::MissingSupport { .. }) =>
+        {
+            skip(&format!(
+                "kernel in {} cannot install ESP states: {source}",
+                ns.name
+            )) && false
+        }
+        Err(e) => panic!("probing ESP support: {e}"),
+    }
+}
+
+/// Splits `ip xfrm ...` output into one block per object (each starts with `src `).
+fn blocks(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("src ") {
+            out.push(String::new());
+        }
+        if let Some(b) = out.last_mut() {
+            b.push_str(line.trim());
+            b.push('\n');
+        }
+    }
+    out
+}
+
+fn mark_text(m: Mark) -> String {
+    format!("{:#x}/{:#x}", m.value, m.mask)
+}
+
+/// Finds the one `ip xfrm policy` block describing `p` and checks every field.
+fn assert_policy_listed(listing: &[String], p: &PolicySpec) {
+    let head = format!("src {} dst {}", p.selector.src(), p.selector.dst());
+    let dir = format!("dir {} priority {}", p.dir, p.priority);
+    let matches: Vec<_> = listing
+        .iter()
+        .filter(|b| b.starts_with(&head) && b.contains(&dir))
+        .filter(|b| p.mark.is_none() || b.contains(&format!("mark {}", mark_text(p.mark))))
+        .collect();
+    assert_eq!(
+        matches.len(),
+        1,
+        "policy {} in listing:\n{listing:#?}",
+        p.id()
+    );
+    let b = matches[0];
+    for t in &p.templates {
+        assert!(
+            b.contains(&format!("tmpl src {} dst {}", t.src, t.dst)),
+            "{b}"
+        );
+        assert!(
+            b.contains(&format!("proto esp reqid {} mode tunnel", t.reqid)),
+            "{b}"
+        );
+    }
+}
+
+/// Finds the one `ip xfrm state` block describing `s` and checks every field, key included.
+fn assert_state_listed(listing: &[String], s: &StateSpec) {
+    let head = format!("src {} dst {}", s.src, s.dst);
+    let spi = format!(
+        "proto esp spi {:#010x} reqid {} mode tunnel",
+        s.spi.get(),
+        s.reqid
+    );
+    let matches: Vec<_> = listing
+        .iter()
+        .filter(|b| b.starts_with(&head) && b.contains(&spi))
+        .collect();
+    assert_eq!(matches.len(), 1, "{} in listing:\n{listing:#?}", s.id());
+    let b = matches[0];
+    let key: String = s
+        .aead
+        .key_material()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    let aead = format!("aead {} 0x{key} 128", s.aead.algorithm().kernel_name());
+    assert!(b.contains(&aead), "{b}\nexpected {aead}");
+    assert!(
+        b.contains(&format!(
+            "sel src {} dst {}",
+            s.selector.src(),
+            s.selector.dst()
+        )),
+        "{b}"
+    );
+    if !s.mark.is_none() {
+        assert!(b.contains(&format!("mark {}", mark_text(s.mark))), "{b}");
+    }
+    if s.esn {
+        assert!(b.contains("flag esn"), "{b}");
+    }
+    assert!(
+        b.contains(&format!("replay-window {}", 0)) || s.replay_window > 0,
+        "{b}"
+    );
+}
+
+#[test]
+fn policy_operations_cross_checked_with_iproute2() {
+    let Some(ns) = Netns::new("pol") else { return };
+    let h = ns.handle();
+    let (_, p) = peer_objects(0, 1, 1);
+    for pol in &p {
+        block_on(h.policies().add(pol.clone()).execute()).expect("adding policy");
+    }
+    let e = block_on(h.policies().add(p[0].clone()).execute()).expect_err("duplicate add");
+    assert_eq!(
+        e.kernel_error().map(|k| &k.kind),
+        Some(&KernelErrorKind::Exists)
+    );
+    let listing = blocks(&ns.ip(&["xfrm", "policy"]));
+    assert_eq!(listing.len(), 3, "{listing:#?}");
+    for pol in &p {
+        assert_policy_listed(&listing, pol);
+        let got = block_on(h.policies().get(pol.id()).execute()).expect("get policy");
+        assert_eq!(got.spec.as_ref(), Some(pol));
+    }
+    // Atomic replace: priority change.
+    let mut changed = p[1].clone();
+    changed.priority = 42;
+    block_on(h.policies().update(changed.clone()).execute()).expect("update policy");
+    assert_policy_listed(&blocks(&ns.ip(&["xfrm", "policy"])), &changed);
+    let dump = block_on(h.policies().dump().execute()).expect("dump");
+    assert_eq!(dump.len(), 3);
+    block_on(h.policies().delete(p[0].id()).execute()).expect("delete policy");
+    let e = block_on(h.policies().delete(p[0].id()).execute()).expect_err("second delete");
+    assert_eq!(
+        e.kernel_error().map(|k| &k.kind),
+        Some(&KernelErrorKind::NotFound)
+    );
+    assert_eq!(blocks(&ns.ip(&["xfrm", "policy"])).len(), 2);
+}
+
+#[test]
+fn policy_reconcile_leaves_foreign_policies_alone_and_is_idempotent() {
+    let Some(ns) = Netns::new("polrec") else {
+        return;
+    };
+    let h = ns.handle();
+    // Foreign: reqid 1 (outside our range), and one with no template.
+    ns.ip(&[
+        "xfrm",
+        "policy",
+        "add",
+        "src",
+        "10.200.0.0/16",
+        "dst",
+        "10.201.0.0/16",
+        "dir",
+        "out",
+        "tmpl",
+        "src",
+        "192.0.2.1",
+        "dst",
+        "192.0.2.2",
+        "proto",
+        "esp",
+        "reqid",
+        "1",
+        "mode",
+        "tunnel",
+    ]);
+    ns.ip(&[
+        "xfrm",
+        "policy",
+        "add",
+        "src",
+        "10.202.0.0/16",
+        "dst",
+        "10.203.0.0/16",
+        "dir",
+        "in",
+        "action",
+        "block",
+    ]);
+    let foreign = ns.ip(&["xfrm", "policy"]);
+    let owner = ownership();
+    let policies_only = |d: Desired| Desired {
+        states: vec![],
+        policies: d.policies,
+    };
+    let r = block_on(reconcile(&h, &owner, policies_only(mesh(0, 50, |_| 1)))).expect("reconcile");
+    assert_eq!((r.policies_added, r.foreign_policies), (150, 2));
+    let r = block_on(reconcile(&h, &owner, policies_only(mesh(0, 50, |_| 1)))).expect("again");
+    assert!(r.is_noop(), "{r:?}");
+    let desired = policies_only(mesh(0, 40, |_| 1));
+    let listing = blocks(&ns.ip(&["xfrm", "policy"]));
+    assert_eq!(listing.len(), 152);
+    for p in &desired.policies {
+        assert_policy_listed(&listing, p);
+    }
+    let r = block_on(reconcile(&h, &owner, desired)).expect("shrink");
+    assert_eq!(r.policies_deleted, 30);
+    assert_eq!(block_on(flush_owned(&h, &owner)).expect("flush"), 120);
+    assert_eq!(
+        ns.ip(&["xfrm", "policy"]),
+        foreign,
+        "foreign policies changed"
+    );
+}
+
+#[test]
+fn batch_reports_each_failed_object() {
+    let Some(ns) = Netns::new("batch") else {
+        return;
+    };
+    let h = ns.handle();
+    let (_, p) = peer_objects(0, 1, 1);
+    let (_, q) = peer_objects(0, 2, 1);
+    let e = block_on(
+        h.batch()
+            .add_policy(p[0].clone())
+            .add_policy(p[0].clone())
+            .add_policy(q[0].clone())
+            .delete_policy(q[1].id())
+            .execute(),
+    )
+    .expect_err("batch with a duplicate and a missing delete");
+    let XfrmError::Batch(b) = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(b.total, 4);
+    let failed: Vec<_> = b
+        .failures
+        .iter()
+        .map(|f| (f.verb, f.object.to_string()))
+        .collect();
+    assert_eq!(
+        failed,
+        vec![
+            ("add", p[0].id().to_string()),
+            ("delete", q[1].id().to_string())
+        ]
+    );
+    assert_eq!(blocks(&ns.ip(&["xfrm", "policy"])).len(), 2);
+}
+
+#[test]
+fn states_without_esp_report_missing_modules() {
+    let Some(ns) = Netns::new("noesp") else {
+        return;
+    };
+    let h = ns.handle();
+    let (s, _) = peer_objects(0, 1, 1);
+    match block_on(h.states().add(s[0].clone()).execute()) {
+        Ok(()) => eprintln!("kernel has ESP: nothing to check here"),
+        Err(XfrmError::Kernel { source, .. }) => {
+            let KernelErrorKind::MissingSupport { modules } = &source.kind else {
+                panic!("unexpected error {source}")
+            };
+            assert!(
+                modules.contains(&"esp4") && modules.contains(&"gcm"),
+                "{modules:?}"
+            );
+            eprintln!("as expected without ESP: {source}");
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn state_operations_cross_checked_with_iproute2() {
+    let Some(ns) = Netns::new("state") else {
+        return;
+    };
+    let h = ns.handle();
+    if !esp_available(&ns, &h) {
+        return;
+    }
+    let (mut s, _) = peer_objects(0, 1, 1);
+    s[1].output_mark = Mark::new(0x0d00, 0x0f00);
+    let mut chacha = peer_objects(0, 2, 1).0.remove(0);
+    chacha.aead =
+        nodeseal_xfrm::Aead::new(nodeseal_xfrm::AeadAlgorithm::ChaCha20Poly1305, &[0x5a; 36])
+            .expect("chacha key");
+    let mut gcm256 = peer_objects(0, 3, 1).0.remove(0);
+    gcm256.aead = nodeseal_xfrm::Aead::new(nodeseal_xfrm::AeadAlgorithm::AesGcm256, &[0x33; 36])
+        .expect("key");
+    let all = [s[0].clone(), s[1].clone(), chacha, gcm256];
+    for st in &all {
+        block_on(h.states().add(st.clone()).execute()).expect("adding state");
+    }
+    let listing = blocks(&ns.ip(&["xfrm", "state"]));
+    assert_eq!(listing.len(), all.len(), "{listing:#?}");
+    for st in &all {
+        assert_state_listed(&listing, st);
+        let got = block_on(h.states().get(st.id()).execute()).expect("get state");
+        assert_eq!(got.spec.as_ref(), Some(st));
+        assert_eq!(got.stats.packets, 0);
+    }
+    // In-place update of lifetimes.
+    let mut upd = all[0].clone();
+    upd.lifetime.hard.add_seconds = Some(7200);
+    block_on(h.states().update(upd.clone()).execute()).expect("update");
+    let got = block_on(h.states().get(upd.id()).execute()).expect("get");
+    assert_eq!(got.spec.as_ref(), Some(&upd));
+    assert!(
+        ns.ip(&["xfrm", "state"]).contains("7200"),
+        "ip shows the new lifetime"
+    );
+    block_on(h.states().delete(all[0].id()).execute()).expect("delete");
+    assert_eq!(blocks(&ns.ip(&["xfrm", "state"])).len(), all.len() - 1);
+    let stat = XfrmStat::parse(&ns.ip(&["netns", "exec", &ns.name, "cat", "/proc/net/xfrm_stat"]));
+    assert!(stat.is_ok() || skip("no /proc/net/xfrm_stat"));
+}
+
+#[test]
+fn full_reconcile_with_foreign_states_cross_checked_with_iproute2() {
+    let Some(ns) = Netns::new("staterec") else {
+        return;
+    };
+    let h = ns.handle();
+    if !esp_available(&ns, &h) {
+        return;
+    }
+    ns.ip(&[
+        "xfrm",
+        "state",
+        "add",
+        "src",
+        "192.0.2.1",
+        "dst",
+        "192.0.2.2",
+        "proto",
+        "esp",
+        "spi",
+        "0x2000",
+        "reqid",
+        "1",
+        "mode",
+        "tunnel",
+        "aead",
+        "rfc4106(gcm(aes))",
+        "0x0102030405060708090a0b0c0d0e0f1011121314",
+        "128",
+    ]);
+    ns.ip(&[
+        "xfrm",
+        "policy",
+        "add",
+        "src",
+        "10.200.0.0/16",
+        "dst",
+        "10.201.0.0/16",
+        "dir",
+        "out",
+        "tmpl",
+        "src",
+        "192.0.2.1",
+        "dst",
+        "192.0.2.2",
+        "proto",
+        "esp",
+        "reqid",
+        "1",
+        "mode",
+        "tunnel",
+    ]);
+    let foreign_states = ns.ip(&["xfrm", "state"]);
+    let foreign_policies = ns.ip(&["xfrm", "policy"]);
+    let owner = ownership();
+    let r = block_on(reconcile(&h, &owner, mesh(0, 30, |_| 1))).expect("reconcile");
+    assert_eq!((r.states_added, r.policies_added), (60, 90));
+    assert_eq!((r.foreign_states, r.foreign_policies), (1, 1));
+    assert!(
+        block_on(reconcile(&h, &owner, mesh(0, 30, |_| 1)))
+            .expect("again")
+            .is_noop()
+    );
+    // Rekey a third of the peers: new SPIs in, old ones out; policies untouched.
+    let rekeyed = mesh(0, 30, |p| if p % 3 == 0 { 2 } else { 1 });
+    let r = block_on(reconcile(&h, &owner, rekeyed.clone())).expect("rekey");
+    assert_eq!(
+        (r.states_added, r.states_deleted, r.policies_updated),
+        (20, 20, 0)
+    );
+    let states = blocks(&ns.ip(&["xfrm", "state"]));
+    assert_eq!(states.len(), 61);
+    for s in &rekeyed.states {
+        assert_state_listed(&states, s);
+    }
+    let policies = blocks(&ns.ip(&["xfrm", "policy"]));
+    for p in &rekeyed.policies {
+        assert_policy_listed(&policies, p);
+    }
+    let in_states = rekeyed.states.iter().filter(|s| s.mark == IN_MARK).count();
+    assert_eq!(in_states, 30);
+    assert_eq!(block_on(flush_owned(&h, &owner)).expect("flush"), 150);
+    assert_eq!(ns.ip(&["xfrm", "state"]), foreign_states);
+    assert_eq!(ns.ip(&["xfrm", "policy"]), foreign_policies);
+}
