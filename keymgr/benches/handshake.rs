@@ -15,7 +15,6 @@ use nodeseal_keymgr::test_helpers::TestPki;
 use nodeseal_keymgr::{
     Epoch, ExpectedPeer, HandshakeConfig, Hello, Mode, NodeName, PeerRole, Spi, accept, initiate,
 };
-use rustls::sign::SigningKey as _;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
 
