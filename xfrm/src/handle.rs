@@ -30,7 +30,7 @@ pub enum XfrmError {
         /// `add`, `update`, `delete`, `get`, `dump`.
         verb: &'static str,
         /// The object.
-        object: ObjectRef,
+        object: Box<ObjectRef>,
         /// What the kernel said.
         #[source]
         source: KernelError,
@@ -42,7 +42,7 @@ pub enum XfrmError {
     #[error("invalid {object}")]
     Spec {
         /// The object.
-        object: ObjectRef,
+        object: Box<ObjectRef>,
         /// What is wrong.
         #[source]
         source: SpecError,
@@ -56,7 +56,7 @@ pub enum XfrmError {
         /// The request verb.
         verb: &'static str,
         /// The object.
-        object: ObjectRef,
+        object: Box<ObjectRef>,
     },
 }
 
@@ -164,7 +164,6 @@ impl Handle {
     }
 
     /// A batch of requests sent in as few `sendmsg` calls as possible.
-    #[must_use]
     pub fn batch(&self) -> Batch {
         Batch {
             handle: self.clone(),
@@ -176,7 +175,6 @@ impl Handle {
     /// (`ip xfrm policy set hthresh4 LBITS RBITS hthresh6 LBITS RBITS`). Policies whose
     /// selectors are at least this specific are looked up in O(1); the rest sit in a list.
     #[doc(alias = "XFRM_MSG_NEWSPDINFO")]
-    #[must_use]
     pub fn set_policy_hash_thresholds(&self, v4: (u8, u8), v6: (u8, u8)) -> Request<()> {
         Request::new(self, Op::SetPolicyHashThresholds { v4, v6 })
     }
@@ -204,7 +202,6 @@ impl StateRequests<'_> {
     /// Adds a state; fails with `EEXIST` if one with the same id exists.
     /// `ip xfrm state add ...`.
     #[doc(alias = "XFRM_MSG_NEWSA")]
-    #[must_use]
     pub fn add(&self, spec: StateSpec) -> Request<()> {
         Request::new(self.handle, Op::AddState(spec))
     }
@@ -213,27 +210,23 @@ impl StateRequests<'_> {
     /// mark; keys, selector and replay settings need a new state (see [`crate::reconcile`]).
     /// `ip xfrm state update ...`.
     #[doc(alias = "XFRM_MSG_UPDSA")]
-    #[must_use]
     pub fn update(&self, spec: StateSpec) -> Request<()> {
         Request::new(self.handle, Op::UpdateState(spec))
     }
 
     /// Deletes a state. `ip xfrm state delete dst D proto esp spi S [mark V mask M]`.
     #[doc(alias = "XFRM_MSG_DELSA")]
-    #[must_use]
     pub fn delete(&self, id: StateId) -> Request<()> {
         Request::new(self.handle, Op::DeleteState(id))
     }
 
     /// Reads one state with its counters. `ip -s xfrm state get dst D proto esp spi S`.
     #[doc(alias = "XFRM_MSG_GETSA")]
-    #[must_use]
     pub fn get(&self, id: StateId) -> Request<KernelState> {
         Request::new(self.handle, Op::GetState(id))
     }
 
     /// Lists all states, foreign ones included. `ip -s xfrm state list`.
-    #[must_use]
     pub fn dump(&self) -> Request<Vec<KernelState>> {
         Request::new(self.handle, Op::DumpStates)
     }
@@ -249,34 +242,29 @@ impl PolicyRequests<'_> {
     /// Adds a policy; fails with `EEXIST` if one with the same selector, direction and mark
     /// exists. `ip xfrm policy add ...`.
     #[doc(alias = "XFRM_MSG_NEWPOLICY")]
-    #[must_use]
     pub fn add(&self, spec: PolicySpec) -> Request<()> {
         Request::new(self.handle, Op::AddPolicy(spec))
     }
 
     /// Adds or atomically replaces a policy. `ip xfrm policy update ...`.
     #[doc(alias = "XFRM_MSG_UPDPOLICY")]
-    #[must_use]
     pub fn update(&self, spec: PolicySpec) -> Request<()> {
         Request::new(self.handle, Op::UpdatePolicy(spec))
     }
 
     /// Deletes a policy. `ip xfrm policy delete src S dst D dir DIR [mark V mask M]`.
     #[doc(alias = "XFRM_MSG_DELPOLICY")]
-    #[must_use]
     pub fn delete(&self, id: PolicyId) -> Request<()> {
         Request::new(self.handle, Op::DeletePolicy(id))
     }
 
     /// Reads one policy. `ip xfrm policy get src S dst D dir DIR`.
     #[doc(alias = "XFRM_MSG_GETPOLICY")]
-    #[must_use]
     pub fn get(&self, id: PolicyId) -> Request<KernelPolicy> {
         Request::new(self.handle, Op::GetPolicy(id))
     }
 
     /// Lists all policies, foreign ones included. `ip xfrm policy list`.
-    #[must_use]
     pub fn dump(&self) -> Request<Vec<KernelPolicy>> {
         Request::new(self.handle, Op::DumpPolicies)
     }
@@ -358,7 +346,7 @@ impl<T: FromReply> Request<T> {
     /// [`XfrmError::Spec`] for an invalid state spec, [`XfrmError::Kernel`] if the kernel
     /// refused, [`XfrmError::Transport`] / [`XfrmError::WorkerGone`] if it could not be asked.
     pub async fn execute(self) -> Result<T, XfrmError> {
-        let object = self.op.object();
+        let object = Box::new(self.op.object());
         let verb = self.op.verb();
         validate(&self.op)?;
         let mut results = self.handle.submit(vec![self.op]).await?;
@@ -379,7 +367,7 @@ impl<T: FromReply> Request<T> {
 fn validate(op: &Op) -> Result<(), XfrmError> {
     if let Op::AddState(s) | Op::UpdateState(s) = op {
         s.validate().map_err(|source| XfrmError::Spec {
-            object: op.object(),
+            object: Box::new(op.object()),
             source,
         })?;
     }

@@ -340,17 +340,17 @@ async fn dump_both(handle: &Handle) -> Result<(Vec<KernelState>, Vec<KernelPolic
         (Some(Ok(Reply::States(s))), Some(Ok(Reply::Policies(p)))) => Ok((s, p)),
         (Some(Err(source)), _) => Err(XfrmError::Kernel {
             verb: "dump",
-            object: ObjectRef::AllStates,
+            object: Box::new(ObjectRef::AllStates),
             source,
         }),
         (_, Some(Err(source))) => Err(XfrmError::Kernel {
             verb: "dump",
-            object: ObjectRef::AllPolicies,
+            object: Box::new(ObjectRef::AllPolicies),
             source,
         }),
         _ => Err(XfrmError::UnexpectedReply {
             verb: "dump",
-            object: ObjectRef::AllStates,
+            object: Box::new(ObjectRef::AllStates),
         }),
     }
 }

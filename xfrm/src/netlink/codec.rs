@@ -141,7 +141,7 @@ pub(crate) fn finish(buf: &mut [u8], start: usize) {
 }
 
 fn pad4(buf: &mut Vec<u8>) {
-    while buf.len() % 4 != 0 {
+    while !buf.len().is_multiple_of(4) {
         buf.push(0);
     }
 }
