@@ -1,1 +1,27 @@
-//! nodeseal-agent : not yet implemented; see the issues.
+//! nodeseal-agent: the node agent of nodeseal, the keymgr role and the `nodeseal` CLI.
+//!
+//! - [`app`] wires everything: [`store`] (cluster state), [`identity`] (node key, SVID through
+//!   the keymgr CSR flow), [`datapath`] (the eBPF maps and attachments), [`sa`] (the XFRM
+//!   layout), [`peer`] (one task per peer: handshakes, make-before-break rekeys, teardown),
+//!   [`server`] (the handshake listener), [`status`] and [`metrics`].
+//! - [`signer`] is keymgr as a running role; [`cli`] is the `nodeseal` command line.
+//!
+//! The agent never touches XFRM objects or BPF pins it does not own, and leaves its kernel state
+//! in place when it stops, so traffic survives restarts.
+
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod datapath;
+pub mod identity;
+pub mod logging;
+pub mod metrics;
+pub mod peer;
+pub mod sa;
+pub mod server;
+pub mod shutdown;
+pub mod signer;
+pub mod status;
+pub mod store;

@@ -67,7 +67,11 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         )?;
         ok &= ran;
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn build(package: &str, bench: &str) -> Result<PathBuf> {

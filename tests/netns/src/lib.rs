@@ -7,6 +7,7 @@
 //! panics), and a panicking test prints a report of what the namespaces and the wire looked like.
 
 pub mod capture;
+pub mod fabric;
 pub mod net;
 mod netns;
 mod process;
@@ -17,6 +18,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use capture::{CaptureSummary, PacketClass, WireCapture};
+pub use fabric::{Fabric, FabricOptions, StoreKind};
 pub use net::Cidr;
 pub use netns::Netns;
 pub use process::Process;

@@ -91,10 +91,29 @@ impl Netns {
         Ok(handle)
     }
 
-    /// A command that runs inside this namespace (`ip netns exec <name> <program>`).
+    /// A command that runs inside this namespace. Unlike `ip netns exec`, the child keeps the
+    /// caller's mounts (notably bpffs under `/sys/fs/bpf`, which `ip netns exec` hides by
+    /// remounting `/sys`); only its network namespace changes.
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = Command::new(program);
+        let path = self.path();
+        // SAFETY: the closure runs between fork and exec; it only calls open(2) and setns(2),
+        // which are async-signal-safe, and allocates nothing (the path is prepared here).
+        let c_path =
+            std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(c_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd
     }
 

@@ -1,0 +1,604 @@
+//! The one place that wires the agent together: store, identity, datapath, XFRM, handshake
+//! server, peer tasks, status and metrics.
+//!
+//! Shutdown (cancel the root token) stops accepting handshakes and stops every task, then waits
+//! for them with a deadline. Kernel state (SAs, policies, pinned maps, attachments) is left in
+//! place on purpose: a restarted agent finds it and traffic keeps flowing meanwhile.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use futures::StreamExt as _;
+use nodeseal_keymgr::handshake::HandshakeConfig;
+use nodeseal_keymgr::{NodeName, SpiffeId, TrustBundle, TrustDomain, TrustStore};
+use nodeseal_xfrm::{Handle, XfrmStat};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::datapath::{DatapathHandle, DatapathSettings};
+use crate::identity::{IdentitySource, Obtained};
+use crate::metrics::Metrics;
+use crate::peer::{
+    PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerTask,
+    error_chain,
+};
+use crate::sa::LocalEnd;
+use crate::status::{NodeView, StatusSource};
+use crate::store::{self, Event, Kind, NodeRecord, Record, Store};
+
+/// How long shutdown waits for tasks.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
+/// TTL of the node record's lease (etcd).
+const NODE_LEASE_TTL: Duration = Duration::from_secs(15);
+/// How long one attempt waits for keymgr to sign.
+const SIGN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Housekeeping period: pod interfaces, status publication, metrics.
+const TICK: Duration = Duration::from_millis(500);
+
+struct Agent {
+    node: NodeName,
+    trust_domain: TrustDomain,
+    config: AgentConfig,
+    store: Store,
+    registry: Arc<PeerRegistry>,
+    peer_ctx: PeerContext,
+    trust: TrustStore,
+    generation_tx: watch::Sender<u64>,
+    svid: watch::Receiver<Option<(SpiffeId, SystemTime)>>,
+    metrics: Arc<Metrics>,
+    xfrm: Handle,
+    datapath: DatapathHandle,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// Runs the agent until `cancel` fires.
+///
+/// # Errors
+/// Start-up failures (bad configuration, store, datapath, identity); afterwards errors are
+/// logged and the agent keeps its last good state.
+pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
+    info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting nodeseal-agent");
+    let trust_domain = TrustDomain::new(&config.trust_domain).context("--trust-domain")?;
+    let node = NodeName::new(&config.node_name).context("--node-name")?;
+    let store = config
+        .store
+        .open()
+        .await
+        .context("opening the cluster store")?;
+    let tracker = TaskTracker::new();
+    let metrics = Arc::new(Metrics::new());
+
+    let record = NodeRecord {
+        name: store::NodeName::new(config.node_name.clone()).context("--node-name")?,
+        node_ips: vec![config.node_ip],
+        pod_cidrs: config.pod_cidrs.iter().map(|c| c.trunc()).collect(),
+        spiffe_id: store::SpiffeId::new(trust_domain.node_id(&node).as_str().to_owned())
+            .context("SPIFFE ID")?,
+        handshake: SocketAddr::new(config.node_ip, config.handshake_port),
+        wireguard_public_key: None,
+    };
+    let mut lease = store
+        .publish_node(record, NODE_LEASE_TTL)
+        .await
+        .context("publishing the node record")?;
+    let lease_cancel = cancel.child_token();
+    tracker.spawn(async move {
+        if let Err(e) = lease.run(lease_cancel).await {
+            warn!(error = %e, "node record lease ended");
+        }
+    });
+
+    let datapath = DatapathHandle::load(DatapathSettings {
+        pin_root: config.bpf_pin_root.clone(),
+        uplink: config.uplink.clone(),
+        pod_interface_prefix: config.pod_interface_prefix.clone(),
+        strict: config.strict_mode,
+        local_pod_cidrs: config.pod_cidrs.clone(),
+    })
+    .context("loading the eBPF datapath")?;
+    datapath
+        .sync_pod_interfaces()
+        .context("attaching to pod interfaces")?;
+    let xfrm = Handle::new().context("opening the XFRM netlink socket")?;
+
+    let source = match (
+        &config.identity_cert,
+        &config.identity_key,
+        &config.trust_bundle_file,
+    ) {
+        (Some(cert), Some(key), Some(bundle)) => IdentitySource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+            bundle: bundle.clone(),
+        },
+        _ => IdentitySource::Keymgr {
+            store: store.clone(),
+            state_dir: config.state_dir.clone(),
+            sign_timeout: SIGN_TIMEOUT,
+        },
+    };
+    let Some(obtained) =
+        obtain_until_cancelled(&source, &trust_domain, &node, false, &cancel).await
+    else {
+        return Ok(());
+    };
+    let trust = TrustStore::new(obtained.bundle.clone()).context("trust bundle")?;
+    let (handshake_tx, handshake_rx) = watch::channel(None);
+    let (svid_tx, svid_rx) = watch::channel(None);
+    install_identity(&trust, &obtained, &handshake_tx, &svid_tx)?;
+
+    let listener = tokio::net::TcpListener::bind((config.node_ip, config.handshake_port))
+        .await
+        .with_context(|| {
+            format!(
+                "binding the handshake port {}:{}",
+                config.node_ip, config.handshake_port
+            )
+        })?;
+    let status_listener = crate::status::bind(&config.status_socket)?;
+    if let Some(addr) = config.metrics_addr {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        tracker.spawn(crate::metrics::serve(
+            l,
+            Arc::clone(&metrics),
+            cancel.child_token(),
+        ));
+    }
+
+    let (generation_tx, generation_rx) = watch::channel(0u64);
+    let registry = Arc::new(PeerRegistry::default());
+    let peer_ctx = PeerContext {
+        settings: PeerSettings {
+            local: LocalEnd {
+                ip: config.node_ip,
+                pod_cidrs: config.pod_cidrs.clone(),
+            },
+            rekey_interval: config.rekey_interval,
+            grace: config.rekey_grace,
+            retention: config.peer_retention,
+            strict: config.strict_mode,
+        },
+        xfrm: xfrm.clone(),
+        datapath: datapath.clone(),
+        handshake: handshake_rx.clone(),
+        generation: generation_rx,
+        metrics: Arc::clone(&metrics),
+        cancel: cancel.clone(),
+    };
+    tracker.spawn(crate::server::serve(
+        listener,
+        Arc::clone(&registry),
+        handshake_rx,
+        Arc::clone(&metrics),
+        tracker.clone(),
+        cancel.child_token(),
+    ));
+
+    let agent = Arc::new(Agent {
+        node,
+        trust_domain,
+        config,
+        store,
+        registry,
+        peer_ctx,
+        trust,
+        generation_tx,
+        svid: svid_rx,
+        metrics,
+        xfrm,
+        datapath,
+        tracker: tracker.clone(),
+        cancel: cancel.clone(),
+    });
+    tracker.spawn(crate::status::serve(
+        status_listener,
+        Arc::clone(&agent) as Arc<dyn StatusSource>,
+        cancel.child_token(),
+    ));
+    tracker.spawn(renew_identity(
+        Arc::clone(&agent),
+        source,
+        obtained,
+        handshake_tx,
+        svid_tx,
+    ));
+    tracker.spawn(housekeeping(Arc::clone(&agent)));
+    info!(node = %agent.node, "agent ready");
+    agent.watch_store().await;
+
+    // Shutdown: stop everything, leave kernel state in place.
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("tasks still running at the shutdown deadline; exiting anyway");
+    }
+    info!("agent stopped; SAs and datapath left in place");
+    Ok(())
+}
+
+async fn obtain_until_cancelled(
+    source: &IdentitySource,
+    td: &TrustDomain,
+    node: &NodeName,
+    renew: bool,
+    cancel: &CancellationToken,
+) -> Option<Obtained> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match source.obtain(td, node, renew).await {
+            Ok(o) => return Some(o),
+            Err(e) => {
+                warn!(error = %error_chain(&e), retry_in = ?delay, "cannot obtain the node identity yet")
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+fn install_identity(
+    trust: &TrustStore,
+    obtained: &Obtained,
+    handshake_tx: &watch::Sender<Option<HandshakeConfig>>,
+    svid_tx: &watch::Sender<Option<(SpiffeId, SystemTime)>>,
+) -> Result<()> {
+    let config =
+        HandshakeConfig::new(trust.clone(), &obtained.identity).context("handshake config")?;
+    handshake_tx.send_replace(Some(config));
+    let info = obtained.identity.info();
+    svid_tx.send_replace(Some((info.spiffe_id.clone(), info.not_after)));
+    Ok(())
+}
+
+/// Renews the SVID at its (jittered) half-life; handshakes in flight keep the old one.
+async fn renew_identity(
+    agent: Arc<Agent>,
+    source: IdentitySource,
+    mut current: Obtained,
+    handshake_tx: watch::Sender<Option<HandshakeConfig>>,
+    svid_tx: watch::Sender<Option<(SpiffeId, SystemTime)>>,
+) {
+    if matches!(source, IdentitySource::Files { .. }) {
+        return;
+    }
+    loop {
+        let at = current.identity.info().renew_at();
+        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::select! {
+            () = agent.cancel.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let Some(next) = obtain_until_cancelled(
+            &source,
+            &agent.trust_domain,
+            &agent.node,
+            true,
+            &agent.cancel,
+        )
+        .await
+        else {
+            return;
+        };
+        match install_identity(&agent.trust, &next, &handshake_tx, &svid_tx) {
+            Ok(()) => {
+                info!(spiffe_id = %next.identity.info().spiffe_id, "node SVID renewed");
+                current = next;
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "renewed SVID unusable; keeping the current one")
+            }
+        }
+    }
+}
+
+/// Pod interfaces, status publication for `keys rotate --wait`, metrics.
+async fn housekeeping(agent: Arc<Agent>) {
+    let mut last_published: Option<(u64, BTreeMap<store::NodeName, store::PeerStatus>)> = None;
+    let mut last_publish_at = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = agent.cancel.cancelled() => return,
+            () = tokio::time::sleep(TICK) => {}
+        }
+        if let Err(e) = agent.datapath.sync_pod_interfaces() {
+            warn!(error = %error_chain(&e), "syncing pod interfaces");
+        }
+        let peers = agent.registry.all();
+        let mut applied = BTreeMap::new();
+        let mut established = 0;
+        for (_, name, handle) in &peers {
+            let Ok(s) = handle.status.lock() else {
+                continue;
+            };
+            if s.state == PeerState::Established {
+                established += 1;
+            }
+            if let (Some(epoch), Some(generation), Ok(n)) =
+                (s.epoch, s.generation, store::NodeName::new(name.as_str()))
+            {
+                applied.insert(n, store::PeerStatus { epoch, generation });
+            }
+        }
+        agent.metrics.set_peers(peers.len(), established);
+        let generation = *agent.generation_tx.borrow();
+        let now = (generation, applied);
+        if last_published.as_ref() != Some(&now)
+            || last_publish_at.elapsed() > Duration::from_secs(30)
+        {
+            let Ok(node) = store::NodeName::new(agent.node.as_str()) else {
+                continue;
+            };
+            let record = store::NodeStatus {
+                node,
+                reported_at: SystemTime::now(),
+                generation: now.0,
+                peers: now.1.clone(),
+            };
+            match agent.store.put(&record).await {
+                Ok(()) => {
+                    last_published = Some(now);
+                    last_publish_at = std::time::Instant::now();
+                }
+                Err(e) => warn!(error = %e, "publishing node status"),
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// Follows the store: peers come and go, revocations, rotation requests, bundle updates.
+    /// During a store outage nothing changes in the datapath; the resync afterwards catches up.
+    async fn watch_store(self: &Arc<Self>) {
+        let mut events = self.store.watch(&[
+            Kind::Node,
+            Kind::Revocation,
+            Kind::RekeyGeneration,
+            Kind::TrustBundle,
+        ]);
+        loop {
+            let event = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                e = events.next() => e,
+            };
+            let Some(event) = event else { return };
+            match event {
+                Event::Snapshot(snapshot) | Event::Resynced(snapshot) => {
+                    self.resync(snapshot.records).await
+                }
+                Event::Put(record) => self.apply(record).await,
+                Event::Deleted(key) => {
+                    if key.kind() == Kind::Node {
+                        if let Some(name) = key.node() {
+                            self.remove_peer_named(name.as_str(), "node record deleted")
+                                .await;
+                        }
+                    }
+                }
+                Event::Interrupted(e) => {
+                    warn!(error = %e, "cluster store unavailable; keeping the datapath as it is")
+                }
+                Event::Invalid(e) => warn!(error = %e, "ignoring invalid store record"),
+            }
+        }
+    }
+
+    async fn resync(self: &Arc<Self>, records: Vec<Record>) {
+        let mut nodes = Vec::new();
+        let mut others = Vec::new();
+        for r in records {
+            match r {
+                Record::Node(n) => nodes.push(n),
+                other => others.push(other),
+            }
+        }
+        // Revocations and the bundle first, so that no revoked node is (re)started below.
+        for r in others {
+            self.apply(r).await;
+        }
+        let listed: Vec<String> = nodes.iter().map(|n| n.name.as_str().to_owned()).collect();
+        for (_, name, _) in self.registry.all() {
+            if !listed.iter().any(|l| l == name.as_str()) {
+                self.remove_peer_named(name.as_str(), "node record gone")
+                    .await;
+            }
+        }
+        for n in nodes {
+            self.apply(Record::Node(n)).await;
+        }
+    }
+
+    async fn apply(self: &Arc<Self>, record: Record) {
+        match record {
+            Record::Node(n) => self.upsert_peer(n).await,
+            Record::Revocation(r) => {
+                let node = r.node.as_str().to_owned();
+                match &r.serial {
+                    None => {
+                        if let Ok(name) = NodeName::new(&node) {
+                            self.trust.revoke_id(self.trust_domain.node_id(&name));
+                        }
+                        self.remove_peer_named(&node, "revoked").await;
+                    }
+                    Some(serial) => {
+                        if let Ok(bytes) = hex::decode(serial.as_str()) {
+                            self.trust.revoke_serial(&bytes);
+                        }
+                    }
+                }
+            }
+            Record::RekeyGeneration(g) => {
+                self.generation_tx.send_if_modified(|current| {
+                    let changed = g.generation > *current;
+                    *current = (*current).max(g.generation);
+                    changed
+                });
+            }
+            Record::TrustBundle(b) => {
+                match TrustBundle::from_json(self.trust_domain.clone(), b.bundle.as_bytes()) {
+                    Ok(bundle) => {
+                        if let Err(e) = self.trust.set_bundle(bundle) {
+                            warn!(error = %e, "trust bundle update rejected; keeping the previous one");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "malformed trust bundle in the store; keeping the previous one")
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn upsert_peer(self: &Arc<Self>, record: NodeRecord) {
+        if record.name.as_str() == self.node.as_str() {
+            return;
+        }
+        let name = record.name.as_str().to_owned();
+        let info = match peer_info(&record, self.config.node_ip) {
+            Ok(info) => info,
+            Err(reason) => {
+                warn!(peer = %name, %reason, "ignoring unusable node record");
+                return;
+            }
+        };
+        if self.trust.is_revoked(&info.spiffe_id) {
+            return;
+        }
+        if let Some((_, handle)) = self.registry.lookup(info.ip) {
+            let _ = handle.commands.send(PeerCommand::Update(info)).await;
+            return;
+        }
+        let ip = info.ip;
+        match PeerTask::new(info.clone(), self.peer_ctx.clone()).await {
+            Ok((task, handle, commands)) => {
+                self.registry.insert(ip, info.name.clone(), handle.clone());
+                self.tracker
+                    .spawn(task.run(commands, handle.cancel.clone()));
+                info!(peer = %name, %ip, "peer added");
+            }
+            Err(e) => warn!(peer = %name, error = %error_chain(&e), "cannot set up peer"),
+        }
+    }
+
+    async fn remove_peer_named(&self, name: &str, reason: &str) {
+        for (ip, peer, handle) in self.registry.all() {
+            if peer.as_str() == name {
+                let _ = handle
+                    .commands
+                    .send(PeerCommand::Remove {
+                        reason: reason.to_owned(),
+                    })
+                    .await;
+                self.registry.remove(ip);
+            }
+        }
+    }
+}
+
+/// A node record as a peer, checked against this node's address family.
+fn peer_info(record: &NodeRecord, local_ip: IpAddr) -> Result<PeerInfo, String> {
+    let name = NodeName::new(record.name.as_str()).map_err(|e| e.to_string())?;
+    let spiffe_id = SpiffeId::new(record.spiffe_id.as_str()).map_err(|e| e.to_string())?;
+    let ip = record.handshake.ip();
+    if ip.is_ipv4() != local_ip.is_ipv4() {
+        return Err(format!("node IP {ip} is not of this node's family"));
+    }
+    let pod_cidrs = record
+        .pod_cidrs
+        .iter()
+        .filter(|c| c.addr().is_ipv4() == local_ip.is_ipv4())
+        .copied()
+        .collect();
+    Ok(PeerInfo {
+        name,
+        spiffe_id,
+        ip,
+        port: record.handshake.port(),
+        pod_cidrs,
+    })
+}
+
+#[async_trait::async_trait]
+impl StatusSource for Agent {
+    async fn snapshot(&self) -> NodeView {
+        let mut peers: Vec<_> = self
+            .registry
+            .all()
+            .into_iter()
+            .filter_map(|(_, _, h)| h.status.lock().ok().map(|s| s.clone()))
+            .collect();
+        // Traffic counters from the kernel's view of each peer's current states.
+        if let Ok(states) = self.xfrm.states().dump().execute().await {
+            let by_spi: HashMap<u32, (u64, u64)> = states
+                .iter()
+                .filter(|s| crate::sa::ownership().owns_state(s))
+                .map(|s| (s.spi, (s.stats.bytes, s.stats.packets)))
+                .collect();
+            for p in &mut peers {
+                let lookup = |spi: &Option<String>| {
+                    spi.as_deref()
+                        .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+                        .and_then(|spi| by_spi.get(&spi).copied())
+                        .unwrap_or_default()
+                };
+                (p.out_bytes, p.out_packets) = lookup(&p.out_spi);
+                (p.in_bytes, p.in_packets) = lookup(&p.in_spi);
+            }
+        }
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
+        let xfrm_errors: BTreeMap<String, u64> = XfrmStat::read("/proc/net/xfrm_stat")
+            .map(|s| {
+                s.counters()
+                    .into_iter()
+                    .filter(|(_, v)| *v > 0)
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let datapath_drops: BTreeMap<String, u64> = self
+            .datapath
+            .drop_counters()
+            .map(|all| {
+                all.into_iter()
+                    .filter(|(_, v)| *v > 0)
+                    .map(|(r, v)| (format!("{r:?}").to_lowercase(), v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (reason, count) in &datapath_drops {
+            self.metrics.set_datapath_drop(reason, *count);
+        }
+        for (reason, count) in &xfrm_errors {
+            self.metrics.set_xfrm_error(reason, *count);
+        }
+        let svid = self.svid.borrow().clone();
+        NodeView {
+            node: self.node.to_string(),
+            mode: "ipsec".into(),
+            strict: self.config.strict_mode,
+            spiffe_id: svid.as_ref().map(|(id, _)| id.to_string()),
+            svid_not_after_unix: svid
+                .and_then(|(_, t)| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+            generation: *self.generation_tx.borrow(),
+            peers,
+            xfrm_errors,
+            datapath_drops,
+        }
+    }
+}

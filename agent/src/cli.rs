@@ -1,0 +1,412 @@
+//! The `nodeseal` command line: CA set-up, the keymgr role, nodes, key rotation and status.
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage error (clap), 3 `keys rotate --wait` timed out.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use nodeseal_keymgr::{
+    ClusterCa, IssueOptions, NodeKey, NodeName, TrustDomain, create_csr, validate_csr,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DEFAULT_STATUS_SOCKET, StoreArgs};
+use crate::identity::{pem, write_secret};
+use crate::store::{self, CertificateRecord, NodeRecord, NodeStatus, Revocation, Store};
+
+/// Exit code of `keys rotate --wait` when not every node reached the generation in time.
+pub const EXIT_TIMEOUT: u8 = 3;
+
+/// nodeseal: identity-bound transparent encryption for cluster nodes.
+#[derive(Parser, Debug)]
+#[command(name = "nodeseal", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The cluster CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Run keymgr: publish the trust bundle and sign admitted nodes' CSRs.
+    #[command(subcommand)]
+    Keymgr(KeymgrCommand),
+    /// Nodes in the cluster store.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Key rotation.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// This node's (or the cluster's) encryption status.
+    Status(StatusArgs),
+    /// Print shell completions.
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Create a self-signed cluster CA (ECDSA P-256) in a directory (key file 0600).
+    Init {
+        /// Where to write `ca.crt` and `ca.key`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// CA validity.
+        #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Issue a node SVID directly from a CA directory (external PKI flows, air-gapped set-up).
+    Issue {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain of the CA.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Node name.
+        #[arg(long)]
+        node: String,
+        /// Where to write `node.crt`, `node.key` (0600) and `bundle.pem`.
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeymgrCommand {
+    /// Run until interrupted.
+    Run {
+        /// CA directory (`ca.crt`, `ca.key`).
+        #[arg(long, env = "NODESEAL_CA_DIR")]
+        ca_dir: PathBuf,
+        /// Trust domain.
+        #[arg(long, env = "NODESEAL_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        /// Lifetime of issued node SVIDs.
+        #[arg(long, env = "NODESEAL_SVID_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+        svid_ttl: Duration,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// List nodes with their addresses and revocation state.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a node: every peer removes its SAs and refuses its handshakes.
+    Revoke {
+        /// Node name.
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Ask every node to rekey every peer (make-before-break).
+    Rotate {
+        /// Wait until every node uses new keys with every peer; print how long it took.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (exit code 3).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct StatusArgs {
+    /// All nodes, from the status they publish in the store.
+    #[arg(long)]
+    cluster: bool,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    /// The agent's status socket.
+    #[arg(long, env = "NODESEAL_STATUS_SOCKET", default_value = DEFAULT_STATUS_SOCKET)]
+    socket: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+/// Runs the command line.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Ca(CaCommand::Init {
+            dir,
+            trust_domain,
+            ttl,
+        }) => {
+            let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
+            if dir.join("ca.key").exists() {
+                bail!(
+                    "{} already holds a CA; refusing to overwrite it",
+                    dir.display()
+                );
+            }
+            std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+            let ca = ClusterCa::generate(td, ttl).context("generating the CA")?;
+            ca.write_files(&dir).context("writing the CA")?;
+            println!("created CA for {trust_domain} in {}", dir.display());
+        }
+        Command::Ca(CaCommand::Issue {
+            dir,
+            trust_domain,
+            node,
+            out,
+            ttl,
+        }) => {
+            let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
+            let ca = ClusterCa::load_files(td.clone(), &dir).context("loading the CA")?;
+            let node = NodeName::new(&node).context("--node")?;
+            let key = NodeKey::generate().context("generating the node key")?;
+            let csr = create_csr(&key, &td, &node).context("creating the CSR")?;
+            let validated = validate_csr(csr.as_ref(), &td, &node).context("validating the CSR")?;
+            let chain = ca
+                .issue(&validated, &IssueOptions::with_ttl(ttl))
+                .context("issuing the SVID")?;
+            let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+            write_secret(&out.join("node.key"), key.to_pem().as_bytes())?;
+            write_secret(&out.join("node.crt"), chain_pem.as_bytes())?;
+            write_secret(
+                &out.join("bundle.pem"),
+                pem("CERTIFICATE", ca.trust_anchor()).as_bytes(),
+            )?;
+            println!("issued {} into {}", td.node_id(&node), out.display());
+        }
+        Command::Keymgr(KeymgrCommand::Run {
+            ca_dir,
+            trust_domain,
+            svid_ttl,
+            store,
+        }) => {
+            let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
+            let ca = ClusterCa::load_files(td, &ca_dir).context("loading the CA")?;
+            let store = store.open().await.context("opening the cluster store")?;
+            let cancel = CancellationToken::new();
+            let signal = crate::shutdown::on_signals(cancel.clone());
+            crate::signer::run(store, ca, IssueOptions::with_ttl(svid_ttl), cancel).await?;
+            signal.abort();
+        }
+        Command::Node(NodeCommand::List { store }) => {
+            let store = store.open().await?;
+            node_list(&store).await?;
+        }
+        Command::Node(NodeCommand::Revoke { name, store }) => {
+            let store = store.open().await?;
+            let node = store::NodeName::new(name.clone()).context("node name")?;
+            store
+                .put(&Revocation {
+                    node,
+                    serial: None,
+                    revoked_at: SystemTime::now(),
+                })
+                .await?;
+            println!("revoked {name}");
+        }
+        Command::Keys(KeysCommand::Rotate {
+            wait,
+            timeout,
+            store,
+        }) => {
+            let store = store.open().await?;
+            return rotate(&store, wait, timeout).await;
+        }
+        Command::Status(args) => return status(args).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "nodeseal", &mut std::io::stdout());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn node_list(store: &Store) -> Result<()> {
+    let nodes = store.list::<NodeRecord>().await?;
+    let revoked = store.list::<Revocation>().await?;
+    let certs = store.list::<CertificateRecord>().await?;
+    println!(
+        "{:<20} {:<16} {:<20} {:<9} {}",
+        "NODE", "IP", "POD CIDRS", "REVOKED", "CERTIFICATE"
+    );
+    for n in &nodes.records {
+        let is_revoked = revoked
+            .records
+            .iter()
+            .any(|r| r.node == n.name && r.serial.is_none());
+        let cert = certs
+            .records
+            .iter()
+            .find(|c| c.node == n.name)
+            .and_then(|c| nodeseal_keymgr::svid::certs_from_pem(c.chain_pem.as_bytes()).ok())
+            .and_then(|chain| {
+                chain
+                    .first()
+                    .and_then(|leaf| nodeseal_keymgr::SvidInfo::parse(leaf).ok())
+            })
+            .map_or_else(
+                || "-".to_owned(),
+                |info| {
+                    format!(
+                        "expires {}",
+                        humantime::format_rfc3339_seconds(info.not_after)
+                    )
+                },
+            );
+        let cidrs: Vec<String> = n.pod_cidrs.iter().map(ToString::to_string).collect();
+        println!(
+            "{:<20} {:<16} {:<20} {:<9} {}",
+            n.name.as_str(),
+            n.handshake.ip().to_string(),
+            cidrs.join(","),
+            if is_revoked { "yes" } else { "no" },
+            cert
+        );
+    }
+    for bad in &nodes.invalid {
+        eprintln!("invalid record: {bad}");
+    }
+    Ok(())
+}
+
+/// Bumps the generation; with `wait`, polls the published node status until every live node
+/// reports every other live node at the new generation.
+async fn rotate(store: &Store, wait: bool, timeout: Duration) -> Result<ExitCode> {
+    let started = Instant::now();
+    let target = store
+        .bump_rekey_generation()
+        .await
+        .context("requesting the rotation")?;
+    println!("requested key rotation generation {target}");
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        let pending = rotation_pending(store, target).await?;
+        if pending.is_empty() {
+            println!(
+                "all nodes rekeyed to generation {target} in {:.3}s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if started.elapsed() >= timeout {
+            eprintln!("timed out after {timeout:?}; still waiting for:");
+            for p in pending {
+                eprintln!("  {p}");
+            }
+            return Ok(ExitCode::from(EXIT_TIMEOUT));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// "node → peer" pairs that have not reached `target`.
+async fn rotation_pending(store: &Store, target: u64) -> Result<Vec<String>> {
+    let revoked: Vec<String> = store
+        .list::<Revocation>()
+        .await?
+        .records
+        .into_iter()
+        .filter(|r| r.serial.is_none())
+        .map(|r| r.node.as_str().to_owned())
+        .collect();
+    let nodes: Vec<String> = store
+        .list::<NodeRecord>()
+        .await?
+        .records
+        .into_iter()
+        .map(|n| n.name.as_str().to_owned())
+        .filter(|n| !revoked.contains(n))
+        .collect();
+    let statuses: BTreeMap<String, NodeStatus> = store
+        .list::<NodeStatus>()
+        .await?
+        .records
+        .into_iter()
+        .map(|s| (s.node.as_str().to_owned(), s))
+        .collect();
+    let mut pending = Vec::new();
+    for node in &nodes {
+        for peer in nodes.iter().filter(|p| *p != node) {
+            let reached = statuses.get(node).is_some_and(|s| {
+                s.peers
+                    .iter()
+                    .any(|(name, p)| name.as_str() == peer && p.generation >= target)
+            });
+            if !reached {
+                pending.push(format!("{node} -> {peer}"));
+            }
+        }
+    }
+    Ok(pending)
+}
+
+async fn status(args: StatusArgs) -> Result<ExitCode> {
+    if args.cluster {
+        let store = args.store.open().await?;
+        let statuses = store.list::<NodeStatus>().await?;
+        match args.output {
+            Format::Json => {
+                let all: BTreeMap<&str, &NodeStatus> = statuses
+                    .records
+                    .iter()
+                    .map(|s| (s.node.as_str(), s))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            }
+            Format::Text => {
+                println!(
+                    "{:<20} {:>10} {:<20} {:>14}  {}",
+                    "NODE", "GENERATION", "PEER", "EPOCH", "REPORTED"
+                );
+                for s in &statuses.records {
+                    for (peer, p) in &s.peers {
+                        println!(
+                            "{:<20} {:>10} {:<20} {:>14}  {}",
+                            s.node.as_str(),
+                            p.generation,
+                            peer.as_str(),
+                            format!("{}.{}", p.epoch >> 32, p.epoch & 0xffff_ffff),
+                            humantime::format_rfc3339_seconds(s.reported_at)
+                        );
+                    }
+                }
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let view = crate::status::fetch(&args.socket).await?;
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        Format::Text => print!("{}", crate::status::render(&view)),
+    }
+    Ok(ExitCode::SUCCESS)
+}

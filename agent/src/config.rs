@@ -1,0 +1,164 @@
+//! Configuration: the only code that reads flags or the environment. Every setting is a
+//! `--kebab-case` flag and a `NODESEAL_SCREAMING_CASE` variable; the Helm chart sets the
+//! variables (table in `deploy/README.md`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::store::{DirOptions, DirStore, EtcdOptions, EtcdStore, Store, StoreError};
+
+/// Default TCP port of the key-agreement handshake.
+pub const DEFAULT_HANDSHAKE_PORT: u16 = 4250;
+/// Default location of the embedded store.
+pub const DEFAULT_STORE_DIR: &str = "/var/lib/nodeseal/store";
+/// Default Unix socket of the status API.
+pub const DEFAULT_STATUS_SOCKET: &str = "/run/nodeseal/agent.sock";
+
+/// Where the cluster state lives (shared by the agent, keymgr and the CLI).
+#[derive(Args, Clone, Debug, Serialize)]
+pub struct StoreArgs {
+    /// Directory of the embedded store (single host; several agents may share it).
+    #[arg(long, env = "NODESEAL_STORE_DIR", default_value = DEFAULT_STORE_DIR)]
+    pub store_dir: PathBuf,
+    /// etcd endpoints (comma-separated URLs); when set, etcd is used instead of the directory.
+    #[arg(long, env = "NODESEAL_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+}
+
+impl StoreArgs {
+    /// Opens the configured backend.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the directory cannot be created or etcd cannot be reached.
+    pub async fn open(&self) -> Result<Store, StoreError> {
+        if self.etcd_endpoints.is_empty() {
+            Ok(Store::new(
+                DirStore::open(&self.store_dir, DirOptions::default()).await?,
+            ))
+        } else {
+            Ok(Store::new(
+                EtcdStore::connect(EtcdOptions::new(self.etcd_endpoints.iter().cloned())).await?,
+            ))
+        }
+    }
+}
+
+/// `nodeseal-agent` settings.
+#[derive(Args, Clone, Debug, Serialize)]
+pub struct AgentConfig {
+    /// This node's name (DNS-1123); its SPIFFE ID is `spiffe://<trust domain>/node/<name>`.
+    #[arg(long, env = "NODESEAL_NODE_NAME")]
+    pub node_name: String,
+    /// This node's IP: tunnel endpoint and handshake address.
+    #[arg(long, env = "NODESEAL_NODE_IP")]
+    pub node_ip: IpAddr,
+    /// This node's pod CIDRs (comma-separated).
+    #[arg(
+        long = "pod-cidr",
+        env = "NODESEAL_POD_CIDRS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub pod_cidrs: Vec<IpNet>,
+    /// Trust domain of the cluster.
+    #[arg(long, env = "NODESEAL_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// The node's uplink, where ESP arrives.
+    #[arg(long, env = "NODESEAL_UPLINK", default_value = "eth0")]
+    pub uplink: String,
+    /// Host-side pod interfaces start with this.
+    #[arg(long, env = "NODESEAL_POD_INTERFACE_PREFIX", default_value = "lxc")]
+    pub pod_interface_prefix: String,
+    /// TCP port of the key-agreement handshake.
+    #[arg(long, env = "NODESEAL_HANDSHAKE_PORT", default_value_t = DEFAULT_HANDSHAKE_PORT)]
+    pub handshake_port: u16,
+    /// Rekey every peer this often.
+    #[arg(long, env = "NODESEAL_REKEY_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub rekey_interval: Duration,
+    /// Keep the previous keys this long after switching (packets in flight still decrypt).
+    #[arg(long, env = "NODESEAL_REKEY_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub rekey_grace: Duration,
+    /// Remove a peer's SAs when no handshake with it succeeded for this long.
+    #[arg(long, env = "NODESEAL_PEER_RETENTION", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub peer_retention: Duration,
+    /// Drop traffic to and from remote pods that has no SA instead of sending it in clear.
+    #[arg(long, env = "NODESEAL_STRICT_MODE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub strict_mode: bool,
+    /// bpffs directory for this agent's pinned maps and links.
+    #[arg(
+        long,
+        env = "NODESEAL_BPF_PIN_ROOT",
+        default_value = "/sys/fs/bpf/nodeseal"
+    )]
+    pub bpf_pin_root: PathBuf,
+    /// Directory for the node's private key and certificate (0600 files).
+    #[arg(
+        long,
+        env = "NODESEAL_STATE_DIR",
+        default_value = "/var/lib/nodeseal/node"
+    )]
+    pub state_dir: PathBuf,
+    /// Status API socket.
+    #[arg(long, env = "NODESEAL_STATUS_SOCKET", default_value = DEFAULT_STATUS_SOCKET)]
+    pub status_socket: PathBuf,
+    /// Serve Prometheus metrics here.
+    #[arg(long, env = "NODESEAL_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Use this certificate chain (PEM) instead of the keymgr CSR flow (external PKI).
+    #[arg(long, env = "NODESEAL_IDENTITY_CERT", requires_all = ["identity_key", "trust_bundle_file"])]
+    pub identity_cert: Option<PathBuf>,
+    /// Private key (PEM) for `--identity-cert`.
+    #[arg(long, env = "NODESEAL_IDENTITY_KEY")]
+    pub identity_key: Option<PathBuf>,
+    /// Trust anchors (PEM) for `--identity-cert`.
+    #[arg(long, env = "NODESEAL_TRUST_BUNDLE_FILE")]
+    pub trust_bundle_file: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "NODESEAL_LOG_JSON")]
+    pub log_json: bool,
+    #[command(flatten)]
+    /// The cluster store.
+    pub store: StoreArgs,
+}
+
+impl AgentConfig {
+    /// A configuration for tests: names and addresses given, everything else defaulted, state
+    /// under `dir`.
+    #[cfg(any(test, feature = "testing"))]
+    #[must_use]
+    pub fn for_test(node: &str, ip: IpAddr, pod_cidr: IpNet, dir: &std::path::Path) -> Self {
+        Self {
+            node_name: node.to_owned(),
+            node_ip: ip,
+            pod_cidrs: vec![pod_cidr],
+            trust_domain: "cluster.local".into(),
+            uplink: "eth0".into(),
+            pod_interface_prefix: "lxc".into(),
+            handshake_port: DEFAULT_HANDSHAKE_PORT,
+            rekey_interval: Duration::from_secs(3600),
+            rekey_grace: Duration::from_secs(2),
+            peer_retention: Duration::from_secs(600),
+            strict_mode: true,
+            bpf_pin_root: dir.join("bpf"),
+            state_dir: dir.join("node"),
+            status_socket: dir.join("agent.sock"),
+            metrics_addr: None,
+            identity_cert: None,
+            identity_key: None,
+            trust_bundle_file: None,
+            log_json: false,
+            store: StoreArgs {
+                store_dir: dir.join("store"),
+                etcd_endpoints: Vec::new(),
+            },
+        }
+    }
+}

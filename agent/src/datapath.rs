@@ -1,0 +1,353 @@
+//! The agent's view of the eBPF datapath: which interfaces carry which program, and what the
+//! nodes, peer-slot and ipcache maps say about each peer.
+//!
+//! Map writes are single syscalls, so they run inline under a `std` mutex that is never held
+//! across an `.await`. Maps are pinned (`bpf/loader`), so a restarted agent finds the previous
+//! agent's node ids and slots and traffic keeps its keys until the new agent flips them.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ipnet::IpNet;
+use nodeseal_bpf::{
+    Attachment, Datapath, DatapathConfig, DropReason, Enforcement, Location, Mode, NodeId, Prefix,
+    identity,
+};
+use tracing::{debug, info, warn};
+
+use crate::sa::KeySlot;
+
+/// Errors of the datapath wiring.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// Loading or verifying the programs failed.
+    #[error("loading the eBPF datapath from {pin_root}")]
+    Load {
+        /// Pin root used.
+        pin_root: PathBuf,
+        /// Cause.
+        #[source]
+        source: nodeseal_bpf::LoadError,
+    },
+    /// Attaching a program failed.
+    #[error("attaching {attachment:?} to {ifname}")]
+    Attach {
+        /// What.
+        attachment: Attachment,
+        /// Where.
+        ifname: String,
+        /// Cause.
+        #[source]
+        source: nodeseal_bpf::AttachError,
+    },
+    /// A map operation failed.
+    #[error("updating eBPF map for {what}")]
+    Map {
+        /// What was being written.
+        what: String,
+        /// Cause.
+        #[source]
+        source: nodeseal_bpf::MapError,
+    },
+    /// Every 16-bit node id is taken.
+    #[error("no free node id left")]
+    NodeIdsExhausted,
+    /// Listing interfaces failed.
+    #[error("listing network interfaces")]
+    Interfaces(#[source] std::io::Error),
+    /// The mutex was poisoned by a panic elsewhere (our bug).
+    #[error("BUG: datapath lock poisoned")]
+    Poisoned,
+}
+
+/// Settings the datapath is loaded with.
+#[derive(Clone, Debug)]
+pub struct DatapathSettings {
+    /// bpffs directory for this agent's maps and links.
+    pub pin_root: PathBuf,
+    /// The node's uplink (ESP and peer traffic arrive here).
+    pub uplink: String,
+    /// Host-side pod veths start with this.
+    pub pod_interface_prefix: String,
+    /// Drop instead of sending in clear / accepting clear.
+    pub strict: bool,
+    /// This node's pod CIDRs.
+    pub local_pod_cidrs: Vec<IpNet>,
+}
+
+struct Inner {
+    dp: Datapath,
+    attached_pods: BTreeSet<String>,
+    used_ids: BTreeSet<u16>,
+}
+
+/// Cheap-clone handle to the loaded datapath.
+#[derive(Clone)]
+pub struct DatapathHandle {
+    inner: Arc<Mutex<Inner>>,
+    settings: Arc<DatapathSettings>,
+}
+
+impl std::fmt::Debug for DatapathHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathHandle")
+            .field("pin_root", &self.settings.pin_root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(what: impl Into<String>) -> impl FnOnce(nodeseal_bpf::MapError) -> DatapathError {
+    let what = what.into();
+    move |source| DatapathError::Map { what, source }
+}
+
+impl DatapathHandle {
+    /// Loads (or reopens, after a restart) the datapath, writes its config and the local pod
+    /// CIDRs, and attaches `from_network` to the uplink.
+    ///
+    /// # Errors
+    /// [`DatapathError`] naming the step.
+    pub fn load(settings: DatapathSettings) -> Result<Self, DatapathError> {
+        let mut dp = Datapath::load(&settings.pin_root).map_err(|source| DatapathError::Load {
+            pin_root: settings.pin_root.clone(),
+            source,
+        })?;
+        dp.config
+            .set(DatapathConfig {
+                mode: Mode::Ipsec,
+                local_node: None,
+                strict_egress: settings.strict,
+                strict_ingress: settings.strict,
+                node_encryption: false,
+                trace: false,
+            })
+            .map_err(map_err("config"))?;
+        for cidr in &settings.local_pod_cidrs {
+            dp.ipcache
+                .insert(prefix(*cidr)?, identity::FIRST_WORKLOAD, Location::LocalPod)
+                .map_err(map_err(format!("local pod CIDR {cidr}")))?;
+        }
+        dp.attach(Attachment::FromNetwork, &settings.uplink)
+            .map_err(|source| DatapathError::Attach {
+                attachment: Attachment::FromNetwork,
+                ifname: settings.uplink.clone(),
+                source,
+            })?;
+        info!(uplink = %settings.uplink, pin_root = %settings.pin_root.display(), "eBPF datapath attached");
+        Ok(Self {
+            inner: Arc::new(Mutex::new(Inner {
+                dp,
+                attached_pods: BTreeSet::new(),
+                used_ids: BTreeSet::new(),
+            })),
+            settings: Arc::new(settings),
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, DatapathError> {
+        self.inner.lock().map_err(|_| DatapathError::Poisoned)
+    }
+
+    /// Attaches `from_pod`/`to_pod` to pod interfaces that appeared and registers them as
+    /// endpoints; forgets the ones that went away. Returns how many were attached now.
+    ///
+    /// # Errors
+    /// [`DatapathError`]; an interface that vanished meanwhile is skipped.
+    pub fn sync_pod_interfaces(&self) -> Result<usize, DatapathError> {
+        let present = list_interfaces(&self.settings.pod_interface_prefix)?;
+        let mut inner = self.lock()?;
+        let mut attached = 0;
+        for (ifname, ifindex) in &present {
+            if inner.attached_pods.contains(ifname) {
+                continue;
+            }
+            for attachment in [Attachment::FromPod, Attachment::ToPod] {
+                if let Err(source) = inner.dp.attach(attachment, ifname) {
+                    warn!(ifname, error = %source, "cannot attach to pod interface");
+                    continue;
+                }
+            }
+            inner
+                .dp
+                .endpoints
+                .insert(*ifindex, identity::FIRST_WORKLOAD, Enforcement::default())
+                .map_err(map_err(format!("endpoint {ifname}")))?;
+            inner.attached_pods.insert(ifname.clone());
+            attached += 1;
+            debug!(ifname, ifindex, "pod interface attached");
+        }
+        inner
+            .attached_pods
+            .retain(|name| present.iter().any(|(n, _)| n == name));
+        Ok(attached)
+    }
+
+    /// The node id for the peer at `ip`: the one a previous agent pinned, else one derived from
+    /// the address (the low 16 bits of an IPv4 address), probing upwards past ids in use. The
+    /// derivation makes a restarted agent pick the same ids as its predecessor even for peers it
+    /// meets in another order.
+    ///
+    /// # Errors
+    /// [`DatapathError::NodeIdsExhausted`] or a map error.
+    pub fn node_id(&self, ip: IpAddr) -> Result<NodeId, DatapathError> {
+        let mut inner = self.lock()?;
+        if let Some(id) = inner
+            .dp
+            .nodes
+            .get(ip)
+            .map_err(map_err(format!("node {ip}")))?
+        {
+            inner.used_ids.insert(id.0);
+            return Ok(id);
+        }
+        let preferred = match ip {
+            IpAddr::V4(v4) => u32::from(v4) & 0xffff,
+            IpAddr::V6(v6) => (u128::from(v6) & 0xffff) as u32,
+        };
+        let free = (0..0x1_0000u32)
+            .map(|i| ((preferred + i) & 0xffff) as u16)
+            .find(|id| *id != 0 && !inner.used_ids.contains(id))
+            .ok_or(DatapathError::NodeIdsExhausted)?;
+        inner.used_ids.insert(free);
+        Ok(NodeId(free))
+    }
+
+    /// Publishes a peer's pod CIDRs: traffic to them is encrypted for it (or, in strict mode,
+    /// dropped while it has no key slot) and plaintext from them is refused in strict mode.
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`].
+    pub fn set_peer_routes(&self, id: NodeId, pod_cidrs: &[IpNet]) -> Result<(), DatapathError> {
+        let mut inner = self.lock()?;
+        for cidr in pod_cidrs {
+            inner
+                .dp
+                .ipcache
+                .insert(
+                    prefix(*cidr)?,
+                    identity::FIRST_WORKLOAD,
+                    Location::RemotePod(id),
+                )
+                .map_err(map_err(format!("pod CIDR {cidr}")))?;
+        }
+        Ok(())
+    }
+
+    /// Admits the peer's node IP once it has authenticated: ESP from it is accepted from then on
+    /// (before that it is dropped as from an unknown node).
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`].
+    pub fn admit_node(&self, id: NodeId, ip: IpAddr) -> Result<(), DatapathError> {
+        let mut inner = self.lock()?;
+        inner
+            .dp
+            .nodes
+            .insert(ip, id)
+            .map_err(map_err(format!("node {ip}")))?;
+        inner
+            .dp
+            .ipcache
+            .insert(
+                Prefix::host(ip),
+                identity::REMOTE_NODE,
+                Location::RemoteNode(id),
+            )
+            .map_err(map_err(format!("node IP {ip}")))
+    }
+
+    /// Switches traffic to the peer to `slot` (one map write), or marks it not ready.
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`].
+    pub fn set_slot(&self, id: NodeId, slot: Option<KeySlot>) -> Result<(), DatapathError> {
+        self.lock()?
+            .dp
+            .peer_slots
+            .set(id, slot.map(KeySlot::get))
+            .map_err(map_err(format!("slot of node {}", id.0)))
+    }
+
+    /// The slot the datapath uses for the peer now (a previous agent's, after a restart).
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`].
+    pub fn slot(&self, id: NodeId) -> Result<Option<KeySlot>, DatapathError> {
+        let slot = self
+            .lock()?
+            .dp
+            .peer_slots
+            .get(id)
+            .map_err(map_err(format!("slot of node {}", id.0)))?;
+        Ok(slot.and_then(KeySlot::new))
+    }
+
+    /// Removes a peer: its ESP is dropped as from an unknown node, and its pods count as
+    /// outside the fabric.
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`] (entries already gone are fine).
+    pub fn remove_peer(
+        &self,
+        id: NodeId,
+        ip: IpAddr,
+        pod_cidrs: &[IpNet],
+    ) -> Result<(), DatapathError> {
+        let mut inner = self.lock()?;
+        let _ = inner.dp.peer_slots.set(id, None);
+        let _ = inner.dp.nodes.remove(ip);
+        let _ = inner.dp.ipcache.remove(Prefix::host(ip));
+        for cidr in pod_cidrs {
+            let _ = inner.dp.ipcache.remove(prefix(*cidr)?);
+        }
+        inner.used_ids.remove(&id.0);
+        Ok(())
+    }
+
+    /// Drop counters by reason.
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`].
+    pub fn drop_counters(&self) -> Result<Vec<(DropReason, u64)>, DatapathError> {
+        self.lock()?
+            .dp
+            .counters
+            .all()
+            .map_err(map_err("drop counters"))
+    }
+}
+
+fn prefix(cidr: IpNet) -> Result<Prefix, DatapathError> {
+    Prefix::new(cidr.network(), cidr.prefix_len()).map_err(map_err(format!("prefix {cidr}")))
+}
+
+/// Interfaces of this network namespace whose name starts with `prefix`, with their ifindex.
+/// (`if_nameindex(3)` asks the kernel through a socket of the caller's namespace; sysfs would
+/// show the namespace of whoever mounted it.)
+fn list_interfaces(prefix: &str) -> Result<Vec<(String, u32)>, DatapathError> {
+    // SAFETY: if_nameindex returns a heap array terminated by a zero entry, or null on error.
+    let head = unsafe { libc::if_nameindex() };
+    if head.is_null() {
+        return Err(DatapathError::Interfaces(std::io::Error::last_os_error()));
+    }
+    let mut found = Vec::new();
+    let mut cursor = head;
+    // SAFETY: every entry up to the terminating one (index 0, null name) is valid, and names are
+    // NUL-terminated; the array is freed once, after the last read.
+    unsafe {
+        while (*cursor).if_index != 0 && !(*cursor).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*cursor).if_name)
+                .to_string_lossy()
+                .into_owned();
+            if name.starts_with(prefix) {
+                found.push((name, (*cursor).if_index));
+            }
+            cursor = cursor.add(1);
+        }
+        libc::if_freenameindex(head);
+    }
+    found.sort();
+    Ok(found)
+}

@@ -1,0 +1,241 @@
+//! The node's identity: its private key (generated here, never leaving the node, kept 0600 in the
+//! state directory), its X.509-SVID obtained through the keymgr CSR flow (or given as files), and
+//! the trust bundle. Renewed at half-life; a failed renewal keeps the still-valid SVID.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use nodeseal_keymgr::svid::certs_from_pem;
+use nodeseal_keymgr::{NodeIdentity, NodeKey, NodeName, TrustBundle, TrustDomain, create_csr};
+use tracing::{info, warn};
+use zeroize::Zeroizing;
+
+use crate::store::{self, CertificateRecord, CsrRecord, Store};
+
+/// How often the store is polled for the signed certificate.
+const CERT_POLL: Duration = Duration::from_millis(250);
+
+/// Errors obtaining the identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Reading or writing a file in the state directory failed.
+    #[error("{path}")]
+    File {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key, certificate or bundle did not parse or match.
+    #[error("{what}")]
+    Invalid {
+        /// What was wrong.
+        what: String,
+    },
+    /// The store failed.
+    #[error("cluster store")]
+    Store(#[from] store::StoreError),
+    /// keymgr did not sign in time.
+    #[error(
+        "no certificate from keymgr after {0:?} (is `nodeseal keymgr run` up, and the node admitted?)"
+    )]
+    NotSigned(Duration),
+}
+
+fn invalid(what: impl std::fmt::Display) -> IdentityError {
+    IdentityError::Invalid {
+        what: what.to_string(),
+    }
+}
+
+/// Where the identity comes from.
+#[derive(Clone, Debug)]
+pub enum IdentitySource {
+    /// The keymgr CSR flow through the cluster store.
+    Keymgr {
+        /// The store.
+        store: Store,
+        /// Where the key and certificate are kept.
+        state_dir: PathBuf,
+        /// How long to wait for keymgr per attempt.
+        sign_timeout: Duration,
+    },
+    /// Files written by an external PKI.
+    Files {
+        /// Certificate chain (PEM).
+        cert: PathBuf,
+        /// Private key (PEM).
+        key: PathBuf,
+        /// Trust anchors (PEM).
+        bundle: PathBuf,
+    },
+}
+
+/// An identity with its trust bundle.
+pub struct Obtained {
+    /// The SVID and key.
+    pub identity: NodeIdentity,
+    /// Trust anchors.
+    pub bundle: TrustBundle,
+}
+
+impl IdentitySource {
+    /// Obtains a valid identity: the stored one if it is still before its renewal time
+    /// (`fresh_only` = false) or not expired, otherwise a new one.
+    ///
+    /// # Errors
+    /// [`IdentityError`].
+    pub async fn obtain(
+        &self,
+        td: &TrustDomain,
+        node: &NodeName,
+        renew: bool,
+    ) -> Result<Obtained, IdentityError> {
+        match self {
+            Self::Files { cert, key, bundle } => {
+                let chain = certs_from_pem(&read(cert)?)
+                    .map_err(|e| invalid(format!("{}: {e}", cert.display())))?;
+                let key = NodeKey::from_pem(&read(key)?)
+                    .map_err(|e| invalid(format!("{}: {e}", key.display())))?;
+                let identity = NodeIdentity::new(chain, key)
+                    .map_err(|e| invalid(format!("{}: {e}", cert.display())))?;
+                let anchors = certs_from_pem(&read(bundle)?)
+                    .map_err(|e| invalid(format!("{}: {e}", bundle.display())))?;
+                Ok(Obtained {
+                    identity,
+                    bundle: TrustBundle::new(td.clone(), anchors),
+                })
+            }
+            Self::Keymgr {
+                store,
+                state_dir,
+                sign_timeout,
+            } => {
+                let bundle = fetch_bundle(store, td).await?;
+                let key_path = state_dir.join("node.key");
+                let cert_path = state_dir.join("node.crt");
+                if !renew {
+                    if let Some(identity) = stored_identity(&key_path, &cert_path) {
+                        info!(spiffe_id = %identity.info().spiffe_id, "using stored node SVID");
+                        return Ok(Obtained { identity, bundle });
+                    }
+                }
+                // A new key for every certificate: a leaked key dies with its certificate.
+                let key = NodeKey::generate()
+                    .map_err(|e| invalid(format!("generating node key: {e}")))?;
+                let identity = request_certificate(store, td, node, key, *sign_timeout).await?;
+                write_secret(&key_path, identity.key().to_pem().as_bytes())?;
+                write_secret(&cert_path, identity.chain_pem().as_bytes())?;
+                info!(spiffe_id = %identity.info().spiffe_id, "node SVID issued");
+                Ok(Obtained { identity, bundle })
+            }
+        }
+    }
+}
+
+/// The trust bundle keymgr published.
+///
+/// # Errors
+/// [`IdentityError`] if there is none yet or it is malformed.
+pub async fn fetch_bundle(store: &Store, td: &TrustDomain) -> Result<TrustBundle, IdentityError> {
+    let record = store
+        .get::<store::TrustBundle>(&())
+        .await?
+        .ok_or_else(|| invalid("keymgr has not published a trust bundle yet"))?;
+    TrustBundle::from_json(td.clone(), record.bundle.as_bytes())
+        .map_err(|e| invalid(format!("trust bundle in the store: {e}")))
+}
+
+fn stored_identity(key_path: &Path, cert_path: &Path) -> Option<NodeIdentity> {
+    let key = NodeKey::from_pem(&std::fs::read(key_path).ok()?).ok()?;
+    let chain = certs_from_pem(&std::fs::read(cert_path).ok()?).ok()?;
+    let identity = NodeIdentity::new(chain, key)
+        .inspect_err(|e| warn!(error = %e, "stored SVID unusable; requesting a new one"))
+        .ok()?;
+    (SystemTime::now() < identity.info().renew_at()).then_some(identity)
+}
+
+async fn request_certificate(
+    store: &Store,
+    td: &TrustDomain,
+    node: &NodeName,
+    key: NodeKey,
+    timeout: Duration,
+) -> Result<NodeIdentity, IdentityError> {
+    let csr = create_csr(&key, td, node).map_err(|e| invalid(format!("creating CSR: {e}")))?;
+    let store_node = store::NodeName::new(node.as_str()).map_err(|e| invalid(e))?;
+    store
+        .put(&CsrRecord {
+            node: store_node.clone(),
+            csr_pem: pem("CERTIFICATE REQUEST", csr.as_ref()),
+        })
+        .await?;
+    let key_pem = key.to_pem();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(record) = store.get::<CertificateRecord>(&store_node).await? {
+            let chain = certs_from_pem(record.chain_pem.as_bytes())
+                .map_err(|e| invalid(format!("certificate in the store: {e}")))?;
+            let candidate = NodeKey::from_pem(key_pem.as_bytes()).map_err(|e| invalid(e))?;
+            // An older certificate (another key) may still be there until keymgr signs ours.
+            if let Ok(identity) = NodeIdentity::new(chain, candidate) {
+                return Ok(identity);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(IdentityError::NotSigned(timeout));
+        }
+        tokio::time::sleep(CERT_POLL).await;
+    }
+}
+
+/// PEM text of one DER block.
+#[must_use]
+pub fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn read(path: &Path) -> Result<Zeroizing<Vec<u8>>, IdentityError> {
+    std::fs::read(path)
+        .map(Zeroizing::new)
+        .map_err(|source| IdentityError::File {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Writes a 0600 file atomically (temp file, fsync, rename).
+///
+/// # Errors
+/// [`IdentityError::File`].
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file_err = |source| IdentityError::File {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(file_err)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(file_err)?;
+    f.write_all(bytes).map_err(file_err)?;
+    f.sync_all().map_err(file_err)?;
+    std::fs::rename(&tmp, path).map_err(file_err)
+}

@@ -1,0 +1,185 @@
+//! Prometheus metrics (`/metrics`), registered under the `nodeseal` prefix. No per-peer labels:
+//! per-peer detail belongs in `nodeseal status`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+/// The agent's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    handshakes: Family<ResultLabel, Counter>,
+    rekey_duration: Histogram,
+    peers_established: Gauge,
+    peers_total: Gauge,
+    datapath_drops: Family<ReasonLabel, Gauge>,
+    xfrm_errors: Family<ReasonLabel, Gauge>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("nodeseal");
+        let handshakes = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "handshakes",
+            "Key-agreement handshakes by result (initiated, accepted, failed, refused)",
+            handshakes.clone(),
+        );
+        let rekey_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        registry.register(
+            "rekey_duration_seconds",
+            "Time from handshake start to the new keys being in use",
+            rekey_duration.clone(),
+        );
+        let peers_established = Gauge::default();
+        registry.register(
+            "peers_established",
+            "Peers with keys in use",
+            peers_established.clone(),
+        );
+        let peers_total = Gauge::default();
+        registry.register(
+            "peers",
+            "Peers known from the cluster store",
+            peers_total.clone(),
+        );
+        let datapath_drops = Family::<ReasonLabel, Gauge>::default();
+        registry.register(
+            "datapath_drops",
+            "Packets dropped by the eBPF datapath, by reason (cumulative)",
+            datapath_drops.clone(),
+        );
+        let xfrm_errors = Family::<ReasonLabel, Gauge>::default();
+        registry.register(
+            "xfrm_errors",
+            "Non-zero counters of /proc/net/xfrm_stat (cumulative)",
+            xfrm_errors.clone(),
+        );
+        Self {
+            registry,
+            handshakes,
+            rekey_duration,
+            peers_established,
+            peers_total,
+            datapath_drops,
+            xfrm_errors,
+        }
+    }
+
+    /// Counts a handshake outcome.
+    pub fn handshake(&self, result: &str) {
+        self.handshakes
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records a completed rekey.
+    pub fn rekey_done(&self, took: Duration) {
+        self.rekey_duration.observe(took.as_secs_f64());
+    }
+
+    /// Sets the peer gauges.
+    pub fn set_peers(&self, total: usize, established: usize) {
+        self.peers_total
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+        self.peers_established
+            .set(i64::try_from(established).unwrap_or(i64::MAX));
+    }
+
+    /// Mirrors the datapath's drop counters.
+    pub fn set_datapath_drop(&self, reason: &str, count: u64) {
+        self.datapath_drops
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Mirrors one xfrm_stat counter.
+    pub fn set_xfrm_error(&self, reason: &str, count: u64) {
+        self.xfrm_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// The text exposition.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            warn!("BUG: encoding metrics failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until cancelled. A minimal HTTP/1.0 responder: the
+/// request is read (bounded) and answered with the exposition, then the connection closes.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((mut stream, peer)) = accepted else {
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        // Each response is tiny and bounded by the read timeout; no task tracking needed.
+        let mut buf = [0u8; 2048];
+        let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+        let request = match read {
+            Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            _ => continue,
+        };
+        let (status, body) = if request.starts_with("GET /metrics") {
+            ("200 OK", metrics.encode())
+        } else {
+            ("404 Not Found", "not found\n".to_owned())
+        };
+        let response = format!(
+            "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if let Err(e) = stream.write_all(response.as_bytes()).await {
+            debug!(%peer, error = %e, "metrics client went away");
+        }
+    }
+}
+
+/// Where metrics are served.
+pub type MetricsAddr = SocketAddr;

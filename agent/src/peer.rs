@@ -1,0 +1,915 @@
+//! One task per peer node: handshakes, the make-before-break SA lifecycle, rekeys and teardown.
+//!
+//! A rekey (also the first key agreement) goes:
+//! 1. mutual TLS 1.3 handshake and Hellos (`keymgr`), which yields the SPIs and keys;
+//! 2. install the new IN state, the new OUT state and its OUT policies under a fresh key slot;
+//! 3. `Installed` exchange: each side has its IN state before the other sends with the new key;
+//! 4. flip the peer's key slot in the eBPF map: one write, traffic moves to the new SA at once;
+//! 5. after the grace period, delete the previous epoch's states and policies.
+//!
+//! The lower node name is the preferred initiator; the other side initiates too when it needs
+//! keys and none arrive within [`RESPONDER_PATIENCE`]. When both connect at once, the handshake
+//! initiated by the lower name wins ([`nodeseal_keymgr::handshake::keep_initiated_by`]).
+//!
+//! The task owns its peer's kernel state: on revocation or removal it deletes exactly that
+//! peer's states and policies (identified by our reqid and the peer's node IP) and forgets the
+//! peer in the eBPF maps. Cancellation by agent shutdown leaves everything in place, so traffic
+//! keeps flowing across a restart.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+use nodeseal_bpf::NodeId;
+use nodeseal_keymgr::handshake::{self, Agreement, HandshakeConfig, Incoming};
+use nodeseal_keymgr::{Aead as KeyAead, Epoch, Hello, Mode, NodeName, RejectReason, SpiffeId};
+use nodeseal_xfrm::{Handle, KernelPolicy, KernelState, Spi};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::datapath::DatapathHandle;
+use crate::metrics::Metrics;
+use crate::sa::{self, EpochSas, KeySlot, LocalEnd, PeerEnd};
+
+/// How long the non-preferred initiator waits for the peer to start a needed handshake.
+pub const RESPONDER_PATIENCE: Duration = Duration::from_secs(2);
+/// Limit on one handshake including the `Installed` exchange.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the agent knows about a peer from the cluster store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Node name.
+    pub name: NodeName,
+    /// The SPIFFE ID the store lists for it.
+    pub spiffe_id: SpiffeId,
+    /// Node IP (tunnel endpoint, handshake address).
+    pub ip: IpAddr,
+    /// Handshake port.
+    pub port: u16,
+    /// Pod CIDRs.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// Settings every peer task shares.
+#[derive(Clone, Debug)]
+pub struct PeerSettings {
+    /// This node's tunnel end.
+    pub local: LocalEnd,
+    /// Rekey this often (initiator side).
+    pub rekey_interval: Duration,
+    /// Keep the previous epoch's SAs this long after a flip.
+    pub grace: Duration,
+    /// Remove a peer's SAs when no handshake succeeded for this long.
+    pub retention: Duration,
+    /// Strict mode.
+    pub strict: bool,
+}
+
+/// Commands to a peer task.
+#[derive(Debug)]
+pub enum PeerCommand {
+    /// A verified handshake from the peer waits for our Hello.
+    Incoming(Box<Incoming<TcpStream>>),
+    /// Rekey now (rotation request of `generation`).
+    Rekey {
+        /// The cluster rekey generation asked for.
+        generation: u64,
+    },
+    /// The store's view of the peer changed (pod CIDRs, IP, port).
+    Update(PeerInfo),
+    /// The peer was revoked or removed: tear everything down and stop.
+    Remove {
+        /// Why (for logs and status).
+        reason: String,
+    },
+    /// A handshake from the peer's address failed before it reached us (recorded in status).
+    HandshakeFailed {
+        /// The error.
+        error: String,
+    },
+}
+
+/// Life-cycle state shown in `nodeseal status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    /// No keys yet.
+    Connecting,
+    /// Keys installed and in use.
+    Established,
+    /// The last handshake failed; retrying with backoff.
+    Failed,
+    /// Revoked or removed.
+    Removed,
+}
+
+/// One row of `nodeseal status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Peer node name.
+    pub name: String,
+    /// Peer node IP.
+    pub ip: IpAddr,
+    /// Local node id of the peer.
+    pub node_id: u16,
+    /// State.
+    pub state: PeerState,
+    /// Current epoch.
+    pub epoch: Option<u64>,
+    /// The rekey generation of the current epoch (`keys rotate` target).
+    pub generation: Option<u64>,
+    /// Key slot in use.
+    pub slot: Option<u8>,
+    /// SPI of the OUT SA.
+    pub out_spi: Option<String>,
+    /// SPI of the IN SA.
+    pub in_spi: Option<String>,
+    /// When the current keys were installed (Unix seconds).
+    pub last_rekey_unix: Option<u64>,
+    /// Successful key agreements.
+    pub rekeys: u64,
+    /// Failed handshakes.
+    pub failures: u64,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Bytes / packets through the current OUT and IN states (filled when status is read).
+    pub out_bytes: u64,
+    /// Packets out.
+    pub out_packets: u64,
+    /// Bytes in.
+    pub in_bytes: u64,
+    /// Packets in.
+    pub in_packets: u64,
+}
+
+/// Handle to a running peer task.
+#[derive(Debug, Clone)]
+pub struct PeerHandle {
+    /// Command channel.
+    pub commands: mpsc::Sender<PeerCommand>,
+    /// Live status.
+    pub status: Arc<Mutex<PeerStatus>>,
+    /// Cancels the task without touching kernel state (shutdown).
+    pub cancel: CancellationToken,
+}
+
+/// An epoch installed in the kernel.
+#[derive(Debug)]
+struct Installed {
+    epoch: Epoch,
+    sas: EpochSas,
+}
+
+/// The peer task's state.
+pub struct PeerTask {
+    info: PeerInfo,
+    node_id: NodeId,
+    settings: PeerSettings,
+    xfrm: Handle,
+    datapath: DatapathHandle,
+    handshake: watch::Receiver<Option<HandshakeConfig>>,
+    generation: watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<PeerStatus>>,
+    current: Option<Installed>,
+    retiring: Vec<(Installed, Instant)>,
+    next_slot: KeySlot,
+    policies_installed: bool,
+    backoff: Duration,
+    next_attempt: Option<Instant>,
+    last_success: Option<Instant>,
+    created: Instant,
+    /// When to delete objects of this peer that a previous agent left (after the first flip).
+    sweep_at: Option<Instant>,
+}
+
+/// Shared resources for building peer tasks.
+#[derive(Clone)]
+pub struct PeerContext {
+    /// Settings.
+    pub settings: PeerSettings,
+    /// XFRM handle.
+    pub xfrm: Handle,
+    /// eBPF maps.
+    pub datapath: DatapathHandle,
+    /// The current handshake config (None until the node has its SVID).
+    pub handshake: watch::Receiver<Option<HandshakeConfig>>,
+    /// Cluster rekey generation.
+    pub generation: watch::Receiver<u64>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The agent's root token; each peer task gets a child, so that revoking a peer cancels
+    /// exactly that task and shutdown cancels them all.
+    pub cancel: CancellationToken,
+}
+
+/// Errors inside one key agreement attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The node has no SVID yet.
+    #[error("no node identity yet")]
+    NoIdentity,
+    /// Connecting failed.
+    #[error("connecting to {addr}")]
+    Connect {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The handshake failed.
+    #[error("handshake")]
+    Handshake(#[from] nodeseal_keymgr::HandshakeError),
+    /// It took too long.
+    #[error("handshake timed out after {0:?}")]
+    Timeout(Duration),
+    /// The peer announced something that contradicts the store.
+    #[error("peer announced {what}")]
+    Contradiction {
+        /// What.
+        what: String,
+    },
+    /// Building SA specs failed (bad key length or address family mix).
+    #[error("building SAs")]
+    Spec(#[from] nodeseal_xfrm::SpecError),
+    /// Programming the kernel failed.
+    #[error("programming XFRM")]
+    Xfrm(#[from] nodeseal_xfrm::XfrmError),
+    /// Updating the eBPF maps failed.
+    #[error("updating the eBPF maps")]
+    Datapath(#[from] crate::datapath::DatapathError),
+    /// The wire SPI could not be used as an XFRM SPI.
+    #[error("SPI {0} is not usable")]
+    BadSpi(u32),
+}
+
+/// Renders an error with its sources, for status and logs.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        source = e.source();
+    }
+    s
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The generation an epoch belongs to: epochs are `generation << 32 | counter`.
+#[must_use]
+pub fn generation_of(epoch: Epoch) -> u64 {
+    epoch.0 >> 32
+}
+
+impl PeerTask {
+    /// Prepares the task for `info`: allocates the node id, publishes the peer's pod CIDRs to the
+    /// datapath (strict mode drops traffic to them until keys exist) and, in strict mode, the
+    /// peer's IN/FWD/block policies.
+    ///
+    /// # Errors
+    /// [`PeerError`] from the datapath or XFRM.
+    pub async fn new(
+        info: PeerInfo,
+        ctx: PeerContext,
+    ) -> Result<(Self, PeerHandle, mpsc::Receiver<PeerCommand>), PeerError> {
+        let node_id = ctx.datapath.node_id(info.ip)?;
+        ctx.datapath.set_peer_routes(node_id, &info.pod_cidrs)?;
+        // After a restart the previous agent's slot is still live; the next one must differ.
+        let live_slot = ctx.datapath.slot(node_id)?;
+        let next_slot = live_slot.map_or(KeySlot::FIRST, KeySlot::next);
+        let status = Arc::new(Mutex::new(PeerStatus {
+            name: info.name.to_string(),
+            ip: info.ip,
+            node_id: node_id.0,
+            state: PeerState::Connecting,
+            epoch: None,
+            generation: None,
+            slot: live_slot.map(KeySlot::get),
+            out_spi: None,
+            in_spi: None,
+            last_rekey_unix: None,
+            rekeys: 0,
+            failures: 0,
+            last_error: None,
+            out_bytes: 0,
+            out_packets: 0,
+            in_bytes: 0,
+            in_packets: 0,
+        }));
+        let (tx, rx) = mpsc::channel(16);
+        let cancel = ctx.cancel.child_token();
+        let mut task = Self {
+            info,
+            node_id,
+            settings: ctx.settings,
+            xfrm: ctx.xfrm,
+            datapath: ctx.datapath,
+            handshake: ctx.handshake,
+            generation: ctx.generation,
+            metrics: ctx.metrics,
+            status: Arc::clone(&status),
+            current: None,
+            retiring: Vec::new(),
+            next_slot,
+            policies_installed: false,
+            backoff: FIRST_BACKOFF,
+            next_attempt: Some(Instant::now()),
+            last_success: None,
+            created: Instant::now(),
+            sweep_at: None,
+        };
+        if task.settings.strict {
+            task.install_peer_policies().await?;
+        }
+        Ok((
+            task,
+            PeerHandle {
+                commands: tx,
+                status,
+                cancel,
+            },
+            rx,
+        ))
+    }
+
+    fn peer_end(&self) -> PeerEnd {
+        PeerEnd {
+            node_id: self.node_id,
+            ip: self.info.ip,
+            pod_cidrs: self.info.pod_cidrs.clone(),
+        }
+    }
+
+    fn preferred_initiator(&self) -> bool {
+        let local = self
+            .handshake
+            .borrow()
+            .as_ref()
+            .map(|c| c.local_node().clone());
+        local.is_some_and(|l| handshake::is_initiator(&l, &self.info.name))
+    }
+
+    async fn install_peer_policies(&mut self) -> Result<(), PeerError> {
+        let policies =
+            sa::peer_policies(&self.settings.local, &self.peer_end(), self.settings.strict)?;
+        let mut batch = self.xfrm.batch();
+        for p in policies {
+            batch = batch.update_policy(p);
+        }
+        batch.execute().await?;
+        self.policies_installed = true;
+        Ok(())
+    }
+
+    /// Runs until cancelled (shutdown: kernel state stays) or told to remove the peer.
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<PeerCommand>,
+        cancel: CancellationToken,
+    ) {
+        let span = info_span!("peer", peer = %self.info.name, ip = %self.info.ip);
+        async move {
+            loop {
+                let wake = self.next_wake();
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    cmd = commands.recv() => match cmd {
+                        None => return,
+                        Some(PeerCommand::Remove { reason }) => {
+                            self.teardown(&reason).await;
+                            return;
+                        }
+                        Some(cmd) => self.handle(cmd).await,
+                    },
+                    () = sleep_until(wake) => self.on_timer().await,
+                    changed = self.generation.changed() => {
+                        if changed.is_ok() {
+                            let wanted = *self.generation.borrow_and_update();
+                            self.on_generation(wanted);
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let retire = self.retiring.iter().map(|(_, at)| *at).min();
+        [self.next_attempt, retire, self.sweep_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn on_generation(&mut self, wanted: u64) {
+        let have = self.current.as_ref().map(|c| generation_of(c.epoch));
+        if have.is_some_and(|g| g >= wanted) {
+            return;
+        }
+        let delay = if self.preferred_initiator() {
+            Duration::ZERO
+        } else {
+            RESPONDER_PATIENCE
+        };
+        self.schedule(Instant::now() + delay);
+    }
+
+    fn schedule(&mut self, at: Instant) {
+        self.next_attempt = Some(self.next_attempt.map_or(at, |t| t.min(at)));
+    }
+
+    async fn handle(&mut self, cmd: PeerCommand) {
+        match cmd {
+            PeerCommand::Incoming(incoming) => self.respond(*incoming).await,
+            PeerCommand::Rekey { generation } => self.on_generation(generation),
+            PeerCommand::Update(info) => {
+                if info.pod_cidrs != self.info.pod_cidrs || info.ip != self.info.ip {
+                    // A changed address plan needs new selectors: rebuild on the next handshake.
+                    info!(peer = %info.name, "peer record changed; rekeying");
+                    self.info = info;
+                    if let Err(e) = self
+                        .datapath
+                        .set_peer_routes(self.node_id, &self.info.pod_cidrs)
+                    {
+                        warn!(error = %error_chain(&e), "cannot update peer routes");
+                    }
+                    self.schedule(Instant::now());
+                } else {
+                    self.info = info;
+                }
+            }
+            PeerCommand::HandshakeFailed { error } => self.record_failure(error),
+            PeerCommand::Remove { .. } => {}
+        }
+    }
+
+    async fn on_timer(&mut self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while let Some(pos) = self.retiring.iter().position(|(_, at)| *at <= now) {
+            due.push(self.retiring.swap_remove(pos).0);
+        }
+        for old in due {
+            self.remove_epoch(&old).await;
+        }
+        if self.sweep_at.is_some_and(|t| t <= now) {
+            self.sweep_at = None;
+            self.sweep_stale().await;
+        }
+        if self.next_attempt.is_some_and(|t| t <= now) {
+            self.next_attempt = None;
+            self.attempt().await;
+        }
+        self.expire_if_unreachable().await;
+    }
+
+    /// Without a successful handshake for `retention`, the peer's SAs are removed: its keys are
+    /// too old to keep, and strict mode drops its traffic from then on.
+    async fn expire_if_unreachable(&mut self) {
+        let since = self.last_success.unwrap_or(self.created);
+        if self.current.is_none() || since.elapsed() < self.settings.retention {
+            return;
+        }
+        warn!(retention = ?self.settings.retention, "peer unreachable for too long; removing its SAs");
+        if let Err(e) = self.datapath.set_slot(self.node_id, None) {
+            warn!(error = %error_chain(&e), "cannot clear peer slot");
+        }
+        if let Some(cur) = self.current.take() {
+            self.remove_epoch(&cur).await;
+        }
+        self.set_state(
+            PeerState::Failed,
+            Some("peer unreachable; SAs removed".into()),
+        );
+    }
+
+    async fn attempt(&mut self) {
+        let Some(config) = self.handshake.borrow().clone() else {
+            self.schedule(Instant::now() + Duration::from_secs(1));
+            return;
+        };
+        let generation = *self.generation.borrow();
+        let epoch = self.next_epoch(generation);
+        let started = Instant::now();
+        let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.initiate(&config, epoch)).await;
+        match result {
+            Ok(Ok(())) => self.on_success(started),
+            Ok(Err(e)) => self.on_failure(&e),
+            Err(_) => self.on_failure(&PeerError::Timeout(HANDSHAKE_TIMEOUT)),
+        }
+    }
+
+    fn next_epoch(&self, generation: u64) -> Epoch {
+        let counter = self.current.as_ref().map_or(0, |c| {
+            if generation_of(c.epoch) == generation {
+                (c.epoch.0 & 0xffff_ffff) + 1
+            } else {
+                0
+            }
+        });
+        // A restarted agent does not know the last counter; time keeps it increasing.
+        let clock = unix_now() & 0xffff_ffff;
+        Epoch(
+            (generation.max(self.current.as_ref().map_or(0, |c| generation_of(c.epoch))) << 32)
+                | counter.max(clock),
+        )
+    }
+
+    fn hello(&self, config: &HandshakeConfig, epoch: Epoch, spi: u32) -> Result<Hello, PeerError> {
+        let spi = nodeseal_keymgr::Spi::new(spi).map_err(|_| PeerError::BadSpi(spi))?;
+        Ok(
+            Hello::new(config.local_node().clone(), epoch, spi, Mode::Ipsec)
+                .with_node_ips(vec![self.settings.local.ip])
+                .with_pod_cidrs(self.settings.local.pod_cidrs.clone()),
+        )
+    }
+
+    async fn initiate(&mut self, config: &HandshakeConfig, epoch: Epoch) -> Result<(), PeerError> {
+        let addr = SocketAddr::new(self.info.ip, self.info.port);
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| PeerError::Connect { addr, source })?;
+        let _ = stream.set_nodelay(true);
+        let spi = self.fresh_spi();
+        let hello = self.hello(config, epoch, spi)?;
+        let agreement = handshake::initiate(config, stream, &self.info.name, hello).await?;
+        self.metrics.handshake("initiated");
+        self.install(agreement).await
+    }
+
+    async fn respond(&mut self, incoming: Incoming<TcpStream>) {
+        let Some(config) = self.handshake.borrow().clone() else {
+            let _ = incoming.reject(RejectReason::Unavailable).await;
+            return;
+        };
+        let epoch = incoming.peer_hello().epoch;
+        let started = Instant::now();
+        let work = async {
+            let spi = self.fresh_spi();
+            let hello = self.hello(&config, epoch, spi)?;
+            let agreement = incoming.respond(hello).await?;
+            self.metrics.handshake("accepted");
+            self.install(agreement).await
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, work).await {
+            Ok(Ok(())) => self.on_success(started),
+            Ok(Err(e)) => self.on_failure(&e),
+            Err(_) => self.on_failure(&PeerError::Timeout(HANDSHAKE_TIMEOUT)),
+        }
+    }
+
+    fn fresh_spi(&self) -> u32 {
+        let mut rng = rand::rng();
+        loop {
+            let spi: u32 = rng.random();
+            let in_use = self.installed().any(|i| i.sas.inbound.spi.get() == spi);
+            if spi > 0xffff && !in_use {
+                return spi;
+            }
+        }
+    }
+
+    /// Steps 2-5 of a rekey, given an agreement.
+    async fn install(&mut self, mut agreement: Agreement<TcpStream>) -> Result<(), PeerError> {
+        let hello = &agreement.peer_hello;
+        if !handshake::hello_lists_ip(hello, self.info.ip) {
+            return Err(PeerError::Contradiction {
+                what: format!(
+                    "node IPs {:?}, but the store lists {}",
+                    hello.node_ips, self.info.ip
+                ),
+            });
+        }
+        if agreement.peer.spiffe_id != self.info.spiffe_id {
+            return Err(PeerError::Contradiction {
+                what: format!(
+                    "identity {}, but the store lists {}",
+                    agreement.peer.spiffe_id, self.info.spiffe_id
+                ),
+            });
+        }
+        let keys = &agreement.keys;
+        let out_spi = xfrm_spi(keys.outbound.spi.get())?;
+        let in_spi = xfrm_spi(keys.inbound.spi.get())?;
+        let slot = self.next_slot;
+        let sas = EpochSas::new(
+            &self.settings.local,
+            &self.peer_end(),
+            slot,
+            (out_spi, keys.outbound.key(KeyAead::Aes128Gcm).rfc4106_key()),
+            (in_spi, keys.inbound.key(KeyAead::Aes128Gcm).rfc4106_key()),
+        )?;
+        let epoch = keys.epoch;
+        let out_policies = sas.out_policies(&self.settings.local, &self.peer_end())?;
+        let mut batch = self
+            .xfrm
+            .batch()
+            .add_state(sas.inbound.clone())
+            .add_state(sas.outbound.clone());
+        for p in &out_policies {
+            batch = batch.update_policy(p.clone());
+        }
+        batch.execute().await?;
+        if !self.policies_installed {
+            self.install_peer_policies().await?;
+        }
+        let installed = Installed { epoch, sas };
+        if let Err(e) = agreement.channel.confirm_installed(epoch).await {
+            self.remove_epoch(&installed).await;
+            return Err(e.into());
+        }
+        let _ = agreement.channel.close().await;
+        // ESP from the peer is accepted from now on.
+        self.datapath.admit_node(self.node_id, self.info.ip)?;
+        self.datapath.set_slot(self.node_id, Some(slot))?;
+        self.next_slot = slot.next();
+        info!(epoch = epoch.0, slot = %slot, out_spi = %out_spi, in_spi = %in_spi, "keys installed and in use");
+        if let Some(previous) = self.current.replace(installed) {
+            self.retiring
+                .push((previous, Instant::now() + self.settings.grace));
+        }
+        Ok(())
+    }
+
+    async fn remove_epoch(&self, old: &Installed) {
+        let mut batch = self
+            .xfrm
+            .batch()
+            .delete_state(old.sas.inbound.id())
+            .delete_state(old.sas.outbound.id());
+        let slot_in_use = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.sas.slot == old.sas.slot);
+        if !slot_in_use {
+            match old.sas.out_policies(&self.settings.local, &self.peer_end()) {
+                Ok(policies) => {
+                    for p in policies {
+                        batch = batch.delete_policy(p.id());
+                    }
+                }
+                Err(e) => warn!(error = %error_chain(&e), "cannot rebuild old OUT policies"),
+            }
+        }
+        match batch.execute().await {
+            Ok(()) => debug!(epoch = old.epoch.0, "previous epoch removed"),
+            Err(e) => {
+                warn!(epoch = old.epoch.0, error = %error_chain(&e), "removing previous epoch")
+            }
+        }
+    }
+
+    /// Deletes this peer's objects that are neither current nor retiring: what a previous agent
+    /// installed before a restart, once traffic has moved to our keys.
+    async fn sweep_stale(&self) {
+        let keep_states: Vec<_> = self
+            .installed()
+            .flat_map(|i| [i.sas.inbound.id(), i.sas.outbound.id()])
+            .collect();
+        let keep_slots: Vec<KeySlot> = self.installed().map(|i| i.sas.slot).collect();
+        let peer = self.info.ip;
+        let result = async {
+            let states = self.xfrm.states().dump().execute().await?;
+            let policies = self.xfrm.policies().dump().execute().await?;
+            let mut batch = self.xfrm.batch();
+            for spec in states
+                .iter()
+                .filter(|s| state_of_peer(s, peer))
+                .filter_map(|s| s.spec.as_ref())
+            {
+                if !keep_states.contains(&spec.id()) {
+                    batch = batch.delete_state(spec.id());
+                }
+            }
+            for spec in policies
+                .iter()
+                .filter(|p| policy_of_peer(p, peer))
+                .filter_map(|p| p.spec.as_ref())
+            {
+                // Only OUT policies of slots no longer in use are stale; IN/FWD/block are shared.
+                let stale_slot = spec.dir == nodeseal_xfrm::Direction::Out
+                    && !spec.mark.is_none()
+                    && !keep_slots
+                        .iter()
+                        .any(|slot| sa::encrypt_mark(self.node_id, *slot) == spec.mark);
+                if stale_slot {
+                    batch = batch.delete_policy(spec.id());
+                }
+            }
+            let n = batch.len();
+            if n > 0 {
+                batch.execute().await?;
+            }
+            Ok::<usize, nodeseal_xfrm::XfrmError>(n)
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(n) => info!(objects = n, "removed SAs left by a previous agent"),
+            Err(e) => warn!(error = %error_chain(&e), "sweeping stale SAs"),
+        }
+    }
+
+    fn installed(&self) -> impl Iterator<Item = &Installed> {
+        self.current
+            .iter()
+            .chain(self.retiring.iter().map(|(i, _)| i))
+    }
+
+    fn on_success(&mut self, started: Instant) {
+        self.metrics.rekey_done(started.elapsed());
+        self.backoff = FIRST_BACKOFF;
+        if self.last_success.is_none() {
+            self.sweep_at = Some(Instant::now() + self.settings.grace);
+        }
+        self.last_success = Some(Instant::now());
+        // The preferred initiator keeps the rekey clock.
+        if self.preferred_initiator() {
+            self.schedule(Instant::now() + jitter(self.settings.rekey_interval));
+        }
+        let wanted = *self.generation.borrow();
+        self.on_generation(wanted);
+        if let Ok(mut s) = self.status.lock() {
+            let cur = self.current.as_ref();
+            s.state = PeerState::Established;
+            s.epoch = cur.map(|c| c.epoch.0);
+            s.generation = cur.map(|c| generation_of(c.epoch));
+            s.slot = cur.map(|c| c.sas.slot.get());
+            s.out_spi = cur.map(|c| c.sas.outbound.spi.to_string());
+            s.in_spi = cur.map(|c| c.sas.inbound.spi.to_string());
+            s.last_rekey_unix = Some(unix_now());
+            s.rekeys += 1;
+        }
+    }
+
+    fn on_failure(&mut self, err: &PeerError) {
+        let text = error_chain(err);
+        warn!(error = %text, "key agreement failed");
+        self.metrics.handshake("failed");
+        self.record_failure(text);
+        self.schedule(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    fn record_failure(&mut self, error: String) {
+        if let Ok(mut s) = self.status.lock() {
+            s.failures += 1;
+            s.last_error = Some(error);
+            if self.current.is_none() {
+                s.state = PeerState::Failed;
+            }
+        }
+    }
+
+    fn set_state(&self, state: PeerState, error: Option<String>) {
+        if let Ok(mut s) = self.status.lock() {
+            s.state = state;
+            if error.is_some() {
+                s.last_error = error;
+            }
+            if state != PeerState::Established {
+                s.epoch = None;
+                s.slot = None;
+                s.out_spi = None;
+                s.in_spi = None;
+            }
+        }
+    }
+
+    /// Deletes every state and policy of ours that belongs to this peer (by its node IP), also
+    /// ones a previous agent left, and forgets the peer in the eBPF maps.
+    async fn teardown(&mut self, reason: &str) {
+        info!(reason, "removing peer");
+        if let Err(e) = self
+            .datapath
+            .remove_peer(self.node_id, self.info.ip, &self.info.pod_cidrs)
+        {
+            warn!(error = %error_chain(&e), "cannot remove peer from the eBPF maps");
+        }
+        match remove_owned_for(&self.xfrm, self.info.ip).await {
+            Ok(n) => info!(objects = n, "peer's XFRM objects removed"),
+            Err(e) => warn!(error = %error_chain(&e), "cannot remove the peer's XFRM objects"),
+        }
+        self.current = None;
+        self.retiring.clear();
+        self.set_state(PeerState::Removed, Some(reason.to_owned()));
+    }
+}
+
+fn xfrm_spi(raw: u32) -> Result<Spi, PeerError> {
+    Spi::new(raw).map_err(|_| PeerError::BadSpi(raw))
+}
+
+/// ±10% so that a cluster's rekeys spread out.
+fn jitter(base: Duration) -> Duration {
+    let factor = rand::rng().random_range(0.9..1.1);
+    base.mul_f64(factor)
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a kernel state is ours and belongs to the tunnel with `peer`.
+pub fn state_of_peer(s: &KernelState, peer: IpAddr) -> bool {
+    sa::ownership().owns_state(s)
+        && s.spec
+            .as_ref()
+            .is_some_and(|spec| spec.src == peer || spec.dst == peer)
+}
+
+/// Whether a kernel policy is ours and belongs to the tunnel with `peer`.
+pub fn policy_of_peer(p: &KernelPolicy, peer: IpAddr) -> bool {
+    sa::ownership().owns_policy(p)
+        && p.spec.as_ref().is_some_and(|spec| {
+            spec.templates
+                .iter()
+                .any(|t| t.src == peer || t.dst == peer)
+        })
+}
+
+/// Deletes all of our states and policies of the tunnel with `peer`.
+///
+/// # Errors
+/// [`nodeseal_xfrm::XfrmError`] from the dump or the batch.
+pub async fn remove_owned_for(
+    xfrm: &Handle,
+    peer: IpAddr,
+) -> Result<usize, nodeseal_xfrm::XfrmError> {
+    let states = xfrm.states().dump().execute().await?;
+    let policies = xfrm.policies().dump().execute().await?;
+    let mut batch = xfrm.batch();
+    for p in policies.iter().filter(|p| policy_of_peer(p, peer)) {
+        if let Some(spec) = &p.spec {
+            batch = batch.delete_policy(spec.id());
+        }
+    }
+    for s in states.iter().filter(|s| state_of_peer(s, peer)) {
+        if let Some(spec) = &s.spec {
+            batch = batch.delete_state(spec.id());
+        }
+    }
+    let n = batch.len();
+    if n > 0 {
+        batch.execute().await?;
+    }
+    Ok(n)
+}
+
+/// The running peer tasks, by node IP (the address handshakes and ESP come from).
+#[derive(Debug, Default)]
+pub struct PeerRegistry {
+    by_ip: std::sync::RwLock<std::collections::HashMap<IpAddr, (NodeName, PeerHandle)>>,
+}
+
+impl PeerRegistry {
+    /// The peer at `ip`, if one is known.
+    pub fn lookup(&self, ip: IpAddr) -> Option<(NodeName, PeerHandle)> {
+        self.by_ip.read().ok()?.get(&ip).cloned()
+    }
+
+    /// Registers a peer task.
+    pub fn insert(&self, ip: IpAddr, name: NodeName, handle: PeerHandle) {
+        if let Ok(mut map) = self.by_ip.write() {
+            map.insert(ip, (name, handle));
+        }
+    }
+
+    /// Forgets the peer at `ip`.
+    pub fn remove(&self, ip: IpAddr) -> Option<(NodeName, PeerHandle)> {
+        self.by_ip.write().ok()?.remove(&ip)
+    }
+
+    /// Every registered peer.
+    pub fn all(&self) -> Vec<(IpAddr, NodeName, PeerHandle)> {
+        self.by_ip
+            .read()
+            .map(|m| {
+                m.iter()
+                    .map(|(ip, (n, h))| (*ip, n.clone(), h.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,324 @@
+//! The XFRM layout of the fabric: which states and policies a peer gets, and how they are
+//! recognised as ours.
+//!
+//! Per peer and key epoch: one OUT state (the peer's inbound SPI, our outbound key) and one IN
+//! state (our inbound SPI). The OUT state carries the mark `encrypt(node id, slot)`; the eBPF
+//! datapath writes that mark on packets for the peer, so switching a peer to a new epoch's state
+//! is one map write of the slot (see `bpf/common`'s mark layout). Because the kernel looks an
+//! OUT state up with the *policy's* mark, each active slot has its own OUT policy per peer pod
+//! CIDR, with the same mark.
+//!
+//! Per peer pod CIDR, IN and FWD policies with a *required* ESP template from the peer's node IP:
+//! a packet whose inner source lies in that CIDR is accepted only if it was decrypted by a state
+//! of the peer's tunnel. Plaintext claiming a peer pod's address, or a packet another
+//! (authenticated) node encrypted with a forged inner source, is dropped by the kernel
+//! (`XfrmInTmplMismatch` / `XfrmInNoPols`). That binds the inner source to the authenticated
+//! peer.
+//!
+//! In strict mode a lower-priority OUT policy per peer pod CIDR blocks what carries no
+//! encrypt mark, so nothing reaches a peer's pods in clear even if a packet escaped the eBPF
+//! program (`XfrmOutPolBlock`).
+//!
+//! Every object carries reqid [`REQID`]; [`ownership`] claims exactly that, so nothing foreign is
+//! ever changed.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use nodeseal_bpf::{NodeId, mark};
+use nodeseal_xfrm::{
+    Action, Aead, AeadAlgorithm, Direction, Mark, Ownership, PolicySpec, ReqId, Selector,
+    SpecError, Spi, StateSpec, Template,
+};
+
+/// The reqid of every nodeseal state and policy ("NS" and 1).
+pub const REQID: u32 = 0x4e53_0001;
+
+/// Priority of the marked OUT policies (lower wins).
+const PRIORITY_ENCRYPT: u32 = 100;
+/// Priority of strict mode's block policies: below the marked ones.
+const PRIORITY_STRICT_BLOCK: u32 = 200;
+/// Priority of IN/FWD policies.
+const PRIORITY_INBOUND: u32 = 100;
+
+/// A key slot of the `skb->mark` (1..=15; 0 means "no key").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct KeySlot(u8);
+
+impl KeySlot {
+    /// The first slot.
+    pub const FIRST: Self = Self(1);
+
+    /// A slot; `None` outside 1..=15.
+    #[must_use]
+    pub fn new(slot: u8) -> Option<Self> {
+        (1..=mark::MAX_KEY_SLOT)
+            .contains(&slot)
+            .then_some(Self(slot))
+    }
+
+    /// The slot after this one, wrapping from 15 to 1.
+    #[must_use]
+    pub fn next(self) -> Self {
+        if self.0 >= mark::MAX_KEY_SLOT {
+            Self(1)
+        } else {
+            Self(self.0 + 1)
+        }
+    }
+
+    /// The raw slot number.
+    #[must_use]
+    pub fn get(self) -> u8 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for KeySlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The reqid as the xfrm crate's type.
+fn reqid() -> ReqId {
+    // REQID is a non-zero constant.
+    ReqId::new(REQID).unwrap_or_else(|_| unreachable!("REQID is non-zero"))
+}
+
+/// Which kernel objects are ours: exactly reqid [`REQID`].
+#[must_use]
+pub fn ownership() -> Ownership {
+    Ownership::new(reqid()..=reqid())
+}
+
+/// This node's side of every tunnel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalEnd {
+    /// The node IP tunnels start from.
+    pub ip: IpAddr,
+    /// This node's pod CIDRs.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// A peer's side of its tunnel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerEnd {
+    /// The local id for the peer (goes into marks and the eBPF maps).
+    pub node_id: NodeId,
+    /// The peer's node IP.
+    pub ip: IpAddr,
+    /// The peer's pod CIDRs (of the same family as `ip`).
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// One epoch's pair of SAs with a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochSas {
+    /// Slot whose mark selects the OUT state.
+    pub slot: KeySlot,
+    /// OUT state: to the peer, with the SPI the peer chose.
+    pub outbound: StateSpec,
+    /// IN state: from the peer, with the SPI we chose.
+    pub inbound: StateSpec,
+}
+
+/// The mark the datapath writes for `peer` using `slot`, compared over every bit nodeseal owns.
+#[must_use]
+pub fn encrypt_mark(peer: NodeId, slot: KeySlot) -> Mark {
+    Mark::new(mark::encrypt(peer.0, slot.get()), mark::OWNED_MASK)
+}
+
+fn any_selector(family_of: IpAddr) -> Result<Selector, SpecError> {
+    let any: IpNet = match family_of {
+        IpAddr::V4(_) => IpNet::V4(ipnet::Ipv4Net::default()),
+        IpAddr::V6(_) => IpNet::V6(ipnet::Ipv6Net::default()),
+    };
+    Selector::new(any, any).map_err(|_| SpecError::MixedEndpoints {
+        src: family_of,
+        dst: family_of,
+    })
+}
+
+impl EpochSas {
+    /// Builds the two states of an epoch. `out_key` / `in_key` are `rfc4106(gcm(aes))` key and
+    /// salt bytes (20 or 36).
+    ///
+    /// # Errors
+    /// [`SpecError`] for a key of the wrong length or endpoints of different families.
+    pub fn new(
+        local: &LocalEnd,
+        peer: &PeerEnd,
+        slot: KeySlot,
+        (out_spi, out_key): (Spi, &[u8]),
+        (in_spi, in_key): (Spi, &[u8]),
+    ) -> Result<Self, SpecError> {
+        let algorithm = |key: &[u8]| {
+            if key.len() == 36 {
+                AeadAlgorithm::AesGcm256
+            } else {
+                AeadAlgorithm::AesGcm128
+            }
+        };
+        let selector = any_selector(local.ip)?;
+        let mut outbound = StateSpec::new(
+            local.ip,
+            peer.ip,
+            out_spi,
+            reqid(),
+            Aead::new(algorithm(out_key), out_key)?,
+            selector,
+        )?;
+        outbound.mark = encrypt_mark(peer.node_id, slot);
+        let inbound = StateSpec::new(
+            peer.ip,
+            local.ip,
+            in_spi,
+            reqid(),
+            Aead::new(algorithm(in_key), in_key)?,
+            selector,
+        )?;
+        Ok(Self {
+            slot,
+            outbound,
+            inbound,
+        })
+    }
+
+    /// The OUT policies that send marked packets for the peer's pod CIDRs into this epoch's OUT
+    /// state.
+    ///
+    /// # Errors
+    /// [`SpecError`] if a CIDR's family differs from the node IPs'.
+    pub fn out_policies(
+        &self,
+        local: &LocalEnd,
+        peer: &PeerEnd,
+    ) -> Result<Vec<PolicySpec>, SpecError> {
+        let template = Template::new(local.ip, peer.ip, reqid())?;
+        peer.pod_cidrs
+            .iter()
+            .map(|cidr| {
+                let selector = to_cidr(local.ip, *cidr)?;
+                let mut p = PolicySpec::new(selector, Direction::Out, template);
+                p.priority = PRIORITY_ENCRYPT;
+                p.mark = encrypt_mark(peer.node_id, self.slot);
+                Ok(p)
+            })
+            .collect()
+    }
+}
+
+fn to_cidr(local: IpAddr, cidr: IpNet) -> Result<Selector, SpecError> {
+    let any = match cidr {
+        IpNet::V4(_) => IpNet::V4(ipnet::Ipv4Net::default()),
+        IpNet::V6(_) => IpNet::V6(ipnet::Ipv6Net::default()),
+    };
+    Selector::new(any, cidr).map_err(|_| SpecError::MixedEndpoints {
+        src: local,
+        dst: cidr.addr(),
+    })
+}
+
+/// The epoch-independent policies of a peer: IN and FWD requiring its tunnel for its pod CIDRs,
+/// and (strict mode) the OUT block for unmarked packets to them.
+///
+/// # Errors
+/// [`SpecError`] if a CIDR's family differs from the node IPs'.
+pub fn peer_policies(
+    local: &LocalEnd,
+    peer: &PeerEnd,
+    strict: bool,
+) -> Result<Vec<PolicySpec>, SpecError> {
+    let inbound = Template::new(peer.ip, local.ip, reqid())?;
+    let outbound = Template::new(local.ip, peer.ip, reqid())?;
+    let mut policies = Vec::new();
+    for cidr in &peer.pod_cidrs {
+        let any = match cidr {
+            IpNet::V4(_) => IpNet::V4(ipnet::Ipv4Net::default()),
+            IpNet::V6(_) => IpNet::V6(ipnet::Ipv6Net::default()),
+        };
+        let from_peer = Selector::new(*cidr, any).map_err(|_| SpecError::MixedEndpoints {
+            src: cidr.addr(),
+            dst: local.ip,
+        })?;
+        for dir in [Direction::In, Direction::Fwd] {
+            let mut p = PolicySpec::new(from_peer, dir, inbound);
+            p.priority = PRIORITY_INBOUND;
+            policies.push(p);
+        }
+        if strict {
+            // The template is never used (block wins first); it carries our reqid so the policy
+            // is recognisably ours.
+            let mut p = PolicySpec::new(to_cidr(local.ip, *cidr)?, Direction::Out, outbound);
+            p.action = Action::Block;
+            p.priority = PRIORITY_STRICT_BLOCK;
+            policies.push(p);
+        }
+    }
+    Ok(policies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends() -> (LocalEnd, PeerEnd) {
+        (
+            LocalEnd {
+                ip: "10.0.0.1".parse().unwrap(),
+                pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()],
+            },
+            PeerEnd {
+                node_id: NodeId(7),
+                ip: "10.0.0.2".parse().unwrap(),
+                pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            },
+        )
+    }
+
+    #[test]
+    fn epoch_states_carry_the_slot_mark_on_out_only() {
+        let (local, peer) = ends();
+        let sas = EpochSas::new(
+            &local,
+            &peer,
+            KeySlot::new(3).unwrap(),
+            (Spi::new(0x1001).unwrap(), &[1; 20]),
+            (Spi::new(0x2002).unwrap(), &[2; 20]),
+        )
+        .unwrap();
+        assert_eq!(sas.outbound.mark, Mark::new(0x0007_3E00, 0xFFFF_FF00));
+        assert_eq!((sas.outbound.src, sas.outbound.dst), (local.ip, peer.ip));
+        assert!(sas.inbound.mark.is_none());
+        assert_eq!((sas.inbound.src, sas.inbound.dst), (peer.ip, local.ip));
+        let out = sas.out_policies(&local, &peer).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].mark, sas.outbound.mark);
+        assert_eq!(out[0].selector.dst(), peer.pod_cidrs[0]);
+    }
+
+    #[test]
+    fn peer_policies_require_the_peer_tunnel_and_strict_blocks() {
+        let (local, peer) = ends();
+        let relaxed = peer_policies(&local, &peer, false).unwrap();
+        assert_eq!(relaxed.len(), 2);
+        for p in &relaxed {
+            assert_eq!(p.selector.src(), peer.pod_cidrs[0]);
+            assert_eq!(p.templates[0].src, peer.ip);
+            assert_eq!(p.templates[0].level, nodeseal_xfrm::TemplateLevel::Required);
+        }
+        let strict = peer_policies(&local, &peer, true).unwrap();
+        let block = strict.iter().find(|p| p.action == Action::Block).unwrap();
+        assert_eq!(block.dir, Direction::Out);
+        assert!(block.priority > PRIORITY_ENCRYPT);
+        assert!(block.mark.is_none());
+    }
+
+    #[test]
+    fn slots_wrap_within_one_to_fifteen() {
+        assert_eq!(KeySlot::new(15).unwrap().next(), KeySlot::FIRST);
+        assert_eq!(KeySlot::FIRST.next().get(), 2);
+        assert!(KeySlot::new(0).is_none() && KeySlot::new(16).is_none());
+    }
+}

@@ -1,0 +1,322 @@
+//! A nodeseal fabric on a [`Topology`]: a cluster CA, keymgr and one real `nodeseal-agent`
+//! process per node namespace, all sharing a directory store (or etcd). Used by the agent
+//! scenarios and by `cargo xtask demo`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{Process, Topology, wait_until};
+
+/// The workspace's built binaries (`target/<profile>/`), found next to the running test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// Where the agents keep their state.
+#[derive(Clone, Debug)]
+pub enum StoreKind {
+    /// A directory shared by all processes.
+    Dir,
+    /// etcd at these client URLs.
+    Etcd(Vec<String>),
+}
+
+/// Settings of a fabric.
+#[derive(Clone, Debug)]
+pub struct FabricOptions {
+    /// Store backend.
+    pub store: StoreKind,
+    /// Keep old keys this long after a flip.
+    pub grace: Duration,
+    /// Rekey interval.
+    pub rekey_interval: Duration,
+    /// Strict mode.
+    pub strict: bool,
+}
+
+impl Default for FabricOptions {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Dir,
+            grace: Duration::from_secs(2),
+            rekey_interval: Duration::from_secs(3600),
+            strict: true,
+        }
+    }
+}
+
+/// The running fabric. Processes stop on drop; the topology (and so the kernel state) goes
+/// with the [`Topology`].
+pub struct Fabric {
+    dir: PathBuf,
+    options: FabricOptions,
+    keymgr: Option<Process>,
+    agents: Vec<Option<Process>>,
+    pin_base: PathBuf,
+}
+
+impl Fabric {
+    /// Creates the CA, starts keymgr and one agent on each of the first `agents` nodes of
+    /// `topo` (the others stay free, e.g. for a rogue node).
+    pub fn start(topo: &Topology, agents: usize, options: FabricOptions) -> Result<Self> {
+        let dir = topo.log_dir().join("fabric");
+        std::fs::create_dir_all(&dir)?;
+        let pin_base = PathBuf::from("/sys/fs/bpf").join(format!(
+            "nodeseal-test-{}",
+            dir.to_string_lossy().replace('/', "_")
+        ));
+        let mut fabric = Self {
+            dir,
+            options,
+            keymgr: None,
+            agents: Vec::new(),
+            pin_base,
+        };
+        fabric.nodeseal(&["ca", "init", "--dir", &fabric.ca_dir().to_string_lossy()])?;
+        fabric.start_keymgr(topo)?;
+        for i in 0..agents.min(topo.nodes().len()) {
+            let agent = fabric.spawn_agent(topo, i)?;
+            fabric.agents.push(Some(agent));
+        }
+        Ok(fabric)
+    }
+
+    fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    /// The store flags every process gets.
+    pub fn store_args(&self) -> Vec<String> {
+        match &self.options.store {
+            StoreKind::Dir => vec![
+                "--store-dir".into(),
+                self.dir.join("store").to_string_lossy().into_owned(),
+            ],
+            StoreKind::Etcd(urls) => vec!["--etcd-endpoints".into(), urls.join(",")],
+        }
+    }
+
+    fn start_keymgr(&mut self, topo: &Topology) -> Result<()> {
+        let mut cmd = topo
+            .underlay()
+            .command(&binary("nodeseal").to_string_lossy());
+        cmd.args([
+            "keymgr",
+            "run",
+            "--ca-dir",
+            &self.ca_dir().to_string_lossy(),
+        ])
+        .args(self.store_args())
+        .env("RUST_LOG", "info");
+        self.keymgr = Some(topo.spawn_command("keymgr", cmd)?);
+        Ok(())
+    }
+
+    /// The status socket of node `i`'s agent.
+    pub fn socket(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{i}.sock"))
+    }
+
+    /// Command line of node `i`'s agent, named `node<i>`.
+    pub fn agent_command(&self, topo: &Topology, i: usize) -> Command {
+        self.agent_command_named(topo, i, &format!("node{i}"))
+    }
+
+    fn agent_command_named(&self, topo: &Topology, i: usize, name: &str) -> Command {
+        let node = topo.node(i);
+        let mut cmd = node.ns.command(&binary("nodeseal-agent").to_string_lossy());
+        cmd.args(["--node-name", name])
+            .args(["--node-ip", &node.ip.to_string()])
+            .args(["--pod-cidr", &node.pod_cidr.to_string()])
+            .args([
+                "--state-dir",
+                &self.dir.join(format!("n{i}-state")).to_string_lossy(),
+            ])
+            .args(["--status-socket", &self.socket(i).to_string_lossy()])
+            .args([
+                "--bpf-pin-root",
+                &self.pin_base.join(format!("n{i}")).to_string_lossy(),
+            ])
+            .args(["--rekey-grace", &humantime(self.options.grace)])
+            .args(["--rekey-interval", &humantime(self.options.rekey_interval)])
+            .args([
+                "--strict-mode",
+                if self.options.strict { "true" } else { "false" },
+            ])
+            .args(self.store_args())
+            .env("RUST_LOG", "info,nodeseal_agent=debug");
+        cmd
+    }
+
+    fn spawn_agent(&self, topo: &Topology, i: usize) -> Result<Process> {
+        topo.spawn_command(&format!("agent-node{i}"), self.agent_command(topo, i))
+    }
+
+    /// SIGKILLs node `i`'s agent (kernel state stays).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut p) = self.agents.get_mut(i).and_then(Option::take) {
+            p.kill();
+        }
+    }
+
+    /// Starts node `i`'s agent again (after [`Fabric::kill_agent`]).
+    pub fn restart_agent(&mut self, topo: &Topology, i: usize) -> Result<()> {
+        self.kill_agent(i);
+        let agent = self.spawn_agent(topo, i)?;
+        self.agents[i] = Some(agent);
+        Ok(())
+    }
+
+    /// Runs `nodeseal ARGS` (from the root namespace; the store is a file path or loopback etcd
+    /// reachable from the underlay) and returns stdout.
+    pub fn nodeseal(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(binary("nodeseal"))
+            .args(args)
+            .output()
+            .context("running nodeseal")?;
+        if !out.status.success() {
+            bail!(
+                "nodeseal {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Like [`Fabric::nodeseal`] with the store flags appended.
+    pub fn nodeseal_store(&self, args: &[&str]) -> Result<String> {
+        let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        all.extend(self.store_args());
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.nodeseal(&refs)
+    }
+
+    /// Node `i`'s status document (`nodeseal status -o json`).
+    pub fn status(&self, i: usize) -> Result<Value> {
+        let text = self.nodeseal(&[
+            "status",
+            "-o",
+            "json",
+            "--socket",
+            &self.socket(i).to_string_lossy(),
+        ])?;
+        serde_json::from_str(&text).context("parsing status JSON")
+    }
+
+    /// Node `i`'s status as text.
+    pub fn status_text(&self, i: usize) -> Result<String> {
+        self.nodeseal(&["status", "--socket", &self.socket(i).to_string_lossy()])
+    }
+
+    /// Node `i`'s row for `peer` (node name).
+    pub fn peer_row(&self, i: usize, peer: &str) -> Option<Value> {
+        let status = self.status(i).ok()?;
+        status["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == peer)
+            .cloned()
+    }
+
+    /// Waits until every node has every other node (of `nodes`) established.
+    pub fn wait_established(&self, nodes: &[usize], timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        let ok = wait_until(timeout, || {
+            nodes.iter().all(|&i| {
+                nodes.iter().filter(|&&j| j != i).all(|&j| {
+                    self.peer_row(i, &format!("node{j}"))
+                        .is_some_and(|row| row["state"] == "established")
+                })
+            })
+        });
+        if !ok {
+            let mut detail = String::new();
+            for &i in nodes {
+                detail.push_str(
+                    &self
+                        .status_text(i)
+                        .unwrap_or_else(|e| format!("node{i}: {e:#}\n")),
+                );
+            }
+            bail!(
+                "fabric not established after {:?}:\n{detail}",
+                started.elapsed()
+            );
+        }
+        Ok(())
+    }
+
+    /// The agent process of node `i`, if running.
+    pub fn agent(&mut self, i: usize) -> Option<&mut Process> {
+        self.agents.get_mut(i).and_then(Option::as_mut)
+    }
+
+    /// The namespace-independent directory holding the CA, store and sockets.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs a rogue agent on node `node` under `name`, with an SVID from a CA of its own.
+    pub fn spawn_rogue(&self, topo: &Topology, node: usize, name: &str) -> Result<Process> {
+        let rogue_ca = self.dir.join("rogue-ca");
+        let rogue_id = self.dir.join("rogue-id");
+        self.nodeseal(&["ca", "init", "--dir", &rogue_ca.to_string_lossy()])?;
+        self.nodeseal(&[
+            "ca",
+            "issue",
+            "--dir",
+            &rogue_ca.to_string_lossy(),
+            "--node",
+            name,
+            "--out",
+            &rogue_id.to_string_lossy(),
+        ])?;
+        let mut cmd = self.agent_command_named(topo, node, name);
+        cmd.args([
+            "--identity-cert",
+            &rogue_id.join("node.crt").to_string_lossy(),
+        ])
+        .args([
+            "--identity-key",
+            &rogue_id.join("node.key").to_string_lossy(),
+        ])
+        .args([
+            "--trust-bundle-file",
+            &rogue_id.join("bundle.pem").to_string_lossy(),
+        ]);
+        topo.spawn_command(&format!("rogue-{name}"), cmd)
+    }
+
+    /// Removes the pinned maps of every agent (the kernel namespaces go with the topology).
+    fn unpin(&self) {
+        let _ = std::fs::remove_dir_all(&self.pin_base);
+    }
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        for agent in self.agents.iter_mut().flatten() {
+            agent.kill();
+        }
+        if let Some(k) = self.keymgr.as_mut() {
+            k.kill();
+        }
+        self.unpin();
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
