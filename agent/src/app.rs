@@ -485,10 +485,9 @@ impl Agent {
         }
         let ip = info.ip;
         match PeerTask::new(info.clone(), self.peer_ctx.clone()).await {
-            Ok((task, handle, commands)) => {
+            Ok((task, handle)) => {
                 self.registry.insert(ip, info.name.clone(), handle.clone());
-                self.tracker
-                    .spawn(task.run(commands, handle.cancel.clone()));
+                self.tracker.spawn(task.run(handle.cancel.clone()));
                 info!(peer = %name, %ip, "peer added");
             }
             Err(e) => warn!(peer = %name, error = %error_chain(&e), "cannot set up peer"),
@@ -576,7 +575,7 @@ impl StatusSource for Agent {
             .map(|all| {
                 all.into_iter()
                     .filter(|(_, v)| *v > 0)
-                    .map(|(r, v)| (format!("{r:?}").to_lowercase(), v))
+                    .map(|(r, v)| (r.as_str().to_owned(), v))
                     .collect()
             })
             .unwrap_or_default();

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant, SystemTime};
 use ipnet::IpNet;
 use nodeseal_bpf::NodeId;
 use nodeseal_keymgr::handshake::{self, Agreement, HandshakeConfig, Incoming};
-use nodeseal_keymgr::{Aead as KeyAead, Epoch, Hello, Mode, NodeName, RejectReason, SpiffeId};
+use nodeseal_keymgr::{
+    Aead as KeyAead, Epoch, HandshakeError, Hello, Mode, NodeName, RejectReason, SpiffeId,
+};
 use nodeseal_xfrm::{Handle, KernelPolicy, KernelState, Spi};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -187,7 +189,13 @@ pub struct PeerTask {
     backoff: Duration,
     next_attempt: Option<Instant>,
     last_success: Option<Instant>,
-    created: Instant,
+    /// Since when handshakes with an established peer fail (the retention clock).
+    unreachable_since: Option<Instant>,
+    /// When the current keys are due for their periodic rekey.
+    rekey_due: Option<Instant>,
+    commands: mpsc::Receiver<PeerCommand>,
+    /// Commands that arrived while a handshake was running, handled right after it.
+    deferred: std::collections::VecDeque<PeerCommand>,
     /// When to delete objects of this peer that a previous agent left (after the first flip).
     sweep_at: Option<Instant>,
 }
@@ -253,6 +261,12 @@ pub enum PeerError {
     BadSpi(u32),
 }
 
+/// What a handshake in progress was interrupted by.
+enum Either<T> {
+    Done(T),
+    Command(Option<PeerCommand>),
+}
+
 /// Renders an error with its sources, for status and logs.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
@@ -284,10 +298,7 @@ impl PeerTask {
     ///
     /// # Errors
     /// [`PeerError`] from the datapath or XFRM.
-    pub async fn new(
-        info: PeerInfo,
-        ctx: PeerContext,
-    ) -> Result<(Self, PeerHandle, mpsc::Receiver<PeerCommand>), PeerError> {
+    pub async fn new(info: PeerInfo, ctx: PeerContext) -> Result<(Self, PeerHandle), PeerError> {
         let node_id = ctx.datapath.node_id(info.ip)?;
         ctx.datapath.set_peer_routes(node_id, &info.pod_cidrs)?;
         // After a restart the previous agent's slot is still live; the next one must differ.
@@ -312,7 +323,7 @@ impl PeerTask {
             in_bytes: 0,
             in_packets: 0,
         }));
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(64);
         let cancel = ctx.cancel.child_token();
         let mut task = Self {
             info,
@@ -331,7 +342,10 @@ impl PeerTask {
             backoff: FIRST_BACKOFF,
             next_attempt: Some(Instant::now()),
             last_success: None,
-            created: Instant::now(),
+            unreachable_since: None,
+            rekey_due: None,
+            commands: rx,
+            deferred: std::collections::VecDeque::new(),
             sweep_at: None,
         };
         if task.settings.strict {
@@ -344,7 +358,6 @@ impl PeerTask {
                 status,
                 cancel,
             },
-            rx,
         ))
     }
 
@@ -378,24 +391,26 @@ impl PeerTask {
     }
 
     /// Runs until cancelled (shutdown: kernel state stays) or told to remove the peer.
-    pub async fn run(
-        mut self,
-        mut commands: mpsc::Receiver<PeerCommand>,
-        cancel: CancellationToken,
-    ) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let span = info_span!("peer", peer = %self.info.name, ip = %self.info.ip);
         async move {
             loop {
+                if let Some(cmd) = self.deferred.pop_front() {
+                    if self.handle(cmd).await {
+                        return;
+                    }
+                    continue;
+                }
                 let wake = self.next_wake();
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    cmd = commands.recv() => match cmd {
+                    cmd = self.commands.recv() => match cmd {
                         None => return,
-                        Some(PeerCommand::Remove { reason }) => {
-                            self.teardown(&reason).await;
-                            return;
+                        Some(cmd) => {
+                            if self.handle(cmd).await {
+                                return;
+                            }
                         }
-                        Some(cmd) => self.handle(cmd).await,
                     },
                     () = sleep_until(wake) => self.on_timer().await,
                     changed = self.generation.changed() => {
@@ -413,10 +428,27 @@ impl PeerTask {
 
     fn next_wake(&self) -> Option<Instant> {
         let retire = self.retiring.iter().map(|(_, at)| *at).min();
-        [self.next_attempt, retire, self.sweep_at]
+        let expire = self
+            .unreachable_since
+            .filter(|_| self.current.is_some())
+            .map(|since| since + self.settings.retention);
+        [self.next_attempt, retire, self.sweep_at, expire]
             .into_iter()
             .flatten()
             .min()
+    }
+
+    /// Whether a handshake is due: no keys, keys of an older rotation generation, or the
+    /// periodic rekey.
+    fn needs_handshake(&self) -> bool {
+        let wanted = *self.generation.borrow();
+        match &self.current {
+            None => true,
+            Some(c) => {
+                generation_of(c.epoch) < wanted
+                    || self.rekey_due.is_some_and(|t| t <= Instant::now())
+            }
+        }
     }
 
     fn on_generation(&mut self, wanted: u64) {
@@ -436,8 +468,13 @@ impl PeerTask {
         self.next_attempt = Some(self.next_attempt.map_or(at, |t| t.min(at)));
     }
 
-    async fn handle(&mut self, cmd: PeerCommand) {
+    /// Handles one command; returns whether the task must stop.
+    async fn handle(&mut self, cmd: PeerCommand) -> bool {
         match cmd {
+            PeerCommand::Remove { reason } => {
+                self.teardown(&reason).await;
+                return true;
+            }
             PeerCommand::Incoming(incoming) => self.respond(*incoming).await,
             PeerCommand::Rekey { generation } => self.on_generation(generation),
             PeerCommand::Update(info) => {
@@ -457,8 +494,8 @@ impl PeerTask {
                 }
             }
             PeerCommand::HandshakeFailed { error } => self.record_failure(error),
-            PeerCommand::Remove { .. } => {}
         }
+        false
     }
 
     async fn on_timer(&mut self) {
@@ -481,10 +518,11 @@ impl PeerTask {
         self.expire_if_unreachable().await;
     }
 
-    /// Without a successful handshake for `retention`, the peer's SAs are removed: its keys are
-    /// too old to keep, and strict mode drops its traffic from then on.
+    /// When handshakes with the peer have failed for `retention`, its SAs are removed: a peer
+    /// that cannot prove its identity any more loses its keys, and strict mode drops its traffic
+    /// from then on.
     async fn expire_if_unreachable(&mut self) {
-        let since = self.last_success.unwrap_or(self.created);
+        let Some(since) = self.unreachable_since else { return };
         if self.current.is_none() || since.elapsed() < self.settings.retention {
             return;
         }
@@ -501,7 +539,14 @@ impl PeerTask {
         );
     }
 
+    /// Initiates a key agreement if one is due. While the TLS handshake runs, commands keep
+    /// arriving: a handshake the peer initiated at the same time is resolved in favour of the
+    /// lower node name (ours: the peer's is refused with `Collision`; theirs: ours is abandoned
+    /// and theirs answered), everything else waits until the handshake is over.
     async fn attempt(&mut self) {
+        if !self.needs_handshake() {
+            return;
+        }
         let Some(config) = self.handshake.borrow().clone() else {
             self.schedule(Instant::now() + Duration::from_secs(1));
             return;
@@ -509,11 +554,62 @@ impl PeerTask {
         let generation = *self.generation.borrow();
         let epoch = self.next_epoch(generation);
         let started = Instant::now();
-        let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.initiate(&config, epoch)).await;
+        let hello = match self.hello(&config, epoch, self.fresh_spi()) {
+            Ok(h) => h,
+            Err(e) => return self.on_failure(&e),
+        };
+        let we_win = handshake::keep_initiated_by(config.local_node(), &self.info.name) == config.local_node();
+        let addr = SocketAddr::new(self.info.ip, self.info.port);
+        let peer = self.info.name.clone();
+        let tls = async move {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|source| PeerError::Connect { addr, source })?;
+            let _ = stream.set_nodelay(true);
+            Ok::<_, PeerError>(handshake::initiate(&config, stream, &peer, hello).await?)
+        };
+        tokio::pin!(tls);
+        let deadline = tokio::time::sleep(HANDSHAKE_TIMEOUT);
+        tokio::pin!(deadline);
+        let agreement = loop {
+            let event = tokio::select! {
+                r = &mut tls => Either::Done(r),
+                () = &mut deadline => Either::Done(Err(PeerError::Timeout(HANDSHAKE_TIMEOUT))),
+                cmd = self.commands.recv() => Either::Command(cmd),
+            };
+            match event {
+                Either::Done(r) => break r,
+                Either::Command(Some(PeerCommand::Incoming(incoming))) if we_win => {
+                    debug!("simultaneous handshake: ours wins");
+                    let _ = incoming.reject(RejectReason::Collision).await;
+                }
+                Either::Command(Some(PeerCommand::Incoming(incoming))) => {
+                    debug!("simultaneous handshake: the peer's wins; answering it");
+                    self.deferred.push_front(PeerCommand::Incoming(incoming));
+                    return;
+                }
+                Either::Command(Some(other)) => self.deferred.push_back(other),
+                Either::Command(None) => return,
+            }
+        };
+        let result = match agreement {
+            Ok(agreement) => {
+                self.metrics.handshake("initiated");
+                let remaining = HANDSHAKE_TIMEOUT.saturating_sub(started.elapsed());
+                match tokio::time::timeout(remaining, self.install(agreement)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(PeerError::Timeout(HANDSHAKE_TIMEOUT)),
+                }
+            }
+            Err(e) => Err(e),
+        };
         match result {
-            Ok(Ok(())) => self.on_success(started),
-            Ok(Err(e)) => self.on_failure(&e),
-            Err(_) => self.on_failure(&PeerError::Timeout(HANDSHAKE_TIMEOUT)),
+            Ok(()) => self.on_success(started),
+            // Our handshake lost a collision: the winning one is on its way to us.
+            Err(PeerError::Handshake(HandshakeError::Rejected {
+                reason: RejectReason::Collision,
+            })) => debug!("our handshake lost a collision; waiting for the peer's"),
+            Err(e) => self.on_failure(&e),
         }
     }
 
@@ -540,19 +636,6 @@ impl PeerTask {
                 .with_node_ips(vec![self.settings.local.ip])
                 .with_pod_cidrs(self.settings.local.pod_cidrs.clone()),
         )
-    }
-
-    async fn initiate(&mut self, config: &HandshakeConfig, epoch: Epoch) -> Result<(), PeerError> {
-        let addr = SocketAddr::new(self.info.ip, self.info.port);
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| PeerError::Connect { addr, source })?;
-        let _ = stream.set_nodelay(true);
-        let spi = self.fresh_spi();
-        let hello = self.hello(config, epoch, spi)?;
-        let agreement = handshake::initiate(config, stream, &self.info.name, hello).await?;
-        self.metrics.handshake("initiated");
-        self.install(agreement).await
     }
 
     async fn respond(&mut self, incoming: Incoming<TcpStream>) {
@@ -741,10 +824,17 @@ impl PeerTask {
             self.sweep_at = Some(Instant::now() + self.settings.grace);
         }
         self.last_success = Some(Instant::now());
-        // The preferred initiator keeps the rekey clock.
-        if self.preferred_initiator() {
-            self.schedule(Instant::now() + jitter(self.settings.rekey_interval));
-        }
+        self.unreachable_since = None;
+        // The preferred initiator keeps the rekey clock; the other side steps in only if it
+        // does not.
+        let interval = if self.preferred_initiator() {
+            jitter(self.settings.rekey_interval)
+        } else {
+            self.settings.rekey_interval.mul_f64(1.25)
+        };
+        let due = Instant::now() + interval;
+        self.rekey_due = Some(due);
+        self.schedule(due);
         let wanted = *self.generation.borrow();
         self.on_generation(wanted);
         if let Ok(mut s) = self.status.lock() {
@@ -765,6 +855,9 @@ impl PeerTask {
         warn!(error = %text, "key agreement failed");
         self.metrics.handshake("failed");
         self.record_failure(text);
+        if self.current.is_some() && self.unreachable_since.is_none() {
+            self.unreachable_since = Some(Instant::now());
+        }
         self.schedule(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }

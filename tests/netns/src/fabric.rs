@@ -42,6 +42,8 @@ pub struct FabricOptions {
     pub rekey_interval: Duration,
     /// Strict mode.
     pub strict: bool,
+    /// Remove a peer's SAs after its handshakes failed this long.
+    pub retention: Duration,
 }
 
 impl Default for FabricOptions {
@@ -51,6 +53,7 @@ impl Default for FabricOptions {
             grace: Duration::from_secs(2),
             rekey_interval: Duration::from_secs(3600),
             strict: true,
+            retention: Duration::from_secs(600),
         }
     }
 }
@@ -59,6 +62,7 @@ impl Default for FabricOptions {
 /// with the [`Topology`].
 pub struct Fabric {
     dir: PathBuf,
+    underlay: std::sync::Arc<crate::Netns>,
     options: FabricOptions,
     keymgr: Option<Process>,
     agents: Vec<Option<Process>>,
@@ -77,6 +81,7 @@ impl Fabric {
         ));
         let mut fabric = Self {
             dir,
+            underlay: topo.underlay_shared(),
             options,
             keymgr: None,
             agents: Vec::new(),
@@ -129,10 +134,10 @@ impl Fabric {
 
     /// Command line of node `i`'s agent, named `node<i>`.
     pub fn agent_command(&self, topo: &Topology, i: usize) -> Command {
-        self.agent_command_named(topo, i, &format!("node{i}"))
+        self.agent_command_named(topo, i, &format!("node{i}"), self.options.strict)
     }
 
-    fn agent_command_named(&self, topo: &Topology, i: usize, name: &str) -> Command {
+    fn agent_command_named(&self, topo: &Topology, i: usize, name: &str, strict: bool) -> Command {
         let node = topo.node(i);
         let mut cmd = node.ns.command(&binary("nodeseal-agent").to_string_lossy());
         cmd.args(["--node-name", name])
@@ -151,8 +156,9 @@ impl Fabric {
             .args(["--rekey-interval", &humantime(self.options.rekey_interval)])
             .args([
                 "--strict-mode",
-                if self.options.strict { "true" } else { "false" },
+                if strict { "true" } else { "false" },
             ])
+            .args(["--peer-retention", &humantime(self.options.retention)])
             .args(self.store_args())
             .env("RUST_LOG", "info,nodeseal_agent=debug");
         cmd
@@ -177,10 +183,12 @@ impl Fabric {
         Ok(())
     }
 
-    /// Runs `nodeseal ARGS` (from the root namespace; the store is a file path or loopback etcd
-    /// reachable from the underlay) and returns stdout.
+    /// Runs `nodeseal ARGS` in the underlay namespace (where etcd listens, when used) and
+    /// returns stdout.
     pub fn nodeseal(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(binary("nodeseal"))
+        let out = self
+            .underlay
+            .command(&binary("nodeseal").to_string_lossy())
             .args(args)
             .output()
             .context("running nodeseal")?;
@@ -283,7 +291,8 @@ impl Fabric {
             "--out",
             &rogue_id.to_string_lossy(),
         ])?;
-        let mut cmd = self.agent_command_named(topo, node, name);
+        // Not strict: it sends plaintext where it has no keys, which the honest nodes must drop.
+        let mut cmd = self.agent_command_named(topo, node, name, false);
         cmd.args([
             "--identity-cert",
             &rogue_id.join("node.crt").to_string_lossy(),
@@ -319,4 +328,50 @@ impl Drop for Fabric {
 
 fn humantime(d: Duration) -> String {
     format!("{}ms", d.as_millis())
+}
+
+/// A real etcd (Debian's `etcd-server`) for the store scenarios, listening on `ip` inside the
+/// underlay namespace (client 2379, peer 2380), with its data under `dir`.
+pub fn start_etcd(topo: &Topology, ip: std::net::Ipv4Addr, dir: &Path) -> Result<(Process, String)> {
+    let client = format!("http://{ip}:2379");
+    let peer = format!("http://{ip}:2380");
+    let mut cmd = topo.underlay().command("etcd");
+    cmd.args(["--name", "nodeseal-test", "--data-dir", &dir.to_string_lossy()])
+        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("nodeseal-test={peer}")])
+        .env("ETCD_UNSUPPORTED_ARCH", "");
+    let mut process = topo.spawn_command("etcd", cmd)?;
+    let addr: std::net::SocketAddr = format!("{ip}:2379").parse()?;
+    let up = wait_until(Duration::from_secs(30), || {
+        topo.underlay().run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+    });
+    if !up || !process.is_running() {
+        bail!("etcd did not start:\n{}", process.log());
+    }
+    Ok((process, client))
+}
+
+/// SPIs of the ESP states in `ns` between `a` and `b` (either direction), read with iproute2.
+pub fn esp_spis_between(ns: &crate::Netns, a: std::net::Ipv4Addr, b: std::net::Ipv4Addr) -> Vec<u32> {
+    let text = ns.ip(&["xfrm", "state"]).unwrap_or_default();
+    let mut spis = Vec::new();
+    let mut between = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("src ") {
+            let mut words = rest.split_whitespace();
+            let src = words.next().unwrap_or_default();
+            let dst = words.nth(1).unwrap_or_default();
+            let (a, b) = (a.to_string(), b.to_string());
+            between = (src == a && dst == b) || (src == b && dst == a);
+        } else if between {
+            if let Some(spi) = line.split_whitespace().skip_while(|w| *w != "spi").nth(1) {
+                if let Ok(v) = u32::from_str_radix(spi.trim_start_matches("0x"), 16) {
+                    spis.push(v);
+                }
+                between = false;
+            }
+        }
+    }
+    spis
 }

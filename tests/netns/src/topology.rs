@@ -62,7 +62,7 @@ impl TopologyBuilder {
         underlay.ip(&["link", "set", UNDERLAY_BRIDGE, "up"])?;
         let mut topo = Topology {
             name: self.name,
-            underlay,
+            underlay: Arc::new(underlay),
             nodes: Vec::new(),
             log_dir,
             logs: Mutex::new(Vec::new()),
@@ -89,7 +89,7 @@ impl TopologyBuilder {
 
 pub struct Topology {
     name: String,
-    underlay: Netns,
+    underlay: Arc<Netns>,
     nodes: Vec<Node>,
     log_dir: PathBuf,
     logs: Mutex<Vec<(String, PathBuf)>>,
@@ -116,6 +116,11 @@ impl Topology {
 
     pub fn underlay(&self) -> &Netns {
         &self.underlay
+    }
+
+    /// The underlay namespace, shared (for helpers that outlive a borrow of the topology).
+    pub fn underlay_shared(&self) -> Arc<Netns> {
+        Arc::clone(&self.underlay)
     }
 
     /// Every node's pod CIDR.
@@ -157,6 +162,11 @@ impl Topology {
     /// The failure report: namespace state, process logs, capture summaries.
     pub fn report(&self) -> String {
         let mut out = format!("===== nodeseal-netns report for {} =====\n", self.name);
+        out.push_str("----- underlay -----\n");
+        for args in [&["-br", "addr"][..], &["route"]] {
+            out.push_str(&format!("$ ip {}\n", args.join(" ")));
+            out.push_str(&self.underlay.ip(args).unwrap_or_else(|e| format!("{e:#}\n")));
+        }
         for node in &self.nodes {
             out.push_str(&format!(
                 "----- node {} ({}, pods {}) -----\n",

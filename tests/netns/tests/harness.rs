@@ -296,3 +296,19 @@ fn failure_report_shows_namespaces_logs_and_capture() {
     proc.kill();
     drop(capture);
 }
+
+#[test]
+fn commands_run_inside_the_namespace_with_the_callers_mounts() {
+    if !require("netns_command", &[Feature::Netns]) {
+        return;
+    }
+    let ns = nodeseal_netns::Netns::new("cmd").expect("netns");
+    ns.ip(&["addr", "add", "192.0.2.77/32", "dev", "lo"]).expect("address");
+    let out = ns.command("ip").args(["-br", "addr"]).output().expect("ip");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("192.0.2.77"), "{text}");
+    // bpffs stays visible (ip netns exec would remount /sys and hide it).
+    let mounts = ns.command("cat").arg("/proc/self/mountinfo").output().expect("cat");
+    let own = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert_eq!(String::from_utf8_lossy(&mounts.stdout).lines().count(), own.lines().count());
+}
