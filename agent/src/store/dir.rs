@@ -1,0 +1,568 @@
+//! [`DirStore`]: the cluster state in a local directory, one JSON file per record.
+//!
+//! Layout: `<root>/<kind>/<id>.json` (e.g. `nodes/worker-1.json`), directories 0700, files
+//! 0600, and the lock file `<root>/.lock`.
+//!
+//! - Writes are atomic: a temporary dot-file in the same directory, `fsync`, `rename` over the
+//!   record, `fsync` of the directory. Readers never see half a record; a crash leaves at most
+//!   a stray temporary file (ignored, and removed by the next [`DirStore::open`] once old).
+//! - Every write takes an exclusive `flock` on the lock file, so compare-and-swap is atomic
+//!   across tasks and processes: `flock` locks belong to open file descriptions, and every
+//!   operation opens its own.
+//! - Change notification: the watch rescans the directory and diffs against what it last saw
+//!   (a file is re-read only when its inode, size or timestamps changed). inotify (the `notify`
+//!   crate) only says *when* to rescan, plus a slow periodic rescan as a safety net. Why: inotify
+//!   belongs to the file system, not to a network namespace, so agents in different network
+//!   namespaces sharing the directory (the netns demo) see each other's writes at once; a
+//!   rescan cannot miss or misorder anything even when inotify coalesces events or its queue
+//!   overflows; and where inotify does not see other writers (NFS, 9p, FUSE) or cannot be set
+//!   up, `poll_only` or the fallback turns the same rescan into bounded polling.
+//! - No leases: a node record stays until deleted ([`StoreBackend::grant_lease`] returns a
+//!   dummy lease). On one host, a dead agent is the operator's business.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write as _};
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::stream::BoxStream;
+use notify::Watcher as _;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use super::backend::{Backoff, LeaseId, RawEvent, StoreBackend};
+use super::error::{RecordError, StoreError};
+use super::record::{Key, Kind};
+
+const BACKEND: &str = "directory";
+const LOCK_FILE: &str = ".lock";
+const SUFFIX: &str = ".json";
+/// Temporary files older than this are left-overs of a crash.
+const STALE_TEMP: Duration = Duration::from_secs(600);
+
+/// Settings of the directory backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DirOptions {
+    /// Don't use inotify; rescan every `poll_interval` (for file systems where inotify does
+    /// not see other writers).
+    pub poll_only: bool,
+    /// Rescan period without inotify (polling).
+    pub poll_interval: Duration,
+    /// Rescan period with inotify, as a safety net.
+    pub rescan_interval: Duration,
+    /// Longest wait for the lock file.
+    pub lock_timeout: Duration,
+    /// Backoff of the watch while the directory is unreadable.
+    pub backoff: Backoff,
+}
+
+impl Default for DirOptions {
+    fn default() -> Self {
+        Self {
+            poll_only: false,
+            poll_interval: Duration::from_millis(500),
+            rescan_interval: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(10),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// The directory backend. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct DirStore {
+    root: Arc<Path>,
+    options: DirOptions,
+}
+
+impl DirStore {
+    /// Opens (creating if needed) a store rooted at `root`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Io`] if the directories or the lock file cannot be created.
+    pub async fn open(root: impl Into<PathBuf>, options: DirOptions) -> Result<Self, StoreError> {
+        let root: Arc<Path> = root.into().into();
+        let setup_root = root.clone();
+        blocking(move || setup(&setup_root)).await?;
+        info!(root = %root.display(), poll_only = options.poll_only, "opened directory store");
+        Ok(Self { root, options })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The file of a key, after checking that the key is a record key (so no path tricks).
+    fn path_of(&self, key: &str) -> Result<(PathBuf, String), StoreError> {
+        let parsed = Key::parse(key).map_err(|problem| RecordError {
+            key: key.to_owned(),
+            problem,
+        })?;
+        let dir = self.root.join(parsed.kind().as_str());
+        let file = format!("{}{SUFFIX}", parsed.id_text());
+        Ok((dir, file))
+    }
+
+    /// Runs `write` with the lock file locked.
+    async fn locked<T, F>(&self, write: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+    {
+        let lock_path = self.root.join(LOCK_FILE);
+        let timeout = self.options.lock_timeout;
+        blocking(move || {
+            let lock = open_lock(&lock_path)?;
+            lock_with_timeout(&lock, &lock_path, timeout)?;
+            let result = write();
+            // Closing the file releases the lock too; unlocking first keeps the critical
+            // section minimal if the close is slow.
+            let _ = lock.unlock();
+            result
+        })
+        .await
+    }
+}
+
+fn setup(root: &Path) -> Result<(), StoreError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true).mode(0o700);
+    builder
+        .create(root)
+        .map_err(io_error("create directory", root))?;
+    let meta = fs::metadata(root).map_err(io_error("stat", root))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        warn!(root = %root.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "store directory is accessible to other users");
+    }
+    for kind in Kind::ALL {
+        let dir = root.join(kind.as_str());
+        builder
+            .create(&dir)
+            .map_err(io_error("create directory", &dir))?;
+        remove_stale_temps(&dir);
+    }
+    open_lock(&root.join(LOCK_FILE))?;
+    Ok(())
+}
+
+fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| now.duration_since(modified).unwrap_or_default() > STALE_TEMP);
+        if old {
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => info!(path = %path.display(), "removed stale temporary file"),
+                Err(error) => debug!(path = %path.display(), %error, "cannot remove stale file"),
+            }
+        }
+    }
+}
+
+fn open_lock(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_error("open lock file", path))
+}
+
+fn lock_with_timeout(lock: &File, path: &Path, timeout: Duration) -> Result<(), StoreError> {
+    let start = Instant::now();
+    let mut pause = Duration::from_micros(100);
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(fs::TryLockError::WouldBlock) => {}
+            Err(fs::TryLockError::Error(source)) => {
+                return Err(StoreError::Io {
+                    op: "flock",
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+        if start.elapsed() >= timeout {
+            return Err(StoreError::LockTimeout {
+                path: path.to_owned(),
+                waited: start.elapsed(),
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |source| StoreError::Io { op, path, source }
+}
+
+/// Runs blocking file work off the runtime threads.
+async fn blocking<T, F>(work: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(StoreError::Task)?
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(io_error("read", path)(error)),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("fsync directory", dir))
+}
+
+/// Writes `dir/file` atomically: temporary file, fsync, rename, fsync of the directory.
+fn write_atomic(dir: &Path, file: &str, value: &[u8]) -> Result<(), StoreError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let temp = dir.join(format!(
+        ".{file}.{}.{}.tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let target = dir.join(file);
+    let result = (|| {
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(io_error("create", &temp))?;
+        out.write_all(value).map_err(io_error("write", &temp))?;
+        out.sync_all().map_err(io_error("fsync", &temp))?;
+        fs::rename(&temp, &target).map_err(io_error("rename", &target))?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+fn remove(dir: &Path, file: &str) -> Result<bool, StoreError> {
+    let path = dir.join(file);
+    match fs::remove_file(&path) {
+        Ok(()) => {
+            sync_dir(dir)?;
+            Ok(true)
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(io_error("remove", &path)(error)),
+    }
+}
+
+/// What identifies a file version without reading it. Writes replace files by rename, so a
+/// change always brings a new inode; timestamps and size guard against inode reuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+type Scan = BTreeMap<String, (Stamp, Vec<u8>)>;
+
+/// Reads the records of one kind directory, re-reading only files whose stamp changed since
+/// `previous`. A missing kind directory counts as empty; an unreadable root is an error.
+fn scan_kind(
+    root: &Path,
+    prefix: &str,
+    previous: &Scan,
+    into: &mut Scan,
+) -> Result<(), StoreError> {
+    let dir = root.join(prefix);
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            // Still an error if the root itself went away.
+            fs::metadata(root).map_err(io_error("stat", root))?;
+            return Ok(());
+        }
+        Err(error) => return Err(io_error("read directory", &dir)(error)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_error("read directory", &dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            debug!(dir = %dir.display(), "ignoring file with non-UTF-8 name");
+            continue;
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        let Some(id) = name.strip_suffix(SUFFIX) else {
+            continue;
+        };
+        let key = format!("{prefix}/{id}");
+        let path = entry.path();
+        let meta = match fs::metadata(&path) {
+            Ok(meta) => meta,
+            // Deleted between listing and stat: it is simply gone.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(io_error("stat", &path)(error)),
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        let stamp = Stamp::of(&meta);
+        if let Some((old, value)) = previous.get(&key)
+            && *old == stamp
+        {
+            into.insert(key, (stamp, value.clone()));
+            continue;
+        }
+        match read_optional(&path)? {
+            Some(value) => {
+                into.insert(key, (stamp, value));
+            }
+            None => continue,
+        }
+    }
+    Ok(())
+}
+
+fn scan_all(root: &Path, kinds: &[Kind], previous: &Scan) -> Result<Scan, StoreError> {
+    let mut scan = Scan::new();
+    for &kind in kinds {
+        scan_kind(root, kind.as_str(), previous, &mut scan)?;
+    }
+    Ok(scan)
+}
+
+/// Turns two scans into change events, in key order.
+fn diff(old: &Scan, new: &Scan) -> Vec<RawEvent> {
+    let mut events = Vec::new();
+    for (key, (_, value)) in new {
+        if old.get(key).is_none_or(|(_, before)| before != value) {
+            events.push(RawEvent::Put(key.clone(), value.clone()));
+        }
+    }
+    for key in old.keys() {
+        if !new.contains_key(key) {
+            events.push(RawEvent::Delete(key.clone()));
+        }
+    }
+    events
+}
+
+fn entries(scan: &Scan) -> Vec<(String, Vec<u8>)> {
+    scan.iter()
+        .map(|(key, (_, value))| (key.clone(), value.clone()))
+        .collect()
+}
+
+/// Sets up inotify on the root, waking `wake` on changes other than our own temp/lock files
+/// and plain reads.
+fn make_watcher(root: &Path, wake: Arc<Notify>) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = match &event {
+            // Errors include queue overflows: rescan.
+            Err(_) => true,
+            Ok(event) => {
+                !matches!(event.kind, notify::EventKind::Access(_))
+                    && (event.paths.is_empty()
+                        || event.paths.iter().any(|path| {
+                            path.file_name()
+                                .is_none_or(|name| !name.to_string_lossy().starts_with('.'))
+                        }))
+            }
+        };
+        if relevant {
+            wake.notify_one();
+        }
+    })?;
+    watcher.watch(root, notify::RecursiveMode::Recursive)?;
+    Ok(watcher)
+}
+
+#[async_trait::async_trait]
+impl StoreBackend for DirStore {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let (dir, file) = self.path_of(key)?;
+        blocking(move || read_optional(&dir.join(file))).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_owned();
+        if !Kind::ALL.iter().any(|kind| kind.as_str() == prefix) {
+            return Ok(Vec::new());
+        }
+        let scan = blocking(move || {
+            let mut scan = Scan::new();
+            scan_kind(&root, &prefix, &Scan::new(), &mut scan)?;
+            Ok(scan)
+        })
+        .await?;
+        Ok(entries(&scan))
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        _lease: Option<LeaseId>,
+    ) -> Result<(), StoreError> {
+        let (dir, file) = self.path_of(key)?;
+        self.locked(move || write_atomic(&dir, &file, &value)).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let (dir, file) = self.path_of(key)?;
+        self.locked(move || remove(&dir, &file)).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let (dir, file) = self.path_of(key)?;
+        let expected = expected.map(<[u8]>::to_vec);
+        self.locked(move || {
+            let current = read_optional(&dir.join(&file))?;
+            if current != expected {
+                return Ok(false);
+            }
+            write_atomic(&dir, &file, &new)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {
+        Ok(LeaseId(0))
+    }
+
+    async fn keep_alive(&self, _lease: LeaseId) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn revoke_lease(&self, _lease: LeaseId) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn watch(&self, kinds: &[Kind]) -> BoxStream<'static, RawEvent> {
+        let root = self.root.clone();
+        let kinds: Arc<[Kind]> = kinds.into();
+        let options = self.options.clone();
+        Box::pin(async_stream::stream! {
+            let wake = Arc::new(Notify::new());
+            let mut watcher = None;
+            let mut state = Scan::new();
+            let mut sent_snapshot = false;
+            let mut failures = 0u32;
+            loop {
+                if watcher.is_none() && !options.poll_only {
+                    match make_watcher(&root, wake.clone()) {
+                        Ok(w) => watcher = Some(w),
+                        Err(error) => warn!(root = %root.display(), %error,
+                            "inotify unavailable, polling the store directory"),
+                    }
+                }
+                let scan_root = root.clone();
+                let scan_kinds = kinds.clone();
+                let previous = std::mem::take(&mut state);
+                let (previous, result) = match blocking(move || {
+                    let result = scan_all(&scan_root, &scan_kinds, &previous);
+                    Ok((previous, result))
+                })
+                .await
+                {
+                    Ok(pair) => pair,
+                    // The scan task died; the next good scan resyncs in full anyway.
+                    Err(error) => (Scan::new(), Err(error)),
+                };
+                match result {
+                    Ok(scan) => {
+                        if !sent_snapshot {
+                            yield RawEvent::Snapshot { entries: entries(&scan), resync: false };
+                            sent_snapshot = true;
+                        } else if failures > 0 {
+                            info!(root = %root.display(), "store directory readable again");
+                            yield RawEvent::Snapshot { entries: entries(&scan), resync: true };
+                        } else {
+                            for event in diff(&previous, &scan) {
+                                yield event;
+                            }
+                        }
+                        failures = 0;
+                        state = scan;
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        state = previous;
+                        if failures == 1 {
+                            yield RawEvent::Interrupted(error);
+                        } else {
+                            debug!(root = %root.display(), %error, failures,
+                                "store directory still unreadable");
+                        }
+                        // inotify watches die with the directory: set up again after recovery.
+                        watcher = None;
+                        tokio::time::sleep(options.backoff.delay(failures)).await;
+                        continue;
+                    }
+                }
+                let period = if watcher.is_some() { options.rescan_interval } else { options.poll_interval };
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(period) => {}
+                }
+            }
+        })
+    }
+}
