@@ -72,7 +72,6 @@ mod fixture {
         let out_mark = Mark::new(0x0e00 | (peer << 16), 0xffff_ff00);
         let mut out = StateSpec::new(l, p, spi(local, peer), r, key(local, peer), sel_out).unwrap();
         out.mark = out_mark;
-        out.replay_window = 0;
         let mut inb = StateSpec::new(p, l, spi(peer, local), r, key(peer, local), sel_in).unwrap();
         inb.mark = IN_MARK;
         let t_out = Template::new(l, p, r).unwrap();
