@@ -449,3 +449,338 @@ impl EtcdStore {
         Ok((entries, revision.unwrap_or(0)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use futures::StreamExt as _;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::store::test_helpers::{EtcdServer, node_record};
+    use crate::store::{
+        Event, Key, NodeName, NodeRecord, Record, RecordKind as _, RecordProblem, Store,
+    };
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    fn name(text: &str) -> NodeName {
+        NodeName::new(text).expect("test node name")
+    }
+
+    fn options(server: &EtcdServer) -> EtcdOptions {
+        let mut options = EtcdOptions::new([server.endpoint()]);
+        options.request_timeout = Duration::from_secs(2);
+        options.connect_timeout = Duration::from_secs(2);
+        options.keep_alive_interval = Duration::from_secs(1);
+        options.keep_alive_timeout = Duration::from_secs(2);
+        options.backoff = Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        };
+        options
+    }
+
+    async fn store(server: &EtcdServer) -> (Store, EtcdStore) {
+        let backend = EtcdStore::connect(options(server))
+            .await
+            .expect("etcd client");
+        (Store::new(backend.clone()), backend)
+    }
+
+    async fn next(events: &mut BoxStream<'static, Event>) -> Event {
+        tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("store event within 20 s")
+            .expect("watch streams never end")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_cas_and_invalid_values_against_real_etcd() {
+        let Some(server) = EtcdServer::start_or_skip("records_cas_and_invalid_values") else {
+            return;
+        };
+        let (store, backend) = store(&server).await;
+        let a = node_record("a", 1);
+        store.put(&a).await.expect("put");
+        assert_eq!(
+            store.get::<NodeRecord>(&name("a")).await.expect("get"),
+            Some(a.clone())
+        );
+        assert_eq!(
+            store.get::<NodeRecord>(&name("zz")).await.expect("get"),
+            None
+        );
+
+        // Garbage written by someone else is reported with its key, never fatal.
+        backend
+            .put("nodes/b", b"{\"name\":\"b\"}".to_vec(), None)
+            .await
+            .expect("raw put");
+        backend
+            .put("nodes/UPPER", b"{}".to_vec(), None)
+            .await
+            .expect("raw put");
+        let listing = store.list::<NodeRecord>().await.expect("list");
+        assert_eq!(listing.records, vec![a]);
+        let keys: Vec<&str> = listing.invalid.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["nodes/UPPER", "nodes/b"]);
+        assert!(matches!(
+            listing.invalid[0].problem,
+            RecordProblem::BadKey { .. }
+        ));
+        assert!(matches!(
+            listing.invalid[1].problem,
+            RecordProblem::Json { .. }
+        ));
+        assert!(matches!(
+            store.get::<NodeRecord>(&name("b")).await,
+            Err(StoreError::Invalid(_))
+        ));
+
+        assert!(
+            store
+                .delete::<NodeRecord>(&name("a"))
+                .await
+                .expect("delete")
+        );
+        assert!(
+            !store
+                .delete::<NodeRecord>(&name("a"))
+                .await
+                .expect("delete again")
+        );
+
+        // Compare-and-swap from concurrent tasks (two clients): no lost increment.
+        let (other, _) = self::store(&server).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..16u32 {
+            let store = if task % 2 == 0 {
+                store.clone()
+            } else {
+                other.clone()
+            };
+            tasks.spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..5 {
+                    seen.push(store.bump_rekey_generation().await.expect("bump"));
+                }
+                seen
+            });
+        }
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(seen) = tasks.join_next().await {
+                all.extend(seen.expect("task"));
+            }
+        })
+        .await
+        .expect("bumps finish within 60 s");
+        all.sort_unstable();
+        assert_eq!(all, (1..=80).collect::<Vec<u64>>());
+
+        // Absent-key CAS: only one creator wins.
+        assert!(
+            backend
+                .compare_and_swap("csrs/x", None, b"1".to_vec())
+                .await
+                .expect("cas")
+        );
+        assert!(
+            !backend
+                .compare_and_swap("csrs/x", None, b"2".to_vec())
+                .await
+                .expect("cas")
+        );
+        assert!(
+            backend
+                .compare_and_swap("csrs/x", Some(b"1"), b"3".to_vec())
+                .await
+                .expect("cas")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_expiry_removes_the_node_record() {
+        let Some(server) = EtcdServer::start_or_skip("lease_expiry_removes_the_node_record") else {
+            return;
+        };
+        let (store, _) = store(&server).await;
+        let ttl = Duration::from_secs(2);
+
+        // Renewed: survives several TTLs.
+        let mut kept = store
+            .publish_node(node_record("kept", 1), ttl)
+            .await
+            .expect("publish");
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let renewing = tokio::spawn(async move {
+            let result = kept.run(stop).await;
+            (kept, result)
+        });
+
+        let mut events = store.watch(&[Kind::Node]);
+        assert!(matches!(next(&mut events).await, Event::Snapshot(s) if s.records.len() == 1));
+        // Not renewed: gone after about the TTL.
+        let started = std::time::Instant::now();
+        let dying = store
+            .publish_node(node_record("dying", 2), ttl)
+            .await
+            .expect("publish");
+        assert!(
+            matches!(next(&mut events).await, Event::Put(r) if r.key().to_string() == "nodes/dying")
+        );
+        match next(&mut events).await {
+            Event::Deleted(key) => assert_eq!(key, NodeRecord::key_of(&name("dying"))),
+            other => panic!("expected the expiry, got {other:?}"),
+        }
+        let lived = started.elapsed();
+        assert!(
+            lived >= Duration::from_millis(1500),
+            "expired after {lived:?}"
+        );
+        assert!(
+            store
+                .get::<NodeRecord>(&name("kept"))
+                .await
+                .expect("get")
+                .is_some(),
+            "the renewed record must still be there after {lived:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            store
+                .get::<NodeRecord>(&name("kept"))
+                .await
+                .expect("get")
+                .is_some()
+        );
+
+        // Renewing a lease etcd forgot publishes the record again.
+        let mut dying = dying;
+        let old = dying.lease();
+        dying.renew().await.expect("renew re-publishes");
+        assert_ne!(dying.lease(), old);
+        assert!(
+            matches!(next(&mut events).await, Event::Put(r) if r.key().to_string() == "nodes/dying")
+        );
+
+        cancel.cancel();
+        let (kept, result) = tokio::time::timeout(WAIT, renewing)
+            .await
+            .expect("renewal loop stops on cancel")
+            .expect("join");
+        result.expect("renewal loop");
+        kept.revoke().await.expect("revoke");
+        assert!(
+            matches!(next(&mut events).await, Event::Deleted(k) if k.to_string() == "nodes/kept")
+        );
+    }
+
+    /// Applies events to a view of the store, as an agent would.
+    fn apply(view: &mut BTreeMap<Key, Record>, event: Event) {
+        match event {
+            Event::Snapshot(snapshot) | Event::Resynced(snapshot) => {
+                *view = snapshot.records.into_iter().map(|r| (r.key(), r)).collect();
+            }
+            Event::Put(record) => {
+                view.insert(record.key(), record);
+            }
+            Event::Deleted(key) => {
+                view.remove(&key);
+            }
+            Event::Invalid(_) | Event::Interrupted(_) => {}
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watch_survives_etcd_restart_and_resyncs() {
+        let Some(mut server) = EtcdServer::start_or_skip("watch_survives_etcd_restart") else {
+            return;
+        };
+        let (store, _) = store(&server).await;
+        store.put(&node_record("a", 1)).await.expect("put a");
+        store.put(&node_record("b", 2)).await.expect("put b");
+        let mut lease = store
+            .publish_node(node_record("self", 9), Duration::from_secs(30))
+            .await
+            .expect("publish");
+        let mut events = store.watch(&[Kind::Node]);
+        let mut view = BTreeMap::new();
+        let first = next(&mut events).await;
+        assert!(
+            matches!(&first, Event::Snapshot(s) if s.records.len() == 3),
+            "{first:?}"
+        );
+        apply(&mut view, first);
+
+        server.kill();
+        match next(&mut events).await {
+            Event::Interrupted(StoreError::Unavailable {
+                backend: "etcd", ..
+            }) => {}
+            other => panic!("expected Interrupted(Unavailable), got {other:?}"),
+        }
+        // Operations fail fast with a typed error while etcd is down.
+        let started = std::time::Instant::now();
+        match store.get::<NodeRecord>(&name("a")).await {
+            Err(error @ StoreError::Unavailable { .. }) => assert!(error.is_transient()),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        assert!(matches!(
+            store.put(&node_record("c", 3)).await,
+            Err(StoreError::Unavailable { .. })
+        ));
+        assert!(matches!(
+            lease.renew().await,
+            Err(StoreError::Unavailable { .. })
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        // The watch retries quietly (one Interrupted per outage), with bounded backoff.
+        if let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
+            panic!("no event expected while etcd is down, got {event:?}");
+        }
+
+        server.restart().expect("restart etcd");
+        // Changes by another client right after the restart, racing the watch's reconnect.
+        let (other, _) = self::store(&server).await;
+        other
+            .delete::<NodeRecord>(&name("a"))
+            .await
+            .expect("delete a");
+        other.put(&node_record("c", 3)).await.expect("put c");
+
+        let expected: Vec<String> = ["nodes/b", "nodes/c", "nodes/self"]
+            .map(str::to_owned)
+            .into();
+        let mut resynced = false;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let keys: Vec<String> = view.keys().map(ToString::to_string).collect();
+            if resynced && keys == expected {
+                break;
+            }
+            let event = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .unwrap_or_else(|_| panic!("no resync to {expected:?} within 20 s; view {keys:?}"))
+                .expect("watch streams never end");
+            resynced |= matches!(event, Event::Resynced(_));
+            apply(&mut view, event);
+        }
+        // The lease survived the short outage; renewing works again.
+        lease.renew().await.expect("renew after restart");
+        assert!(
+            store
+                .get::<NodeRecord>(&name("self"))
+                .await
+                .expect("get")
+                .is_some()
+        );
+    }
+}
