@@ -48,6 +48,8 @@ const FETCH_X509_SVID: &str = "/SpiffeWorkloadAPI/FetchX509SVID";
 #[derive(Clone)]
 struct WorkloadApi {
     current: watch::Receiver<X509SvidResponse>,
+    /// End each stream after its first response (like an agent restart).
+    one_shot: bool,
 }
 
 impl tonic::server::NamedService for WorkloadApi {
@@ -63,11 +65,14 @@ impl tonic::server::ServerStreamingService<X509SvidRequest> for FetchX509<'_> {
 
     fn call(&mut self, _req: tonic::Request<X509SvidRequest>) -> Self::Future {
         let rx = self.0.current.clone();
+        let one_shot = self.0.one_shot;
         Box::pin(async move {
-            let stream = tokio_stream::wrappers::WatchStream::new(rx).map(Ok);
-            Ok(tonic::Response::new(
-                Box::pin(stream) as tonic::codegen::BoxStream<X509SvidResponse>
-            ))
+            let stream: tonic::codegen::BoxStream<X509SvidResponse> = if one_shot {
+                Box::pin(tokio_stream::once(Ok(rx.borrow().clone())))
+            } else {
+                Box::pin(tokio_stream::wrappers::WatchStream::new(rx).map(Ok))
+            };
+            Ok(tonic::Response::new(stream))
         })
     }
 }
@@ -157,11 +162,18 @@ fn response(svids: Vec<X509Svid>) -> X509SvidResponse {
 }
 
 async fn serve(path: &Path, rx: watch::Receiver<X509SvidResponse>) {
+    serve_with(path, rx, false).await;
+}
+
+async fn serve_with(path: &Path, rx: watch::Receiver<X509SvidResponse>, one_shot: bool) {
     let listener = tokio::net::UnixListener::bind(path).unwrap();
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(WorkloadApi { current: rx })
+            .add_service(WorkloadApi {
+                current: rx,
+                one_shot,
+            })
             .serve_with_incoming(incoming),
     );
 }
@@ -301,4 +313,33 @@ async fn unreachable_endpoint_is_an_error() {
         WorkloadSource::connect("http://nope", SvidSelector::Default).await,
         Err(BridgeError::WorkloadApi { .. })
     ));
+}
+
+#[tokio::test]
+async fn watcher_reconnects_after_stream_ends() {
+    let pki = Pki::new();
+    let first = pki.svid("spiffe://example.org/node/worker-2");
+    let (tx, rx) = watch::channel(response(vec![first.clone()]));
+    let dir = tempfile::tempdir().unwrap();
+    let (path, endpoint) = socket(&dir);
+    serve_with(&path, rx, true).await;
+    let source = WorkloadSource::connect(&endpoint, SvidSelector::Default)
+        .await
+        .unwrap();
+    let mut watcher = source.watch();
+    assert_eq!(
+        watcher.next().await.unwrap().chain_der(),
+        std::slice::from_ref(&first.x509_svid)
+    );
+    assert!(matches!(
+        watcher.next().await,
+        Err(BridgeError::StreamEnded)
+    ));
+    let second = pki.svid("spiffe://example.org/node/worker-2");
+    tx.send(response(vec![second.clone()])).unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), watcher.next())
+        .await
+        .expect("reconnect within 10 s")
+        .unwrap();
+    assert_eq!(again.chain_der(), std::slice::from_ref(&second.x509_svid));
 }
