@@ -870,6 +870,113 @@ mod tests {
         );
     }
 
+    /// Where [`netns_child_writer`] writes when it runs as the child of
+    /// [`watch_sees_a_process_in_another_network_namespace`].
+    const CHILD_ROOT_ENV: &str = "NODESEAL_STORE_TEST_CHILD_ROOT";
+
+    /// The writer process of the cross-namespace test (run by it through `unshare --net`).
+    /// Run alone, it writes into a temporary directory and checks the result itself.
+    #[tokio::test]
+    #[ignore = "child process of watch_sees_a_process_in_another_network_namespace"]
+    async fn netns_child_writer() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let root =
+            std::env::var_os(CHILD_ROOT_ENV).map_or_else(|| temp.path().to_owned(), PathBuf::from);
+        let netns = fs::read_link("/proc/self/ns/net").expect("read own network namespace");
+        println!("child-netns={}", netns.display());
+        let store = open(&root).await;
+        store
+            .put(&node_record("from-child", 7))
+            .await
+            .expect("child put");
+        let generation = store.bump_rekey_generation().await.expect("child bump");
+        assert!(generation >= 1);
+        assert!(
+            store
+                .get::<NodeRecord>(&name("from-child"))
+                .await
+                .expect("get")
+                .is_some()
+        );
+    }
+
+    /// Agents of the netns demo run in different network namespaces and share one store
+    /// directory: a write by a process in another network namespace reaches the watch through
+    /// inotify (long safety-net rescan, so polling cannot be what delivers it).
+    #[tokio::test]
+    async fn watch_sees_a_process_in_another_network_namespace() {
+        let test = "watch_sees_a_process_in_another_network_namespace";
+        let probe = std::process::Command::new("unshare")
+            .args(["--net", "true"])
+            .output();
+        if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+            let reason =
+                format!("`unshare --net` unavailable (needs root and util-linux): {probe:?}");
+            assert!(
+                !crate::store::test_helpers::require_everything(),
+                "{test}: {reason}, and NODESEAL_REQUIRE_PRIVILEGED=1"
+            );
+            println!("SKIPPED {test}: {reason}");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = DirOptions {
+            rescan_interval: Duration::from_secs(3600),
+            ..DirOptions::default()
+        };
+        let store = Store::new(DirStore::open(dir.path(), options).await.expect("open"));
+        let mut events = store.watch(&[Kind::Node, Kind::RekeyGeneration]);
+        assert!(matches!(next(&mut events).await, Event::Snapshot(s) if s.records.is_empty()));
+
+        let exe = std::env::current_exe().expect("test binary path");
+        let child = tokio::process::Command::new("unshare")
+            .arg("--net")
+            .arg(exe)
+            .args([
+                "--exact",
+                "store::dir::tests::netns_child_writer",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(CHILD_ROOT_ENV, dir.path())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(60), child)
+            .await
+            .expect("child finishes within 60 s")
+            .expect("spawn child");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "child failed: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let own = fs::read_link("/proc/self/ns/net").expect("own network namespace");
+        let child_netns = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("child-netns="))
+            .expect("child reports its network namespace");
+        assert_ne!(
+            child_netns,
+            own.to_string_lossy(),
+            "child must run in another network namespace"
+        );
+
+        let mut seen = BTreeSet::new();
+        while seen.len() < 2 {
+            match next(&mut events).await {
+                Event::Put(record) => {
+                    seen.insert(record.key().to_string());
+                }
+                other => panic!("expected the child's records, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            seen,
+            BTreeSet::from(["nodes/from-child".to_owned(), "rekey/cluster".to_owned()])
+        );
+    }
+
     #[tokio::test]
     async fn keys_cannot_escape_the_root() {
         let dir = tempfile::tempdir().expect("tempdir");
