@@ -280,6 +280,9 @@ impl Store {
     /// Watches the given kinds (all kinds if `kinds` is empty): [`Event::Snapshot`] first,
     /// then changes; across backend outages [`Event::Interrupted`] and [`Event::Resynced`].
     /// The stream never ends by itself; drop it to stop watching.
+    ///
+    /// Changes of one record arrive in order. Across kinds, the etcd backend (one etcd watcher
+    /// per kind) may deliver changes out of their global order.
     pub fn watch(&self, kinds: &[Kind]) -> BoxStream<'static, Event> {
         let kinds: Vec<Kind> = if kinds.is_empty() {
             Kind::ALL.to_vec()

@@ -658,6 +658,30 @@ mod tests {
                 .is_some()
         );
 
+        // Republishing replaces the record under the same lease.
+        let mut kept_record = node_record("kept", 1);
+        kept_record.wireguard_public_key = Some(crate::store::WgPublicKey::from_bytes([1; 32]));
+        // (The renewal task owns `kept`; republish through a second lease handle instead.)
+        let mut second = store
+            .publish_node(node_record("second", 3), ttl)
+            .await
+            .expect("publish second");
+        assert!(
+            matches!(next(&mut events).await, Event::Put(r) if r.key().to_string() == "nodes/second")
+        );
+        let mut changed = node_record("second", 3);
+        changed.wireguard_public_key = kept_record.wireguard_public_key;
+        second.republish(changed.clone()).await.expect("republish");
+        match next(&mut events).await {
+            Event::Put(record) => assert_eq!(record, changed.into_record()),
+            other => panic!("expected the republished record, got {other:?}"),
+        }
+        assert!(second.republish(node_record("other", 4)).await.is_err());
+        second.revoke().await.expect("revoke second");
+        assert!(
+            matches!(next(&mut events).await, Event::Deleted(k) if k.to_string() == "nodes/second")
+        );
+
         // Renewing a lease etcd forgot publishes the record again.
         let mut dying = dying;
         let old = dying.lease();
@@ -677,6 +701,70 @@ mod tests {
         assert!(
             matches!(next(&mut events).await, Event::Deleted(k) if k.to_string() == "nodes/kept")
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watch_covers_exactly_the_requested_kinds() {
+        let Some(server) = EtcdServer::start_or_skip("watch_covers_exactly_the_requested_kinds")
+        else {
+            return;
+        };
+        let (store, _) = store(&server).await;
+        store.put(&node_record("a", 1)).await.expect("put");
+        assert_eq!(store.bump_rekey_generation().await.expect("bump"), 1);
+        let mut events = store.watch(&[Kind::Node, Kind::RekeyGeneration]);
+        match next(&mut events).await {
+            Event::Snapshot(snapshot) => {
+                let keys: Vec<String> = snapshot
+                    .records
+                    .iter()
+                    .map(|r| r.key().to_string())
+                    .collect();
+                assert_eq!(keys, ["nodes/a", "rekey/cluster"]);
+            }
+            other => panic!("expected Snapshot, got {other:?}"),
+        }
+        // Both watched prefixes deliver; an unwatched kind does not.
+        store
+            .put(&crate::store::TrustBundle {
+                bundle: "{}".to_owned(),
+            })
+            .await
+            .expect("put bundle");
+        assert_eq!(store.bump_rekey_generation().await.expect("bump"), 2);
+        store.put(&node_record("b", 2)).await.expect("put");
+        // One etcd watcher per kind: order holds per kind, not across kinds.
+        let mut puts = Vec::new();
+        while puts.len() < 2 {
+            match next(&mut events).await {
+                Event::Put(record) => puts.push(record),
+                other => panic!("expected puts, got {other:?}"),
+            }
+        }
+        puts.sort_by_key(Record::key);
+        assert_eq!(
+            puts,
+            [
+                node_record("b", 2).into_record(),
+                Record::RekeyGeneration(
+                    store
+                        .get::<crate::store::RekeyGeneration>(&())
+                        .await
+                        .expect("get")
+                        .expect("set")
+                ),
+            ]
+        );
+        // A record replaced by garbage is reported as invalid.
+        store
+            .backend()
+            .put("nodes/b", b"null".to_vec(), None)
+            .await
+            .expect("raw put");
+        match next(&mut events).await {
+            Event::Invalid(error) => assert_eq!(error.key, "nodes/b"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
     }
 
     /// Applies events to a view of the store, as an agent would.
