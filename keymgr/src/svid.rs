@@ -177,11 +177,14 @@ impl SvidInfo {
     }
 }
 
+/// X.509 times (years 0..=9999) always fit a `SystemTime` on Linux; should one not, the epoch is
+/// used, which makes a `notAfter` look expired (the safe side).
 fn unix_to_system(secs: i64) -> SystemTime {
-    match u64::try_from(secs) {
-        Ok(s) => UNIX_EPOCH + Duration::from_secs(s),
-        Err(_) => UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
-    }
+    let t = match u64::try_from(secs) {
+        Ok(s) => UNIX_EPOCH.checked_add(Duration::from_secs(s)),
+        Err(_) => UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs())),
+    };
+    t.unwrap_or(UNIX_EPOCH)
 }
 
 /// Reads every `CERTIFICATE` block from PEM text.

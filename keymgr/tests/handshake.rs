@@ -439,3 +439,14 @@ fn trust_store_is_shared() {
     clone.revoke_id("spiffe://cluster.local/node/x".parse().unwrap());
     assert!(store.is_revoked(&"spiffe://cluster.local/node/x".parse().unwrap()));
 }
+
+#[tokio::test]
+async fn local_hello_must_name_local_node() {
+    let pki = TestPki::new();
+    let p = pair(&pki);
+    let (c, _s) = duplex(1024);
+    let err = initiate(&p.a, c, &node("node-b"), hello("node-z", 1, 0x1000))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HandshakeError::LocalHelloMismatch { .. }));
+}

@@ -432,3 +432,30 @@ fn spiffe_crate_parses_issued_svids() {
         svid.spiffe_id().to_string()
     );
 }
+
+#[test]
+fn identity_requires_matching_key_and_node_id() {
+    let pki = TestPki::new();
+    let id = pki.identity("n1");
+    let other_key = nodeseal_keymgr::NodeKey::generate().unwrap();
+    assert_eq!(
+        nodeseal_keymgr::NodeIdentity::new(id.chain().to_vec(), other_key).unwrap_err(),
+        SvidError::KeyMismatch
+    );
+    let key = nodeseal_keymgr::NodeKey::from_pem(id.key().to_pem().as_bytes()).unwrap();
+    let again = nodeseal_keymgr::NodeIdentity::new(id.chain().to_vec(), key).unwrap();
+    assert_eq!(again.node(), &node("n1"));
+    assert_eq!(
+        nodeseal_keymgr::NodeIdentity::new(vec![], nodeseal_keymgr::NodeKey::generate().unwrap())
+            .unwrap_err(),
+        SvidError::EmptyChain
+    );
+    let (leaf, leaf_key) = pki.custom_leaf(&leaf_params("spiffe://cluster.local/workload/x"));
+    assert_eq!(
+        nodeseal_keymgr::NodeIdentity::new(vec![leaf], leaf_key).unwrap_err(),
+        SvidError::InvalidSpiffeId {
+            source: IdError::NotANodeId
+        }
+    );
+    assert!(!format!("{id:?}").contains("PRIVATE"));
+}

@@ -41,7 +41,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -53,7 +55,12 @@ fn mark(m: Mark) -> String {
 fn ip_batch(desired: &Desired) -> String {
     let mut out = String::new();
     for s in &desired.states {
-        let key: String = s.aead.key_material().iter().map(|b| format!("{b:02x}")).collect();
+        let key: String = s
+            .aead
+            .key_material()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let _ = write!(
             out,
             "xfrm state add src {} dst {} proto esp spi {:#x} reqid {} mode tunnel",
@@ -102,6 +109,17 @@ fn ip_batch(desired: &Desired) -> String {
     out
 }
 
+/// An error and its sources, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let _ = write!(s, ": {c}");
+        cur = c.source();
+    }
+    s
+}
+
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -114,10 +132,17 @@ fn run() -> Result<(), String> {
     let peers: Vec<u32> = std::env::var("NODESEAL_BENCH_PEERS")
         .unwrap_or_else(|_| "100,1000,5000".into())
         .split(',')
-        .map(|p| p.trim().parse().map_err(|_| format!("bad peer count {p:?}")))
+        .map(|p| {
+            p.trim()
+                .parse()
+                .map_err(|_| format!("bad peer count {p:?}"))
+        })
         .collect::<Result<_, _>>()?;
     let hthresh: Option<u8> = match std::env::var("NODESEAL_BENCH_HTHRESH") {
-        Ok(v) => Some(v.parse().map_err(|_| format!("bad NODESEAL_BENCH_HTHRESH {v:?}"))?),
+        Ok(v) => Some(
+            v.parse()
+                .map_err(|_| format!("bad NODESEAL_BENCH_HTHRESH {v:?}"))?,
+        ),
         Err(_) => None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -142,7 +167,7 @@ fn run() -> Result<(), String> {
             {
                 return Err(format!("kernel cannot install ESP states: {source}"));
             }
-            Err(e) => return Err(format!("probe: {e}")),
+            Err(e) => return Err(format!("probe: {}", chain(&e))),
         }
     }
 
@@ -161,20 +186,24 @@ fn run() -> Result<(), String> {
         let t0 = Instant::now();
         let r = rt
             .block_on(reconcile(&h, &owner, full.clone()))
-            .map_err(|e| format!("full reconcile: {e}"))?;
+            .map_err(|e| format!("full reconcile: {}", chain(&e)))?;
         let t_full = t0.elapsed();
         assert_eq!(r.states_added + r.policies_added, objects, "{r:?}");
         let rekey = mesh(0, n, |p| if p % 10 == 0 { 2 } else { 1 });
         let t0 = Instant::now();
         let r = rt
             .block_on(reconcile(&h, &owner, rekey))
-            .map_err(|e| format!("10% reconcile: {e}"))?;
+            .map_err(|e| format!("10% reconcile: {}", chain(&e)))?;
         let t_delta = t0.elapsed();
         let changed = r.states_added + r.states_deleted;
         let t0 = Instant::now();
         let noop = rt
-            .block_on(reconcile(&h, &owner, mesh(0, n, |p| if p % 10 == 0 { 2 } else { 1 })))
-            .map_err(|e| format!("no-op reconcile: {e}"))?;
+            .block_on(reconcile(
+                &h,
+                &owner,
+                mesh(0, n, |p| if p % 10 == 0 { 2 } else { 1 }),
+            ))
+            .map_err(|e| format!("no-op reconcile: {}", chain(&e)))?;
         let t_noop = t0.elapsed();
         assert!(noop.is_noop(), "{noop:?}");
         drop(h);
@@ -208,9 +237,17 @@ fn run() -> Result<(), String> {
             ));
         }
         let h = Handle::in_namespace(&ns.file).map_err(|e| e.to_string())?;
-        let states = rt.block_on(h.states().dump().execute()).map_err(|e| e.to_string())?;
-        let policies = rt.block_on(h.policies().dump().execute()).map_err(|e| e.to_string())?;
-        assert_eq!(states.len() + policies.len(), objects, "ip -batch installed everything");
+        let states = rt
+            .block_on(h.states().dump().execute())
+            .map_err(|e| e.to_string())?;
+        let policies = rt
+            .block_on(h.policies().dump().execute())
+            .map_err(|e| e.to_string())?;
+        assert_eq!(
+            states.len() + policies.len(),
+            objects,
+            "ip -batch installed everything"
+        );
 
         let rate = |d: Duration| objects as f64 / secs(d);
         println!(

@@ -650,8 +650,25 @@ mod tests {
         assert!(handle.states().dump().execute().await.unwrap().is_empty());
         let mut bad = s[1].clone();
         bad.replay_window = u32::MAX;
-        let e = handle.states().add(bad).execute().await.unwrap_err();
+        let e = handle
+            .states()
+            .add(bad.clone())
+            .execute()
+            .await
+            .unwrap_err();
         assert!(matches!(e, XfrmError::Spec { .. }), "{e}");
+        bad.replay_window = 0;
+        let e = handle.states().add(bad).execute().await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                XfrmError::Spec {
+                    source: SpecError::EsnWithoutReplayWindow,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let _ = Spi::new(300).unwrap();
     }
 }

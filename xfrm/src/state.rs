@@ -48,6 +48,9 @@ pub enum SpecError {
         /// Outer destination.
         dst: IpAddr,
     },
+    /// The kernel refuses ESN without an anti-replay window.
+    #[error("extended sequence numbers need a replay window greater than 0")]
+    EsnWithoutReplayWindow,
     /// The replay window is larger than the kernel's ESN bitmap.
     #[error("replay window {window} exceeds the maximum of {max}")]
     ReplayWindow {
@@ -386,6 +389,9 @@ impl StateSpec {
                 src: self.src,
                 dst: self.dst,
             });
+        }
+        if self.esn && self.replay_window == 0 {
+            return Err(SpecError::EsnWithoutReplayWindow);
         }
         if self.replay_window > Self::MAX_REPLAY_WINDOW {
             return Err(SpecError::ReplayWindow {

@@ -87,7 +87,6 @@ pub fn peer_objects(local: u32, peer: u32, epoch: u32) -> (Vec<StateSpec>, Vec<P
         sel_out,
     );
     out.mark = out_mark(peer);
-    out.replay_window = 0; // an OUT state has no replay window
     let mut inb = state(
         p,
         l,

@@ -26,6 +26,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("procps", "sysctl"),
     ("openssl", "independent X.509 reader in keymgr tests"),
     ("etcd-server", "the etcd store backend's tests"),
+    ("protobuf-compiler", "etcd-client's build script compiles etcd's protocol"),
     ("llvm-22-dev", "bpf-linker links the eBPF programs"),
     (
         "libpolly-22-dev",
@@ -106,14 +107,19 @@ fn ensure_bpf_linker() -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: building bpf-linker against Debian's LLVM 22 (a few minutes, once)");
-    run::checked(Command::new("cargo").args([
-        "install",
-        "--locked",
-        "bpf-linker",
-        "--no-default-features",
-        "--features",
-        "llvm-22",
-    ]))
+    // LLVM_PREFIX: without it the build finds Debian's default llvm-config (LLVM 14).
+    run::checked(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
     .context("installing bpf-linker")?;
     if !run::succeeds(Command::new("bpf-linker").arg("--version")) {
         bail!("bpf-linker was installed but is not on PATH (add ~/.cargo/bin)");

@@ -72,15 +72,7 @@ pub enum Decoded {
 #[must_use]
 pub const fn decode(mark: u32) -> Decoded {
     // The casts take bit fields that the masks and shifts bound to 16 and 4 bits.
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "fields are masked to their width"
-    )]
     let node_id = ((mark & NODE_MASK) >> NODE_SHIFT) as u16;
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "fields are masked to their width"
-    )]
     let key_slot = ((mark & KEY_MASK) >> KEY_SHIFT) as u8;
     match mark & MAGIC_MASK {
         MAGIC_ENCRYPT => Decoded::Encrypt { node_id, key_slot },

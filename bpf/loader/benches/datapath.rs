@@ -3,6 +3,10 @@
 //! Needs root and BPF; prints why and exits 0 otherwise.
 //!
 //! Run: `cargo bench -p nodeseal-bpf --bench datapath`.
+#![expect(
+    clippy::expect_used,
+    reason = "benchmark set-up: failing loudly is the point"
+)]
 
 use std::net::Ipv4Addr;
 
@@ -82,7 +86,10 @@ fn main() {
         .test_run_repeat(Program::FromPod, &frame, 1, 0, 1)
         .expect("from_pod");
     assert_eq!(verdict.action, 0, "benchmark packet must pass");
-    assert_ne!(verdict.mark, 0, "benchmark packet must be marked for encryption");
+    assert_ne!(
+        verdict.mark, 0,
+        "benchmark packet must be marked for encryption"
+    );
 
     let mut best_pass = f64::MAX;
     let mut best_from_pod = f64::MAX;

@@ -110,7 +110,7 @@ impl Prefix {
 
     /// The prefix length.
     #[must_use]
-    pub const fn len(&self) -> u8 {
+    pub const fn prefix_len(&self) -> u8 {
         self.len
     }
 }

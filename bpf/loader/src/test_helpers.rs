@@ -1,4 +1,8 @@
 //! Test helpers: crafted frames for `BPF_PROG_TEST_RUN`, privilege checks, unique pin roots.
+#![expect(
+    clippy::expect_used,
+    reason = "test helpers: a frame too big to build is a test bug"
+)]
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -52,7 +56,7 @@ pub struct V4 {
 #[must_use]
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4: &[u8], v4: &V4) -> Vec<u8> {
     let mut options = v4.options.clone();
-    while options.len() % 4 != 0 {
+    while !options.len().is_multiple_of(4) {
         options.push(0); // EOL padding
     }
     let ihl = 20 + options.len();

@@ -6,6 +6,10 @@
 //! BPF_PROG_TEST_RUN itself (EINVAL), so truncation is exercised at the points the test runner
 //! accepts: IPv4 total length beyond the frame, L4 headers and IPv6 extension headers cut short.
 //! The programs treat a cut IP header through the same failed-load path (`truncated`).
+#![expect(
+    clippy::expect_used,
+    reason = "test set-up helpers panic with context, like the tests"
+)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -691,10 +695,7 @@ fn from_pod_egress_policy() {
     assert_eq!(e.ip_version, 4);
     assert_eq!(e.ifindex, IFINDEX);
     assert_eq!(e.program, Program::FromPod);
-    assert_eq!(
-        dp.counters.get(DropReason::PolicyDenied).expect("counter") > 0,
-        true
-    );
+    assert!(dp.counters.get(DropReason::PolicyDenied).expect("counter") > 0);
     dp.policy
         .remove(rule(POD_A, Some(POD_B), Some(proto::TCP), Some(22), egress))
         .expect("remove deny");

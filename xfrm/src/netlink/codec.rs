@@ -811,6 +811,7 @@ mod tests {
         let mut spec = state(AeadAlgorithm::AesGcm128);
         spec.esn = false;
         spec.replay_window = 0;
+        assert_eq!(spec.validate(), Ok(()));
         spec.src = "fd00::1".parse().unwrap();
         spec.dst = "fd00::2".parse().unwrap();
         spec.selector = sel("fd10:1::/64", "fd10:2::/64");

@@ -1,0 +1,383 @@
+//! The cluster-state store: what the agents, keymgr and the CLI share.
+//!
+//! [`Store`] is the typed, cheap-to-clone handle everything uses. Underneath, one trait,
+//! [`StoreBackend`], has two implementations here:
+//! - [`DirStore`]: a local directory, one JSON file per record. The embedded default for a
+//!   single host (netns demos, tests); several agent processes may share one directory.
+//! - [`EtcdStore`]: etcd's v3 API, for real multi-host clusters, with leases for liveness.
+//!
+//! Records ([`NodeRecord`], [`CsrRecord`], [`CertificateRecord`], [`TrustBundle`],
+//! [`Revocation`], [`RekeyGeneration`], [`NodeStatus`]) are JSON under keys `<kind>/<id>`
+//! (see [`Key`]). What a record says is input: it is validated whenever it is read, and a bad
+//! record becomes a [`RecordError`] naming the key and the problem. Listings and watches skip
+//! bad records and report them; they never fail because of one, and nothing here panics on
+//! stored data. Writes are validated too, so nodeseal never stores what it would reject.
+//!
+//! [`Store::watch`] streams typed [`Event`]s: a snapshot first, then changes. When the backend
+//! goes away (etcd stopped) the stream says so once ([`Event::Interrupted`]), retries with
+//! bounded backoff and, once the backend is back, sends the whole state again
+//! ([`Event::Resynced`]), so the caller's view is consistent whatever it missed.
+//!
+//! Not here: the Kubernetes backend, and any policy about what records mean (which node may
+//! publish what, when to rekey): that is the agent's and keymgr's job.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), nodeseal_agent::store::StoreError> {
+//! use futures::StreamExt as _;
+//! use nodeseal_agent::store::{DirOptions, DirStore, Event, Kind, Store};
+//!
+//! let store = Store::new(DirStore::open("/run/nodeseal/state", DirOptions::default()).await?);
+//! let generation = store.bump_rekey_generation().await?;
+//! let mut events = store.watch(&[Kind::Node, Kind::Revocation]);
+//! while let Some(event) = events.next().await {
+//!     if let Event::Put(record) = event {
+//!         println!("{} changed (rekey generation {generation})", record.key());
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod backend;
+mod dir;
+mod error;
+mod etcd;
+mod lease;
+mod record;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_helpers;
+mod types;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use tracing::{debug, warn};
+
+pub use self::backend::{Backoff, LeaseId, RawEvent, StoreBackend};
+pub use self::dir::{DirOptions, DirStore};
+pub use self::error::{BoxError, RecordError, RecordProblem, StoreError};
+pub use self::etcd::{EtcdOptions, EtcdStore};
+pub use self::lease::NodeLease;
+pub use self::record::{
+    CertificateRecord, CsrRecord, Key, Kind, MAX_ADDRESSES, MAX_RECORD_BYTES, NodeRecord,
+    NodeStatus, PeerStatus, Record, RecordKind, RekeyGeneration, Revocation, RevocationId,
+    TrustBundle,
+};
+pub use self::types::{CertSerial, IdError, NodeName, SpiffeId, WgPublicKey};
+
+use self::record::{decode_as, encode};
+
+/// How many times [`Store::update`] retries a lost compare-and-swap before giving up.
+const MAX_CAS_ATTEMPTS: u32 = 1000;
+
+/// The typed handle on the cluster state. Cheap to clone; all clones share the backend.
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Arc<dyn StoreBackend>,
+}
+
+/// The valid records of one kind, and the invalid ones that were skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listing<R> {
+    /// Valid records, in key order.
+    pub records: Vec<R>,
+    /// Records that failed validation (already logged at `warn`).
+    pub invalid: Vec<RecordError>,
+}
+
+/// Every record the watch covers, at one point in time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Valid records, in key order.
+    pub records: Vec<Record>,
+    /// Records that failed validation (already logged at `warn`).
+    pub invalid: Vec<RecordError>,
+}
+
+/// What a watch reports.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// The first event: the current state.
+    Snapshot(Snapshot),
+    /// A record was created or changed.
+    Put(Record),
+    /// A record was deleted (or, with etcd, its lease expired).
+    Deleted(Key),
+    /// A record was written but is invalid (already logged at `warn`). Treat its key as
+    /// absent: whatever valid value it had before is gone.
+    Invalid(RecordError),
+    /// The backend was lost; the watch keeps retrying with bounded backoff. Sent once per
+    /// outage. Whatever the caller knows stays as it was until [`Event::Resynced`].
+    Interrupted(StoreError),
+    /// The backend is back: the complete current state, which replaces the caller's view
+    /// (records missing from it were deleted during the outage).
+    Resynced(Snapshot),
+}
+
+impl Store {
+    /// Wraps a backend.
+    pub fn new(backend: impl StoreBackend) -> Self {
+        Self {
+            backend: Arc::new(backend),
+        }
+    }
+
+    /// Wraps a shared backend.
+    pub fn from_arc(backend: Arc<dyn StoreBackend>) -> Self {
+        Self { backend }
+    }
+
+    /// The backend's name (`"directory"`, `"etcd"`).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Reads one record.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] if the stored record is invalid; the backend's errors
+    /// ([`StoreError::Unavailable`], [`StoreError::Io`], [`StoreError::Etcd`]).
+    pub async fn get<R: RecordKind>(&self, id: &R::Id) -> Result<Option<R>, StoreError> {
+        let key = R::key_of(id);
+        match self.backend.get(&key.to_string()).await? {
+            None => Ok(None),
+            Some(value) => Ok(Some(decode_as::<R>(&key, &value)?)),
+        }
+    }
+
+    /// Reads every record of a kind; invalid ones are logged, skipped and returned apart.
+    ///
+    /// # Errors
+    ///
+    /// The backend's errors.
+    pub async fn list<R: RecordKind>(&self) -> Result<Listing<R>, StoreError> {
+        let entries = self.backend.list(R::KIND.as_str()).await?;
+        let mut listing = Listing {
+            records: Vec::with_capacity(entries.len()),
+            invalid: Vec::new(),
+        };
+        for (key, value) in entries {
+            match decode_entry(&key, &value) {
+                Ok(record) => match R::from_record(record) {
+                    Some(record) => listing.records.push(record),
+                    None => debug!(key, "listed key of another kind, skipped"),
+                },
+                Err(error) => listing.invalid.push(error),
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Writes a record after validating it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] if the record breaks a rule; the backend's errors.
+    pub async fn put<R: RecordKind>(&self, record: &R) -> Result<(), StoreError> {
+        let value = encode(record)?;
+        self.backend
+            .put(&record.key().to_string(), value, None)
+            .await
+    }
+
+    /// Deletes a record; returns whether it existed.
+    ///
+    /// # Errors
+    ///
+    /// The backend's errors.
+    pub async fn delete<R: RecordKind>(&self, id: &R::Id) -> Result<bool, StoreError> {
+        self.backend.delete(&R::key_of(id).to_string()).await
+    }
+
+    /// Read-modify-write with compare-and-swap: calls `change` with the current record (or
+    /// `None`) and stores what it returns if nobody wrote in between, retrying otherwise.
+    /// `change` may run several times. Returns the record stored.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] if the current record is invalid (it is not overwritten: an
+    /// operator should look) or the new one is; [`StoreError::Contended`] after
+    /// 1000 lost attempts; the backend's errors.
+    pub async fn update<R, F>(&self, id: &R::Id, mut change: F) -> Result<R, StoreError>
+    where
+        R: RecordKind,
+        F: FnMut(Option<R>) -> R + Send,
+    {
+        let key = R::key_of(id);
+        let key_text = key.to_string();
+        for attempt in 1..=MAX_CAS_ATTEMPTS {
+            let current = self.backend.get(&key_text).await?;
+            let decoded = match &current {
+                None => None,
+                Some(value) => Some(decode_as::<R>(&key, value)?),
+            };
+            let next = change(decoded);
+            if next.key() != key {
+                return Err(RecordError {
+                    key: key_text,
+                    problem: RecordProblem::KeyMismatch {
+                        expected: next.key().to_string(),
+                    },
+                }
+                .into());
+            }
+            let value = encode(&next)?;
+            if self
+                .backend
+                .compare_and_swap(&key_text, current.as_deref(), value)
+                .await?
+            {
+                return Ok(next);
+            }
+            debug!(key = key_text, attempt, "compare-and-swap lost, retrying");
+            // Contention is between a handful of writers: a short random pause spreads them.
+            let pause =
+                Duration::from_micros(rand::random_range(0..=(200 * u64::from(attempt.min(50)))));
+            tokio::time::sleep(pause).await;
+        }
+        Err(StoreError::Contended {
+            key: key_text,
+            attempts: MAX_CAS_ATTEMPTS,
+        })
+    }
+
+    /// Increments the cluster-wide rekey generation (from 0 if unset) with compare-and-swap,
+    /// so concurrent callers never lose an increment. Returns the new generation.
+    ///
+    /// # Errors
+    ///
+    /// As [`update`](Self::update).
+    pub async fn bump_rekey_generation(&self) -> Result<u64, StoreError> {
+        let record = self
+            .update::<RekeyGeneration, _>(&(), |current| RekeyGeneration {
+                generation: current.map_or(0, |r| r.generation).saturating_add(1),
+                requested_at: SystemTime::now(),
+            })
+            .await?;
+        Ok(record.generation)
+    }
+
+    /// Publishes this node's record with liveness: with etcd it is attached to a lease of
+    /// `ttl` (etcd rounds up to whole seconds, minimum about 2 s) and disappears unless the
+    /// returned [`NodeLease`] renews it. The directory backend has no leases: the record stays
+    /// until deleted.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] if the record breaks a rule; the backend's errors.
+    pub async fn publish_node(
+        &self,
+        record: NodeRecord,
+        ttl: Duration,
+    ) -> Result<NodeLease, StoreError> {
+        NodeLease::publish(self.clone(), record, ttl).await
+    }
+
+    /// Watches the given kinds (all kinds if `kinds` is empty): [`Event::Snapshot`] first,
+    /// then changes; across backend outages [`Event::Interrupted`] and [`Event::Resynced`].
+    /// The stream never ends by itself; drop it to stop watching.
+    ///
+    /// Changes of one record arrive in order. Across kinds, the etcd backend (one etcd watcher
+    /// per kind) may deliver changes out of their global order.
+    pub fn watch(&self, kinds: &[Kind]) -> BoxStream<'static, Event> {
+        let kinds: Vec<Kind> = if kinds.is_empty() {
+            Kind::ALL.to_vec()
+        } else {
+            kinds.to_vec()
+        };
+        let backend = self.backend.name();
+        self.backend
+            .watch(&kinds)
+            .filter_map(move |raw| {
+                let event = typed_event(raw, &kinds, backend);
+                async move { event }
+            })
+            .boxed()
+    }
+
+    pub(crate) fn backend(&self) -> &dyn StoreBackend {
+        &*self.backend
+    }
+}
+
+/// Parses a listed key and decodes its value; logs what is wrong.
+fn decode_entry(key: &str, value: &[u8]) -> Result<Record, RecordError> {
+    let result = Key::parse(key)
+        .map_err(|problem| RecordError {
+            key: key.to_owned(),
+            problem,
+        })
+        .and_then(|parsed| Record::decode(&parsed, value));
+    if let Err(error) = &result {
+        warn!(key, %error, "skipping invalid record");
+    }
+    result
+}
+
+fn kind_of(key: &str) -> Option<Kind> {
+    let prefix = key.split_once('/').map_or(key, |(prefix, _)| prefix);
+    Kind::ALL.into_iter().find(|kind| kind.as_str() == prefix)
+}
+
+/// Keeps keys of watched kinds, and keys of no known kind (reported as invalid, so that a
+/// stray key is visible rather than silently ignored).
+fn wanted(key: &str, kinds: &[Kind]) -> bool {
+    kind_of(key).is_none_or(|kind| kinds.contains(&kind))
+}
+
+fn snapshot(entries: Vec<(String, Vec<u8>)>, kinds: &[Kind]) -> Snapshot {
+    let mut snapshot = Snapshot::default();
+    for (key, value) in entries {
+        if !wanted(&key, kinds) {
+            continue;
+        }
+        match decode_entry(&key, &value) {
+            Ok(record) => snapshot.records.push(record),
+            Err(error) => snapshot.invalid.push(error),
+        }
+    }
+    snapshot.records.sort_by_key(Record::key);
+    snapshot
+}
+
+fn typed_event(raw: RawEvent, kinds: &[Kind], backend: &'static str) -> Option<Event> {
+    match raw {
+        RawEvent::Snapshot {
+            entries,
+            resync: false,
+        } => Some(Event::Snapshot(snapshot(entries, kinds))),
+        RawEvent::Snapshot {
+            entries,
+            resync: true,
+        } => Some(Event::Resynced(snapshot(entries, kinds))),
+        RawEvent::Put(key, value) => {
+            if !wanted(&key, kinds) {
+                return None;
+            }
+            Some(match decode_entry(&key, &value) {
+                Ok(record) => Event::Put(record),
+                Err(error) => Event::Invalid(error),
+            })
+        }
+        RawEvent::Delete(key) => {
+            if !wanted(&key, kinds) {
+                return None;
+            }
+            match Key::parse(&key) {
+                Ok(key) => Some(Event::Deleted(key)),
+                Err(problem) => {
+                    debug!(key, %problem, "deleted key is not a record key, ignored");
+                    None
+                }
+            }
+        }
+        RawEvent::Interrupted(error) => {
+            warn!(backend, error = %error, "store watch interrupted, retrying");
+            Some(Event::Interrupted(error))
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Test support for the store (feature `testing`): sample records and a real etcd server on
+//! loopback.
+
+#![allow(
+    clippy::expect_used,
+    reason = "test support: bad test input and a failed etcd start are test failures"
+)]
+
+use std::io::{self, Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{NodeName, NodeRecord, SpiffeId};
+
+/// Debian's etcd server.
+pub const ETCD_BINARY: &str = "/usr/bin/etcd";
+
+/// How long [`EtcdServer::start`] and [`EtcdServer::restart`] wait for etcd to be healthy.
+pub const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A valid node record for node `name` with index `index` (1..=250): node IP `10.0.0.<index>`,
+/// pod CIDR `10.244.<index>.0/24`, SPIFFE ID `spiffe://cluster.local/node/<name>`, handshake
+/// port 4250.
+///
+/// # Panics
+///
+/// If `name` is not a valid node name or `index` is 0 or above 250 (test input).
+pub fn node_record(name: &str, index: u8) -> NodeRecord {
+    assert!((1..=250).contains(&index), "test node index {index}");
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, index));
+    NodeRecord {
+        name: NodeName::new(name).expect("test node name"),
+        node_ips: vec![ip],
+        pod_cidrs: vec![format!("10.244.{index}.0/24").parse().expect("test CIDR")],
+        spiffe_id: SpiffeId::new(format!("spiffe://cluster.local/node/{name}"))
+            .expect("test SPIFFE ID"),
+        handshake: SocketAddr::new(ip, 4250),
+        wireguard_public_key: None,
+    }
+}
+
+/// Whether tests must fail rather than skip when something they need is missing
+/// (`NODESEAL_REQUIRE_PRIVILEGED=1`, set by `cargo xtask test` and CI).
+pub fn require_everything() -> bool {
+    std::env::var_os("NODESEAL_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1")
+}
+
+/// A real etcd server on 127.0.0.1 with a temporary data directory and free ports, stopped
+/// (SIGKILL) and removed on drop. If the test panics, the drop prints the end of etcd's log.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Option<Child>,
+    data: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    starts: u32,
+}
+
+impl EtcdServer {
+    /// Starts etcd, or returns `None` after printing why the test is skipped when
+    /// [`ETCD_BINARY`] is missing.
+    ///
+    /// # Panics
+    ///
+    /// If etcd is missing and [`require_everything`] is set, or if it does not become healthy
+    /// within [`ETCD_START_TIMEOUT`].
+    pub fn start_or_skip(test: &str) -> Option<Self> {
+        if !Path::new(ETCD_BINARY).exists() {
+            let reason = format!("{ETCD_BINARY} not found (Debian package etcd-server)");
+            assert!(
+                !require_everything(),
+                "{test}: {reason}, and NODESEAL_REQUIRE_PRIVILEGED=1"
+            );
+            println!("SKIPPED {test}: {reason}");
+            return None;
+        }
+        Some(Self::start().expect("starting etcd"))
+    }
+
+    /// Starts etcd on free loopback ports and waits until it is healthy.
+    ///
+    /// # Errors
+    ///
+    /// If the data directory or ports cannot be had, etcd cannot be spawned, or it is not
+    /// healthy within [`ETCD_START_TIMEOUT`].
+    pub fn start() -> io::Result<Self> {
+        let data = tempfile::Builder::new()
+            .prefix("nodeseal-etcd-")
+            .tempdir()?;
+        let mut server = Self {
+            child: None,
+            data,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            starts: 0,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// The client URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data.path().join("etcd.log")
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(ETCD_BINARY)
+            .arg("--name=nodeseal-test")
+            .arg(format!(
+                "--data-dir={}",
+                self.data.path().join("data").display()
+            ))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=nodeseal-test={peer}"))
+            .arg("--logger=zap")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        self.starts += 1;
+        self.wait_healthy()
+    }
+
+    fn wait_healthy(&mut self) -> io::Result<()> {
+        let deadline = Instant::now() + ETCD_START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                return Err(io::Error::other(format!(
+                    "etcd exited with {status}; log:\n{}",
+                    self.log_tail()
+                )));
+            }
+            if health(self.client_port).unwrap_or(false) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "etcd not healthy after {ETCD_START_TIMEOUT:?}; log:\n{}",
+                        self.log_tail()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills etcd with SIGKILL (its data stays) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same data directory and ports.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// The last lines of etcd's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "etcd (started {} times, client port {}) log tail:\n{}",
+                self.starts,
+                self.client_port,
+                self.log_tail()
+            );
+        }
+    }
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `GET /health` over plain HTTP/1.0; true when etcd answers `"health":"true"`.
+fn health(port: u16) -> io::Result<bool> {
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response.contains("\"health\":\"true\""))
+}
