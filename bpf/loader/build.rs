@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (`nodeseal-bpf-programs`) for the BPF target with aya-build and
-//! leaves the object in `OUT_DIR/nodeseal` for `include_bytes_aligned!`.
+//! leaves the object in `OUT_DIR/nodeseal-datapath` for `include_bytes_aligned!`.
 //!
 //! Needs the nightly toolchain with `rust-src` and `bpf-linker` on `PATH`.
 

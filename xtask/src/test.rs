@@ -52,7 +52,8 @@ pub fn run(args: TestArgs) -> Result<ExitCode> {
     if !args.netns_only {
         let t = Instant::now();
         let mut cmd = Command::new("cargo");
-        cmd.args(["test", "--workspace", "--exclude", "nodeseal-netns"])
+        cmd.args(["test", "--workspace"])
+            .args(["--exclude", "nodeseal-netns", "--exclude", "nodeseal-bpf-programs"])
             .env(REQUIRE_PRIVILEGED.0, REQUIRE_PRIVILEGED.1);
         if !args.test_args.is_empty() {
             cmd.arg("--").args(&args.test_args);
@@ -67,7 +68,7 @@ pub fn run(args: TestArgs) -> Result<ExitCode> {
     }
 
     // The binaries the scenarios start (the agent, ...) are found next to the test executables.
-    run::checked(Command::new("cargo").args(["build", "--workspace", "--bins"]))?;
+    run::checked(Command::new("cargo").args(["build", "--bins"]))?;
     let binaries = netns_test_binaries()?;
     let script = suite_script(&binaries, &args.test_args);
 

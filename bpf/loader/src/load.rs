@@ -17,7 +17,7 @@ use crate::{
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/nodeseal";
 
 /// The eBPF object built by `build.rs`.
-static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeseal"));
+static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeseal-datapath"));
 
 /// Errors of [`Datapath::load`].
 #[derive(Debug, thiserror::Error)]
