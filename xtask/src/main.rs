@@ -4,6 +4,7 @@
 //! two commands work from a clean clone.
 
 mod bench;
+mod demo;
 mod deps;
 mod kernel;
 mod run;
@@ -32,6 +33,8 @@ enum Command {
     Vm(vm::VmArgs),
     /// Run a benchmark (figures as ratios against a baseline measured in the same run).
     Bench(bench::BenchArgs),
+    /// Run the demo: a 3-node encrypted fabric in network namespaces.
+    Demo(demo::DemoArgs),
     /// Install the Debian packages and toolchains the project needs, then exit.
     Setup,
 }
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(args),
         Command::Vm(args) => vm::run_cli(args),
         Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Setup => deps::ensure_all().map(|()| ExitCode::SUCCESS),
     };
     match result {

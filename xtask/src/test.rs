@@ -194,7 +194,7 @@ fn suite_script(binaries: &[PathBuf], test_args: &[String]) -> String {
 
 /// Whether this kernel can run the netns suite directly: create a scratch namespace and try a
 /// veth pair, an rfc4106 ESP state, a WireGuard link and a clsact qdisc in it.
-fn host_has_kernel_features() -> bool {
+pub fn host_has_kernel_features() -> bool {
     let ns = format!("nodeseal-probe-{}", std::process::id());
     if !run::succeeds(Command::new("ip").args(["netns", "add", &ns])) {
         return false;

@@ -1,0 +1,43 @@
+//! `cargo xtask demo`: builds everything and runs the demo fabric (`nodeseal-demo`, in
+//! `tests/netns`) on the host when its kernel has ESP, WireGuard, veth and tc BPF, otherwise in
+//! the test VM.
+
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::{deps, run, test, vm};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Kernel series to boot when the host kernel cannot run the demo.
+    #[arg(long, default_value = "6.12")]
+    kernel: String,
+    /// Skip installing packages and toolchains.
+    #[arg(long)]
+    skip_setup: bool,
+    #[command(flatten)]
+    vm: vm::VmOptions,
+}
+
+pub fn run(args: DemoArgs) -> Result<ExitCode> {
+    if !args.skip_setup {
+        deps::ensure_all()?;
+    }
+    run::checked(Command::new("cargo").args(["build", "--bins"]))?;
+    let demo = crate::target_dir().join("debug").join("nodeseal-demo");
+    let command = vec![demo.to_string_lossy().into_owned()];
+    let ok = if test::host_has_kernel_features() {
+        run::streamed(&mut Command::new(&command[0]), Duration::from_secs(args.vm.timeout_secs))?.0
+    } else {
+        let kernel = vm::prepare_matrix(&args.kernel)?;
+        let mut ok = true;
+        for k in &kernel {
+            ok &= vm::run_command(k, &command, &args.vm)?.0;
+        }
+        ok
+    };
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
