@@ -382,11 +382,11 @@ impl Agent {
                 }
                 Event::Put(record) => self.apply(record).await,
                 Event::Deleted(key) => {
-                    if key.kind() == Kind::Node {
-                        if let Some(name) = key.node() {
+                    if key.kind() == Kind::Node
+                        && let Some(name) = key.node()
+                    {
                             self.remove_peer_named(name.as_str(), "node record deleted")
                                 .await;
-                        }
                     }
                 }
                 Event::Interrupted(e) => {

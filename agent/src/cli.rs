@@ -253,8 +253,8 @@ async fn node_list(store: &Store) -> Result<()> {
     let revoked = store.list::<Revocation>().await?;
     let certs = store.list::<CertificateRecord>().await?;
     println!(
-        "{:<20} {:<16} {:<20} {:<9} {}",
-        "NODE", "IP", "POD CIDRS", "REVOKED", "CERTIFICATE"
+        "{:<20} {:<16} {:<20} {:<9} CERTIFICATE",
+        "NODE", "IP", "POD CIDRS", "REVOKED"
     );
     for n in &nodes.records {
         let is_revoked = revoked
@@ -384,8 +384,8 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
             }
             Format::Text => {
                 println!(
-                    "{:<20} {:>10} {:<20} {:>14}  {}",
-                    "NODE", "GENERATION", "PEER", "EPOCH", "REPORTED"
+                    "{:<20} {:>10} {:<20} {:>14}  REPORTED",
+                    "NODE", "GENERATION", "PEER", "EPOCH"
                 );
                 for s in &statuses.records {
                     for (peer, p) in &s.peers {

@@ -29,7 +29,7 @@ pub enum DatapathError {
         pin_root: PathBuf,
         /// Cause.
         #[source]
-        source: nodeseal_bpf::LoadError,
+        source: Box<nodeseal_bpf::LoadError>,
     },
     /// Attaching a program failed.
     #[error("attaching {attachment:?} to {ifname}")]
@@ -40,7 +40,7 @@ pub enum DatapathError {
         ifname: String,
         /// Cause.
         #[source]
-        source: nodeseal_bpf::AttachError,
+        source: Box<nodeseal_bpf::AttachError>,
     },
     /// A map operation failed.
     #[error("updating eBPF map for {what}")]
@@ -49,7 +49,7 @@ pub enum DatapathError {
         what: String,
         /// Cause.
         #[source]
-        source: nodeseal_bpf::MapError,
+        source: Box<nodeseal_bpf::MapError>,
     },
     /// Every 16-bit node id is taken.
     #[error("no free node id left")]
@@ -100,7 +100,10 @@ impl std::fmt::Debug for DatapathHandle {
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(nodeseal_bpf::MapError) -> DatapathError {
     let what = what.into();
-    move |source| DatapathError::Map { what, source }
+    move |source| DatapathError::Map {
+        what,
+        source: Box::new(source),
+    }
 }
 
 impl DatapathHandle {
@@ -112,7 +115,7 @@ impl DatapathHandle {
     pub fn load(settings: DatapathSettings) -> Result<Self, DatapathError> {
         let mut dp = Datapath::load(&settings.pin_root).map_err(|source| DatapathError::Load {
             pin_root: settings.pin_root.clone(),
-            source,
+            source: Box::new(source),
         })?;
         dp.config
             .set(DatapathConfig {
@@ -133,7 +136,7 @@ impl DatapathHandle {
             .map_err(|source| DatapathError::Attach {
                 attachment: Attachment::FromNetwork,
                 ifname: settings.uplink.clone(),
-                source,
+                source: Box::new(source),
             })?;
         info!(uplink = %settings.uplink, pin_root = %settings.pin_root.display(), "eBPF datapath attached");
         Ok(Self {

@@ -116,12 +116,11 @@ impl IdentitySource {
                 let bundle = fetch_bundle(store, td).await?;
                 let key_path = state_dir.join("node.key");
                 let cert_path = state_dir.join("node.crt");
-                if !renew {
-                    if let Some(identity) = stored_identity(&key_path, &cert_path) {
+                if !renew
+                    && let Some(identity) = stored_identity(&key_path, &cert_path) {
                         info!(spiffe_id = %identity.info().spiffe_id, "using stored node SVID");
                         return Ok(Obtained { identity, bundle });
                     }
-                }
                 // A new key for every certificate: a leaked key dies with its certificate.
                 let key = NodeKey::generate()
                     .map_err(|e| invalid(format!("generating node key: {e}")))?;
@@ -165,7 +164,7 @@ async fn request_certificate(
     timeout: Duration,
 ) -> Result<NodeIdentity, IdentityError> {
     let csr = create_csr(&key, td, node).map_err(|e| invalid(format!("creating CSR: {e}")))?;
-    let store_node = store::NodeName::new(node.as_str()).map_err(|e| invalid(e))?;
+    let store_node = store::NodeName::new(node.as_str()).map_err(invalid)?;
     store
         .put(&CsrRecord {
             node: store_node.clone(),
@@ -178,7 +177,7 @@ async fn request_certificate(
         if let Some(record) = store.get::<CertificateRecord>(&store_node).await? {
             let chain = certs_from_pem(record.chain_pem.as_bytes())
                 .map_err(|e| invalid(format!("certificate in the store: {e}")))?;
-            let candidate = NodeKey::from_pem(key_pem.as_bytes()).map_err(|e| invalid(e))?;
+            let candidate = NodeKey::from_pem(key_pem.as_bytes()).map_err(invalid)?;
             // An older certificate (another key) may still be there until keymgr signs ours.
             if let Ok(identity) = NodeIdentity::new(chain, candidate) {
                 return Ok(identity);

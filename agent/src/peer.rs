@@ -522,7 +522,9 @@ impl PeerTask {
     /// that cannot prove its identity any more loses its keys, and strict mode drops its traffic
     /// from then on.
     async fn expire_if_unreachable(&mut self) {
-        let Some(since) = self.unreachable_since else { return };
+        let Some(since) = self.unreachable_since else {
+            return;
+        };
         if self.current.is_none() || since.elapsed() < self.settings.retention {
             return;
         }
@@ -558,7 +560,8 @@ impl PeerTask {
             Ok(h) => h,
             Err(e) => return self.on_failure(&e),
         };
-        let we_win = handshake::keep_initiated_by(config.local_node(), &self.info.name) == config.local_node();
+        let we_win = handshake::keep_initiated_by(config.local_node(), &self.info.name)
+            == config.local_node();
         let addr = SocketAddr::new(self.info.ip, self.info.port);
         let peer = self.info.name.clone();
         let tls = async move {

@@ -30,7 +30,11 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let demo = crate::target_dir().join("debug").join("nodeseal-demo");
     let command = vec![demo.to_string_lossy().into_owned()];
     let ok = if test::host_has_kernel_features() {
-        run::streamed(&mut Command::new(&command[0]), Duration::from_secs(args.vm.timeout_secs))?.0
+        run::streamed(
+            &mut Command::new(&command[0]),
+            Duration::from_secs(args.vm.timeout_secs),
+        )?
+        .0
     } else {
         let kernel = vm::prepare_matrix(&args.kernel)?;
         let mut ok = true;
@@ -39,5 +43,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         }
         ok
     };
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

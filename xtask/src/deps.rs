@@ -26,7 +26,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("procps", "sysctl"),
     ("openssl", "independent X.509 reader in keymgr tests"),
     ("etcd-server", "the etcd store backend's tests"),
-    ("protobuf-compiler", "etcd-client's build script compiles etcd's protocol"),
+    (
+        "protobuf-compiler",
+        "etcd-client's build script compiles etcd's protocol",
+    ),
     ("llvm-22-dev", "bpf-linker links the eBPF programs"),
     (
         "libpolly-22-dev",

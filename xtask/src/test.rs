@@ -53,7 +53,12 @@ pub fn run(args: TestArgs) -> Result<ExitCode> {
         let t = Instant::now();
         let mut cmd = Command::new("cargo");
         cmd.args(["test", "--workspace"])
-            .args(["--exclude", "nodeseal-netns", "--exclude", "nodeseal-bpf-programs"])
+            .args([
+                "--exclude",
+                "nodeseal-netns",
+                "--exclude",
+                "nodeseal-bpf-programs",
+            ])
             .env(REQUIRE_PRIVILEGED.0, REQUIRE_PRIVILEGED.1);
         if !args.test_args.is_empty() {
             cmd.arg("--").args(&args.test_args);

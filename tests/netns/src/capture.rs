@@ -342,7 +342,7 @@ impl PacketSocket {
                     _ => bail!("recvfrom on the capture socket: {err}"),
                 }
             }
-            if addr.sll_pkttype == libc::PACKET_OUTGOING as u8
+            if addr.sll_pkttype == libc::PACKET_OUTGOING
                 || addr.sll_ifindex == self.bridge_ifindex
             {
                 continue;
@@ -403,18 +403,17 @@ pub fn classify(frame: &[u8]) -> PacketClass {
     let Some((src, dst, protocol, l4)) = parsed else {
         return PacketClass::Other { ethertype };
     };
-    if protocol == IPPROTO_ESP {
-        if let (Some(spi), Some(seq)) = (be32(l4, 0), be32(l4, 4)) {
+    if protocol == IPPROTO_ESP
+        && let (Some(spi), Some(seq)) = (be32(l4, 0), be32(l4, 4)) {
             return PacketClass::Esp { src, dst, spi, seq };
         }
-    }
     let ports = match protocol {
         IPPROTO_UDP | IPPROTO_TCP => be16(l4, 0).zip(be16(l4, 2)),
         _ => None,
     };
-    if protocol == IPPROTO_UDP {
-        if let (Some((sport, dport)), Some(body)) = (ports, l4.get(8..)) {
-            if let Some(message_type) = wireguard_message_type(body) {
+    if protocol == IPPROTO_UDP
+        && let (Some((sport, dport)), Some(body)) = (ports, l4.get(8..))
+            && let Some(message_type) = wireguard_message_type(body) {
                 return PacketClass::WireGuard {
                     src,
                     dst,
@@ -423,8 +422,6 @@ pub fn classify(frame: &[u8]) -> PacketClass {
                     message_type,
                 };
             }
-        }
-    }
     PacketClass::Plaintext {
         src,
         dst,
@@ -445,7 +442,7 @@ fn wireguard_message_type(body: &[u8]) -> Option<u8> {
         1 => body.len() == 148,
         2 => body.len() == 92,
         3 => body.len() == 64,
-        4 => body.len() >= 32 && (body.len() - 32) % 16 == 0,
+        4 => body.len() >= 32 && (body.len() - 32).is_multiple_of(16),
         _ => false,
     };
     fits.then_some(kind)

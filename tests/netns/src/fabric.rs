@@ -154,10 +154,7 @@ impl Fabric {
             ])
             .args(["--rekey-grace", &humantime(self.options.grace)])
             .args(["--rekey-interval", &humantime(self.options.rekey_interval)])
-            .args([
-                "--strict-mode",
-                if strict { "true" } else { "false" },
-            ])
+            .args(["--strict-mode", if strict { "true" } else { "false" }])
             .args(["--peer-retention", &humantime(self.options.retention)])
             .args(self.store_args())
             .env("RUST_LOG", "info,nodeseal_agent=debug");
@@ -332,19 +329,39 @@ fn humantime(d: Duration) -> String {
 
 /// A real etcd (Debian's `etcd-server`) for the store scenarios, listening on `ip` inside the
 /// underlay namespace (client 2379, peer 2380), with its data under `dir`.
-pub fn start_etcd(topo: &Topology, ip: std::net::Ipv4Addr, dir: &Path) -> Result<(Process, String)> {
+pub fn start_etcd(
+    topo: &Topology,
+    ip: std::net::Ipv4Addr,
+    dir: &Path,
+) -> Result<(Process, String)> {
     let client = format!("http://{ip}:2379");
     let peer = format!("http://{ip}:2380");
     let mut cmd = topo.underlay().command("etcd");
-    cmd.args(["--name", "nodeseal-test", "--data-dir", &dir.to_string_lossy()])
-        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("nodeseal-test={peer}")])
-        .env("ETCD_UNSUPPORTED_ARCH", "");
+    cmd.args([
+        "--name",
+        "nodeseal-test",
+        "--data-dir",
+        &dir.to_string_lossy(),
+    ])
+    .args([
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+    ])
+    .args([
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+    ])
+    .args(["--initial-cluster", &format!("nodeseal-test={peer}")])
+    .env("ETCD_UNSUPPORTED_ARCH", "");
     let mut process = topo.spawn_command("etcd", cmd)?;
     let addr: std::net::SocketAddr = format!("{ip}:2379").parse()?;
     let up = wait_until(Duration::from_secs(30), || {
-        topo.underlay().run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+        topo.underlay()
+            .run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
     });
     if !up || !process.is_running() {
         bail!("etcd did not start:\n{}", process.log());
@@ -353,7 +370,11 @@ pub fn start_etcd(topo: &Topology, ip: std::net::Ipv4Addr, dir: &Path) -> Result
 }
 
 /// SPIs of the ESP states in `ns` between `a` and `b` (either direction), read with iproute2.
-pub fn esp_spis_between(ns: &crate::Netns, a: std::net::Ipv4Addr, b: std::net::Ipv4Addr) -> Vec<u32> {
+pub fn esp_spis_between(
+    ns: &crate::Netns,
+    a: std::net::Ipv4Addr,
+    b: std::net::Ipv4Addr,
+) -> Vec<u32> {
     let text = ns.ip(&["xfrm", "state"]).unwrap_or_default();
     let mut spis = Vec::new();
     let mut between = false;
@@ -364,14 +385,13 @@ pub fn esp_spis_between(ns: &crate::Netns, a: std::net::Ipv4Addr, b: std::net::I
             let dst = words.nth(1).unwrap_or_default();
             let (a, b) = (a.to_string(), b.to_string());
             between = (src == a && dst == b) || (src == b && dst == a);
-        } else if between {
-            if let Some(spi) = line.split_whitespace().skip_while(|w| *w != "spi").nth(1) {
+        } else if between
+            && let Some(spi) = line.split_whitespace().skip_while(|w| *w != "spi").nth(1) {
                 if let Ok(v) = u32::from_str_radix(spi.trim_start_matches("0x"), 16) {
                     spis.push(v);
                 }
                 between = false;
             }
-        }
     }
     spis
 }

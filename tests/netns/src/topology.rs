@@ -165,7 +165,12 @@ impl Topology {
         out.push_str("----- underlay -----\n");
         for args in [&["-br", "addr"][..], &["route"]] {
             out.push_str(&format!("$ ip {}\n", args.join(" ")));
-            out.push_str(&self.underlay.ip(args).unwrap_or_else(|e| format!("{e:#}\n")));
+            out.push_str(
+                &self
+                    .underlay
+                    .ip(args)
+                    .unwrap_or_else(|e| format!("{e:#}\n")),
+            );
         }
         for node in &self.nodes {
             out.push_str(&format!(

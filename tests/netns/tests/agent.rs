@@ -1,10 +1,18 @@
 //! Acceptance scenarios of the agent: real `nodeseal-agent` processes per node namespace, keymgr,
 //! a shared store; assertions read the wire capture, the status API and the counters.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "scenario helpers panic with context, like the tests"
+)]
+
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
-use nodeseal_netns::{Fabric, FabricOptions, Feature, StoreKind, Topology, UdpStream, ping, require};
+use nodeseal_netns::{
+    Fabric, FabricOptions, Feature, StoreKind, Topology, UdpStream, ping, require,
+};
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -60,24 +68,41 @@ fn pods_talk_across_nodes_only_through_esp() {
 }
 
 fn spi_of(row: &serde_json::Value, field: &str) -> u32 {
-    let text = row[field].as_str().unwrap_or_else(|| panic!("no {field} in {row}"));
+    let text = row[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {field} in {row}"));
     u32::from_str_radix(text.trim_start_matches("0x"), 16).expect("hex SPI")
 }
 
 #[test]
 fn keys_rotate_under_traffic_loses_nothing() {
-    if !require("agent_rotate", &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+    if !require(
+        "agent_rotate",
+        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
+    ) {
         return;
     }
-    let topo = Topology::builder("rotate").nodes(3).pods_per_node(1).build().expect("topology");
+    let topo = Topology::builder("rotate")
+        .nodes(3)
+        .pods_per_node(1)
+        .build()
+        .expect("topology");
     let fabric = Fabric::start(&topo, 3, FabricOptions::default()).expect("fabric");
-    fabric.wait_established(&[0, 1, 2], CONVERGE).expect("established");
+    fabric
+        .wait_established(&[0, 1, 2], CONVERGE)
+        .expect("established");
     let before = fabric.peer_row(0, "node1").expect("row");
     let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
     assert!(ping(&pod_a.ns, pod_b.ip, 1).expect("ping").all_answered());
     let capture = topo.capture().expect("capture");
-    let stream = UdpStream::start(&pod_a.ns, &pod_b.ns, SocketAddrV4::new(pod_b.ip, 7001), 500, Duration::from_secs(120))
-        .expect("stream");
+    let stream = UdpStream::start(
+        &pod_a.ns,
+        &pod_b.ns,
+        SocketAddrV4::new(pod_b.ip, 7001),
+        500,
+        Duration::from_secs(120),
+    )
+    .expect("stream");
     std::thread::sleep(Duration::from_millis(500));
     let out = fabric
         .nodeseal_store(&["keys", "rotate", "--wait", "--timeout", "60s"])
@@ -94,8 +119,13 @@ fn keys_rotate_under_traffic_loses_nothing() {
     let after = fabric.peer_row(0, "node1").expect("row");
     let (old_out, new_out) = (spi_of(&before, "out_spi"), spi_of(&after, "out_spi"));
     assert_ne!(old_out, new_out);
-    assert!(after["generation"].as_u64() > before["generation"].as_u64(), "{before}\n{after}");
-    capture.check_no_plaintext(&topo.pod_cidrs()).unwrap_or_else(|leak| panic!("{leak}"));
+    assert!(
+        after["generation"].as_u64() > before["generation"].as_u64(),
+        "{before}\n{after}"
+    );
+    capture
+        .check_no_plaintext(&topo.pod_cidrs())
+        .unwrap_or_else(|leak| panic!("{leak}"));
     let summary = capture.summary();
     let flows: Vec<u32> = summary
         .esp_flows
@@ -103,21 +133,40 @@ fn keys_rotate_under_traffic_loses_nothing() {
         .filter(|(s, d, _)| s.to_string() == "10.0.0.1" && d.to_string() == "10.0.0.2")
         .map(|(_, _, spi)| *spi)
         .collect();
-    assert!(flows.contains(&old_out) && flows.contains(&new_out), "{summary}");
+    assert!(
+        flows.contains(&old_out) && flows.contains(&new_out),
+        "{summary}"
+    );
     // After the grace period only the new pair of SAs is left on both ends.
-    let spis = nodeseal_netns::fabric::esp_spis_between(&topo.node(0).ns, topo.node(0).ip, topo.node(1).ip);
+    let spis = nodeseal_netns::fabric::esp_spis_between(
+        &topo.node(0).ns,
+        topo.node(0).ip,
+        topo.node(1).ip,
+    );
     assert_eq!(spis.len(), 2, "{spis:x?}");
-    assert!(spis.contains(&new_out) && !spis.contains(&old_out), "{spis:x?}");
+    assert!(
+        spis.contains(&new_out) && !spis.contains(&old_out),
+        "{spis:x?}"
+    );
 }
 
 #[test]
 fn rogue_node_with_foreign_ca_never_gets_keys() {
-    if !require("agent_rogue", &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+    if !require(
+        "agent_rogue",
+        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
+    ) {
         return;
     }
-    let topo = Topology::builder("rogue").nodes(3).pods_per_node(1).build().expect("topology");
+    let topo = Topology::builder("rogue")
+        .nodes(3)
+        .pods_per_node(1)
+        .build()
+        .expect("topology");
     let fabric = Fabric::start(&topo, 2, FabricOptions::default()).expect("fabric");
-    fabric.wait_established(&[0, 1], CONVERGE).expect("established");
+    fabric
+        .wait_established(&[0, 1], CONVERGE)
+        .expect("established");
     let mut rogue = fabric.spawn_rogue(&topo, 2, "rogue").expect("rogue");
     // The honest node tries (or is tried by) the rogue and refuses it, with the reason shown.
     let certificate_refused = |row: &serde_json::Value| {
@@ -127,38 +176,96 @@ fn rogue_node_with_foreign_ca_never_gets_keys() {
                 .is_some_and(|e| e.to_lowercase().contains("certificate") || e.contains("issuer"))
     };
     let refused = nodeseal_netns::wait_until(CONVERGE, || {
-        fabric.peer_row(0, "rogue").is_some_and(|row| certificate_refused(&row))
+        fabric
+            .peer_row(0, "rogue")
+            .is_some_and(|row| certificate_refused(&row))
     });
     let row = fabric.peer_row(0, "rogue");
-    assert!(refused, "node0's row for the rogue: {row:?}\n{}", rogue.log());
-    eprintln!("node0 refused the rogue: {}", row.unwrap_or_default()["last_error"]);
+    assert!(
+        refused,
+        "node0's row for the rogue: {row:?}\n{}",
+        rogue.log()
+    );
+    eprintln!(
+        "node0 refused the rogue: {}",
+        row.unwrap_or_default()["last_error"]
+    );
     let capture = topo.capture().expect("capture");
     let attempt = ping(&topo.node(2).pod(0).ns, topo.node(0).pod(0).ip, 3).expect("ping");
-    assert_eq!(attempt.received, 0, "a rogue pod reached an honest pod: {attempt:?}");
+    assert_eq!(
+        attempt.received, 0,
+        "a rogue pod reached an honest pod: {attempt:?}"
+    );
     for honest in 0..2 {
-        let spis = nodeseal_netns::fabric::esp_spis_between(&topo.node(honest).ns, topo.node(honest).ip, topo.node(2).ip);
-        assert!(spis.is_empty(), "node{honest} has SAs with the rogue: {spis:x?}");
+        let spis = nodeseal_netns::fabric::esp_spis_between(
+            &topo.node(honest).ns,
+            topo.node(honest).ip,
+            topo.node(2).ip,
+        );
+        assert!(
+            spis.is_empty(),
+            "node{honest} has SAs with the rogue: {spis:x?}"
+        );
     }
     // Its plaintext was dropped at node0 for arriving unencrypted from a remote pod CIDR.
     let status = fabric.status(0).expect("status");
-    assert!(status["datapath_drops"]["unencrypted"].as_u64().unwrap_or(0) > 0 || status["xfrm_errors"].as_object().is_some_and(|m| !m.is_empty()), "{status}");
-    assert_eq!(capture.summary().esp_flows.keys().filter(|(s, _, _)| s.to_string() == "10.0.0.3").count(), 0);
+    assert!(
+        status["datapath_drops"]["unencrypted"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+            || status["xfrm_errors"]
+                .as_object()
+                .is_some_and(|m| !m.is_empty()),
+        "{status}"
+    );
+    assert_eq!(
+        capture
+            .summary()
+            .esp_flows
+            .keys()
+            .filter(|(s, _, _)| s.to_string() == "10.0.0.3")
+            .count(),
+        0
+    );
     rogue.kill();
 }
 
 #[test]
 fn revoked_node_loses_its_sas_everywhere() {
-    if !require("agent_revoke", &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+    if !require(
+        "agent_revoke",
+        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
+    ) {
         return;
     }
-    let topo = Topology::builder("revoke").nodes(3).pods_per_node(1).build().expect("topology");
+    let topo = Topology::builder("revoke")
+        .nodes(3)
+        .pods_per_node(1)
+        .build()
+        .expect("topology");
     let fabric = Fabric::start(&topo, 3, FabricOptions::default()).expect("fabric");
-    fabric.wait_established(&[0, 1, 2], CONVERGE).expect("established");
-    assert!(ping(&topo.node(0).pod(0).ns, topo.node(2).pod(0).ip, 1).expect("ping").all_answered());
+    fabric
+        .wait_established(&[0, 1, 2], CONVERGE)
+        .expect("established");
+    assert!(
+        ping(&topo.node(0).pod(0).ns, topo.node(2).pod(0).ip, 1)
+            .expect("ping")
+            .all_answered()
+    );
     let started = Instant::now();
-    fabric.nodeseal_store(&["node", "revoke", "node2"]).expect("revoke");
+    fabric
+        .nodeseal_store(&["node", "revoke", "node2"])
+        .expect("revoke");
     let gone = nodeseal_netns::wait_until(Duration::from_secs(20), || {
-        (0..2).all(|i| nodeseal_netns::fabric::esp_spis_between(&topo.node(i).ns, topo.node(i).ip, topo.node(2).ip).is_empty())
+        (0..2).all(|i| {
+            nodeseal_netns::fabric::esp_spis_between(
+                &topo.node(i).ns,
+                topo.node(i).ip,
+                topo.node(2).ip,
+            )
+            .is_empty()
+        })
     });
     let took = started.elapsed();
     eprintln!("revocation removed node2's SAs on every peer in {took:?}");
@@ -166,107 +273,185 @@ fn revoked_node_loses_its_sas_everywhere() {
     let attempt = ping(&topo.node(0).pod(0).ns, topo.node(2).pod(0).ip, 2).expect("ping");
     assert_eq!(attempt.received, 0, "{attempt:?}");
     // The others still talk.
-    assert!(ping(&topo.node(0).pod(0).ns, topo.node(1).pod(0).ip, 2).expect("ping").all_answered());
+    assert!(
+        ping(&topo.node(0).pod(0).ns, topo.node(1).pod(0).ip, 2)
+            .expect("ping")
+            .all_answered()
+    );
     // node2 keeps trying; its handshakes are refused (revoked identity), so it stays out.
     std::thread::sleep(Duration::from_secs(3));
-    assert!(nodeseal_netns::fabric::esp_spis_between(&topo.node(0).ns, topo.node(0).ip, topo.node(2).ip).is_empty());
+    assert!(
+        nodeseal_netns::fabric::esp_spis_between(
+            &topo.node(0).ns,
+            topo.node(0).ip,
+            topo.node(2).ip
+        )
+        .is_empty()
+    );
 }
 
 #[test]
 fn sigkill_and_restart_under_traffic_loses_nothing() {
-    if !require("agent_restart", &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+    if !require(
+        "agent_restart",
+        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
+    ) {
         return;
     }
-    let topo = Topology::builder("restart").nodes(2).pods_per_node(1).build().expect("topology");
+    let topo = Topology::builder("restart")
+        .nodes(2)
+        .pods_per_node(1)
+        .build()
+        .expect("topology");
     let mut fabric = Fabric::start(&topo, 2, FabricOptions::default()).expect("fabric");
-    fabric.wait_established(&[0, 1], CONVERGE).expect("established");
+    fabric
+        .wait_established(&[0, 1], CONVERGE)
+        .expect("established");
     let before = fabric.peer_row(0, "node1").expect("row");
     let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
     assert!(ping(&pod_a.ns, pod_b.ip, 1).expect("ping").all_answered());
-    let stream = UdpStream::start(&pod_a.ns, &pod_b.ns, SocketAddrV4::new(pod_b.ip, 7002), 500, Duration::from_secs(180))
-        .expect("stream");
+    let stream = UdpStream::start(
+        &pod_a.ns,
+        &pod_b.ns,
+        SocketAddrV4::new(pod_b.ip, 7002),
+        500,
+        Duration::from_secs(180),
+    )
+    .expect("stream");
     std::thread::sleep(Duration::from_millis(500));
     fabric.kill_agent(0);
     std::thread::sleep(Duration::from_secs(1));
     fabric.restart_agent(&topo, 0).expect("restart");
     let old_out = spi_of(&before, "out_spi");
     let rekeyed = nodeseal_netns::wait_until(CONVERGE, || {
-        fabric
-            .peer_row(0, "node1")
-            .is_some_and(|row| row["state"] == "established" && row["out_spi"].as_str().is_some_and(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok() != Some(old_out)))
+        fabric.peer_row(0, "node1").is_some_and(|row| {
+            row["state"] == "established"
+                && row["out_spi"].as_str().is_some_and(|s| {
+                    u32::from_str_radix(s.trim_start_matches("0x"), 16).ok() != Some(old_out)
+                })
+        })
     });
     assert!(rekeyed, "{:?}", fabric.status_text(0));
     // Past the grace period the previous agent's SAs are swept.
     let swept = nodeseal_netns::wait_until(Duration::from_secs(20), || {
-        nodeseal_netns::fabric::esp_spis_between(&topo.node(0).ns, topo.node(0).ip, topo.node(1).ip).len() == 2
+        nodeseal_netns::fabric::esp_spis_between(&topo.node(0).ns, topo.node(0).ip, topo.node(1).ip)
+            .len()
+            == 2
     });
     let report = stream.finish(Duration::from_millis(500)).expect("report");
     eprintln!("stream across SIGKILL + restart: {report:?}");
-    assert!(swept, "old SAs left: {:x?}", nodeseal_netns::fabric::esp_spis_between(&topo.node(0).ns, topo.node(0).ip, topo.node(1).ip));
+    assert!(
+        swept,
+        "old SAs left: {:x?}",
+        nodeseal_netns::fabric::esp_spis_between(
+            &topo.node(0).ns,
+            topo.node(0).ip,
+            topo.node(1).ip
+        )
+    );
     assert_eq!((report.lost, report.duplicated), (0, 0), "{report:?}");
 }
 
 #[test]
 fn strict_mode_drops_instead_of_sending_in_clear() {
-    if !require("agent_strict", &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+    if !require(
+        "agent_strict",
+        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
+    ) {
         return;
     }
-    let topo = Topology::builder("strict").nodes(2).pods_per_node(1).build().expect("topology");
+    let topo = Topology::builder("strict")
+        .nodes(2)
+        .pods_per_node(1)
+        .build()
+        .expect("topology");
     let options = FabricOptions {
         retention: Duration::from_secs(3),
         ..FabricOptions::default()
     };
     let mut fabric = Fabric::start(&topo, 2, options).expect("fabric");
-    fabric.wait_established(&[0, 1], CONVERGE).expect("established");
+    fabric
+        .wait_established(&[0, 1], CONVERGE)
+        .expect("established");
     // node1's agent dies; a rekey cannot complete, and after the retention time node0 withdraws
     // the SAs it had with node1.
     fabric.kill_agent(1);
     fabric.nodeseal_store(&["keys", "rotate"]).expect("rotate");
     let withdrawn = nodeseal_netns::wait_until(CONVERGE, || {
-        nodeseal_netns::fabric::esp_spis_between(&topo.node(0).ns, topo.node(0).ip, topo.node(1).ip).is_empty()
+        nodeseal_netns::fabric::esp_spis_between(&topo.node(0).ns, topo.node(0).ip, topo.node(1).ip)
+            .is_empty()
     });
     assert!(withdrawn, "{:?}", fabric.status_text(0));
     let capture = topo.capture().expect("capture");
     let attempt = ping(&topo.node(0).pod(0).ns, topo.node(1).pod(0).ip, 3).expect("ping");
     assert_eq!(attempt.received, 0, "{attempt:?}");
-    capture.check_no_plaintext(&topo.pod_cidrs()).unwrap_or_else(|leak| panic!("{leak}"));
+    capture
+        .check_no_plaintext(&topo.pod_cidrs())
+        .unwrap_or_else(|leak| panic!("{leak}"));
     let status = fabric.status(0).expect("status");
-    assert!(status["datapath_drops"]["no_sa"].as_u64().unwrap_or(0) >= 3, "{status}");
+    assert!(
+        status["datapath_drops"]["no_sa"].as_u64().unwrap_or(0) >= 3,
+        "{status}"
+    );
 }
 
 #[test]
 fn etcd_backend_carries_the_fabric() {
-    if !require("agent_etcd", &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+    if !require(
+        "agent_etcd",
+        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
+    ) {
         return;
     }
     if !std::path::Path::new("/usr/bin/etcd").exists() {
-        assert!(std::env::var(nodeseal_netns::REQUIRE_ENV).as_deref() != Ok("1"), "etcd-server is not installed");
+        assert!(
+            std::env::var(nodeseal_netns::REQUIRE_ENV).as_deref() != Ok("1"),
+            "etcd-server is not installed"
+        );
         eprintln!("SKIPPED agent_etcd: /usr/bin/etcd missing");
         return;
     }
-    let topo = Topology::builder("etcd").nodes(2).pods_per_node(1).build().expect("topology");
-    topo.underlay().ip(&["addr", "add", "10.0.0.254/24", "dev", "br0"]).expect("bridge address");
+    let topo = Topology::builder("etcd")
+        .nodes(2)
+        .pods_per_node(1)
+        .build()
+        .expect("topology");
+    topo.underlay()
+        .ip(&["addr", "add", "10.0.0.254/24", "dev", "br0"])
+        .expect("bridge address");
     let data = topo.log_dir().join("etcd-data");
-    let (mut etcd, url) = nodeseal_netns::fabric::start_etcd(&topo, "10.0.0.254".parse().unwrap(), &data).expect("etcd");
+    let (mut etcd, url) =
+        nodeseal_netns::fabric::start_etcd(&topo, "10.0.0.254".parse().unwrap(), &data)
+            .expect("etcd");
     let options = FabricOptions {
         store: StoreKind::Etcd(vec![url]),
         ..FabricOptions::default()
     };
     let fabric = Fabric::start(&topo, 2, options).expect("fabric");
-    fabric.wait_established(&[0, 1], CONVERGE).expect("established");
+    fabric
+        .wait_established(&[0, 1], CONVERGE)
+        .expect("established");
     let capture = topo.capture().expect("capture");
     let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
     assert!(ping(&pod_a.ns, pod_b.ip, 2).expect("ping").all_answered());
     // Store outage: the datapath is unchanged and traffic flows.
     etcd.kill();
     std::thread::sleep(Duration::from_secs(2));
-    assert!(ping(&pod_a.ns, pod_b.ip, 2).expect("ping during etcd outage").all_answered());
+    assert!(
+        ping(&pod_a.ns, pod_b.ip, 2)
+            .expect("ping during etcd outage")
+            .all_answered()
+    );
     // etcd returns: the agents catch up (a rotation requested afterwards completes).
-    let (_etcd, _) = nodeseal_netns::fabric::start_etcd(&topo, "10.0.0.254".parse().unwrap(), &data).expect("etcd again");
+    let (_etcd, _) =
+        nodeseal_netns::fabric::start_etcd(&topo, "10.0.0.254".parse().unwrap(), &data)
+            .expect("etcd again");
     let out = fabric
         .nodeseal_store(&["keys", "rotate", "--wait", "--timeout", "60s"])
         .expect("rotate after outage");
     assert!(out.contains("all nodes rekeyed"), "{out}");
     assert!(ping(&pod_a.ns, pod_b.ip, 2).expect("ping").all_answered());
-    capture.check_no_plaintext(&topo.pod_cidrs()).unwrap_or_else(|leak| panic!("{leak}"));
+    capture
+        .check_no_plaintext(&topo.pod_cidrs())
+        .unwrap_or_else(|leak| panic!("{leak}"));
 }

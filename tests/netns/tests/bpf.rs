@@ -2,6 +2,12 @@
 //! and the VM runner's Debian 6.1 / 6.12), policy on live pods, and attachments and maps that
 //! survive a reload. Each skips with a printed reason when root, bpffs or veth/clsact are
 //! missing, and fails instead with `NODESEAL_REQUIRE_PRIVILEGED=1`.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "scenario helpers panic with context, like the tests"
+)]
 #![expect(
     clippy::expect_used,
     reason = "test set-up helpers panic with context, like the tests"

@@ -3,6 +3,12 @@
 //! node IPs; with it removed the same capture sees plaintext pod packets, so the assertion the
 //! product's scenarios rely on can fail.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "scenario helpers panic with context, like the tests"
+)]
+
 use std::io::Read;
 use std::net::SocketAddrV4;
 use std::time::Duration;
@@ -233,8 +239,9 @@ fn udp_stream_reports_loss_only_when_packets_are_lost() {
     assert!(report.is_perfect(), "{report:?}");
 
     // Blackhole the route for a moment: the stream must notice.
-    let lossy =
-        UdpStream::start(&pod_a.ns, &pod_b.ns, dst, 500, Duration::from_secs(5)).expect("stream");
+    let lossy_dst = SocketAddrV4::new(pod_b.ip, 7001);
+    let lossy = UdpStream::start(&pod_a.ns, &pod_b.ns, lossy_dst, 500, Duration::from_secs(5))
+        .expect("stream");
     std::thread::sleep(Duration::from_millis(200));
     let cidr = topo.node(1).pod_cidr.to_string();
     let node_a = &topo.node(0).ns;
@@ -303,12 +310,20 @@ fn commands_run_inside_the_namespace_with_the_callers_mounts() {
         return;
     }
     let ns = nodeseal_netns::Netns::new("cmd").expect("netns");
-    ns.ip(&["addr", "add", "192.0.2.77/32", "dev", "lo"]).expect("address");
+    ns.ip(&["addr", "add", "192.0.2.77/32", "dev", "lo"])
+        .expect("address");
     let out = ns.command("ip").args(["-br", "addr"]).output().expect("ip");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("192.0.2.77"), "{text}");
     // bpffs stays visible (ip netns exec would remount /sys and hide it).
-    let mounts = ns.command("cat").arg("/proc/self/mountinfo").output().expect("cat");
+    let mounts = ns
+        .command("cat")
+        .arg("/proc/self/mountinfo")
+        .output()
+        .expect("cat");
     let own = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    assert_eq!(String::from_utf8_lossy(&mounts.stdout).lines().count(), own.lines().count());
+    assert_eq!(
+        String::from_utf8_lossy(&mounts.stdout).lines().count(),
+        own.lines().count()
+    );
 }

@@ -5,6 +5,7 @@
 //! runner's Debian kernels do). With `NODESEAL_REQUIRE_PRIVILEGED=1` a skip is a failure.
 //! iproute2 is the independent reader: after programming, `ip xfrm state` / `ip xfrm policy`
 //! must list exactly our objects with the same SPIs, marks, selectors, algorithms and keys.
+
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -8,17 +8,28 @@ use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use nodeseal_netns::{Fabric, FabricOptions, Feature, PacketClass, Topology, UdpStream, ping, require};
+use nodeseal_netns::{
+    Fabric, FabricOptions, Feature, PacketClass, Topology, UdpStream, ping, require,
+};
 
 fn main() -> Result<()> {
     if !require("demo", &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
         bail!("this kernel cannot run the demo (see above); `cargo xtask demo` boots one that can");
     }
     banner("building 3 nodes x 2 pods (plus a spare node for a rogue) in network namespaces");
-    let topo = Topology::builder("demo").nodes(4).pods_per_node(2).build()?;
+    let topo = Topology::builder("demo")
+        .nodes(4)
+        .pods_per_node(2)
+        .build()?;
     for node in &topo.nodes()[..3] {
         let pods: Vec<String> = node.pods.iter().map(|p| p.ip.to_string()).collect();
-        println!("  node{}  {}  pods {} ({})", node.index, node.ip, node.pod_cidr, pods.join(", "));
+        println!(
+            "  node{}  {}  pods {} ({})",
+            node.index,
+            node.ip,
+            node.pod_cidr,
+            pods.join(", ")
+        );
     }
 
     banner("starting keymgr and three nodeseal agents (embedded directory store)");
@@ -37,14 +48,24 @@ fn main() -> Result<()> {
                 let from = &topo.node(a).pod(0);
                 let to = topo.node(b).pod(1).ip;
                 let r = ping(&from.ns, to, 2)?;
-                println!("  ping {} -> {}: {}/{} replies", from.ip, to, r.received, r.transmitted);
+                println!(
+                    "  ping {} -> {}: {}/{} replies",
+                    from.ip, to, r.received, r.transmitted
+                );
                 ensure!(r.all_answered(), "ping {} -> {to} failed", from.ip);
             }
         }
     }
     let packets = capture.packets();
-    println!("\n  sample of the wire ({} frames captured):", packets.len());
-    for p in packets.iter().filter(|p| !matches!(p.class, PacketClass::Arp)).take(12) {
+    println!(
+        "\n  sample of the wire ({} frames captured):",
+        packets.len()
+    );
+    for p in packets
+        .iter()
+        .filter(|p| !matches!(p.class, PacketClass::Arp))
+        .take(12)
+    {
         println!("    {}", p.class);
     }
     println!("\n  summary: {}", capture.summary());
@@ -55,7 +76,13 @@ fn main() -> Result<()> {
 
     banner("nodeseal keys rotate --wait, under a 500 packets/s UDP stream");
     let (a, b) = (topo.node(0).pod(0), topo.node(1).pod(0));
-    let stream = UdpStream::start(&a.ns, &b.ns, SocketAddrV4::new(b.ip, 7100), 500, Duration::from_secs(60))?;
+    let stream = UdpStream::start(
+        &a.ns,
+        &b.ns,
+        SocketAddrV4::new(b.ip, 7100),
+        500,
+        Duration::from_secs(60),
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     println!("$ nodeseal keys rotate --wait");
     print!("{}", fabric.nodeseal_store(&["keys", "rotate", "--wait"])?);
@@ -73,7 +100,9 @@ fn main() -> Result<()> {
     let refused = nodeseal_netns::wait_until(Duration::from_secs(60), || {
         fabric.peer_row(0, "rogue").is_some_and(|row| {
             row["state"] != "established"
-                && row["last_error"].as_str().is_some_and(|e| e.contains("certificate"))
+                && row["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("certificate"))
         })
     });
     println!("$ nodeseal status    # on node0");
@@ -89,7 +118,12 @@ fn main() -> Result<()> {
     );
     ensure!(attempt.received == 0, "the rogue reached a pod");
     println!("\n$ nodeseal node list");
-    print!("{}", fabric.nodeseal_store(&["node", "list"]).context("node list")?);
+    print!(
+        "{}",
+        fabric
+            .nodeseal_store(&["node", "list"])
+            .context("node list")?
+    );
     banner("demo complete: ESP only on the wire, hitless rotation, rogue refused");
     Ok(())
 }
