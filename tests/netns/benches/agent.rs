@@ -17,7 +17,9 @@
 //!
 //! Environment: `NODESEAL_BENCH_PEERS` (default `100,1000`), `NODESEAL_BENCH_ROTATIONS`
 //! (default 5), `NODESEAL_BENCH_PARTS` (default `convergence,rotation`),
-//! `NODESEAL_BENCH_TIMEOUT_SECS` (bound of one convergence run, default 900). Needs root, veth,
+//! `NODESEAL_BENCH_TIMEOUT_SECS` (bound of one convergence run, default 900),
+//! `NODESEAL_BENCH_IDLE_SECS` (quiet period observed after convergence, default 40: it covers
+//! the agent's post-flip sweep at the default 30 s `--rekey-grace`). Needs root, veth,
 //! ESP and tc BPF: skips with a reason otherwise, unless `NODESEAL_REQUIRE_PRIVILEGED=1`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -86,6 +88,7 @@ fn run() -> Result<()> {
     )?;
     let rotations: usize = env_number("NODESEAL_BENCH_ROTATIONS", 5)?;
     let timeout = Duration::from_secs(env_number("NODESEAL_BENCH_TIMEOUT_SECS", 900)?);
+    let idle = Duration::from_secs(env_number("NODESEAL_BENCH_IDLE_SECS", 40)?);
     let agent_bin = fabric::binary("nodeseal-agent");
     let cli_bin = fabric::binary("nodeseal");
     for bin in [&agent_bin, &cli_bin] {
@@ -104,8 +107,8 @@ fn run() -> Result<()> {
     if parts.contains("convergence") {
         for &n in &peers {
             println!("convergence: 1 agent, {n} peers ...");
-            let result =
-                converge(n, timeout).with_context(|| format!("convergence with {n} peers"))?;
+            let result = converge(n, timeout, idle)
+                .with_context(|| format!("convergence with {n} peers"))?;
             print!("{}", result.detail());
             convergence.push(result);
         }
@@ -253,7 +256,9 @@ impl LoadStats {
 struct Convergence {
     peers: usize,
     setup: Duration,
-    /// Agent spawn until 50 % / 100 % of the peers completed their first key agreement.
+    /// Agent spawn until the first / 50 % / 100 % of the peers completed their first key
+    /// agreement (the first one includes the agent's start-up: store, eBPF load, identity).
+    first: Duration,
     half: Duration,
     all: Duration,
     /// Agent spawn until `nodeseal status` showed every peer established.
@@ -268,15 +273,21 @@ struct Convergence {
     failures: BTreeMap<String, u64>,
     baseline: Duration,
     baseline_objects: u64,
+    /// The quiet period observed after convergence, the agent's CPU time and RSS in it.
+    idle: Duration,
+    idle_cpu: Duration,
+    idle_rss_kb: u64,
+    idle_peak_rss_kb: u64,
 }
 
 impl Convergence {
     fn detail(&self) -> String {
         let mut s = format!(
-            "  set-up (CA, {} SVIDs, store) {:.2}s; agent: 50% of peers after {:.3}s, all after \
-             {:.3}s, status shows all established after {:.3}s\n",
+            "  set-up (CA, {} SVIDs, store) {:.2}s; agent: first peer after {:.3}s, 50% after \
+             {:.3}s, all after {:.3}s, status shows all established after {:.3}s\n",
             self.peers + 1,
             self.setup.as_secs_f64(),
+            self.first.as_secs_f64(),
             self.half.as_secs_f64(),
             self.all.as_secs_f64(),
             self.status_all.as_secs_f64()
@@ -299,6 +310,15 @@ impl Convergence {
             self.loadgen_cpu.as_secs_f64(),
             self.handshakes
         );
+        let _ = writeln!(
+            s,
+            "  in the {:.0}s after convergence (nothing changing): agent CPU {:.2}s, RSS {} KiB, \
+             peak RSS {} KiB",
+            self.idle.as_secs_f64(),
+            self.idle_cpu.as_secs_f64(),
+            self.idle_rss_kb,
+            self.idle_peak_rss_kb
+        );
         if !self.failures.is_empty() {
             let _ = writeln!(s, "  load generator saw failed handshakes:");
             for (e, n) in &self.failures {
@@ -314,8 +334,9 @@ fn convergence_table(rows: &[Convergence]) -> String {
         String::from("Convergence: one nodeseal-agent vs N peers (in-process load generator)\n");
     let _ = writeln!(
         s,
-        "{:>6} | {:>9} | {:>9} | {:>10} | {:>8} | {:>8} | {:>9} | {:>9} | {:>8} | {:>10} | {:>9}",
+        "{:>6} | {:>9} | {:>9} | {:>9} | {:>10} | {:>8} | {:>8} | {:>9} | {:>9} | {:>8} | {:>10} | {:>9} | {:>9}",
         "peers",
+        "first (s)",
         "all (s)",
         "status(s)",
         "agent CPU",
@@ -325,15 +346,17 @@ fn convergence_table(rows: &[Convergence]) -> String {
         "agent/ip",
         "fails",
         "peak RSS",
-        "RSS end"
+        "RSS end",
+        "idle CPU"
     );
     for r in rows {
         let ratio = r.all.as_secs_f64() / r.baseline.as_secs_f64().max(1e-6);
         let failures: u64 = r.failures.values().sum();
         let _ = writeln!(
             s,
-            "{:>6} | {:>9.3} | {:>9.3} | {:>9.2}s | {:>8} | {:>8} | {:>8.3}s | {:>8.1}x | {:>8} | {:>6} MiB | {:>5} MiB",
+            "{:>6} | {:>9.3} | {:>9.3} | {:>9.3} | {:>9.2}s | {:>8} | {:>8} | {:>8.3}s | {:>8.1}x | {:>8} | {:>6} MiB | {:>5} MiB | {:>8.2}s",
             r.peers,
+            r.first.as_secs_f64(),
             r.all.as_secs_f64(),
             r.status_all.as_secs_f64(),
             r.agent_cpu.as_secs_f64(),
@@ -342,14 +365,18 @@ fn convergence_table(rows: &[Convergence]) -> String {
             r.baseline.as_secs_f64(),
             ratio,
             failures,
-            r.peak_rss_kb / 1024,
-            r.rss_kb / 1024
+            r.peak_rss_kb.max(r.idle_peak_rss_kb) / 1024,
+            r.rss_kb / 1024,
+            r.idle_cpu.as_secs_f64()
         );
     }
     let _ = writeln!(
         s,
-        "all = agent spawn -> last peer's Installed exchange done; status = until `nodeseal status` \
-         shows every peer established;\nip -batch = the same number of XFRM states and policies \
+        "first / all = agent spawn -> first / last peer's Installed exchange done (first includes \
+         the agent's start-up); status = until `nodeseal status` \
+         shows every peer established;\nagent CPU = user + system until all; \
+         peak RSS = VmHWM (also over the idle period); idle CPU = agent CPU in the quiet period after \
+         convergence (covers the stale-SA sweep at rekey-grace 30 s);\nip -batch = the same number of XFRM states and policies \
          (agent's layout) installed by one `ip -batch` into a fresh namespace."
     );
     let _ = write!(
@@ -390,7 +417,7 @@ impl Drop for Bench {
     }
 }
 
-fn converge(n: usize, timeout: Duration) -> Result<Convergence> {
+fn converge(n: usize, timeout: Duration, idle: Duration) -> Result<Convergence> {
     let setup_started = Instant::now();
     let dir = std::env::temp_dir().join(format!("nodeseal-bench-agent-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -529,7 +556,7 @@ fn converge(n: usize, timeout: Duration) -> Result<Convergence> {
         peak_seen = peak_seen.max(proc_status_kb(pid, "VmRSS:").unwrap_or(0));
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (half, all) = {
+    let (first, half, all) = {
         let done = stats
             .done
             .lock()
@@ -537,6 +564,7 @@ fn converge(n: usize, timeout: Duration) -> Result<Convergence> {
         let mut times: Vec<Duration> = done.iter().flatten().map(|t| *t - started).collect();
         times.sort();
         (
+            times.first().copied().unwrap_or_default(),
             times.get(times.len() / 2).copied().unwrap_or_default(),
             times.last().copied().unwrap_or_default(),
         )
@@ -553,6 +581,28 @@ fn converge(n: usize, timeout: Duration) -> Result<Convergence> {
     let rss_kb = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
     let (states, policies) = xfrm_counts(&bench.agent_ns)?;
     let handshakes = stats.handshakes.load(Ordering::Relaxed);
+
+    // After convergence: what the agent costs while nothing changes. This window includes the
+    // sweep of stale SAs each peer task runs `--rekey-grace` (default 30 s) after its first flip.
+    let cpu_converged = process_cpu(pid).unwrap_or_default();
+    std::thread::sleep(idle);
+    ensure!(
+        agent.is_running(),
+        "the agent exited after converging:\n{}",
+        tail(&agent.log(), 40)
+    );
+    let idle_cpu = process_cpu(pid)
+        .unwrap_or_default()
+        .saturating_sub(cpu_converged);
+    let idle_rss_kb = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
+    let idle_peak_rss_kb = proc_status_kb(pid, "VmHWM:").unwrap_or(0);
+    let (idle_states, idle_policies) = xfrm_counts(&bench.agent_ns)?;
+    if (idle_states, idle_policies) != (states, policies) {
+        println!(
+            "  note: after {idle:?} the agent holds {idle_states} states and {idle_policies} \
+             policies (at convergence {states} and {policies})"
+        );
+    }
     let failures = stats.failures.lock().map(|f| f.clone()).unwrap_or_default();
 
     agent.terminate(Duration::from_secs(5));
@@ -568,6 +618,7 @@ fn converge(n: usize, timeout: Duration) -> Result<Convergence> {
     Ok(Convergence {
         peers: n,
         setup,
+        first,
         half,
         all,
         status_all,
@@ -581,6 +632,10 @@ fn converge(n: usize, timeout: Duration) -> Result<Convergence> {
         failures,
         baseline,
         baseline_objects,
+        idle,
+        idle_cpu,
+        idle_rss_kb,
+        idle_peak_rss_kb,
     })
 }
 
