@@ -385,8 +385,8 @@ impl Agent {
                     if key.kind() == Kind::Node
                         && let Some(name) = key.node()
                     {
-                            self.remove_peer_named(name.as_str(), "node record deleted")
-                                .await;
+                        self.remove_peer_named(name.as_str(), "node record deleted")
+                            .await;
                     }
                 }
                 Event::Interrupted(e) => {

@@ -116,11 +116,10 @@ impl IdentitySource {
                 let bundle = fetch_bundle(store, td).await?;
                 let key_path = state_dir.join("node.key");
                 let cert_path = state_dir.join("node.crt");
-                if !renew
-                    && let Some(identity) = stored_identity(&key_path, &cert_path) {
-                        info!(spiffe_id = %identity.info().spiffe_id, "using stored node SVID");
-                        return Ok(Obtained { identity, bundle });
-                    }
+                if !renew && let Some(identity) = stored_identity(&key_path, &cert_path) {
+                    info!(spiffe_id = %identity.info().spiffe_id, "using stored node SVID");
+                    return Ok(Obtained { identity, bundle });
+                }
                 // A new key for every certificate: a leaked key dies with its certificate.
                 let key = NodeKey::generate()
                     .map_err(|e| invalid(format!("generating node key: {e}")))?;

@@ -849,6 +849,8 @@ impl PeerTask {
             s.out_spi = cur.map(|c| c.sas.outbound.spi.to_string());
             s.in_spi = cur.map(|c| c.sas.inbound.spi.to_string());
             s.last_rekey_unix = Some(unix_now());
+            // Failures before this success stay counted in `failures`; the row shows no stale error.
+            s.last_error = None;
             s.rekeys += 1;
         }
     }

@@ -35,6 +35,9 @@ enum BenchName {
     Keymgr,
     /// ns per packet of from-pod vs a pass-through program (BPF_PROG_TEST_RUN).
     Bpf,
+    /// Agent convergence against N simulated peers, and `keys rotate --wait` under traffic
+    /// (needs ESP: runs in the VM).
+    Agent,
 }
 
 impl BenchName {
@@ -44,6 +47,7 @@ impl BenchName {
             Self::Xfrm => ("nodeseal-xfrm", "program", true),
             Self::Keymgr => ("nodeseal-keymgr", "handshake", false),
             Self::Bpf => ("nodeseal-bpf", "datapath", false),
+            Self::Agent => ("nodeseal-netns", "agent", true),
         }
     }
 }
@@ -51,6 +55,8 @@ impl BenchName {
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
     deps::ensure_all()?;
     let (package, bench, needs_vm) = args.name.target();
+    // Benchmarks that start the agent find its binaries next to their own.
+    run::checked(Command::new("cargo").args(["build", "--release", "--bins"]))?;
     let exe = build(package, bench)?;
     let mut command = vec![exe.to_string_lossy().into_owned(), "--bench".to_owned()];
     command.extend(args.bench_args.iter().cloned());
