@@ -67,11 +67,11 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting nodeseal-agent");
     let trust_domain = TrustDomain::new(&config.trust_domain).context("--trust-domain")?;
     let node = NodeName::new(&config.node_name).context("--node-name")?;
-    let store = config
-        .store
-        .open()
-        .await
-        .context("opening the cluster store")?;
+    // The store may be down at start (etcd restarting): wait for it rather than exit.
+    let Some(store) = retry("opening the cluster store", &cancel, || config.store.open()).await
+    else {
+        return Ok(());
+    };
     let tracker = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
 
@@ -84,10 +84,13 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         handshake: SocketAddr::new(config.node_ip, config.handshake_port),
         wireguard_public_key: None,
     };
-    let mut lease = store
-        .publish_node(record, NODE_LEASE_TTL)
-        .await
-        .context("publishing the node record")?;
+    let Some(mut lease) = retry("publishing the node record", &cancel, || {
+        store.publish_node(record.clone(), NODE_LEASE_TTL)
+    })
+    .await
+    else {
+        return Ok(());
+    };
     let lease_cancel = cancel.child_token();
     tracker.spawn(async move {
         if let Err(e) = lease.run(lease_cancel).await {
@@ -173,6 +176,10 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         generation: generation_rx,
         metrics: Arc::clone(&metrics),
         cancel: cancel.clone(),
+        handshake_permits: Arc::new(tokio::sync::Semaphore::new(
+            crate::peer::MAX_CONCURRENT_HANDSHAKES,
+        )),
+        leftover_peers: Arc::new(leftover_peers(&xfrm, config.node_ip).await),
     };
     tracker.spawn(crate::server::serve(
         listener,
@@ -228,20 +235,19 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     Ok(())
 }
 
-async fn obtain_until_cancelled(
-    source: &IdentitySource,
-    td: &TrustDomain,
-    node: &NodeName,
-    renew: bool,
-    cancel: &CancellationToken,
-) -> Option<Obtained> {
+/// Runs `attempt` until it succeeds (backing off up to 10 s, logging each failure) or `cancel`
+/// fires (`None`).
+async fn retry<T, E, F, Fut>(what: &str, cancel: &CancellationToken, mut attempt: F) -> Option<T>
+where
+    E: std::error::Error,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
     let mut delay = Duration::from_millis(200);
     loop {
-        match source.obtain(td, node, renew).await {
-            Ok(o) => return Some(o),
-            Err(e) => {
-                warn!(error = %error_chain(&e), retry_in = ?delay, "cannot obtain the node identity yet")
-            }
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(e) => warn!(error = %error_chain(&e), retry_in = ?delay, "{what} failed; retrying"),
         }
         tokio::select! {
             () = cancel.cancelled() => return None,
@@ -249,6 +255,19 @@ async fn obtain_until_cancelled(
         }
         delay = (delay * 2).min(Duration::from_secs(10));
     }
+}
+
+async fn obtain_until_cancelled(
+    source: &IdentitySource,
+    td: &TrustDomain,
+    node: &NodeName,
+    renew: bool,
+    cancel: &CancellationToken,
+) -> Option<Obtained> {
+    retry("obtaining the node identity", cancel, || {
+        source.obtain(td, node, renew)
+    })
+    .await
 }
 
 fn install_identity(
@@ -505,6 +524,29 @@ impl Agent {
                     .await;
                 self.registry.remove(ip);
             }
+        }
+    }
+}
+
+/// Peers (by node IP) that already have SAs of ours in the kernel: a previous agent's, which
+/// their tasks sweep once traffic has moved to new keys.
+async fn leftover_peers(xfrm: &Handle, local: IpAddr) -> std::collections::HashSet<IpAddr> {
+    match xfrm.states().dump().execute().await {
+        Ok(states) => states
+            .iter()
+            .filter(|s| crate::sa::ownership().owns_state(s))
+            .filter_map(|s| s.spec.as_ref())
+            .map(|spec| {
+                if spec.src == local {
+                    spec.dst
+                } else {
+                    spec.src
+                }
+            })
+            .collect(),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "cannot read existing SAs; none will be swept");
+            std::collections::HashSet::new()
         }
     }
 }

@@ -40,8 +40,12 @@ use crate::sa::{self, EpochSas, KeySlot, LocalEnd, PeerEnd};
 
 /// How long the non-preferred initiator waits for the peer to start a needed handshake.
 pub const RESPONDER_PATIENCE: Duration = Duration::from_secs(2);
-/// Limit on one handshake including the `Installed` exchange.
+/// Limit on one TLS handshake and Hello exchange (counted once a handshake permit is held).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limit on the `Installed` exchange after the SAs are in the kernel.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Outgoing handshakes one node runs at once.
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 32;
 /// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -196,6 +200,9 @@ pub struct PeerTask {
     commands: mpsc::Receiver<PeerCommand>,
     /// Commands that arrived while a handshake was running, handled right after it.
     deferred: std::collections::VecDeque<PeerCommand>,
+    handshake_permits: Arc<tokio::sync::Semaphore>,
+    /// Whether a previous agent left SAs for this peer, to be swept after our first flip.
+    has_leftovers: bool,
     /// When to delete objects of this peer that a previous agent left (after the first flip).
     sweep_at: Option<Instant>,
 }
@@ -218,6 +225,10 @@ pub struct PeerContext {
     /// The agent's root token; each peer task gets a child, so that revoking a peer cancels
     /// exactly that task and shutdown cancels them all.
     pub cancel: CancellationToken,
+    /// Node-wide bound on concurrent outgoing handshakes.
+    pub handshake_permits: Arc<tokio::sync::Semaphore>,
+    /// Peers a previous agent left SAs for (found at start-up): only their tasks sweep.
+    pub leftover_peers: Arc<std::collections::HashSet<IpAddr>>,
 }
 
 /// Errors inside one key agreement attempt.
@@ -325,6 +336,11 @@ impl PeerTask {
         }));
         let (tx, rx) = mpsc::channel(64);
         let cancel = ctx.cancel.child_token();
+        let info_ip = info.ip;
+        // A little jitter, so that a node meeting many peers at once spreads its first
+        // handshakes.
+        let first_attempt =
+            Instant::now() + Duration::from_millis(rand::rng().random_range(0..250));
         let mut task = Self {
             info,
             node_id,
@@ -340,12 +356,14 @@ impl PeerTask {
             next_slot,
             policies_installed: false,
             backoff: FIRST_BACKOFF,
-            next_attempt: Some(Instant::now()),
+            next_attempt: Some(first_attempt),
             last_success: None,
             unreachable_since: None,
             rekey_due: None,
             commands: rx,
             deferred: std::collections::VecDeque::new(),
+            has_leftovers: ctx.leftover_peers.contains(&info_ip),
+            handshake_permits: ctx.handshake_permits,
             sweep_at: None,
         };
         if task.settings.strict {
@@ -564,20 +582,26 @@ impl PeerTask {
             == config.local_node();
         let addr = SocketAddr::new(self.info.ip, self.info.port);
         let peer = self.info.name.clone();
+        let permits = Arc::clone(&self.handshake_permits);
         let tls = async move {
-            let stream = TcpStream::connect(addr)
+            // Bounded concurrency: a node meeting 1000 peers at once must not start 1000 TLS
+            // handshakes that all run out of time. The timeout starts with the permit.
+            let _permit = permits.acquire_owned().await;
+            let handshake = async {
+                let stream = TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| PeerError::Connect { addr, source })?;
+                let _ = stream.set_nodelay(true);
+                Ok::<_, PeerError>(handshake::initiate(&config, stream, &peer, hello).await?)
+            };
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
                 .await
-                .map_err(|source| PeerError::Connect { addr, source })?;
-            let _ = stream.set_nodelay(true);
-            Ok::<_, PeerError>(handshake::initiate(&config, stream, &peer, hello).await?)
+                .unwrap_or(Err(PeerError::Timeout(HANDSHAKE_TIMEOUT)))
         };
         tokio::pin!(tls);
-        let deadline = tokio::time::sleep(HANDSHAKE_TIMEOUT);
-        tokio::pin!(deadline);
         let agreement = loop {
             let event = tokio::select! {
                 r = &mut tls => Either::Done(r),
-                () = &mut deadline => Either::Done(Err(PeerError::Timeout(HANDSHAKE_TIMEOUT))),
                 cmd = self.commands.recv() => Either::Command(cmd),
             };
             match event {
@@ -598,11 +622,7 @@ impl PeerTask {
         let result = match agreement {
             Ok(agreement) => {
                 self.metrics.handshake("initiated");
-                let remaining = HANDSHAKE_TIMEOUT.saturating_sub(started.elapsed());
-                match tokio::time::timeout(remaining, self.install(agreement)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(PeerError::Timeout(HANDSHAKE_TIMEOUT)),
-                }
+                self.install(agreement).await
             }
             Err(e) => Err(e),
         };
@@ -648,17 +668,21 @@ impl PeerTask {
         };
         let epoch = incoming.peer_hello().epoch;
         let started = Instant::now();
-        let work = async {
-            let spi = self.fresh_spi();
-            let hello = self.hello(&config, epoch, spi)?;
-            let agreement = incoming.respond(hello).await?;
-            self.metrics.handshake("accepted");
-            self.install(agreement).await
+        let answer = async {
+            let hello = self.hello(&config, epoch, self.fresh_spi())?;
+            Ok::<_, PeerError>(incoming.respond(hello).await?)
         };
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, work).await {
-            Ok(Ok(())) => self.on_success(started),
-            Ok(Err(e)) => self.on_failure(&e),
-            Err(_) => self.on_failure(&PeerError::Timeout(HANDSHAKE_TIMEOUT)),
+        let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await {
+            Ok(Ok(agreement)) => {
+                self.metrics.handshake("accepted");
+                self.install(agreement).await
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PeerError::Timeout(HANDSHAKE_TIMEOUT)),
+        };
+        match result {
+            Ok(()) => self.on_success(started),
+            Err(e) => self.on_failure(&e),
         }
     }
 
@@ -718,9 +742,18 @@ impl PeerTask {
             self.install_peer_policies().await?;
         }
         let installed = Installed { epoch, sas };
-        if let Err(e) = agreement.channel.confirm_installed(epoch).await {
+        // Not cancellable from outside once SAs are in the kernel: on any failure, including the
+        // peer going quiet, the new epoch's SAs are removed again before returning.
+        let confirmed =
+            tokio::time::timeout(CONFIRM_TIMEOUT, agreement.channel.confirm_installed(epoch)).await;
+        let failure = match confirmed {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(PeerError::from(e)),
+            Err(_) => Some(PeerError::Timeout(CONFIRM_TIMEOUT)),
+        };
+        if let Some(e) = failure {
             self.remove_epoch(&installed).await;
-            return Err(e.into());
+            return Err(e);
         }
         let _ = agreement.channel.close().await;
         // ESP from the peer is accepted from now on.
@@ -823,7 +856,7 @@ impl PeerTask {
     fn on_success(&mut self, started: Instant) {
         self.metrics.rekey_done(started.elapsed());
         self.backoff = FIRST_BACKOFF;
-        if self.last_success.is_none() {
+        if self.last_success.is_none() && self.has_leftovers {
             self.sweep_at = Some(Instant::now() + self.settings.grace);
         }
         self.last_success = Some(Instant::now());

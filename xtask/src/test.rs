@@ -197,39 +197,14 @@ fn suite_script(binaries: &[PathBuf], test_args: &[String]) -> String {
     script
 }
 
-/// Whether this kernel can run the netns suite directly: create a scratch namespace and try a
-/// veth pair, an rfc4106 ESP state, a WireGuard link and a clsact qdisc in it.
+/// Whether this kernel can run the netns suite directly (veth, an rfc4106 ESP state, a
+/// WireGuard link and a clsact qdisc, probed in a scratch namespace).
 pub fn host_has_kernel_features() -> bool {
-    let ns = format!("nodeseal-probe-{}", std::process::id());
-    if !run::succeeds(Command::new("ip").args(["netns", "add", &ns])) {
-        return false;
-    }
-    let ip = |args: &[&str]| run::succeeds(Command::new("ip").args(["-n", &ns]).args(args));
-    let ok = ip(&["link", "add", "pv0", "type", "veth", "peer", "name", "pv1"])
-        && ip(&["link", "set", "pv0", "up"])
-        && ip(&[
-            "xfrm",
-            "state",
-            "add",
-            "src",
-            "192.0.2.1",
-            "dst",
-            "192.0.2.2",
-            "proto",
-            "esp",
-            "spi",
-            "0x1000",
-            "mode",
-            "tunnel",
-            "aead",
-            "rfc4106(gcm(aes))",
-            "0x0102030405060708090a0b0c0d0e0f1011121314",
-            "128",
-        ])
-        && ip(&["link", "add", "wg0", "type", "wireguard"])
-        && run::succeeds(
-            Command::new("tc").args(["-n", &ns, "qdisc", "add", "dev", "pv0", "clsact"]),
-        );
-    let _ = run::succeeds(Command::new("ip").args(["netns", "del", &ns]));
-    ok
+    use nodeseal_netns::Feature;
+    nodeseal_netns::kernel_supports(&[
+        Feature::Netns,
+        Feature::Esp,
+        Feature::WireGuard,
+        Feature::TcBpf,
+    ])
 }

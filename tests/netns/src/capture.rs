@@ -342,8 +342,7 @@ impl PacketSocket {
                     _ => bail!("recvfrom on the capture socket: {err}"),
                 }
             }
-            if addr.sll_pkttype == libc::PACKET_OUTGOING
-                || addr.sll_ifindex == self.bridge_ifindex
+            if addr.sll_pkttype == libc::PACKET_OUTGOING || addr.sll_ifindex == self.bridge_ifindex
             {
                 continue;
             }
@@ -404,24 +403,26 @@ pub fn classify(frame: &[u8]) -> PacketClass {
         return PacketClass::Other { ethertype };
     };
     if protocol == IPPROTO_ESP
-        && let (Some(spi), Some(seq)) = (be32(l4, 0), be32(l4, 4)) {
-            return PacketClass::Esp { src, dst, spi, seq };
-        }
+        && let (Some(spi), Some(seq)) = (be32(l4, 0), be32(l4, 4))
+    {
+        return PacketClass::Esp { src, dst, spi, seq };
+    }
     let ports = match protocol {
         IPPROTO_UDP | IPPROTO_TCP => be16(l4, 0).zip(be16(l4, 2)),
         _ => None,
     };
     if protocol == IPPROTO_UDP
         && let (Some((sport, dport)), Some(body)) = (ports, l4.get(8..))
-            && let Some(message_type) = wireguard_message_type(body) {
-                return PacketClass::WireGuard {
-                    src,
-                    dst,
-                    sport,
-                    dport,
-                    message_type,
-                };
-            }
+        && let Some(message_type) = wireguard_message_type(body)
+    {
+        return PacketClass::WireGuard {
+            src,
+            dst,
+            sport,
+            dport,
+            message_type,
+        };
+    }
     PacketClass::Plaintext {
         src,
         dst,

@@ -386,12 +386,13 @@ pub fn esp_spis_between(
             let (a, b) = (a.to_string(), b.to_string());
             between = (src == a && dst == b) || (src == b && dst == a);
         } else if between
-            && let Some(spi) = line.split_whitespace().skip_while(|w| *w != "spi").nth(1) {
-                if let Ok(v) = u32::from_str_radix(spi.trim_start_matches("0x"), 16) {
-                    spis.push(v);
-                }
-                between = false;
+            && let Some(spi) = line.split_whitespace().skip_while(|w| *w != "spi").nth(1)
+        {
+            if let Ok(v) = u32::from_str_radix(spi.trim_start_matches("0x"), 16) {
+                spis.push(v);
             }
+            between = false;
+        }
     }
     spis
 }

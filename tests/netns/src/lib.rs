@@ -107,6 +107,19 @@ fn probe() -> &'static Probe {
     })
 }
 
+/// Whether this machine (root, this kernel) has every one of `features`; probed once per
+/// process in a scratch namespace.
+pub fn kernel_supports(features: &[Feature]) -> bool {
+    let p = probe();
+    p.root
+        && features.iter().all(|f| match f {
+            Feature::Netns => p.netns,
+            Feature::Esp => p.esp,
+            Feature::WireGuard => p.wireguard,
+            Feature::TcBpf => p.tc_bpf,
+        })
+}
+
 /// Whether this machine can run a scenario needing `features`. When it cannot, prints why and
 /// returns `false` (the test should return early), or panics if [`REQUIRE_ENV`] is `1`.
 pub fn require(test: &str, features: &[Feature]) -> bool {

@@ -186,6 +186,19 @@ impl Topology {
                 out.push_str(&format!("$ ip {}\n", args.join(" ")));
                 out.push_str(&node.ns.ip(args).unwrap_or_else(|e| format!("{e:#}\n")));
             }
+            let stat = node
+                .ns
+                .run(|| std::fs::read_to_string("/proc/net/xfrm_stat"));
+            let nonzero: Vec<String> = stat
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.trim_end().ends_with(" 0") && !l.trim_end().ends_with("\t0"))
+                .map(str::to_owned)
+                .collect();
+            out.push_str(&format!(
+                "$ grep -v ' 0$' /proc/net/xfrm_stat\n{}\n",
+                nonzero.join("\n")
+            ));
             for pod in &node.pods {
                 out.push_str(&format!("--- pod {} ({})\n", pod.ns.name(), pod.ip));
                 out.push_str(&pod.ns.ip(&["-br", "addr"]).unwrap_or_default());

@@ -174,6 +174,22 @@ fn bind_receiver(port: u16) -> Result<UdpSocket> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
         .with_context(|| format!("binding UDP port {port}"))?;
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    // A receiver starved of CPU (a busy emulated VM) must not drop datagrams in its own socket
+    // buffer: the stream measures the network, so give it room for seconds of traffic.
+    let size: libc::c_int = 16 << 20;
+    // SAFETY: setsockopt on a valid socket with a pointer to a live c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        anyhow::bail!("SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+    }
     Ok(socket)
 }
 

@@ -16,23 +16,35 @@ use nodeseal_netns::{
 
 const CONVERGE: Duration = Duration::from_secs(60);
 
-#[test]
-fn pods_talk_across_nodes_only_through_esp() {
-    if !require(
-        "agent_basic",
-        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
-    ) {
-        return;
+/// A topology of `nodes` nodes (one pod each) with agents on the first `agents`, established;
+/// `None` (test skipped) when the kernel lacks what the fabric needs.
+fn established(
+    name: &str,
+    nodes: usize,
+    agents: usize,
+    options: FabricOptions,
+) -> Option<(Topology, Fabric)> {
+    if !require(name, &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+        return None;
     }
-    let topo = Topology::builder("agentbasic")
-        .nodes(3)
+    let topo = Topology::builder(name)
+        .nodes(nodes)
         .pods_per_node(1)
         .build()
         .expect("topology");
-    let fabric = Fabric::start(&topo, 3, FabricOptions::default()).expect("fabric");
+    let fabric = Fabric::start(&topo, agents, options).expect("fabric");
+    let all: Vec<usize> = (0..agents).collect();
     fabric
-        .wait_established(&[0, 1, 2], CONVERGE)
+        .wait_established(&all, CONVERGE)
         .expect("established");
+    Some((topo, fabric))
+}
+
+#[test]
+fn pods_talk_across_nodes_only_through_esp() {
+    let Some((topo, fabric)) = established("agentbasic", 3, 3, FabricOptions::default()) else {
+        return;
+    };
     let capture = topo.capture().expect("capture");
     for a in 0..3 {
         for b in 0..3 {
@@ -76,21 +88,9 @@ fn spi_of(row: &serde_json::Value, field: &str) -> u32 {
 
 #[test]
 fn keys_rotate_under_traffic_loses_nothing() {
-    if !require(
-        "agent_rotate",
-        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
-    ) {
+    let Some((topo, fabric)) = established("rotate", 3, 3, FabricOptions::default()) else {
         return;
-    }
-    let topo = Topology::builder("rotate")
-        .nodes(3)
-        .pods_per_node(1)
-        .build()
-        .expect("topology");
-    let fabric = Fabric::start(&topo, 3, FabricOptions::default()).expect("fabric");
-    fabric
-        .wait_established(&[0, 1, 2], CONVERGE)
-        .expect("established");
+    };
     let before = fabric.peer_row(0, "node1").expect("row");
     let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
     assert!(ping(&pod_a.ns, pod_b.ip, 1).expect("ping").all_answered());
@@ -152,21 +152,9 @@ fn keys_rotate_under_traffic_loses_nothing() {
 
 #[test]
 fn rogue_node_with_foreign_ca_never_gets_keys() {
-    if !require(
-        "agent_rogue",
-        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
-    ) {
+    let Some((topo, fabric)) = established("rogue", 3, 2, FabricOptions::default()) else {
         return;
-    }
-    let topo = Topology::builder("rogue")
-        .nodes(3)
-        .pods_per_node(1)
-        .build()
-        .expect("topology");
-    let fabric = Fabric::start(&topo, 2, FabricOptions::default()).expect("fabric");
-    fabric
-        .wait_established(&[0, 1], CONVERGE)
-        .expect("established");
+    };
     let mut rogue = fabric.spawn_rogue(&topo, 2, "rogue").expect("rogue");
     // The honest node tries (or is tried by) the rogue and refuses it, with the reason shown.
     let certificate_refused = |row: &serde_json::Value| {
@@ -233,21 +221,9 @@ fn rogue_node_with_foreign_ca_never_gets_keys() {
 
 #[test]
 fn revoked_node_loses_its_sas_everywhere() {
-    if !require(
-        "agent_revoke",
-        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
-    ) {
+    let Some((topo, fabric)) = established("revoke", 3, 3, FabricOptions::default()) else {
         return;
-    }
-    let topo = Topology::builder("revoke")
-        .nodes(3)
-        .pods_per_node(1)
-        .build()
-        .expect("topology");
-    let fabric = Fabric::start(&topo, 3, FabricOptions::default()).expect("fabric");
-    fabric
-        .wait_established(&[0, 1, 2], CONVERGE)
-        .expect("established");
+    };
     assert!(
         ping(&topo.node(0).pod(0).ns, topo.node(2).pod(0).ip, 1)
             .expect("ping")
@@ -292,21 +268,9 @@ fn revoked_node_loses_its_sas_everywhere() {
 
 #[test]
 fn sigkill_and_restart_under_traffic_loses_nothing() {
-    if !require(
-        "agent_restart",
-        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
-    ) {
+    let Some((topo, mut fabric)) = established("restart", 2, 2, FabricOptions::default()) else {
         return;
-    }
-    let topo = Topology::builder("restart")
-        .nodes(2)
-        .pods_per_node(1)
-        .build()
-        .expect("topology");
-    let mut fabric = Fabric::start(&topo, 2, FabricOptions::default()).expect("fabric");
-    fabric
-        .wait_established(&[0, 1], CONVERGE)
-        .expect("established");
+    };
     let before = fabric.peer_row(0, "node1").expect("row");
     let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
     assert!(ping(&pod_a.ns, pod_b.ip, 1).expect("ping").all_answered());
@@ -354,25 +318,13 @@ fn sigkill_and_restart_under_traffic_loses_nothing() {
 
 #[test]
 fn strict_mode_drops_instead_of_sending_in_clear() {
-    if !require(
-        "agent_strict",
-        &[Feature::Netns, Feature::Esp, Feature::TcBpf],
-    ) {
-        return;
-    }
-    let topo = Topology::builder("strict")
-        .nodes(2)
-        .pods_per_node(1)
-        .build()
-        .expect("topology");
     let options = FabricOptions {
         retention: Duration::from_secs(3),
         ..FabricOptions::default()
     };
-    let mut fabric = Fabric::start(&topo, 2, options).expect("fabric");
-    fabric
-        .wait_established(&[0, 1], CONVERGE)
-        .expect("established");
+    let Some((topo, mut fabric)) = established("strict", 2, 2, options) else {
+        return;
+    };
     // node1's agent dies; a rekey cannot complete, and after the retention time node0 withdraws
     // the SAs it had with node1.
     fabric.kill_agent(1);
