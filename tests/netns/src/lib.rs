@@ -110,21 +110,13 @@ fn probe() -> &'static Probe {
 /// Whether this machine (root, this kernel) has every one of `features`; probed once per
 /// process in a scratch namespace.
 pub fn kernel_supports(features: &[Feature]) -> bool {
-    let p = probe();
-    p.root
-        && features.iter().all(|f| match f {
-            Feature::Netns => p.netns,
-            Feature::Esp => p.esp,
-            Feature::WireGuard => p.wireguard,
-            Feature::TcBpf => p.tc_bpf,
-        })
+    missing(features).is_empty()
 }
 
-/// Whether this machine can run a scenario needing `features`. When it cannot, prints why and
-/// returns `false` (the test should return early), or panics if [`REQUIRE_ENV`] is `1`.
-pub fn require(test: &str, features: &[Feature]) -> bool {
+/// What of root and `features` this machine lacks.
+fn missing(features: &[Feature]) -> Vec<String> {
     let p = probe();
-    let missing: Vec<String> = std::iter::once((!p.root).then(|| "root".to_owned()))
+    std::iter::once((!p.root).then(|| "root".to_owned()))
         .chain(features.iter().map(|f| {
             let ok = match f {
                 Feature::Netns => p.netns,
@@ -135,7 +127,13 @@ pub fn require(test: &str, features: &[Feature]) -> bool {
             (!ok).then(|| format!("{f:?}"))
         }))
         .flatten()
-        .collect();
+        .collect()
+}
+
+/// Whether this machine can run a scenario needing `features`. When it cannot, prints why and
+/// returns `false` (the test should return early), or panics if [`REQUIRE_ENV`] is `1`.
+pub fn require(test: &str, features: &[Feature]) -> bool {
+    let missing = missing(features);
     if missing.is_empty() {
         return true;
     }

@@ -113,6 +113,11 @@ fn keys_rotate_under_traffic_loses_nothing() {
     std::thread::sleep(Duration::from_secs(4));
     let report = stream.finish(Duration::from_millis(500)).expect("report");
     eprintln!("stream during rotation: {report:?}");
+    if report.lost > 0 {
+        for i in 0..3 {
+            eprintln!("node{i} status at failure:\n{}", fabric.status_text(i).unwrap_or_default());
+        }
+    }
     assert!(report.sent >= 1000, "{report:?}");
     assert_eq!((report.lost, report.duplicated), (0, 0), "{report:?}");
 
