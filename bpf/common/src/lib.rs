@@ -41,6 +41,13 @@ pub mod map_names {
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
     /// `IPCACHE_V6`: LPM trie of IPv6 prefixes → [`crate::maps::IpCacheEntry`].
     pub const IPCACHE_V6: &str = "IPCACHE_V6";
+    /// `IPCACHE_EXACT_V4`: the IPv4 prefixes of `IPCACHE_V4` as an exact-match hash
+    /// ([`crate::maps::IpCacheKeyV4`] → [`crate::maps::IpCacheEntry`]).
+    pub const IPCACHE_EXACT_V4: &str = "IPCACHE_EXACT_V4";
+    /// `IPCACHE_EXACT_V6`: the IPv6 prefixes of `IPCACHE_V6` as an exact-match hash.
+    pub const IPCACHE_EXACT_V6: &str = "IPCACHE_EXACT_V6";
+    /// `IPCACHE_LENS`: [`crate::maps::PrefixLengths`] per address family.
+    pub const IPCACHE_LENS: &str = "IPCACHE_LENS";
     /// `NODES`: node IP → [`crate::maps::NodeEntry`].
     pub const NODES: &str = "NODES";
     /// `PEER_SLOTS`: node id → [`crate::maps::PeerSlot`].

@@ -10,7 +10,10 @@ use nodeseal_bpf_common::{map_names, program_names};
 
 use crate::{
     events::EventReader,
-    maps::{ConfigMap, DropCounters, Endpoints, IpCache, MapError, Nodes, PeerSlots, Policy},
+    maps::{
+        ConfigMap, DropCounters, Endpoints, IpCache, IpCacheMaps, MapError, Nodes, PeerSlots,
+        Policy,
+    },
 };
 
 /// Where the agent pins maps and links.
@@ -151,10 +154,13 @@ impl Datapath {
             prog.load()
                 .map_err(|source| LoadError::Program { name, source })?;
         }
-        let ipcache = IpCache::new(
-            take(&mut ebpf, map_names::IPCACHE_V4)?,
-            take(&mut ebpf, map_names::IPCACHE_V6)?,
-        )?;
+        let ipcache = IpCache::new(IpCacheMaps {
+            v4: take(&mut ebpf, map_names::IPCACHE_V4)?,
+            v6: take(&mut ebpf, map_names::IPCACHE_V6)?,
+            exact_v4: take(&mut ebpf, map_names::IPCACHE_EXACT_V4)?,
+            exact_v6: take(&mut ebpf, map_names::IPCACHE_EXACT_V6)?,
+            lens: take(&mut ebpf, map_names::IPCACHE_LENS)?,
+        })?;
         let nodes = Nodes::new(take(&mut ebpf, map_names::NODES)?)?;
         let peer_slots = PeerSlots::new(take(&mut ebpf, map_names::PEER_SLOTS)?)?;
         let endpoints = Endpoints::new(take(&mut ebpf, map_names::ENDPOINTS)?)?;
