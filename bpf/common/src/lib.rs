@@ -37,6 +37,10 @@ pub mod identity {
 pub mod map_names {
     /// `ENDPOINTS`: ifindex → [`crate::maps::EndpointInfo`].
     pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// `ENDPOINTS_BY_IFINDEX`: array copy of the `ENDPOINTS` entries with an ifindex below
+    /// [`crate::maps::capacity::ENDPOINTS_BY_IFINDEX`], indexed by ifindex (identity 0: not
+    /// there, look in `ENDPOINTS`). An array lookup is far cheaper than a hash lookup.
+    pub const ENDPOINTS_BY_IFINDEX: &str = "ENDPOINTS_BY_IFINDEX";
     /// `IPCACHE_V4`: LPM trie of IPv4 prefixes → [`crate::maps::IpCacheEntry`].
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
     /// `IPCACHE_V6`: LPM trie of IPv6 prefixes → [`crate::maps::IpCacheEntry`].

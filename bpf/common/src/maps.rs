@@ -228,6 +228,8 @@ const _: () = {
 pub mod capacity {
     /// `ENDPOINTS`.
     pub const ENDPOINTS: u32 = 4096;
+    /// `ENDPOINTS_BY_IFINDEX`: endpoints whose ifindex is below this are also in the array.
+    pub const ENDPOINTS_BY_IFINDEX: u32 = 16_384;
     /// `IPCACHE_V4`, `IPCACHE_V6`, `IPCACHE_EXACT_V4` and `IPCACHE_EXACT_V6` each.
     pub const IPCACHE: u32 = 65_536;
     /// `NODES`.

@@ -163,7 +163,10 @@ impl Datapath {
         })?;
         let nodes = Nodes::new(take(&mut ebpf, map_names::NODES)?)?;
         let peer_slots = PeerSlots::new(take(&mut ebpf, map_names::PEER_SLOTS)?)?;
-        let endpoints = Endpoints::new(take(&mut ebpf, map_names::ENDPOINTS)?)?;
+        let endpoints = Endpoints::new(
+            take(&mut ebpf, map_names::ENDPOINTS)?,
+            take(&mut ebpf, map_names::ENDPOINTS_BY_IFINDEX)?,
+        )?;
         let policy = Policy::new(take(&mut ebpf, map_names::POLICY)?)?;
         let config = ConfigMap::new(take(&mut ebpf, map_names::CONFIG)?)?;
         let counters = DropCounters::new(take(&mut ebpf, map_names::DROP_COUNTERS)?)?;

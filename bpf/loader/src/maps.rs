@@ -627,20 +627,58 @@ pub struct Enforcement {
     pub egress: bool,
 }
 
-/// `ENDPOINTS`: host-side veth ifindex → pod identity and enforcement.
-#[derive(Debug)]
+/// `ENDPOINTS`: host-side veth ifindex → pod identity and enforcement (ifindexes below
+/// [`nodeseal_bpf_common::maps::capacity::ENDPOINTS_BY_IFINDEX`] are also kept in an array the datapath reads first).
 pub struct Endpoints {
     map: HashMap<MapData, u32, EndpointInfo>,
+    /// Copy of the entries with an ifindex below its length (identity 0: empty).
+    by_ifindex: Array<MapData, EndpointInfo>,
+}
+
+impl std::fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoints").finish_non_exhaustive()
+    }
 }
 
 impl Endpoints {
-    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
-        Ok(Self {
-            map: map.try_into().map_err(|source| MapError::Shape {
-                name: "ENDPOINTS",
-                source,
-            })?,
-        })
+    /// Opens the maps and makes the array agree with the hash map (pinned maps may come from
+    /// an earlier loader, or an older one without the array).
+    pub(crate) fn new(map: Map, by_ifindex: Map) -> Result<Self, MapError> {
+        let mut endpoints = Self {
+            map: shape(map, "ENDPOINTS")?,
+            by_ifindex: shape(by_ifindex, "ENDPOINTS_BY_IFINDEX")?,
+        };
+        endpoints.resync()?;
+        Ok(endpoints)
+    }
+
+    fn resync(&mut self) -> Result<(), MapError> {
+        for index in 0..self.by_ifindex.len() {
+            let have = self
+                .by_ifindex
+                .get(&index, 0)
+                .map_err(|source| kernel("lookup", "ENDPOINTS_BY_IFINDEX", source))?;
+            let want = match self.map.get(&index, 0) {
+                Ok(e) => e,
+                Err(aya::maps::MapError::KeyNotFound) => EndpointInfo::default(),
+                Err(source) => return Err(kernel("lookup", "ENDPOINTS", source)),
+            };
+            if have != want {
+                self.set_slot(index, want)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the array slot of `ifindex`, if it has one.
+    fn set_slot(&mut self, ifindex: u32, value: EndpointInfo) -> Result<(), MapError> {
+        if ifindex >= self.by_ifindex.len() {
+            return Ok(());
+        }
+        self.by_ifindex
+            .set(ifindex, value, 0)
+            .map_err(|source| kernel("set", "ENDPOINTS_BY_IFINDEX", source))
     }
 
     /// Registers the pod behind `ifindex`.
@@ -661,9 +699,18 @@ impl Endpoints {
         if enforcement.egress {
             flags |= EndpointInfo::FLAG_ENFORCE_EGRESS;
         }
+        let info = EndpointInfo { identity, flags };
         self.map
-            .insert(ifindex, EndpointInfo { identity, flags }, 0)
-            .map_err(|source| kernel("insert", "ENDPOINTS", source))
+            .insert(ifindex, info, 0)
+            .map_err(|source| kernel("insert", "ENDPOINTS", source))?;
+        // An identity-0 entry stays out of the array (0 marks an empty slot): the datapath
+        // finds it in the hash map.
+        if let Err(err) = self.set_slot(ifindex, info) {
+            // Never leave a stale slot behind: clear it so the datapath reads the hash map.
+            let _ = self.set_slot(ifindex, EndpointInfo::default());
+            return Err(err);
+        }
+        Ok(())
     }
 
     /// Unregisters `ifindex`.
@@ -672,6 +719,7 @@ impl Endpoints {
     ///
     /// [`MapError::Kernel`] if it is not there.
     pub fn remove(&mut self, ifindex: u32) -> Result<(), MapError> {
+        self.set_slot(ifindex, EndpointInfo::default())?;
         self.map
             .remove(&ifindex)
             .map_err(|source| kernel("remove", "ENDPOINTS", source))

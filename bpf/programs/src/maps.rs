@@ -16,6 +16,10 @@ use nodeseal_bpf_common::{
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 #[map]
+pub static ENDPOINTS_BY_IFINDEX: Array<EndpointInfo> =
+    Array::pinned(capacity::ENDPOINTS_BY_IFINDEX, 0);
+
+#[map]
 pub static IPCACHE_V4: LpmTrie<[u8; 4], IpCacheEntry> = LpmTrie::pinned(capacity::IPCACHE, 0);
 
 #[map]

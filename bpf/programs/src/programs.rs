@@ -15,8 +15,8 @@ use nodeseal_bpf_common::{
 
 use crate::{
     maps::{
-        CONFIG, ENDPOINTS, IPCACHE_EXACT_V4, IPCACHE_EXACT_V6, IPCACHE_LENS, IPCACHE_V4,
-        IPCACHE_V6, NODES, PEER_SLOTS,
+        CONFIG, ENDPOINTS, ENDPOINTS_BY_IFINDEX, IPCACHE_EXACT_V4, IPCACHE_EXACT_V6, IPCACHE_LENS,
+        IPCACHE_V4, IPCACHE_V6, NODES, PEER_SLOTS,
     },
     parse::{self, IPPROTO_ESP, L3, Packet},
     policy,
@@ -195,6 +195,14 @@ fn config() -> Config {
 
 #[inline(always)]
 fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
+    // Identity 0 (`identity::ANY`, never an endpoint's) marks an empty array slot.
+    if let Some(e) = ENDPOINTS_BY_IFINDEX.get_ptr(ifindex) {
+        // SAFETY: pointer from a successful lookup, copied at once.
+        let e = unsafe { *e };
+        if e.identity != identity::ANY {
+            return Some(e);
+        }
+    }
     // SAFETY: pointer from a successful lookup, copied at once.
     ENDPOINTS.get_ptr(&ifindex).map(|e| unsafe { *e })
 }
