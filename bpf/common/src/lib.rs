@@ -37,10 +37,21 @@ pub mod identity {
 pub mod map_names {
     /// `ENDPOINTS`: ifindex → [`crate::maps::EndpointInfo`].
     pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// `ENDPOINTS_BY_IFINDEX`: array copy of the `ENDPOINTS` entries with an ifindex below
+    /// [`crate::maps::capacity::ENDPOINTS_BY_IFINDEX`], indexed by ifindex (identity 0: not
+    /// there, look in `ENDPOINTS`). An array lookup is far cheaper than a hash lookup.
+    pub const ENDPOINTS_BY_IFINDEX: &str = "ENDPOINTS_BY_IFINDEX";
     /// `IPCACHE_V4`: LPM trie of IPv4 prefixes → [`crate::maps::IpCacheEntry`].
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
     /// `IPCACHE_V6`: LPM trie of IPv6 prefixes → [`crate::maps::IpCacheEntry`].
     pub const IPCACHE_V6: &str = "IPCACHE_V6";
+    /// `IPCACHE_EXACT_V4`: the IPv4 prefixes of `IPCACHE_V4` as an exact-match hash
+    /// ([`crate::maps::IpCacheKeyV4`] → [`crate::maps::IpCacheEntry`]).
+    pub const IPCACHE_EXACT_V4: &str = "IPCACHE_EXACT_V4";
+    /// `IPCACHE_EXACT_V6`: the IPv6 prefixes of `IPCACHE_V6` as an exact-match hash.
+    pub const IPCACHE_EXACT_V6: &str = "IPCACHE_EXACT_V6";
+    /// `IPCACHE_LENS`: [`crate::maps::PrefixLengths`] per address family.
+    pub const IPCACHE_LENS: &str = "IPCACHE_LENS";
     /// `NODES`: node IP → [`crate::maps::NodeEntry`].
     pub const NODES: &str = "NODES";
     /// `PEER_SLOTS`: node id → [`crate::maps::PeerSlot`].

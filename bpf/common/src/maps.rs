@@ -39,6 +39,63 @@ impl IpCacheEntry {
     pub const FLAG_NODE: u16 = 4;
 }
 
+/// Key of `IPCACHE_EXACT_V4`: one ipcache prefix, host bits cleared (the same prefix as in the
+/// trie, so the same layout as its LPM key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpCacheKeyV4 {
+    /// Prefix length, 0..=32.
+    pub prefix_len: u32,
+    /// Network address, network order.
+    pub addr: [u8; 4],
+}
+
+/// Key of `IPCACHE_EXACT_V6`: as [`IpCacheKeyV4`] for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpCacheKeyV6 {
+    /// Prefix length, 0..=128.
+    pub prefix_len: u32,
+    /// Network address, network order.
+    pub addr: [u8; 16],
+}
+
+/// Value of `IPCACHE_LENS` (index [`Self::INDEX_V4`] / [`Self::INDEX_V6`]): how the datapath
+/// finds the longest matching prefix.
+///
+/// The `IPCACHE_EXACT_*` hash maps hold the same prefixes as the tries. With
+/// [`Self::STATE_EXACT`], the datapath looks the address up in them once per distinct prefix
+/// length present, longest first (`lens[..count]`, descending); the first hit is the longest
+/// match. That is a few hash lookups instead of a trie walk. Any other state (a fresh map is
+/// all zero) means the datapath walks the trie, which is always authoritative.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PrefixLengths {
+    /// `STATE_*`.
+    pub state: u8,
+    /// Number of valid entries of `lens` (with [`Self::STATE_EXACT`]).
+    pub count: u8,
+    /// Prefix lengths present, longest first.
+    pub lens: [u8; Self::MAX_LENS],
+}
+
+impl PrefixLengths {
+    /// Most distinct prefix lengths the datapath probes in the hash maps; with more, it walks
+    /// the trie.
+    pub const MAX_LENS: usize = 6;
+    /// The exact maps are not (known to be) in sync with the trie: walk the trie.
+    pub const STATE_TRIE: u8 = 0;
+    /// Probe the exact maps for `lens[..count]`.
+    pub const STATE_EXACT: u8 = 1;
+    /// The exact maps are in sync but more than [`Self::MAX_LENS`] lengths are present: walk
+    /// the trie.
+    pub const STATE_TOO_MANY: u8 = 2;
+    /// Index of the IPv4 entry.
+    pub const INDEX_V4: u32 = 0;
+    /// Index of the IPv6 entry.
+    pub const INDEX_V6: u32 = 1;
+}
+
 /// Key of `NODES`: a node IP, IPv6 or IPv4-mapped IPv6 (`::ffff:a.b.c.d`), network order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -156,6 +213,9 @@ impl Config {
 const _: () = {
     assert!(size_of::<EndpointInfo>() == 8);
     assert!(size_of::<IpCacheEntry>() == 8);
+    assert!(size_of::<IpCacheKeyV4>() == 8);
+    assert!(size_of::<IpCacheKeyV6>() == 20);
+    assert!(size_of::<PrefixLengths>() == 8);
     assert!(size_of::<NodeKey>() == 16);
     assert!(size_of::<NodeEntry>() == 4);
     assert!(size_of::<PeerSlot>() == 4);
@@ -168,7 +228,9 @@ const _: () = {
 pub mod capacity {
     /// `ENDPOINTS`.
     pub const ENDPOINTS: u32 = 4096;
-    /// `IPCACHE_V4` and `IPCACHE_V6` each.
+    /// `ENDPOINTS_BY_IFINDEX`: endpoints whose ifindex is below this are also in the array.
+    pub const ENDPOINTS_BY_IFINDEX: u32 = 16_384;
+    /// `IPCACHE_V4`, `IPCACHE_V6`, `IPCACHE_EXACT_V4` and `IPCACHE_EXACT_V6` each.
     pub const IPCACHE: u32 = 65_536;
     /// `NODES`.
     pub const NODES: u32 = 16_384;
@@ -183,7 +245,8 @@ pub mod capacity {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Config, EndpointInfo, IpCacheEntry, NodeEntry, NodeKey, PeerSlot, PolicyEntry, PolicyKey,
+        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV4, IpCacheKeyV6, NodeEntry, NodeKey,
+        PeerSlot, PolicyEntry, PolicyKey, PrefixLengths,
     };
 
     // SAFETY: each type is #[repr(C)], Copy, made only of integers and has no padding (checked
@@ -191,6 +254,12 @@ mod pod {
     unsafe impl aya::Pod for EndpointInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for IpCacheEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IpCacheKeyV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IpCacheKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PrefixLengths {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NodeKey {}
     // SAFETY: as above.

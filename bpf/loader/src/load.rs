@@ -10,7 +10,10 @@ use nodeseal_bpf_common::{map_names, program_names};
 
 use crate::{
     events::EventReader,
-    maps::{ConfigMap, DropCounters, Endpoints, IpCache, MapError, Nodes, PeerSlots, Policy},
+    maps::{
+        ConfigMap, DropCounters, Endpoints, IpCache, IpCacheMaps, MapError, Nodes, PeerSlots,
+        Policy,
+    },
 };
 
 /// Where the agent pins maps and links.
@@ -151,13 +154,19 @@ impl Datapath {
             prog.load()
                 .map_err(|source| LoadError::Program { name, source })?;
         }
-        let ipcache = IpCache::new(
-            take(&mut ebpf, map_names::IPCACHE_V4)?,
-            take(&mut ebpf, map_names::IPCACHE_V6)?,
-        )?;
+        let ipcache = IpCache::new(IpCacheMaps {
+            v4: take(&mut ebpf, map_names::IPCACHE_V4)?,
+            v6: take(&mut ebpf, map_names::IPCACHE_V6)?,
+            exact_v4: take(&mut ebpf, map_names::IPCACHE_EXACT_V4)?,
+            exact_v6: take(&mut ebpf, map_names::IPCACHE_EXACT_V6)?,
+            lens: take(&mut ebpf, map_names::IPCACHE_LENS)?,
+        })?;
         let nodes = Nodes::new(take(&mut ebpf, map_names::NODES)?)?;
         let peer_slots = PeerSlots::new(take(&mut ebpf, map_names::PEER_SLOTS)?)?;
-        let endpoints = Endpoints::new(take(&mut ebpf, map_names::ENDPOINTS)?)?;
+        let endpoints = Endpoints::new(
+            take(&mut ebpf, map_names::ENDPOINTS)?,
+            take(&mut ebpf, map_names::ENDPOINTS_BY_IFINDEX)?,
+        )?;
         let policy = Policy::new(take(&mut ebpf, map_names::POLICY)?)?;
         let config = ConfigMap::new(take(&mut ebpf, map_names::CONFIG)?)?;
         let counters = DropCounters::new(take(&mut ebpf, map_names::DROP_COUNTERS)?)?;

@@ -8,7 +8,8 @@ use aya::maps::{
 };
 use nodeseal_bpf_common::{
     maps::{
-        Config, EndpointInfo, IpCacheEntry, NodeEntry, NodeKey, PeerSlot, PolicyEntry, PolicyKey,
+        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV4, IpCacheKeyV6, NodeEntry, NodeKey,
+        PeerSlot, PolicyEntry, PolicyKey, PrefixLengths,
     },
     mark,
     reason::DropReason,
@@ -136,25 +137,147 @@ pub enum Location {
     External,
 }
 
-/// The `IPCACHE_V4` / `IPCACHE_V6` LPM tries: prefix → identity and location.
-#[derive(Debug)]
+/// The ipcache: prefix → identity and location.
+///
+/// Each prefix is written to the `IPCACHE_V4` / `IPCACHE_V6` LPM trie (authoritative; what
+/// [`IpCache::lookup`] reads) and to the `IPCACHE_EXACT_*` hash map of its family, and
+/// `IPCACHE_LENS` lists the prefix lengths present, so the datapath can find the longest match
+/// with one hash lookup per length instead of a trie walk (see
+/// [`PrefixLengths`]). With more than [`PrefixLengths::MAX_LENS`] distinct lengths in a
+/// family, or after a failed hash-map write, the datapath walks the trie instead.
 pub struct IpCache {
     v4: LpmTrie<MapData, [u8; 4], IpCacheEntry>,
     v6: LpmTrie<MapData, [u8; 16], IpCacheEntry>,
+    exact_v4: HashMap<MapData, IpCacheKeyV4, IpCacheEntry>,
+    exact_v6: HashMap<MapData, IpCacheKeyV6, IpCacheEntry>,
+    lens: Array<MapData, PrefixLengths>,
+    /// Prefixes in `exact_v4` per prefix length.
+    counts_v4: [u32; 33],
+    /// Prefixes in `exact_v6` per prefix length.
+    counts_v6: [u32; 129],
+}
+
+impl std::fmt::Debug for IpCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IpCache").finish_non_exhaustive()
+    }
 }
 
 impl IpCache {
-    pub(crate) fn new(v4: Map, v6: Map) -> Result<Self, MapError> {
-        Ok(Self {
-            v4: v4.try_into().map_err(|source| MapError::Shape {
-                name: "IPCACHE_V4",
-                source,
-            })?,
-            v6: v6.try_into().map_err(|source| MapError::Shape {
-                name: "IPCACHE_V6",
-                source,
-            })?,
-        })
+    /// Opens the maps and rebuilds the exact maps and prefix lengths from the tries (pinned
+    /// maps may come from an earlier loader, or an older one that had no exact maps).
+    pub(crate) fn new(maps: IpCacheMaps) -> Result<Self, MapError> {
+        let mut cache = Self {
+            v4: shape(maps.v4, "IPCACHE_V4")?,
+            v6: shape(maps.v6, "IPCACHE_V6")?,
+            exact_v4: shape(maps.exact_v4, "IPCACHE_EXACT_V4")?,
+            exact_v6: shape(maps.exact_v6, "IPCACHE_EXACT_V6")?,
+            lens: shape(maps.lens, "IPCACHE_LENS")?,
+            counts_v4: [0; 33],
+            counts_v6: [0; 129],
+        };
+        cache.resync_v4()?;
+        cache.resync_v6()?;
+        Ok(cache)
+    }
+
+    fn resync_v4(&mut self) -> Result<(), MapError> {
+        // The datapath walks the trie while the exact map is rebuilt.
+        self.set_lens(PrefixLengths::INDEX_V4, PrefixLengths::default())?;
+        let mut entries = Vec::new();
+        for item in self.v4.iter() {
+            let (key, entry) = item.map_err(|source| kernel("iterate", "IPCACHE_V4", source))?;
+            entries.push((
+                IpCacheKeyV4 {
+                    prefix_len: key.prefix_len(),
+                    addr: key.data(),
+                },
+                entry,
+            ));
+        }
+        let mut stale = Vec::new();
+        for key in self.exact_v4.keys() {
+            let key = key.map_err(|source| kernel("iterate", "IPCACHE_EXACT_V4", source))?;
+            if !entries.iter().any(|(k, _)| *k == key) {
+                stale.push(key);
+            }
+        }
+        for key in &stale {
+            self.exact_v4
+                .remove(key)
+                .map_err(|source| kernel("remove", "IPCACHE_EXACT_V4", source))?;
+        }
+        self.counts_v4 = [0; 33];
+        for (key, entry) in &entries {
+            self.exact_v4
+                .insert(key, entry, 0)
+                .map_err(|source| kernel("insert", "IPCACHE_EXACT_V4", source))?;
+            if let Some(c) = self.counts_v4.get_mut(key.prefix_len as usize) {
+                *c += 1;
+            }
+        }
+        self.publish_v4()
+    }
+
+    fn resync_v6(&mut self) -> Result<(), MapError> {
+        self.set_lens(PrefixLengths::INDEX_V6, PrefixLengths::default())?;
+        let mut entries = Vec::new();
+        for item in self.v6.iter() {
+            let (key, entry) = item.map_err(|source| kernel("iterate", "IPCACHE_V6", source))?;
+            entries.push((
+                IpCacheKeyV6 {
+                    prefix_len: key.prefix_len(),
+                    addr: key.data(),
+                },
+                entry,
+            ));
+        }
+        let mut stale = Vec::new();
+        for key in self.exact_v6.keys() {
+            let key = key.map_err(|source| kernel("iterate", "IPCACHE_EXACT_V6", source))?;
+            if !entries.iter().any(|(k, _)| *k == key) {
+                stale.push(key);
+            }
+        }
+        for key in &stale {
+            self.exact_v6
+                .remove(key)
+                .map_err(|source| kernel("remove", "IPCACHE_EXACT_V6", source))?;
+        }
+        self.counts_v6 = [0; 129];
+        for (key, entry) in &entries {
+            self.exact_v6
+                .insert(key, entry, 0)
+                .map_err(|source| kernel("insert", "IPCACHE_EXACT_V6", source))?;
+            if let Some(c) = self.counts_v6.get_mut(key.prefix_len as usize) {
+                *c += 1;
+            }
+        }
+        self.publish_v6()
+    }
+
+    fn set_lens(&mut self, index: u32, value: PrefixLengths) -> Result<(), MapError> {
+        self.lens
+            .set(index, value, 0)
+            .map_err(|source| kernel("set", "IPCACHE_LENS", source))
+    }
+
+    fn publish_v4(&mut self) -> Result<(), MapError> {
+        let value = prefix_lengths(&self.counts_v4);
+        self.set_lens(PrefixLengths::INDEX_V4, value)
+    }
+
+    fn publish_v6(&mut self) -> Result<(), MapError> {
+        let value = prefix_lengths(&self.counts_v6);
+        self.set_lens(PrefixLengths::INDEX_V6, value)
+    }
+
+    /// After a failed exact-map write: make the datapath walk the trie (always right) until the
+    /// next load resynchronises.
+    fn degrade(&mut self, index: u32, err: MapError) -> MapError {
+        // If even this write fails the map is unusable; report the original failure.
+        let _ = self.set_lens(index, PrefixLengths::default());
+        err
     }
 
     /// Maps `prefix` to `identity` at `location` (insert or replace).
@@ -184,11 +307,64 @@ impl IpCache {
             flags,
         };
         let len = u32::from(prefix.len);
+        let slot = usize::from(prefix.len);
         match prefix.addr {
-            IpAddr::V4(a) => self.v4.insert(&Key::new(len, a.octets()), entry, 0),
-            IpAddr::V6(a) => self.v6.insert(&Key::new(len, a.octets()), entry, 0),
+            IpAddr::V4(a) => {
+                self.v4
+                    .insert(&Key::new(len, a.octets()), entry, 0)
+                    .map_err(|source| kernel("insert", "IPCACHE_V4", source))?;
+                let key = IpCacheKeyV4 {
+                    prefix_len: len,
+                    addr: a.octets(),
+                };
+                let new = match self.exact_v4.get(&key, 0) {
+                    Ok(_) => false,
+                    Err(aya::maps::MapError::KeyNotFound) => true,
+                    Err(source) => {
+                        let err = kernel("lookup", "IPCACHE_EXACT_V4", source);
+                        return Err(self.degrade(PrefixLengths::INDEX_V4, err));
+                    }
+                };
+                if let Err(source) = self.exact_v4.insert(key, entry, 0) {
+                    let err = kernel("insert", "IPCACHE_EXACT_V4", source);
+                    return Err(self.degrade(PrefixLengths::INDEX_V4, err));
+                }
+                if new && let Some(c) = self.counts_v4.get_mut(slot) {
+                    *c += 1;
+                    if *c == 1 {
+                        self.publish_v4()?;
+                    }
+                }
+            }
+            IpAddr::V6(a) => {
+                self.v6
+                    .insert(&Key::new(len, a.octets()), entry, 0)
+                    .map_err(|source| kernel("insert", "IPCACHE_V6", source))?;
+                let key = IpCacheKeyV6 {
+                    prefix_len: len,
+                    addr: a.octets(),
+                };
+                let new = match self.exact_v6.get(&key, 0) {
+                    Ok(_) => false,
+                    Err(aya::maps::MapError::KeyNotFound) => true,
+                    Err(source) => {
+                        let err = kernel("lookup", "IPCACHE_EXACT_V6", source);
+                        return Err(self.degrade(PrefixLengths::INDEX_V6, err));
+                    }
+                };
+                if let Err(source) = self.exact_v6.insert(key, entry, 0) {
+                    let err = kernel("insert", "IPCACHE_EXACT_V6", source);
+                    return Err(self.degrade(PrefixLengths::INDEX_V6, err));
+                }
+                if new && let Some(c) = self.counts_v6.get_mut(slot) {
+                    *c += 1;
+                    if *c == 1 {
+                        self.publish_v6()?;
+                    }
+                }
+            }
         }
-        .map_err(|source| kernel("insert", ipcache_name(prefix), source))
+        Ok(())
     }
 
     /// Removes `prefix`.
@@ -198,11 +374,49 @@ impl IpCache {
     /// [`MapError::Kernel`] if it is not there.
     pub fn remove(&mut self, prefix: Prefix) -> Result<(), MapError> {
         let len = u32::from(prefix.len);
+        let slot = usize::from(prefix.len);
         match prefix.addr {
-            IpAddr::V4(a) => self.v4.remove(&Key::new(len, a.octets())),
-            IpAddr::V6(a) => self.v6.remove(&Key::new(len, a.octets())),
+            IpAddr::V4(a) => {
+                self.v4
+                    .remove(&Key::new(len, a.octets()))
+                    .map_err(|source| kernel("remove", "IPCACHE_V4", source))?;
+                // Drop the length from the probe list before the last prefix of that length.
+                if let Some(c) = self.counts_v4.get_mut(slot) {
+                    *c = c.saturating_sub(1);
+                    if *c == 0 {
+                        self.publish_v4()?;
+                    }
+                }
+                let key = IpCacheKeyV4 {
+                    prefix_len: len,
+                    addr: a.octets(),
+                };
+                if let Err(source) = self.exact_v4.remove(&key) {
+                    let err = kernel("remove", "IPCACHE_EXACT_V4", source);
+                    return Err(self.degrade(PrefixLengths::INDEX_V4, err));
+                }
+            }
+            IpAddr::V6(a) => {
+                self.v6
+                    .remove(&Key::new(len, a.octets()))
+                    .map_err(|source| kernel("remove", "IPCACHE_V6", source))?;
+                if let Some(c) = self.counts_v6.get_mut(slot) {
+                    *c = c.saturating_sub(1);
+                    if *c == 0 {
+                        self.publish_v6()?;
+                    }
+                }
+                let key = IpCacheKeyV6 {
+                    prefix_len: len,
+                    addr: a.octets(),
+                };
+                if let Err(source) = self.exact_v6.remove(&key) {
+                    let err = kernel("remove", "IPCACHE_EXACT_V6", source);
+                    return Err(self.degrade(PrefixLengths::INDEX_V6, err));
+                }
+            }
         }
-        .map_err(|source| kernel("remove", ipcache_name(prefix), source))
+        Ok(())
     }
 
     /// Longest-prefix match for `addr`: `(identity, location)`.
@@ -234,6 +448,47 @@ impl IpCache {
         };
         Ok(Some((entry.identity, location)))
     }
+}
+
+/// The maps behind [`IpCache`], as taken from the object.
+pub(crate) struct IpCacheMaps {
+    pub(crate) v4: Map,
+    pub(crate) v6: Map,
+    pub(crate) exact_v4: Map,
+    pub(crate) exact_v6: Map,
+    pub(crate) lens: Map,
+}
+
+fn shape<T>(map: Map, name: &'static str) -> Result<T, MapError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    map.try_into()
+        .map_err(|source| MapError::Shape { name, source })
+}
+
+/// The probe list for per-length prefix counts (index = length).
+fn prefix_lengths(counts: &[u32]) -> PrefixLengths {
+    let mut value = PrefixLengths {
+        state: PrefixLengths::STATE_EXACT,
+        ..PrefixLengths::default()
+    };
+    let mut n = 0;
+    for (len, count) in counts.iter().enumerate().rev() {
+        if *count == 0 {
+            continue;
+        }
+        let (Some(slot), Ok(len)) = (value.lens.get_mut(n), u8::try_from(len)) else {
+            return PrefixLengths {
+                state: PrefixLengths::STATE_TOO_MANY,
+                ..PrefixLengths::default()
+            };
+        };
+        *slot = len;
+        n += 1;
+    }
+    value.count = u8::try_from(n).unwrap_or(u8::MAX);
+    value
 }
 
 fn ipcache_name(prefix: Prefix) -> &'static str {
@@ -372,20 +627,58 @@ pub struct Enforcement {
     pub egress: bool,
 }
 
-/// `ENDPOINTS`: host-side veth ifindex → pod identity and enforcement.
-#[derive(Debug)]
+/// `ENDPOINTS`: host-side veth ifindex → pod identity and enforcement (ifindexes below
+/// [`nodeseal_bpf_common::maps::capacity::ENDPOINTS_BY_IFINDEX`] are also kept in an array the datapath reads first).
 pub struct Endpoints {
     map: HashMap<MapData, u32, EndpointInfo>,
+    /// Copy of the entries with an ifindex below its length (identity 0: empty).
+    by_ifindex: Array<MapData, EndpointInfo>,
+}
+
+impl std::fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoints").finish_non_exhaustive()
+    }
 }
 
 impl Endpoints {
-    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
-        Ok(Self {
-            map: map.try_into().map_err(|source| MapError::Shape {
-                name: "ENDPOINTS",
-                source,
-            })?,
-        })
+    /// Opens the maps and makes the array agree with the hash map (pinned maps may come from
+    /// an earlier loader, or an older one without the array).
+    pub(crate) fn new(map: Map, by_ifindex: Map) -> Result<Self, MapError> {
+        let mut endpoints = Self {
+            map: shape(map, "ENDPOINTS")?,
+            by_ifindex: shape(by_ifindex, "ENDPOINTS_BY_IFINDEX")?,
+        };
+        endpoints.resync()?;
+        Ok(endpoints)
+    }
+
+    fn resync(&mut self) -> Result<(), MapError> {
+        for index in 0..self.by_ifindex.len() {
+            let have = self
+                .by_ifindex
+                .get(&index, 0)
+                .map_err(|source| kernel("lookup", "ENDPOINTS_BY_IFINDEX", source))?;
+            let want = match self.map.get(&index, 0) {
+                Ok(e) => e,
+                Err(aya::maps::MapError::KeyNotFound) => EndpointInfo::default(),
+                Err(source) => return Err(kernel("lookup", "ENDPOINTS", source)),
+            };
+            if have != want {
+                self.set_slot(index, want)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the array slot of `ifindex`, if it has one.
+    fn set_slot(&mut self, ifindex: u32, value: EndpointInfo) -> Result<(), MapError> {
+        if ifindex >= self.by_ifindex.len() {
+            return Ok(());
+        }
+        self.by_ifindex
+            .set(ifindex, value, 0)
+            .map_err(|source| kernel("set", "ENDPOINTS_BY_IFINDEX", source))
     }
 
     /// Registers the pod behind `ifindex`.
@@ -406,9 +699,18 @@ impl Endpoints {
         if enforcement.egress {
             flags |= EndpointInfo::FLAG_ENFORCE_EGRESS;
         }
+        let info = EndpointInfo { identity, flags };
         self.map
-            .insert(ifindex, EndpointInfo { identity, flags }, 0)
-            .map_err(|source| kernel("insert", "ENDPOINTS", source))
+            .insert(ifindex, info, 0)
+            .map_err(|source| kernel("insert", "ENDPOINTS", source))?;
+        // An identity-0 entry stays out of the array (0 marks an empty slot): the datapath
+        // finds it in the hash map.
+        if let Err(err) = self.set_slot(ifindex, info) {
+            // Never leave a stale slot behind: clear it so the datapath reads the hash map.
+            let _ = self.set_slot(ifindex, EndpointInfo::default());
+            return Err(err);
+        }
+        Ok(())
     }
 
     /// Unregisters `ifindex`.
@@ -417,6 +719,7 @@ impl Endpoints {
     ///
     /// [`MapError::Kernel`] if it is not there.
     pub fn remove(&mut self, ifindex: u32) -> Result<(), MapError> {
+        self.set_slot(ifindex, EndpointInfo::default())?;
         self.map
             .remove(&ifindex)
             .map_err(|source| kernel("remove", "ENDPOINTS", source))

@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use nodeseal_bpf_common::{
     maps::{
-        Config, EndpointInfo, IpCacheEntry, NodeEntry, NodeKey, PeerSlot, PolicyEntry, PolicyKey,
-        capacity,
+        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV4, IpCacheKeyV6, NodeEntry, NodeKey,
+        PeerSlot, PolicyEntry, PolicyKey, PrefixLengths, capacity,
     },
     reason::DropReason,
 };
@@ -16,10 +16,25 @@ use nodeseal_bpf_common::{
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
 #[map]
+pub static ENDPOINTS_BY_IFINDEX: Array<EndpointInfo> =
+    Array::pinned(capacity::ENDPOINTS_BY_IFINDEX, 0);
+
+#[map]
 pub static IPCACHE_V4: LpmTrie<[u8; 4], IpCacheEntry> = LpmTrie::pinned(capacity::IPCACHE, 0);
 
 #[map]
 pub static IPCACHE_V6: LpmTrie<[u8; 16], IpCacheEntry> = LpmTrie::pinned(capacity::IPCACHE, 0);
+
+#[map]
+pub static IPCACHE_EXACT_V4: HashMap<IpCacheKeyV4, IpCacheEntry> =
+    HashMap::pinned(capacity::IPCACHE, 0);
+
+#[map]
+pub static IPCACHE_EXACT_V6: HashMap<IpCacheKeyV6, IpCacheEntry> =
+    HashMap::pinned(capacity::IPCACHE, 0);
+
+#[map]
+pub static IPCACHE_LENS: Array<PrefixLengths> = Array::pinned(2, 0);
 
 #[map]
 pub static NODES: HashMap<NodeKey, NodeEntry> = HashMap::pinned(capacity::NODES, 0);

@@ -1,8 +1,10 @@
 //! Packet parsing: Ethernet, IPv4 (with options), IPv6 (with extension headers), L4 ports.
 //!
-//! Reads through `bpf_skb_load_bytes`, so non-linear skbs parse the same as linear ones and
-//! every read is bounds-checked by the kernel: a failed read means the packet is shorter than
-//! the header (`Truncated`).
+//! Fixed-size reads go straight to the linear packet data when it is long enough (direct packet
+//! access, bounds-checked against `data_end`), and fall back to `bpf_skb_load_bytes` otherwise,
+//! so non-linear skbs parse the same as linear ones: a failed fallback read means the packet is
+//! shorter than the header (`Truncated`). IPv6 extension headers (rare) always use the helper,
+//! which keeps the verifier's path count small.
 
 use aya_ebpf::programs::TcContext;
 use nodeseal_bpf_common::reason::DropReason;
@@ -86,10 +88,24 @@ impl Packet {
     }
 }
 
+/// Reads a `T` at `off`: directly from the linear data when it is there, else through
+/// `bpf_skb_load_bytes`.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, DropReason> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() <= ctx.data_end() {
+        // SAFETY: `start + off .. start + off + size_of::<T>()` lies inside the linear packet
+        // data (checked against `data_end` just above, which the verifier also enforces); `T`
+        // is plain bytes, read unaligned.
+        return Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+    }
+    ctx.load::<T>(off).map_err(|_| DropReason::Truncated)
+}
+
 /// Reads the ethertype.
 #[inline(always)]
 pub fn l3(ctx: &TcContext) -> Result<(L3, u16), DropReason> {
-    let proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| DropReason::Truncated)?);
+    let proto = u16::from_be(read::<u16>(ctx, 12)?);
     let l3 = match proto {
         ETH_P_IP | ETH_P_IPV6 => L3::Ip,
         ETH_P_ARP => L3::Arp,
@@ -111,7 +127,7 @@ pub fn parse_ip(ctx: &TcContext, ethertype: u16, p: &mut Packet) -> Result<(), D
     }
     match p.protocol {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            let ports = ctx.load::<[u8; 4]>(l4).map_err(|_| DropReason::Truncated)?;
+            let ports = read::<[u8; 4]>(ctx, l4)?;
             p.src_port = u16::from_be_bytes([ports[0], ports[1]]);
             p.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
             p.has_ports = true;
@@ -122,7 +138,7 @@ pub fn parse_ip(ctx: &TcContext, ethertype: u16, p: &mut Packet) -> Result<(), D
             let own = (p.ip_version == 4 && p.protocol == IPPROTO_ICMP)
                 || (p.ip_version == 6 && p.protocol == IPPROTO_ICMPV6);
             if own {
-                let h = ctx.load::<[u8; 2]>(l4).map_err(|_| DropReason::Truncated)?;
+                let h = read::<[u8; 2]>(ctx, l4)?;
                 p.dst_port = u16::from(h[0]);
                 p.icmp_code = h[1];
                 p.has_ports = true;
@@ -136,9 +152,7 @@ pub fn parse_ip(ctx: &TcContext, ethertype: u16, p: &mut Packet) -> Result<(), D
 /// Returns the offset of the L4 header.
 #[inline(always)]
 fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<usize, DropReason> {
-    let h = ctx
-        .load::<[u8; 20]>(ETH_HLEN)
-        .map_err(|_| DropReason::Truncated)?;
+    let h = read::<[u8; 20]>(ctx, ETH_HLEN)?;
     if h[0] >> 4 != 4 {
         return Err(DropReason::Malformed);
     }
@@ -185,9 +199,7 @@ fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<usize, DropReason> {
 /// Returns the offset of the L4 header (or of the fragment payload).
 #[inline(always)]
 fn parse_v6(ctx: &TcContext, p: &mut Packet) -> Result<usize, DropReason> {
-    let h = ctx
-        .load::<[u8; 40]>(ETH_HLEN)
-        .map_err(|_| DropReason::Truncated)?;
+    let h = read::<[u8; 40]>(ctx, ETH_HLEN)?;
     if h[0] >> 4 != 6 {
         return Err(DropReason::Malformed);
     }

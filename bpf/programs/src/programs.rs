@@ -5,13 +5,19 @@ use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, maps::lpm_trie::Key, pro
 use nodeseal_bpf_common::{
     event::Event,
     identity,
-    maps::{Config, EndpointInfo, IpCacheEntry, NodeKey, PeerSlot, PolicyKey},
+    maps::{
+        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV4, IpCacheKeyV6, NodeKey, PeerSlot,
+        PolicyKey, PrefixLengths,
+    },
     mark,
     reason::{DropReason, TraceReason},
 };
 
 use crate::{
-    maps::{CONFIG, ENDPOINTS, IPCACHE_V4, IPCACHE_V6, NODES, PEER_SLOTS},
+    maps::{
+        CONFIG, ENDPOINTS, ENDPOINTS_BY_IFINDEX, IPCACHE_EXACT_V4, IPCACHE_EXACT_V6, IPCACHE_LENS,
+        IPCACHE_V4, IPCACHE_V6, NODES, PEER_SLOTS,
+    },
     parse::{self, IPPROTO_ESP, L3, Packet},
     policy,
     verdict::{self, Who},
@@ -189,18 +195,86 @@ fn config() -> Config {
 
 #[inline(always)]
 fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
+    // Identity 0 (`identity::ANY`, never an endpoint's) marks an empty array slot.
+    if let Some(e) = ENDPOINTS_BY_IFINDEX.get_ptr(ifindex) {
+        // SAFETY: pointer from a successful lookup, copied at once.
+        let e = unsafe { *e };
+        if e.identity != identity::ANY {
+            return Some(e);
+        }
+    }
     // SAFETY: pointer from a successful lookup, copied at once.
     ENDPOINTS.get_ptr(&ifindex).map(|e| unsafe { *e })
 }
 
-/// Longest-prefix match of the packet's source (`src`) or destination address.
+/// Longest-prefix match of the packet's source (`src`) or destination address: hash lookups
+/// per present prefix length when `IPCACHE_LENS` allows it, else the trie.
 #[inline(always)]
 fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
     let addr = if src { &p.src } else { &p.dst };
     if p.ip_version == 4 {
         let v4 = [addr[12], addr[13], addr[14], addr[15]];
-        IPCACHE_V4.get(Key::new(32, v4)).copied()
+        let lens = prefix_lengths(PrefixLengths::INDEX_V4);
+        if lens.state != PrefixLengths::STATE_EXACT {
+            return IPCACHE_V4.get(Key::new(32, v4)).copied();
+        }
+        let a = u32::from_be_bytes(v4);
+        for i in 0..PrefixLengths::MAX_LENS {
+            if i >= usize::from(lens.count) {
+                break;
+            }
+            let len = u32::from(lens.lens[i]);
+            let mask = u32::MAX.checked_shl(32u32.wrapping_sub(len)).unwrap_or(0);
+            let key = IpCacheKeyV4 {
+                prefix_len: len,
+                addr: (a & mask).to_be_bytes(),
+            };
+            if let Some(e) = IPCACHE_EXACT_V4.get_ptr(&key) {
+                // SAFETY: pointer from a successful lookup, copied at once.
+                return Some(unsafe { *e });
+            }
+        }
+        None
     } else {
-        IPCACHE_V6.get(Key::new(128, *addr)).copied()
+        let lens = prefix_lengths(PrefixLengths::INDEX_V6);
+        if lens.state != PrefixLengths::STATE_EXACT {
+            return IPCACHE_V6.get(Key::new(128, *addr)).copied();
+        }
+        let mut hi_bytes = [0u8; 8];
+        hi_bytes.copy_from_slice(&addr[..8]);
+        let mut lo_bytes = [0u8; 8];
+        lo_bytes.copy_from_slice(&addr[8..]);
+        let hi = u64::from_be_bytes(hi_bytes);
+        let lo = u64::from_be_bytes(lo_bytes);
+        for i in 0..PrefixLengths::MAX_LENS {
+            if i >= usize::from(lens.count) {
+                break;
+            }
+            let len = u32::from(lens.lens[i]);
+            let (mask_hi, mask_lo) = if len >= 64 {
+                (
+                    u64::MAX,
+                    u64::MAX.checked_shl(128u32.wrapping_sub(len)).unwrap_or(0),
+                )
+            } else {
+                (u64::MAX.checked_shl(64 - len).unwrap_or(0), 0)
+            };
+            let mut key = IpCacheKeyV6 {
+                prefix_len: len,
+                addr: [0; 16],
+            };
+            key.addr[..8].copy_from_slice(&(hi & mask_hi).to_be_bytes());
+            key.addr[8..].copy_from_slice(&(lo & mask_lo).to_be_bytes());
+            if let Some(e) = IPCACHE_EXACT_V6.get_ptr(&key) {
+                // SAFETY: pointer from a successful lookup, copied at once.
+                return Some(unsafe { *e });
+            }
+        }
+        None
     }
+}
+
+#[inline(always)]
+fn prefix_lengths(index: u32) -> PrefixLengths {
+    IPCACHE_LENS.get(index).copied().unwrap_or_default()
 }
