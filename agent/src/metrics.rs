@@ -1,7 +1,6 @@
 //! Prometheus metrics (`/metrics`), registered under the `nodeseal` prefix. No per-peer labels:
 //! per-peer detail belongs in `nodeseal status`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -180,6 +179,3 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: Cancell
         }
     }
 }
-
-/// Where metrics are served.
-pub type MetricsAddr = SocketAddr;

@@ -66,15 +66,12 @@ pub struct NodeView {
     /// The cluster rekey generation this node has seen.
     pub generation: u64,
     /// Peers.
-    pub peers: Vec<PeerRow>,
+    pub peers: Vec<PeerStatus>,
     /// Non-zero `/proc/net/xfrm_stat` counters.
     pub xfrm_errors: BTreeMap<String, u64>,
     /// eBPF drop counters by reason.
     pub datapath_drops: BTreeMap<String, u64>,
 }
-
-/// One peer (a copy of the live [`PeerStatus`]).
-pub type PeerRow = PeerStatus;
 
 /// Produces the current status.
 #[async_trait::async_trait]

@@ -204,7 +204,11 @@ impl Topology {
                 out.push_str(&format!("--- pod {} ({})\n", pod.ns.name(), pod.ip));
                 out.push_str(&pod.ns.ip(&["-br", "addr"]).unwrap_or_default());
                 let snmp = pod.ns.run(|| std::fs::read_to_string("/proc/net/snmp"));
-                for line in snmp.unwrap_or_default().lines().filter(|l| l.starts_with("Udp:")) {
+                for line in snmp
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.starts_with("Udp:"))
+                {
                     out.push_str(line);
                     out.push('\n');
                 }

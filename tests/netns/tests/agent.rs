@@ -115,7 +115,10 @@ fn keys_rotate_under_traffic_loses_nothing() {
     eprintln!("stream during rotation: {report:?}");
     if report.lost > 0 {
         for i in 0..3 {
-            eprintln!("node{i} status at failure:\n{}", fabric.status_text(i).unwrap_or_default());
+            eprintln!(
+                "node{i} status at failure:\n{}",
+                fabric.status_text(i).unwrap_or_default()
+            );
         }
     }
     assert!(report.sent >= 1000, "{report:?}");
