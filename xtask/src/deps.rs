@@ -93,16 +93,30 @@ fn ensure_nightly() -> Result<()> {
     if components.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
-    eprintln!("xtask: installing the nightly toolchain with rust-src (eBPF builds)");
-    run::checked(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        NIGHTLY,
-        "--profile",
-        "minimal",
-        "--component",
-        "rust-src",
-    ]))
+    // Add the component to the nightly the machine already has (installing would move it to
+    // the newest nightly, which the pinned aya-ebpf may not build with); install only if absent.
+    let has_nightly = run::output(Command::new("rustup").args(["toolchain", "list"]))
+        .is_ok_and(|list| list.lines().any(|l| l.starts_with(NIGHTLY)));
+    eprintln!("xtask: adding rust-src to the nightly toolchain (eBPF builds)");
+    if has_nightly {
+        run::checked(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            NIGHTLY,
+        ]))
+    } else {
+        run::checked(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))
+    }
 }
 
 fn ensure_bpf_linker() -> Result<()> {
