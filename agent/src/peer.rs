@@ -493,7 +493,8 @@ impl PeerTask {
                 self.teardown(&reason).await;
                 return true;
             }
-            PeerCommand::Incoming(incoming) => self.respond(*incoming).await,
+            // Boxed: handshake futures are large; see `attempt`.
+            PeerCommand::Incoming(incoming) => Box::pin(self.respond(*incoming)).await,
             PeerCommand::Rekey { generation } => self.on_generation(generation),
             PeerCommand::Update(info) => {
                 if info.pod_cidrs != self.info.pod_cidrs || info.ip != self.info.ip {
@@ -531,7 +532,7 @@ impl PeerTask {
         }
         if self.next_attempt.is_some_and(|t| t <= now) {
             self.next_attempt = None;
-            self.attempt().await;
+            Box::pin(self.attempt()).await;
         }
         self.expire_if_unreachable().await;
     }
@@ -583,7 +584,9 @@ impl PeerTask {
         let addr = SocketAddr::new(self.info.ip, self.info.port);
         let peer = self.info.name.clone();
         let permits = Arc::clone(&self.handshake_permits);
-        let tls = async move {
+        // Boxed: the TLS state machine is large, and inlined it would make every idle peer
+        // task (one per node in the cluster) as big as a handshake in progress.
+        let mut tls = Box::pin(async move {
             // Bounded concurrency: a node meeting 1000 peers at once must not start 1000 TLS
             // handshakes that all run out of time. The timeout starts with the permit.
             let _permit = permits.acquire_owned().await;
@@ -597,8 +600,7 @@ impl PeerTask {
             tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
                 .await
                 .unwrap_or(Err(PeerError::Timeout(HANDSHAKE_TIMEOUT)))
-        };
-        tokio::pin!(tls);
+        });
         let agreement = loop {
             let event = tokio::select! {
                 r = &mut tls => Either::Done(r),
@@ -668,10 +670,10 @@ impl PeerTask {
         };
         let epoch = incoming.peer_hello().epoch;
         let started = Instant::now();
-        let answer = async {
+        let answer = Box::pin(async {
             let hello = self.hello(&config, epoch, self.fresh_spi())?;
             Ok::<_, PeerError>(incoming.respond(hello).await?)
-        };
+        });
         let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await {
             Ok(Ok(agreement)) => {
                 self.metrics.handshake("accepted");
