@@ -110,6 +110,12 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         .sync_pod_interfaces()
         .context("attaching to pod interfaces")?;
     let xfrm = Handle::new().context("opening the XFRM netlink socket")?;
+    // A packet that meets a policy whose state is momentarily missing is queued until the state
+    // appears instead of dropped (the kernel default drops it: XfrmOutNoStates), which keeps
+    // make-before-break rekeys lossless at the edges. Per network namespace.
+    if let Err(e) = std::fs::write("/proc/sys/net/core/xfrm_larval_drop", "0") {
+        warn!(error = %e, "cannot set net.core.xfrm_larval_drop=0; rekeys may drop a packet");
+    }
 
     let source = match (
         &config.identity_cert,
