@@ -38,16 +38,19 @@ pub mod map_names {
     /// `ENDPOINTS`: ifindex → [`crate::maps::EndpointInfo`].
     pub const ENDPOINTS: &str = "ENDPOINTS";
     /// `ENDPOINTS_BY_IFINDEX`: array copy of the `ENDPOINTS` entries with an ifindex below
-    /// [`crate::maps::capacity::ENDPOINTS_BY_IFINDEX`], indexed by ifindex (identity 0: not
-    /// there, look in `ENDPOINTS`). An array lookup is far cheaper than a hash lookup.
+    /// [`crate::maps::capacity::ENDPOINTS_BY_IFINDEX`], indexed by ifindex, each slot one
+    /// [`crate::maps::EndpointInfo::to_word`] (identity 0: not there, look in `ENDPOINTS`;
+    /// mmapable). An array lookup is far cheaper than a hash lookup.
     pub const ENDPOINTS_BY_IFINDEX: &str = "ENDPOINTS_BY_IFINDEX";
     /// `IPCACHE_V4`: LPM trie of IPv4 prefixes → [`crate::maps::IpCacheEntry`].
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
     /// `IPCACHE_V6`: LPM trie of IPv6 prefixes → [`crate::maps::IpCacheEntry`].
     pub const IPCACHE_V6: &str = "IPCACHE_V6";
-    /// `IPCACHE_EXACT_V4`: the IPv4 prefixes of `IPCACHE_V4` as an exact-match hash
-    /// ([`crate::maps::IpCacheKeyV4`] → [`crate::maps::IpCacheEntry`]).
-    pub const IPCACHE_EXACT_V4: &str = "IPCACHE_EXACT_V4";
+    /// `IPCACHE4_L1`: first level of the IPv4 ipcache arrays, one
+    /// [`crate::maps::IpCacheSlot`] per /16 (mmapable).
+    pub const IPCACHE4_L1: &str = "IPCACHE4_L1";
+    /// `IPCACHE4_CHUNKS`: 256-slot chunks of the IPv4 ipcache arrays (mmapable).
+    pub const IPCACHE4_CHUNKS: &str = "IPCACHE4_CHUNKS";
     /// `IPCACHE_EXACT_V6`: the IPv6 prefixes of `IPCACHE_V6` as an exact-match hash.
     pub const IPCACHE_EXACT_V6: &str = "IPCACHE_EXACT_V6";
     /// `IPCACHE_LENS`: [`crate::maps::PrefixLengths`] per address family.
@@ -56,8 +59,11 @@ pub mod map_names {
     pub const NODES: &str = "NODES";
     /// `PEER_SLOTS`: node id → [`crate::maps::PeerSlot`].
     pub const PEER_SLOTS: &str = "PEER_SLOTS";
-    /// `POLICY`: [`crate::maps::PolicyKey`] → [`crate::maps::PolicyEntry`].
-    pub const POLICY: &str = "POLICY";
+    /// `POLICY_TABLE`: the policy rules, two copies of a cuckoo hash table of
+    /// [`crate::maps::PolicySlot`] (mmapable).
+    pub const POLICY_TABLE: &str = "POLICY_TABLE";
+    /// `POLICY_HEADER`: one [`crate::maps::PolicyTableHeader`] naming the live copy (mmapable).
+    pub const POLICY_HEADER: &str = "POLICY_HEADER";
     /// `CONFIG`: one [`crate::maps::Config`] at index 0.
     pub const CONFIG: &str = "CONFIG";
     /// `DROP_COUNTERS`: per-CPU `u64` packet counts indexed by [`crate::reason::DropReason`].

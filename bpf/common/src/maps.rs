@@ -11,6 +11,22 @@ pub struct EndpointInfo {
 }
 
 impl EndpointInfo {
+    /// As one `u64` (identity in bits 0..32, flags in 32..64): `ENDPOINTS_BY_IFINDEX` slots are
+    /// written and read whole, so a reader never sees half of an update.
+    #[must_use]
+    pub const fn to_word(self) -> u64 {
+        self.identity as u64 | (self.flags as u64) << 32
+    }
+
+    /// Inverse of [`Self::to_word`].
+    #[must_use]
+    pub const fn from_word(word: u64) -> Self {
+        Self {
+            identity: word as u32,
+            flags: (word >> 32) as u32,
+        }
+    }
+
     /// A policy selects this endpoint for ingress: default deny for traffic toward it.
     pub const FLAG_ENFORCE_INGRESS: u32 = 1;
     /// A policy selects this endpoint for egress: default deny for traffic from it.
@@ -39,18 +55,8 @@ impl IpCacheEntry {
     pub const FLAG_NODE: u16 = 4;
 }
 
-/// Key of `IPCACHE_EXACT_V4`: one ipcache prefix, host bits cleared (the same prefix as in the
-/// trie, so the same layout as its LPM key).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct IpCacheKeyV4 {
-    /// Prefix length, 0..=32.
-    pub prefix_len: u32,
-    /// Network address, network order.
-    pub addr: [u8; 4],
-}
-
-/// Key of `IPCACHE_EXACT_V6`: as [`IpCacheKeyV4`] for IPv6.
+/// Key of `IPCACHE_EXACT_V6`: one IPv6 ipcache prefix, host bits cleared (the same prefix as in
+/// the trie, so the same layout as its LPM key).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct IpCacheKeyV6 {
@@ -63,11 +69,16 @@ pub struct IpCacheKeyV6 {
 /// Value of `IPCACHE_LENS` (index [`Self::INDEX_V4`] / [`Self::INDEX_V6`]): how the datapath
 /// finds the longest matching prefix.
 ///
-/// The `IPCACHE_EXACT_*` hash maps hold the same prefixes as the tries. With
-/// [`Self::STATE_EXACT`], the datapath looks the address up in them once per distinct prefix
+/// IPv4: with [`Self::STATE_ARRAYS`] the datapath reads the `IPCACHE4_L1` / `IPCACHE4_CHUNKS`
+/// arrays ([`IpCacheSlot`]); `lens` is unused.
+///
+/// IPv6: the `IPCACHE_EXACT_V6` hash map holds the same prefixes as the trie. With
+/// [`Self::STATE_EXACT`], the datapath looks the address up in it once per distinct prefix
 /// length present, longest first (`lens[..count]`, descending); the first hit is the longest
-/// match. That is a few hash lookups instead of a trie walk. Any other state (a fresh map is
-/// all zero) means the datapath walks the trie, which is always authoritative.
+/// match. That is a few hash lookups instead of a trie walk.
+///
+/// Any other state (a fresh map is all zero) means the datapath walks the trie, which is always
+/// authoritative.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PrefixLengths {
@@ -90,10 +101,241 @@ impl PrefixLengths {
     /// The exact maps are in sync but more than [`Self::MAX_LENS`] lengths are present: walk
     /// the trie.
     pub const STATE_TOO_MANY: u8 = 2;
+    /// IPv4 only: the ipcache arrays are in sync with the trie; read them.
+    pub const STATE_ARRAYS: u8 = 3;
     /// Index of the IPv4 entry.
     pub const INDEX_V4: u32 = 0;
     /// Index of the IPv6 entry.
     pub const INDEX_V6: u32 = 1;
+}
+
+/// One entry of the IPv4 ipcache arrays, a multibit trie with strides 16/8/8 built by userspace
+/// from the prefixes of the trie (prefix expansion, as in DIR-24-8 routing tables).
+///
+/// `IPCACHE4_L1` has one slot per /16 (index: the address's top 16 bits); `IPCACHE4_CHUNKS`
+/// holds chunks of 256 slots, each for the 256 /24s of a /16 (second level) or the 256
+/// addresses of a /24 (third level). A slot is empty (no prefix covers its block), a leaf (the
+/// longest prefix covering its whole block) or a link to the chunk that resolves its block
+/// further. A lookup reads at most three slots.
+///
+/// Each slot is one `u64`, written by userspace with a single atomic store through a shared
+/// mapping and read by the datapath with a single load, so a reader sees the old or the new
+/// slot and never a mix. Bits: 0..32 identity (a link: chunk number), 32..48 node id,
+/// 48..64 [`IpCacheEntry`] flags plus [`Self::PRESENT`] / [`Self::LINK`].
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IpCacheSlot(pub u64);
+
+impl IpCacheSlot {
+    /// No prefix covers this block.
+    pub const EMPTY: Self = Self(0);
+    /// Flag bit: a leaf.
+    pub const PRESENT: u16 = 0x4000;
+    /// Flag bit: a link to the chunk in bits 0..32.
+    pub const LINK: u16 = 0x8000;
+    /// Slots per chunk.
+    pub const CHUNK_SLOTS: u32 = 256;
+    /// Slots of `IPCACHE4_L1`.
+    pub const L1_SLOTS: u32 = 65_536;
+
+    /// A leaf holding `entry`.
+    #[must_use]
+    pub const fn leaf(entry: IpCacheEntry) -> Self {
+        Self(
+            entry.identity as u64
+                | (entry.node_id as u64) << 32
+                | ((entry.flags | Self::PRESENT) as u64) << 48,
+        )
+    }
+
+    /// A link to chunk `chunk`.
+    #[must_use]
+    pub const fn link(chunk: u32) -> Self {
+        Self(chunk as u64 | (Self::LINK as u64) << 48)
+    }
+
+    const fn flags(self) -> u16 {
+        (self.0 >> 48) as u16
+    }
+
+    /// The chunk this slot links to, if it is a link.
+    #[must_use]
+    pub const fn chunk(self) -> Option<u32> {
+        if self.flags() & Self::LINK != 0 {
+            Some(self.0 as u32)
+        } else {
+            None
+        }
+    }
+
+    /// The entry of a leaf (`None` for an empty slot or a link).
+    #[must_use]
+    pub const fn entry(self) -> Option<IpCacheEntry> {
+        let flags = self.flags();
+        if flags & Self::LINK != 0 || flags & Self::PRESENT == 0 {
+            return None;
+        }
+        Some(IpCacheEntry {
+            identity: self.0 as u32,
+            node_id: (self.0 >> 32) as u16,
+            flags: flags & !(Self::PRESENT | Self::LINK),
+        })
+    }
+}
+
+/// Key of a policy rule, packed for the policy table (see [`PolicySlot`]).
+///
+/// Lookup goes from most to least specific, first hit wins:
+/// `(peer, proto, port)`, `(peer, proto, 0)`, `(peer, 0, 0)`, then the same three with
+/// `peer = identity::ANY`. Port 0 and protocol 0 are wildcards. For ICMP/ICMPv6 the "port" is
+/// the message type. Deny-over-allow precedence across specificities is resolved by the agent
+/// writing explicit deny entries (Cilium does the same in its userspace map state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PolicyKey {
+    /// Identity the policy applies to (the local endpoint).
+    pub subject: u32,
+    /// The other side's identity, or `identity::ANY`.
+    pub peer: u32,
+    /// Destination port in host order (ICMP: type), or 0 for any.
+    pub port: u16,
+    /// IP protocol number, or 0 for any.
+    pub protocol: u8,
+    /// [`Self::INGRESS`] or [`Self::EGRESS`].
+    pub direction: u8,
+}
+
+impl PolicyKey {
+    /// Traffic toward the subject.
+    pub const INGRESS: u8 = 1;
+    /// Traffic from the subject.
+    pub const EGRESS: u8 = 2;
+
+    /// First word of the packed key: subject and peer.
+    #[must_use]
+    pub const fn word0(&self) -> u64 {
+        self.subject as u64 | (self.peer as u64) << 32
+    }
+
+    /// Second word of the packed key: port, protocol, direction. Never 0 for a valid key (the
+    /// direction is 1 or 2), so it never matches an empty slot.
+    #[must_use]
+    pub const fn word1(&self) -> u32 {
+        self.port as u32 | (self.protocol as u32) << 16 | (self.direction as u32) << 24
+    }
+
+    /// Inverse of [`Self::word0`] / [`Self::word1`].
+    #[must_use]
+    pub const fn unpack(word0: u64, word1: u32) -> Self {
+        Self {
+            subject: word0 as u32,
+            peer: (word0 >> 32) as u32,
+            port: word1 as u16,
+            protocol: (word1 >> 16) as u8,
+            direction: (word1 >> 24) as u8,
+        }
+    }
+}
+
+/// Verdicts of a policy rule.
+pub mod policy_verdict {
+    /// Let the packet through.
+    pub const ALLOW: u8 = 1;
+    /// Drop it with `PolicyDenied`.
+    pub const DENY: u8 = 2;
+}
+
+/// One slot of `POLICY_TABLE`: a rule (packed [`PolicyKey`] and verdict) or empty (all zero).
+///
+/// The table is a bucketized cuckoo hash table built by userspace in an array: two copies of
+/// [`Self::SLOTS_PER_COPY`] slots, [`Self::BUCKET_SLOTS`] slots per bucket; a rule sits in one
+/// of the two buckets [`policy_buckets`] gives for its key under the copy's seed. The datapath
+/// reads the copy [`PolicyTableHeader`] names; userspace rebuilds the other copy, switches the
+/// header, and waits for an RCU grace period before it writes that copy again, so readers never
+/// see a copy while it is written. Array reads are inlined by the verifier, unlike hash map
+/// lookups.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicySlot {
+    /// [`PolicyKey::word0`].
+    pub word0: u64,
+    /// [`PolicyKey::word1`] in bits 0..32, verdict (`policy_verdict::*`, 0 = empty slot) in
+    /// bits 32..40.
+    pub word1: u64,
+}
+
+impl PolicySlot {
+    /// Slots per bucket (one 64-byte cache line).
+    pub const BUCKET_SLOTS: u32 = 4;
+    /// Buckets per copy (a power of two).
+    pub const BUCKETS: u32 = 32_768;
+    /// Slots per copy: twice the rule capacity, so the cuckoo build always finds room.
+    pub const SLOTS_PER_COPY: u32 = Self::BUCKETS * Self::BUCKET_SLOTS;
+
+    /// The slot holding `key` with `verdict`.
+    #[must_use]
+    pub const fn new(key: &PolicyKey, verdict: u8) -> Self {
+        Self {
+            word0: key.word0(),
+            word1: key.word1() as u64 | (verdict as u64) << 32,
+        }
+    }
+
+    /// The verdict if this slot holds the key `(word0, word1)`.
+    #[must_use]
+    pub const fn verdict_for(&self, word0: u64, word1: u32) -> Option<u8> {
+        if self.word0 == word0 && self.word1 as u32 == word1 && self.word1 >> 32 != 0 {
+            Some((self.word1 >> 32) as u8)
+        } else {
+            None
+        }
+    }
+}
+
+/// The two candidate buckets of a packed key under `seed` (distinct, below
+/// [`PolicySlot::BUCKETS`]).
+#[must_use]
+pub const fn policy_buckets(word0: u64, word1: u32, seed: u32) -> (u32, u32) {
+    let mut h = (word0 ^ (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= (word1 as u64 | (seed as u64) << 32).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^= h >> 31;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 29;
+    let mask = PolicySlot::BUCKETS as u64 - 1;
+    let first = (h & mask) as u32;
+    let mut second = ((h >> 32) & mask) as u32;
+    if second == first {
+        second ^= 1;
+    }
+    (first, second)
+}
+
+/// Value of `POLICY_HEADER` at index 0, one `u64` stored atomically: which copy of
+/// `POLICY_TABLE` the datapath reads and that copy's hash seed. Zero (a fresh map) means no
+/// table was published: no rule matches.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyTableHeader(pub u64);
+
+impl PolicyTableHeader {
+    const PUBLISHED: u64 = 1 << 33;
+    const COPY: u64 = 1 << 32;
+
+    /// Copy `copy` (0 or 1) hashed with `seed` is live.
+    #[must_use]
+    pub const fn new(copy: u32, seed: u32) -> Self {
+        Self(Self::PUBLISHED | if copy == 0 { 0 } else { Self::COPY } | seed as u64)
+    }
+
+    /// `(first slot of the live copy, seed)`, or `None` before the first publication.
+    #[must_use]
+    pub const fn live(self) -> Option<(u32, u32)> {
+        if self.0 & Self::PUBLISHED == 0 {
+            return None;
+        }
+        let copy = if self.0 & Self::COPY == 0 { 0 } else { 1 };
+        Some((copy * PolicySlot::SLOTS_PER_COPY, self.0 as u32))
+    }
 }
 
 /// Key of `NODES`: a node IP, IPv6 or IPv4-mapped IPv6 (`::ffff:a.b.c.d`), network order.
@@ -132,52 +374,6 @@ impl PeerSlot {
     pub const FLAG_READY: u8 = 1;
 }
 
-/// Key of `POLICY`.
-///
-/// Lookup goes from most to least specific, first hit wins:
-/// `(peer, proto, port)`, `(peer, proto, 0)`, `(peer, 0, 0)`, then the same three with
-/// `peer = identity::ANY`. Port 0 and protocol 0 are wildcards. For ICMP/ICMPv6 the "port" is
-/// the message type. Deny-over-allow precedence across specificities is resolved by the agent
-/// writing explicit deny entries (Cilium does the same in its userspace map state).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct PolicyKey {
-    /// Identity the policy applies to (the local endpoint).
-    pub subject: u32,
-    /// The other side's identity, or `identity::ANY`.
-    pub peer: u32,
-    /// Destination port in host order (ICMP: type), or 0 for any.
-    pub port: u16,
-    /// IP protocol number, or 0 for any.
-    pub protocol: u8,
-    /// [`Self::INGRESS`] or [`Self::EGRESS`].
-    pub direction: u8,
-}
-
-impl PolicyKey {
-    /// Traffic toward the subject.
-    pub const INGRESS: u8 = 1;
-    /// Traffic from the subject.
-    pub const EGRESS: u8 = 2;
-}
-
-/// Value of `POLICY`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct PolicyEntry {
-    /// [`Self::ALLOW`] or [`Self::DENY`].
-    pub verdict: u8,
-    /// Reserved, zero.
-    pub reserved: [u8; 3],
-}
-
-impl PolicyEntry {
-    /// Let the packet through.
-    pub const ALLOW: u8 = 1;
-    /// Drop it with `PolicyDenied`.
-    pub const DENY: u8 = 2;
-}
-
 /// Value of `CONFIG` at index 0. All-zero (the state of a fresh map) means: no encryption,
 /// nothing strict, no tracing.
 #[repr(C)]
@@ -210,17 +406,20 @@ impl Config {
     pub const MODE_WIREGUARD: u8 = 2;
 }
 
+/// `BPF_F_MMAPABLE`: an array map userspace can map and write with atomic stores.
+pub const MAP_FLAG_MMAPABLE: u32 = 1 << 10;
+
 const _: () = {
     assert!(size_of::<EndpointInfo>() == 8);
     assert!(size_of::<IpCacheEntry>() == 8);
-    assert!(size_of::<IpCacheKeyV4>() == 8);
+    assert!(size_of::<IpCacheSlot>() == 8);
     assert!(size_of::<IpCacheKeyV6>() == 20);
     assert!(size_of::<PrefixLengths>() == 8);
     assert!(size_of::<NodeKey>() == 16);
     assert!(size_of::<NodeEntry>() == 4);
     assert!(size_of::<PeerSlot>() == 4);
-    assert!(size_of::<PolicyKey>() == 12);
-    assert!(size_of::<PolicyEntry>() == 4);
+    assert!(size_of::<PolicySlot>() == 16);
+    assert!(size_of::<PolicyTableHeader>() == 8);
     assert!(size_of::<Config>() == 8);
 };
 
@@ -230,13 +429,17 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 4096;
     /// `ENDPOINTS_BY_IFINDEX`: endpoints whose ifindex is below this are also in the array.
     pub const ENDPOINTS_BY_IFINDEX: u32 = 16_384;
-    /// `IPCACHE_V4`, `IPCACHE_V6`, `IPCACHE_EXACT_V4` and `IPCACHE_EXACT_V6` each.
+    /// `IPCACHE_V4`, `IPCACHE_V6` and `IPCACHE_EXACT_V6` each.
     pub const IPCACHE: u32 = 65_536;
+    /// Chunks of `IPCACHE4_CHUNKS` ([`super::IpCacheSlot`]; 2 KiB each). One per /16 that
+    /// holds prefixes longer than /16, one per /24 that holds prefixes longer than /24; with
+    /// more, the datapath falls back to the trie.
+    pub const IPCACHE4_CHUNKS: u32 = 2048;
     /// `NODES`.
     pub const NODES: u32 = 16_384;
     /// `PEER_SLOTS` (one per possible node id).
     pub const PEER_SLOTS: u32 = 65_536;
-    /// `POLICY`.
+    /// Policy rules (`POLICY_TABLE` has two copies of twice this many slots).
     pub const POLICY: u32 = 65_536;
     /// `EVENTS` ring buffer size in bytes (a power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -245,8 +448,8 @@ pub mod capacity {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV4, IpCacheKeyV6, NodeEntry, NodeKey,
-        PeerSlot, PolicyEntry, PolicyKey, PrefixLengths,
+        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, NodeEntry, NodeKey,
+        PeerSlot, PolicySlot, PolicyTableHeader, PrefixLengths,
     };
 
     // SAFETY: each type is #[repr(C)], Copy, made only of integers and has no padding (checked
@@ -255,7 +458,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for IpCacheEntry {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for IpCacheKeyV4 {}
+    unsafe impl aya::Pod for IpCacheSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for IpCacheKeyV6 {}
     // SAFETY: as above.
@@ -267,9 +470,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for PeerSlot {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicySlot {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for PolicyEntry {}
+    unsafe impl aya::Pod for PolicyTableHeader {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Config {}
 }

@@ -26,8 +26,11 @@
 
 mod attach;
 mod events;
+mod ipcache4;
 mod load;
 mod maps;
+mod policy;
+mod shared;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod test_helpers;
@@ -37,6 +40,7 @@ pub use events::{DropEvent, EventError, EventReader, Outcome};
 pub use load::{DEFAULT_PIN_ROOT, Datapath, LoadError, Program, TestRunError, Verdict};
 pub use maps::{
     ConfigMap, DatapathConfig, DropCounters, Endpoints, Enforcement, IpCache, Location, MapError,
-    Mode, NodeId, Nodes, PeerSlots, Policy, PolicyDirection, PolicyRule, PolicyVerdict, Prefix,
+    Mode, NodeId, Nodes, PeerSlots, Prefix,
 };
 pub use nodeseal_bpf_common::{identity, mark, reason::DropReason, reason::TraceReason};
+pub use policy::{Policy, PolicyDirection, PolicyRule, PolicyVerdict};

@@ -10,10 +10,8 @@ use nodeseal_bpf_common::{map_names, program_names};
 
 use crate::{
     events::EventReader,
-    maps::{
-        ConfigMap, DropCounters, Endpoints, IpCache, IpCacheMaps, MapError, Nodes, PeerSlots,
-        Policy,
-    },
+    maps::{ConfigMap, DropCounters, Endpoints, IpCache, IpCacheMaps, MapError, Nodes, PeerSlots},
+    policy::Policy,
 };
 
 /// Where the agent pins maps and links.
@@ -96,7 +94,7 @@ impl Program {
 pub struct Datapath {
     pub(crate) ebpf: Ebpf,
     pub(crate) pin_root: PathBuf,
-    /// `IPCACHE_V4` and `IPCACHE_V6`.
+    /// The ipcache maps.
     pub ipcache: IpCache,
     /// `NODES`.
     pub nodes: Nodes,
@@ -104,7 +102,7 @@ pub struct Datapath {
     pub peer_slots: PeerSlots,
     /// `ENDPOINTS`.
     pub endpoints: Endpoints,
-    /// `POLICY`.
+    /// `POLICY_TABLE` and `POLICY_HEADER`.
     pub policy: Policy,
     /// `CONFIG`.
     pub config: ConfigMap,
@@ -157,7 +155,8 @@ impl Datapath {
         let ipcache = IpCache::new(IpCacheMaps {
             v4: take(&mut ebpf, map_names::IPCACHE_V4)?,
             v6: take(&mut ebpf, map_names::IPCACHE_V6)?,
-            exact_v4: take(&mut ebpf, map_names::IPCACHE_EXACT_V4)?,
+            l1_v4: take(&mut ebpf, map_names::IPCACHE4_L1)?,
+            chunks_v4: take(&mut ebpf, map_names::IPCACHE4_CHUNKS)?,
             exact_v6: take(&mut ebpf, map_names::IPCACHE_EXACT_V6)?,
             lens: take(&mut ebpf, map_names::IPCACHE_LENS)?,
         })?;
@@ -167,7 +166,10 @@ impl Datapath {
             take(&mut ebpf, map_names::ENDPOINTS)?,
             take(&mut ebpf, map_names::ENDPOINTS_BY_IFINDEX)?,
         )?;
-        let policy = Policy::new(take(&mut ebpf, map_names::POLICY)?)?;
+        let policy = Policy::new(
+            take(&mut ebpf, map_names::POLICY_TABLE)?,
+            take(&mut ebpf, map_names::POLICY_HEADER)?,
+        )?;
         let config = ConfigMap::new(take(&mut ebpf, map_names::CONFIG)?)?;
         let counters = DropCounters::new(take(&mut ebpf, map_names::DROP_COUNTERS)?)?;
         let events = EventReader::new(take(&mut ebpf, map_names::EVENTS)?)?;

@@ -8,11 +8,17 @@ use aya::maps::{
 };
 use nodeseal_bpf_common::{
     maps::{
-        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV4, IpCacheKeyV6, NodeEntry, NodeKey,
-        PeerSlot, PolicyEntry, PolicyKey, PrefixLengths,
+        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, NodeEntry, NodeKey, PeerSlot,
+        PrefixLengths, capacity,
     },
     mark,
     reason::DropReason,
+};
+
+use crate::{
+    ipcache4::{Ipv4Arrays, OutOfSync},
+    policy::PolicyRule,
+    shared::SharedArray,
 };
 
 /// Errors of the map handles.
@@ -62,6 +68,38 @@ pub enum MapError {
         /// The port.
         port: u16,
     },
+    /// Removal of a policy rule that is not there.
+    #[error("no such policy rule: {0:?}")]
+    NoSuchRule(PolicyRule),
+    /// More policy rules than the table holds.
+    #[error("{rules} policy rules do not fit in the policy table (capacity {capacity})")]
+    PolicyFull {
+        /// Rules asked for.
+        rules: usize,
+        /// Most rules the table takes.
+        capacity: usize,
+    },
+    /// A map does not have the layout this loader needs.
+    #[error("map {name}: {why}")]
+    Layout {
+        /// Map name.
+        name: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// A shared array map could not be mapped into memory.
+    #[error("mapping map {name} into memory")]
+    Mmap {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel would not wait for an RCU grace period (`membarrier`), which is needed
+    /// before reusing memory the datapath may still read.
+    #[error("waiting for an RCU grace period (membarrier)")]
+    GracePeriod(#[source] std::io::Error),
 }
 
 /// Dense numeric id of a node (16 bits: it goes into `skb->mark`).
@@ -140,19 +178,19 @@ pub enum Location {
 /// The ipcache: prefix → identity and location.
 ///
 /// Each prefix is written to the `IPCACHE_V4` / `IPCACHE_V6` LPM trie (authoritative; what
-/// [`IpCache::lookup`] reads) and to the `IPCACHE_EXACT_*` hash map of its family, and
-/// `IPCACHE_LENS` lists the prefix lengths present, so the datapath can find the longest match
-/// with one hash lookup per length instead of a trie walk (see
-/// [`PrefixLengths`]). With more than [`PrefixLengths::MAX_LENS`] distinct lengths in a
-/// family, or after a failed hash-map write, the datapath walks the trie instead.
+/// [`IpCache::lookup`] reads) and to the structure the datapath reads first: for IPv4 the
+/// ipcache arrays (at most three array reads per lookup; see
+/// [`nodeseal_bpf_common::maps::IpCacheSlot`]), for IPv6 the
+/// `IPCACHE_EXACT_V6` hash map probed once per prefix length present (see [`PrefixLengths`]).
+/// `IPCACHE_LENS` says per family whether that structure is in sync; when it is not (more
+/// chunks needed than the arrays hold, more than [`PrefixLengths::MAX_LENS`] IPv6 lengths, a
+/// failed write) the datapath walks the trie, always right, only slower.
 pub struct IpCache {
     v4: LpmTrie<MapData, [u8; 4], IpCacheEntry>,
     v6: LpmTrie<MapData, [u8; 16], IpCacheEntry>,
-    exact_v4: HashMap<MapData, IpCacheKeyV4, IpCacheEntry>,
+    arrays_v4: Ipv4Arrays,
     exact_v6: HashMap<MapData, IpCacheKeyV6, IpCacheEntry>,
     lens: Array<MapData, PrefixLengths>,
-    /// Prefixes in `exact_v4` per prefix length.
-    counts_v4: [u32; 33],
     /// Prefixes in `exact_v6` per prefix length.
     counts_v6: [u32; 129],
 }
@@ -164,16 +202,18 @@ impl std::fmt::Debug for IpCache {
 }
 
 impl IpCache {
-    /// Opens the maps and rebuilds the exact maps and prefix lengths from the tries (pinned
-    /// maps may come from an earlier loader, or an older one that had no exact maps).
+    /// Opens the maps and rebuilds the IPv4 arrays, the IPv6 exact map and the prefix lengths
+    /// from the tries (pinned maps may come from an earlier loader, or an older one).
     pub(crate) fn new(maps: IpCacheMaps) -> Result<Self, MapError> {
         let mut cache = Self {
             v4: shape(maps.v4, "IPCACHE_V4")?,
             v6: shape(maps.v6, "IPCACHE_V6")?,
-            exact_v4: shape(maps.exact_v4, "IPCACHE_EXACT_V4")?,
+            arrays_v4: Ipv4Arrays::new(
+                SharedArray::new(maps.l1_v4, "IPCACHE4_L1", 8)?,
+                SharedArray::new(maps.chunks_v4, "IPCACHE4_CHUNKS", 8)?,
+            )?,
             exact_v6: shape(maps.exact_v6, "IPCACHE_EXACT_V6")?,
             lens: shape(maps.lens, "IPCACHE_LENS")?,
-            counts_v4: [0; 33],
             counts_v6: [0; 129],
         };
         cache.resync_v4()?;
@@ -182,41 +222,61 @@ impl IpCache {
     }
 
     fn resync_v4(&mut self) -> Result<(), MapError> {
-        // The datapath walks the trie while the exact map is rebuilt.
+        // The datapath walks the trie while the arrays are rebuilt.
         self.set_lens(PrefixLengths::INDEX_V4, PrefixLengths::default())?;
-        let mut entries = Vec::new();
+        let mut prefixes = Vec::new();
         for item in self.v4.iter() {
             let (key, entry) = item.map_err(|source| kernel("iterate", "IPCACHE_V4", source))?;
-            entries.push((
-                IpCacheKeyV4 {
-                    prefix_len: key.prefix_len(),
-                    addr: key.data(),
-                },
-                entry,
-            ));
+            let len = u8::try_from(key.prefix_len()).unwrap_or(32);
+            prefixes.push((u32::from_be_bytes(key.data()), len, entry));
         }
-        let mut stale = Vec::new();
-        for key in self.exact_v4.keys() {
-            let key = key.map_err(|source| kernel("iterate", "IPCACHE_EXACT_V4", source))?;
-            if !entries.iter().any(|(k, _)| *k == key) {
-                stale.push(key);
+        for (addr, len, entry) in prefixes {
+            // Out of sync while the datapath walks the trie: only the model is updated here.
+            self.arrays_v4.set_model(addr, len, Some(entry));
+        }
+        match self.arrays_v4.resync() {
+            Ok(()) => self.publish_v4(),
+            Err(why) => self.arrays_unusable(why),
+        }
+    }
+
+    /// The arrays are out of sync: the datapath keeps walking the trie (already set).
+    fn arrays_unusable(&mut self, why: OutOfSync) -> Result<(), MapError> {
+        match why {
+            OutOfSync::Exhausted => {
+                tracing::warn!(
+                    chunks = capacity::IPCACHE4_CHUNKS,
+                    "IPv4 ipcache prefixes need more array chunks than there are; the datapath \
+                     walks the trie instead (slower) until they fit again"
+                );
+                Ok(())
+            }
+            OutOfSync::Map(err) => {
+                tracing::warn!(error = %err, "IPv4 ipcache arrays unusable; the datapath walks the trie");
+                Ok(())
             }
         }
-        for key in &stale {
-            self.exact_v4
-                .remove(key)
-                .map_err(|source| kernel("remove", "IPCACHE_EXACT_V4", source))?;
-        }
-        self.counts_v4 = [0; 33];
-        for (key, entry) in &entries {
-            self.exact_v4
-                .insert(key, entry, 0)
-                .map_err(|source| kernel("insert", "IPCACHE_EXACT_V4", source))?;
-            if let Some(c) = self.counts_v4.get_mut(key.prefix_len as usize) {
-                *c += 1;
+    }
+
+    /// Applies a v4 change to the arrays, switching the datapath between them and the trie as
+    /// their state requires.
+    fn update_v4(
+        &mut self,
+        addr: u32,
+        len: u8,
+        entry: Option<IpCacheEntry>,
+    ) -> Result<(), MapError> {
+        let was_in_sync = self.arrays_v4.in_sync();
+        match self.arrays_v4.set(addr, len, entry) {
+            Ok(()) if was_in_sync => Ok(()),
+            Ok(()) => self.publish_v4(),
+            Err(why) => {
+                if was_in_sync {
+                    self.set_lens(PrefixLengths::INDEX_V4, PrefixLengths::default())?;
+                }
+                self.arrays_unusable(why)
             }
         }
-        self.publish_v4()
     }
 
     fn resync_v6(&mut self) -> Result<(), MapError> {
@@ -263,7 +323,10 @@ impl IpCache {
     }
 
     fn publish_v4(&mut self) -> Result<(), MapError> {
-        let value = prefix_lengths(&self.counts_v4);
+        let value = PrefixLengths {
+            state: PrefixLengths::STATE_ARRAYS,
+            ..PrefixLengths::default()
+        };
         self.set_lens(PrefixLengths::INDEX_V4, value)
     }
 
@@ -313,28 +376,7 @@ impl IpCache {
                 self.v4
                     .insert(&Key::new(len, a.octets()), entry, 0)
                     .map_err(|source| kernel("insert", "IPCACHE_V4", source))?;
-                let key = IpCacheKeyV4 {
-                    prefix_len: len,
-                    addr: a.octets(),
-                };
-                let new = match self.exact_v4.get(&key, 0) {
-                    Ok(_) => false,
-                    Err(aya::maps::MapError::KeyNotFound) => true,
-                    Err(source) => {
-                        let err = kernel("lookup", "IPCACHE_EXACT_V4", source);
-                        return Err(self.degrade(PrefixLengths::INDEX_V4, err));
-                    }
-                };
-                if let Err(source) = self.exact_v4.insert(key, entry, 0) {
-                    let err = kernel("insert", "IPCACHE_EXACT_V4", source);
-                    return Err(self.degrade(PrefixLengths::INDEX_V4, err));
-                }
-                if new && let Some(c) = self.counts_v4.get_mut(slot) {
-                    *c += 1;
-                    if *c == 1 {
-                        self.publish_v4()?;
-                    }
-                }
+                self.update_v4(u32::from(a), prefix.len, Some(entry))?;
             }
             IpAddr::V6(a) => {
                 self.v6
@@ -380,21 +422,7 @@ impl IpCache {
                 self.v4
                     .remove(&Key::new(len, a.octets()))
                     .map_err(|source| kernel("remove", "IPCACHE_V4", source))?;
-                // Drop the length from the probe list before the last prefix of that length.
-                if let Some(c) = self.counts_v4.get_mut(slot) {
-                    *c = c.saturating_sub(1);
-                    if *c == 0 {
-                        self.publish_v4()?;
-                    }
-                }
-                let key = IpCacheKeyV4 {
-                    prefix_len: len,
-                    addr: a.octets(),
-                };
-                if let Err(source) = self.exact_v4.remove(&key) {
-                    let err = kernel("remove", "IPCACHE_EXACT_V4", source);
-                    return Err(self.degrade(PrefixLengths::INDEX_V4, err));
-                }
+                self.update_v4(u32::from(a), prefix.len, None)?;
             }
             IpAddr::V6(a) => {
                 self.v6
@@ -417,6 +445,13 @@ impl IpCache {
             }
         }
         Ok(())
+    }
+
+    /// Whether the datapath finds IPv4 prefixes through the ipcache arrays (else it walks the
+    /// trie: the prefixes need more chunks than the arrays hold, or a grace period failed).
+    #[must_use]
+    pub fn ipv4_arrays_in_use(&self) -> bool {
+        self.arrays_v4.in_sync()
     }
 
     /// Longest-prefix match for `addr`: `(identity, location)`.
@@ -454,7 +489,8 @@ impl IpCache {
 pub(crate) struct IpCacheMaps {
     pub(crate) v4: Map,
     pub(crate) v6: Map,
-    pub(crate) exact_v4: Map,
+    pub(crate) l1_v4: Map,
+    pub(crate) chunks_v4: Map,
     pub(crate) exact_v6: Map,
     pub(crate) lens: Map,
 }
@@ -631,8 +667,9 @@ pub struct Enforcement {
 /// [`nodeseal_bpf_common::maps::capacity::ENDPOINTS_BY_IFINDEX`] are also kept in an array the datapath reads first).
 pub struct Endpoints {
     map: HashMap<MapData, u32, EndpointInfo>,
-    /// Copy of the entries with an ifindex below its length (identity 0: empty).
-    by_ifindex: Array<MapData, EndpointInfo>,
+    /// Copy of the entries with an ifindex below its length ([`EndpointInfo::to_word`];
+    /// identity 0: empty).
+    by_ifindex: SharedArray,
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -647,38 +684,33 @@ impl Endpoints {
     pub(crate) fn new(map: Map, by_ifindex: Map) -> Result<Self, MapError> {
         let mut endpoints = Self {
             map: shape(map, "ENDPOINTS")?,
-            by_ifindex: shape(by_ifindex, "ENDPOINTS_BY_IFINDEX")?,
+            by_ifindex: SharedArray::new(by_ifindex, "ENDPOINTS_BY_IFINDEX", 8)?,
         };
         endpoints.resync()?;
         Ok(endpoints)
     }
 
     fn resync(&mut self) -> Result<(), MapError> {
-        for index in 0..self.by_ifindex.len() {
-            let have = self
-                .by_ifindex
-                .get(&index, 0)
-                .map_err(|source| kernel("lookup", "ENDPOINTS_BY_IFINDEX", source))?;
-            let want = match self.map.get(&index, 0) {
-                Ok(e) => e,
-                Err(aya::maps::MapError::KeyNotFound) => EndpointInfo::default(),
-                Err(source) => return Err(kernel("lookup", "ENDPOINTS", source)),
-            };
-            if have != want {
-                self.set_slot(index, want)?;
+        let mut want = vec![0u64; self.by_ifindex.len()];
+        for item in self.map.iter() {
+            let (ifindex, info) = item.map_err(|source| kernel("iterate", "ENDPOINTS", source))?;
+            if let Some(slot) = want.get_mut(ifindex as usize) {
+                *slot = info.to_word();
+            }
+        }
+        for (index, word) in want.into_iter().enumerate() {
+            if self.by_ifindex.load(index) != word {
+                self.by_ifindex.store(index, word);
             }
         }
         Ok(())
     }
 
-    /// Writes the array slot of `ifindex`, if it has one.
-    fn set_slot(&mut self, ifindex: u32, value: EndpointInfo) -> Result<(), MapError> {
-        if ifindex >= self.by_ifindex.len() {
-            return Ok(());
+    /// Writes the array slot of `ifindex`, if it has one: one atomic store.
+    fn set_slot(&mut self, ifindex: u32, value: EndpointInfo) {
+        if (ifindex as usize) < self.by_ifindex.len() {
+            self.by_ifindex.store(ifindex as usize, value.to_word());
         }
-        self.by_ifindex
-            .set(ifindex, value, 0)
-            .map_err(|source| kernel("set", "ENDPOINTS_BY_IFINDEX", source))
     }
 
     /// Registers the pod behind `ifindex`.
@@ -703,13 +735,9 @@ impl Endpoints {
         self.map
             .insert(ifindex, info, 0)
             .map_err(|source| kernel("insert", "ENDPOINTS", source))?;
-        // An identity-0 entry stays out of the array (0 marks an empty slot): the datapath
-        // finds it in the hash map.
-        if let Err(err) = self.set_slot(ifindex, info) {
-            // Never leave a stale slot behind: clear it so the datapath reads the hash map.
-            let _ = self.set_slot(ifindex, EndpointInfo::default());
-            return Err(err);
-        }
+        // An identity-0 entry reads as an empty slot (0 marks one): the datapath then finds it
+        // in the hash map.
+        self.set_slot(ifindex, info);
         Ok(())
     }
 
@@ -719,7 +747,7 @@ impl Endpoints {
     ///
     /// [`MapError::Kernel`] if it is not there.
     pub fn remove(&mut self, ifindex: u32) -> Result<(), MapError> {
-        self.set_slot(ifindex, EndpointInfo::default())?;
+        self.set_slot(ifindex, EndpointInfo::default());
         self.map
             .remove(&ifindex)
             .map_err(|source| kernel("remove", "ENDPOINTS", source))
@@ -742,105 +770,6 @@ impl Endpoints {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(kernel("lookup", "ENDPOINTS", source)),
         }
-    }
-}
-
-/// Direction of a policy rule, seen from its subject.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PolicyDirection {
-    /// Traffic toward the subject.
-    Ingress,
-    /// Traffic from the subject.
-    Egress,
-}
-
-/// Allow or deny.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PolicyVerdict {
-    /// Let it through.
-    Allow,
-    /// Drop with `policy_denied`.
-    Deny,
-}
-
-/// One policy map entry. Lookup is most-specific-first (port, then any port, then any protocol;
-/// a specific peer before any peer); the agent writes explicit denies where a broader deny must
-/// win over a narrower allow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PolicyRule {
-    /// The local endpoint's identity.
-    pub subject: u32,
-    /// The other side's identity; `None` for any.
-    pub peer: Option<u32>,
-    /// IP protocol; `None` for any.
-    pub protocol: Option<u8>,
-    /// Destination port (ICMP: type); `None` for any. Needs a protocol.
-    pub port: Option<u16>,
-    /// Direction.
-    pub direction: PolicyDirection,
-}
-
-impl PolicyRule {
-    fn key(&self) -> Result<PolicyKey, MapError> {
-        if let (None, Some(port)) = (self.protocol, self.port) {
-            return Err(MapError::PortWithoutProtocol { port });
-        }
-        Ok(PolicyKey {
-            subject: self.subject,
-            peer: self.peer.unwrap_or(nodeseal_bpf_common::identity::ANY),
-            port: self.port.unwrap_or(0),
-            protocol: self.protocol.unwrap_or(0),
-            direction: match self.direction {
-                PolicyDirection::Ingress => PolicyKey::INGRESS,
-                PolicyDirection::Egress => PolicyKey::EGRESS,
-            },
-        })
-    }
-}
-
-/// `POLICY`: rules for endpoints whose [`Enforcement`] selects the direction.
-#[derive(Debug)]
-pub struct Policy {
-    map: HashMap<MapData, PolicyKey, PolicyEntry>,
-}
-
-impl Policy {
-    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
-        Ok(Self {
-            map: map.try_into().map_err(|source| MapError::Shape {
-                name: "POLICY",
-                source,
-            })?,
-        })
-    }
-
-    /// Inserts or replaces a rule.
-    ///
-    /// # Errors
-    ///
-    /// [`MapError::PortWithoutProtocol`]; [`MapError::Kernel`] if the map is full.
-    pub fn insert(&mut self, rule: PolicyRule, verdict: PolicyVerdict) -> Result<(), MapError> {
-        let entry = PolicyEntry {
-            verdict: match verdict {
-                PolicyVerdict::Allow => PolicyEntry::ALLOW,
-                PolicyVerdict::Deny => PolicyEntry::DENY,
-            },
-            reserved: [0; 3],
-        };
-        self.map
-            .insert(rule.key()?, entry, 0)
-            .map_err(|source| kernel("insert", "POLICY", source))
-    }
-
-    /// Removes a rule.
-    ///
-    /// # Errors
-    ///
-    /// [`MapError::PortWithoutProtocol`]; [`MapError::Kernel`] if it is not there.
-    pub fn remove(&mut self, rule: PolicyRule) -> Result<(), MapError> {
-        self.map
-            .remove(&rule.key()?)
-            .map_err(|source| kernel("remove", "POLICY", source))
     }
 }
 

@@ -1,14 +1,18 @@
-//! Longest-prefix semantics of the datapath's ipcache (exact hash maps probed per prefix length,
-//! or the trie when too many lengths are present) through BPF_PROG_TEST_RUN on the host kernel:
-//! nested prefixes, removals, more lengths than the probe list holds, a reload of the pinned
-//! maps, and IPv6. The encrypt mark carries the node id of the prefix that matched. Needs root
-//! and BPF; skips with a reason otherwise (fails instead with NODESEAL_REQUIRE_PRIVILEGED=1).
+//! Longest-prefix semantics of the datapath's ipcache through BPF_PROG_TEST_RUN on the host
+//! kernel: the IPv4 arrays (nested prefixes, removals, random prefix sets against a reference
+//! longest-prefix match, running out of chunks and back, readers racing writers), the IPv6
+//! exact maps, a reload of the pinned maps.
+//! The encrypt mark carries the node id of the prefix that matched. Needs root and BPF; skips
+//! with a reason otherwise (fails instead with NODESEAL_REQUIRE_PRIVILEGED=1).
 #![expect(
     clippy::expect_used,
     reason = "test set-up helpers panic with context, like the tests"
 )]
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use nodeseal_bpf::{
     Datapath, DatapathConfig, Location, Mode, NodeId, Prefix, Program, Verdict, mark,
@@ -91,7 +95,7 @@ fn check_nested(dp: &Datapath, label: &str, outside: Option<u16>) {
 }
 
 #[test]
-fn longest_prefix_wins_through_exact_maps_and_trie_fallback() {
+fn longest_prefix_wins() {
     let name = "ipcache_lpm";
     if !privileged_or_skip(name) {
         return;
@@ -106,13 +110,14 @@ fn longest_prefix_wins_through_exact_maps_and_trie_fallback() {
     add(&mut dp, Ipv4Addr::new(10, 1, 2, 128), 25, 4);
     add(&mut dp, Ipv4Addr::new(10, 1, 2, 200), 32, 5);
     check_nested(&dp, "4 lengths", None);
+    assert!(dp.ipcache.ipv4_arrays_in_use());
 
     // Replacing a prefix keeps its length counted once.
     add(&mut dp, Ipv4Addr::new(10, 1, 2, 0), 24, 6);
     assert_eq!(matched(&dp, v4(10, 1, 2, 5)), Some(6), "replaced /24");
     add(&mut dp, Ipv4Addr::new(10, 1, 2, 0), 24, 3);
 
-    // Eight distinct lengths: more than the probe list holds, the trie decides.
+    // Eight distinct lengths, overlapping the others.
     add(&mut dp, Ipv4Addr::new(10, 0, 0, 0), 8, 7);
     add(&mut dp, Ipv4Addr::new(10, 16, 0, 0), 12, 8);
     add(&mut dp, Ipv4Addr::new(10, 1, 2, 0), 23, 9);
@@ -122,17 +127,18 @@ fn longest_prefix_wins_through_exact_maps_and_trie_fallback() {
     assert_eq!(matched(&dp, v4(10, 1, 3, 1)), Some(9), "8 lengths: /23");
     assert_eq!(matched(&dp, v4(10, 1, 2, 241)), Some(10), "8 lengths: /28");
 
-    // Back to four lengths: the exact maps decide again.
+    // Back to four lengths.
     del(&mut dp, Ipv4Addr::new(10, 0, 0, 0), 8);
     del(&mut dp, Ipv4Addr::new(10, 16, 0, 0), 12);
     del(&mut dp, Ipv4Addr::new(10, 1, 2, 0), 23);
     del(&mut dp, Ipv4Addr::new(10, 1, 2, 240), 28);
     check_nested(&dp, "4 lengths again", None);
 
-    // A reload rebuilds the exact maps from the pinned trie.
+    // A reload rebuilds the arrays and exact maps from the pinned trie.
     drop(dp);
     let mut dp = root.load().expect("reload datapath");
     check_nested(&dp, "after reload", None);
+    assert!(dp.ipcache.ipv4_arrays_in_use());
 
     // Removing the last prefix of a length drops that length.
     del(&mut dp, Ipv4Addr::new(10, 1, 2, 128), 25);
@@ -142,7 +148,7 @@ fn longest_prefix_wins_through_exact_maps_and_trie_fallback() {
     del(&mut dp, Ipv4Addr::new(10, 1, 2, 0), 24);
     assert_eq!(matched(&dp, v4(10, 1, 2, 200)), Some(2), "/24 removed");
 
-    // IPv6: nested /48, /64, /128 and a /0 default.
+    // IPv6: nested /32, /48, /128 and a /0 default.
     let net = |x: u16, y: u16| Ipv6Addr::new(0xfd00, x, y, 0, 0, 0, 0, 0);
     add(&mut dp, net(2, 0), 32, 11);
     add(&mut dp, net(2, 3), 48, 12);
@@ -155,4 +161,192 @@ fn longest_prefix_wins_through_exact_maps_and_trie_fallback() {
     add(&mut dp, Ipv6Addr::UNSPECIFIED, 0, 14);
     assert_eq!(matched(&dp, probe(3, 4, 8)), Some(14), "v6 /0");
     assert_eq!(matched(&dp, probe(2, 3, 9)), Some(13), "v6 /128 over /0");
+}
+
+/// xorshift64: deterministic test input without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Longest match of `addr` in `prefixes` ((network, len) → node).
+fn reference(prefixes: &HashMap<(u32, u8), u16>, addr: u32) -> Option<u16> {
+    (0..=32u8).rev().find_map(|len| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        prefixes.get(&(addr & mask, len)).copied()
+    })
+}
+
+#[test]
+fn random_prefix_sets_match_a_reference_longest_prefix_match() {
+    let name = "ipcache_random";
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let root = TestPinRoot::new(name);
+    let mut dp = root.load().expect("load datapath");
+    setup(&mut dp);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let lens = [
+        0u8, 8, 12, 15, 16, 17, 20, 23, 24, 24, 24, 25, 28, 30, 31, 32, 32, 32,
+    ];
+    let mut prefixes: HashMap<(u32, u8), u16> = HashMap::new();
+    for round in 0..6 {
+        // Changes: mostly inserts (some replacing a prefix), a third removals.
+        for _ in 0..120 {
+            let existing: Vec<(u32, u8)> = prefixes.keys().copied().collect();
+            if !existing.is_empty() && rng.below(3) == 0 {
+                let (addr, len) = existing[rng.below(existing.len() as u64) as usize];
+                del(&mut dp, Ipv4Addr::from(addr), len);
+                prefixes.remove(&(addr, len));
+                continue;
+            }
+            let len = lens[rng.below(lens.len() as u64) as usize];
+            if len == 0 && rng.below(4) != 0 {
+                continue;
+            }
+            // Everything inside 10.0.0.0/14 so prefixes nest and share chunks.
+            let addr = 0x0a00_0000 | (rng.next() as u32 & 0x0003_ffff);
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            let node = 1 + rng.below(20) as u16;
+            add(&mut dp, Ipv4Addr::from(addr & mask), len, node);
+            prefixes.insert((addr & mask, len), node);
+        }
+        assert!(dp.ipcache.ipv4_arrays_in_use(), "round {round}");
+        // Probes: every prefix's first and last address and their neighbours, random addresses.
+        let mut probes: Vec<u32> = Vec::new();
+        for &(addr, len) in prefixes.keys() {
+            let last = addr | !u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            probes.extend([addr, addr.wrapping_sub(1), last, last.wrapping_add(1)]);
+        }
+        probes.extend((0..200).map(|_| 0x0a00_0000 | (rng.next() as u32 & 0x0003_ffff)));
+        for addr in probes {
+            let dst = IpAddr::V4(Ipv4Addr::from(addr));
+            assert_eq!(
+                matched(&dp, dst),
+                reference(&prefixes, addr),
+                "round {round}: {dst} with {} prefixes",
+                prefixes.len()
+            );
+        }
+    }
+    // The pinned trie rebuilds the same arrays.
+    drop(dp);
+    let dp = root.load().expect("reload datapath");
+    for _ in 0..300 {
+        let addr = 0x0a00_0000 | (rng.next() as u32 & 0x0003_ffff);
+        let dst = IpAddr::V4(Ipv4Addr::from(addr));
+        assert_eq!(
+            matched(&dp, dst),
+            reference(&prefixes, addr),
+            "reloaded: {dst}"
+        );
+    }
+}
+
+#[test]
+fn out_of_chunks_walks_the_trie_until_the_prefixes_fit_again() {
+    let name = "ipcache_chunks";
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let root = TestPinRoot::new(name);
+    let mut dp = root.load().expect("load datapath");
+    setup(&mut dp);
+    // A host route in each /24 of 10.0.0.0/13 needs one chunk per /16 and one per /24:
+    // 8 + 2048 chunks, more than the 2048 the arrays hold.
+    let host = |i: u32| Ipv4Addr::from(0x0a00_0000 | i << 8 | 7);
+    let node = |i: u32| 1 + (i % 20) as u16;
+    add(&mut dp, Ipv4Addr::new(10, 0, 0, 0), 8, 20);
+    let mut first_out = None;
+    for i in 0..2048 {
+        add(&mut dp, host(i), 32, node(i));
+        if first_out.is_none() && !dp.ipcache.ipv4_arrays_in_use() {
+            first_out = Some(i);
+        }
+    }
+    let first_out = first_out.expect("the arrays never ran out of chunks");
+    assert!(
+        first_out > 2000,
+        "ran out after only {first_out} host routes"
+    );
+    // The trie answers meanwhile.
+    for i in [0, 1, 1000, 2047] {
+        let h = host(i);
+        assert_eq!(matched(&dp, IpAddr::V4(h)), Some(node(i)), "trie: {h}");
+        let next = Ipv4Addr::from(u32::from(h) + 1);
+        assert_eq!(matched(&dp, IpAddr::V4(next)), Some(20), "trie: {next}");
+    }
+    // Removing host routes until they fit rebuilds the arrays.
+    for i in (1024..2048).rev() {
+        del(&mut dp, host(i), 32);
+    }
+    assert!(dp.ipcache.ipv4_arrays_in_use(), "arrays not rebuilt");
+    for i in [0, 1, 1000, 1023, 1024, 2047] {
+        let h = host(i);
+        let want = if i < 1024 { node(i) } else { 20 };
+        assert_eq!(matched(&dp, IpAddr::V4(h)), Some(want), "arrays: {h}");
+    }
+}
+
+#[test]
+fn readers_see_old_or_new_entries_while_chunks_are_recycled() {
+    let name = "ipcache_race";
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let root = TestPinRoot::new(name);
+    // The reader runs programs only; its handle is loaded first, so the writer's load (which
+    // rebuilds the arrays) is the last to set them up.
+    let mut reader = root.load().expect("load reader");
+    setup(&mut reader);
+    let mut dp = root.load().expect("load writer");
+    // Nearly fill the chunks, so the churn below reuses retired ones (after grace periods).
+    for i in 0..2000u32 {
+        add(&mut dp, Ipv4Addr::from(0x0b00_0000 | i << 8 | 1), 32, 9);
+    }
+    add(&mut dp, Ipv4Addr::new(10, 1, 0, 0), 16, 1);
+    let stable = IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let stop = &stop;
+        let reader = scope.spawn(move || {
+            let mut runs = 0u64;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && std::time::Instant::now() < deadline
+            {
+                assert_eq!(matched(&reader, stable), Some(1), "after {runs} runs");
+                runs += 1;
+            }
+            runs
+        });
+        for round in 0..150u32 {
+            // The /16 of `stable` turns from a leaf into a link to a new chunk and back.
+            add(&mut dp, Ipv4Addr::new(10, 1, 200, 0), 24, 2);
+            add(&mut dp, Ipv4Addr::new(10, 1, 200, 7), 32, 3);
+            add(&mut dp, Ipv4Addr::new(10, 2, (round % 200) as u8, 9), 32, 4);
+            assert_eq!(
+                matched(&dp, IpAddr::V4(Ipv4Addr::new(10, 1, 200, 7))),
+                Some(3)
+            );
+            del(&mut dp, Ipv4Addr::new(10, 1, 200, 7), 32);
+            del(&mut dp, Ipv4Addr::new(10, 1, 200, 0), 24);
+            del(&mut dp, Ipv4Addr::new(10, 2, (round % 200) as u8, 9), 32);
+        }
+        assert!(dp.ipcache.ipv4_arrays_in_use());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let runs = reader.join().expect("reader");
+        assert!(runs > 0, "the reader never ran");
+    });
 }

@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use nodeseal_bpf_common::{
     maps::{
-        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV4, IpCacheKeyV6, NodeEntry, NodeKey,
-        PeerSlot, PolicyEntry, PolicyKey, PrefixLengths, capacity,
+        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, MAP_FLAG_MMAPABLE,
+        NodeEntry, NodeKey, PeerSlot, PolicySlot, PolicyTableHeader, PrefixLengths, capacity,
     },
     reason::DropReason,
 };
@@ -15,9 +15,10 @@ use nodeseal_bpf_common::{
 #[map]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
+/// Slots are [`EndpointInfo::to_word`].
 #[map]
-pub static ENDPOINTS_BY_IFINDEX: Array<EndpointInfo> =
-    Array::pinned(capacity::ENDPOINTS_BY_IFINDEX, 0);
+pub static ENDPOINTS_BY_IFINDEX: Array<u64> =
+    Array::pinned(capacity::ENDPOINTS_BY_IFINDEX, MAP_FLAG_MMAPABLE);
 
 #[map]
 pub static IPCACHE_V4: LpmTrie<[u8; 4], IpCacheEntry> = LpmTrie::pinned(capacity::IPCACHE, 0);
@@ -26,8 +27,14 @@ pub static IPCACHE_V4: LpmTrie<[u8; 4], IpCacheEntry> = LpmTrie::pinned(capacity
 pub static IPCACHE_V6: LpmTrie<[u8; 16], IpCacheEntry> = LpmTrie::pinned(capacity::IPCACHE, 0);
 
 #[map]
-pub static IPCACHE_EXACT_V4: HashMap<IpCacheKeyV4, IpCacheEntry> =
-    HashMap::pinned(capacity::IPCACHE, 0);
+pub static IPCACHE4_L1: Array<IpCacheSlot> =
+    Array::pinned(IpCacheSlot::L1_SLOTS, MAP_FLAG_MMAPABLE);
+
+#[map]
+pub static IPCACHE4_CHUNKS: Array<IpCacheSlot> = Array::pinned(
+    capacity::IPCACHE4_CHUNKS * IpCacheSlot::CHUNK_SLOTS,
+    MAP_FLAG_MMAPABLE,
+);
 
 #[map]
 pub static IPCACHE_EXACT_V6: HashMap<IpCacheKeyV6, IpCacheEntry> =
@@ -43,7 +50,11 @@ pub static NODES: HashMap<NodeKey, NodeEntry> = HashMap::pinned(capacity::NODES,
 pub static PEER_SLOTS: Array<PeerSlot> = Array::pinned(capacity::PEER_SLOTS, 0);
 
 #[map]
-pub static POLICY: HashMap<PolicyKey, PolicyEntry> = HashMap::pinned(capacity::POLICY, 0);
+pub static POLICY_TABLE: Array<PolicySlot> =
+    Array::pinned(2 * PolicySlot::SLOTS_PER_COPY, MAP_FLAG_MMAPABLE);
+
+#[map]
+pub static POLICY_HEADER: Array<PolicyTableHeader> = Array::pinned(1, MAP_FLAG_MMAPABLE);
 
 #[map]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

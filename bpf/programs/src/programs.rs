@@ -6,7 +6,7 @@ use nodeseal_bpf_common::{
     event::Event,
     identity,
     maps::{
-        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV4, IpCacheKeyV6, NodeKey, PeerSlot,
+        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, NodeKey, PeerSlot,
         PolicyKey, PrefixLengths,
     },
     mark,
@@ -15,8 +15,8 @@ use nodeseal_bpf_common::{
 
 use crate::{
     maps::{
-        CONFIG, ENDPOINTS, ENDPOINTS_BY_IFINDEX, IPCACHE_EXACT_V4, IPCACHE_EXACT_V6, IPCACHE_LENS,
-        IPCACHE_V4, IPCACHE_V6, NODES, PEER_SLOTS,
+        CONFIG, ENDPOINTS, ENDPOINTS_BY_IFINDEX, IPCACHE_EXACT_V6, IPCACHE_LENS, IPCACHE_V4,
+        IPCACHE_V6, IPCACHE4_CHUNKS, IPCACHE4_L1, NODES, PEER_SLOTS,
     },
     parse::{self, IPPROTO_ESP, L3, Packet},
     policy,
@@ -197,8 +197,9 @@ fn config() -> Config {
 fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
     // Identity 0 (`identity::ANY`, never an endpoint's) marks an empty array slot.
     if let Some(e) = ENDPOINTS_BY_IFINDEX.get_ptr(ifindex) {
-        // SAFETY: pointer from a successful lookup, copied at once.
-        let e = unsafe { *e };
+        // SAFETY: pointer from a successful lookup; one aligned 8-byte load, which userspace's
+        // atomic store makes all-old or all-new.
+        let e = EndpointInfo::from_word(unsafe { core::ptr::read_volatile(e) });
         if e.identity != identity::ANY {
             return Some(e);
         }
@@ -207,34 +208,20 @@ fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
     ENDPOINTS.get_ptr(&ifindex).map(|e| unsafe { *e })
 }
 
-/// Longest-prefix match of the packet's source (`src`) or destination address: hash lookups
-/// per present prefix length when `IPCACHE_LENS` allows it, else the trie.
+/// Longest-prefix match of the packet's source (`src`) or destination address: the IPv4
+/// arrays or IPv6 hash lookups per present prefix length when `IPCACHE_LENS` allows it, else
+/// the trie.
 #[inline(always)]
 fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
     let addr = if src { &p.src } else { &p.dst };
     if p.ip_version == 4 {
         let v4 = [addr[12], addr[13], addr[14], addr[15]];
-        let lens = prefix_lengths(PrefixLengths::INDEX_V4);
-        if lens.state != PrefixLengths::STATE_EXACT {
-            return IPCACHE_V4.get(Key::new(32, v4)).copied();
-        }
-        let a = u32::from_be_bytes(v4);
-        for i in 0..PrefixLengths::MAX_LENS {
-            if i >= usize::from(lens.count) {
-                break;
-            }
-            let len = u32::from(lens.lens[i]);
-            let mask = u32::MAX.checked_shl(32u32.wrapping_sub(len)).unwrap_or(0);
-            let key = IpCacheKeyV4 {
-                prefix_len: len,
-                addr: (a & mask).to_be_bytes(),
-            };
-            if let Some(e) = IPCACHE_EXACT_V4.get_ptr(&key) {
-                // SAFETY: pointer from a successful lookup, copied at once.
-                return Some(unsafe { *e });
+        if prefix_lengths(PrefixLengths::INDEX_V4).state == PrefixLengths::STATE_ARRAYS {
+            if let Ok(found) = ipcache_v4_arrays(u32::from_be_bytes(v4)) {
+                return found;
             }
         }
-        None
+        IPCACHE_V4.get(Key::new(32, v4)).copied()
     } else {
         let lens = prefix_lengths(PrefixLengths::INDEX_V6);
         if lens.state != PrefixLengths::STATE_EXACT {
@@ -272,6 +259,32 @@ fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
         }
         None
     }
+}
+
+/// At most three slot reads (see `IpCacheSlot`). `Err` if a link points outside the chunk
+/// array, which only a corrupted map can do: the caller asks the trie instead.
+#[inline(always)]
+fn ipcache_v4_arrays(addr: u32) -> Result<Option<IpCacheEntry>, ()> {
+    let mut slot = read_slot(IPCACHE4_L1.get_ptr(addr >> 16))?;
+    for shift in [8u32, 0] {
+        let Some(chunk) = slot.chunk() else {
+            return Ok(slot.entry());
+        };
+        let index = chunk
+            .wrapping_mul(IpCacheSlot::CHUNK_SLOTS)
+            .wrapping_add((addr >> shift) & 0xff);
+        slot = read_slot(IPCACHE4_CHUNKS.get_ptr(index))?;
+    }
+    // A third-level slot is never a link.
+    Ok(slot.entry())
+}
+
+#[inline(always)]
+fn read_slot(ptr: Option<*const IpCacheSlot>) -> Result<IpCacheSlot, ()> {
+    let ptr = ptr.ok_or(())?;
+    // SAFETY: pointer from a successful lookup; one aligned 8-byte load, which userspace's
+    // atomic store makes all-old or all-new.
+    Ok(unsafe { core::ptr::read_volatile(ptr) })
 }
 
 #[inline(always)]

@@ -1,0 +1,166 @@
+//! Array maps shared with the datapath through a memory mapping (`BPF_F_MMAPABLE`), written with
+//! atomic stores, and the RCU grace period after which data the datapath stopped referring to
+//! may be reused.
+//!
+//! Why: the verifier inlines array lookups, so the datapath's hot structures (ipcache arrays,
+//! policy table, endpoint array) are arrays, not hash maps. An array slot written through the
+//! `bpf()` syscall is copied with `memcpy`, which does not promise a reader an all-old or all-new
+//! value; an aligned 8-byte atomic store through the mapping does, and it costs no syscall.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use aya::maps::{Map, MapData};
+use nodeseal_bpf_common::maps::MAP_FLAG_MMAPABLE;
+
+use crate::maps::MapError;
+
+/// `MEMBARRIER_CMD_GLOBAL` (uapi `linux/membarrier.h`): returns after an RCU grace period.
+const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+
+/// Waits until every eBPF program run that started before the call has finished.
+///
+/// tc programs (and `BPF_PROG_TEST_RUN`) run inside RCU read-side critical sections, and
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period (`synchronize_rcu`), so
+/// after it no program still holds a pointer it read before the call. Takes milliseconds.
+///
+/// # Errors
+///
+/// [`MapError::GracePeriod`] when the kernel refuses (kernels with `nohz_full` CPUs do).
+pub(crate) fn grace_period() -> Result<(), MapError> {
+    // SAFETY: membarrier takes no pointers; the flags argument must be 0.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(MapError::GracePeriod(std::io::Error::last_os_error()))
+    }
+}
+
+/// An mmapable array map viewed as `u64` words (a value of `n` bytes is `n / 8` words).
+pub(crate) struct SharedArray {
+    name: &'static str,
+    words: NonNull<AtomicU64>,
+    len: usize,
+    mapped_bytes: usize,
+    /// Keeps the map alive for as long as the mapping is used.
+    _map: MapData,
+}
+
+// SAFETY: the mapping is only accessed through atomics; the pointer is owned by this value.
+unsafe impl Send for SharedArray {}
+// SAFETY: as above; every access is an atomic operation.
+unsafe impl Sync for SharedArray {}
+
+impl std::fmt::Debug for SharedArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedArray")
+            .field("name", &self.name)
+            .field("words", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedArray {
+    /// Maps `map`, which must be an mmapable array whose values are `value_size` bytes.
+    pub(crate) fn new(map: Map, name: &'static str, value_size: u32) -> Result<Self, MapError> {
+        let Map::Array(map) = map else {
+            return Err(MapError::Layout {
+                name,
+                why: "not an array map".to_owned(),
+            });
+        };
+        let info = map.info().map_err(|source| MapError::Kernel {
+            op: "info",
+            name,
+            source,
+        })?;
+        if info.map_flags() & MAP_FLAG_MMAPABLE == 0 {
+            return Err(MapError::Layout {
+                name,
+                why: "not created mmapable (pinned by an older loader? remove the pin)".to_owned(),
+            });
+        }
+        if info.value_size() != value_size || value_size % 8 != 0 {
+            return Err(MapError::Layout {
+                name,
+                why: format!(
+                    "values are {} bytes, expected {value_size}",
+                    info.value_size()
+                ),
+            });
+        }
+        let len = info.max_entries() as usize * (value_size as usize / 8);
+        let bytes = len * 8;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let mapped_bytes = bytes.div_ceil(page) * page;
+        // SAFETY: a new shared mapping of the map's fd; the kernel checks size and offset.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MapError::Mmap {
+                name,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let words = NonNull::new(ptr.cast::<AtomicU64>()).ok_or(MapError::Mmap {
+            name,
+            source: std::io::Error::other("mmap returned NULL"),
+        })?;
+        Ok(Self {
+            name,
+            words,
+            len,
+            mapped_bytes,
+            _map: map,
+        })
+    }
+
+    /// Number of `u64` words.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn word(&self, index: usize) -> &AtomicU64 {
+        assert!(
+            index < self.len,
+            "BUG: word {index} outside map {}",
+            self.name
+        );
+        // SAFETY: in bounds (checked above) of a live mapping of `len` 8-byte aligned words
+        // (the kernel maps array values page-aligned, and each value is a multiple of 8 bytes).
+        unsafe { self.words.add(index).as_ref() }
+    }
+
+    /// Reads word `index`.
+    pub(crate) fn load(&self, index: usize) -> u64 {
+        self.word(index).load(Ordering::Acquire)
+    }
+
+    /// Writes word `index` in one store: the datapath reads the old or the new value. Release
+    /// ordering: whatever was written before (a chunk a link points to) is visible first.
+    pub(crate) fn store(&self, index: usize, value: u64) {
+        self.word(index).store(value, Ordering::Release);
+    }
+}
+
+impl Drop for SharedArray {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no reference into it outlives self.
+        unsafe {
+            libc::munmap(self.words.as_ptr().cast(), self.mapped_bytes);
+        }
+    }
+}
