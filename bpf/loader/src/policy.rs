@@ -309,3 +309,88 @@ fn place(rules: &BTreeMap<PolicyKey, u8>, seed: u32, mut rng: u64) -> Option<Vec
     }
     Some(slots)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(n: u32) -> BTreeMap<PolicyKey, u8> {
+        (0..n)
+            .map(|i| {
+                let key = PolicyKey {
+                    subject: 256 + i % 300,
+                    peer: i.wrapping_mul(2_654_435_761),
+                    port: (i % 65_535) as u16,
+                    protocol: 6,
+                    direction: PolicyKey::EGRESS,
+                };
+                (
+                    key,
+                    if i % 3 == 0 {
+                        policy_verdict::DENY
+                    } else {
+                        policy_verdict::ALLOW
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// What the datapath does: look in the two buckets of the key.
+    fn find(slots: &[PolicySlot], key: &PolicyKey, seed: u32) -> Option<u8> {
+        let (first, second) = policy_buckets(key.word0(), key.word1(), seed);
+        [first, second].into_iter().find_map(|bucket| {
+            let start = (bucket * PolicySlot::BUCKET_SLOTS) as usize;
+            slots[start..start + PolicySlot::BUCKET_SLOTS as usize]
+                .iter()
+                .find_map(|s| s.verdict_for(key.word0(), key.word1()))
+        })
+    }
+
+    #[test]
+    fn a_full_table_places_every_rule_where_the_datapath_looks() {
+        let rules = rules(capacity::POLICY);
+        let slots = place(&rules, 0x1234_5678, 0x9e37_79b9_7f4a_7c15).expect("placement");
+        for (key, verdict) in &rules {
+            assert_eq!(find(&slots, key, 0x1234_5678), Some(*verdict), "{key:?}");
+        }
+        let absent = PolicyKey {
+            subject: 1,
+            peer: 2,
+            port: 3,
+            protocol: 17,
+            direction: PolicyKey::INGRESS,
+        };
+        assert_eq!(find(&slots, &absent, 0x1234_5678), None);
+        let used = slots.iter().filter(|s| s.word1 >> 32 != 0).count();
+        assert_eq!(used, rules.len());
+    }
+
+    #[test]
+    fn more_rules_than_slots_cannot_be_placed() {
+        let rules = rules(PolicySlot::SLOTS_PER_COPY + 1);
+        assert!(place(&rules, 7, 0x2545_f491_4f6c_dd1d).is_none());
+    }
+
+    #[test]
+    fn slots_pack_and_unpack_keys() {
+        let key = PolicyKey {
+            subject: u32::MAX,
+            peer: 7,
+            port: 65_535,
+            protocol: 132,
+            direction: PolicyKey::INGRESS,
+        };
+        assert_eq!(PolicyKey::unpack(key.word0(), key.word1()), key);
+        let slot = PolicySlot::new(&key, policy_verdict::DENY);
+        assert_eq!(
+            slot.verdict_for(key.word0(), key.word1()),
+            Some(policy_verdict::DENY)
+        );
+        assert_eq!(
+            PolicySlot::default().verdict_for(0, 0),
+            None,
+            "an empty slot matches nothing"
+        );
+    }
+}

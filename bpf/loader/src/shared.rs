@@ -84,7 +84,7 @@ impl SharedArray {
                 why: "not created mmapable (pinned by an older loader? remove the pin)".to_owned(),
             });
         }
-        if info.value_size() != value_size || value_size % 8 != 0 {
+        if info.value_size() != value_size || !value_size.is_multiple_of(8) {
             return Err(MapError::Layout {
                 name,
                 why: format!(

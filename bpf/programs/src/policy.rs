@@ -55,10 +55,11 @@ fn lookup(table: (u32, u32), subject: u32, peer: u32, direction: u8, p: &Packet)
         protocol: p.protocol,
         direction,
     };
-    if p.has_ports && p.dst_port != 0 {
-        if let Some(v) = get(table, &key) {
-            return Some(v);
-        }
+    if p.has_ports
+        && p.dst_port != 0
+        && let Some(v) = get(table, &key)
+    {
+        return Some(v);
     }
     key.port = 0;
     if let Some(v) = get(table, &key) {

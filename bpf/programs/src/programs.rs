@@ -53,12 +53,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let dst = ipcache(&p, false);
     who.dst_identity = dst.map_or(identity::WORLD, |e| e.identity);
 
-    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0 {
-        if let Err(reason) =
+    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0
+        && let Err(reason) =
             policy::check(endpoint.identity, who.dst_identity, PolicyKey::EGRESS, &p)
-        {
-            return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
-        }
+    {
+        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
     }
 
     let cfg = config();
@@ -120,7 +119,7 @@ pub fn from_network(ctx: TcContext) -> i32 {
     }
     if cfg.mode == Config::MODE_IPSEC && p.protocol == IPPROTO_ESP {
         let key = NodeKey { addr: p.src };
-        let Some(node) = NODES.get_ptr(&key) else {
+        let Some(node) = NODES.get_ptr(key) else {
             return verdict::drop(&ctx, PROGRAM, DropReason::UnknownNode, &p, &who);
         };
         // SAFETY: pointer from a successful lookup, read once.
@@ -133,14 +132,14 @@ pub fn from_network(ctx: TcContext) -> i32 {
         }
         return TC_ACT_OK;
     }
-    if cfg.flags & Config::FLAG_STRICT_INGRESS != 0 {
-        if let Some(src) = ipcache(&p, true) {
-            let remote_pod = IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_POD;
-            if src.flags & remote_pod == remote_pod {
-                who.src_identity = src.identity;
-                who.node_id = src.node_id;
-                return verdict::drop(&ctx, PROGRAM, DropReason::Unencrypted, &p, &who);
-            }
+    if cfg.flags & Config::FLAG_STRICT_INGRESS != 0
+        && let Some(src) = ipcache(&p, true)
+    {
+        let remote_pod = IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_POD;
+        if src.flags & remote_pod == remote_pod {
+            who.src_identity = src.identity;
+            who.node_id = src.node_id;
+            return verdict::drop(&ctx, PROGRAM, DropReason::Unencrypted, &p, &who);
         }
     }
     pass_verdict(&ctx, tracing, PROGRAM, &p, &who)
@@ -169,12 +168,11 @@ pub fn to_pod(ctx: TcContext) -> i32 {
         return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
     }
     who.src_identity = ipcache(&p, true).map_or(identity::WORLD, |e| e.identity);
-    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0 {
-        if let Err(reason) =
+    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0
+        && let Err(reason) =
             policy::check(endpoint.identity, who.src_identity, PolicyKey::INGRESS, &p)
-        {
-            return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
-        }
+    {
+        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
     }
     let tracing = config().flags & Config::FLAG_TRACE != 0;
     pass_verdict(&ctx, tracing, PROGRAM, &p, &who)
@@ -205,7 +203,7 @@ fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
         }
     }
     // SAFETY: pointer from a successful lookup, copied at once.
-    ENDPOINTS.get_ptr(&ifindex).map(|e| unsafe { *e })
+    ENDPOINTS.get_ptr(ifindex).map(|e| unsafe { *e })
 }
 
 /// Longest-prefix match of the packet's source (`src`) or destination address: the IPv4
@@ -216,10 +214,10 @@ fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
     let addr = if src { &p.src } else { &p.dst };
     if p.ip_version == 4 {
         let v4 = [addr[12], addr[13], addr[14], addr[15]];
-        if prefix_lengths(PrefixLengths::INDEX_V4).state == PrefixLengths::STATE_ARRAYS {
-            if let Ok(found) = ipcache_v4_arrays(u32::from_be_bytes(v4)) {
-                return found;
-            }
+        if prefix_lengths(PrefixLengths::INDEX_V4).state == PrefixLengths::STATE_ARRAYS
+            && let Ok(found) = ipcache_v4_arrays(u32::from_be_bytes(v4))
+        {
+            return found;
         }
         IPCACHE_V4.get(Key::new(32, v4)).copied()
     } else {
@@ -252,7 +250,7 @@ fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
             };
             key.addr[..8].copy_from_slice(&(hi & mask_hi).to_be_bytes());
             key.addr[8..].copy_from_slice(&(lo & mask_lo).to_be_bytes());
-            if let Some(e) = IPCACHE_EXACT_V6.get_ptr(&key) {
+            if let Some(e) = IPCACHE_EXACT_V6.get_ptr(key) {
                 // SAFETY: pointer from a successful lookup, copied at once.
                 return Some(unsafe { *e });
             }
