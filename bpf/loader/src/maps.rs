@@ -227,8 +227,9 @@ impl IpCache {
         let mut prefixes = Vec::new();
         for item in self.v4.iter() {
             let (key, entry) = item.map_err(|source| kernel("iterate", "IPCACHE_V4", source))?;
-            let len = u8::try_from(key.prefix_len()).unwrap_or(32);
-            prefixes.push((u32::from_be_bytes(key.data()), len, entry));
+            let len = u8::try_from(key.prefix_len()).unwrap_or(32).min(32);
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            prefixes.push((u32::from_be_bytes(key.data()) & mask, len, entry));
         }
         for (addr, len, entry) in prefixes {
             // Out of sync while the datapath walks the trie: only the model is updated here.
@@ -236,25 +237,26 @@ impl IpCache {
         }
         match self.arrays_v4.resync() {
             Ok(()) => self.publish_v4(),
-            Err(why) => self.arrays_unusable(why),
+            Err(why) => {
+                Self::warn_arrays_unusable(&why);
+                Ok(())
+            }
         }
     }
 
-    /// The arrays are out of sync: the datapath keeps walking the trie (already set).
-    fn arrays_unusable(&mut self, why: OutOfSync) -> Result<(), MapError> {
+    /// The arrays are out of sync: the datapath keeps walking the trie (already set), which is
+    /// always right; say why.
+    fn warn_arrays_unusable(why: &OutOfSync) {
         match why {
-            OutOfSync::Exhausted => {
-                tracing::warn!(
-                    chunks = capacity::IPCACHE4_CHUNKS,
-                    "IPv4 ipcache prefixes need more array chunks than there are; the datapath \
-                     walks the trie instead (slower) until they fit again"
-                );
-                Ok(())
-            }
-            OutOfSync::Map(err) => {
-                tracing::warn!(error = %err, "IPv4 ipcache arrays unusable; the datapath walks the trie");
-                Ok(())
-            }
+            OutOfSync::Exhausted => tracing::warn!(
+                chunks = capacity::IPCACHE4_CHUNKS,
+                "IPv4 ipcache prefixes need more array chunks than there are; the datapath \
+                 walks the trie instead (slower) until they fit again"
+            ),
+            OutOfSync::Map(err) => tracing::warn!(
+                error = %err,
+                "IPv4 ipcache arrays unusable; the datapath walks the trie (slower)"
+            ),
         }
     }
 
@@ -274,7 +276,8 @@ impl IpCache {
                 if was_in_sync {
                     self.set_lens(PrefixLengths::INDEX_V4, PrefixLengths::default())?;
                 }
-                self.arrays_unusable(why)
+                Self::warn_arrays_unusable(&why);
+                Ok(())
             }
         }
     }
