@@ -142,6 +142,7 @@ impl Datapath {
             .map_err(|source| LoadError::Object {
                 source: Box::new(source),
             })?;
+        remove_obsolete_pins(&pin_root);
         for program in Program::ALL {
             let name = program.name();
             let prog: &mut SchedClassifier = ebpf
@@ -231,6 +232,25 @@ impl Datapath {
         let root = self.pin_root.clone();
         drop(self);
         std::fs::remove_dir_all(root)
+    }
+}
+
+/// Maps earlier versions pinned and this one no longer uses (replaced by the IPv4 ipcache
+/// arrays and the policy table). Left pinned they would hold their memory until uninstall.
+const OBSOLETE_PINS: [&str; 2] = ["IPCACHE_EXACT_V4", "POLICY"];
+
+fn remove_obsolete_pins(pin_root: &Path) {
+    for name in OBSOLETE_PINS {
+        let path = pin_root.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(pin = %path.display(), "removed a map pin this version no longer uses")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(pin = %path.display(), error = %e, "cannot remove an obsolete map pin")
+            }
+        }
     }
 }
 
