@@ -434,7 +434,7 @@ pub mod capacity {
     /// Chunks of `IPCACHE4_CHUNKS` ([`super::IpCacheSlot`]; 2 KiB each). One per /16 that
     /// holds prefixes longer than /16, one per /24 that holds prefixes longer than /24; with
     /// more, the datapath falls back to the trie.
-    pub const IPCACHE4_CHUNKS: u32 = 2048;
+    pub const IPCACHE4_CHUNKS: u32 = 1024;
     /// `NODES`.
     pub const NODES: u32 = 16_384;
     /// `PEER_SLOTS` (one per possible node id).

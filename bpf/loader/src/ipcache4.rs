@@ -18,7 +18,7 @@ use nodeseal_bpf_common::maps::{IpCacheEntry, IpCacheSlot, capacity};
 
 use crate::{
     maps::MapError,
-    shared::{SharedArray, grace_period},
+    shared::{Mapping, grace_period},
 };
 
 const CHUNK_SLOTS: u32 = IpCacheSlot::CHUNK_SLOTS;
@@ -26,8 +26,8 @@ const CHUNK_SLOTS: u32 = IpCacheSlot::CHUNK_SLOTS;
 /// Userspace model and writer of the arrays.
 #[derive(Debug)]
 pub(crate) struct Ipv4Arrays {
-    l1: SharedArray,
-    chunks: SharedArray,
+    l1: Mapping,
+    chunks: Mapping,
     /// Every IPv4 prefix: (network address, length) → entry.
     prefixes: HashMap<(u32, u8), IpCacheEntry>,
     /// Prefixes per length, to skip absent lengths when resolving a block.
@@ -57,7 +57,7 @@ pub(crate) enum OutOfSync {
 }
 
 impl Ipv4Arrays {
-    pub(crate) fn new(l1: SharedArray, chunks: SharedArray) -> Result<Self, MapError> {
+    pub(crate) fn new(l1: Mapping, chunks: Mapping) -> Result<Self, MapError> {
         let capacity = u32::try_from(chunks.len() / CHUNK_SLOTS as usize).unwrap_or(0);
         if l1.len() != IpCacheSlot::L1_SLOTS as usize || capacity < capacity::IPCACHE4_CHUNKS {
             return Err(MapError::Layout {

@@ -18,7 +18,7 @@ use nodeseal_bpf_common::{
 use crate::{
     ipcache4::{Ipv4Arrays, OutOfSync},
     policy::PolicyRule,
-    shared::SharedArray,
+    shared::Mapping,
 };
 
 /// Errors of the map handles.
@@ -209,8 +209,8 @@ impl IpCache {
             v4: shape(maps.v4, "IPCACHE_V4")?,
             v6: shape(maps.v6, "IPCACHE_V6")?,
             arrays_v4: Ipv4Arrays::new(
-                SharedArray::new(maps.l1_v4, "IPCACHE4_L1", 8)?,
-                SharedArray::new(maps.chunks_v4, "IPCACHE4_CHUNKS", 8)?,
+                Mapping::open(maps.l1_v4, "IPCACHE4_L1", 8)?,
+                Mapping::open(maps.chunks_v4, "IPCACHE4_CHUNKS", 8)?,
             )?,
             exact_v6: shape(maps.exact_v6, "IPCACHE_EXACT_V6")?,
             lens: shape(maps.lens, "IPCACHE_LENS")?,
@@ -672,7 +672,7 @@ pub struct Endpoints {
     map: HashMap<MapData, u32, EndpointInfo>,
     /// Copy of the entries with an ifindex below its length ([`EndpointInfo::to_word`];
     /// identity 0: empty).
-    by_ifindex: SharedArray,
+    by_ifindex: Mapping,
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -687,7 +687,7 @@ impl Endpoints {
     pub(crate) fn new(map: Map, by_ifindex: Map) -> Result<Self, MapError> {
         let mut endpoints = Self {
             map: shape(map, "ENDPOINTS")?,
-            by_ifindex: SharedArray::new(by_ifindex, "ENDPOINTS_BY_IFINDEX", 8)?,
+            by_ifindex: Mapping::open(by_ifindex, "ENDPOINTS_BY_IFINDEX", 8)?,
         };
         endpoints.resync()?;
         Ok(endpoints)

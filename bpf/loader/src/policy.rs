@@ -16,7 +16,7 @@ use nodeseal_bpf_common::maps::{
 
 use crate::{
     maps::MapError,
-    shared::{SharedArray, grace_period},
+    shared::{Mapping, SharedArray, grace_period},
 };
 
 /// Direction of a policy rule, seen from its subject.
@@ -90,8 +90,9 @@ const MAX_SEEDS: usize = 8;
 /// `POLICY_TABLE` and `POLICY_HEADER`: rules for endpoints whose [`crate::Enforcement`]
 /// selects the direction.
 pub struct Policy {
+    /// Mapped only while read or written (4 MiB, which the agent mostly never touches).
     table: SharedArray,
-    header: SharedArray,
+    header: Mapping,
     rules: BTreeMap<PolicyKey, u8>,
     /// The copy the datapath reads, once one was published.
     live: Option<u32>,
@@ -112,8 +113,8 @@ impl Policy {
     /// Opens the maps and reads back the rules of the live copy (pinned maps may come from an
     /// earlier loader).
     pub(crate) fn new(table: Map, header: Map) -> Result<Self, MapError> {
-        let table = SharedArray::new(table, "POLICY_TABLE", 16)?;
-        let header = SharedArray::new(header, "POLICY_HEADER", 8)?;
+        let table = SharedArray::open(table, "POLICY_TABLE", 16)?;
+        let header = Mapping::open(header, "POLICY_HEADER", 8)?;
         let slots = 2 * PolicySlot::SLOTS_PER_COPY as usize;
         if table.len() != 2 * slots || header.len() != 1 {
             return Err(MapError::Layout {
@@ -131,9 +132,10 @@ impl Policy {
         };
         if let Some((first, _)) = PolicyTableHeader(policy.header.load(0)).live() {
             policy.live = Some(first / PolicySlot::SLOTS_PER_COPY);
+            let table = policy.table.map()?;
             for i in first as usize..(first + PolicySlot::SLOTS_PER_COPY) as usize {
-                let word0 = policy.table.load(2 * i);
-                let word1 = policy.table.load(2 * i + 1);
+                let word0 = table.load(2 * i);
+                let word1 = table.load(2 * i + 1);
                 let verdict = (word1 >> 32) as u8;
                 match verdict {
                     0 => {}
@@ -241,11 +243,13 @@ impl Policy {
         if wait {
             grace_period()?;
         }
+        let table = self.table.map()?;
         let base = 2 * (target * PolicySlot::SLOTS_PER_COPY) as usize;
         for (i, slot) in slots.iter().enumerate() {
-            self.table.store(base + 2 * i, slot.word0);
-            self.table.store(base + 2 * i + 1, slot.word1);
+            table.store(base + 2 * i, slot.word0);
+            table.store(base + 2 * i + 1, slot.word1);
         }
+        drop(table);
         self.header.store(0, PolicyTableHeader::new(target, seed).0);
         self.live = Some(target);
         self.rules = rules;

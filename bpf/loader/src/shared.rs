@@ -40,20 +40,15 @@ pub(crate) fn grace_period() -> Result<(), MapError> {
     }
 }
 
-/// An mmapable array map viewed as `u64` words (a value of `n` bytes is `n / 8` words).
+/// An mmapable array map, not mapped yet: [`SharedArray::map`] maps it. Big arrays that are
+/// written rarely are mapped only while they are written, because a mapping of a BPF array is
+/// populated at once and counts in the process's RSS.
 pub(crate) struct SharedArray {
     name: &'static str,
-    words: NonNull<AtomicU64>,
+    map: MapData,
+    /// Size in `u64` words.
     len: usize,
-    mapped_bytes: usize,
-    /// Keeps the map alive for as long as the mapping is used.
-    _map: MapData,
 }
-
-// SAFETY: the mapping is only accessed through atomics; the pointer is owned by this value.
-unsafe impl Send for SharedArray {}
-// SAFETY: as above; every access is an atomic operation.
-unsafe impl Sync for SharedArray {}
 
 impl std::fmt::Debug for SharedArray {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,8 +60,8 @@ impl std::fmt::Debug for SharedArray {
 }
 
 impl SharedArray {
-    /// Maps `map`, which must be an mmapable array whose values are `value_size` bytes.
-    pub(crate) fn new(map: Map, name: &'static str, value_size: u32) -> Result<Self, MapError> {
+    /// Checks that `map` is an mmapable array whose values are `value_size` bytes.
+    pub(crate) fn open(map: Map, name: &'static str, value_size: u32) -> Result<Self, MapError> {
         let Map::Array(map) = map else {
             return Err(MapError::Layout {
                 name,
@@ -94,10 +89,20 @@ impl SharedArray {
             });
         }
         let len = info.max_entries() as usize * (value_size as usize / 8);
-        let bytes = len * 8;
+        Ok(Self { name, map, len })
+    }
+
+    /// Size in `u64` words.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Maps the whole array into memory.
+    pub(crate) fn map(&self) -> Result<Mapping, MapError> {
+        let name = self.name;
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let mapped_bytes = bytes.div_ceil(page) * page;
+        let mapped_bytes = (self.len * 8).div_ceil(page) * page;
         // SAFETY: a new shared mapping of the map's fd; the kernel checks size and offset.
         let ptr = unsafe {
             libc::mmap(
@@ -105,7 +110,7 @@ impl SharedArray {
                 mapped_bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
+                self.map.fd().as_fd().as_raw_fd(),
                 0,
             )
         };
@@ -119,13 +124,42 @@ impl SharedArray {
             name,
             source: std::io::Error::other("mmap returned NULL"),
         })?;
-        Ok(Self {
+        Ok(Mapping {
             name,
             words,
-            len,
+            len: self.len,
             mapped_bytes,
-            _map: map,
         })
+    }
+}
+
+/// A shared mapping of an array map as `u64` words. The mapping holds its own reference to the
+/// map, so it stays valid after the map's fd is closed.
+pub(crate) struct Mapping {
+    name: &'static str,
+    words: NonNull<AtomicU64>,
+    len: usize,
+    mapped_bytes: usize,
+}
+
+// SAFETY: the mapping is only accessed through atomics; the pointer is owned by this value.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; every access is an atomic operation.
+unsafe impl Sync for Mapping {}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping")
+            .field("name", &self.name)
+            .field("words", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mapping {
+    /// Opens and maps `map` for good (see [`SharedArray::open`]).
+    pub(crate) fn open(map: Map, name: &'static str, value_size: u32) -> Result<Self, MapError> {
+        SharedArray::open(map, name, value_size)?.map()
     }
 
     /// Number of `u64` words.
@@ -156,9 +190,10 @@ impl SharedArray {
     }
 }
 
-impl Drop for SharedArray {
+impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; no reference into it outlives self.
+        // SAFETY: unmaps exactly the mapping made in `SharedArray::map`; no reference into it
+        // outlives self.
         unsafe {
             libc::munmap(self.words.as_ptr().cast(), self.mapped_bytes);
         }

@@ -263,13 +263,13 @@ fn out_of_chunks_walks_the_trie_until_the_prefixes_fit_again() {
     let root = TestPinRoot::new(name);
     let mut dp = root.load().expect("load datapath");
     setup(&mut dp);
-    // A host route in each /24 of 10.0.0.0/13 needs one chunk per /16 and one per /24:
-    // 8 + 2048 chunks, more than the 2048 the arrays hold.
+    // A host route in each /24 of 10.0.0.0/14 needs one chunk per /16 and one per /24:
+    // 4 + 1024 chunks, more than the 1024 the arrays hold.
     let host = |i: u32| Ipv4Addr::from(0x0a00_0000 | i << 8 | 7);
     let node = |i: u32| 1 + (i % 20) as u16;
     add(&mut dp, Ipv4Addr::new(10, 0, 0, 0), 8, 20);
     let mut first_out = None;
-    for i in 0..2048 {
+    for i in 0..1024 {
         add(&mut dp, host(i), 32, node(i));
         if first_out.is_none() && !dp.ipcache.ipv4_arrays_in_use() {
             first_out = Some(i);
@@ -277,24 +277,24 @@ fn out_of_chunks_walks_the_trie_until_the_prefixes_fit_again() {
     }
     let first_out = first_out.expect("the arrays never ran out of chunks");
     assert!(
-        first_out > 2000,
+        first_out > 1000,
         "ran out after only {first_out} host routes"
     );
     // The trie answers meanwhile.
-    for i in [0, 1, 1000, 2047] {
+    for i in [0, 1, 700, 1023] {
         let h = host(i);
         assert_eq!(matched(&dp, IpAddr::V4(h)), Some(node(i)), "trie: {h}");
         let next = Ipv4Addr::from(u32::from(h) + 1);
         assert_eq!(matched(&dp, IpAddr::V4(next)), Some(20), "trie: {next}");
     }
     // Removing host routes until they fit rebuilds the arrays.
-    for i in (1024..2048).rev() {
+    for i in (512..1024).rev() {
         del(&mut dp, host(i), 32);
     }
     assert!(dp.ipcache.ipv4_arrays_in_use(), "arrays not rebuilt");
-    for i in [0, 1, 1000, 1023, 1024, 2047] {
+    for i in [0, 1, 500, 511, 512, 1023] {
         let h = host(i);
-        let want = if i < 1024 { node(i) } else { 20 };
+        let want = if i < 512 { node(i) } else { 20 };
         assert_eq!(matched(&dp, IpAddr::V4(h)), Some(want), "arrays: {h}");
     }
 }
@@ -312,7 +312,7 @@ fn readers_see_old_or_new_entries_while_chunks_are_recycled() {
     setup(&mut reader);
     let mut dp = root.load().expect("load writer");
     // Nearly fill the chunks, so the churn below reuses retired ones (after grace periods).
-    for i in 0..2000u32 {
+    for i in 0..1000u32 {
         add(&mut dp, Ipv4Addr::from(0x0b00_0000 | i << 8 | 1), 32, 9);
     }
     add(&mut dp, Ipv4Addr::new(10, 1, 0, 0), 16, 1);
