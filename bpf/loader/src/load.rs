@@ -58,6 +58,22 @@ pub enum LoadError {
     /// A map could not be opened with its typed wrapper.
     #[error("opening map")]
     Map(#[from] MapError),
+    /// Another live `Datapath` (another agent, most likely) owns the pin root. Two writers
+    /// would undo each other's map layouts.
+    #[error("pin directory {path} is in use by another process (is another agent running?)")]
+    PinDirInUse {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The pin root could not be locked.
+    #[error("locking pin directory {path}")]
+    PinDirLock {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The programs in the object.
@@ -94,6 +110,8 @@ impl Program {
 pub struct Datapath {
     pub(crate) ebpf: Ebpf,
     pub(crate) pin_root: PathBuf,
+    /// Holds the exclusive `flock` on the pin root (none for test-only program runners).
+    _pin_lock: Option<std::fs::File>,
     /// The ipcache maps.
     pub ipcache: IpCache,
     /// `NODES`.
@@ -122,20 +140,33 @@ impl std::fmt::Debug for Datapath {
 
 impl Datapath {
     /// Loads every program (the kernel verifies each) and opens the maps pinned under
-    /// `pin_root`, creating and pinning the ones that do not exist yet.
+    /// `pin_root`, creating and pinning the ones that do not exist yet. Holds an exclusive lock
+    /// on `pin_root` for as long as the `Datapath` lives: one writer per pin root.
     ///
     /// Needs `CAP_BPF` (root) and a bpffs at or above `pin_root`.
     ///
     /// # Errors
     ///
     /// [`LoadError`] naming the step that failed; a verifier rejection is
-    /// [`LoadError::Program`] and carries the verifier log.
+    /// [`LoadError::Program`] and carries the verifier log; [`LoadError::PinDirInUse`] while
+    /// another process (or another `Datapath` of this one) holds the pin root.
     pub fn load(pin_root: impl AsRef<Path>) -> Result<Self, LoadError> {
-        let pin_root = pin_root.as_ref().to_path_buf();
+        Self::load_with(pin_root.as_ref(), true)
+    }
+
+    /// [`Datapath::load`], optionally without the pin-root lock: only for handles that run
+    /// programs and never write maps (tests racing a writer).
+    pub(crate) fn load_with(pin_root: &Path, exclusive: bool) -> Result<Self, LoadError> {
+        let pin_root = pin_root.to_path_buf();
         std::fs::create_dir_all(&pin_root).map_err(|source| LoadError::PinDir {
             path: pin_root.clone(),
             source,
         })?;
+        let pin_lock = if exclusive {
+            Some(lock_pin_root(&pin_root)?)
+        } else {
+            None
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_root)
             .load(OBJECT)
@@ -178,6 +209,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             pin_root,
+            _pin_lock: pin_lock,
             ipcache,
             nodes,
             peer_slots,
@@ -233,6 +265,30 @@ impl Datapath {
         drop(self);
         std::fs::remove_dir_all(root)
     }
+}
+
+/// Takes an exclusive, non-blocking `flock` on the pin directory; the kernel drops it when the
+/// process dies, so a crashed agent never leaves it behind.
+fn lock_pin_root(pin_root: &Path) -> Result<std::fs::File, LoadError> {
+    use std::os::fd::AsRawFd as _;
+    let dir = std::fs::File::open(pin_root).map_err(|source| LoadError::PinDirLock {
+        path: pin_root.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: flock on an fd we own; no pointers.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(dir);
+    }
+    let source = std::io::Error::last_os_error();
+    if source.kind() == std::io::ErrorKind::WouldBlock {
+        return Err(LoadError::PinDirInUse {
+            path: pin_root.to_path_buf(),
+        });
+    }
+    Err(LoadError::PinDirLock {
+        path: pin_root.to_path_buf(),
+        source,
+    })
 }
 
 /// Maps earlier versions pinned and this one no longer uses (replaced by the IPv4 ipcache

@@ -254,6 +254,17 @@ impl TestPinRoot {
     pub fn load(&self) -> Result<Datapath, LoadError> {
         Datapath::load(&self.0)
     }
+
+    /// Loads a second handle that only runs programs (`BPF_PROG_TEST_RUN`) on the same maps
+    /// while another handle writes them: it skips the pin-root lock. Load it before the writer,
+    /// whose load then sets up the maps; never write maps through it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Datapath::load`].
+    pub fn load_program_runner(&self) -> Result<Datapath, LoadError> {
+        Datapath::load_with(&self.0, false)
+    }
 }
 
 impl Drop for TestPinRoot {

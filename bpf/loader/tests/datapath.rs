@@ -14,8 +14,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use nodeseal_bpf::{
-    Datapath, DatapathConfig, DropReason, Enforcement, Location, Mode, NodeId, Outcome, Policy,
-    PolicyDirection, PolicyRule, PolicyVerdict, Prefix, Program, Verdict, identity, mark,
+    Datapath, DatapathConfig, DropReason, Enforcement, LoadError, Location, Mode, NodeId, Outcome,
+    Policy, PolicyDirection, PolicyRule, PolicyVerdict, Prefix, Program, Verdict, identity, mark,
     test_helpers::{
         Ext, TestPinRoot, V4, esp, ethernet, icmp, ipv4, ipv6, privileged_or_skip, proto, tcp, udp,
     },
@@ -1037,4 +1037,19 @@ fn load_removes_pins_of_maps_this_version_no_longer_uses() {
         root.path().join("POLICY_TABLE").exists(),
         "current maps stay pinned"
     );
+}
+
+#[test]
+fn a_pin_root_has_one_writer_at_a_time() {
+    if !privileged_or_skip("pin_root_lock") {
+        return;
+    }
+    let root = TestPinRoot::new("lock");
+    let first = root.load().expect("first load");
+    match root.load() {
+        Err(LoadError::PinDirInUse { path }) => assert_eq!(path, root.path()),
+        other => panic!("second writer on a busy pin root: {other:?}"),
+    }
+    drop(first);
+    root.load().expect("load after the first writer is gone");
 }

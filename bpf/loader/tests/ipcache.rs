@@ -306,11 +306,11 @@ fn readers_see_old_or_new_entries_while_chunks_are_recycled() {
         return;
     }
     let root = TestPinRoot::new(name);
-    // The reader runs programs only; its handle is loaded first, so the writer's load (which
-    // rebuilds the arrays) is the last to set them up.
-    let mut reader = root.load().expect("load reader");
-    setup(&mut reader);
+    // The reader only runs programs; it is loaded first, so the writer's load (which rebuilds
+    // the arrays) is the last to set them up.
+    let reader = root.load_program_runner().expect("load reader");
     let mut dp = root.load().expect("load writer");
+    setup(&mut dp);
     // Nearly fill the chunks, so the churn below reuses retired ones (after grace periods).
     for i in 0..1000u32 {
         add(&mut dp, Ipv4Addr::from(0x0b00_0000 | i << 8 | 1), 32, 9);

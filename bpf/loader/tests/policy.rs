@@ -184,9 +184,9 @@ fn readers_see_old_or_new_rules_while_tables_switch() {
     }
     let root = TestPinRoot::new(name);
     // The reader only runs programs; the writer owns the policy model.
-    let mut reader = root.load().expect("load reader");
-    setup(&mut reader);
+    let reader = root.load_program_runner().expect("load reader");
     let mut dp = root.load().expect("load writer");
+    setup(&mut dp);
     let web = (
         egress(Some(POD_B), Some(proto::TCP), Some(8080)),
         PolicyVerdict::Allow,
