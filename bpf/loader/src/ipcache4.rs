@@ -47,14 +47,9 @@ pub(crate) struct Ipv4Arrays {
     in_sync: bool,
 }
 
-/// Why the arrays can't serve lookups now: the datapath must walk the trie.
+/// The prefixes need more chunks than the arrays hold: the datapath must walk the trie.
 #[derive(Debug)]
-pub(crate) enum OutOfSync {
-    /// More chunks needed than the array holds.
-    Exhausted,
-    /// A grace period could not be waited for.
-    Map(MapError),
-}
+pub(crate) struct OutOfChunks;
 
 impl Ipv4Arrays {
     pub(crate) fn new(l1: Mapping, chunks: Mapping) -> Result<Self, MapError> {
@@ -93,17 +88,17 @@ impl Ipv4Arrays {
         addr: u32,
         len: u8,
         entry: Option<IpCacheEntry>,
-    ) -> Result<(), OutOfSync> {
+    ) -> Result<(), OutOfChunks> {
         self.set_model(addr, len, entry);
         if !self.in_sync {
             if self.needed_chunks() > capacity::IPCACHE4_CHUNKS as usize {
-                return Err(OutOfSync::Exhausted);
+                return Err(OutOfChunks);
             }
             return self.resync();
         }
         if self.needed_chunks() > capacity::IPCACHE4_CHUNKS as usize {
             self.in_sync = false;
-            return Err(OutOfSync::Exhausted);
+            return Err(OutOfChunks);
         }
         let result = self.refresh(addr, len);
         if result.is_err() {
@@ -131,9 +126,9 @@ impl Ipv4Arrays {
     /// Rewrites every slot from the model. Only call while the datapath does not read the
     /// arrays (it walks the trie), and after a grace period since it stopped: it frees every
     /// chunk at once.
-    fn rebuild(&mut self) -> Result<(), OutOfSync> {
+    fn rebuild(&mut self) -> Result<(), OutOfChunks> {
         if self.needed_chunks() > capacity::IPCACHE4_CHUNKS as usize {
-            return Err(OutOfSync::Exhausted);
+            return Err(OutOfChunks);
         }
         self.l2.clear();
         self.l3.clear();
@@ -148,9 +143,9 @@ impl Ipv4Arrays {
 
     /// Makes the arrays agree with the model after the datapath stopped reading them: waits a
     /// grace period, then rebuilds.
-    pub(crate) fn resync(&mut self) -> Result<(), OutOfSync> {
+    pub(crate) fn resync(&mut self) -> Result<(), OutOfChunks> {
         self.in_sync = false;
-        grace_period().map_err(OutOfSync::Map)?;
+        grace_period();
         self.rebuild()
     }
 
@@ -180,7 +175,7 @@ impl Ipv4Arrays {
     }
 
     /// Rewrites the slots whose blocks overlap `addr/len`.
-    fn refresh(&mut self, addr: u32, len: u8) -> Result<(), OutOfSync> {
+    fn refresh(&mut self, addr: u32, len: u8) -> Result<(), OutOfChunks> {
         let block16 = addr >> 16;
         if len <= 16 {
             let count = 1u32 << (16 - u32::from(len));
@@ -218,7 +213,7 @@ impl Ipv4Arrays {
     }
 
     /// Rewrites the level-1 slot of `block` (a /16), with its whole subtree.
-    fn write_l1(&mut self, block: u32) -> Result<(), OutOfSync> {
+    fn write_l1(&mut self, block: u32) -> Result<(), OutOfChunks> {
         let current = self.l2.get(&block).copied();
         if !self.deep16.contains_key(&block) {
             self.l1.store(block as usize, self.leaf(block << 16, 16).0);
@@ -248,7 +243,7 @@ impl Ipv4Arrays {
     }
 
     /// Rewrites the slot of `block` (a /24) in level-2 chunk `l2`, with its third level.
-    fn write_l2(&mut self, l2: u32, block: u32) -> Result<(), OutOfSync> {
+    fn write_l2(&mut self, l2: u32, block: u32) -> Result<(), OutOfChunks> {
         let current = self.l3.get(&block).copied();
         if !self.deep24.contains_key(&block) {
             self.store_chunk(l2, block & 0xff, self.leaf(block << 8, 24));
@@ -291,11 +286,11 @@ impl Ipv4Arrays {
         IpCacheSlot::EMPTY
     }
 
-    fn alloc(&mut self) -> Result<u32, OutOfSync> {
+    fn alloc(&mut self) -> Result<u32, OutOfChunks> {
         if self.free.is_empty() && !self.retired.is_empty() {
-            grace_period().map_err(OutOfSync::Map)?;
+            grace_period();
             self.free.append(&mut self.retired);
         }
-        self.free.pop().ok_or(OutOfSync::Exhausted)
+        self.free.pop().ok_or(OutOfChunks)
     }
 }

@@ -15,11 +15,7 @@ use nodeseal_bpf_common::{
     reason::DropReason,
 };
 
-use crate::{
-    ipcache4::{Ipv4Arrays, OutOfSync},
-    policy::PolicyRule,
-    shared::Mapping,
-};
+use crate::{ipcache4::Ipv4Arrays, policy::PolicyRule, shared::Mapping};
 
 /// Errors of the map handles.
 #[derive(Debug, thiserror::Error)]
@@ -96,10 +92,6 @@ pub enum MapError {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel would not wait for an RCU grace period (`membarrier`), which is needed
-    /// before reusing memory the datapath may still read.
-    #[error("waiting for an RCU grace period (membarrier)")]
-    GracePeriod(#[source] std::io::Error),
 }
 
 /// Dense numeric id of a node (16 bits: it goes into `skb->mark`).
@@ -237,27 +229,19 @@ impl IpCache {
         }
         match self.arrays_v4.resync() {
             Ok(()) => self.publish_v4(),
-            Err(why) => {
-                Self::warn_arrays_unusable(&why);
+            Err(_) => {
+                Self::warn_out_of_chunks();
                 Ok(())
             }
         }
     }
 
-    /// The arrays are out of sync: the datapath keeps walking the trie (already set), which is
-    /// always right; say why.
-    fn warn_arrays_unusable(why: &OutOfSync) {
-        match why {
-            OutOfSync::Exhausted => tracing::warn!(
-                chunks = capacity::IPCACHE4_CHUNKS,
-                "IPv4 ipcache prefixes need more array chunks than there are; the datapath \
-                 walks the trie instead (slower) until they fit again"
-            ),
-            OutOfSync::Map(err) => tracing::warn!(
-                error = %err,
-                "IPv4 ipcache arrays unusable; the datapath walks the trie (slower)"
-            ),
-        }
+    fn warn_out_of_chunks() {
+        tracing::warn!(
+            chunks = capacity::IPCACHE4_CHUNKS,
+            "IPv4 ipcache prefixes need more array chunks than there are; the datapath walks the \
+             trie instead (slower) until they fit again"
+        );
     }
 
     /// Applies a v4 change to the arrays, switching the datapath between them and the trie as
@@ -272,11 +256,11 @@ impl IpCache {
         match self.arrays_v4.set(addr, len, entry) {
             Ok(()) if was_in_sync => Ok(()),
             Ok(()) => self.publish_v4(),
-            Err(why) => {
+            Err(_) => {
                 if was_in_sync {
                     self.set_lens(PrefixLengths::INDEX_V4, PrefixLengths::default())?;
                 }
-                Self::warn_arrays_unusable(&why);
+                Self::warn_out_of_chunks();
                 Ok(())
             }
         }
@@ -451,7 +435,7 @@ impl IpCache {
     }
 
     /// Whether the datapath finds IPv4 prefixes through the ipcache arrays (else it walks the
-    /// trie: the prefixes need more chunks than the arrays hold, or a grace period failed).
+    /// trie: the prefixes need more chunks than the arrays hold).
     #[must_use]
     pub fn ipv4_arrays_in_use(&self) -> bool {
         self.arrays_v4.in_sync()

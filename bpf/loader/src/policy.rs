@@ -161,7 +161,7 @@ impl Policy {
     /// # Errors
     ///
     /// [`MapError::PortWithoutProtocol`]; [`MapError::PolicyFull`] beyond
-    /// [`capacity::POLICY`] rules; [`MapError::GracePeriod`].
+    /// [`capacity::POLICY`] rules.
     pub fn insert(&mut self, rule: PolicyRule, verdict: PolicyVerdict) -> Result<(), MapError> {
         let mut rules = self.rules.clone();
         rules.insert(rule.key()?, verdict.code());
@@ -173,7 +173,6 @@ impl Policy {
     /// # Errors
     ///
     /// [`MapError::PortWithoutProtocol`]; [`MapError::NoSuchRule`] if it is not there;
-    /// [`MapError::GracePeriod`].
     pub fn remove(&mut self, rule: PolicyRule) -> Result<(), MapError> {
         let key = rule.key()?;
         let mut rules = self.rules.clone();
@@ -241,7 +240,7 @@ impl Policy {
         };
         let (seed, slots) = self.build(&rules)?;
         if wait {
-            grace_period()?;
+            grace_period();
         }
         let table = self.table.map()?;
         let base = 2 * (target * PolicySlot::SLOTS_PER_COPY) as usize;

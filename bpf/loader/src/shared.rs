@@ -21,22 +21,31 @@ use crate::maps::MapError;
 /// `MEMBARRIER_CMD_GLOBAL` (uapi `linux/membarrier.h`): returns after an RCU grace period.
 const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
 
+/// How long to wait instead when the kernel refuses `membarrier(MEMBARRIER_CMD_GLOBAL)` (kernels
+/// with `nohz_full` CPUs do). A tc program cannot sleep and runs with bottom halves disabled;
+/// its length is bounded by the verifier, so a run ends within microseconds, far inside this.
+/// (Not a guarantee on PREEMPT_RT kernels, where softirqs can be preempted.)
+const GRACE_FALLBACK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Waits until every eBPF program run that started before the call has finished.
 ///
 /// tc programs (and `BPF_PROG_TEST_RUN`) run inside RCU read-side critical sections, and
 /// `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period (`synchronize_rcu`), so
 /// after it no program still holds a pointer it read before the call. Takes milliseconds.
-///
-/// # Errors
-///
-/// [`MapError::GracePeriod`] when the kernel refuses (kernels with `nohz_full` CPUs do).
-pub(crate) fn grace_period() -> Result<(), MapError> {
+pub(crate) fn grace_period() {
     // SAFETY: membarrier takes no pointers; the flags argument must be 0.
     let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(MapError::GracePeriod(std::io::Error::last_os_error()))
+    if rc != 0 {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        let error = std::io::Error::last_os_error();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                %error,
+                "membarrier(MEMBARRIER_CMD_GLOBAL) refused (nohz_full?): waiting {GRACE_FALLBACK:?} \
+                 instead of an RCU grace period before reusing datapath memory"
+            );
+        });
+        std::thread::sleep(GRACE_FALLBACK);
     }
 }
 
