@@ -113,7 +113,7 @@ impl Policy {
     /// Opens the maps and reads back the rules of the live copy (pinned maps may come from an
     /// earlier loader).
     pub(crate) fn new(table: Map, header: Map) -> Result<Self, MapError> {
-        let table = SharedArray::open(table, "POLICY_TABLE", 16)?;
+        let table = SharedArray::open(table, "POLICY_TABLE", 64)?;
         let header = Mapping::open(header, "POLICY_HEADER", 8)?;
         let slots = 2 * PolicySlot::SLOTS_PER_COPY as usize;
         if table.len() != 2 * slots || header.len() != 1 {

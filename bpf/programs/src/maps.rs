@@ -7,7 +7,8 @@ use aya_ebpf::{
 use nodeseal_bpf_common::{
     maps::{
         Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, MAP_FLAG_MMAPABLE,
-        NodeEntry, NodeKey, PeerSlot, PolicySlot, PolicyTableHeader, PrefixLengths, capacity,
+        NodeEntry, NodeKey, PeerSlot, PolicyBucket, PolicySlot, PolicyTableHeader, PrefixLengths,
+        capacity,
     },
     reason::DropReason,
 };
@@ -50,8 +51,8 @@ pub static NODES: HashMap<NodeKey, NodeEntry> = HashMap::pinned(capacity::NODES,
 pub static PEER_SLOTS: Array<PeerSlot> = Array::pinned(capacity::PEER_SLOTS, 0);
 
 #[map]
-pub static POLICY_TABLE: Array<PolicySlot> =
-    Array::pinned(2 * PolicySlot::SLOTS_PER_COPY, MAP_FLAG_MMAPABLE);
+pub static POLICY_TABLE: Array<PolicyBucket> =
+    Array::pinned(2 * PolicySlot::BUCKETS, MAP_FLAG_MMAPABLE);
 
 #[map]
 pub static POLICY_HEADER: Array<PolicyTableHeader> = Array::pinned(1, MAP_FLAG_MMAPABLE);

@@ -69,23 +69,50 @@ fn lookup(table: (u32, u32), subject: u32, peer: u32, direction: u8, p: &Packet)
     get(table, &key)
 }
 
-/// The verdict of exactly `key`: a look at the slots of its two buckets.
+/// The verdict of exactly `key`: a look at the slots of its first bucket, then of its second.
 #[inline(always)]
 fn get((base, seed): (u32, u32), key: &PolicyKey) -> Option<u8> {
     let word0 = key.word0();
     let word1 = key.word1();
     let (first, second) = policy_buckets(word0, word1, seed);
-    for bucket in [first, second] {
-        let start = base + bucket * PolicySlot::BUCKET_SLOTS;
-        for i in 0..PolicySlot::BUCKET_SLOTS {
-            let slot = POLICY_TABLE.get_ptr(start + i)?;
-            // SAFETY: pointer from a successful lookup, copied at once. The copy is not written
-            // while it is live (see `PolicySlot`).
-            let slot = unsafe { core::ptr::read_volatile(slot) };
-            if let Some(verdict) = slot.verdict_for(word0, word1) {
-                return Some(verdict);
-            }
-        }
+    let copy = base / PolicySlot::BUCKET_SLOTS;
+    let mut verdict = bucket_verdict(copy + first, word0, word1);
+    if verdict == 0 {
+        verdict = bucket_verdict(copy + second, word0, word1);
     }
-    None
+    match verdict as u8 {
+        0 => None,
+        v => Some(v),
+    }
+}
+
+/// The verdict the bucket holds for the key `(word0, word1)`, or 0.
+///
+/// Branch-free on purpose: a branch per slot gives the verifier one more path per slot into
+/// the rest of the program, which the 6.1 verifier does not prune (`from_pod`: 179k
+/// instructions verified with a branch per slot, 130k with one per bucket; 16k on 6.18).
+#[inline(always)]
+fn bucket_verdict(index: u32, word0: u64, word1: u32) -> u64 {
+    let Some(bucket) = POLICY_TABLE.get_ptr(index) else {
+        return 0;
+    };
+    // SAFETY: pointer from a successful lookup, copied at once. The copy is not written while
+    // it is live (see `PolicySlot`).
+    let bucket = unsafe { core::ptr::read_volatile(bucket) };
+    // A key sits in one slot at most, so OR-ing the slots' terms gives its verdict.
+    bucket.slots.iter().fold(0, |verdict, slot| {
+        verdict | slot_verdict(slot, word0, word1)
+    })
+}
+
+/// `slot`'s verdict if it holds the key, else 0, computed without a comparison (which the BPF
+/// backend would turn into a branch).
+#[inline(always)]
+fn slot_verdict(slot: &PolicySlot, word0: u64, word1: u32) -> u64 {
+    let diff = (slot.word0 ^ word0) | ((slot.word1 ^ u64::from(word1)) & 0xffff_ffff);
+    // Below 2^32, and 0 exactly when the key matches.
+    let folded = (diff >> 32) | (diff & 0xffff_ffff);
+    // 1 when `folded` is not 0: adding 2^32 - 1 carries into bit 32.
+    let miss = (folded + 0xffff_ffff) >> 32;
+    (slot.word1 >> 32) & (miss ^ 1).wrapping_neg()
 }
