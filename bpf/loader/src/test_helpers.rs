@@ -224,6 +224,44 @@ pub fn privileged_or_skip(test: &str) -> bool {
     false
 }
 
+/// Runs `check` over and over on another thread while `work` runs on this one, then returns
+/// `work`'s result and how many checks ran (the reader racing a writer). `check` panics on a
+/// wrong answer; it stops with `work`, or after `limit` in any case.
+///
+/// # Panics
+///
+/// If a check panicked, or none ran.
+pub fn check_while<T>(
+    limit: std::time::Duration,
+    check: impl FnMut(u64) + Send,
+    work: impl FnOnce() -> T,
+) -> T {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    let (result, runs) = std::thread::scope(|scope| {
+        let stop = &stop;
+        let mut check = check;
+        let reader = scope.spawn(move || {
+            let deadline = std::time::Instant::now() + limit;
+            let mut runs = 0u64;
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                check(runs);
+                runs += 1;
+            }
+            runs
+        });
+        let result = work();
+        stop.store(true, Ordering::Relaxed);
+        (result, reader.join())
+    });
+    let runs = match runs {
+        Ok(runs) => runs,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    assert!(runs > 0, "the checking thread never ran");
+    result
+}
+
 /// A pin root unique to this process and `name`, removed on drop.
 #[derive(Debug)]
 pub struct TestPinRoot(PathBuf);
