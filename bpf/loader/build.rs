@@ -1,12 +1,16 @@
 //! Builds the eBPF programs (`nodeseal-bpf-programs`) for the BPF target with aya-build and
 //! leaves the object in `OUT_DIR/nodeseal-datapath` for `include_bytes_aligned!`.
 //!
-//! Needs the nightly toolchain with `rust-src` and `bpf-linker` on `PATH`.
+//! Needs the pinned nightly toolchain with `rust-src` and `bpf-linker` on `PATH` (`cargo xtask
+//! setup` installs both).
 
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 const PROGRAMS_PACKAGE: &str = "nodeseal-bpf-programs";
+/// The nightly known to build the programs with the pinned aya-ebpf; keep in step with
+/// `BPF_NIGHTLY` in `xtask/src/deps.rs`.
+const BPF_NIGHTLY: &str = "nightly-2026-05-20";
 
 fn main() -> anyhow::Result<()> {
     let metadata = cargo_metadata::MetadataCommand::new()
@@ -28,6 +32,6 @@ fn main() -> anyhow::Result<()> {
             root_dir: root_dir.as_str(),
             ..Default::default()
         }],
-        Toolchain::default(),
+        Toolchain::Custom(BPF_NIGHTLY),
     )
 }

@@ -1,129 +1,221 @@
 //! Installs what the build and the tests need on a fresh Debian 12 machine: Debian packages, the
-//! nightly toolchain with `rust-src` (eBPF programs) and `bpf-linker`. Each step checks first, so
-//! a warm machine pays a few `dpkg-query` calls.
+//! pinned nightly toolchain with `rust-src` (eBPF programs), `bpf-linker`, and the Kubernetes
+//! control-plane binaries (kube-apiserver, kubectl, etcd) built from their Go modules.
+//!
+//! Every requirement names a file that proves it is there, and that file is checked after the
+//! install as well as before: a package that installs without the file we need (a
+//! `--no-install-recommends` that left out a dependency, a renamed package) fails set-up here,
+//! with the file's name, instead of failing a build script far away. A warm machine pays a few
+//! `stat` calls and one `go` invocation.
 
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
 use crate::run;
 
-/// Debian packages and why each is needed.
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    ("qemu-system-x86", "boots the test kernels"),
-    ("busybox-static", "the test VM's initramfs"),
-    ("cpio", "packs the initramfs"),
-    ("xz-utils", "decompresses Debian's kernel modules"),
-    ("zstd", "decompresses Debian's kernel modules"),
-    ("kmod", "depmod for the initramfs module tree"),
-    (
+/// A Debian package, a file it installs that we use, and why.
+struct DebianPackage {
+    name: &'static str,
+    provides: &'static str,
+    why: &'static str,
+}
+
+const fn deb(name: &'static str, provides: &'static str, why: &'static str) -> DebianPackage {
+    DebianPackage {
+        name,
+        provides,
+        why,
+    }
+}
+
+/// Paths are the ones Debian 12 (merged `/usr`) installs.
+const DEBIAN_PACKAGES: &[DebianPackage] = &[
+    deb(
+        "qemu-system-x86",
+        "/usr/bin/qemu-system-x86_64",
+        "boots the test kernels",
+    ),
+    deb("busybox-static", "/bin/busybox", "the test VM's initramfs"),
+    deb("cpio", "/bin/cpio", "packs the initramfs"),
+    deb("xz-utils", "/usr/bin/xz", "decompresses Debian's kernel modules"),
+    deb("zstd", "/usr/bin/zstd", "decompresses Debian's kernel modules"),
+    deb("kmod", "/sbin/depmod", "depmod for the initramfs module tree"),
+    deb(
         "iproute2",
+        "/bin/ip",
         "namespaces, links and the independent XFRM reader",
     ),
-    ("wireguard-tools", "wg, the WireGuard reference"),
-    ("iputils-ping", "ping between test pods"),
-    ("tcpdump", "wire captures when debugging a scenario"),
-    ("procps", "sysctl"),
-    ("openssl", "independent X.509 reader in keymgr tests"),
-    ("etcd-server", "the etcd store backend's tests"),
-    (
+    deb("wireguard-tools", "/usr/bin/wg", "wg, the WireGuard reference"),
+    deb("iputils-ping", "/bin/ping", "ping between test pods"),
+    deb(
+        "tcpdump",
+        "/usr/bin/tcpdump",
+        "wire captures when debugging a scenario",
+    ),
+    deb("procps", "/sbin/sysctl", "sysctl"),
+    deb(
+        "openssl",
+        "/usr/bin/openssl",
+        "independent X.509 reader in keymgr tests",
+    ),
+    deb(
+        "etcd-server",
+        "/usr/bin/etcd",
+        "the etcd store backend's tests (Debian's etcd 3.4)",
+    ),
+    deb(
         "protobuf-compiler",
+        "/usr/bin/protoc",
         "etcd-client's build script compiles etcd's protocol",
     ),
-    ("llvm-22-dev", "bpf-linker links the eBPF programs"),
-    (
+    deb(
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+        "the well-known .proto files etcd's protocol imports (protoc alone lacks them)",
+    ),
+    deb(
+        "llvm-22-dev",
+        "/usr/lib/llvm-22/lib/libLLVMCore.a",
+        "bpf-linker links the eBPF programs",
+    ),
+    deb(
         "libpolly-22-dev",
+        "/usr/lib/llvm-22/lib/libPolly.a",
         "bpf-linker links against LLVM's static libraries",
     ),
-    (
+    deb(
         "libzstd-dev",
+        "/usr/include/zstd.h",
         "bpf-linker links against LLVM's static libraries",
     ),
-    (
+    deb(
         "zlib1g-dev",
+        "/usr/include/zlib.h",
         "bpf-linker links against LLVM's static libraries",
     ),
 ];
 
-const NIGHTLY: &str = "nightly";
+/// The nightly that builds the eBPF programs with the pinned aya-ebpf (`rustc 1.97.0-nightly
+/// (e50aa6fba 2026-05-19)`). Newer nightlies may not; keep in step with `bpf/loader/build.rs`.
+pub const BPF_NIGHTLY: &str = "nightly-2026-05-20";
+const BPF_NIGHTLY_COMMIT: &str = "e50aa6fba";
+
+/// bpf-linker, built against Debian's LLVM 22 (its default feature wants LLVM 23).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Where the Kubernetes binaries' wrapper module lives (its go.mod pins the release).
+const KUBE_MODULE_DIR: &str = "xtask/kube";
+/// The binaries it builds, with the arguments that print their versions.
+const KUBE_BINARIES: &[(&str, &[&str])] = &[
+    ("kube-apiserver", &["--version"]),
+    ("kubectl", &["version", "--client"]),
+    ("etcd", &["--version"]),
+];
+/// The oldest Go the pinned Kubernetes release builds with.
+const GO_MIN_MINOR: u32 = 26;
 
 /// Installs everything that is missing.
 pub fn ensure_all() -> Result<()> {
     ensure_debian_packages()?;
     ensure_nightly()?;
     ensure_bpf_linker()?;
+    ensure_kube_binaries()?;
     Ok(())
 }
 
 fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    let missing: Vec<&DebianPackage> = DEBIAN_PACKAGES
         .iter()
-        .map(|(name, _)| *name)
-        .filter(|name| !debian_package_installed(name))
+        .filter(|p| !Path::new(p.provides).exists())
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    for p in &missing {
+        eprintln!(
+            "xtask: installing {} for {} ({})",
+            p.name, p.provides, p.why
+        );
+    }
     run::checked(Command::new("apt-get").args(["update", "-qq"]))?;
     run::checked(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
+            .args(missing.iter().map(|p| p.name))
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .context("installing Debian packages (run as root)")?;
+    let still_missing: Vec<String> = missing
+        .iter()
+        .filter(|p| !Path::new(p.provides).exists())
+        .map(|p| format!("{} (from {})", p.provides, p.name))
+        .collect();
+    if !still_missing.is_empty() {
+        bail!(
+            "installed, but still missing: {}",
+            still_missing.join(", ")
+        );
+    }
     Ok(())
 }
 
-fn debian_package_installed(name: &str) -> bool {
-    run::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", name]))
-        .is_ok_and(|status| status.ends_with("installed") && !status.contains("not-installed"))
-}
-
+/// The pinned nightly and its `rust-src`, checked by the compiler's version and the library
+/// sources aya-build compiles `core` from.
 fn ensure_nightly() -> Result<()> {
-    let components = run::output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        NIGHTLY,
-    ]))
-    .unwrap_or_default();
-    if components.lines().any(|l| l.starts_with("rust-src")) {
+    if nightly_ready() {
         return Ok(());
     }
-    // Add the component to the nightly the machine already has (installing would move it to
-    // the newest nightly, which the pinned aya-ebpf may not build with); install only if absent.
-    let has_nightly = run::output(Command::new("rustup").args(["toolchain", "list"]))
-        .is_ok_and(|list| list.lines().any(|l| l.starts_with(NIGHTLY)));
-    eprintln!("xtask: adding rust-src to the nightly toolchain (eBPF builds)");
-    if has_nightly {
-        run::checked(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            NIGHTLY,
-        ]))
-    } else {
-        run::checked(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            NIGHTLY,
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))
+    eprintln!("xtask: installing the {BPF_NIGHTLY} toolchain with rust-src (eBPF builds)");
+    run::checked(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        BPF_NIGHTLY,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
+    .with_context(|| format!("installing {BPF_NIGHTLY}"))?;
+    if !nightly_ready() {
+        bail!(
+            "{BPF_NIGHTLY} was installed but is not rustc {BPF_NIGHTLY_COMMIT} with rust-src \
+             (rustup run {BPF_NIGHTLY} rustc --version; its lib/rustlib/src)"
+        );
     }
+    Ok(())
+}
+
+fn nightly_ready() -> bool {
+    let version = run::output(Command::new("rustup").args(["run", BPF_NIGHTLY, "rustc", "-V"]))
+        .unwrap_or_default();
+    if !version.contains(BPF_NIGHTLY_COMMIT) {
+        return false;
+    }
+    let sysroot = run::output(Command::new("rustup").args([
+        "run",
+        BPF_NIGHTLY,
+        "rustc",
+        "--print",
+        "sysroot",
+    ]))
+    .unwrap_or_default();
+    Path::new(sysroot.trim())
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .exists()
 }
 
 fn ensure_bpf_linker() -> Result<()> {
-    if run::succeeds(Command::new("bpf-linker").arg("--version")) {
+    let installed = run::output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if installed.contains(BPF_LINKER_VERSION) {
         return Ok(());
     }
-    eprintln!("xtask: building bpf-linker against Debian's LLVM 22 (a few minutes, once)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22 (a few minutes, once)"
+    );
     // LLVM_PREFIX: without it the build finds Debian's default llvm-config (LLVM 14).
     run::checked(
         Command::new("cargo")
@@ -131,6 +223,8 @@ fn ensure_bpf_linker() -> Result<()> {
                 "install",
                 "--locked",
                 "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
                 "--no-default-features",
                 "--features",
                 "llvm-22",
@@ -138,8 +232,96 @@ fn ensure_bpf_linker() -> Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
     .context("installing bpf-linker")?;
-    if !run::succeeds(Command::new("bpf-linker").arg("--version")) {
-        bail!("bpf-linker was installed but is not on PATH (add ~/.cargo/bin)");
+    let installed = run::output(Command::new("bpf-linker").arg("--version"))
+        .context("bpf-linker was installed but does not run from PATH (add ~/.cargo/bin)")?;
+    if !installed.contains(BPF_LINKER_VERSION) {
+        bail!("bpf-linker on PATH is {installed:?}, not {BPF_LINKER_VERSION}");
     }
     Ok(())
+}
+
+/// Where the Kubernetes binaries are built (`target/nodeseal-k8s/bin`). The netns harness
+/// looks there too. A fresh clone rebuilds them, which with Go's build cache is a link step.
+pub fn kube_bin_dir() -> PathBuf {
+    crate::target_dir().join("nodeseal-k8s/bin")
+}
+
+/// Builds kube-apiserver, kubectl and etcd from the pinned modules unless every binary is
+/// present and newer than the module's go.mod and go.sum.
+fn ensure_kube_binaries() -> Result<()> {
+    let module = crate::workspace_root().join(KUBE_MODULE_DIR);
+    let bin_dir = kube_bin_dir();
+    let pinned = newest_mtime(&[module.join("go.mod"), module.join("go.sum")])?;
+    let up_to_date = KUBE_BINARIES.iter().all(|(name, _)| {
+        fs::metadata(bin_dir.join(name))
+            .and_then(|m| m.modified())
+            .is_ok_and(|built| built >= pinned)
+    });
+    if up_to_date {
+        return Ok(());
+    }
+    check_go()?;
+    fs::create_dir_all(&bin_dir).with_context(|| format!("creating {}", bin_dir.display()))?;
+    eprintln!(
+        "xtask: building {} from {KUBE_MODULE_DIR} (Go modules; minutes the first time, a link \
+         step with a warm Go build cache)",
+        KUBE_BINARIES
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let started = Instant::now();
+    run::checked(
+        Command::new("go")
+            .args(["install", "-trimpath", "./cmd/..."])
+            .current_dir(&module)
+            .env("GOBIN", &bin_dir)
+            .env("CGO_ENABLED", "0")
+            .env("GOFLAGS", "-mod=readonly"),
+    )
+    .context("building the Kubernetes binaries")?;
+    for (name, version_args) in KUBE_BINARIES {
+        let version = run::output(Command::new(bin_dir.join(name)).args(*version_args))
+            .with_context(|| format!("{name} was built but does not run"))?;
+        eprintln!(
+            "xtask:   {name}: {}",
+            version.lines().next().unwrap_or_default().trim()
+        );
+    }
+    eprintln!(
+        "xtask: Kubernetes binaries built in {:.0?} into {}",
+        started.elapsed(),
+        bin_dir.display()
+    );
+    Ok(())
+}
+
+fn newest_mtime(paths: &[PathBuf]) -> Result<std::time::SystemTime> {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for path in paths {
+        let modified = fs::metadata(path)
+            .and_then(|m| m.modified())
+            .with_context(|| format!("reading {}", path.display()))?;
+        newest = newest.max(modified);
+    }
+    Ok(newest)
+}
+
+fn check_go() -> Result<()> {
+    let version = run::output(Command::new("go").args(["env", "GOVERSION"])).context(
+        "Go is needed to build kube-apiserver (the machine image provides Go 1.26; `go` is not on PATH)",
+    )?;
+    let minor = version
+        .trim()
+        .strip_prefix("go1.")
+        .and_then(|rest| rest.split(['.', 'r', 'b']).next())
+        .and_then(|m| m.parse::<u32>().ok());
+    match minor {
+        Some(minor) if minor >= GO_MIN_MINOR => Ok(()),
+        _ => bail!(
+            "Go {} is too old to build the pinned Kubernetes release (needs go1.{GO_MIN_MINOR})",
+            version.trim()
+        ),
+    }
 }
