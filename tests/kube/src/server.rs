@@ -437,13 +437,13 @@ fn etcd_args(root: &Path, client: u16, peer: u16) -> Vec<String> {
     let client_url = format!("http://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
     vec![
-        "--name=default".into(),
+        "--name=nodeseal-test".into(),
         format!("--data-dir={}", root.join("etcd").display()),
         format!("--listen-client-urls={client_url}"),
         format!("--advertise-client-urls={client_url}"),
         format!("--listen-peer-urls={peer_url}"),
         format!("--initial-advertise-peer-urls={peer_url}"),
-        format!("--initial-cluster=default={peer_url}"),
+        format!("--initial-cluster=nodeseal-test={peer_url}"),
         // Throwaway data: skipping fsync makes every write (and so apiserver start) faster.
         "--unsafe-no-fsync=true".into(),
         "--log-level=warn".into(),

@@ -3,6 +3,11 @@
 //! Manifests are applied with the fixture's server-side apply (Rust, not kubectl): errors name
 //! the document, and no second binary has to be present.
 
+#![allow(
+    clippy::expect_used,
+    reason = "test helpers panic with context, like the tests"
+)]
+
 use std::{
     future::Future,
     time::{Duration, Instant},

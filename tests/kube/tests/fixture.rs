@@ -1,6 +1,11 @@
 //! The fixture itself against the real binaries: startup, kubeconfigs, restart, and the
 //! pod-bound token claims nodeseal's admission policy relies on.
 
+#![allow(
+    clippy::expect_used,
+    reason = "test helpers panic with context, like the tests"
+)]
+
 use std::{net::IpAddr, time::Duration};
 
 use k8s_openapi::api::{
