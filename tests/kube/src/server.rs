@@ -456,6 +456,10 @@ fn apiserver_args(root: &Path, bind: IpAddr, port: u16, etcd_client: u16) -> Vec
         format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
         format!("--bind-address={bind}"),
         format!("--advertise-address={bind}"),
+        // 1.37 refuses a loopback advertise address for the `kubernetes` Service's endpoints
+        // ("may not be in the loopback range"). No pod here dials that Service, so nothing
+        // needs the endpoints: turn the reconciler off rather than advertise a fake address.
+        "--endpoint-reconciler-type=none".into(),
         format!("--secure-port={port}"),
         // Without it the apiserver writes self-signed certs to /var/run/kubernetes.
         format!("--cert-dir={}", file("cert-dir")),
