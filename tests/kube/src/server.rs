@@ -51,6 +51,23 @@ pub fn default_bin_dir() -> PathBuf {
     target.join("nodeseal-k8s/bin")
 }
 
+/// Why the control plane cannot start here (binaries missing from `bin_dir`), or `None`.
+/// Tests use it to skip with a printed reason instead of failing on a machine without
+/// `cargo xtask setup`; with `NODESEAL_REQUIRE_PRIVILEGED=1` they fail instead.
+pub fn missing_binaries(bin_dir: &Path) -> Option<String> {
+    let missing: Vec<&str> = ["etcd", "kube-apiserver"]
+        .into_iter()
+        .filter(|b| !bin_dir.join(b).is_file())
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "{} not found in {}: run `cargo xtask setup` or set {BIN_DIR_ENV}",
+            missing.join(", "),
+            bin_dir.display()
+        )
+    })
+}
+
 /// Settings for [`KubeApiServer`]; see [`KubeApiServer::builder`].
 #[derive(Debug, Clone)]
 pub struct KubeApiServerBuilder {
@@ -110,14 +127,8 @@ impl KubeApiServerBuilder {
     /// time (the error carries the tail of the apiserver's log).
     pub async fn start(self) -> Result<KubeApiServer> {
         let bin_dir = self.bin_dir.clone().unwrap_or_else(default_bin_dir);
-        for bin in ["etcd", "kube-apiserver"] {
-            let path = bin_dir.join(bin);
-            if !path.is_file() {
-                bail!(
-                    "{} not found: run `cargo xtask setup` or set {BIN_DIR_ENV}",
-                    path.display()
-                );
-            }
+        if let Some(reason) = missing_binaries(&bin_dir) {
+            bail!(reason);
         }
         let dir = tempfile::Builder::new()
             .prefix("nodeseal-kube-")
