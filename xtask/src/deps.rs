@@ -125,6 +125,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Where the Kubernetes binaries' wrapper module lives (its go.mod pins the release).
 const KUBE_MODULE_DIR: &str = "xtask/kube";
+/// The release that go.mod requires; stamped into the binaries as Kubernetes' own build does
+/// (a module build otherwise reports v0.0.0, which version checks and skew warnings misread).
+const KUBE_VERSION: (u32, u32, u32) = (1, 37, 2);
 /// The binaries it builds, with the arguments that print their versions.
 const KUBE_BINARIES: &[(&str, &[&str])] = &[
     ("kube-apiserver", &["--version"]),
@@ -264,16 +267,66 @@ pub fn kube_bin_dir() -> PathBuf {
 fn ensure_kube_binaries() -> Result<()> {
     let module = crate::workspace_root().join(KUBE_MODULE_DIR);
     let bin_dir = kube_bin_dir();
+    let (major, minor, patch) = KUBE_VERSION;
+    let pinned_version = format!("v{major}.{minor}.{patch}");
     let pinned = newest_mtime(&[module.join("go.mod"), module.join("go.sum")])?;
-    let up_to_date = KUBE_BINARIES.iter().all(|(name, _)| {
-        fs::metadata(bin_dir.join(name))
+    let up_to_date = KUBE_BINARIES.iter().all(|(name, version_args)| {
+        let path = bin_dir.join(name);
+        let fresh = fs::metadata(&path)
             .and_then(|m| m.modified())
-            .is_ok_and(|built| built >= pinned)
+            .is_ok_and(|built| built >= pinned);
+        // etcd has its own version; the Kubernetes binaries must carry the pinned release.
+        fresh
+            && (*name == "etcd"
+                || run::output(Command::new(&path).args(*version_args))
+                    .is_ok_and(|v| v.contains(&pinned_version)))
     });
     if up_to_date {
         return Ok(());
     }
     check_go()?;
+    let go_mod = fs::read_to_string(module.join("go.mod")).context("reading xtask/kube/go.mod")?;
+    if !go_mod.contains(&format!("k8s.io/kubernetes {pinned_version}")) {
+        bail!(
+            "xtask/kube/go.mod does not require k8s.io/kubernetes {pinned_version} (KUBE_VERSION)"
+        );
+    }
+    let ldflags = [
+        (
+            "k8s.io/component-base/version",
+            "gitVersion",
+            pinned_version.clone(),
+        ),
+        (
+            "k8s.io/component-base/version",
+            "gitMajor",
+            major.to_string(),
+        ),
+        (
+            "k8s.io/component-base/version",
+            "gitMinor",
+            minor.to_string(),
+        ),
+        (
+            "k8s.io/client-go/pkg/version",
+            "gitVersion",
+            pinned_version.clone(),
+        ),
+        (
+            "k8s.io/client-go/pkg/version",
+            "gitMajor",
+            major.to_string(),
+        ),
+        (
+            "k8s.io/client-go/pkg/version",
+            "gitMinor",
+            minor.to_string(),
+        ),
+    ]
+    .iter()
+    .map(|(package, var, value)| format!("-X {package}.{var}={value}"))
+    .collect::<Vec<_>>()
+    .join(" ");
     fs::create_dir_all(&bin_dir).with_context(|| format!("creating {}", bin_dir.display()))?;
     eprintln!(
         "xtask: building {} from {KUBE_MODULE_DIR} (Go modules; minutes the first time, a link \
@@ -287,7 +340,7 @@ fn ensure_kube_binaries() -> Result<()> {
     let started = Instant::now();
     run::checked(
         Command::new("go")
-            .args(["install", "-trimpath", "./cmd/..."])
+            .args(["install", "-trimpath", "-ldflags", &ldflags, "./cmd/..."])
             .current_dir(&module)
             .env("GOBIN", &bin_dir)
             .env("CGO_ENABLED", "0")
