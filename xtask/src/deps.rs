@@ -41,15 +41,31 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
     ),
     deb("busybox-static", "/bin/busybox", "the test VM's initramfs"),
     deb("cpio", "/bin/cpio", "packs the initramfs"),
-    deb("xz-utils", "/usr/bin/xz", "decompresses Debian's kernel modules"),
-    deb("zstd", "/usr/bin/zstd", "decompresses Debian's kernel modules"),
-    deb("kmod", "/sbin/depmod", "depmod for the initramfs module tree"),
+    deb(
+        "xz-utils",
+        "/usr/bin/xz",
+        "decompresses Debian's kernel modules",
+    ),
+    deb(
+        "zstd",
+        "/usr/bin/zstd",
+        "decompresses Debian's kernel modules",
+    ),
+    deb(
+        "kmod",
+        "/sbin/depmod",
+        "depmod for the initramfs module tree",
+    ),
     deb(
         "iproute2",
         "/bin/ip",
         "namespaces, links and the independent XFRM reader",
     ),
-    deb("wireguard-tools", "/usr/bin/wg", "wg, the WireGuard reference"),
+    deb(
+        "wireguard-tools",
+        "/usr/bin/wg",
+        "wg, the WireGuard reference",
+    ),
     deb("iputils-ping", "/bin/ping", "ping between test pods"),
     deb(
         "tcpdump",
@@ -155,10 +171,7 @@ fn ensure_debian_packages() -> Result<()> {
         .map(|p| format!("{} (from {})", p.provides, p.name))
         .collect();
     if !still_missing.is_empty() {
-        bail!(
-            "installed, but still missing: {}",
-            still_missing.join(", ")
-        );
+        bail!("installed, but still missing: {}", still_missing.join(", "));
     }
     Ok(())
 }

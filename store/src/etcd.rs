@@ -458,10 +458,8 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::store::test_helpers::{EtcdServer, node_record};
-    use crate::store::{
-        Event, Key, NodeName, NodeRecord, Record, RecordKind as _, RecordProblem, Store,
-    };
+    use crate::test_helpers::{EtcdServer, node_record};
+    use crate::{Event, Key, NodeName, NodeRecord, Record, RecordKind as _, RecordProblem, Store};
 
     const WAIT: Duration = Duration::from_secs(20);
 
@@ -660,7 +658,7 @@ mod tests {
 
         // Republishing replaces the record under the same lease.
         let mut kept_record = node_record("kept", 1);
-        kept_record.wireguard_public_key = Some(crate::store::WgPublicKey::from_bytes([1; 32]));
+        kept_record.wireguard_public_key = Some(crate::WgPublicKey::from_bytes([1; 32]));
         // (The renewal task owns `kept`; republish through a second lease handle instead.)
         let mut second = store
             .publish_node(node_record("second", 3), ttl)
@@ -726,7 +724,7 @@ mod tests {
         }
         // Both watched prefixes deliver; an unwatched kind does not.
         store
-            .put(&crate::store::TrustBundle {
+            .put(&crate::TrustBundle {
                 bundle: "{}".to_owned(),
             })
             .await
@@ -748,7 +746,7 @@ mod tests {
                 node_record("b", 2).into_record(),
                 Record::RekeyGeneration(
                     store
-                        .get::<crate::store::RekeyGeneration>(&())
+                        .get::<crate::RekeyGeneration>(&())
                         .await
                         .expect("get")
                         .expect("set")

@@ -574,8 +574,8 @@ mod tests {
     use futures::StreamExt as _;
 
     use super::*;
-    use crate::store::test_helpers::node_record;
-    use crate::store::{
+    use crate::test_helpers::node_record;
+    use crate::{
         Event, NodeName, NodeRecord, RecordKind as _, RecordProblem, RekeyGeneration, Store,
     };
 
@@ -776,7 +776,7 @@ mod tests {
         }
         // A kind not watched: no event; the next one is the delete.
         writer
-            .put(&crate::store::TrustBundle {
+            .put(&crate::TrustBundle {
                 bundle: "{}".to_owned(),
             })
             .await
@@ -791,7 +791,7 @@ mod tests {
         }
         assert_eq!(writer.bump_rekey_generation().await.expect("bump"), 1);
         match next(&mut events).await {
-            Event::Put(crate::store::Record::RekeyGeneration(r)) => assert_eq!(r.generation, 1),
+            Event::Put(crate::Record::RekeyGeneration(r)) => assert_eq!(r.generation, 1),
             other => panic!("expected the rekey generation, got {other:?}"),
         }
     }
@@ -913,7 +913,7 @@ mod tests {
             let reason =
                 format!("`unshare --net` unavailable (needs root and util-linux): {probe:?}");
             assert!(
-                !crate::store::test_helpers::require_everything(),
+                !crate::test_helpers::require_everything(),
                 "{test}: {reason}, and NODESEAL_REQUIRE_PRIVILEGED=1"
             );
             println!("SKIPPED {test}: {reason}");
@@ -934,7 +934,7 @@ mod tests {
             .arg(exe)
             .args([
                 "--exact",
-                "store::dir::tests::netns_child_writer",
+                "dir::tests::netns_child_writer",
                 "--ignored",
                 "--nocapture",
             ])

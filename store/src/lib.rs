@@ -22,9 +22,9 @@
 //! publish what, when to rekey): that is the agent's and keymgr's job.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), nodeseal_agent::store::StoreError> {
+//! # async fn demo() -> Result<(), nodeseal_store::StoreError> {
 //! use futures::StreamExt as _;
-//! use nodeseal_agent::store::{DirOptions, DirStore, Event, Kind, Store};
+//! use nodeseal_store::{DirOptions, DirStore, Event, Kind, Store};
 //!
 //! let store = Store::new(DirStore::open("/run/nodeseal/state", DirOptions::default()).await?);
 //! let generation = store.bump_rekey_generation().await?;
@@ -38,9 +38,13 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 mod backend;
+#[cfg(feature = "dir")]
 mod dir;
 mod error;
+#[cfg(feature = "etcd")]
 mod etcd;
 mod lease;
 mod record;
@@ -56,8 +60,10 @@ use futures::stream::BoxStream;
 use tracing::{debug, warn};
 
 pub use self::backend::{Backoff, LeaseId, RawEvent, StoreBackend};
+#[cfg(feature = "dir")]
 pub use self::dir::{DirOptions, DirStore};
 pub use self::error::{BoxError, RecordError, RecordProblem, StoreError};
+#[cfg(feature = "etcd")]
 pub use self::etcd::{EtcdOptions, EtcdStore};
 pub use self::lease::NodeLease;
 pub use self::record::{
