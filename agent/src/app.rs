@@ -19,7 +19,7 @@ use nodeseal_xfrm::{Handle, XfrmStat};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
 use crate::datapath::{DatapathHandle, DatapathSettings};
@@ -423,6 +423,9 @@ impl Agent {
                     warn!(error = %e, "cluster store unavailable; keeping the datapath as it is")
                 }
                 Event::Invalid(e) => warn!(error = %e, "ignoring invalid store record"),
+                // Event is non-exhaustive: a kind of event this agent does not know yet changes
+                // nothing it acts on.
+                other => debug!(event = ?other, "ignoring unknown store event"),
             }
         }
     }

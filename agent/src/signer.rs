@@ -12,7 +12,7 @@ use futures::StreamExt as _;
 use nodeseal_keymgr::{ClusterCa, IssueOptions, NodeName, TrustBundle, validate_csr};
 use nodeseal_store::{CertificateRecord, CsrRecord, Event, Kind, Record, Store};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::identity::pem;
 
@@ -83,6 +83,9 @@ pub async fn run(
             }
             Event::Interrupted(e) => warn!(error = %e, "store unavailable; signing paused"),
             Event::Invalid(e) => warn!(error = %e, "ignoring invalid record"),
+            // Event is non-exhaustive: an event kind the signer does not know changes nothing
+            // it signs.
+            other => debug!(event = ?other, "ignoring unknown store event"),
         }
         sign_pending(&store, &ca, &options, &mut view).await;
         delete_revoked(&store, &view).await;

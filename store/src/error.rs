@@ -1,49 +1,38 @@
 //! The store's errors: [`StoreError`] for operations, [`RecordError`] for a stored record that
 //! fails validation.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use super::backend::LeaseId;
 
 /// A boxed cause, for backends whose error types differ.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// An operation on the store failed.
+///
+/// Failures of a backend are one variant, [`StoreError::Backend`], whichever backend it is: it
+/// names the backend, the operation and what it was on, and says whether retrying may help.
+/// Backend client types (etcd's, the file system's) only appear as its boxed `source`, so they
+/// are not part of this crate's API. The other variants mean the same with every backend.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The backend could not be reached or did not answer in time (etcd down, request timeout).
-    /// Retrying later may succeed.
-    #[error("store backend {backend} unavailable during {op}")]
-    Unavailable {
-        /// `"etcd"` or `"directory"`.
+    /// The backend failed an operation: unreachable or too slow (etcd down, request deadline),
+    /// a file system error, a lock held too long, or a request the backend refused.
+    #[error("{backend} store: {op}{} failed", on(subject))]
+    Backend {
+        /// The backend's name, as [`StoreBackend::name`](crate::StoreBackend::name):
+        /// `"directory"`, `"etcd"`.
         backend: &'static str,
-        /// The operation, e.g. `"get"`, `"watch"`.
+        /// The operation, e.g. `"get"`, `"compare-and-swap"`, `"rename"`, `"watch"`.
         op: &'static str,
-        /// The cause.
+        /// What the operation was on: a record key, a key prefix or a lease for etcd, a file or
+        /// directory path for the directory backend. Empty when it was on nothing in particular.
+        subject: String,
+        /// Whether retrying later may succeed without anyone fixing anything (see
+        /// [`StoreError::is_transient`]).
+        transient: bool,
+        /// The backend's own error.
         #[source]
         source: BoxError,
-    },
-    /// A file system operation of the directory backend failed.
-    #[error("{op} {path} failed")]
-    Io {
-        /// What was being done, e.g. `"rename"`.
-        op: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// etcd rejected a request (not a connectivity problem).
-    #[error("etcd {op} failed")]
-    Etcd {
-        /// The operation, e.g. `"txn"`.
-        op: &'static str,
-        /// The cause.
-        #[source]
-        source: etcd_client::Error,
     },
     /// A stored record, or a record about to be stored, is invalid.
     #[error(transparent)]
@@ -62,36 +51,33 @@ pub enum StoreError {
         /// The lease.
         lease: LeaseId,
     },
-    /// The directory backend's lock file stayed locked by another writer.
-    #[error("lock file {path} still locked after {waited:?}")]
-    LockTimeout {
-        /// The lock file.
-        path: PathBuf,
-        /// How long we waited.
-        waited: Duration,
-    },
     /// A configuration value of a backend is unusable.
     #[error("invalid store configuration: {reason}")]
     Config {
         /// What is wrong.
         reason: String,
     },
-    /// BUG: a blocking file task of the directory backend panicked or was cancelled.
-    #[error("BUG: directory store task failed")]
-    Task(#[source] tokio::task::JoinError),
 }
 
 impl StoreError {
-    /// Whether retrying later may succeed without anyone fixing anything (backend
-    /// unavailable, I/O failure, lock or compare-and-swap contention).
+    /// Whether retrying later may succeed without anyone fixing anything: a backend failure the
+    /// backend marked transient (unreachable, deadline, I/O, lock contention) or lost
+    /// compare-and-swap races.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Unavailable { .. }
-                | Self::Io { .. }
-                | Self::Contended { .. }
-                | Self::LockTimeout { .. }
-        )
+        match self {
+            Self::Backend { transient, .. } => *transient,
+            Self::Contended { .. } => true,
+            Self::Invalid(_) | Self::LeaseExpired { .. } | Self::Config { .. } => false,
+        }
+    }
+}
+
+/// `" <subject>"`, or nothing for an empty subject: keeps the message free of double spaces.
+fn on(subject: &str) -> String {
+    if subject.is_empty() {
+        String::new()
+    } else {
+        format!(" {subject}")
     }
 }
 
