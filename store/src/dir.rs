@@ -822,6 +822,53 @@ mod tests {
         );
     }
 
+    /// A writer holding the lock longer than `lock_timeout` makes writes fail with a transient
+    /// error naming the backend, the operation and the lock file; reads do not need the lock.
+    #[tokio::test]
+    async fn a_held_lock_times_out_with_a_transient_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = DirOptions {
+            lock_timeout: Duration::from_millis(100),
+            ..DirOptions::default()
+        };
+        let store = Store::new(DirStore::open(dir.path(), options).await.expect("open"));
+        store.put(&node_record("a", 1)).await.expect("put");
+
+        let lock_path = dir.path().join(LOCK_FILE);
+        let held = open_lock(&lock_path).expect("open lock file");
+        held.lock().expect("hold the lock");
+        let error = store
+            .put(&node_record("b", 2))
+            .await
+            .expect_err("put while another writer holds the lock");
+        assert!(
+            matches!(
+                &error,
+                StoreError::Backend {
+                    backend: "directory",
+                    op: "lock",
+                    transient: true,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(error.is_transient());
+        assert_eq!(
+            error.to_string(),
+            format!("directory store: lock {} failed", lock_path.display())
+        );
+        assert_eq!(
+            store.get::<NodeRecord>(&name("a")).await.expect("get"),
+            Some(node_record("a", 1))
+        );
+        held.unlock().expect("release the lock");
+        store
+            .put(&node_record("b", 2))
+            .await
+            .expect("put after release");
+    }
+
     #[tokio::test]
     async fn keys_cannot_escape_the_root() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -133,3 +133,46 @@ pub enum RecordProblem {
         expected: String,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend_error(subject: &str, transient: bool) -> StoreError {
+        StoreError::Backend {
+            backend: "etcd",
+            op: "connect",
+            subject: subject.to_owned(),
+            transient,
+            source: "connection refused".into(),
+        }
+    }
+
+    #[test]
+    fn backend_errors_name_backend_operation_and_subject() {
+        assert_eq!(
+            backend_error("http://127.0.0.1:2379", true).to_string(),
+            "etcd store: connect http://127.0.0.1:2379 failed"
+        );
+        assert_eq!(
+            backend_error("", true).to_string(),
+            "etcd store: connect failed"
+        );
+    }
+
+    #[test]
+    fn transient_is_what_the_backend_said_or_contention() {
+        assert!(backend_error("x", true).is_transient());
+        assert!(!backend_error("x", false).is_transient());
+        let contended = StoreError::Contended {
+            key: "rekey/cluster".to_owned(),
+            attempts: 1000,
+        };
+        assert!(contended.is_transient());
+        assert!(!StoreError::LeaseExpired { lease: LeaseId(1) }.is_transient());
+        let config = StoreError::Config {
+            reason: "no etcd endpoints".to_owned(),
+        };
+        assert!(!config.is_transient());
+    }
+}
