@@ -594,6 +594,12 @@ pub async fn watch_resync<H: Harness>(harness: &H) {
         resynced |= matches!(event, Event::Resynced(_));
         apply(&mut view, event);
     }
+    // And the watch goes on after the resync.
+    other.put(&node_record("d", 4)).await.expect("put d");
+    match next(&mut events).await {
+        Event::Put(record) => assert_eq!(record, node_record("d", 4).into_record()),
+        other => panic!("expected Put after the resync, got {other:?}"),
+    }
     // The lease survived the short outage; renewing works again.
     lease.renew().await.expect("renew after the return");
     assert!(
