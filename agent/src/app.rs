@@ -14,11 +14,12 @@ use anyhow::{Context, Result};
 use futures::StreamExt as _;
 use nodeseal_keymgr::handshake::HandshakeConfig;
 use nodeseal_keymgr::{NodeName, SpiffeId, TrustBundle, TrustDomain, TrustStore};
+use nodeseal_store::{Event, Kind, NodeRecord, Record, Store};
 use nodeseal_xfrm::{Handle, XfrmStat};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
 use crate::datapath::{DatapathHandle, DatapathSettings};
@@ -30,7 +31,6 @@ use crate::peer::{
 };
 use crate::sa::LocalEnd;
 use crate::status::{NodeView, StatusSource};
-use crate::store::{self, Event, Kind, NodeRecord, Record, Store};
 
 /// How long shutdown waits for tasks.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
@@ -76,10 +76,10 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
 
     let record = NodeRecord {
-        name: store::NodeName::new(config.node_name.clone()).context("--node-name")?,
+        name: nodeseal_store::NodeName::new(config.node_name.clone()).context("--node-name")?,
         node_ips: vec![config.node_ip],
         pod_cidrs: config.pod_cidrs.iter().map(|c| c.trunc()).collect(),
-        spiffe_id: store::SpiffeId::new(trust_domain.node_id(&node).as_str().to_owned())
+        spiffe_id: nodeseal_store::SpiffeId::new(trust_domain.node_id(&node).as_str().to_owned())
             .context("SPIFFE ID")?,
         handshake: SocketAddr::new(config.node_ip, config.handshake_port),
         wireguard_public_key: None,
@@ -333,7 +333,10 @@ async fn renew_identity(
 
 /// Pod interfaces, status publication for `keys rotate --wait`, metrics.
 async fn housekeeping(agent: Arc<Agent>) {
-    let mut last_published: Option<(u64, BTreeMap<store::NodeName, store::PeerStatus>)> = None;
+    let mut last_published: Option<(
+        u64,
+        BTreeMap<nodeseal_store::NodeName, nodeseal_store::PeerStatus>,
+    )> = None;
     let mut last_publish_at = std::time::Instant::now();
     loop {
         tokio::select! {
@@ -353,10 +356,12 @@ async fn housekeeping(agent: Arc<Agent>) {
             if s.state == PeerState::Established {
                 established += 1;
             }
-            if let (Some(epoch), Some(generation), Ok(n)) =
-                (s.epoch, s.generation, store::NodeName::new(name.as_str()))
-            {
-                applied.insert(n, store::PeerStatus { epoch, generation });
+            if let (Some(epoch), Some(generation), Ok(n)) = (
+                s.epoch,
+                s.generation,
+                nodeseal_store::NodeName::new(name.as_str()),
+            ) {
+                applied.insert(n, nodeseal_store::PeerStatus { epoch, generation });
             }
         }
         agent.metrics.set_peers(peers.len(), established);
@@ -365,10 +370,10 @@ async fn housekeeping(agent: Arc<Agent>) {
         if last_published.as_ref() != Some(&now)
             || last_publish_at.elapsed() > Duration::from_secs(30)
         {
-            let Ok(node) = store::NodeName::new(agent.node.as_str()) else {
+            let Ok(node) = nodeseal_store::NodeName::new(agent.node.as_str()) else {
                 continue;
             };
-            let record = store::NodeStatus {
+            let record = nodeseal_store::NodeStatus {
                 node,
                 reported_at: SystemTime::now(),
                 generation: now.0,
@@ -418,6 +423,9 @@ impl Agent {
                     warn!(error = %e, "cluster store unavailable; keeping the datapath as it is")
                 }
                 Event::Invalid(e) => warn!(error = %e, "ignoring invalid store record"),
+                // Event is non-exhaustive: a kind of event this agent does not know yet changes
+                // nothing it acts on.
+                other => debug!(event = ?other, "ignoring unknown store event"),
             }
         }
     }

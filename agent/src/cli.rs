@@ -12,11 +12,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nodeseal_keymgr::{
     ClusterCa, IssueOptions, NodeKey, NodeName, TrustDomain, create_csr, validate_csr,
 };
+use nodeseal_store::{CertificateRecord, NodeRecord, NodeStatus, Revocation, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DEFAULT_STATUS_SOCKET, StoreArgs};
 use crate::identity::{pem, write_secret};
-use crate::store::{self, CertificateRecord, NodeRecord, NodeStatus, Revocation, Store};
 
 /// Exit code of `keys rotate --wait` when not every node reached the generation in time.
 pub const EXIT_TIMEOUT: u8 = 3;
@@ -221,7 +221,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Node(NodeCommand::Revoke { name, store }) => {
             let store = store.open().await?;
-            let node = store::NodeName::new(name.clone()).context("node name")?;
+            let node = nodeseal_store::NodeName::new(name.clone()).context("node name")?;
             store
                 .put(&Revocation {
                     node,

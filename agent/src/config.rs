@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 use ipnet::IpNet;
+use nodeseal_store::{DirOptions, DirStore, EtcdOptions, EtcdStore, Store, StoreError};
 use serde::Serialize;
-
-use crate::store::{DirOptions, DirStore, EtcdOptions, EtcdStore, Store, StoreError};
 
 /// Default TCP port of the key-agreement handshake.
 pub const DEFAULT_HANDSHAKE_PORT: u16 = 4250;

@@ -8,10 +8,9 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use nodeseal_keymgr::svid::certs_from_pem;
 use nodeseal_keymgr::{NodeIdentity, NodeKey, NodeName, TrustBundle, TrustDomain, create_csr};
+use nodeseal_store::{CertificateRecord, CsrRecord, Store};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
-
-use crate::store::{self, CertificateRecord, CsrRecord, Store};
 
 /// How often the store is polled for the signed certificate.
 const CERT_POLL: Duration = Duration::from_millis(250);
@@ -36,7 +35,7 @@ pub enum IdentityError {
     },
     /// The store failed.
     #[error("cluster store")]
-    Store(#[from] store::StoreError),
+    Store(#[from] nodeseal_store::StoreError),
     /// keymgr did not sign in time.
     #[error(
         "no certificate from keymgr after {0:?} (is `nodeseal keymgr run` up, and the node admitted?)"
@@ -139,7 +138,7 @@ impl IdentitySource {
 /// [`IdentityError`] if there is none yet or it is malformed.
 pub async fn fetch_bundle(store: &Store, td: &TrustDomain) -> Result<TrustBundle, IdentityError> {
     let record = store
-        .get::<store::TrustBundle>(&())
+        .get::<nodeseal_store::TrustBundle>(&())
         .await?
         .ok_or_else(|| invalid("keymgr has not published a trust bundle yet"))?;
     TrustBundle::from_json(td.clone(), record.bundle.as_bytes())
@@ -163,7 +162,7 @@ async fn request_certificate(
     timeout: Duration,
 ) -> Result<NodeIdentity, IdentityError> {
     let csr = create_csr(&key, td, node).map_err(|e| invalid(format!("creating CSR: {e}")))?;
-    let store_node = store::NodeName::new(node.as_str()).map_err(invalid)?;
+    let store_node = nodeseal_store::NodeName::new(node.as_str()).map_err(invalid)?;
     store
         .put(&CsrRecord {
             node: store_node.clone(),

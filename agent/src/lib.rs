@@ -1,9 +1,10 @@
 //! nodeseal-agent: the node agent of nodeseal, the keymgr role and the `nodeseal` CLI.
 //!
-//! - [`app`] wires everything: [`store`] (cluster state), [`identity`] (node key, SVID through
-//!   the keymgr CSR flow), [`datapath`] (the eBPF maps and attachments), [`sa`] (the XFRM
-//!   layout), [`peer`] (one task per peer: handshakes, make-before-break rekeys, teardown),
-//!   [`server`] (the handshake listener), [`status`] and [`metrics`].
+//! - [`app`] wires everything: the cluster-state store (the `nodeseal-store` crate),
+//!   [`identity`] (node key, SVID through the keymgr CSR flow), [`datapath`] (the eBPF maps and
+//!   attachments), [`sa`] (the XFRM layout), [`peer`] (one task per peer: handshakes,
+//!   make-before-break rekeys, teardown), [`server`] (the handshake listener), [`status`] and
+//!   [`metrics`].
 //! - [`signer`] is keymgr as a running role; [`cli`] is the `nodeseal` command line.
 //!
 //! The agent never touches XFRM objects or BPF pins it does not own, and leaves its kernel state
@@ -24,4 +25,3 @@ pub mod server;
 pub mod shutdown;
 pub mod signer;
 pub mod status;
-pub mod store;

@@ -10,18 +10,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use base64::Engine as _;
 use futures::StreamExt as _;
 use nodeseal_keymgr::{ClusterCa, IssueOptions, NodeName, TrustBundle, validate_csr};
+use nodeseal_store::{CertificateRecord, CsrRecord, Event, Kind, Record, Store};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::identity::pem;
-use crate::store::{self, CertificateRecord, CsrRecord, Event, Kind, Record, Store};
 
 /// Errors that stop the signer.
 #[derive(Debug, thiserror::Error)]
 pub enum SignerError {
     /// The store failed.
     #[error("cluster store")]
-    Store(#[from] store::StoreError),
+    Store(#[from] nodeseal_store::StoreError),
     /// The bundle could not be built.
     #[error("building the trust bundle: {0}")]
     Bundle(String),
@@ -83,6 +83,9 @@ pub async fn run(
             }
             Event::Interrupted(e) => warn!(error = %e, "store unavailable; signing paused"),
             Event::Invalid(e) => warn!(error = %e, "ignoring invalid record"),
+            // Event is non-exhaustive: an event kind the signer does not know changes nothing
+            // it signs.
+            other => debug!(event = ?other, "ignoring unknown store event"),
         }
         sign_pending(&store, &ca, &options, &mut view).await;
         delete_revoked(&store, &view).await;
@@ -108,7 +111,7 @@ impl View {
 
 async fn publish_bundle(store: &Store, ca: &ClusterCa) -> Result<(), SignerError> {
     let td = ca.trust_domain().clone();
-    let mut bundle = match store.get::<store::TrustBundle>(&()).await? {
+    let mut bundle = match store.get::<nodeseal_store::TrustBundle>(&()).await? {
         Some(existing) => TrustBundle::from_json(td.clone(), existing.bundle.as_bytes())
             .unwrap_or_else(|e| {
                 warn!(error = %e, "replacing the unreadable trust bundle in the store");
@@ -120,7 +123,9 @@ async fn publish_bundle(store: &Store, ca: &ClusterCa) -> Result<(), SignerError
     let json = bundle
         .to_json()
         .map_err(|e| SignerError::Bundle(e.to_string()))?;
-    store.put(&store::TrustBundle { bundle: json }).await?;
+    store
+        .put(&nodeseal_store::TrustBundle { bundle: json })
+        .await?;
     info!(trust_domain = %td, authorities = bundle.authorities().len(), "trust bundle published");
     Ok(())
 }
@@ -143,7 +148,7 @@ async fn sign_pending(store: &Store, ca: &ClusterCa, options: &IssueOptions, vie
         }
         match sign_one(ca, options, &node, &csr_pem) {
             Ok(chain_pem) => {
-                let Ok(name) = store::NodeName::new(node.clone()) else {
+                let Ok(name) = nodeseal_store::NodeName::new(node.clone()) else {
                     continue;
                 };
                 match store
@@ -184,7 +189,7 @@ fn sign_one(
 
 async fn delete_revoked(store: &Store, view: &View) {
     for node in &view.revoked {
-        let Ok(name) = store::NodeName::new(node.clone()) else {
+        let Ok(name) = nodeseal_store::NodeName::new(node.clone()) else {
             continue;
         };
         match store.delete::<CertificateRecord>(&name).await {

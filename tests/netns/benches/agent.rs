@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use ipnet::IpNet;
-use nodeseal_agent::store::{self, DirOptions, DirStore, NodeRecord, Store};
 use nodeseal_keymgr::handshake::{self, HandshakeConfig};
 use nodeseal_keymgr::{
     ClusterCa, Epoch, ExpectedPeer, Hello, IssueOptions, Mode, NodeIdentity, NodeKey, NodeName,
@@ -42,6 +41,7 @@ use nodeseal_keymgr::{
 use nodeseal_netns::{
     Fabric, FabricOptions, Feature, Netns, Process, Topology, UdpStream, fabric, require,
 };
+use nodeseal_store::{DirOptions, DirStore, NodeRecord, Store};
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const AGENT_NAME: &str = "a-bench";
@@ -479,7 +479,7 @@ fn converge(n: usize, timeout: Duration, idle: Duration) -> Result<Convergence> 
     rt.block_on(async {
         let store = Store::new(DirStore::open(&store_dir, DirOptions::default()).await?);
         store
-            .put(&store::TrustBundle {
+            .put(&nodeseal_store::TrustBundle {
                 bundle: bundle.to_json()?,
             })
             .await?;
@@ -697,10 +697,10 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
 fn node_record(p: &PeerCreds) -> Result<NodeRecord> {
     let td = TrustDomain::new(TRUST_DOMAIN)?;
     Ok(NodeRecord {
-        name: store::NodeName::new(p.name.as_str())?,
+        name: nodeseal_store::NodeName::new(p.name.as_str())?,
         node_ips: vec![IpAddr::V4(p.ip)],
         pod_cidrs: vec![p.pod_cidr],
-        spiffe_id: store::SpiffeId::new(td.node_id(&p.name).as_str())?,
+        spiffe_id: nodeseal_store::SpiffeId::new(td.node_id(&p.name).as_str())?,
         handshake: SocketAddr::V4(SocketAddrV4::new(p.ip, HANDSHAKE_PORT)),
         wireguard_public_key: None,
     })

@@ -74,7 +74,7 @@ impl NodeLease {
     ///
     /// # Errors
     ///
-    /// The backend's errors ([`StoreError::Unavailable`] while etcd is down).
+    /// The backend's errors (a transient [`StoreError::Backend`] while etcd is down).
     pub async fn renew(&mut self) -> Result<(), StoreError> {
         match self.store.backend().keep_alive(self.lease).await {
             Ok(()) => Ok(()),

@@ -52,7 +52,7 @@ pub trait StoreBackend: Send + Sync + fmt::Debug + 'static {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Unavailable`], [`StoreError::Io`] or [`StoreError::Etcd`].
+    /// [`StoreError::Backend`], or [`StoreError::Invalid`] for a key the backend cannot store.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Reads every value whose key starts with `<prefix>/`.

@@ -705,7 +705,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::test_helpers::node_record;
+    use crate::test_helpers::node_record;
 
     fn name(text: &str) -> NodeName {
         NodeName::new(text).expect("test node name")

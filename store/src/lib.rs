@@ -1,10 +1,18 @@
-//! The cluster-state store: what the agents, keymgr and the CLI share.
+//! nodeseal-store: the cluster-state store, what the agents, keymgr and the CLI share.
 //!
 //! [`Store`] is the typed, cheap-to-clone handle everything uses. Underneath, one trait,
-//! [`StoreBackend`], has two implementations here:
-//! - [`DirStore`]: a local directory, one JSON file per record. The embedded default for a
-//!   single host (netns demos, tests); several agent processes may share one directory.
-//! - [`EtcdStore`]: etcd's v3 API, for real multi-host clusters, with leases for liveness.
+//! [`StoreBackend`], has an implementation per backend, each behind a cargo feature:
+//! - `dir` (default): `DirStore`, a local directory, one JSON file per record. The embedded
+//!   default for a single host (netns demos, tests); several agent processes may share one
+//!   directory.
+//! - `etcd` (default): `EtcdStore`, etcd's v3 API, for real multi-host clusters, with leases
+//!   for liveness.
+//! - `kube`: a Kubernetes backend is coming next; the feature is declared and enables nothing
+//!   yet.
+//!
+//! Every backend passes the same conformance suite (`tests/conformance.rs`): round trips,
+//! compare-and-swap, watch order, malformed records, leases (or the documented lack of them)
+//! and the watch's resync after an interruption.
 //!
 //! Records ([`NodeRecord`], [`CsrRecord`], [`CertificateRecord`], [`TrustBundle`],
 //! [`Revocation`], [`RekeyGeneration`], [`NodeStatus`]) are JSON under keys `<kind>/<id>`
@@ -18,13 +26,17 @@
 //! bounded backoff and, once the backend is back, sends the whole state again
 //! ([`Event::Resynced`]), so the caller's view is consistent whatever it missed.
 //!
-//! Not here: the Kubernetes backend, and any policy about what records mean (which node may
-//! publish what, when to rekey): that is the agent's and keymgr's job.
+//! Errors are one [`StoreError`] whatever the backend: a backend's failure is
+//! [`StoreError::Backend`], which names the backend, the operation and the key or path, and
+//! says whether it is transient; no backend client type appears in this API.
+//!
+//! Not here (yet): the Kubernetes backend. Not here at all: any policy about what records mean
+//! (which node may publish what, when to rekey): that is the agent's and keymgr's job.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), nodeseal_agent::store::StoreError> {
+//! # async fn demo() -> Result<(), nodeseal_store::StoreError> {
 //! use futures::StreamExt as _;
-//! use nodeseal_agent::store::{DirOptions, DirStore, Event, Kind, Store};
+//! use nodeseal_store::{DirOptions, DirStore, Event, Kind, Store};
 //!
 //! let store = Store::new(DirStore::open("/run/nodeseal/state", DirOptions::default()).await?);
 //! let generation = store.bump_rekey_generation().await?;
@@ -38,9 +50,13 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 mod backend;
+#[cfg(feature = "dir")]
 mod dir;
 mod error;
+#[cfg(feature = "etcd")]
 mod etcd;
 mod lease;
 mod record;
@@ -56,8 +72,10 @@ use futures::stream::BoxStream;
 use tracing::{debug, warn};
 
 pub use self::backend::{Backoff, LeaseId, RawEvent, StoreBackend};
+#[cfg(feature = "dir")]
 pub use self::dir::{DirOptions, DirStore};
 pub use self::error::{BoxError, RecordError, RecordProblem, StoreError};
+#[cfg(feature = "etcd")]
 pub use self::etcd::{EtcdOptions, EtcdStore};
 pub use self::lease::NodeLease;
 pub use self::record::{
@@ -140,7 +158,7 @@ impl Store {
     /// # Errors
     ///
     /// [`StoreError::Invalid`] if the stored record is invalid; the backend's errors
-    /// ([`StoreError::Unavailable`], [`StoreError::Io`], [`StoreError::Etcd`]).
+    /// ([`StoreError::Backend`]).
     pub async fn get<R: RecordKind>(&self, id: &R::Id) -> Result<Option<R>, StoreError> {
         let key = R::key_of(id);
         match self.backend.get(&key.to_string()).await? {

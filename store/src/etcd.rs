@@ -1,0 +1,618 @@
+//! [`EtcdStore`]: the cluster state in etcd (v3 API; tested against etcd 3.4).
+//!
+//! Keys are `<prefix><kind>/<id>`, prefix `/nodeseal/` by default. Node records hang on
+//! leases. Every request has a deadline ([`EtcdOptions::request_timeout`]): while etcd is down,
+//! operations fail with a transient [`StoreError::Backend`] instead of waiting. HTTP/2
+//! keep-alive pings detect a dead connection under an idle watch.
+//!
+//! A watch reads a snapshot (one revision, over every watched prefix), then watches from the
+//! next revision, so nothing falls between the two. When the connection or the watch fails
+//! (etcd stopped, or the revision compacted), it reports once, retries with backoff, and
+//! resyncs with a fresh snapshot: the caller never has to reason about missed events.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use futures::stream::BoxStream;
+use tracing::{debug, info, warn};
+
+use super::backend::{Backoff, LeaseId, RawEvent, StoreBackend};
+use super::error::{BoxError, StoreError};
+use super::record::Kind;
+
+const BACKEND: &str = "etcd";
+/// Largest response accepted (snapshots of many records).
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
+
+/// Settings of the etcd backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EtcdOptions {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of all nodeseal records; ends with `/`.
+    pub prefix: String,
+    /// Deadline of every request.
+    pub request_timeout: Duration,
+    /// Deadline of connection set-up.
+    pub connect_timeout: Duration,
+    /// HTTP/2 keep-alive ping interval; a connection is dead after `keep_alive_timeout` without
+    /// an answer.
+    pub keep_alive_interval: Duration,
+    /// See `keep_alive_interval`.
+    pub keep_alive_timeout: Duration,
+    /// Backoff of the watch while etcd is unreachable.
+    pub backoff: Backoff,
+}
+
+impl EtcdOptions {
+    /// Default prefix.
+    pub const DEFAULT_PREFIX: &'static str = "/nodeseal/";
+
+    /// Options with defaults for these endpoints.
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: Self::DEFAULT_PREFIX.to_owned(),
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            keep_alive_interval: Duration::from_secs(5),
+            keep_alive_timeout: Duration::from_secs(5),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// The etcd backend. See the [module docs](self). Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    options: EtcdOptions,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdStore {
+    /// Creates a client. Connections are made on demand, so this succeeds while etcd is down;
+    /// the first request tells.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] for no endpoints or a prefix not ending in `/`;
+    /// [`StoreError::Backend`] for an unusable endpoint URL.
+    pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
+        if options.endpoints.is_empty() {
+            return Err(StoreError::Config {
+                reason: "no etcd endpoints".to_owned(),
+            });
+        }
+        if !options.prefix.ends_with('/') {
+            return Err(StoreError::Config {
+                reason: format!("etcd prefix {:?} must end with '/'", options.prefix),
+            });
+        }
+        let connect = ConnectOptions::new()
+            .with_connect_timeout(options.connect_timeout)
+            .with_timeout(options.request_timeout)
+            .with_keep_alive(options.keep_alive_interval, options.keep_alive_timeout)
+            .with_keep_alive_while_idle(true);
+        let endpoints = options.endpoints.join(",");
+        let client = tokio::time::timeout(
+            options.connect_timeout,
+            Client::connect(&options.endpoints, Some(connect)),
+        )
+        .await
+        .map_err(|elapsed| unavailable("connect", &endpoints, elapsed.into()))?
+        .map_err(|e| map_error("connect", &endpoints, e))?;
+        info!(endpoints = ?options.endpoints, prefix = options.prefix, "etcd store client ready");
+        Ok(Self { client, options })
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.options.prefix)
+    }
+
+    /// Runs one request on `subject` (a key, prefix or lease) with the deadline.
+    async fn call<T, F>(&self, op: &'static str, subject: &str, request: F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        with_deadline(self.options.request_timeout, op, subject, request)
+            .await?
+            .map_err(|e| map_error(op, subject, e))
+    }
+}
+
+/// Runs one request with a deadline. A missed deadline is a transient [`StoreError`]; etcd's
+/// own error is returned as it is, for the callers that must tell an unknown lease apart.
+async fn with_deadline<T, F>(
+    timeout: Duration,
+    op: &'static str,
+    subject: &str,
+    request: F,
+) -> Result<Result<T, etcd_client::Error>, StoreError>
+where
+    F: Future<Output = Result<T, etcd_client::Error>>,
+{
+    tokio::time::timeout(timeout, request)
+        .await
+        .map_err(|elapsed| unavailable(op, subject, elapsed.into()))
+}
+
+/// etcd could not be reached or did not answer in time: worth retrying.
+fn unavailable(op: &'static str, subject: &str, source: BoxError) -> StoreError {
+    StoreError::Backend {
+        backend: BACKEND,
+        op,
+        subject: subject.to_owned(),
+        transient: true,
+        source,
+    }
+}
+
+/// Connectivity problems are transient; what etcd refused (a request too large, a bad
+/// argument) is not: sending it again gets the same answer.
+fn map_error(op: &'static str, subject: &str, error: etcd_client::Error) -> StoreError {
+    use etcd_client::Error as E;
+    let connectivity = match &error {
+        E::TransportError(_) | E::IoError(_) => true,
+        E::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+        ),
+        _ => false,
+    };
+    StoreError::Backend {
+        backend: BACKEND,
+        op,
+        subject: subject.to_owned(),
+        transient: connectivity,
+        source: error.into(),
+    }
+}
+
+fn lease_not_found(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::NotFound || status.message().contains("lease not found")
+        }
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
+        _ => false,
+    }
+}
+
+/// Strips the prefix; keys outside it (cannot happen with prefix requests) are skipped.
+fn relative(prefix: &str, key: &[u8]) -> Option<String> {
+    let key = std::str::from_utf8(key).ok()?;
+    key.strip_prefix(prefix).map(str::to_owned)
+}
+
+#[async_trait::async_trait]
+impl StoreBackend for EtcdStore {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = self
+            .call("get", key, kv.get(self.full_key(key), None))
+            .await?;
+        Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let full = self.full_key(&format!("{prefix}/"));
+        let response = self
+            .call(
+                "list",
+                &format!("{prefix}/"),
+                kv.get(full, Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        Ok(response
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                relative(&self.options.prefix, kv.key()).map(|key| (key, kv.value().to_vec()))
+            })
+            .collect())
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<(), StoreError> {
+        let mut kv = self.client.kv_client();
+        let options = lease.map(|lease| PutOptions::new().with_lease(lease.0));
+        let result = with_deadline(
+            self.options.request_timeout,
+            "put",
+            key,
+            kv.put(self.full_key(key), value, options),
+        )
+        .await?;
+        match (result, lease) {
+            (Ok(_), _) => Ok(()),
+            (Err(error), Some(lease)) if lease_not_found(&error) => {
+                Err(StoreError::LeaseExpired { lease })
+            }
+            (Err(error), _) => Err(map_error("put", key, error)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = self
+            .call("delete", key, kv.delete(self.full_key(key), None))
+            .await?;
+        Ok(response.deleted() > 0)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let full = self.full_key(key);
+        let compare = match expected {
+            // create_revision 0: the key does not exist.
+            None => Compare::create_revision(full.clone(), CompareOp::Equal, 0),
+            Some(value) => Compare::value(full.clone(), CompareOp::Equal, value.to_vec()),
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::put(full, new, None)]);
+        let mut kv = self.client.kv_client();
+        let response = self.call("compare-and-swap", key, kv.txn(txn)).await?;
+        Ok(response.succeeded())
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let seconds = if ttl.subsec_nanos() > 0 {
+            seconds.saturating_add(1)
+        } else {
+            seconds
+        };
+        let mut lease = self.client.lease_client();
+        let response = self
+            .call(
+                "lease grant",
+                &format!("of {seconds} s"),
+                lease.grant(seconds, None),
+            )
+            .await?;
+        debug!(lease = %LeaseId(response.id()), ttl = response.ttl(), "granted lease");
+        Ok(LeaseId(response.id()))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let mut client = self.client.lease_client();
+        // etcd-client's keep_alive sends one renewal and waits for its answer; a TTL of 0 or
+        // "not found" means the lease is gone.
+        let subject = format!("lease {lease}");
+        let result = with_deadline(
+            self.options.request_timeout,
+            "keep-alive",
+            &subject,
+            async { client.keep_alive(lease.0).await.map(drop) },
+        )
+        .await?;
+        match result {
+            Ok(()) => Ok(()),
+            Err(error) if lease_not_found(&error) => Err(StoreError::LeaseExpired { lease }),
+            Err(error) => Err(map_error("keep-alive", &subject, error)),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let mut client = self.client.lease_client();
+        let subject = format!("lease {lease}");
+        let result = with_deadline(
+            self.options.request_timeout,
+            "revoke",
+            &subject,
+            client.revoke(lease.0),
+        )
+        .await?;
+        match result {
+            Ok(_) => Ok(()),
+            // Already gone: what revoking was for.
+            Err(error) if lease_not_found(&error) => Ok(()),
+            Err(error) => Err(map_error("revoke", &subject, error)),
+        }
+    }
+
+    fn watch(&self, kinds: &[Kind]) -> BoxStream<'static, RawEvent> {
+        let store = self.clone();
+        let prefixes: Vec<String> = kinds
+            .iter()
+            .map(|kind| format!("{}{}/", self.options.prefix, kind.as_str()))
+            .collect();
+        // For errors: which prefixes this watch is on, relative to the nodeseal prefix.
+        let watched = kinds
+            .iter()
+            .map(|kind| format!("{}/", kind.as_str()))
+            .collect::<Vec<_>>()
+            .join(",");
+        Box::pin(async_stream::stream! {
+            let mut sent_snapshot = false;
+            let mut failures = 0u32;
+            loop {
+                if failures > 0 {
+                    tokio::time::sleep(store.options.backoff.delay(failures)).await;
+                }
+                // Snapshot at one revision over every prefix.
+                let (entries, revision) = match store.snapshot(&prefixes).await {
+                    Ok(snapshot) => snapshot,
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        if failures == 1 {
+                            yield RawEvent::Interrupted(error);
+                        } else {
+                            debug!(%error, failures, "etcd still unavailable");
+                        }
+                        continue;
+                    }
+                };
+                if failures > 0 {
+                    info!(revision, "etcd reachable again, resynced watch");
+                }
+                yield RawEvent::Snapshot { entries, resync: sent_snapshot };
+                sent_snapshot = true;
+                failures = 0;
+
+                // Changes after the snapshot.
+                let mut watch_client = store
+                    .client
+                    .watch_client()
+                    .max_decoding_message_size(MAX_RESPONSE_BYTES);
+                let options = |_: &str| {
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1)
+                };
+                let Some(first) = prefixes.first() else {
+                    // Nothing to watch: stay quiet forever (the stream ends only when dropped).
+                    futures::future::pending::<()>().await;
+                    continue;
+                };
+                let mut stream = match store
+                    .call(
+                        "watch",
+                        &watched,
+                        watch_client.watch(first.clone(), Some(options(first))),
+                    )
+                    .await
+                {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        failures = 1;
+                        yield RawEvent::Interrupted(error);
+                        continue;
+                    }
+                };
+                let mut extra_failed = None;
+                for prefix in prefixes.iter().skip(1) {
+                    if let Err(error) = stream.watch(prefix.clone(), Some(options(prefix))).await {
+                        extra_failed = Some(map_error("watch", &watched, error));
+                        break;
+                    }
+                }
+                if let Some(error) = extra_failed {
+                    failures = 1;
+                    yield RawEvent::Interrupted(error);
+                    continue;
+                }
+                let error = loop {
+                    let response = match stream.message().await {
+                        Ok(Some(response)) => response,
+                        Ok(None) => {
+                            break unavailable(
+                                "watch",
+                                &watched,
+                                "etcd closed the watch stream".into(),
+                            );
+                        }
+                        Err(error) => break map_error("watch", &watched, error),
+                    };
+                    if response.canceled() {
+                        warn!(
+                            reason = response.cancel_reason(),
+                            compact_revision = response.compact_revision(),
+                            "etcd cancelled the watch, resyncing"
+                        );
+                        // Transient: the resync that follows recovers (a compacted revision is
+                        // the usual reason).
+                        break unavailable(
+                            "watch",
+                            &watched,
+                            format!("etcd cancelled the watch: {}", response.cancel_reason())
+                                .into(),
+                        );
+                    }
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let Some(key) = relative(&store.options.prefix, kv.key()) else {
+                            continue;
+                        };
+                        match event.event_type() {
+                            EventType::Put => yield RawEvent::Put(key, kv.value().to_vec()),
+                            EventType::Delete => yield RawEvent::Delete(key),
+                        }
+                    }
+                };
+                failures = 1;
+                yield RawEvent::Interrupted(error);
+            }
+        })
+    }
+}
+
+impl EtcdStore {
+    /// Reads every key under `prefixes` at one revision; returns entries and that revision.
+    async fn snapshot(
+        &self,
+        prefixes: &[String],
+    ) -> Result<(Vec<(String, Vec<u8>)>, i64), StoreError> {
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let mut entries = Vec::new();
+        let mut revision = None;
+        for prefix in prefixes {
+            let mut options = GetOptions::new().with_prefix();
+            if let Some(revision) = revision {
+                options = options.with_revision(revision);
+            }
+            let response = self
+                .call(
+                    "watch snapshot",
+                    prefix,
+                    kv.get(prefix.clone(), Some(options)),
+                )
+                .await?;
+            if revision.is_none() {
+                revision = Some(response.header().map_or(0, |h| h.revision()));
+            }
+            entries.extend(response.kvs().iter().filter_map(|kv| {
+                relative(&self.options.prefix, kv.key()).map(|key| (key, kv.value().to_vec()))
+            }));
+        }
+        Ok((entries, revision.unwrap_or(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+
+    use super::*;
+    use crate::test_helpers::{EtcdServer, node_record};
+    use crate::{Event, RecordKind as _, Store};
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    fn options(server: &EtcdServer) -> EtcdOptions {
+        let mut options = EtcdOptions::new([server.endpoint()]);
+        options.request_timeout = Duration::from_secs(2);
+        options.connect_timeout = Duration::from_secs(2);
+        options.keep_alive_interval = Duration::from_secs(1);
+        options.keep_alive_timeout = Duration::from_secs(2);
+        options.backoff = Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+        };
+        options
+    }
+
+    async fn store(server: &EtcdServer) -> (Store, EtcdStore) {
+        let backend = EtcdStore::connect(options(server))
+            .await
+            .expect("etcd client");
+        (Store::new(backend.clone()), backend)
+    }
+
+    async fn next(events: &mut BoxStream<'static, Event>) -> Event {
+        tokio::time::timeout(WAIT, events.next())
+            .await
+            .expect("store event within 20 s")
+            .expect("watch streams never end")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn republish_replaces_the_record_under_the_same_lease() {
+        let Some(server) = EtcdServer::start_or_skip("republish_replaces_the_record") else {
+            return;
+        };
+        let (store, _) = store(&server).await;
+        let mut events = store.watch(&[Kind::Node]);
+        assert!(matches!(next(&mut events).await, Event::Snapshot(s) if s.records.is_empty()));
+
+        let mut lease = store
+            .publish_node(node_record("a", 1), Duration::from_secs(30))
+            .await
+            .expect("publish");
+        assert!(
+            matches!(next(&mut events).await, Event::Put(r) if r.key().to_string() == "nodes/a")
+        );
+        let mut changed = node_record("a", 1);
+        changed.wireguard_public_key = Some(crate::WgPublicKey::from_bytes([1; 32]));
+        let before = lease.lease();
+        lease.republish(changed.clone()).await.expect("republish");
+        assert_eq!(lease.lease(), before, "same lease");
+        match next(&mut events).await {
+            Event::Put(record) => assert_eq!(record, changed.clone().into_record()),
+            other => panic!("expected the republished record, got {other:?}"),
+        }
+        // Another node's record cannot go under this node's lease.
+        assert!(matches!(
+            lease.republish(node_record("b", 2)).await,
+            Err(StoreError::Invalid(_))
+        ));
+        // Revoking the lease deletes what hangs on it.
+        lease.revoke().await.expect("revoke");
+        assert!(matches!(next(&mut events).await, Event::Deleted(k) if k.to_string() == "nodes/a"));
+    }
+
+    /// What etcd refuses is not transient (sending it again gets the same answer); etcd being
+    /// away is. Either way the error names the backend, the operation and the key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn errors_say_backend_operation_key_and_whether_transient() {
+        let Some(mut server) = EtcdServer::start_or_skip("errors_say_backend_operation_key") else {
+            return;
+        };
+        let (_, backend) = store(&server).await;
+        // Above etcd's default request limit (1.5 MiB).
+        let error = backend
+            .put("nodes/big", vec![b' '; 2 << 20], None)
+            .await
+            .expect_err("etcd refuses a 2 MiB request");
+        assert!(
+            matches!(
+                &error,
+                StoreError::Backend {
+                    backend: "etcd",
+                    op: "put",
+                    transient: false,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(!error.is_transient());
+        assert_eq!(error.to_string(), "etcd store: put nodes/big failed");
+
+        server.kill();
+        let error = backend.get("nodes/a").await.expect_err("etcd is down");
+        assert!(error.is_transient(), "{error:?}");
+        assert_eq!(error.to_string(), "etcd store: get nodes/a failed");
+        let error = backend
+            .keep_alive(LeaseId(0x2a))
+            .await
+            .expect_err("etcd is down");
+        assert!(error.is_transient(), "{error:?}");
+        assert_eq!(error.to_string(), "etcd store: keep-alive lease 2a failed");
+    }
+}
