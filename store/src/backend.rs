@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 
-use super::error::StoreError;
+use super::error::{RecordError, StoreError};
 use super::record::Kind;
 
 /// A backend lease: records put with it disappear when it is not renewed within its TTL.
@@ -38,6 +38,10 @@ pub enum RawEvent {
     Delete(String),
     /// The watch lost the backend; it retries with backoff and then sends a resync snapshot.
     Interrupted(StoreError),
+    /// A record the backend assembles from several sources cannot be formed (the Kubernetes
+    /// backend's node record when the Node object lacks an InternalIP). Its key is to be
+    /// treated as absent. After a snapshot, one such event follows per unusable record.
+    Unusable(RecordError),
 }
 
 /// A place to keep cluster state: the directory backend ([`DirStore`](super::DirStore)) and the

@@ -58,6 +58,8 @@ mod dir;
 mod error;
 #[cfg(feature = "etcd")]
 mod etcd;
+#[cfg(feature = "kube")]
+pub mod kube;
 mod lease;
 mod record;
 #[cfg(any(test, feature = "testing"))]
@@ -77,6 +79,8 @@ pub use self::dir::{DirOptions, DirStore};
 pub use self::error::{BoxError, RecordError, RecordProblem, StoreError};
 #[cfg(feature = "etcd")]
 pub use self::etcd::{EtcdOptions, EtcdStore};
+#[cfg(feature = "kube")]
+pub use self::kube::{KubeOptions, KubeStore};
 pub use self::lease::NodeLease;
 pub use self::record::{
     CertificateRecord, CsrRecord, Key, Kind, MAX_ADDRESSES, MAX_RECORD_BYTES, NodeRecord,
@@ -396,6 +400,13 @@ fn typed_event(raw: RawEvent, kinds: &[Kind], backend: &'static str) -> Option<E
         RawEvent::Interrupted(error) => {
             warn!(backend, error = %error, "store watch interrupted, retrying");
             Some(Event::Interrupted(error))
+        }
+        RawEvent::Unusable(error) => {
+            if !wanted(&error.key, kinds) {
+                return None;
+            }
+            warn!(backend, %error, "unusable record");
+            Some(Event::Invalid(error))
         }
     }
 }

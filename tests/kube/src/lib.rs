@@ -30,5 +30,5 @@ pub use apply::{apply_yaml, deploy_dir, wait_crd_established};
 pub use objects::MIN_TOKEN_TTL;
 pub use server::{
     API_AUDIENCE, BIN_DIR_ENV, KubeApiServer, KubeApiServerBuilder, SERVICE_CLUSTER_IP_RANGE,
-    client_for_kubeconfig, default_bin_dir, missing_binaries,
+    binaries_or_skip, client_for_kubeconfig, default_bin_dir, missing_binaries,
 };

@@ -68,6 +68,24 @@ pub fn missing_binaries(bin_dir: &Path) -> Option<String> {
     })
 }
 
+/// Whether the Kubernetes binaries are here. When they are not, prints why `test` is skipped
+/// and returns false, unless `NODESEAL_REQUIRE_PRIVILEGED=1` (every test must run), which
+/// panics instead.
+///
+/// # Panics
+/// Under `NODESEAL_REQUIRE_PRIVILEGED=1` when a binary is missing.
+pub fn binaries_or_skip(test: &str) -> bool {
+    let Some(reason) = missing_binaries(&default_bin_dir()) else {
+        return true;
+    };
+    assert!(
+        std::env::var("NODESEAL_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+        "{test}: NODESEAL_REQUIRE_PRIVILEGED=1 but {reason}"
+    );
+    eprintln!("SKIPPED {test}: {reason}");
+    false
+}
+
 /// Settings for [`KubeApiServer`]; see [`KubeApiServer::builder`].
 #[derive(Debug, Clone)]
 pub struct KubeApiServerBuilder {

@@ -1,0 +1,392 @@
+//! The Kubernetes backend against a real kube-apiserver (the Go-built binaries of `cargo xtask
+//! setup`): node records are what the Node objects say, whatever an agent claims; cluster-wide
+//! records are compare-and-swapped ConfigMaps; the watch follows Nodes and survives an
+//! apiserver restart without a spurious deletion.
+//!
+//! The generic conformance suite does not fit this backend as it is: its node records must
+//! match Node objects, and it keeps no CSR or certificate records (those are
+//! CertificateSigningRequests in this mode). These cases cover the same properties here.
+#![cfg(feature = "kube")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up or expectation is a test failure"
+)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use nodeseal_kube_fixture::{KubeApiServer, binaries_or_skip, deploy_dir};
+use nodeseal_store::kube::objects::{KEY_ANNOTATION, KIND_LABEL, NodesealNode, RECORD_DATA_KEY};
+use nodeseal_store::test_helpers::node_record;
+use nodeseal_store::{
+    Event, Kind, KubeStore, NodeName, NodeRecord, NodeStatus, PeerStatus, Record, RecordKind as _,
+    RekeyGeneration, Revocation, RevocationId, Store, StoreError, TrustBundle,
+};
+
+const NAMESPACE: &str = "nodeseal";
+const TRUST_DOMAIN: &str = "cluster.local";
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn cluster(test: &str) -> Option<KubeApiServer> {
+    if !binaries_or_skip(test) {
+        return None;
+    }
+    let cluster = KubeApiServer::start().await.expect("kube-apiserver");
+    cluster
+        .apply_file(&deploy_dir().join("crds.yaml"))
+        .await
+        .expect("applying the CRDs");
+    cluster
+        .create_namespace(NAMESPACE)
+        .await
+        .expect("namespace");
+    Some(cluster)
+}
+
+fn store(cluster: &KubeApiServer) -> Store {
+    Store::new(KubeStore::from_client(
+        cluster.admin_client(),
+        NAMESPACE.to_owned(),
+        TRUST_DOMAIN.to_owned(),
+    ))
+}
+
+fn name(text: &str) -> NodeName {
+    NodeName::new(text).unwrap()
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// What an agent would publish for node `name`, claiming addresses that are not its own.
+fn greedy_claim(node: &str) -> NodeRecord {
+    let mut record = node_record(node, 1);
+    record.node_ips = vec![ip("10.9.9.9")];
+    record.pod_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+    record.handshake = SocketAddr::new(ip("10.9.9.9"), 4250);
+    record
+}
+
+async fn next(events: &mut BoxStream<'static, Event>) -> Event {
+    tokio::time::timeout(WAIT, events.next())
+        .await
+        .expect("a store event within 30 s")
+        .expect("watches never end")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_records_are_the_node_objects_facts() {
+    let Some(cluster) = cluster("kube::node_records_are_the_node_objects_facts").await else {
+        return;
+    };
+    let store = store(&cluster);
+    cluster
+        .create_node("a", ip("10.0.0.1"), &["10.244.1.0/24"])
+        .await
+        .expect("node a");
+
+    // The agent claims other IPs and a /8: peers see only what the Node object says.
+    store.put(&greedy_claim("a")).await.expect("publish a");
+    let seen = store
+        .get::<NodeRecord>(&name("a"))
+        .await
+        .expect("get a")
+        .expect("a is published");
+    assert_eq!(seen.node_ips, vec![ip("10.0.0.1")]);
+    assert_eq!(seen.pod_cidrs, vec!["10.244.1.0/24".parse().unwrap()]);
+    assert_eq!(seen.handshake, SocketAddr::new(ip("10.0.0.1"), 4250));
+    assert_eq!(seen.spiffe_id.to_string(), "spiffe://cluster.local/node/a");
+    let listing = store.list::<NodeRecord>().await.expect("list");
+    assert_eq!(listing.records, vec![seen]);
+
+    // No Node object: nothing to publish for.
+    let error = store.put(&greedy_claim("ghost")).await.unwrap_err();
+    assert!(
+        error.to_string().contains("no Node object ghost"),
+        "{error}"
+    );
+
+    // A NodesealNode naming another node's SPIFFE ID is unusable, with the reason.
+    let published: Api<NodesealNode> = Api::all(cluster.admin_client());
+    let patch = serde_json::json!({ "spec": { "spiffeID": "spiffe://cluster.local/node/b" } });
+    published
+        .patch("a", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch a");
+    match store.get::<NodeRecord>(&name("a")).await {
+        Err(StoreError::Invalid(e)) => {
+            assert!(e.to_string().contains("claims SPIFFE ID"), "{e}");
+        }
+        other => panic!("expected an invalid record, got {other:?}"),
+    }
+
+    // A Node without a pod CIDR: the record says which field is missing.
+    cluster
+        .create_node("c", ip("10.0.0.3"), &[])
+        .await
+        .expect("node c");
+    store.put(&greedy_claim("c")).await.expect("publish c");
+    match store.get::<NodeRecord>(&name("c")).await {
+        Err(StoreError::Invalid(e)) => {
+            assert!(e.to_string().contains("Node c has no pod CIDR"), "{e}");
+        }
+        other => panic!("expected an invalid record, got {other:?}"),
+    }
+
+    // The node's status report lives in its NodesealNode's status.
+    let status = NodeStatus {
+        node: name("c"),
+        reported_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        generation: 3,
+        peers: [(
+            name("a"),
+            PeerStatus {
+                epoch: 2,
+                generation: 3,
+            },
+        )]
+        .into(),
+    };
+    store.put(&status).await.expect("put status");
+    assert_eq!(
+        store
+            .get::<NodeStatus>(&name("c"))
+            .await
+            .expect("get status"),
+        Some(status)
+    );
+
+    // Withdrawing a node deletes its NodesealNode only; the Node is the cluster's.
+    assert!(
+        store
+            .delete::<NodeRecord>(&name("c"))
+            .await
+            .expect("delete")
+    );
+    assert!(!store.delete::<NodeRecord>(&name("c")).await.expect("again"));
+    let nodes: Api<Node> = Api::all(cluster.admin_client());
+    assert!(nodes.get_opt("c").await.expect("get node c").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_records_are_compare_and_swapped_config_maps() {
+    let Some(cluster) = cluster("kube::cluster_records_are_compare_and_swapped_config_maps").await
+    else {
+        return;
+    };
+    const TASKS: u64 = 8;
+    const INCREMENTS: u64 = 5;
+    let stores = [store(&cluster), store(&cluster)];
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..TASKS {
+        let store = stores[usize::from(task % 2 == 1)].clone();
+        tasks.spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..INCREMENTS {
+                seen.push(store.bump_rekey_generation().await.expect("bump"));
+            }
+            seen
+        });
+    }
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(seen) = tasks.join_next().await {
+            all.extend(seen.expect("task"));
+        }
+    })
+    .await
+    .expect("bumps finish within 120 s");
+    all.sort_unstable();
+    assert_eq!(all, (1..=TASKS * INCREMENTS).collect::<Vec<u64>>());
+
+    let bundle = TrustBundle {
+        bundle: "{\"keys\":[]}".to_owned(),
+    };
+    stores[0].put(&bundle).await.expect("bundle");
+    assert_eq!(
+        stores[1].get::<TrustBundle>(&()).await.expect("get"),
+        Some(bundle)
+    );
+    let revocation = Revocation {
+        node: name("x.y"),
+        serial: Some("0a1b".parse().unwrap()),
+        revoked_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    };
+    let whole = Revocation {
+        node: name("x"),
+        serial: None,
+        revoked_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+    };
+    stores[0].put(&revocation).await.expect("revoke serial");
+    stores[0].put(&whole).await.expect("revoke node");
+    let listed = stores[1].list::<Revocation>().await.expect("list");
+    assert_eq!(listed.records.len(), 2, "{listed:?}");
+    let id = RevocationId {
+        node: name("x"),
+        serial: None,
+    };
+    assert!(stores[1].delete::<Revocation>(&id).await.expect("delete"));
+    assert_eq!(
+        stores[0].list::<Revocation>().await.expect("list").records,
+        vec![revocation]
+    );
+
+    // A record an operator broke by hand is reported, never fatal.
+    let cms: Api<ConfigMap> = Api::namespaced(cluster.admin_client(), NAMESPACE);
+    let broken: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": "nodeseal-rekey",
+            "labels": { KIND_LABEL: "rekey" },
+            "annotations": { KEY_ANNOTATION: "rekey/cluster" },
+        },
+        "data": { RECORD_DATA_KEY: "{ not json" },
+    }))
+    .unwrap();
+    cms.replace("nodeseal-rekey", &PostParams::default(), &{
+        let mut b = broken;
+        b.metadata.resource_version = cms
+            .get("nodeseal-rekey")
+            .await
+            .expect("get rekey")
+            .metadata
+            .resource_version;
+        b
+    })
+    .await
+    .expect("break the rekey record");
+    assert!(matches!(
+        stores[0].get::<RekeyGeneration>(&()).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let mut events = stores[0].watch(&[Kind::RekeyGeneration, Kind::TrustBundle]);
+    match next(&mut events).await {
+        Event::Snapshot(snapshot) => {
+            assert_eq!(snapshot.invalid.len(), 1, "{snapshot:?}");
+            assert_eq!(snapshot.records.len(), 1, "the bundle: {snapshot:?}");
+        }
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_nodes_and_survives_an_apiserver_restart() {
+    let Some(mut cluster) =
+        cluster("kube::watch_follows_nodes_and_survives_an_apiserver_restart").await
+    else {
+        return;
+    };
+    let store = store(&cluster);
+    for (node, index) in [("a", 1), ("b", 2)] {
+        cluster
+            .create_node(
+                node,
+                ip(&format!("10.0.0.{index}")),
+                &[&format!("10.244.{index}.0/24")],
+            )
+            .await
+            .expect("node");
+        store.put(&node_record(node, index)).await.expect("publish");
+    }
+    let mut events = store.watch(&[Kind::Node, Kind::RekeyGeneration]);
+    match next(&mut events).await {
+        Event::Snapshot(snapshot) => assert_eq!(
+            snapshot.records,
+            vec![
+                node_record("a", 1).into_record(),
+                node_record("b", 2).into_record()
+            ]
+        ),
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+
+    // The cluster gives b another address: peers follow the Node object.
+    let nodes: Api<Node> = Api::all(cluster.admin_client());
+    let patch = serde_json::json!({
+        "status": { "addresses": [{ "type": "InternalIP", "address": "10.0.0.22" }] }
+    });
+    nodes
+        .patch_status("b", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("readdress b");
+    match next(&mut events).await {
+        Event::Put(Record::Node(b)) => {
+            assert_eq!(b.node_ips, vec![ip("10.0.0.22")]);
+            assert_eq!(b.handshake, SocketAddr::new(ip("10.0.0.22"), 4250));
+        }
+        other => panic!("expected b's new record, got {other:?}"),
+    }
+
+    // A node whose Node object has no InternalIP is reported unusable, with the reason.
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value::<Node>(serde_json::json!({
+                "metadata": { "name": "c" },
+                "spec": { "podCIDRs": ["10.244.3.0/24"] },
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("node c");
+    store.put(&node_record("c", 3)).await.expect("publish c");
+    match next(&mut events).await {
+        Event::Invalid(e) => {
+            assert_eq!(e.key, "nodes/c");
+            assert!(e.to_string().contains("Node c has no InternalIP"), "{e}");
+        }
+        other => panic!("expected c to be unusable, got {other:?}"),
+    }
+    // Once the cluster fills it in, c is a peer like the others.
+    let patch = serde_json::json!({
+        "status": { "addresses": [{ "type": "InternalIP", "address": "10.0.0.3" }] }
+    });
+    nodes
+        .patch_status("c", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("address c");
+    match next(&mut events).await {
+        Event::Put(Record::Node(c)) => assert_eq!(c, node_record("c", 3)),
+        other => panic!("expected c's record, got {other:?}"),
+    }
+
+    // An apiserver restart changes nothing: no deletion; a resync, if any, is the full state.
+    cluster.restart_apiserver().await.expect("restart");
+    let generation = store
+        .bump_rekey_generation()
+        .await
+        .expect("bump after restart");
+    loop {
+        match next(&mut events).await {
+            Event::Put(Record::RekeyGeneration(g)) if g.generation == generation => break,
+            Event::Interrupted(_) | Event::Invalid(_) => {}
+            Event::Resynced(snapshot) => {
+                let names: Vec<String> = snapshot
+                    .records
+                    .iter()
+                    .filter_map(|r| match r {
+                        Record::Node(n) => Some(n.name.to_string()),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(names, ["a", "b", "c"], "{snapshot:?}");
+            }
+            other => panic!("unexpected event across an apiserver restart: {other:?}"),
+        }
+    }
+
+    // The Node goes: so does its record.
+    nodes
+        .delete("a", &DeleteParams::default())
+        .await
+        .expect("delete node a");
+    match next(&mut events).await {
+        Event::Deleted(key) => assert_eq!(key.to_string(), "nodes/a"),
+        other => panic!("expected a's deletion, got {other:?}"),
+    }
+}
