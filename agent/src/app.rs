@@ -43,6 +43,8 @@ const TICK: Duration = Duration::from_millis(500);
 
 struct Agent {
     node: NodeName,
+    /// This node's IP (underlay): the tunnel endpoint.
+    local_ip: IpAddr,
     trust_domain: TrustDomain,
     config: AgentConfig,
     store: Store,
@@ -65,23 +67,48 @@ struct Agent {
 /// logged and the agent keeps its last good state.
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting nodeseal-agent");
-    let trust_domain = TrustDomain::new(&config.trust_domain).context("--trust-domain")?;
+    let trust_domain = TrustDomain::new(&config.store.trust_domain).context("--trust-domain")?;
     let node = NodeName::new(&config.node_name).context("--node-name")?;
     // The store may be down at start (etcd restarting): wait for it rather than exit.
-    let Some(store) = retry("opening the cluster store", &cancel, || config.store.open()).await
+    let Some(cluster) = retry("opening the cluster store", &cancel, || {
+        config.store.connect()
+    })
+    .await
     else {
         return Ok(());
     };
+    let store = cluster.store.clone();
+    let local = match &cluster.kube {
+        // The Node object, not our flags, says which addresses are ours; it may still lack
+        // them while the node registers, so wait for them.
+        Some(client) => {
+            let Some(local) = retry("reading this node's Node object", &cancel, || {
+                local_addresses_from_node(client, &config)
+            })
+            .await
+            else {
+                return Ok(());
+            };
+            local
+        }
+        None => LocalEnd {
+            ip: config
+                .node_ip
+                .context("--node-ip is required without --kubernetes")?,
+            pod_cidrs: config.pod_cidrs.iter().map(|c| c.trunc()).collect(),
+        },
+    };
+    info!(node_ip = %local.ip, pod_cidrs = ?local.pod_cidrs, "local addresses");
     let tracker = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
 
     let record = NodeRecord {
         name: nodeseal_store::NodeName::new(config.node_name.clone()).context("--node-name")?,
-        node_ips: vec![config.node_ip],
-        pod_cidrs: config.pod_cidrs.iter().map(|c| c.trunc()).collect(),
+        node_ips: vec![local.ip],
+        pod_cidrs: local.pod_cidrs.clone(),
         spiffe_id: nodeseal_store::SpiffeId::new(trust_domain.node_id(&node).as_str().to_owned())
             .context("SPIFFE ID")?,
-        handshake: SocketAddr::new(config.node_ip, config.handshake_port),
+        handshake: SocketAddr::new(local.ip, config.handshake_port),
         wireguard_public_key: None,
     };
     let Some(mut lease) = retry("publishing the node record", &cancel, || {
@@ -103,7 +130,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         uplink: config.uplink.clone(),
         pod_interface_prefix: config.pod_interface_prefix.clone(),
         strict: config.strict_mode,
-        local_pod_cidrs: config.pod_cidrs.clone(),
+        local_pod_cidrs: local.pod_cidrs.clone(),
     })
     .context("loading the eBPF datapath")?;
     datapath
@@ -127,10 +154,18 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
             key: key.clone(),
             bundle: bundle.clone(),
         },
-        _ => IdentitySource::Keymgr {
-            store: store.clone(),
-            state_dir: config.state_dir.clone(),
-            sign_timeout: SIGN_TIMEOUT,
+        _ => match &cluster.kube {
+            Some(client) => IdentitySource::KubeCsr {
+                store: store.clone(),
+                client: client.clone(),
+                state_dir: config.state_dir.clone(),
+                sign_timeout: SIGN_TIMEOUT,
+            },
+            None => IdentitySource::Keymgr {
+                store: store.clone(),
+                state_dir: config.state_dir.clone(),
+                sign_timeout: SIGN_TIMEOUT,
+            },
         },
     };
     let Some(obtained) =
@@ -143,12 +178,12 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let (svid_tx, svid_rx) = watch::channel(None);
     install_identity(&trust, &obtained, &handshake_tx, &svid_tx)?;
 
-    let listener = tokio::net::TcpListener::bind((config.node_ip, config.handshake_port))
+    let listener = tokio::net::TcpListener::bind((local.ip, config.handshake_port))
         .await
         .with_context(|| {
             format!(
                 "binding the handshake port {}:{}",
-                config.node_ip, config.handshake_port
+                local.ip, config.handshake_port
             )
         })?;
     let status_listener = crate::status::bind(&config.status_socket)?;
@@ -167,10 +202,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let registry = Arc::new(PeerRegistry::default());
     let peer_ctx = PeerContext {
         settings: PeerSettings {
-            local: LocalEnd {
-                ip: config.node_ip,
-                pod_cidrs: config.pod_cidrs.clone(),
-            },
+            local: local.clone(),
             rekey_interval: config.rekey_interval,
             grace: config.rekey_grace,
             retention: config.peer_retention,
@@ -185,7 +217,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         handshake_permits: Arc::new(tokio::sync::Semaphore::new(
             crate::peer::MAX_CONCURRENT_HANDSHAKES,
         )),
-        leftover_peers: Arc::new(leftover_peers(&xfrm, config.node_ip).await),
+        leftover_peers: Arc::new(leftover_peers(&xfrm, local.ip).await),
     };
     tracker.spawn(crate::server::serve(
         listener,
@@ -198,6 +230,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
 
     let agent = Arc::new(Agent {
         node,
+        local_ip: local.ip,
         trust_domain,
         config,
         store,
@@ -239,6 +272,58 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     }
     info!("agent stopped; SAs and datapath left in place");
     Ok(())
+}
+
+/// Why this node's own addresses could not be read from its Node object.
+#[derive(Debug, thiserror::Error)]
+enum NodeObjectError {
+    #[error("reading Node {0}")]
+    Api(String, #[source] kube::Error),
+    #[error("there is no Node object {0} (yet)")]
+    Missing(String),
+    #[error("Node {0}: {1}")]
+    Unusable(String, nodeseal_store::RecordProblem),
+}
+
+/// This node's IP and pod CIDRs as its Node object says (Kubernetes mode). A `--node-ip` that
+/// is one of the Node's InternalIPs picks among them; any other is ignored with a warning.
+async fn local_addresses_from_node(
+    client: &kube::Client,
+    config: &AgentConfig,
+) -> Result<LocalEnd, NodeObjectError> {
+    let name = &config.node_name;
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    let node = nodes
+        .get_opt(name)
+        .await
+        .map_err(|e| NodeObjectError::Api(name.clone(), e))?
+        .ok_or_else(|| NodeObjectError::Missing(name.clone()))?;
+    let facts = nodeseal_store::kube::objects::NodeFacts::of(&node)
+        .map_err(|p| NodeObjectError::Unusable(name.clone(), p))?;
+    let first = facts.internal_ips.first().copied().ok_or_else(|| {
+        NodeObjectError::Unusable(
+            name.clone(),
+            nodeseal_store::RecordProblem::Field {
+                field: "node_ips",
+                reason: "no InternalIP".to_owned(),
+            },
+        )
+    })?;
+    let ip = match config.node_ip {
+        Some(ip) if facts.internal_ips.contains(&ip) => ip,
+        Some(ip) => {
+            warn!(flag = %ip, node_object = ?facts.internal_ips, "--node-ip is not an InternalIP of this Node; using the Node object's");
+            first
+        }
+        None => first,
+    };
+    if !config.pod_cidrs.is_empty() && config.pod_cidrs != facts.pod_cidrs {
+        warn!(flag = ?config.pod_cidrs, node_object = ?facts.pod_cidrs, "--pod-cidr differs from the Node object's spec.podCIDRs; using the Node object's");
+    }
+    Ok(LocalEnd {
+        ip,
+        pod_cidrs: facts.pod_cidrs,
+    })
 }
 
 /// Runs `attempt` until it succeeds (backing off up to 10 s, logging each failure) or `cancel`
@@ -502,7 +587,7 @@ impl Agent {
             return;
         }
         let name = record.name.as_str().to_owned();
-        let info = match peer_info(&record, self.config.node_ip) {
+        let info = match peer_info(&record, self.local_ip) {
             Ok(info) => info,
             Err(reason) => {
                 warn!(peer = %name, %reason, "ignoring unusable node record");

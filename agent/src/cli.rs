@@ -90,18 +90,46 @@ enum CaCommand {
 enum KeymgrCommand {
     /// Run until interrupted.
     Run {
-        /// CA directory (`ca.crt`, `ca.key`).
-        #[arg(long, env = "NODESEAL_CA_DIR")]
-        ca_dir: PathBuf,
-        /// Trust domain.
-        #[arg(long, env = "NODESEAL_TRUST_DOMAIN", default_value = "cluster.local")]
-        trust_domain: String,
+        /// CA directory (`ca.crt`, `ca.key`). Required without `--kubernetes`, where the CA
+        /// lives in the Secret `nodeseal-ca` (created on first start).
+        #[arg(long, env = "NODESEAL_CA_DIR", required_unless_present = "kubernetes")]
+        ca_dir: Option<PathBuf>,
         /// Lifetime of issued node SVIDs.
         #[arg(long, env = "NODESEAL_SVID_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
         svid_ttl: Duration,
         #[command(flatten)]
+        kube: KeymgrKubeArgs,
+        #[command(flatten)]
         store: StoreArgs,
     },
+}
+
+/// keymgr's Kubernetes-mode settings.
+#[derive(clap::Args, Debug)]
+struct KeymgrKubeArgs {
+    /// The agent's ServiceAccount: the only requester whose CSRs are signed.
+    #[arg(
+        long,
+        env = "NODESEAL_AGENT_SERVICE_ACCOUNT",
+        default_value = "nodeseal-agent"
+    )]
+    agent_service_account: String,
+    /// The DaemonSet that must own the requesting pod.
+    #[arg(
+        long,
+        env = "NODESEAL_AGENT_DAEMONSET",
+        default_value = "nodeseal-agent"
+    )]
+    agent_daemonset: String,
+    /// This replica's name in the leader-election Lease (the pod name).
+    #[arg(long, env = "NODESEAL_POD_NAME")]
+    pod_name: Option<String>,
+    /// Lifetime of a CA created on first start.
+    #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+    ca_ttl: Duration,
+    /// How long a keymgr replica that stopped renewing keeps the leadership Lease.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -156,6 +184,15 @@ enum Format {
     Json,
 }
 
+/// This host's name (the pod name in a pod), for the leader-election Lease.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("keymgr-{}", std::process::id()))
+}
+
 /// Runs the command line.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
@@ -203,16 +240,47 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Keymgr(KeymgrCommand::Run {
             ca_dir,
-            trust_domain,
             svid_ttl,
+            kube,
             store,
         }) => {
-            let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
-            let ca = ClusterCa::load_files(td, &ca_dir).context("loading the CA")?;
-            let store = store.open().await.context("opening the cluster store")?;
+            let td = TrustDomain::new(&store.trust_domain).context("--trust-domain")?;
+            let cluster = store.connect().await.context("opening the cluster store")?;
             let cancel = CancellationToken::new();
             let signal = crate::shutdown::on_signals(cancel.clone());
-            crate::signer::run(store, ca, IssueOptions::with_ttl(svid_ttl), cancel).await?;
+            let options = IssueOptions::with_ttl(svid_ttl);
+            match (&cluster.kube, ca_dir) {
+                (Some(client), _) => {
+                    let identity = match kube.pod_name {
+                        Some(name) => name,
+                        None => hostname(),
+                    };
+                    crate::kube_signer::run_keymgr(
+                        crate::kube_signer::KeymgrSettings {
+                            client: client.clone(),
+                            store: cluster.store.clone(),
+                            trust_domain: td,
+                            namespace: store.namespace.clone(),
+                            agent: crate::kube_signer::AgentIdentity {
+                                namespace: store.namespace.clone(),
+                                service_account: kube.agent_service_account,
+                                daemon_set: kube.agent_daemonset,
+                            },
+                            identity,
+                            options,
+                            ca_ttl: kube.ca_ttl,
+                            lease_duration: kube.lease_duration,
+                        },
+                        cancel,
+                    )
+                    .await;
+                }
+                (None, Some(ca_dir)) => {
+                    let ca = ClusterCa::load_files(td, &ca_dir).context("loading the CA")?;
+                    crate::signer::run(cluster.store, ca, options, cancel).await?;
+                }
+                (None, None) => bail!("--ca-dir is required without --kubernetes"),
+            }
             signal.abort();
         }
         Command::Node(NodeCommand::List { store }) => {

@@ -8,13 +8,17 @@ use std::time::Duration;
 
 use clap::Args;
 use ipnet::IpNet;
-use nodeseal_store::{DirOptions, DirStore, EtcdOptions, EtcdStore, Store, StoreError};
+use nodeseal_store::{
+    DirOptions, DirStore, EtcdOptions, EtcdStore, KubeOptions, KubeStore, Store, StoreError,
+};
 use serde::Serialize;
 
 /// Default TCP port of the key-agreement handshake.
 pub const DEFAULT_HANDSHAKE_PORT: u16 = 4250;
 /// Default location of the embedded store.
 pub const DEFAULT_STORE_DIR: &str = "/var/lib/nodeseal/store";
+/// Default namespace of nodeseal's objects in Kubernetes mode.
+pub const DEFAULT_NAMESPACE: &str = "nodeseal";
 /// Default Unix socket of the status API.
 pub const DEFAULT_STATUS_SOCKET: &str = "/run/nodeseal/agent.sock";
 
@@ -27,22 +31,71 @@ pub struct StoreArgs {
     /// etcd endpoints (comma-separated URLs); when set, etcd is used instead of the directory.
     #[arg(long, env = "NODESEAL_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
+    /// Kubernetes mode: Node objects, NodesealNodes, ConfigMaps and CertificateSigningRequests
+    /// of the cluster are the store (in-cluster service account, or `--kubeconfig`).
+    #[arg(long, env = "NODESEAL_KUBERNETES", conflicts_with = "etcd_endpoints")]
+    pub kubernetes: bool,
+    /// kubeconfig for Kubernetes mode (default: the pod's service account, else
+    /// `$KUBECONFIG` or `~/.kube/config`).
+    #[arg(long, env = "NODESEAL_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of nodeseal's objects in Kubernetes mode (the Helm release's).
+    #[arg(long, env = "NODESEAL_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Trust domain of the cluster: node `N` is `spiffe://<trust domain>/node/N`.
+    #[arg(long, env = "NODESEAL_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+}
+
+/// An opened store, and in Kubernetes mode the client the CSR flow uses.
+#[derive(Clone)]
+pub struct Cluster {
+    /// The cluster store.
+    pub store: Store,
+    /// The Kubernetes client, in Kubernetes mode.
+    pub kube: Option<kube::Client>,
 }
 
 impl StoreArgs {
     /// Opens the configured backend.
     ///
     /// # Errors
-    /// [`StoreError`] when the directory cannot be created or etcd cannot be reached.
+    /// [`StoreError`] when the directory cannot be created or etcd or the apiserver cannot be
+    /// reached.
     pub async fn open(&self) -> Result<Store, StoreError> {
-        if self.etcd_endpoints.is_empty() {
-            Ok(Store::new(
-                DirStore::open(&self.store_dir, DirOptions::default()).await?,
-            ))
+        Ok(self.connect().await?.store)
+    }
+
+    /// Opens the configured backend, keeping the Kubernetes client in Kubernetes mode.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub async fn connect(&self) -> Result<Cluster, StoreError> {
+        if self.kubernetes {
+            let store = KubeStore::connect(KubeOptions {
+                kubeconfig: self.kubeconfig.clone(),
+                namespace: self.namespace.clone(),
+                trust_domain: self.trust_domain.clone(),
+            })
+            .await?;
+            let client = store.client().clone();
+            Ok(Cluster {
+                store: Store::new(store),
+                kube: Some(client),
+            })
+        } else if self.etcd_endpoints.is_empty() {
+            Ok(Cluster {
+                store: Store::new(DirStore::open(&self.store_dir, DirOptions::default()).await?),
+                kube: None,
+            })
         } else {
-            Ok(Store::new(
-                EtcdStore::connect(EtcdOptions::new(self.etcd_endpoints.iter().cloned())).await?,
-            ))
+            Ok(Cluster {
+                store: Store::new(
+                    EtcdStore::connect(EtcdOptions::new(self.etcd_endpoints.iter().cloned()))
+                        .await?,
+                ),
+                kube: None,
+            })
         }
     }
 }
@@ -53,20 +106,20 @@ pub struct AgentConfig {
     /// This node's name (DNS-1123); its SPIFFE ID is `spiffe://<trust domain>/node/<name>`.
     #[arg(long, env = "NODESEAL_NODE_NAME")]
     pub node_name: String,
-    /// This node's IP: tunnel endpoint and handshake address.
-    #[arg(long, env = "NODESEAL_NODE_IP")]
-    pub node_ip: IpAddr,
-    /// This node's pod CIDRs (comma-separated).
+    /// This node's IP: tunnel endpoint and handshake address. Required without
+    /// `--kubernetes`; in Kubernetes mode the Node object's InternalIP is used and this flag,
+    /// if given, must agree with it.
+    #[arg(long, env = "NODESEAL_NODE_IP", required_unless_present = "kubernetes")]
+    pub node_ip: Option<IpAddr>,
+    /// This node's pod CIDRs (comma-separated). Required without `--kubernetes`; in
+    /// Kubernetes mode the Node object's `spec.podCIDRs` are used and this flag is ignored.
     #[arg(
         long = "pod-cidr",
         env = "NODESEAL_POD_CIDRS",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "kubernetes"
     )]
     pub pod_cidrs: Vec<IpNet>,
-    /// Trust domain of the cluster.
-    #[arg(long, env = "NODESEAL_TRUST_DOMAIN", default_value = "cluster.local")]
-    pub trust_domain: String,
     /// The node's uplink, where ESP arrives.
     #[arg(long, env = "NODESEAL_UPLINK", default_value = "eth0")]
     pub uplink: String,
@@ -136,9 +189,8 @@ impl AgentConfig {
     pub fn for_test(node: &str, ip: IpAddr, pod_cidr: IpNet, dir: &std::path::Path) -> Self {
         Self {
             node_name: node.to_owned(),
-            node_ip: ip,
+            node_ip: Some(ip),
             pod_cidrs: vec![pod_cidr],
-            trust_domain: "cluster.local".into(),
             uplink: "eth0".into(),
             pod_interface_prefix: "lxc".into(),
             handshake_port: DEFAULT_HANDSHAKE_PORT,
@@ -157,6 +209,10 @@ impl AgentConfig {
             store: StoreArgs {
                 store_dir: dir.join("store"),
                 etcd_endpoints: Vec::new(),
+                kubernetes: false,
+                kubeconfig: None,
+                namespace: DEFAULT_NAMESPACE.into(),
+                trust_domain: "cluster.local".into(),
             },
         }
     }

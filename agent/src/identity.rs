@@ -36,6 +36,23 @@ pub enum IdentityError {
     /// The store failed.
     #[error("cluster store")]
     Store(#[from] nodeseal_store::StoreError),
+    /// keymgr denied the node's CertificateSigningRequest (Kubernetes mode).
+    #[error("keymgr denied CertificateSigningRequest {csr}: {reason}")]
+    Denied {
+        /// The CSR object.
+        csr: String,
+        /// keymgr's message: which check failed.
+        reason: String,
+    },
+    /// The apiserver refused a request (Kubernetes mode).
+    #[error("{what}")]
+    Kube {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: kube::Error,
+    },
     /// keymgr did not sign in time.
     #[error(
         "no certificate from keymgr after {0:?} (is `nodeseal keymgr run` up, and the node admitted?)"
@@ -43,19 +60,31 @@ pub enum IdentityError {
     NotSigned(Duration),
 }
 
-fn invalid(what: impl std::fmt::Display) -> IdentityError {
+pub(crate) fn invalid(what: impl std::fmt::Display) -> IdentityError {
     IdentityError::Invalid {
         what: what.to_string(),
     }
 }
 
 /// Where the identity comes from.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum IdentitySource {
     /// The keymgr CSR flow through the cluster store.
     Keymgr {
         /// The store.
         store: Store,
+        /// Where the key and certificate are kept.
+        state_dir: PathBuf,
+        /// How long to wait for keymgr per attempt.
+        sign_timeout: Duration,
+    },
+    /// Kubernetes mode: a CertificateSigningRequest that keymgr approves for the node the
+    /// agent pod runs on; the trust bundle from the store (keymgr's ConfigMap).
+    KubeCsr {
+        /// The store (for the trust bundle).
+        store: Store,
+        /// The agent's client (its pod-bound token is what keymgr checks).
+        client: kube::Client,
         /// Where the key and certificate are kept.
         state_dir: PathBuf,
         /// How long to wait for keymgr per attempt.
@@ -70,6 +99,27 @@ pub enum IdentitySource {
         /// Trust anchors (PEM).
         bundle: PathBuf,
     },
+}
+
+impl std::fmt::Debug for IdentitySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Keymgr { state_dir, .. } => f
+                .debug_struct("Keymgr")
+                .field("state_dir", state_dir)
+                .finish_non_exhaustive(),
+            Self::KubeCsr { state_dir, .. } => f
+                .debug_struct("KubeCsr")
+                .field("state_dir", state_dir)
+                .finish_non_exhaustive(),
+            Self::Files { cert, key, bundle } => f
+                .debug_struct("Files")
+                .field("cert", cert)
+                .field("key", key)
+                .field("bundle", bundle)
+                .finish(),
+        }
+    }
 }
 
 /// An identity with its trust bundle.
@@ -112,24 +162,53 @@ impl IdentitySource {
                 state_dir,
                 sign_timeout,
             } => {
-                let bundle = fetch_bundle(store, td).await?;
-                let key_path = state_dir.join("node.key");
-                let cert_path = state_dir.join("node.crt");
-                if !renew && let Some(identity) = stored_identity(&key_path, &cert_path) {
-                    info!(spiffe_id = %identity.info().spiffe_id, "using stored node SVID");
-                    return Ok(Obtained { identity, bundle });
-                }
-                // A new key for every certificate: a leaked key dies with its certificate.
-                let key = NodeKey::generate()
-                    .map_err(|e| invalid(format!("generating node key: {e}")))?;
-                let identity = request_certificate(store, td, node, key, *sign_timeout).await?;
-                write_secret(&key_path, identity.key().to_pem().as_bytes())?;
-                write_secret(&cert_path, identity.chain_pem().as_bytes())?;
-                info!(spiffe_id = %identity.info().spiffe_id, "node SVID issued");
-                Ok(Obtained { identity, bundle })
+                obtain_signed(store, state_dir, td, renew, |key| {
+                    request_certificate(store, td, node, key, *sign_timeout)
+                })
+                .await
+            }
+            Self::KubeCsr {
+                store,
+                client,
+                state_dir,
+                sign_timeout,
+            } => {
+                obtain_signed(store, state_dir, td, renew, |key| {
+                    crate::kube_identity::request_certificate(client, td, node, key, *sign_timeout)
+                })
+                .await
             }
         }
     }
+}
+
+/// The stored SVID while it is before its renewal time (unless `renew`), otherwise a new key
+/// and a certificate for it from `request`.
+async fn obtain_signed<F, Fut>(
+    store: &Store,
+    state_dir: &Path,
+    td: &TrustDomain,
+    renew: bool,
+    request: F,
+) -> Result<Obtained, IdentityError>
+where
+    F: FnOnce(NodeKey) -> Fut,
+    Fut: std::future::Future<Output = Result<NodeIdentity, IdentityError>>,
+{
+    let bundle = fetch_bundle(store, td).await?;
+    let key_path = state_dir.join("node.key");
+    let cert_path = state_dir.join("node.crt");
+    if !renew && let Some(identity) = stored_identity(&key_path, &cert_path) {
+        info!(spiffe_id = %identity.info().spiffe_id, "using stored node SVID");
+        return Ok(Obtained { identity, bundle });
+    }
+    // A new key for every certificate: a leaked key dies with its certificate.
+    let key = NodeKey::generate().map_err(|e| invalid(format!("generating node key: {e}")))?;
+    let identity = request(key).await?;
+    write_secret(&key_path, identity.key().to_pem().as_bytes())?;
+    write_secret(&cert_path, identity.chain_pem().as_bytes())?;
+    info!(spiffe_id = %identity.info().spiffe_id, "node SVID issued");
+    Ok(Obtained { identity, bundle })
 }
 
 /// The trust bundle keymgr published.

@@ -109,7 +109,11 @@ impl View {
     }
 }
 
-async fn publish_bundle(store: &Store, ca: &ClusterCa) -> Result<(), SignerError> {
+/// Publishes the trust bundle with `ca` in it, keeping the other authorities it has.
+///
+/// # Errors
+/// [`SignerError`].
+pub async fn publish_bundle(store: &Store, ca: &ClusterCa) -> Result<(), SignerError> {
     let td = ca.trust_domain().clone();
     let mut bundle = match store.get::<nodeseal_store::TrustBundle>(&()).await? {
         Some(existing) => TrustBundle::from_json(td.clone(), existing.bundle.as_bytes())

@@ -321,6 +321,12 @@ impl ClusterCa {
             .collect()
     }
 
+    /// The CA's private key as PKCS#8 PEM, for storing it where only keymgr reads (the
+    /// Kubernetes Secret of Kubernetes mode; [`write_files`](Self::write_files) otherwise).
+    pub fn key_pem(&self) -> zeroize::Zeroizing<String> {
+        self.key.to_pem()
+    }
+
     /// Whether the CA certificate is still valid at `at`.
     pub fn is_valid_at(&self, at: SystemTime) -> bool {
         X509Certificate::from_der(&self.chain[0]).is_ok_and(|(_, c)| {

@@ -312,9 +312,15 @@ pub fn compose_node_record(
             field: "wireguard_public_key",
             reason: e.to_string(),
         })?;
+    let Some(&first_ip) = facts.internal_ips.first() else {
+        return Err(RecordProblem::Field {
+            field: "node_ips",
+            reason: format!("Node {name} has no InternalIP in status.addresses"),
+        });
+    };
     Ok(NodeRecord {
         name,
-        handshake: SocketAddr::new(facts.internal_ips[0], published.spec.handshake_port),
+        handshake: SocketAddr::new(first_ip, published.spec.handshake_port),
         node_ips: facts.internal_ips,
         pod_cidrs: facts.pod_cidrs,
         spiffe_id,

@@ -1,0 +1,318 @@
+//! keymgr's Kubernetes mode against a real kube-apiserver, with the RBAC and admission
+//! policies nodeseal ships (`deploy/kubernetes`): every client below authenticates with a
+//! token bound to a pod, as it would in a cluster.
+//!
+//! - an agent gets its own node's SVID through a CertificateSigningRequest;
+//! - a CSR for another node's identity, from a pod the agent DaemonSet does not own, or for a
+//!   revoked node is Denied with the failed check, and no certificate is issued;
+//! - keymgr created the CA Secret and published the trust bundle the agents read;
+//! - of two keymgr replicas one leads; when it stops, the other takes over and signs.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "tests: a failed set-up or expectation is a test failure"
+)]
+
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, ListParams, PostParams};
+use nodeseal_agent::identity::IdentityError;
+use nodeseal_agent::kube_identity::request_certificate;
+use nodeseal_agent::kube_signer::{AgentIdentity, KeymgrSettings, LEASE_NAME, run_keymgr};
+use nodeseal_keymgr::{IssueOptions, NodeKey, NodeName, TrustDomain};
+use nodeseal_kube_fixture::{API_AUDIENCE, KubeApiServer, binaries_or_skip, deploy_dir};
+use nodeseal_store::{KubeStore, Revocation, Store, TrustBundle};
+use tokio_util::sync::CancellationToken;
+
+const NS: &str = "nodeseal";
+const DAEMONSET: &str = "nodeseal-agent";
+const SIGN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn td() -> TrustDomain {
+    TrustDomain::new("cluster.local").unwrap()
+}
+
+fn node(name: &str) -> NodeName {
+    NodeName::new(name).unwrap()
+}
+
+fn kube_store(client: &Client) -> Store {
+    Store::new(KubeStore::from_client(
+        client.clone(),
+        NS.to_owned(),
+        "cluster.local".to_owned(),
+    ))
+}
+
+/// A pod on `node_name` running as `service_account`, owned by `owner` (a DaemonSet) if given,
+/// and a client whose token is bound to it.
+async fn pod_client(
+    cluster: &mut KubeApiServer,
+    pod: &str,
+    node_name: &str,
+    service_account: &str,
+    owner: Option<&DaemonSet>,
+) -> Client {
+    let pods: Api<Pod> = Api::namespaced(cluster.admin_client(), NS);
+    let mut object: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": pod, "namespace": NS },
+        "spec": {
+            "nodeName": node_name,
+            "serviceAccountName": service_account,
+            "automountServiceAccountToken": false,
+            "containers": [{ "name": "agent", "image": "nodeseal.invalid/agent:test" }],
+        },
+    }))
+    .unwrap();
+    if let Some(ds) = owner {
+        object.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "DaemonSet".into(),
+                name: ds.metadata.name.clone().unwrap(),
+                uid: ds.metadata.uid.clone().unwrap(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            },
+        ]);
+    }
+    let created = pods
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("pod");
+    let uid = created.metadata.uid.expect("pod uid");
+    let token = cluster
+        .pod_bound_token(
+            NS,
+            service_account,
+            pod,
+            &uid,
+            API_AUDIENCE,
+            Duration::from_secs(3600),
+        )
+        .await
+        .expect("pod-bound token");
+    cluster.client_for_token(&token).await.expect("client")
+}
+
+struct Setup {
+    cluster: KubeApiServer,
+    agent_a: Client,
+    agent_b: Client,
+    impostor: Client,
+    keymgr: [Client; 2],
+}
+
+async fn setup() -> Setup {
+    let mut cluster = KubeApiServer::start().await.expect("control plane");
+    cluster.create_namespace(NS).await.expect("namespace");
+    for file in ["crds.yaml", "rbac.yaml", "admission.yaml"] {
+        cluster
+            .apply_file(&deploy_dir().join(file))
+            .await
+            .expect("manifest");
+    }
+    for (name, ip, cidr) in [
+        ("node-a", "192.0.2.10", "10.244.1.0/24"),
+        ("node-b", "192.0.2.11", "10.244.2.0/24"),
+    ] {
+        cluster
+            .create_node(name, ip.parse().unwrap(), &[cidr])
+            .await
+            .expect("node");
+    }
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(cluster.admin_client(), NS);
+    let ds: DaemonSet = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": DAEMONSET, "namespace": NS },
+        "spec": {
+            "selector": { "matchLabels": { "app": DAEMONSET } },
+            "template": {
+                "metadata": { "labels": { "app": DAEMONSET } },
+                "spec": { "containers": [{ "name": "agent", "image": "nodeseal.invalid/agent:test" }] },
+            },
+        },
+    }))
+    .unwrap();
+    let ds = daemon_sets
+        .create(&PostParams::default(), &ds)
+        .await
+        .expect("DaemonSet");
+    let agent_a = pod_client(
+        &mut cluster,
+        "agent-a",
+        "node-a",
+        "nodeseal-agent",
+        Some(&ds),
+    )
+    .await;
+    let agent_b = pod_client(
+        &mut cluster,
+        "agent-b",
+        "node-b",
+        "nodeseal-agent",
+        Some(&ds),
+    )
+    .await;
+    // Runs as the agent's ServiceAccount on node-a, but no DaemonSet owns it.
+    let impostor = pod_client(&mut cluster, "impostor", "node-a", "nodeseal-agent", None).await;
+    let keymgr = [
+        pod_client(&mut cluster, "keymgr-0", "node-a", "nodeseal-keymgr", None).await,
+        pod_client(&mut cluster, "keymgr-1", "node-b", "nodeseal-keymgr", None).await,
+    ];
+    // RBAC reaches the authorizer a moment after it is written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Api::<CertificateSigningRequest>::all(keymgr[0].clone())
+        .list(&ListParams::default())
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "keymgr RBAC not in force");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Setup {
+        cluster,
+        agent_a,
+        agent_b,
+        impostor,
+        keymgr,
+    }
+}
+
+fn keymgr(
+    client: &Client,
+    identity: &str,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let settings = KeymgrSettings {
+        client: client.clone(),
+        store: kube_store(client),
+        trust_domain: td(),
+        namespace: NS.to_owned(),
+        agent: AgentIdentity {
+            namespace: NS.to_owned(),
+            service_account: "nodeseal-agent".to_owned(),
+            daemon_set: DAEMONSET.to_owned(),
+        },
+        identity: identity.to_owned(),
+        options: IssueOptions::with_ttl(Duration::from_secs(3600)),
+        ca_ttl: Duration::from_secs(86_400),
+        lease_duration: Duration::from_secs(3),
+    };
+    tokio::spawn(run_keymgr(settings, cancel.child_token()))
+}
+
+async fn request(client: &Client, name: &str) -> Result<String, IdentityError> {
+    let key = NodeKey::generate().unwrap();
+    request_certificate(client, &td(), &node(name), key, SIGN_TIMEOUT)
+        .await
+        .map(|identity| identity.info().spiffe_id.to_string())
+}
+
+async fn lease_holder(client: &Client) -> Option<String> {
+    Api::<Lease>::namespaced(client.clone(), NS)
+        .get_opt(LEASE_NAME)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymgr_signs_only_for_the_node_the_agent_pod_runs_on() {
+    if !binaries_or_skip("kube_keymgr::keymgr_signs_only_for_the_node_the_agent_pod_runs_on") {
+        return;
+    }
+    let setup = setup().await;
+    let cancel = CancellationToken::new();
+    let first = CancellationToken::new();
+    let replica0 = keymgr(&setup.keymgr[0], "keymgr-0", &first);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lease_holder(&setup.cluster.admin_client()).await.as_deref() != Some("keymgr-0") {
+        assert!(Instant::now() < deadline, "keymgr-0 never led");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let replica1 = keymgr(&setup.keymgr[1], "keymgr-1", &cancel);
+
+    // The agent on node-a gets node-a's identity.
+    assert_eq!(
+        request(&setup.agent_a, "node-a")
+            .await
+            .expect("node-a's SVID"),
+        "spiffe://cluster.local/node/node-a"
+    );
+    // The bundle the agents trust was published by keymgr, from the CA it keeps in a Secret.
+    let bundle = kube_store(&setup.agent_a)
+        .get::<TrustBundle>(&())
+        .await
+        .expect("agent reads the bundle");
+    assert!(bundle.is_some(), "keymgr published the trust bundle");
+
+    // node-a's agent asks for node-b's identity: denied, with the reason, no certificate.
+    match request(&setup.agent_a, "node-b").await {
+        Err(IdentityError::Denied { csr, reason }) => {
+            assert!(
+                reason.contains("node node-a") && reason.contains("node-b"),
+                "{reason}"
+            );
+            let object = Api::<CertificateSigningRequest>::all(setup.cluster.admin_client())
+                .get(&csr)
+                .await
+                .expect("the denied CSR");
+            let issued = object.status.and_then(|s| s.certificate);
+            assert!(issued.is_none(), "no certificate for a denied CSR");
+        }
+        other => panic!("expected a denial, got {other:?}"),
+    }
+    // A pod of the agent's ServiceAccount that the DaemonSet does not own.
+    match request(&setup.impostor, "node-a").await {
+        Err(IdentityError::Denied { reason, .. }) => {
+            assert!(reason.contains("not owned by DaemonSet"), "{reason}");
+        }
+        other => panic!("expected a denial, got {other:?}"),
+    }
+
+    // The leader stops: the standby takes the Lease and signs.
+    first.cancel();
+    replica0.await.expect("replica 0");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lease_holder(&setup.cluster.admin_client()).await.as_deref() != Some("keymgr-1") {
+        assert!(Instant::now() < deadline, "keymgr-1 never took over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        request(&setup.agent_b, "node-b")
+            .await
+            .expect("node-b's SVID"),
+        "spiffe://cluster.local/node/node-b"
+    );
+
+    // A revoked node gets nothing.
+    kube_store(&setup.cluster.admin_client())
+        .put(&Revocation {
+            node: nodeseal_store::NodeName::new("node-b").unwrap(),
+            serial: None,
+            revoked_at: SystemTime::now(),
+        })
+        .await
+        .expect("revoke node-b");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match request(&setup.agent_b, "node-b").await {
+            Err(IdentityError::Denied { reason, .. }) => {
+                assert!(reason.contains("revoked"), "{reason}");
+                break;
+            }
+            // keymgr's revocation watch had not delivered it yet.
+            Ok(_) if Instant::now() < deadline => {}
+            other => panic!("expected a denial for a revoked node, got {other:?}"),
+        }
+    }
+    cancel.cancel();
+    replica1.await.expect("replica 1");
+}
