@@ -43,6 +43,8 @@ const TICK: Duration = Duration::from_millis(500);
 
 struct Agent {
     node: NodeName,
+    /// Nodes whose record the store reports unusable, and why (shown by `nodeseal status`).
+    unusable_nodes: std::sync::Mutex<BTreeMap<String, String>>,
     /// This node's IP (underlay): the tunnel endpoint.
     local_ip: IpAddr,
     trust_domain: TrustDomain,
@@ -230,6 +232,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
 
     let agent = Arc::new(Agent {
         node,
+        unusable_nodes: std::sync::Mutex::default(),
         local_ip: local.ip,
         trust_domain,
         config,
@@ -493,6 +496,10 @@ impl Agent {
             let Some(event) = event else { return };
             match event {
                 Event::Snapshot(snapshot) | Event::Resynced(snapshot) => {
+                    // The whole view again: unusable records are reported after it.
+                    if let Ok(mut unusable) = self.unusable_nodes.lock() {
+                        unusable.clear();
+                    }
                     self.resync(snapshot.records).await
                 }
                 Event::Put(record) => self.apply(record).await,
@@ -502,12 +509,29 @@ impl Agent {
                     {
                         self.remove_peer_named(name.as_str(), "node record deleted")
                             .await;
+                        if let Ok(mut unusable) = self.unusable_nodes.lock() {
+                            unusable.remove(name.as_str());
+                        }
                     }
                 }
                 Event::Interrupted(e) => {
                     warn!(error = %e, "cluster store unavailable; keeping the datapath as it is")
                 }
-                Event::Invalid(e) => warn!(error = %e, "ignoring invalid store record"),
+                Event::Invalid(e) => {
+                    warn!(error = %e, "ignoring invalid store record");
+                    // An invalid record stands for no record: its node is no peer until it is
+                    // fixed, and the status says why.
+                    if let Ok(key) = nodeseal_store::Key::parse(&e.key)
+                        && key.kind() == Kind::Node
+                        && let Some(name) = key.node()
+                    {
+                        self.remove_peer_named(name.as_str(), "node record unusable")
+                            .await;
+                        if let Ok(mut unusable) = self.unusable_nodes.lock() {
+                            unusable.insert(name.to_string(), e.problem.to_string());
+                        }
+                    }
+                }
                 // Event is non-exhaustive: a kind of event this agent does not know yet changes
                 // nothing it acts on.
                 other => debug!(event = ?other, "ignoring unknown store event"),
@@ -583,6 +607,9 @@ impl Agent {
     }
 
     async fn upsert_peer(self: &Arc<Self>, record: NodeRecord) {
+        if let Ok(mut unusable) = self.unusable_nodes.lock() {
+            unusable.remove(record.name.as_str());
+        }
         if record.name.as_str() == self.node.as_str() {
             return;
         }
@@ -739,6 +766,11 @@ impl StatusSource for Agent {
             peers,
             xfrm_errors,
             datapath_drops,
+            unusable_nodes: self
+                .unusable_nodes
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
         }
     }
 }

@@ -71,6 +71,10 @@ pub struct NodeView {
     pub xfrm_errors: BTreeMap<String, u64>,
     /// eBPF drop counters by reason.
     pub datapath_drops: BTreeMap<String, u64>,
+    /// Nodes whose record is unusable (no peer is set up for them), with the reason, e.g. a
+    /// Node object without a pod CIDR.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unusable_nodes: BTreeMap<String, String>,
 }
 
 /// Produces the current status.
@@ -187,6 +191,9 @@ pub fn render(view: &NodeView) -> String {
             p.failures,
             p.last_error.clone().unwrap_or_default(),
         ));
+    }
+    for (node, reason) in &view.unusable_nodes {
+        out.push_str(&format!("unusable node {node}: {reason}\n"));
     }
     if !view.xfrm_errors.is_empty() {
         out.push_str("xfrm errors:");

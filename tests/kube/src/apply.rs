@@ -52,9 +52,17 @@ impl KubeApiServer {
 pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<Vec<DynamicObject>> {
     let mut applied = Vec::new();
     let mut crds = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-        let value = serde_yaml::Value::deserialize(document)
-            .with_context(|| format!("parsing YAML document {index}"))?;
+    // Parse every document before the first request: the YAML parser cannot be held across an
+    // await in a future that must be Send (runtimes whose tasks move between threads).
+    let documents = serde_yaml::Deserializer::from_str(yaml)
+        .enumerate()
+        .map(|(index, document)| {
+            serde_yaml::Value::deserialize(document)
+                .map(|value| (index, value))
+                .with_context(|| format!("parsing YAML document {index}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for (index, value) in documents {
         if value.is_null() {
             continue; // an empty document, e.g. a trailing `---`
         }

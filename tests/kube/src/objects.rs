@@ -5,6 +5,7 @@ use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::{
+    apps::v1::DaemonSet,
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{Container, Namespace, Node, NodeSpec, Pod, PodSpec, ServiceAccount},
 };
@@ -19,6 +20,83 @@ use crate::server::KubeApiServer;
 pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(600);
 
 impl KubeApiServer {
+    /// Creates the DaemonSet `name` that agent pods are owned by (no controller runs it: pods
+    /// come from [`create_daemon_set_pod`](Self::create_daemon_set_pod)).
+    ///
+    /// # Errors
+    /// Any API error.
+    pub async fn create_daemon_set(&self, namespace: &str, name: &str) -> Result<DaemonSet> {
+        let api: Api<DaemonSet> = Api::namespaced(self.admin_client(), namespace);
+        let ds: DaemonSet = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "namespace": namespace },
+            "spec": {
+                "selector": { "matchLabels": { "app": name } },
+                "template": {
+                    "metadata": { "labels": { "app": name } },
+                    "spec": { "containers": [{ "name": "agent", "image": "nodeseal.invalid/agent:test" }] },
+                },
+            },
+        }))
+        .context("DaemonSet JSON")?;
+        api.create(&PostParams::default(), &ds)
+            .await
+            .with_context(|| format!("creating DaemonSet {namespace}/{name}"))
+    }
+
+    /// Creates a pod of `owner` on `node_name` running as `service_account` (what the
+    /// DaemonSet controller and the scheduler would do) and returns a kubeconfig whose token is
+    /// bound to it (what the kubelet would mount).
+    ///
+    /// # Errors
+    /// Any API error.
+    pub async fn create_daemon_set_pod(
+        &mut self,
+        owner: &DaemonSet,
+        name: &str,
+        node_name: &str,
+        service_account: &str,
+    ) -> Result<std::path::PathBuf> {
+        let namespace = owner.metadata.namespace.clone().unwrap_or_default();
+        let api: Api<Pod> = Api::namespaced(self.admin_client(), &namespace);
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1",
+                    "kind": "DaemonSet",
+                    "name": owner.metadata.name,
+                    "uid": owner.metadata.uid,
+                    "controller": true,
+                    "blockOwnerDeletion": true,
+                }],
+            },
+            "spec": {
+                "nodeName": node_name,
+                "serviceAccountName": service_account,
+                "automountServiceAccountToken": false,
+                "containers": [{ "name": "agent", "image": "nodeseal.invalid/agent:test" }],
+            },
+        }))
+        .context("Pod JSON")?;
+        let created = api
+            .create(&PostParams::default(), &pod)
+            .await
+            .with_context(|| format!("creating Pod {namespace}/{name}"))?;
+        let uid = created.metadata.uid.context("pod uid")?;
+        let token = self
+            .pod_bound_token(
+                &namespace,
+                service_account,
+                name,
+                &uid,
+                crate::API_AUDIENCE,
+                Duration::from_secs(3600),
+            )
+            .await?;
+        self.kubeconfig_for_token(&token)
+    }
+
     /// Creates a Namespace (no-op if it exists).
     ///
     /// # Errors

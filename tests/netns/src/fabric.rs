@@ -29,6 +29,19 @@ pub enum StoreKind {
     Dir,
     /// etcd at these client URLs.
     Etcd(Vec<String>),
+    /// Kubernetes mode: each process gets its own kubeconfig (a token bound to its pod).
+    Kube(KubeConfigs),
+}
+
+/// kubeconfigs of a Kubernetes-mode fabric.
+#[derive(Clone, Debug)]
+pub struct KubeConfigs {
+    /// The operator's (admin), for the CLI.
+    pub admin: PathBuf,
+    /// keymgr's (its ServiceAccount, bound to a keymgr pod).
+    pub keymgr: PathBuf,
+    /// Node `i`'s agent's (the agent ServiceAccount, bound to the agent pod on node `i`).
+    pub agents: Vec<PathBuf>,
 }
 
 /// Settings of a fabric.
@@ -44,6 +57,8 @@ pub struct FabricOptions {
     pub strict: bool,
     /// Remove a peer's SAs after its handshakes failed this long.
     pub retention: Duration,
+    /// Extra arguments of node `i`'s agent (index `i`), after the fabric's own.
+    pub agent_args: Vec<Vec<String>>,
 }
 
 impl Default for FabricOptions {
@@ -54,6 +69,7 @@ impl Default for FabricOptions {
             rekey_interval: Duration::from_secs(3600),
             strict: true,
             retention: Duration::from_secs(600),
+            agent_args: Vec::new(),
         }
     }
 }
@@ -87,7 +103,9 @@ impl Fabric {
             agents: Vec::new(),
             pin_base,
         };
-        fabric.nodeseal(&["ca", "init", "--dir", &fabric.ca_dir().to_string_lossy()])?;
+        if !matches!(fabric.options.store, StoreKind::Kube(_)) {
+            fabric.nodeseal(&["ca", "init", "--dir", &fabric.ca_dir().to_string_lossy()])?;
+        }
         fabric.start_keymgr(topo)?;
         for i in 0..agents.min(topo.nodes().len()) {
             let agent = fabric.spawn_agent(topo, i)?;
@@ -108,6 +126,18 @@ impl Fabric {
                 self.dir.join("store").to_string_lossy().into_owned(),
             ],
             StoreKind::Etcd(urls) => vec!["--etcd-endpoints".into(), urls.join(",")],
+            StoreKind::Kube(configs) => kube_args(&configs.admin),
+        }
+    }
+
+    /// The store flags of node `i`'s agent.
+    fn agent_store_args(&self, i: usize) -> Vec<String> {
+        match &self.options.store {
+            StoreKind::Kube(configs) => configs
+                .agents
+                .get(i)
+                .map_or_else(|| self.store_args(), |c| kube_args(c)),
+            _ => self.store_args(),
         }
     }
 
@@ -115,14 +145,15 @@ impl Fabric {
         let mut cmd = topo
             .underlay()
             .command(&binary("nodeseal").to_string_lossy());
-        cmd.args([
-            "keymgr",
-            "run",
-            "--ca-dir",
-            &self.ca_dir().to_string_lossy(),
-        ])
-        .args(self.store_args())
-        .env("RUST_LOG", "info");
+        cmd.args(["keymgr", "run"]);
+        match &self.options.store {
+            // The CA is created in the Secret nodeseal-ca by keymgr itself.
+            StoreKind::Kube(configs) => cmd.args(kube_args(&configs.keymgr)),
+            _ => cmd
+                .args(["--ca-dir", &self.ca_dir().to_string_lossy()])
+                .args(self.store_args()),
+        };
+        cmd.env("RUST_LOG", "info");
         self.keymgr = Some(topo.spawn_command("keymgr", cmd)?);
         Ok(())
     }
@@ -156,7 +187,8 @@ impl Fabric {
             .args(["--rekey-interval", &humantime(self.options.rekey_interval)])
             .args(["--strict-mode", if strict { "true" } else { "false" }])
             .args(["--peer-retention", &humantime(self.options.retention)])
-            .args(self.store_args())
+            .args(self.agent_store_args(i))
+            .args(self.options.agent_args.get(i).into_iter().flatten())
             .env("RUST_LOG", "info,nodeseal_agent=debug");
         cmd
     }
@@ -325,6 +357,14 @@ impl Drop for Fabric {
 
 fn humantime(d: Duration) -> String {
     format!("{}ms", d.as_millis())
+}
+
+fn kube_args(kubeconfig: &Path) -> Vec<String> {
+    vec![
+        "--kubernetes".into(),
+        "--kubeconfig".into(),
+        kubeconfig.to_string_lossy().into_owned(),
+    ]
 }
 
 /// A real etcd (Debian's `etcd-server`) for the store scenarios, listening on `ip` inside the

@@ -91,6 +91,15 @@ impl Netns {
         Ok(handle)
     }
 
+    /// Moves the calling thread into this namespace for good (for runtimes whose worker
+    /// threads must all live in it, e.g. through tokio's `on_thread_start`).
+    ///
+    /// # Errors
+    /// If the namespace cannot be opened or entered.
+    pub fn enter_this_thread(&self) -> Result<()> {
+        enter(&self.path())
+    }
+
     /// A command that runs inside this namespace. Unlike `ip netns exec`, the child keeps the
     /// caller's mounts (notably bpffs under `/sys/fs/bpf`, which `ip netns exec` hides by
     /// remounting `/sys`); only its network namespace changes.
