@@ -455,9 +455,11 @@ async fn housekeeping(agent: Arc<Agent>) {
         agent.metrics.set_peers(peers.len(), established);
         let generation = *agent.generation_tx.borrow();
         let now = (generation, applied);
-        if last_published.as_ref() != Some(&now)
-            || last_publish_at.elapsed() > Duration::from_secs(30)
-        {
+        // A periodic re-publication keeps `reported_at` fresh for `status --cluster`; against
+        // the apiserver every write is a watch event on every node, so there only changes go.
+        let refresh = agent.store.backend_name() != "kubernetes"
+            && last_publish_at.elapsed() > Duration::from_secs(30);
+        if last_published.as_ref() != Some(&now) || refresh {
             let Ok(node) = nodeseal_store::NodeName::new(agent.node.as_str()) else {
                 continue;
             };

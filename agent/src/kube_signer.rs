@@ -353,7 +353,7 @@ async fn lead(settings: &KeymgrSettings, term: CancellationToken) {
         settings.client.clone(),
         settings.agent.clone(),
         ca,
-        settings.options.clone(),
+        settings.options,
         is_revoked,
         term,
     )

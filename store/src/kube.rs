@@ -602,7 +602,7 @@ mod watch {
 
     /// An event of one of the underlying watchers.
     enum Source {
-        Node(Result<watcher::Event<Node>, watcher::Error>),
+        Node(Box<Result<watcher::Event<Node>, watcher::Error>>),
         Published(Result<watcher::Event<NodesealNode>, watcher::Error>),
         ConfigMap(Result<watcher::Event<ConfigMap>, watcher::Error>),
     }
@@ -649,7 +649,7 @@ mod watch {
             feeds.insert(Feed::Nodes);
             streams.push(
                 watcher(store.nodes(), watcher::Config::default())
-                    .map(Source::Node)
+                    .map(|e| Source::Node(Box::new(e)))
                     .boxed(),
             );
         }
@@ -711,7 +711,7 @@ mod watch {
         fn apply(&mut self, source: Source) -> Vec<RawEvent> {
             let mut touched = BTreeSet::new();
             let (feed, result) = match source {
-                Source::Node(r) => (Feed::Nodes, r.map(|e| self.on_node(e, &mut touched))),
+                Source::Node(r) => (Feed::Nodes, (*r).map(|e| self.on_node(e, &mut touched))),
                 Source::Published(r) => (
                     Feed::Published,
                     r.map(|e| self.on_published(e, &mut touched)),

@@ -85,7 +85,11 @@ fn kubernetes_backend_carries_the_fabric() {
                 .expect("manifest");
         }
         // node2's Node has no pod CIDR (yet): the cluster has not allocated one.
-        for (i, cidrs) in [(0, vec!["10.244.0.0/24"]), (1, vec!["10.244.1.0/24"]), (2, vec![])] {
+        for (i, cidrs) in [
+            (0, vec!["10.244.0.0/24"]),
+            (1, vec!["10.244.1.0/24"]),
+            (2, vec![]),
+        ] {
             let ip: IpAddr = format!("10.0.0.{}", i + 1).parse().unwrap();
             cluster
                 .create_node(&format!("node{i}"), ip, &cidrs)
