@@ -13,9 +13,8 @@
 //! - node N exists and is not revoked.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::ByteString;
@@ -29,11 +28,10 @@ use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt as _};
 use nodeseal_keymgr::{ClusterCa, IssueOptions, NodeName, TrustDomain, validate_csr};
+use nodeseal_store::{Event, Kind, Record, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
-
-use nodeseal_store::{Event, Kind, Record, Store};
 
 use crate::identity::pem;
 use crate::signer::pem_to_der;
@@ -553,4 +551,186 @@ async fn set_condition(
     csrs.replace_subresource("approval", name, &PostParams::default(), &decided)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::expect_used,
+        clippy::unwrap_used,
+        reason = "tests: bad test input is a test failure"
+    )]
+
+    use nodeseal_keymgr::{NodeKey, create_csr};
+
+    use super::*;
+
+    fn agent() -> AgentIdentity {
+        AgentIdentity {
+            namespace: "nodeseal".into(),
+            service_account: "nodeseal-agent".into(),
+            daemon_set: "nodeseal-agent".into(),
+        }
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    /// A CSR for `for_node`'s identity, sent by `username` with a token bound to pod `agent-a`.
+    fn csr(for_node: &str, username: &str, usages: &[&str]) -> CertificateSigningRequest {
+        let key = NodeKey::generate().unwrap();
+        let der = create_csr(&key, &td(), &NodeName::new(for_node).unwrap()).unwrap();
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "nodeseal-x" },
+            "spec": {
+                "request": base64_of(pem("CERTIFICATE REQUEST", der.as_ref()).as_bytes()),
+                "signerName": SIGNER_NAME,
+                "usages": usages,
+                "username": username,
+                "extra": {
+                    POD_NAME_EXTRA: ["agent-a"],
+                    POD_UID_EXTRA: ["uid-a"],
+                },
+            },
+        }))
+        .unwrap()
+    }
+
+    fn base64_of(bytes: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    fn pod(uid: &str, node: &str, owner: Option<&str>) -> Pod {
+        let owners: Vec<serde_json::Value> = owner
+            .map(|name| {
+                serde_json::json!({
+                    "apiVersion": "apps/v1", "kind": "DaemonSet", "name": name,
+                    "uid": "ds-uid", "controller": true,
+                })
+            })
+            .into_iter()
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "agent-a", "namespace": "nodeseal", "uid": uid,
+                          "ownerReferences": owners },
+            "spec": { "nodeName": node, "containers": [] },
+        }))
+        .unwrap()
+    }
+
+    const AGENT: &str = "system:serviceaccount:nodeseal:nodeseal-agent";
+    const USAGES: &[&str] = &ALLOWED_USAGES;
+
+    fn decide(csr: &CertificateSigningRequest, pod: Option<&Pod>) -> Result<NodeName, Denial> {
+        admit(
+            csr,
+            &agent(),
+            &td(),
+            &Facts {
+                pod,
+                node_exists: true,
+                revoked: false,
+            },
+        )
+    }
+
+    fn denied(result: Result<NodeName, Denial>, expected: &str) {
+        match result {
+            Err(Denial(message)) => assert!(message.contains(expected), "{message}"),
+            Ok(node) => panic!("admitted {node}, expected a denial containing {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn admits_the_agent_pod_of_the_node_it_runs_on() {
+        let pod = pod("uid-a", "node-a", Some("nodeseal-agent"));
+        let node = decide(&csr("node-a", AGENT, USAGES), Some(&pod)).unwrap();
+        assert_eq!(node.as_str(), "node-a");
+    }
+
+    #[test]
+    fn denies_each_failed_check_with_its_reason() {
+        let good = pod("uid-a", "node-a", Some("nodeseal-agent"));
+        denied(
+            decide(
+                &csr("node-a", "system:serviceaccount:default:other", USAGES),
+                Some(&good),
+            ),
+            "is not the agent service account",
+        );
+        let mut unbound = csr("node-a", AGENT, USAGES);
+        unbound.spec.extra = None;
+        denied(decide(&unbound, Some(&good)), "not bound to a pod");
+        denied(
+            decide(&csr("node-a", AGENT, USAGES), None),
+            "does not exist",
+        );
+        denied(
+            decide(
+                &csr("node-a", AGENT, USAGES),
+                Some(&pod("uid-old", "node-a", Some("nodeseal-agent"))),
+            ),
+            "another UID",
+        );
+        denied(
+            decide(
+                &csr("node-a", AGENT, USAGES),
+                Some(&pod("uid-a", "node-a", None)),
+            ),
+            "not owned by DaemonSet nodeseal-agent",
+        );
+        denied(
+            decide(
+                &csr("node-a", AGENT, USAGES),
+                Some(&pod("uid-a", "node-a", Some("other"))),
+            ),
+            "not owned by DaemonSet nodeseal-agent",
+        );
+        denied(
+            decide(&csr("node-b", AGENT, USAGES), Some(&good)),
+            "does not ask for node node-a's identity",
+        );
+        denied(
+            decide(
+                &csr("node-a", AGENT, &["digital signature", "key encipherment"]),
+                Some(&good),
+            ),
+            "usage \"key encipherment\"",
+        );
+        let csr = csr("node-a", AGENT, USAGES);
+        let facts = |node_exists, revoked| Facts {
+            pod: Some(&good),
+            node_exists,
+            revoked,
+        };
+        denied(
+            admit(&csr, &agent(), &td(), &facts(false, false)),
+            "node node-a does not exist",
+        );
+        denied(
+            admit(&csr, &agent(), &td(), &facts(true, true)),
+            "node node-a is revoked",
+        );
+    }
+
+    #[test]
+    fn garbage_requests_are_denied_not_panics() {
+        let good = pod("uid-a", "node-a", Some("nodeseal-agent"));
+        let mut garbage = csr("node-a", AGENT, USAGES);
+        garbage.spec.request = ByteString(
+            b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                .to_vec(),
+        );
+        denied(
+            decide(&garbage, Some(&good)),
+            "does not ask for node node-a's identity",
+        );
+        garbage.spec.request = ByteString(vec![0xff; 64]);
+        denied(
+            decide(&garbage, Some(&good)),
+            "not one PEM CERTIFICATE REQUEST block",
+        );
+    }
 }

@@ -7,12 +7,16 @@
 //!   directory.
 //! - `etcd` (default): `EtcdStore`, etcd's v3 API, for real multi-host clusters, with leases
 //!   for liveness.
-//! - `kube`: a Kubernetes backend is coming next; the feature is declared and enables nothing
-//!   yet.
+//! - `kube`: `KubeStore`, the cluster's own objects: node records joined from the Node object
+//!   (IPs, pod CIDRs: the authority) and the agent's NodesealNode, cluster records in
+//!   ConfigMaps (see [`kube`]). It keeps no CSR or certificate records: in Kubernetes mode those
+//!   are CertificateSigningRequests.
 //!
-//! Every backend passes the same conformance suite (`tests/conformance.rs`): round trips,
-//! compare-and-swap, watch order, malformed records, leases (or the documented lack of them)
-//! and the watch's resync after an interruption.
+//! The directory and etcd backends pass the same conformance suite (`tests/conformance.rs`):
+//! round trips, compare-and-swap, watch order, malformed records, leases (or the documented
+//! lack of them) and the watch's resync after an interruption. The Kubernetes backend's node
+//! records must agree with Node objects, so it has its own tests of the same properties against
+//! a real apiserver (`tests/kube.rs`).
 //!
 //! Records ([`NodeRecord`], [`CsrRecord`], [`CertificateRecord`], [`TrustBundle`],
 //! [`Revocation`], [`RekeyGeneration`], [`NodeStatus`]) are JSON under keys `<kind>/<id>`
@@ -30,8 +34,9 @@
 //! [`StoreError::Backend`], which names the backend, the operation and the key or path, and
 //! says whether it is transient; no backend client type appears in this API.
 //!
-//! Not here (yet): the Kubernetes backend. Not here at all: any policy about what records mean
-//! (which node may publish what, when to rekey): that is the agent's and keymgr's job.
+//! Not here: any policy about what records mean (when to rekey, whom to sign for): that is the
+//! agent's and keymgr's job. The Kubernetes backend does decide where a node's addresses come
+//! from (its Node object), since that is the point of the backend.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), nodeseal_store::StoreError> {

@@ -1,7 +1,7 @@
 //! One conformance suite for every store backend: the cases in `conformance/cases.rs`, written
 //! once against [`Harness`], instantiated here per backend by [`conformance!`].
 //!
-//! Adding a backend (the Kubernetes one is next) takes a [`Harness`] implementation and one
+//! Adding a backend takes a [`Harness`] implementation and one
 //! `conformance!(name, constructor)` line; every case then runs against it.
 
 #![allow(
