@@ -18,6 +18,9 @@ pub struct DemoArgs {
     /// Skip installing packages and toolchains.
     #[arg(long)]
     skip_setup: bool,
+    /// Run the fabric in Kubernetes mode, against a real kube-apiserver on the underlay.
+    #[arg(long)]
+    kubernetes: bool,
     #[command(flatten)]
     vm: vm::VmOptions,
 }
@@ -28,10 +31,13 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     run::checked(Command::new("cargo").args(["build", "--bins"]))?;
     let demo = crate::target_dir().join("debug").join("nodeseal-demo");
-    let command = vec![demo.to_string_lossy().into_owned()];
+    let mut command = vec![demo.to_string_lossy().into_owned()];
+    if args.kubernetes {
+        command.push("--kubernetes".into());
+    }
     let ok = if test::host_has_kernel_features() {
         run::streamed(
-            &mut Command::new(&command[0]),
+            Command::new(&command[0]).args(&command[1..]),
             Duration::from_secs(args.vm.timeout_secs),
         )?
         .0

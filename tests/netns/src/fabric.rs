@@ -337,6 +337,13 @@ impl Fabric {
         topo.spawn_command(&format!("rogue-{name}"), cmd)
     }
 
+    /// Runs an agent on node `node` (with that node's credentials: its kubeconfig in
+    /// Kubernetes mode) that claims to be node `claimed`.
+    pub fn spawn_impostor(&self, topo: &Topology, node: usize, claimed: &str) -> Result<Process> {
+        let cmd = self.agent_command_named(topo, node, claimed, self.options.strict);
+        topo.spawn_command(&format!("impostor-{claimed}"), cmd)
+    }
+
     /// Removes the pinned maps of every agent (the kernel namespaces go with the topology).
     fn unpin(&self) {
         let _ = std::fs::remove_dir_all(&self.pin_base);

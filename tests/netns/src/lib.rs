@@ -8,6 +8,8 @@
 
 pub mod capture;
 pub mod fabric;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod net;
 mod netns;
 mod process;

@@ -15,42 +15,20 @@
     reason = "scenario helpers panic with context, like the tests"
 )]
 
-use std::future::Future;
-use std::net::{IpAddr, SocketAddrV4};
-use std::sync::Arc;
+use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, PostParams};
-use nodeseal_kube_fixture::{KubeApiServer, binaries_or_skip, deploy_dir};
-use nodeseal_netns::fabric::{KubeConfigs, esp_spis_between};
+use nodeseal_kube_fixture::binaries_or_skip;
+use nodeseal_netns::fabric::esp_spis_between;
+use nodeseal_netns::kube::KubeControlPlane;
 use nodeseal_netns::{
-    Fabric, FabricOptions, Feature, Netns, StoreKind, Topology, UdpStream, ping, require,
+    Fabric, FabricOptions, Feature, StoreKind, Topology, UdpStream, ping, require,
 };
+use nodeseal_store::kube::objects::NodesealNode;
 
 const CONVERGE: Duration = Duration::from_secs(120);
-const NS: &str = "nodeseal";
-const APISERVER_IP: &str = "10.0.0.254";
-
-/// A runtime whose threads all live in `ns`: the control plane it starts listens there (and
-/// its child processes inherit the namespace), and its clients connect from there.
-fn runtime_in(ns: &Arc<Netns>) -> tokio::runtime::Runtime {
-    let ns = Arc::clone(ns);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .on_thread_start(move || ns.enter_this_thread().expect("entering the underlay"))
-        .build()
-        .expect("runtime")
-}
-
-/// Runs `future` on a worker of `rt` (inside its namespace), not on the calling thread.
-fn on<T: Send + 'static>(
-    rt: &tokio::runtime::Runtime,
-    future: impl Future<Output = T> + Send + 'static,
-) -> T {
-    rt.block_on(rt.spawn(future)).expect("task")
-}
 
 #[test]
 fn kubernetes_backend_carries_the_fabric() {
@@ -64,81 +42,16 @@ fn kubernetes_backend_carries_the_fabric() {
         .pods_per_node(1)
         .build()
         .expect("topology");
-    topo.underlay()
-        .ip(&["addr", "add", &format!("{APISERVER_IP}/24"), "dev", "br0"])
-        .expect("bridge address");
-    let rt = runtime_in(&topo.underlay_shared());
-
-    // The control plane, the manifests, and what kubelet and scheduler would have done.
-    let cluster = on(&rt, async {
-        let mut cluster = KubeApiServer::builder()
-            .bind(APISERVER_IP.parse().unwrap())
-            .ready_timeout(Duration::from_secs(180))
-            .start()
-            .await
-            .expect("control plane");
-        cluster.create_namespace(NS).await.expect("namespace");
-        for file in ["crds.yaml", "rbac.yaml", "admission.yaml"] {
-            cluster
-                .apply_file(&deploy_dir().join(file))
-                .await
-                .expect("manifest");
+    // node2's Node has no pod CIDR (yet): the cluster has not allocated one.
+    let control = KubeControlPlane::start(&topo, |i| {
+        if i == 2 {
+            Vec::new()
+        } else {
+            vec![topo.node(i).pod_cidr.to_string()]
         }
-        // node2's Node has no pod CIDR (yet): the cluster has not allocated one.
-        for (i, cidrs) in [
-            (0, vec!["10.244.0.0/24"]),
-            (1, vec!["10.244.1.0/24"]),
-            (2, vec![]),
-        ] {
-            let ip: IpAddr = format!("10.0.0.{}", i + 1).parse().unwrap();
-            cluster
-                .create_node(&format!("node{i}"), ip, &cidrs)
-                .await
-                .expect("node");
-        }
-        let ds = cluster
-            .create_daemon_set(NS, "nodeseal-agent")
-            .await
-            .expect("DaemonSet");
-        let mut agents = Vec::new();
-        for i in 0..3 {
-            agents.push(
-                cluster
-                    .create_daemon_set_pod(
-                        &ds,
-                        &format!("nodeseal-agent-{i}"),
-                        &format!("node{i}"),
-                        "nodeseal-agent",
-                    )
-                    .await
-                    .expect("agent pod"),
-            );
-        }
-        let keymgr_pod = cluster
-            .create_agent_pod(NS, "nodeseal-keymgr-0", "node0", "nodeseal-keymgr")
-            .await
-            .expect("keymgr pod");
-        let token = cluster
-            .pod_bound_token(
-                NS,
-                "nodeseal-keymgr",
-                "nodeseal-keymgr-0",
-                &keymgr_pod.metadata.uid.unwrap(),
-                nodeseal_kube_fixture::API_AUDIENCE,
-                Duration::from_secs(3600),
-            )
-            .await
-            .expect("keymgr token");
-        let keymgr = cluster.kubeconfig_for_token(&token).expect("kubeconfig");
-        let configs = KubeConfigs {
-            admin: cluster.admin_kubeconfig_path().to_path_buf(),
-            keymgr,
-            agents,
-        };
-        (cluster, configs)
-    });
-    let (cluster, configs) = cluster;
-    let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
+    })
+    .expect("control plane");
+    let configs = control.configs();
 
     let options = FabricOptions {
         store: StoreKind::Kube(configs),
@@ -162,19 +75,18 @@ fn kubernetes_backend_carries_the_fabric() {
     // node2 publishes (its agent would, once started) but its Node has no pod CIDR.
     let nodes = fabric.nodeseal_store(&["node", "list"]).expect("node list");
     assert!(nodes.contains("node1"), "{nodes}");
-    let published = on(&rt, {
-        let cluster = Arc::clone(&cluster);
-        async move {
-            let client = cluster.lock().await.admin_client();
-            let api: Api<nodeseal_store::kube::objects::NodesealNode> = Api::all(client);
-            let mut object = nodeseal_store::kube::objects::NodesealNode::default();
+    control
+        .admin(|client| async move {
+            let mut object = NodesealNode::default();
             object.metadata.name = Some("node2".into());
             object.spec.handshake_port = 4250;
             object.spec.spiffe_id = "spiffe://cluster.local/node/node2".into();
-            api.create(&PostParams::default(), &object).await
-        }
-    });
-    published.expect("NodesealNode node2");
+            Api::<NodesealNode>::all(client)
+                .create(&PostParams::default(), &object)
+                .await?;
+            Ok(())
+        })
+        .expect("NodesealNode node2");
     let shown = nodeseal_netns::wait_until(Duration::from_secs(30), || {
         fabric
             .status_text(0)
@@ -194,11 +106,7 @@ fn kubernetes_backend_carries_the_fabric() {
     )
     .expect("stream");
     std::thread::sleep(Duration::from_millis(500));
-    on(&rt, {
-        let cluster = Arc::clone(&cluster);
-        async move { cluster.lock().await.restart_apiserver().await }
-    })
-    .expect("apiserver restart");
+    control.restart_apiserver().expect("apiserver restart");
     std::thread::sleep(Duration::from_secs(3));
     let report = stream.finish(Duration::from_millis(500)).expect("report");
     eprintln!("stream across the apiserver restart: {report:?}");
@@ -219,14 +127,14 @@ fn kubernetes_backend_carries_the_fabric() {
         .unwrap_or_else(|leak| panic!("{leak}"));
 
     // The cluster deletes node1: its SAs go on node0.
-    on(&rt, {
-        let cluster = Arc::clone(&cluster);
-        async move {
-            let api: Api<Node> = Api::all(cluster.lock().await.admin_client());
-            api.delete("node1", &DeleteParams::default()).await
-        }
-    })
-    .expect("delete node1");
+    control
+        .admin(|client| async move {
+            Api::<Node>::all(client)
+                .delete("node1", &DeleteParams::default())
+                .await?;
+            Ok(())
+        })
+        .expect("delete node1");
     let gone = nodeseal_netns::wait_until(Duration::from_secs(30), || {
         fabric.peer_row(0, "node1").is_none()
             && esp_spis_between(&topo.node(0).ns, topo.node(0).ip, topo.node(1).ip).is_empty()
@@ -238,10 +146,5 @@ fn kubernetes_backend_carries_the_fabric() {
         topo.node(0).ns.ip(&["xfrm", "state"]).unwrap_or_default()
     );
     drop(fabric);
-    // The control plane's processes belong to the runtime's threads: stop them first.
-    on(&rt, async move {
-        if let Ok(cluster) = Arc::try_unwrap(cluster) {
-            cluster.into_inner().stop();
-        }
-    });
+    drop(control);
 }

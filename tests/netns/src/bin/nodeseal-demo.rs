@@ -3,16 +3,23 @@
 //! It starts keymgr and one real agent per node on a shared directory store, shows every node's
 //! `nodeseal status`, a sample of the underlay wire (ESP only), a `nodeseal keys rotate --wait`
 //! under a UDP stream, and a rogue node with a certificate from another CA being refused.
+//!
+//! With `--kubernetes` the store is a real kube-apiserver on the underlay (Node objects,
+//! NodesealNodes, CertificateSigningRequests signed by keymgr, the shipped RBAC and admission
+//! policies), and the last act is an agent that claims another node's name with its own
+//! node's credentials, refused by the admission policy.
 
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use nodeseal_netns::kube::KubeControlPlane;
 use nodeseal_netns::{
-    Fabric, FabricOptions, Feature, PacketClass, Topology, UdpStream, ping, require,
+    Fabric, FabricOptions, Feature, PacketClass, StoreKind, Topology, UdpStream, ping, require,
 };
 
 fn main() -> Result<()> {
+    let kubernetes = std::env::args().skip(1).any(|a| a == "--kubernetes");
     if !require("demo", &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
         bail!("this kernel cannot run the demo (see above); `cargo xtask demo` boots one that can");
     }
@@ -32,8 +39,25 @@ fn main() -> Result<()> {
         );
     }
 
-    banner("starting keymgr and three nodeseal agents (embedded directory store)");
-    let fabric = Fabric::start(&topo, 3, FabricOptions::default())?;
+    let mut options = FabricOptions::default();
+    let control = if kubernetes {
+        banner("starting etcd and kube-apiserver on the underlay; Node objects, agent pods, RBAC");
+        let control = KubeControlPlane::start(&topo, |i| vec![topo.node(i).pod_cidr.to_string()])?;
+        options.store = StoreKind::Kube(control.configs());
+        print!(
+            "{}",
+            control.kubectl(&topo, &["get", "nodes", "-o", "wide"])?
+        );
+        Some(control)
+    } else {
+        None
+    };
+    banner(if kubernetes {
+        "starting keymgr and three nodeseal agents (Kubernetes mode)"
+    } else {
+        "starting keymgr and three nodeseal agents (embedded directory store)"
+    });
+    let fabric = Fabric::start(&topo, 3, options)?;
     fabric.wait_established(&[0, 1, 2], Duration::from_secs(90))?;
     for i in 0..3 {
         println!("\n$ nodeseal status    # on node{i}");
@@ -95,6 +119,10 @@ fn main() -> Result<()> {
     println!("\n$ nodeseal status    # on node0, after the rotation");
     print!("{}", fabric.status_text(0)?);
 
+    if let Some(control) = &control {
+        return kubernetes_finale(&topo, &fabric, control);
+    }
+
     banner("a rogue node with a certificate from another CA joins the store");
     let _rogue = fabric.spawn_rogue(&topo, 3, "rogue")?;
     let refused = nodeseal_netns::wait_until(Duration::from_secs(60), || {
@@ -125,6 +153,44 @@ fn main() -> Result<()> {
             .context("node list")?
     );
     banner("demo complete: ESP only on the wire, hitless rotation, rogue refused");
+    Ok(())
+}
+
+/// Kubernetes mode's last act: the certificates keymgr issued through the CSR API, then an
+/// agent on node3 that claims to be node0 with node3's own pod token.
+fn kubernetes_finale(topo: &Topology, fabric: &Fabric, control: &KubeControlPlane) -> Result<()> {
+    println!("\n$ kubectl get csr    # node certificates, approved and signed by keymgr");
+    print!("{}", control.kubectl(topo, &["get", "csr"])?);
+    println!("\n$ kubectl get nodesealnodes");
+    print!("{}", control.kubectl(topo, &["get", "nodesealnodes"])?);
+
+    banner("an agent on node3 claims to be node0, with node3's own pod token");
+    let impostor = fabric.spawn_impostor(topo, 3, "node0")?;
+    let refused = nodeseal_netns::wait_until(Duration::from_secs(60), || {
+        impostor
+            .log()
+            .contains("is bound to node node3 but tried to")
+    });
+    let line = impostor
+        .log()
+        .lines()
+        .find(|l| l.contains("is bound to node node3"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    println!("  impostor's log: {line}");
+    ensure!(refused, "the admission policy did not refuse the impostor");
+    let attempt = ping(&topo.node(3).pod(0).ns, topo.node(0).pod(0).ip, 3)?;
+    println!(
+        "  ping from node3's pod {} -> {}: {}/{} replies",
+        topo.node(3).pod(0).ip,
+        topo.node(0).pod(0).ip,
+        attempt.received,
+        attempt.transmitted
+    );
+    ensure!(attempt.received == 0, "node3's pod reached a pod");
+    println!("\n$ nodeseal status    # on node0: still node1 and node2 only");
+    print!("{}", fabric.status_text(0)?);
+    banner("demo complete (Kubernetes mode): ESP only, hitless rotation, impostor refused");
     Ok(())
 }
 

@@ -1,0 +1,218 @@
+//! A Kubernetes control plane for a [`Topology`] (feature `kube`): the real etcd and
+//! kube-apiserver of `nodeseal-kube-fixture` listening on the underlay bridge, the manifests
+//! nodeseal ships, a Node object per node, the agent DaemonSet with one pod per node and a
+//! keymgr pod, and a kubeconfig per process whose token is bound to its pod, which is what a
+//! kubelet would mount. [`KubeConfigs`] plugs it into a [`crate::Fabric`].
+//!
+//! The control plane's processes and every client call run on a tokio runtime whose threads
+//! all live in the underlay namespace: the apiserver's address is only reachable there and
+//! from the node namespaces, never from the test's own namespace.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use nodeseal_kube_fixture::{API_AUDIENCE, KubeApiServer, deploy_dir};
+
+use crate::Topology;
+use crate::fabric::KubeConfigs;
+
+/// Where the apiserver listens: an address of the underlay bridge.
+pub const APISERVER_IP: &str = "10.0.0.254";
+/// The release namespace.
+pub const NAMESPACE: &str = "nodeseal";
+
+/// The control plane of a topology. Stops its processes on drop.
+pub struct KubeControlPlane {
+    rt: tokio::runtime::Runtime,
+    cluster: Arc<tokio::sync::Mutex<Option<KubeApiServer>>>,
+    configs: KubeConfigs,
+}
+
+impl KubeControlPlane {
+    /// Starts it for `topo`. Node `i`'s Node object lists `pod_cidrs(i)` (the topology's CIDR
+    /// for a normal node; empty for one the cluster has not allocated a range to yet).
+    ///
+    /// # Errors
+    /// If the bridge address, the runtime or any API call fails.
+    pub fn start(topo: &Topology, pod_cidrs: impl Fn(usize) -> Vec<String>) -> Result<Self> {
+        topo.underlay()
+            .ip(&["addr", "add", &format!("{APISERVER_IP}/24"), "dev", "br0"])
+            .context("apiserver address on the underlay bridge")?;
+        let underlay = topo.underlay_shared();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || {
+                // A thread outside the underlay could not reach the apiserver: fail loudly.
+                if let Err(e) = underlay.enter_this_thread() {
+                    panic!("entering the underlay namespace: {e:#}");
+                }
+            })
+            .build()
+            .context("runtime")?;
+        let nodes: Vec<(String, IpAddr, Vec<String>)> = topo
+            .nodes()
+            .iter()
+            .map(|n| {
+                (
+                    format!("node{}", n.index),
+                    IpAddr::V4(n.ip),
+                    pod_cidrs(n.index),
+                )
+            })
+            .collect();
+        let (cluster, configs) = on(&rt, async move { provision(nodes).await })??;
+        Ok(Self {
+            rt,
+            cluster: Arc::new(tokio::sync::Mutex::new(Some(cluster))),
+            configs,
+        })
+    }
+
+    /// The kubeconfigs of the fabric's processes.
+    pub fn configs(&self) -> KubeConfigs {
+        self.configs.clone()
+    }
+
+    /// Runs `f` with an admin client, inside the underlay.
+    ///
+    /// # Errors
+    /// `f`'s error, or a stopped control plane.
+    pub fn admin<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(kube::Client) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send,
+    {
+        let cluster = Arc::clone(&self.cluster);
+        on(&self.rt, async move {
+            let client = cluster
+                .lock()
+                .await
+                .as_ref()
+                .map(KubeApiServer::admin_client)
+                .context("the control plane is stopped")?;
+            f(client).await
+        })?
+    }
+
+    /// Kills kube-apiserver and starts it again on the same port and etcd.
+    ///
+    /// # Errors
+    /// If it does not come back.
+    pub fn restart_apiserver(&self) -> Result<()> {
+        let cluster = Arc::clone(&self.cluster);
+        on(&self.rt, async move {
+            match cluster.lock().await.as_mut() {
+                Some(cluster) => cluster.restart_apiserver().await,
+                None => anyhow::bail!("the control plane is stopped"),
+            }
+        })?
+    }
+
+    /// `kubectl` (the Go-built one) with the admin kubeconfig, run in the underlay.
+    ///
+    /// # Errors
+    /// If it cannot run or fails.
+    pub fn kubectl(&self, topo: &Topology, args: &[&str]) -> Result<String> {
+        let kubectl = nodeseal_kube_fixture::default_bin_dir().join("kubectl");
+        let out = topo
+            .underlay()
+            .command(&kubectl.to_string_lossy())
+            .arg("--kubeconfig")
+            .arg(&self.configs.admin)
+            .args(args)
+            .output()
+            .context("running kubectl")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for KubeControlPlane {
+    fn drop(&mut self) {
+        // The processes are children of the runtime's threads: stop them while those live.
+        let cluster = Arc::clone(&self.cluster);
+        let _ = on(&self.rt, async move {
+            if let Some(cluster) = cluster.lock().await.take() {
+                cluster.stop();
+            }
+        });
+    }
+}
+
+/// Runs `future` on a worker of `rt` (inside its namespace), not on the calling thread.
+fn on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    future: impl Future<Output = T> + Send + 'static,
+) -> Result<T> {
+    rt.block_on(rt.spawn(future))
+        .context("control-plane task panicked")
+}
+
+async fn provision(
+    nodes: Vec<(String, IpAddr, Vec<String>)>,
+) -> Result<(KubeApiServer, KubeConfigs)> {
+    let mut cluster = KubeApiServer::builder()
+        .bind(APISERVER_IP.parse().context("apiserver address")?)
+        // Under qemu TCG the apiserver takes tens of seconds to become ready.
+        .ready_timeout(Duration::from_secs(180))
+        .start()
+        .await?;
+    cluster.create_namespace(NAMESPACE).await?;
+    for file in ["crds.yaml", "rbac.yaml", "admission.yaml"] {
+        cluster.apply_file(&deploy_dir().join(file)).await?;
+    }
+    let ds = cluster
+        .create_daemon_set(NAMESPACE, "nodeseal-agent")
+        .await?;
+    let mut agents = Vec::new();
+    for (name, ip, cidrs) in &nodes {
+        let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+        cluster.create_node(name, *ip, &cidrs).await?;
+        let pod = format!("nodeseal-agent-{name}");
+        agents.push(
+            cluster
+                .create_daemon_set_pod(&ds, &pod, name, "nodeseal-agent")
+                .await?,
+        );
+    }
+    let keymgr_node = nodes.first().map_or("node0", |(name, _, _)| name.as_str());
+    let keymgr_pod = cluster
+        .create_agent_pod(
+            NAMESPACE,
+            "nodeseal-keymgr-0",
+            keymgr_node,
+            "nodeseal-keymgr",
+        )
+        .await?;
+    let token = cluster
+        .pod_bound_token(
+            NAMESPACE,
+            "nodeseal-keymgr",
+            "nodeseal-keymgr-0",
+            keymgr_pod
+                .metadata
+                .uid
+                .as_deref()
+                .context("keymgr pod uid")?,
+            API_AUDIENCE,
+            Duration::from_secs(3600),
+        )
+        .await?;
+    let keymgr = cluster.kubeconfig_for_token(&token)?;
+    let configs = KubeConfigs {
+        admin: cluster.admin_kubeconfig_path().to_path_buf(),
+        keymgr,
+        agents,
+    };
+    Ok((cluster, configs))
+}
