@@ -38,6 +38,9 @@ enum BenchName {
     /// Agent convergence against N simulated peers, and `keys rotate --wait` under traffic
     /// (needs ESP: runs in the VM).
     Agent,
+    /// The Kubernetes store backend with 1000 nodes in a real kube-apiserver: watch snapshot
+    /// against the directory backend, apiserver requests in a quiet period (host).
+    Store,
 }
 
 impl BenchName {
@@ -48,6 +51,7 @@ impl BenchName {
             Self::Keymgr => ("nodeseal-keymgr", "handshake", false),
             Self::Bpf => ("nodeseal-bpf", "datapath", false),
             Self::Agent => ("nodeseal-netns", "agent", true),
+            Self::Store => ("nodeseal-store", "kube", false),
         }
     }
 }
