@@ -376,8 +376,17 @@ async fn rotate(store: &Store, wait: bool, timeout: Duration) -> Result<ExitCode
     if !wait {
         return Ok(ExitCode::SUCCESS);
     }
+    let mut told_silent = false;
     loop {
-        let pending = rotation_pending(store, target).await?;
+        let Rotation { pending, silent } = rotation_pending(store, target).await?;
+        if !told_silent && !silent.is_empty() {
+            // In Kubernetes mode every Node is a node record, with or without a running agent.
+            println!(
+                "not waiting for nodes that report no status (no agent running): {}",
+                silent.join(", ")
+            );
+            told_silent = true;
+        }
         if pending.is_empty() {
             println!(
                 "all nodes rekeyed to generation {target} in {:.3}s",
@@ -396,8 +405,16 @@ async fn rotate(store: &Store, wait: bool, timeout: Duration) -> Result<ExitCode
     }
 }
 
-/// "node → peer" pairs that have not reached `target`.
-async fn rotation_pending(store: &Store, target: u64) -> Result<Vec<String>> {
+/// Where a rotation stands.
+struct Rotation {
+    /// "node → peer" pairs, among the nodes that report status, that have not reached the
+    /// target generation.
+    pending: Vec<String>,
+    /// Nodes that report no status (no agent runs there): nothing to wait for.
+    silent: Vec<String>,
+}
+
+async fn rotation_pending(store: &Store, target: u64) -> Result<Rotation> {
     let revoked: Vec<String> = store
         .list::<Revocation>()
         .await?
@@ -421,6 +438,8 @@ async fn rotation_pending(store: &Store, target: u64) -> Result<Vec<String>> {
         .into_iter()
         .map(|s| (s.node.as_str().to_owned(), s))
         .collect();
+    let (nodes, silent): (Vec<String>, Vec<String>) =
+        nodes.into_iter().partition(|n| statuses.contains_key(n));
     let mut pending = Vec::new();
     for node in &nodes {
         for peer in nodes.iter().filter(|p| *p != node) {
@@ -434,7 +453,7 @@ async fn rotation_pending(store: &Store, target: u64) -> Result<Vec<String>> {
             }
         }
     }
-    Ok(pending)
+    Ok(Rotation { pending, silent })
 }
 
 async fn status(args: StatusArgs) -> Result<ExitCode> {

@@ -7,8 +7,13 @@
 //! InternalIP or a pod CIDR yields an invalid record naming the missing field, so peers report
 //! it and skip that node.
 //!
-//! There are no leases: a node leaves the fabric when its Node (or NodesealNode) is deleted,
-//! which is how Kubernetes says a node is gone.
+//! Every Node object is a node record, whether its agent has published a NodesealNode or not
+//! (then with the default handshake port): a node without an agent is a peer that never
+//! answers, whose pods' plaintext strict mode drops. Deleting a node record withdraws only the
+//! agent's NodesealNode.
+//!
+//! There are no leases: a node leaves the fabric when its Node is deleted, which is how
+//! Kubernetes says a node is gone.
 //!
 //! The watch runs one `kube-runtime` watcher per object type (Node, NodesealNode, ConfigMaps
 //! labelled [`objects::KIND_LABEL`]), each resuming from its last resourceVersion and re-listing
@@ -183,7 +188,7 @@ impl KubeStore {
         node: Option<&Node>,
         published: Option<&NodesealNode>,
     ) -> Option<Result<Vec<u8>, StoreError>> {
-        let (node, published) = (node?, published?);
+        let node = node?;
         Some(
             compose_node_record(&self.trust_domain, node, published)
                 .map_err(|problem| unusable(key, problem))
@@ -197,9 +202,6 @@ impl KubeStore {
             .get_opt(name)
             .await
             .map_err(|e| backend_error("get", key, e))?;
-        if published.is_none() {
-            return Ok(None);
-        }
         let node = self
             .nodes()
             .get_opt(name)
@@ -408,42 +410,41 @@ impl StoreBackend for KubeStore {
         };
         let mut entries = Vec::new();
         match kind {
-            Kind::Node | Kind::NodeStatus => {
+            Kind::Node => {
+                let published: BTreeMap<String, NodesealNode> = self
+                    .published()
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| backend_error("list", prefix, e))?
+                    .items
+                    .into_iter()
+                    .map(|n| (n.name_any(), n))
+                    .collect();
+                let nodes = self
+                    .nodes()
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| backend_error("list", prefix, e))?;
+                for node in &nodes.items {
+                    let name = node.name_any();
+                    let key = format!("{prefix}/{name}");
+                    match self.node_value(&key, Some(node), published.get(&name)) {
+                        Some(Ok(value)) => entries.push((key, value)),
+                        // Listings skip what is unusable; the watch reports it.
+                        Some(Err(error)) => warn!(%error, "skipping node"),
+                        None => {}
+                    }
+                }
+            }
+            Kind::NodeStatus => {
                 let published = self
                     .published()
                     .list(&ListParams::default())
                     .await
                     .map_err(|e| backend_error("list", prefix, e))?;
-                let nodes: BTreeMap<String, Node> = if kind == Kind::Node {
-                    self.nodes()
-                        .list(&ListParams::default())
-                        .await
-                        .map_err(|e| backend_error("list", prefix, e))?
-                        .items
-                        .into_iter()
-                        .map(|n| (n.name_any(), n))
-                        .collect()
-                } else {
-                    BTreeMap::new()
-                };
                 for object in &published.items {
-                    let name = object.name_any();
-                    let key = format!("{prefix}/{name}");
-                    let value = if kind == Kind::Node {
-                        match self.node_value(&key, nodes.get(&name), Some(object)) {
-                            Some(Ok(value)) => Some(value),
-                            Some(Err(error)) => {
-                                // Listings skip what is unusable; the watch reports it.
-                                warn!(%error, "skipping node");
-                                None
-                            }
-                            None => None,
-                        }
-                    } else {
-                        status_value(object)
-                    };
-                    if let Some(value) = value {
-                        entries.push((key, value));
+                    if let Some(value) = status_value(object) {
+                        entries.push((format!("{prefix}/{}", object.name_any()), value));
                     }
                 }
             }
@@ -562,10 +563,7 @@ impl KubeStore {
                     .map_err(|e| backend_error("get", key, e))?;
                 if let Some(expected) = expected {
                     let current = if parsed.kind() == Kind::Node {
-                        match &published {
-                            None => None,
-                            Some(_) => self.get_node(key, name).await.ok().flatten(),
-                        }
+                        self.get_node(key, name).await.ok().flatten()
                     } else {
                         published.as_ref().and_then(status_value)
                     };

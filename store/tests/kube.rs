@@ -56,6 +56,10 @@ fn store(cluster: &KubeApiServer) -> Store {
     ))
 }
 
+fn nodes_api(cluster: &KubeApiServer) -> Api<Node> {
+    Api::all(cluster.admin_client())
+}
+
 fn name(text: &str) -> NodeName {
     NodeName::new(text).unwrap()
 }
@@ -104,6 +108,24 @@ async fn node_records_are_the_node_objects_facts() {
     assert_eq!(seen.spiffe_id.to_string(), "spiffe://cluster.local/node/a");
     let listing = store.list::<NodeRecord>().await.expect("list");
     assert_eq!(listing.records, vec![seen]);
+
+    // A Node whose agent has not published is still a peer (it never answers; strict mode
+    // drops its pods' plaintext), at the default handshake port.
+    cluster
+        .create_node("d", ip("10.0.0.4"), &["10.244.4.0/24"])
+        .await
+        .expect("node d");
+    let d = store
+        .get::<NodeRecord>(&name("d"))
+        .await
+        .expect("get d")
+        .expect("every Node is a node record");
+    assert_eq!(d.handshake, SocketAddr::new(ip("10.0.0.4"), 4250));
+    assert_eq!(d.spiffe_id.to_string(), "spiffe://cluster.local/node/d");
+    nodes_api(&cluster)
+        .delete("d", &DeleteParams::default())
+        .await
+        .expect("delete d");
 
     // No Node object: nothing to publish for.
     let error = store.put(&greedy_claim("ghost")).await.unwrap_err();

@@ -265,9 +265,15 @@ pub fn node_spiffe_id(trust_domain: &str, name: &NodeName) -> String {
     format!("spiffe://{trust_domain}/node/{name}")
 }
 
+/// The handshake port of a node whose agent has not published (yet): the chart's default.
+pub const DEFAULT_HANDSHAKE_PORT: u16 = 4250;
+
 /// The node record peers act on: IPs and pod CIDRs from the Node object (the authority), the
 /// handshake port and WireGuard key from the agent's NodesealNode, whose SPIFFE ID must be the
 /// node's own.
+///
+/// Every Node is a node record, published or not: a node without an agent is a peer that never
+/// answers, so strict mode drops its pods' plaintext instead of not knowing their addresses.
 ///
 /// # Errors
 ///
@@ -275,7 +281,7 @@ pub fn node_spiffe_id(trust_domain: &str, name: &NodeName) -> String {
 pub fn compose_node_record(
     trust_domain: &str,
     node: &Node,
-    published: &NodesealNode,
+    published: Option<&NodesealNode>,
 ) -> Result<NodeRecord, RecordProblem> {
     let raw_name = node.metadata.name.clone().unwrap_or_default();
     let name = NodeName::new(raw_name).map_err(|e| RecordProblem::BadKey {
@@ -283,29 +289,35 @@ pub fn compose_node_record(
     })?;
     let facts = NodeFacts::of(node)?;
     let expected = node_spiffe_id(trust_domain, &name);
-    if published.spec.spiffe_id != expected {
-        return Err(RecordProblem::Field {
-            field: "spiffe_id",
-            reason: format!(
-                "NodesealNode {name} claims SPIFFE ID {:?}; node {name} can only be {expected}",
-                published.spec.spiffe_id
-            ),
-        });
-    }
-    if published.spec.handshake_port == 0 {
-        return Err(RecordProblem::Field {
-            field: "handshake",
-            reason: format!("NodesealNode {name} has handshake port 0"),
-        });
-    }
+    let (port, wireguard_key) = match published {
+        Some(published) => {
+            if published.spec.spiffe_id != expected {
+                return Err(RecordProblem::Field {
+                    field: "spiffe_id",
+                    reason: format!(
+                        "NodesealNode {name} claims SPIFFE ID {:?}; node {name} can only be {expected}",
+                        published.spec.spiffe_id
+                    ),
+                });
+            }
+            if published.spec.handshake_port == 0 {
+                return Err(RecordProblem::Field {
+                    field: "handshake",
+                    reason: format!("NodesealNode {name} has handshake port 0"),
+                });
+            }
+            (
+                published.spec.handshake_port,
+                published.spec.wireguard_public_key.as_deref(),
+            )
+        }
+        None => (DEFAULT_HANDSHAKE_PORT, None),
+    };
     let spiffe_id = SpiffeId::new(expected).map_err(|e| RecordProblem::Field {
         field: "spiffe_id",
         reason: e.to_string(),
     })?;
-    let wireguard_public_key = published
-        .spec
-        .wireguard_public_key
-        .as_deref()
+    let wireguard_public_key = wireguard_key
         .map(str::parse::<WgPublicKey>)
         .transpose()
         .map_err(|e| RecordProblem::Field {
@@ -320,7 +332,7 @@ pub fn compose_node_record(
     };
     Ok(NodeRecord {
         name,
-        handshake: SocketAddr::new(first_ip, published.spec.handshake_port),
+        handshake: SocketAddr::new(first_ip, port),
         node_ips: facts.internal_ips,
         pod_cidrs: facts.pod_cidrs,
         spiffe_id,

@@ -338,9 +338,16 @@ impl Fabric {
     }
 
     /// Runs an agent on node `node` (with that node's credentials: its kubeconfig in
-    /// Kubernetes mode) that claims to be node `claimed`.
-    pub fn spawn_impostor(&self, topo: &Topology, node: usize, claimed: &str) -> Result<Process> {
-        let cmd = self.agent_command_named(topo, node, claimed, self.options.strict);
+    /// Kubernetes mode) that claims to be node `claimed`, with `args` added.
+    pub fn spawn_impostor(
+        &self,
+        topo: &Topology,
+        node: usize,
+        claimed: &str,
+        args: &[&str],
+    ) -> Result<Process> {
+        let mut cmd = self.agent_command_named(topo, node, claimed, self.options.strict);
+        cmd.args(args);
         topo.spawn_command(&format!("impostor-{claimed}"), cmd)
     }
 

@@ -165,7 +165,8 @@ fn kubernetes_finale(topo: &Topology, fabric: &Fabric, control: &KubeControlPlan
     print!("{}", control.kubectl(topo, &["get", "nodesealnodes"])?);
 
     banner("an agent on node3 claims to be node0, with node3's own pod token");
-    let impostor = fabric.spawn_impostor(topo, 3, "node0")?;
+    // Another handshake port, so that its record differs from node0's and must be written.
+    let impostor = fabric.spawn_impostor(topo, 3, "node0", &["--handshake-port", "4251"])?;
     let refused = nodeseal_netns::wait_until(Duration::from_secs(60), || {
         impostor
             .log()
@@ -175,7 +176,7 @@ fn kubernetes_finale(topo: &Topology, fabric: &Fabric, control: &KubeControlPlan
         .log()
         .lines()
         .find(|l| l.contains("is bound to node node3"))
-        .map(str::to_owned)
+        .and_then(|l| l.find("nodeseal-agent token").map(|at| l[at..].to_owned()))
         .unwrap_or_default();
     println!("  impostor's log: {line}");
     ensure!(refused, "the admission policy did not refuse the impostor");
@@ -188,7 +189,9 @@ fn kubernetes_finale(topo: &Topology, fabric: &Fabric, control: &KubeControlPlan
         attempt.transmitted
     );
     ensure!(attempt.received == 0, "node3's pod reached a pod");
-    println!("\n$ nodeseal status    # on node0: still node1 and node2 only");
+    println!(
+        "\n$ nodeseal status    # on node0: node3 runs no agent, so it has no SA and its pods' plaintext is dropped"
+    );
     print!("{}", fabric.status_text(0)?);
     banner("demo complete (Kubernetes mode): ESP only, hitless rotation, impostor refused");
     Ok(())
