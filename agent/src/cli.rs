@@ -66,6 +66,21 @@ enum CaCommand {
         #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Import an existing CA (e.g. an intermediate of the organisation's PKI) as the cluster CA:
+    /// into the Secret `nodeseal-ca` with `--kubernetes`, otherwise into `--dir`.
+    Import {
+        /// The CA certificate (PEM), followed by its issuers up to the root.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its PKCS#8 private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// CA directory to write (`ca.crt`, `ca.key` 0600), without `--kubernetes`.
+        #[arg(long, required_unless_present = "kubernetes")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Issue a node SVID directly from a CA directory (external PKI flows, air-gapped set-up).
     Issue {
         /// CA directory.
@@ -237,6 +252,42 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 pem("CERTIFICATE", ca.trust_anchor()).as_bytes(),
             )?;
             println!("issued {} into {}", td.node_id(&node), out.display());
+        }
+        Command::Ca(CaCommand::Import {
+            cert,
+            key,
+            dir,
+            store,
+        }) => {
+            let td = TrustDomain::new(&store.trust_domain).context("--trust-domain")?;
+            let cert_pem = std::fs::read(&cert).with_context(|| cert.display().to_string())?;
+            let key_pem = zeroize::Zeroizing::new(
+                std::fs::read(&key).with_context(|| key.display().to_string())?,
+            );
+            let ca = ClusterCa::import(td, &cert_pem, &key_pem).context("importing the CA")?;
+            if store.kubernetes {
+                let cluster = store
+                    .connect()
+                    .await
+                    .context("connecting to the apiserver")?;
+                let client = cluster.kube.context("no Kubernetes client")?;
+                crate::kube_signer::import_ca(&client, &store.namespace, &ca).await?;
+                println!(
+                    "imported the CA into Secret {}/{}",
+                    store.namespace,
+                    crate::kube_signer::CA_SECRET
+                );
+            } else if let Some(dir) = dir {
+                if dir.join("ca.key").exists() {
+                    bail!(
+                        "{} already holds a CA; refusing to overwrite it",
+                        dir.display()
+                    );
+                }
+                std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+                ca.write_files(&dir).context("writing the CA")?;
+                println!("imported the CA into {}", dir.display());
+            }
         }
         Command::Keymgr(KeymgrCommand::Run {
             ca_dir,

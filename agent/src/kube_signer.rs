@@ -232,28 +232,7 @@ pub async fn load_or_create_ca(
                 .map_err(|e| anyhow::anyhow!("Secret {namespace}/{CA_SECRET}: {e}"));
         }
         let ca = ClusterCa::generate(td.clone(), ca_ttl)?;
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(CA_SECRET.to_owned()),
-                namespace: Some(namespace.to_owned()),
-                ..ObjectMeta::default()
-            },
-            type_: Some("Opaque".to_owned()),
-            data: Some(
-                [
-                    (
-                        CA_CERT_KEY.to_owned(),
-                        ByteString(ca.chain_pem().into_bytes()),
-                    ),
-                    (
-                        CA_KEY_KEY.to_owned(),
-                        ByteString(ca.key_pem().as_bytes().to_vec()),
-                    ),
-                ]
-                .into(),
-            ),
-            ..Secret::default()
-        };
+        let secret = ca_secret(namespace, &ca);
         match secrets.create(&PostParams::default(), &secret).await {
             Ok(_) => {
                 info!(secret = CA_SECRET, %namespace, "created the cluster CA");
@@ -394,6 +373,53 @@ async fn follow_revocations(
             }
             _ => {}
         }
+    }
+}
+
+/// The Secret holding `ca` (certificate chain and PKCS#8 key).
+fn ca_secret(namespace: &str, ca: &ClusterCa) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(CA_SECRET.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some(
+            [
+                (
+                    CA_CERT_KEY.to_owned(),
+                    ByteString(ca.chain_pem().into_bytes()),
+                ),
+                (
+                    CA_KEY_KEY.to_owned(),
+                    ByteString(ca.key_pem().as_bytes().to_vec()),
+                ),
+            ]
+            .into(),
+        ),
+        ..Secret::default()
+    }
+}
+
+/// Stores an existing CA (`nodeseal ca import`) as the cluster CA, before keymgr first starts.
+/// An existing CA Secret is never overwritten: replacing the CA under running agents is a CA
+/// rollover, not an import.
+///
+/// # Errors
+/// The apiserver's errors; a clear one when the Secret already exists.
+pub async fn import_ca(client: &Client, namespace: &str, ca: &ClusterCa) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match secrets
+        .create(&PostParams::default(), &ca_secret(namespace, ca))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => anyhow::bail!(
+            "Secret {namespace}/{CA_SECRET} already exists: the cluster has a CA; delete the \
+             Secret first only if no node depends on it"
+        ),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -316,3 +316,31 @@ async fn keymgr_signs_only_for_the_node_the_agent_pod_runs_on() {
     cancel.cancel();
     replica1.await.expect("replica 1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_ca_is_the_one_keymgr_signs_with() {
+    if !binaries_or_skip("kube_keymgr::an_imported_ca_is_the_one_keymgr_signs_with") {
+        return;
+    }
+    let setup = setup().await;
+    let admin = setup.cluster.admin_client();
+    let ca = nodeseal_keymgr::ClusterCa::generate(td(), Duration::from_secs(86_400)).unwrap();
+    nodeseal_agent::kube_signer::import_ca(&admin, NS, &ca)
+        .await
+        .expect("import");
+    let again = nodeseal_agent::kube_signer::import_ca(&admin, NS, &ca).await;
+    assert!(
+        again.unwrap_err().to_string().contains("already exists"),
+        "an existing CA is never overwritten"
+    );
+    // keymgr (with its own token) loads it rather than creating one.
+    let loaded = nodeseal_agent::kube_signer::load_or_create_ca(
+        &setup.keymgr[0],
+        NS,
+        &td(),
+        Duration::from_secs(86_400),
+    )
+    .await
+    .expect("keymgr loads the CA");
+    assert_eq!(loaded.certificate(), ca.certificate());
+}
