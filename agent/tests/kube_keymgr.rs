@@ -18,14 +18,15 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use nodeseal_agent::identity::IdentityError;
 use nodeseal_agent::kube_identity::request_certificate;
 use nodeseal_agent::kube_signer::{AgentIdentity, KeymgrSettings, LEASE_NAME, run_keymgr};
 use nodeseal_keymgr::{IssueOptions, NodeKey, NodeName, TrustDomain};
-use nodeseal_kube_fixture::{API_AUDIENCE, KubeApiServer, binaries_or_skip, deploy_dir};
+use nodeseal_kube_fixture::{
+    API_AUDIENCE, KubeApiServer, binaries_or_skip, client_for_kubeconfig, deploy_dir,
+};
 use nodeseal_store::{KubeStore, Revocation, Store, TrustBundle};
 use tokio_util::sync::CancellationToken;
 
@@ -49,8 +50,8 @@ fn kube_store(client: &Client) -> Store {
     ))
 }
 
-/// A pod on `node_name` running as `service_account`, owned by `owner` (a DaemonSet) if given,
-/// and a client whose token is bound to it.
+/// A client whose token is bound to a new pod on `node_name` running as `service_account`,
+/// owned by the DaemonSet `owner` if given.
 async fn pod_client(
     cluster: &mut KubeApiServer,
     pod: &str,
@@ -58,46 +59,32 @@ async fn pod_client(
     service_account: &str,
     owner: Option<&DaemonSet>,
 ) -> Client {
-    let pods: Api<Pod> = Api::namespaced(cluster.admin_client(), NS);
-    let mut object: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": pod, "namespace": NS },
-        "spec": {
-            "nodeName": node_name,
-            "serviceAccountName": service_account,
-            "automountServiceAccountToken": false,
-            "containers": [{ "name": "agent", "image": "nodeseal.invalid/agent:test" }],
-        },
-    }))
-    .unwrap();
-    if let Some(ds) = owner {
-        object.metadata.owner_references = Some(vec![
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-                api_version: "apps/v1".into(),
-                kind: "DaemonSet".into(),
-                name: ds.metadata.name.clone().unwrap(),
-                uid: ds.metadata.uid.clone().unwrap(),
-                controller: Some(true),
-                block_owner_deletion: Some(true),
-            },
-        ]);
-    }
-    let created = pods
-        .create(&PostParams::default(), &object)
-        .await
-        .expect("pod");
-    let uid = created.metadata.uid.expect("pod uid");
-    let token = cluster
-        .pod_bound_token(
-            NS,
-            service_account,
-            pod,
-            &uid,
-            API_AUDIENCE,
-            Duration::from_secs(3600),
-        )
-        .await
-        .expect("pod-bound token");
-    cluster.client_for_token(&token).await.expect("client")
+    let kubeconfig = match owner {
+        Some(ds) => cluster
+            .create_daemon_set_pod(ds, pod, node_name, service_account)
+            .await
+            .expect("DaemonSet pod"),
+        None => {
+            let created = cluster
+                .create_agent_pod(NS, pod, node_name, service_account)
+                .await
+                .expect("pod");
+            let uid = created.metadata.uid.expect("pod uid");
+            let token = cluster
+                .pod_bound_token(
+                    NS,
+                    service_account,
+                    pod,
+                    &uid,
+                    API_AUDIENCE,
+                    Duration::from_secs(3600),
+                )
+                .await
+                .expect("pod-bound token");
+            cluster.kubeconfig_for_token(&token).expect("kubeconfig")
+        }
+    };
+    client_for_kubeconfig(&kubeconfig).await.expect("client")
 }
 
 struct Setup {
@@ -126,20 +113,8 @@ async fn setup() -> Setup {
             .await
             .expect("node");
     }
-    let daemon_sets: Api<DaemonSet> = Api::namespaced(cluster.admin_client(), NS);
-    let ds: DaemonSet = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": DAEMONSET, "namespace": NS },
-        "spec": {
-            "selector": { "matchLabels": { "app": DAEMONSET } },
-            "template": {
-                "metadata": { "labels": { "app": DAEMONSET } },
-                "spec": { "containers": [{ "name": "agent", "image": "nodeseal.invalid/agent:test" }] },
-            },
-        },
-    }))
-    .unwrap();
-    let ds = daemon_sets
-        .create(&PostParams::default(), &ds)
+    let ds = cluster
+        .create_daemon_set(NS, DAEMONSET)
         .await
         .expect("DaemonSet");
     let agent_a = pod_client(

@@ -43,22 +43,6 @@ struct Cluster {
     keymgr: Client,
 }
 
-/// `None` (after printing why) when the Kubernetes binaries are not built here, unless
-/// `NODESEAL_REQUIRE_PRIVILEGED=1` demands that every test really runs.
-fn binaries_or_skip() -> Option<()> {
-    let Some(reason) =
-        nodeseal_kube_fixture::missing_binaries(&nodeseal_kube_fixture::default_bin_dir())
-    else {
-        return Some(());
-    };
-    assert!(
-        std::env::var("NODESEAL_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
-        "NODESEAL_REQUIRE_PRIVILEGED=1 but {reason}"
-    );
-    eprintln!("skipping: {reason}");
-    None
-}
-
 fn nodesealnodes(client: &Client) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("nodeseal.io", "v1alpha1", "NodesealNode");
     Api::all_with(
@@ -211,7 +195,7 @@ async fn setup() -> Cluster {
 
 #[tokio::test]
 async fn agent_writes_only_its_own_nodesealnode() {
-    if binaries_or_skip().is_none() {
+    if !nodeseal_kube_fixture::binaries_or_skip("deploy::agent_writes_only_its_own_nodesealnode") {
         return;
     }
     let Cluster {
@@ -336,7 +320,8 @@ fn approved(mut csr: CertificateSigningRequest, by: &str) -> CertificateSigningR
 
 #[tokio::test]
 async fn agent_cannot_read_secrets_or_approve_csrs() {
-    if binaries_or_skip().is_none() {
+    if !nodeseal_kube_fixture::binaries_or_skip("deploy::agent_cannot_read_secrets_or_approve_csrs")
+    {
         return;
     }
     let Cluster {
@@ -413,7 +398,9 @@ async fn agent_cannot_read_secrets_or_approve_csrs() {
 
 #[tokio::test]
 async fn keymgr_reads_ca_secret_and_approves_only_its_signer() {
-    if binaries_or_skip().is_none() {
+    if !nodeseal_kube_fixture::binaries_or_skip(
+        "deploy::keymgr_reads_ca_secret_and_approves_only_its_signer",
+    ) {
         return;
     }
     let Cluster {

@@ -31,25 +31,9 @@ async fn start() -> KubeApiServer {
     cluster
 }
 
-/// `None` (after printing why) when the Kubernetes binaries are not built here, unless
-/// `NODESEAL_REQUIRE_PRIVILEGED=1` demands that every test really runs.
-fn binaries_or_skip() -> Option<()> {
-    let Some(reason) =
-        nodeseal_kube_fixture::missing_binaries(&nodeseal_kube_fixture::default_bin_dir())
-    else {
-        return Some(());
-    };
-    assert!(
-        std::env::var("NODESEAL_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
-        "NODESEAL_REQUIRE_PRIVILEGED=1 but {reason}"
-    );
-    eprintln!("skipping: {reason}");
-    None
-}
-
 #[tokio::test]
 async fn admin_client_and_kubeconfig_work() {
-    if binaries_or_skip().is_none() {
+    if !nodeseal_kube_fixture::binaries_or_skip("fixture::admin_client_and_kubeconfig_work") {
         return;
     }
     let cluster = start().await;
@@ -91,7 +75,9 @@ async fn admin_client_and_kubeconfig_work() {
 
 #[tokio::test]
 async fn node_helper_sets_status_addresses_and_pod_cidrs() {
-    if binaries_or_skip().is_none() {
+    if !nodeseal_kube_fixture::binaries_or_skip(
+        "fixture::node_helper_sets_status_addresses_and_pod_cidrs",
+    ) {
         return;
     }
     let cluster = start().await;
@@ -177,7 +163,9 @@ async fn review_pod_token(
 
 #[tokio::test]
 async fn pod_bound_token_carries_pod_and_node_claims() {
-    if binaries_or_skip().is_none() {
+    if !nodeseal_kube_fixture::binaries_or_skip(
+        "fixture::pod_bound_token_carries_pod_and_node_claims",
+    ) {
         return;
     }
     let mut cluster = start().await;
@@ -215,7 +203,9 @@ async fn pod_bound_token_carries_pod_and_node_claims() {
 /// GA and locked on since 1.32).
 #[tokio::test]
 async fn node_name_claim_does_not_need_the_node_object() {
-    if binaries_or_skip().is_none() {
+    if !nodeseal_kube_fixture::binaries_or_skip(
+        "fixture::node_name_claim_does_not_need_the_node_object",
+    ) {
         return;
     }
     let mut cluster = start().await;
@@ -229,7 +219,9 @@ async fn node_name_claim_does_not_need_the_node_object() {
 
 #[tokio::test]
 async fn restart_apiserver_keeps_state_and_clients() {
-    if binaries_or_skip().is_none() {
+    if !nodeseal_kube_fixture::binaries_or_skip(
+        "fixture::restart_apiserver_keeps_state_and_clients",
+    ) {
         return;
     }
     let mut cluster = start().await;
@@ -261,7 +253,7 @@ async fn restart_apiserver_keeps_state_and_clients() {
 #[tokio::test]
 #[ignore = "measurement, not a check"]
 async fn startup_time_five_runs() {
-    if binaries_or_skip().is_none() {
+    if !nodeseal_kube_fixture::binaries_or_skip("fixture::startup_time_five_runs") {
         return;
     }
     let mut times = Vec::new();
@@ -277,7 +269,7 @@ async fn startup_time_five_runs() {
 /// for it here: the apiserver listens there and the serving certificate covers it.
 #[tokio::test]
 async fn binds_to_a_chosen_address() {
-    if binaries_or_skip().is_none() {
+    if !nodeseal_kube_fixture::binaries_or_skip("fixture::binds_to_a_chosen_address") {
         return;
     }
     let bind: IpAddr = "127.0.0.2".parse().expect("ip");
