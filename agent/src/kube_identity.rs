@@ -12,7 +12,7 @@ use k8s_openapi::api::certificates::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use nodeseal_keymgr::svid::certs_from_pem;
 use nodeseal_keymgr::{NodeIdentity, NodeKey, NodeName, TrustDomain, create_csr};
 
@@ -72,7 +72,7 @@ pub async fn request_certificate(
     }
     let key_pem = key.to_pem();
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = watcher(api, config).boxed();
+    let mut events = watcher(api, config).default_backoff().boxed();
     let wait = async {
         while let Some(event) = events.next().await {
             let csr = match event {

@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, ResourceExt as _};
 use nodeseal_keymgr::{ClusterCa, IssueOptions, NodeName, TrustDomain, validate_csr};
 use nodeseal_store::{Event, Kind, Record, Store};
@@ -437,7 +437,7 @@ pub async fn run(
     let pods: Api<Pod> = Api::namespaced(client.clone(), &agent.namespace);
     let nodes: Api<Node> = Api::all(client.clone());
     let config = watcher::Config::default().fields(&format!("spec.signerName={SIGNER_NAME}"));
-    let mut events = watcher(csrs.clone(), config).boxed();
+    let mut events = watcher(csrs.clone(), config).default_backoff().boxed();
     loop {
         let event = tokio::select! {
             () = cancel.cancelled() => return,

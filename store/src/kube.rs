@@ -16,8 +16,9 @@
 //! Kubernetes says a node is gone.
 //!
 //! The watch runs one `kube-runtime` watcher per object type (Node, NodesealNode, ConfigMaps
-//! labelled [`objects::KIND_LABEL`]), each resuming from its last resourceVersion and re-listing
-//! after a `410 Gone`. The records it reports are recomputed only for the objects an event
+//! labelled [`objects::KIND_LABEL`]), each resuming from its last resourceVersion, re-listing
+//! after a `410 Gone` and backing off exponentially while the apiserver is unreachable.
+//! The records it reports are recomputed only for the objects an event
 //! touched, and sent only when they changed, so an apiserver restart or a re-list changes
 //! nothing downstream unless the cluster changed.
 
@@ -32,7 +33,7 @@ use futures::stream::{BoxStream, select_all};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource as _, ResourceExt as _};
 use tracing::{debug, warn};
 
@@ -647,6 +648,7 @@ mod watch {
             feeds.insert(Feed::Nodes);
             streams.push(
                 watcher(store.nodes(), watcher::Config::default())
+                    .default_backoff()
                     .map(|e| Source::Node(Box::new(e)))
                     .boxed(),
             );
@@ -655,6 +657,7 @@ mod watch {
             feeds.insert(Feed::Published);
             streams.push(
                 watcher(store.published(), watcher::Config::default())
+                    .default_backoff()
                     .map(Source::Published)
                     .boxed(),
             );
@@ -666,6 +669,7 @@ mod watch {
                     store.config_maps(),
                     watcher::Config::default().labels(KIND_LABEL),
                 )
+                .default_backoff()
                 .map(Source::ConfigMap)
                 .boxed(),
             );
