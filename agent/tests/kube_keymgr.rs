@@ -1,6 +1,6 @@
-//! keymgr's Kubernetes mode against a real kube-apiserver, with the RBAC and admission
-//! policies nodeseal ships (`deploy/kubernetes`): every client below authenticates with a
-//! token bound to a pod, as it would in a cluster.
+//! keymgr's Kubernetes mode against a real kube-apiserver, with the RBAC, admission policies
+//! and agent DaemonSet of the Helm chart (`deploy/helm/nodeseal`): every client below
+//! authenticates with a token bound to a pod, as it would in a cluster.
 //!
 //! - an agent gets its own node's SVID through a CertificateSigningRequest;
 //! - a CSR for another node's identity, from a pod the agent DaemonSet does not own, or for a
@@ -25,7 +25,7 @@ use nodeseal_agent::kube_identity::request_certificate;
 use nodeseal_agent::kube_signer::{AgentIdentity, KeymgrSettings, LEASE_NAME, run_keymgr};
 use nodeseal_keymgr::{IssueOptions, NodeKey, NodeName, TrustDomain};
 use nodeseal_kube_fixture::{
-    API_AUDIENCE, KubeApiServer, binaries_or_skip, client_for_kubeconfig, deploy_dir,
+    API_AUDIENCE, KubeApiServer, binaries_or_skip, client_for_kubeconfig,
 };
 use nodeseal_store::{KubeStore, Revocation, Store, TrustBundle};
 use tokio_util::sync::CancellationToken;
@@ -97,13 +97,10 @@ struct Setup {
 
 async fn setup() -> Setup {
     let mut cluster = KubeApiServer::start().await.expect("control plane");
-    cluster.create_namespace(NS).await.expect("namespace");
-    for file in ["crds.yaml", "rbac.yaml", "admission.yaml"] {
-        cluster
-            .apply_file(&deploy_dir().join(file))
-            .await
-            .expect("manifest");
-    }
+    cluster
+        .apply_chart(NS, &[("encryption.enabled", "true")])
+        .await
+        .expect("applying the chart");
     for (name, ip, cidr) in [
         ("node-a", "192.0.2.10", "10.244.1.0/24"),
         ("node-b", "192.0.2.11", "10.244.2.0/24"),
@@ -113,10 +110,11 @@ async fn setup() -> Setup {
             .await
             .expect("node");
     }
+    // The chart's DaemonSet: keymgr checks agent pods are owned by it.
     let ds = cluster
-        .create_daemon_set(NS, DAEMONSET)
+        .daemon_set(NS, DAEMONSET)
         .await
-        .expect("DaemonSet");
+        .expect("the chart's DaemonSet");
     let agent_a = pod_client(
         &mut cluster,
         "agent-a",

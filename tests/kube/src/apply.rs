@@ -1,11 +1,11 @@
-//! Applying the manifests nodeseal ships (`deploy/kubernetes/*.yaml`) with server-side apply.
+//! Applying manifests (the chart's CRDs, rendered templates) with server-side apply.
 //!
 //! Done in Rust rather than by running `kubectl apply -f`: errors come back as typed API
 //! statuses with the offending document named, no second binary has to match the apiserver,
 //! and the netns harness can apply from any thread without writing kubeconfigs.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -23,11 +23,6 @@ use crate::server::KubeApiServer;
 
 const FIELD_MANAGER: &str = "nodeseal-kube-fixture";
 const CRD_ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// `<workspace root>/deploy/kubernetes`, where the shipped manifests live.
-pub fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes")
-}
 
 impl KubeApiServer {
     /// Applies every document of a multi-document YAML file (server-side apply, forced, as

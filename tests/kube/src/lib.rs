@@ -3,8 +3,9 @@
 //! [`KubeApiServer`] runs the Go-built `etcd` and `kube-apiserver` (from `cargo xtask setup`,
 //! or `$NODESEAL_KUBE_BIN_DIR`) as child processes with a throwaway PKI, and hands out an admin
 //! [`kube::Client`], kubeconfigs, and helpers that stand in for the kubelet and scheduler
-//! (Nodes, Pods bound to nodes, pod-bound service-account tokens). It also applies the
-//! manifests in `deploy/kubernetes/`, so tests check exactly what the Helm chart ships.
+//! (Nodes, Pods bound to nodes, pod-bound service-account tokens). It also renders the Helm
+//! chart `deploy/helm/nodeseal` with the real `helm` and applies it (or `helm install`s it), so
+//! tests check exactly what the chart ships.
 //!
 //! What it deliberately does not run: kubelet, container runtime, scheduler,
 //! controller-manager. Nothing creates `default` ServiceAccounts, runs pods, garbage-collects
@@ -21,12 +22,14 @@
 #![warn(missing_docs)]
 
 mod apply;
+mod chart;
 mod objects;
 pub mod pki;
 mod process;
 mod server;
 
-pub use apply::{apply_yaml, deploy_dir, wait_crd_established};
+pub use apply::{apply_yaml, wait_crd_established};
+pub use chart::{Values, chart_dir, crds_dir, deploy_dir, helm, helm_binary, render_chart};
 pub use objects::MIN_TOKEN_TTL;
 pub use server::{
     API_AUDIENCE, BIN_DIR_ENV, KubeApiServer, KubeApiServerBuilder, SERVICE_CLUSTER_IP_RANGE,

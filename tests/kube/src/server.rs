@@ -19,7 +19,8 @@ use crate::{
     process::{Process, tail},
 };
 
-/// Environment variable naming the directory that holds `kube-apiserver`, `kubectl` and `etcd`.
+/// Environment variable naming the directory that holds `kube-apiserver`, `kubectl`, `etcd`
+/// and `helm`.
 pub const BIN_DIR_ENV: &str = "NODESEAL_KUBE_BIN_DIR";
 
 /// The service-account issuer, also the audience tokens need to authenticate to the apiserver
@@ -51,12 +52,23 @@ pub fn default_bin_dir() -> PathBuf {
     target.join("nodeseal-k8s/bin")
 }
 
-/// Why the control plane cannot start here (binaries missing from `bin_dir`), or `None`.
-/// Tests use it to skip with a printed reason instead of failing on a machine without
-/// `cargo xtask setup`; with `NODESEAL_REQUIRE_PRIVILEGED=1` they fail instead.
+/// The binaries [`KubeApiServer`] runs.
+const CONTROL_PLANE_BINARIES: &[&str] = &["etcd", "kube-apiserver"];
+/// Every binary the Kubernetes-mode tests use: the control plane, and `helm`, which renders and
+/// installs the chart (the only copy of nodeseal's CRD, RBAC and admission objects).
+const TEST_BINARIES: &[&str] = &["etcd", "kube-apiserver", "helm"];
+
+/// Why the Kubernetes-mode tests cannot run here (etcd, kube-apiserver or helm missing from
+/// `bin_dir`), or `None`. Tests use it to skip with a printed reason instead of failing on a
+/// machine without `cargo xtask setup`; with `NODESEAL_REQUIRE_PRIVILEGED=1` they fail instead.
 pub fn missing_binaries(bin_dir: &Path) -> Option<String> {
-    let missing: Vec<&str> = ["etcd", "kube-apiserver"]
-        .into_iter()
+    missing_of(bin_dir, TEST_BINARIES)
+}
+
+fn missing_of(bin_dir: &Path, names: &[&str]) -> Option<String> {
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
         .filter(|b| !bin_dir.join(b).is_file())
         .collect();
     (!missing.is_empty()).then(|| {
@@ -68,9 +80,9 @@ pub fn missing_binaries(bin_dir: &Path) -> Option<String> {
     })
 }
 
-/// Whether the Kubernetes binaries are here. When they are not, prints why `test` is skipped
-/// and returns false, unless `NODESEAL_REQUIRE_PRIVILEGED=1` (every test must run), which
-/// panics instead.
+/// Whether the Kubernetes binaries (control plane and helm) are here. When they are not,
+/// prints why `test` is skipped and returns false, unless `NODESEAL_REQUIRE_PRIVILEGED=1`
+/// (every test must run), which panics instead.
 ///
 /// # Panics
 /// Under `NODESEAL_REQUIRE_PRIVILEGED=1` when a binary is missing.
@@ -145,7 +157,7 @@ impl KubeApiServerBuilder {
     /// time (the error carries the tail of the apiserver's log).
     pub async fn start(self) -> Result<KubeApiServer> {
         let bin_dir = self.bin_dir.clone().unwrap_or_else(default_bin_dir);
-        if let Some(reason) = missing_binaries(&bin_dir) {
+        if let Some(reason) = missing_of(&bin_dir, CONTROL_PLANE_BINARIES) {
             bail!(reason);
         }
         let dir = tempfile::Builder::new()

@@ -1,7 +1,8 @@
-//! The manifests in deploy/kubernetes against a real apiserver: who may write what.
+//! The RBAC and admission objects of the Helm chart (deploy/helm/nodeseal) against a real
+//! apiserver: who may write what.
 //!
-//! Manifests are applied with the fixture's server-side apply (Rust, not kubectl): errors name
-//! the document, and no second binary has to be present.
+//! The chart is rendered by the real `helm template` and applied with the fixture's server-side
+//! apply, so errors name the document.
 
 #![allow(
     clippy::expect_used,
@@ -31,7 +32,7 @@ use kube::{
     },
     core::GroupVersionKind,
 };
-use nodeseal_kube_fixture::{API_AUDIENCE, KubeApiServer, deploy_dir, pki};
+use nodeseal_kube_fixture::{API_AUDIENCE, KubeApiServer, pki};
 
 const NS: &str = "nodeseal";
 const PROPAGATION_TIMEOUT: Duration = Duration::from_secs(20);
@@ -112,13 +113,11 @@ async fn setup() -> Cluster {
     let mut cluster = KubeApiServer::start()
         .await
         .expect("starting control plane");
-    cluster.create_namespace(NS).await.expect("namespace");
-    for file in ["crds.yaml", "rbac.yaml", "admission.yaml"] {
-        cluster
-            .apply_file(&deploy_dir().join(file))
-            .await
-            .expect("applying manifest");
-    }
+    // encryption.enabled renders keymgr's objects too.
+    cluster
+        .apply_chart(NS, &[("encryption.enabled", "true")])
+        .await
+        .expect("applying the chart");
     for (name, ip, cidr) in [
         ("node-a", "192.0.2.10", "10.244.1.0/24"),
         ("node-b", "192.0.2.11", "10.244.2.0/24"),

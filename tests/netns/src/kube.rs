@@ -1,8 +1,8 @@
 //! A Kubernetes control plane for a [`Topology`] (feature `kube`): the real etcd and
-//! kube-apiserver of `nodeseal-kube-fixture` listening on the underlay bridge, the manifests
-//! nodeseal ships, a Node object per node, the agent DaemonSet with one pod per node and a
-//! keymgr pod, and a kubeconfig per process whose token is bound to its pod, which is what a
-//! kubelet would mount. [`KubeConfigs`] plugs it into a [`crate::Fabric`].
+//! kube-apiserver of `nodeseal-kube-fixture` listening on the underlay bridge, the Helm chart
+//! (rendered by `helm template`), a Node object per node, one pod of the chart's agent
+//! DaemonSet per node and a keymgr pod, and a kubeconfig per process whose token is bound to
+//! its pod, which is what a kubelet would mount. [`KubeConfigs`] plugs it into a [`crate::Fabric`].
 //!
 //! The control plane's processes and every client call run on a tokio runtime whose threads
 //! all live in the underlay namespace: the apiserver's address is only reachable there and
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use nodeseal_kube_fixture::{API_AUDIENCE, KubeApiServer, deploy_dir};
+use nodeseal_kube_fixture::{API_AUDIENCE, KubeApiServer};
 
 use crate::Topology;
 use crate::fabric::KubeConfigs;
@@ -167,13 +167,12 @@ async fn provision(
         .ready_timeout(Duration::from_secs(180))
         .start()
         .await?;
-    cluster.create_namespace(NAMESPACE).await?;
-    for file in ["crds.yaml", "rbac.yaml", "admission.yaml"] {
-        cluster.apply_file(&deploy_dir().join(file)).await?;
-    }
-    let ds = cluster
-        .create_daemon_set(NAMESPACE, "nodeseal-agent")
+    // The chart's objects with keymgr (encryption.enabled); the DaemonSet is the chart's, so
+    // keymgr's "owned by the agent DaemonSet" check is against what users install.
+    cluster
+        .apply_chart(NAMESPACE, &[("encryption.enabled", "true")])
         .await?;
+    let ds = cluster.daemon_set(NAMESPACE, "nodeseal-agent").await?;
     let mut agents = Vec::new();
     for (name, ip, cidrs) in &nodes {
         let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
