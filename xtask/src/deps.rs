@@ -1,6 +1,6 @@
 //! Installs what the build and the tests need on a fresh Debian 12 machine: Debian packages, the
-//! pinned nightly toolchain with `rust-src` (eBPF programs), `bpf-linker`, and the Kubernetes
-//! control-plane binaries (kube-apiserver, kubectl, etcd) built from their Go modules.
+//! pinned nightly toolchain with `rust-src` (eBPF programs), `bpf-linker`, the Kubernetes
+//! control-plane binaries (kube-apiserver, kubectl, etcd) and `helm`, built from their Go modules.
 //!
 //! Every requirement names a file that proves it is there, and that file is checked after the
 //! install as well as before: a package that installs without the file we need (a
@@ -143,6 +143,7 @@ pub fn ensure_all() -> Result<()> {
     ensure_nightly()?;
     ensure_bpf_linker()?;
     ensure_kube_binaries()?;
+    ensure_helm()?;
     Ok(())
 }
 
@@ -363,6 +364,125 @@ fn ensure_kube_binaries() -> Result<()> {
     Ok(())
 }
 
+/// Where helm's wrapper module lives (its go.mod pins the release). A module of its own: helm's
+/// dependency set must not move the versions the control plane is built with.
+const HELM_MODULE_DIR: &str = "xtask/helm";
+/// The helm release go.mod requires, stamped into the binary as helm's Makefile does (a module
+/// build otherwise reports "v3.22" and no patch level).
+const HELM_VERSION: &str = "v3.22.0";
+
+/// Builds `helm` from the pinned module into the Kubernetes binaries' directory (the tests look
+/// for it next to kube-apiserver) unless it is there, newer than go.mod and go.sum, and reports
+/// the pinned version.
+fn ensure_helm() -> Result<()> {
+    let module = crate::workspace_root().join(HELM_MODULE_DIR);
+    let bin_dir = kube_bin_dir();
+    let helm = bin_dir.join("helm");
+    let pinned = newest_mtime(&[module.join("go.mod"), module.join("go.sum")])?;
+    let fresh = fs::metadata(&helm)
+        .and_then(|m| m.modified())
+        .is_ok_and(|built| built >= pinned);
+    if fresh && helm_version(&helm).is_ok_and(|v| v == HELM_VERSION) {
+        return Ok(());
+    }
+    check_go()?;
+    let go_mod = fs::read_to_string(module.join("go.mod")).context("reading xtask/helm/go.mod")?;
+    if !go_mod.contains(&format!("helm.sh/helm/v3 {HELM_VERSION}")) {
+        bail!("xtask/helm/go.mod does not require helm.sh/helm/v3 {HELM_VERSION} (HELM_VERSION)");
+    }
+    // helm's Makefile also stamps the Kubernetes version of its k8s.io modules: it is the
+    // cluster version `helm template` and `helm lint` assume (else 1.20, which the chart's
+    // kubeVersion constraint refuses).
+    let k8s = run::output(
+        Command::new("go")
+            .args(["list", "-m", "-f", "{{.Version}}", "k8s.io/client-go"])
+            .current_dir(&module)
+            .env("GOFLAGS", "-mod=readonly"),
+    )
+    .context("reading the k8s.io/client-go version of xtask/helm")?;
+    let k8s_minor = k8s
+        .trim()
+        .strip_prefix("v0.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok())
+        .with_context(|| format!("unexpected k8s.io/client-go version {:?}", k8s.trim()))?;
+    let ldflags = [
+        (
+            "helm.sh/helm/v3/internal/version",
+            "version",
+            HELM_VERSION.to_owned(),
+        ),
+        (
+            "helm.sh/helm/v3/internal/version",
+            "gitTreeState",
+            "clean".to_owned(),
+        ),
+        (
+            "helm.sh/helm/v3/pkg/lint/rules",
+            "k8sVersionMajor",
+            "1".to_owned(),
+        ),
+        (
+            "helm.sh/helm/v3/pkg/lint/rules",
+            "k8sVersionMinor",
+            k8s_minor.to_string(),
+        ),
+        (
+            "helm.sh/helm/v3/pkg/chartutil",
+            "k8sVersionMajor",
+            "1".to_owned(),
+        ),
+        (
+            "helm.sh/helm/v3/pkg/chartutil",
+            "k8sVersionMinor",
+            k8s_minor.to_string(),
+        ),
+    ]
+    .iter()
+    .map(|(package, var, value)| format!("-X {package}.{var}={value}"))
+    .collect::<Vec<_>>()
+    .join(" ");
+    fs::create_dir_all(&bin_dir).with_context(|| format!("creating {}", bin_dir.display()))?;
+    eprintln!(
+        "xtask: building helm {HELM_VERSION} from {HELM_MODULE_DIR} (about 2 minutes the first time)"
+    );
+    let started = Instant::now();
+    run::checked(
+        Command::new("go")
+            .args([
+                "install",
+                "-trimpath",
+                "-ldflags",
+                &ldflags,
+                "helm.sh/helm/v3/cmd/helm",
+            ])
+            .current_dir(&module)
+            .env("GOBIN", &bin_dir)
+            .env("CGO_ENABLED", "0")
+            .env("GOFLAGS", "-mod=readonly"),
+    )
+    .context("building helm")?;
+    let version = helm_version(&helm).context("helm was built but does not run")?;
+    if version != HELM_VERSION {
+        bail!("built helm reports {version:?}, not {HELM_VERSION}");
+    }
+    eprintln!(
+        "xtask: helm {version} built in {:.0?} into {}",
+        started.elapsed(),
+        bin_dir.display()
+    );
+    Ok(())
+}
+
+/// `helm version`'s release (e.g. "v3.22.0").
+fn helm_version(helm: &Path) -> Result<String> {
+    Ok(
+        run::output(Command::new(helm).args(["version", "--template", "{{.Version}}"]))?
+            .trim()
+            .to_owned(),
+    )
+}
+
 fn newest_mtime(paths: &[PathBuf]) -> Result<std::time::SystemTime> {
     let mut newest = std::time::SystemTime::UNIX_EPOCH;
     for path in paths {
@@ -376,7 +496,7 @@ fn newest_mtime(paths: &[PathBuf]) -> Result<std::time::SystemTime> {
 
 fn check_go() -> Result<()> {
     let version = run::output(Command::new("go").args(["env", "GOVERSION"])).context(
-        "Go is needed to build kube-apiserver (the machine image provides Go 1.26; `go` is not on PATH)",
+        "Go is needed to build kube-apiserver and helm (the machine image provides Go 1.26; `go` is not on PATH)",
     )?;
     let minor = version
         .trim()
