@@ -69,33 +69,14 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Non-watch requests the apiserver has served, by resource.
+/// Non-watch requests the apiserver has served on what an agent watches.
 async fn requests(client: &kube::Client) -> BTreeMap<String, f64> {
-    let text = client
-        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
-        .await
-        .expect("apiserver /metrics");
-    let mut by_resource = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        if labels.contains("verb=\"WATCH\"") {
-            continue;
-        }
-        let resource = labels
-            .split(',')
-            .find_map(|l| l.strip_prefix("resource=\""))
-            .map(|r| r.trim_end_matches('"').to_owned())
-            .unwrap_or_default();
-        if ["nodes", "nodesealnodes", "configmaps"].contains(&resource.as_str()) {
-            *by_resource.entry(resource).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
-        }
-    }
-    by_resource
+    nodeseal_kube_fixture::metrics::non_watch_requests(
+        client,
+        &["nodes", "nodesealnodes", "configmaps"],
+    )
+    .await
+    .expect("apiserver /metrics")
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

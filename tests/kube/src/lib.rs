@@ -23,6 +23,7 @@
 
 mod apply;
 mod chart;
+pub mod metrics;
 mod objects;
 pub mod pki;
 mod process;
@@ -30,7 +31,7 @@ mod server;
 
 pub use apply::{apply_yaml, wait_crd_established};
 pub use chart::{Values, chart_dir, crds_dir, deploy_dir, helm, helm_binary, render_chart};
-pub use objects::MIN_TOKEN_TTL;
+pub use objects::{MIN_TOKEN_TTL, register_node};
 pub use server::{
     API_AUDIENCE, BIN_DIR_ENV, KubeApiServer, KubeApiServerBuilder, SERVICE_CLUSTER_IP_RANGE,
     binaries_or_skip, client_for_kubeconfig, default_bin_dir, missing_binaries,
