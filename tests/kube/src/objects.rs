@@ -134,8 +134,7 @@ impl KubeApiServer {
         create_or_get(&api, name, &sa).await
     }
 
-    /// Registers a Node as a kubelet would: `spec.podCIDRs` on create, then `status.addresses`
-    /// (one InternalIP) through the status subresource, since create ignores status.
+    /// Registers a Node as a kubelet would; see [`register_node`].
     ///
     /// # Errors
     /// Any API error.
@@ -145,33 +144,7 @@ impl KubeApiServer {
         internal_ip: IpAddr,
         pod_cidrs: &[&str],
     ) -> Result<Node> {
-        let api: Api<Node> = Api::all(self.admin_client());
-        let node = Node {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            spec: Some(NodeSpec {
-                pod_cidr: pod_cidrs.first().map(|c| (*c).to_string()),
-                pod_cidrs: Some(pod_cidrs.iter().map(|c| (*c).to_string()).collect()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        api.create(&PostParams::default(), &node)
-            .await
-            .with_context(|| format!("creating Node {name}"))?;
-        let status = serde_json::json!({
-            "status": {
-                "addresses": [
-                    { "type": "InternalIP", "address": internal_ip.to_string() },
-                    { "type": "Hostname", "address": name },
-                ],
-            }
-        });
-        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .with_context(|| format!("setting status.addresses of Node {name}"))
+        register_node(&self.admin_client(), name, internal_ip, pod_cidrs).await
     }
 
     /// Creates a Pod already bound to `node_name` (`spec.nodeName`), running as
@@ -271,4 +244,44 @@ where
             .with_context(|| format!("getting existing {name}")),
         Err(e) => Err(e).with_context(|| format!("creating {name}")),
     }
+}
+
+/// Registers a Node as a kubelet would: `spec.podCIDRs` on create, then `status.addresses`
+/// (one InternalIP) through the status subresource, since create ignores status.
+///
+/// # Errors
+/// Any API error.
+pub async fn register_node(
+    client: &kube::Client,
+    name: &str,
+    internal_ip: IpAddr,
+    pod_cidrs: &[&str],
+) -> Result<Node> {
+    let api: Api<Node> = Api::all(client.clone());
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidr: pod_cidrs.first().map(|c| (*c).to_string()),
+            pod_cidrs: Some(pod_cidrs.iter().map(|c| (*c).to_string()).collect()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &node)
+        .await
+        .with_context(|| format!("creating Node {name}"))?;
+    let status = serde_json::json!({
+        "status": {
+            "addresses": [
+                { "type": "InternalIP", "address": internal_ip.to_string() },
+                { "type": "Hostname", "address": name },
+            ],
+        }
+    });
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .with_context(|| format!("setting status.addresses of Node {name}"))
 }
