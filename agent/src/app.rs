@@ -3,7 +3,11 @@
 //!
 //! Shutdown (cancel the root token) stops accepting handshakes and stops every task, then waits
 //! for them with a deadline. Kernel state (SAs, policies, pinned maps, attachments) is left in
-//! place on purpose: a restarted agent finds it and traffic keeps flowing meanwhile.
+//! place on purpose: a restarted agent finds it and traffic keeps flowing meanwhile. Only an
+//! agent told to stop for good (`--cleanup-on-exit`) removes it.
+//!
+//! With `--encryption false` the agent only follows the cluster and reports status (see
+//! [`run_without_encryption`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -21,8 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::cleanup::{daemon_set_state, remove_kernel_state, should_remove_on_exit};
 use crate::config::AgentConfig;
 use crate::datapath::{DatapathHandle, DatapathSettings};
+use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_STORE};
 use crate::identity::{IdentitySource, Obtained};
 use crate::metrics::Metrics;
 use crate::peer::{
@@ -68,7 +74,17 @@ struct Agent {
 /// Start-up failures (bad configuration, store, datapath, identity); afterwards errors are
 /// logged and the agent keeps its last good state.
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
+    config.validate()?;
     info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting nodeseal-agent");
+    let tracker = TaskTracker::new();
+    let metrics = Arc::new(Metrics::new());
+    let readiness = if config.encryption {
+        Readiness::waiting_for(&[STEP_STORE, STEP_DATAPATH, STEP_IDENTITY])
+    } else {
+        Readiness::waiting_for(&[STEP_STORE])
+    };
+    // Before anything that can wait (store, keymgr): liveness must answer meanwhile.
+    serve_http(&config, &metrics, &readiness, &tracker, &cancel).await?;
     let trust_domain = TrustDomain::new(&config.store.trust_domain).context("--trust-domain")?;
     let node = NodeName::new(&config.node_name).context("--node-name")?;
     // The store may be down at start (etcd restarting): wait for it rather than exit.
@@ -101,8 +117,6 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         },
     };
     info!(node_ip = %local.ip, pod_cidrs = ?local.pod_cidrs, "local addresses");
-    let tracker = TaskTracker::new();
-    let metrics = Arc::new(Metrics::new());
 
     let record = NodeRecord {
         name: nodeseal_store::NodeName::new(config.node_name.clone()).context("--node-name")?,
@@ -126,6 +140,10 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
             warn!(error = %e, "node record lease ended");
         }
     });
+    readiness.done(STEP_STORE);
+    if !config.encryption {
+        return run_without_encryption(config, store, node, metrics, tracker, cancel).await;
+    }
 
     let datapath = DatapathHandle::load(DatapathSettings {
         pin_root: config.bpf_pin_root.clone(),
@@ -138,6 +156,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     datapath
         .sync_pod_interfaces()
         .context("attaching to pod interfaces")?;
+    readiness.done(STEP_DATAPATH);
     let xfrm = Handle::new().context("opening the XFRM netlink socket")?;
     // A packet that meets a policy whose state is momentarily missing is queued until the state
     // appears instead of dropped (the kernel default drops it: XfrmOutNoStates), which keeps
@@ -179,6 +198,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let (handshake_tx, handshake_rx) = watch::channel(None);
     let (svid_tx, svid_rx) = watch::channel(None);
     install_identity(&trust, &obtained, &handshake_tx, &svid_tx)?;
+    readiness.done(STEP_IDENTITY);
 
     let listener = tokio::net::TcpListener::bind((local.ip, config.handshake_port))
         .await
@@ -189,16 +209,6 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
             )
         })?;
     let status_listener = crate::status::bind(&config.status_socket)?;
-    if let Some(addr) = config.metrics_addr {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding metrics on {addr}"))?;
-        tracker.spawn(crate::metrics::serve(
-            l,
-            Arc::clone(&metrics),
-            cancel.child_token(),
-        ));
-    }
 
     let (generation_tx, generation_rx) = watch::channel(0u64);
     let registry = Arc::new(PeerRegistry::default());
@@ -264,8 +274,26 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     info!(node = %agent.node, "agent ready");
     agent.watch_store().await;
 
-    // Shutdown: stop everything, leave kernel state in place.
+    // Shutdown: stop everything; kernel state stays unless told to stop for good.
     cancel.cancel();
+    stop_tasks(&tracker).await;
+    let daemon_set = cluster.kube.clone().map(|client| {
+        let namespace = agent.config.store.namespace.clone();
+        let name = agent.config.daemonset.clone();
+        move || async move { daemon_set_state(client, &namespace, &name).await }
+    });
+    if should_remove_on_exit(agent.config.cleanup_on_exit, daemon_set).await {
+        remove_kernel_state(&agent.config, Some(&agent.datapath))
+            .await
+            .context("removing the kernel state on exit")?;
+        info!("agent stopped; SAs and datapath removed");
+    } else {
+        info!("agent stopped; SAs and datapath left in place");
+    }
+    Ok(())
+}
+
+async fn stop_tasks(tracker: &TaskTracker) {
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_DEADLINE, tracker.wait())
         .await
@@ -273,8 +301,189 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     {
         warn!("tasks still running at the shutdown deadline; exiting anyway");
     }
-    info!("agent stopped; SAs and datapath left in place");
+}
+
+/// Binds `--health-addr` and `--metrics-addr` (one server when they are the same address).
+async fn serve_http(
+    config: &AgentConfig,
+    metrics: &Arc<Metrics>,
+    readiness: &Readiness,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let mut servers: Vec<(SocketAddr, Endpoints)> = Vec::new();
+    if let Some(addr) = config.health_addr {
+        servers.push((
+            addr,
+            Endpoints {
+                metrics: None,
+                readiness: Some(readiness.clone()),
+            },
+        ));
+    }
+    if let Some(addr) = config.metrics_addr {
+        match servers.iter_mut().find(|(a, _)| *a == addr) {
+            Some((_, endpoints)) => endpoints.metrics = Some(Arc::clone(metrics)),
+            None => servers.push((
+                addr,
+                Endpoints {
+                    metrics: Some(Arc::clone(metrics)),
+                    readiness: None,
+                },
+            )),
+        }
+    }
+    for (addr, endpoints) in servers {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the HTTP endpoints on {addr}"))?;
+        tracker.spawn(crate::health::serve(
+            listener,
+            endpoints,
+            cancel.child_token(),
+        ));
+    }
     Ok(())
+}
+
+/// Encryption off: follow the cluster and report status, with nothing in the kernel. What an
+/// earlier run with encryption left (SAs, policies, eBPF programs and pins) is removed first,
+/// so turning encryption off (`helm upgrade --set encryption.enabled=false`) takes effect as
+/// each agent restarts.
+async fn run_without_encryption(
+    config: AgentConfig,
+    store: Store,
+    node: NodeName,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let removed = remove_kernel_state(&config, None)
+        .await
+        .context("encryption is off: removing what an earlier run installed")?;
+    info!(
+        xfrm_objects = removed.xfrm_objects,
+        datapath = removed.datapath,
+        "encryption is off: no SAs, XFRM policies or eBPF programs on this node"
+    );
+    let passive = Arc::new(Passive {
+        node,
+        strict: config.strict_mode,
+        nodes: std::sync::Mutex::default(),
+        unusable_nodes: std::sync::Mutex::default(),
+    });
+    tracker.spawn(crate::status::serve(
+        crate::status::bind(&config.status_socket)?,
+        Arc::clone(&passive) as Arc<dyn StatusSource>,
+        cancel.child_token(),
+    ));
+    // One status record, so `nodeseal status --cluster` lists the node (with no peers).
+    if let Ok(name) = nodeseal_store::NodeName::new(passive.node.as_str()) {
+        let record = nodeseal_store::NodeStatus {
+            node: name,
+            reported_at: SystemTime::now(),
+            generation: 0,
+            peers: BTreeMap::new(),
+        };
+        if let Err(e) = store.put(&record).await {
+            warn!(error = %e, "publishing node status");
+        }
+    }
+    info!(node = %passive.node, "agent ready (encryption off)");
+    let mut events = store.watch(&[Kind::Node]);
+    loop {
+        let event = tokio::select! {
+            () = cancel.cancelled() => break,
+            e = events.next() => e,
+        };
+        let Some(event) = event else { break };
+        passive.apply(event);
+        let peers = passive.peer_count();
+        metrics.set_peers(peers, 0);
+    }
+    cancel.cancel();
+    stop_tasks(&tracker).await;
+    info!("agent stopped (encryption off; nothing in the kernel)");
+    Ok(())
+}
+
+/// The agent's view with encryption off: the nodes it would peer with, and the unusable ones.
+struct Passive {
+    node: NodeName,
+    strict: bool,
+    nodes: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    unusable_nodes: std::sync::Mutex<BTreeMap<String, String>>,
+}
+
+impl Passive {
+    fn apply(&self, event: Event) {
+        let (Ok(mut nodes), Ok(mut unusable)) = (self.nodes.lock(), self.unusable_nodes.lock())
+        else {
+            return;
+        };
+        match event {
+            Event::Snapshot(snapshot) | Event::Resynced(snapshot) => {
+                nodes.clear();
+                unusable.clear();
+                for record in snapshot.records {
+                    if let Record::Node(n) = record {
+                        nodes.insert(n.name.as_str().to_owned());
+                    }
+                }
+            }
+            Event::Put(Record::Node(n)) => {
+                unusable.remove(n.name.as_str());
+                nodes.insert(n.name.as_str().to_owned());
+            }
+            Event::Deleted(key) => {
+                if let Some(name) = key.node() {
+                    nodes.remove(name.as_str());
+                    unusable.remove(name.as_str());
+                }
+            }
+            Event::Invalid(e) => {
+                if let Ok(key) = nodeseal_store::Key::parse(&e.key)
+                    && key.kind() == Kind::Node
+                    && let Some(name) = key.node()
+                {
+                    nodes.remove(name.as_str());
+                    unusable.insert(name.to_string(), e.problem.to_string());
+                }
+            }
+            Event::Interrupted(e) => warn!(error = %e, "cluster store unavailable"),
+            other => debug!(event = ?other, "ignoring store event"),
+        }
+    }
+
+    /// Nodes other than this one.
+    fn peer_count(&self) -> usize {
+        self.nodes
+            .lock()
+            .map(|n| n.iter().filter(|name| *name != self.node.as_str()).count())
+            .unwrap_or(0)
+    }
+}
+
+#[async_trait::async_trait]
+impl StatusSource for Passive {
+    async fn snapshot(&self) -> NodeView {
+        NodeView {
+            node: self.node.to_string(),
+            mode: "off".into(),
+            strict: self.strict,
+            spiffe_id: None,
+            svid_not_after_unix: None,
+            generation: 0,
+            peers: Vec::new(),
+            xfrm_errors: BTreeMap::new(),
+            datapath_drops: BTreeMap::new(),
+            unusable_nodes: self
+                .unusable_nodes
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// Why this node's own addresses could not be read from its Node object.

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use ipnet::IpNet;
 use nodeseal_store::{
     DirOptions, DirStore, EtcdOptions, EtcdStore, KubeOptions, KubeStore, Store, StoreError,
@@ -21,6 +21,59 @@ pub const DEFAULT_STORE_DIR: &str = "/var/lib/nodeseal/store";
 pub const DEFAULT_NAMESPACE: &str = "nodeseal";
 /// Default Unix socket of the status API.
 pub const DEFAULT_STATUS_SOCKET: &str = "/run/nodeseal/agent.sock";
+
+/// Default name of the agent's DaemonSet in Kubernetes mode (the Helm chart's).
+pub const DEFAULT_DAEMONSET: &str = "nodeseal-agent";
+
+/// The encryption datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncryptionType {
+    /// ESP in the kernel's XFRM, keyed per node pair.
+    Ipsec,
+    /// Kernel WireGuard (reserved: refused at start until it exists).
+    Wireguard,
+}
+
+/// What the agent does with its kernel state (SAs, XFRM policies, eBPF programs and pins) when
+/// it stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CleanupOnExit {
+    /// Keep it: a restarted agent takes it over and traffic keeps flowing (hitless restart).
+    Never,
+    /// Remove it on every stop.
+    Always,
+    /// Remove it only when nodeseal is being uninstalled: in Kubernetes mode, when the agent's
+    /// DaemonSet is gone or being deleted (`helm uninstall`); a restart or rolling update keeps
+    /// it. Without Kubernetes this is `never`.
+    WhenUninstalled,
+}
+
+/// A configuration the agent refuses to start with.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `--encryption-type wireguard`.
+    #[error(
+        "--encryption-type wireguard (NODESEAL_ENCRYPTION_TYPE): wireguard encryption is not implemented yet; use ipsec"
+    )]
+    WireguardNotImplemented,
+    /// `--node-encryption true`.
+    #[error(
+        "--node-encryption (NODESEAL_NODE_ENCRYPTION): encryption of node-to-node (host) traffic is not implemented yet; set it to false"
+    )]
+    NodeEncryptionNotImplemented,
+    /// The health and metrics endpoints would share a port on different addresses.
+    #[error(
+        "--health-addr {health} and --metrics-addr {metrics} use the same port on different addresses; use one address (one server answers both) or two ports"
+    )]
+    HealthMetricsClash {
+        /// `--health-addr`.
+        health: SocketAddr,
+        /// `--metrics-addr`.
+        metrics: SocketAddr,
+    },
+}
 
 /// Where the cluster state lives (shared by the agent, keymgr and the CLI).
 #[derive(Args, Clone, Debug, Serialize)]
@@ -141,6 +194,18 @@ pub struct AgentConfig {
     #[arg(long, env = "NODESEAL_PEER_RETENTION", default_value = "10m", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub peer_retention: Duration,
+    /// Encrypt pod-to-pod traffic. With `false` the agent follows the cluster and reports
+    /// status, but obtains no identity, installs no SAs, XFRM policies or eBPF programs, and
+    /// removes any that an earlier run with encryption left (the Helm chart's
+    /// `encryption.enabled`).
+    #[arg(long, env = "NODESEAL_ENCRYPTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub encryption: bool,
+    /// The encryption datapath. `wireguard` is reserved and refused at start.
+    #[arg(long, env = "NODESEAL_ENCRYPTION_TYPE", value_enum, default_value_t = EncryptionType::Ipsec)]
+    pub encryption_type: EncryptionType,
+    /// Also encrypt node-to-node (host) traffic. Reserved: `true` is refused at start.
+    #[arg(long, env = "NODESEAL_NODE_ENCRYPTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub node_encryption: bool,
     /// Drop traffic to and from remote pods that has no SA instead of sending it in clear.
     #[arg(long, env = "NODESEAL_STRICT_MODE", default_value_t = true, action = clap::ArgAction::Set)]
     pub strict_mode: bool,
@@ -164,6 +229,18 @@ pub struct AgentConfig {
     /// Serve Prometheus metrics here.
     #[arg(long, env = "NODESEAL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Serve `/healthz` (liveness: the agent runs) and `/readyz` (ready: identity obtained and
+    /// datapath loaded, or following the cluster with encryption off) here. May equal
+    /// `--metrics-addr`, then one server answers all three paths.
+    #[arg(long, env = "NODESEAL_HEALTH_ADDR")]
+    pub health_addr: Option<SocketAddr>,
+    /// What to do with the kernel state when the agent stops. The default keeps it, so a
+    /// restart is hitless.
+    #[arg(long, env = "NODESEAL_CLEANUP_ON_EXIT", value_enum, default_value_t = CleanupOnExit::Never)]
+    pub cleanup_on_exit: CleanupOnExit,
+    /// The agent's DaemonSet (Kubernetes mode), for `--cleanup-on-exit when-uninstalled`.
+    #[arg(long, env = "NODESEAL_DAEMONSET", default_value = DEFAULT_DAEMONSET)]
+    pub daemonset: String,
     /// Use this certificate chain (PEM) instead of the keymgr CSR flow (external PKI).
     #[arg(long, env = "NODESEAL_IDENTITY_CERT", requires_all = ["identity_key", "trust_bundle_file"])]
     pub identity_cert: Option<PathBuf>,
@@ -182,6 +259,26 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// Refuses settings the agent cannot honour, with the flag named, before anything starts.
+    ///
+    /// # Errors
+    /// [`ConfigError`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.encryption_type == EncryptionType::Wireguard {
+            return Err(ConfigError::WireguardNotImplemented);
+        }
+        if self.node_encryption {
+            return Err(ConfigError::NodeEncryptionNotImplemented);
+        }
+        if let (Some(health), Some(metrics)) = (self.health_addr, self.metrics_addr)
+            && health.port() == metrics.port()
+            && health != metrics
+        {
+            return Err(ConfigError::HealthMetricsClash { health, metrics });
+        }
+        Ok(())
+    }
+
     /// A configuration for tests: names and addresses given, everything else defaulted, state
     /// under `dir`.
     #[cfg(any(test, feature = "testing"))]
@@ -194,6 +291,9 @@ impl AgentConfig {
             uplink: "eth0".into(),
             pod_interface_prefix: "lxc".into(),
             handshake_port: DEFAULT_HANDSHAKE_PORT,
+            encryption: true,
+            encryption_type: EncryptionType::Ipsec,
+            node_encryption: false,
             rekey_interval: Duration::from_secs(3600),
             rekey_grace: Duration::from_secs(2),
             peer_retention: Duration::from_secs(600),
@@ -202,6 +302,9 @@ impl AgentConfig {
             state_dir: dir.join("node"),
             status_socket: dir.join("agent.sock"),
             metrics_addr: None,
+            health_addr: None,
+            cleanup_on_exit: CleanupOnExit::Never,
+            daemonset: DEFAULT_DAEMONSET.into(),
             identity_cert: None,
             identity_key: None,
             trust_bundle_file: None,
@@ -215,5 +318,99 @@ impl AgentConfig {
                 trust_domain: "cluster.local".into(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: AgentConfig,
+    }
+
+    const BASE: &[&str] = &[
+        "nodeseal-agent",
+        "--node-name=n1",
+        "--node-ip=10.0.0.1",
+        "--pod-cidr=10.244.0.0/24",
+    ];
+
+    fn parse(extra: &[&str]) -> Result<AgentConfig, clap::Error> {
+        Cli::try_parse_from(BASE.iter().chain(extra)).map(|c| c.config)
+    }
+
+    #[test]
+    fn defaults_keep_encryption_on_and_kernel_state_on_exit() {
+        let config = parse(&[]).unwrap();
+        assert!(config.encryption);
+        assert_eq!(config.encryption_type, EncryptionType::Ipsec);
+        assert!(!config.node_encryption);
+        assert_eq!(config.cleanup_on_exit, CleanupOnExit::Never);
+        assert_eq!(config.health_addr, None);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn chart_settings_parse() {
+        let config = parse(&[
+            "--encryption=false",
+            "--encryption-type=ipsec",
+            "--node-encryption=false",
+            "--cleanup-on-exit=when-uninstalled",
+            "--health-addr=127.0.0.1:9963",
+            "--metrics-addr=10.0.0.1:9962",
+        ])
+        .unwrap();
+        assert!(!config.encryption);
+        assert_eq!(config.cleanup_on_exit, CleanupOnExit::WhenUninstalled);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn reserved_settings_are_refused_with_the_flag_named() {
+        let wireguard = parse(&["--encryption-type=wireguard"]).unwrap();
+        let e = wireguard.validate().unwrap_err();
+        assert_eq!(e, ConfigError::WireguardNotImplemented);
+        assert!(
+            e.to_string()
+                .contains("wireguard encryption is not implemented yet; use ipsec"),
+            "{e}"
+        );
+        let host = parse(&["--node-encryption=true"]).unwrap();
+        let e = host.validate().unwrap_err();
+        assert_eq!(e, ConfigError::NodeEncryptionNotImplemented);
+        assert!(e.to_string().contains("--node-encryption"), "{e}");
+    }
+
+    #[test]
+    fn unknown_values_are_refused_by_the_parser() {
+        let e = parse(&["--encryption-type=aes"]).err().unwrap().to_string();
+        assert!(e.contains("aes") && e.contains("ipsec"), "{e}");
+        let e = parse(&["--encryption=maybe"]).err().unwrap().to_string();
+        assert!(e.contains("maybe"), "{e}");
+        let e = parse(&["--cleanup-on-exit=sometimes"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("when-uninstalled"), "{e}");
+    }
+
+    #[test]
+    fn health_may_share_the_metrics_server_or_use_its_own_port() {
+        let shared = parse(&["--health-addr=0.0.0.0:9962", "--metrics-addr=0.0.0.0:9962"]).unwrap();
+        assert_eq!(shared.validate(), Ok(()));
+        let clash = parse(&[
+            "--health-addr=127.0.0.1:9962",
+            "--metrics-addr=0.0.0.0:9962",
+        ])
+        .unwrap();
+        assert!(matches!(
+            clash.validate(),
+            Err(ConfigError::HealthMetricsClash { .. })
+        ));
     }
 }

@@ -54,6 +54,15 @@ pub enum DatapathError {
     /// Every 16-bit node id is taken.
     #[error("no free node id left")]
     NodeIdsExhausted,
+    /// Removing the pins failed.
+    #[error("removing the eBPF pins under {pin_root}")]
+    Unpin {
+        /// Pin root.
+        pin_root: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Listing interfaces failed.
     #[error("listing network interfaces")]
     Interfaces(#[source] std::io::Error),
@@ -309,6 +318,18 @@ impl DatapathHandle {
         Ok(())
     }
 
+    /// Detaches every program of this datapath (uplink and pod interfaces) and removes every
+    /// pin: the uninstall path. Maps and programs die when this process closes them; nothing
+    /// of the datapath survives it. Returns the detach failures (each logged), which do not
+    /// stop the rest.
+    ///
+    /// # Errors
+    /// [`DatapathError::Unpin`] when the pin root cannot be removed.
+    pub fn remove_from_kernel(&self) -> Result<usize, DatapathError> {
+        let mut inner = self.lock()?;
+        remove_datapath(&mut inner.dp, &self.settings)
+    }
+
     /// Drop counters by reason.
     ///
     /// # Errors
@@ -320,6 +341,53 @@ impl DatapathHandle {
             .all()
             .map_err(map_err("drop counters"))
     }
+}
+
+/// Removes a datapath a previous agent left pinned under `settings.pin_root` (this agent runs
+/// with encryption off, or is cleaning up after one), as
+/// [`DatapathHandle::remove_from_kernel`]. Returns `None` when there is nothing pinned.
+///
+/// # Errors
+/// [`DatapathError::Load`] when the pins cannot be reopened (e.g. another agent holds them),
+/// [`DatapathError::Unpin`].
+pub fn remove_pinned(settings: &DatapathSettings) -> Result<Option<usize>, DatapathError> {
+    if !settings.pin_root.exists() {
+        return Ok(None);
+    }
+    // Reopening takes the pin root's lock, so a running agent's datapath is never removed
+    // under it.
+    let mut dp = Datapath::load(&settings.pin_root).map_err(|source| DatapathError::Load {
+        pin_root: settings.pin_root.clone(),
+        source: Box::new(source),
+    })?;
+    remove_datapath(&mut dp, settings).map(Some)
+}
+
+fn remove_datapath(dp: &mut Datapath, settings: &DatapathSettings) -> Result<usize, DatapathError> {
+    let mut failures = 0;
+    let mut detach = |attachment, ifname: &str| {
+        if let Err(e) = dp.detach(attachment, ifname) {
+            failures += 1;
+            warn!(?attachment, ifname, error = %e, "cannot detach eBPF program");
+        }
+    };
+    detach(Attachment::FromNetwork, &settings.uplink);
+    for (ifname, _) in list_interfaces(&settings.pod_interface_prefix)? {
+        detach(Attachment::FromPod, &ifname);
+        detach(Attachment::ToPod, &ifname);
+    }
+    match std::fs::remove_dir_all(&settings.pin_root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(DatapathError::Unpin {
+                pin_root: settings.pin_root.clone(),
+                source,
+            });
+        }
+    }
+    info!(pin_root = %settings.pin_root.display(), detach_failures = failures, "eBPF datapath removed");
+    Ok(failures)
 }
 
 fn prefix(cidr: IpNet) -> Result<Prefix, DatapathError> {

@@ -8,14 +8,17 @@
 //! - [`signer`] is keymgr as a running role; [`cli`] is the `nodeseal` command line.
 //!
 //! The agent never touches XFRM objects or BPF pins it does not own, and leaves its kernel state
-//! in place when it stops, so traffic survives restarts.
+//! in place when it stops, so traffic survives restarts; [`cleanup`] removes it when the agent
+//! is told to stop for good. [`health`] serves `/healthz`, `/readyz` and `/metrics`.
 
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod health;
 pub mod identity;
 pub mod kube_identity;
 pub mod kube_signer;

@@ -1,7 +1,6 @@
-//! Prometheus metrics (`/metrics`), registered under the `nodeseal` prefix. No per-peer labels:
-//! per-peer detail belongs in `nodeseal status`.
+//! Prometheus metrics (`/metrics`, served by [`crate::health::serve`]), registered under the
+//! `nodeseal` prefix. No per-peer labels: per-peer detail belongs in `nodeseal status`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -10,10 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
@@ -143,39 +139,5 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Serves `GET /metrics` on `listener` until cancelled. A minimal HTTP/1.0 responder: the
-/// request is read (bounded) and answered with the exposition, then the connection closes.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            () = cancel.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((mut stream, peer)) = accepted else {
-            continue;
-        };
-        let metrics = Arc::clone(&metrics);
-        // Each response is tiny and bounded by the read timeout; no task tracking needed.
-        let mut buf = [0u8; 2048];
-        let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
-        let request = match read {
-            Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-            _ => continue,
-        };
-        let (status, body) = if request.starts_with("GET /metrics") {
-            ("200 OK", metrics.encode())
-        } else {
-            ("404 Not Found", "not found\n".to_owned())
-        };
-        let response = format!(
-            "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        if let Err(e) = stream.write_all(response.as_bytes()).await {
-            debug!(%peer, error = %e, "metrics client went away");
-        }
     }
 }

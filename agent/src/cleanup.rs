@@ -1,0 +1,189 @@
+//! Removing everything the agent put into the kernel: its XFRM states and policies (by
+//! ownership, never anyone else's) and its eBPF programs and pins.
+//!
+//! A normal stop keeps all of it, so a restarted agent takes over without a gap. This runs only
+//! when the agent is told to stop for good (`--cleanup-on-exit`, e.g. on `helm uninstall`) or
+//! starts with encryption off after a run with it on.
+
+use nodeseal_xfrm::Handle;
+use tracing::{info, warn};
+
+use crate::config::{AgentConfig, CleanupOnExit};
+use crate::datapath::{DatapathError, DatapathHandle, DatapathSettings};
+
+/// Why the kernel state could not be removed completely.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// Opening the XFRM netlink socket failed.
+    #[error("opening the XFRM netlink socket")]
+    Netlink(#[source] nodeseal_xfrm::XfrmError),
+    /// Deleting our XFRM objects failed.
+    #[error("deleting nodeseal's XFRM states and policies")]
+    Xfrm(#[source] nodeseal_xfrm::ReconcileError),
+    /// Removing the datapath failed.
+    #[error("removing the eBPF datapath")]
+    Datapath(#[source] DatapathError),
+}
+
+/// What was removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// XFRM states and policies deleted.
+    pub xfrm_objects: usize,
+    /// Whether a datapath was found and removed.
+    pub datapath: bool,
+}
+
+/// Removes our XFRM objects and the datapath: `loaded` when this process has it open,
+/// otherwise whatever is pinned under the configured pin root.
+///
+/// # Errors
+/// [`CleanupError`]; the XFRM part runs even when the datapath part fails and vice versa, and
+/// the first failure is returned.
+pub async fn remove_kernel_state(
+    config: &AgentConfig,
+    loaded: Option<&DatapathHandle>,
+) -> Result<Removed, CleanupError> {
+    let mut removed = Removed::default();
+    // The datapath first: once its programs are gone nothing marks packets for the SAs.
+    let datapath = match loaded {
+        Some(handle) => handle.remove_from_kernel().map(|_| true),
+        None => crate::datapath::remove_pinned(&settings(config)).map(|r| r.is_some()),
+    };
+    let xfrm = match Handle::new() {
+        Ok(handle) => nodeseal_xfrm::reconcile::flush_owned(&handle, &crate::sa::ownership())
+            .await
+            .map_err(CleanupError::Xfrm),
+        Err(e) => Err(CleanupError::Netlink(e)),
+    };
+    match xfrm {
+        Ok(n) => removed.xfrm_objects = n,
+        Err(e) => {
+            warn!(error = %crate::peer::error_chain(&e), "removing XFRM state");
+            if datapath.is_ok() {
+                return Err(e);
+            }
+        }
+    }
+    removed.datapath = datapath.map_err(CleanupError::Datapath)?;
+    info!(
+        xfrm_objects = removed.xfrm_objects,
+        datapath = removed.datapath,
+        "kernel state removed"
+    );
+    Ok(removed)
+}
+
+/// The datapath settings a cleanup needs (where the pins are, which interfaces to detach).
+fn settings(config: &AgentConfig) -> DatapathSettings {
+    DatapathSettings {
+        pin_root: config.bpf_pin_root.clone(),
+        uplink: config.uplink.clone(),
+        pod_interface_prefix: config.pod_interface_prefix.clone(),
+        strict: config.strict_mode,
+        local_pod_cidrs: Vec::new(),
+    }
+}
+
+/// Whether the agent, now stopping, should remove its kernel state. `daemon_set` answers
+/// "does the agent DaemonSet still exist, and is it not being deleted?" in Kubernetes mode.
+pub async fn should_remove_on_exit<F, Fut>(policy: CleanupOnExit, daemon_set: Option<F>) -> bool
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<DaemonSetState, kube::Error>>,
+{
+    match policy {
+        CleanupOnExit::Never => false,
+        CleanupOnExit::Always => true,
+        CleanupOnExit::WhenUninstalled => {
+            let Some(query) = daemon_set else {
+                info!(
+                    "--cleanup-on-exit when-uninstalled needs Kubernetes mode; keeping kernel state"
+                );
+                return false;
+            };
+            match query().await {
+                Ok(DaemonSetState::Present) => false,
+                Ok(DaemonSetState::Gone | DaemonSetState::Deleting) => {
+                    info!(
+                        "the agent DaemonSet is gone or being deleted: nodeseal is being uninstalled"
+                    );
+                    true
+                }
+                // Unsure: keeping state is the safe side (a restart stays hitless; an
+                // uninstall leaves state that `--cleanup-on-exit always` or a reboot clears).
+                Err(e) => {
+                    warn!(error = %e, "cannot read the agent DaemonSet; keeping kernel state");
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// The agent DaemonSet as seen at shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DaemonSetState {
+    /// It exists and is not being deleted: a restart or rolling update.
+    Present,
+    /// It has a deletion timestamp.
+    Deleting,
+    /// It does not exist.
+    Gone,
+}
+
+/// Reads the DaemonSet `namespace/name`.
+///
+/// # Errors
+/// API errors other than NotFound.
+pub async fn daemon_set_state(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<DaemonSetState, kube::Error> {
+    let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        kube::Api::namespaced(client, namespace);
+    Ok(match api.get_opt(name).await? {
+        None => DaemonSetState::Gone,
+        Some(ds) if ds.metadata.deletion_timestamp.is_some() => DaemonSetState::Deleting,
+        Some(_) => DaemonSetState::Present,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Answer = std::future::Ready<Result<DaemonSetState, kube::Error>>;
+
+    fn answer(state: Result<DaemonSetState, kube::Error>) -> Option<impl FnOnce() -> Answer> {
+        Some(move || std::future::ready(state))
+    }
+
+    fn none() -> Option<fn() -> Answer> {
+        None
+    }
+
+    #[tokio::test]
+    async fn never_and_always_do_not_ask() {
+        assert!(
+            !should_remove_on_exit(CleanupOnExit::Never, answer(Ok(DaemonSetState::Gone))).await
+        );
+        assert!(
+            should_remove_on_exit(CleanupOnExit::Always, answer(Ok(DaemonSetState::Present))).await
+        );
+        assert!(should_remove_on_exit(CleanupOnExit::Always, none()).await);
+    }
+
+    #[tokio::test]
+    async fn when_uninstalled_follows_the_daemon_set() {
+        let policy = CleanupOnExit::WhenUninstalled;
+        assert!(!should_remove_on_exit(policy, answer(Ok(DaemonSetState::Present))).await);
+        assert!(should_remove_on_exit(policy, answer(Ok(DaemonSetState::Deleting))).await);
+        assert!(should_remove_on_exit(policy, answer(Ok(DaemonSetState::Gone))).await);
+        // Without Kubernetes, or when the apiserver does not answer: keep state (hitless).
+        assert!(!should_remove_on_exit(policy, none()).await);
+        let unreachable = kube::Error::Service("connection refused".into());
+        assert!(!should_remove_on_exit(policy, answer(Err(unreachable))).await);
+    }
+}
