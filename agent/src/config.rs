@@ -1,6 +1,6 @@
 //! Configuration: the only code that reads flags or the environment. Every setting is a
 //! `--kebab-case` flag and a `NODESEAL_SCREAMING_CASE` variable; the Helm chart sets the
-//! variables (table in `deploy/README.md`).
+//! variables (`deploy/helm/nodeseal/templates/agent-daemonset.yaml`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
