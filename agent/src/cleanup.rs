@@ -104,10 +104,8 @@ where
             };
             match query().await {
                 Ok(DaemonSetState::Present) => false,
-                Ok(DaemonSetState::Gone | DaemonSetState::Deleting) => {
-                    info!(
-                        "the agent DaemonSet is gone or being deleted: nodeseal is being uninstalled"
-                    );
+                Ok(state) => {
+                    info!(?state, "nodeseal is being uninstalled");
                     true
                 }
                 // Unsure: keeping state is the safe side (a restart stays hitless; an
@@ -130,9 +128,14 @@ pub enum DaemonSetState {
     Deleting,
     /// It does not exist.
     Gone,
+    /// The apiserver no longer accepts the agent's credentials (401) or its role (403): the
+    /// release's ServiceAccount or RBAC is gone. `helm uninstall` deletes those right after the
+    /// DaemonSet, usually before the agent pods are stopped, so this is the common way an
+    /// uninstall looks from inside the agent; nothing else removes them.
+    AccessRevoked,
 }
 
-/// Reads the DaemonSet `namespace/name`.
+/// Reads the DaemonSet `namespace/name`, with the agent's own credentials.
 ///
 /// # Errors
 /// API errors other than NotFound.
@@ -143,11 +146,15 @@ pub async fn daemon_set_state(
 ) -> Result<DaemonSetState, kube::Error> {
     let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
         kube::Api::namespaced(client, namespace);
-    Ok(match api.get_opt(name).await? {
-        None => DaemonSetState::Gone,
-        Some(ds) if ds.metadata.deletion_timestamp.is_some() => DaemonSetState::Deleting,
-        Some(_) => DaemonSetState::Present,
-    })
+    match api.get_opt(name).await {
+        Ok(None) => Ok(DaemonSetState::Gone),
+        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_some() => Ok(DaemonSetState::Deleting),
+        Ok(Some(_)) => Ok(DaemonSetState::Present),
+        Err(kube::Error::Api(status)) if status.code == 401 || status.code == 403 => {
+            Ok(DaemonSetState::AccessRevoked)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -181,6 +188,7 @@ mod tests {
         assert!(!should_remove_on_exit(policy, answer(Ok(DaemonSetState::Present))).await);
         assert!(should_remove_on_exit(policy, answer(Ok(DaemonSetState::Deleting))).await);
         assert!(should_remove_on_exit(policy, answer(Ok(DaemonSetState::Gone))).await);
+        assert!(should_remove_on_exit(policy, answer(Ok(DaemonSetState::AccessRevoked))).await);
         // Without Kubernetes, or when the apiserver does not answer: keep state (hitless).
         assert!(!should_remove_on_exit(policy, none()).await);
         let unreachable = kube::Error::Service("connection refused".into());
