@@ -11,11 +11,16 @@
 //!    every peer established), its peak and final RSS and CPU time. Baseline in the same run:
 //!    `ip -batch` installing the same number of XFRM objects (states and policies of the agent's
 //!    layout) into a fresh namespace.
+//!    With `kube` among `NODESEAL_BENCH_STORES`, the same run again in Kubernetes mode: a real
+//!    kube-apiserver (and its etcd) in the load generator's namespace, a Node object and a
+//!    NodesealNode per peer, the agent with `--kubernetes`; reported beside the directory store,
+//!    with the apiserver's own count of the non-watch requests during the quiet period.
 //! 2. Rotation. The 3-node fabric of the acceptance tests under a 500 packets/s UDP stream;
 //!    `nodeseal keys rotate --wait` several times; wall time and the duration it prints, and the
 //!    stream's losses. Baseline: the wall time of a no-op `nodeseal node list`.
 //!
-//! Environment: `NODESEAL_BENCH_PEERS` (default `100,1000`), `NODESEAL_BENCH_ROTATIONS`
+//! Environment: `NODESEAL_BENCH_PEERS` (default `100,1000`), `NODESEAL_BENCH_STORES` (default
+//! `dir,kube`; `kube` needs the binaries of `cargo xtask setup`), `NODESEAL_BENCH_ROTATIONS`
 //! (default 5), `NODESEAL_BENCH_PARTS` (default `convergence,rotation`),
 //! `NODESEAL_BENCH_TIMEOUT_SECS` (bound of one convergence run, default 900),
 //! `NODESEAL_BENCH_IDLE_SECS` (quiet period observed after convergence, default 40: it covers
@@ -38,10 +43,11 @@ use nodeseal_keymgr::{
     ClusterCa, Epoch, ExpectedPeer, Hello, IssueOptions, Mode, NodeIdentity, NodeKey, NodeName,
     Spi, TrustBundle, TrustDomain, TrustStore, create_csr, validate_csr,
 };
+use nodeseal_netns::kube::KubeControlPlane;
 use nodeseal_netns::{
     Fabric, FabricOptions, Feature, Netns, Process, Topology, UdpStream, fabric, require,
 };
-use nodeseal_store::{DirOptions, DirStore, NodeRecord, Store};
+use nodeseal_store::{DirOptions, DirStore, KubeStore, NodeRecord, Store};
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const AGENT_NAME: &str = "a-bench";
@@ -86,6 +92,9 @@ fn run() -> Result<()> {
     let peers = parse_list(
         &std::env::var("NODESEAL_BENCH_PEERS").unwrap_or_else(|_| "100,1000".to_owned()),
     )?;
+    let stores = backends(
+        &std::env::var("NODESEAL_BENCH_STORES").unwrap_or_else(|_| "dir,kube".to_owned()),
+    )?;
     let rotations: usize = env_number("NODESEAL_BENCH_ROTATIONS", 5)?;
     let timeout = Duration::from_secs(env_number("NODESEAL_BENCH_TIMEOUT_SECS", 900)?);
     let idle = Duration::from_secs(env_number("NODESEAL_BENCH_IDLE_SECS", 40)?);
@@ -106,11 +115,17 @@ fn run() -> Result<()> {
     let mut convergence = Vec::new();
     if parts.contains("convergence") {
         for &n in &peers {
-            println!("convergence: 1 agent, {n} peers ...");
-            let result = converge(n, timeout, idle)
-                .with_context(|| format!("convergence with {n} peers"))?;
-            print!("{}", result.detail());
-            convergence.push(result);
+            for &backend in &stores {
+                println!(
+                    "convergence: 1 agent, {n} peers, {} store ...",
+                    backend.name()
+                );
+                let result = converge(n, timeout, idle, backend).with_context(|| {
+                    format!("convergence with {n} peers on the {} store", backend.name())
+                })?;
+                print!("{}", result.detail());
+                convergence.push(result);
+            }
         }
     }
     let rotation = if parts.contains("rotation") {
@@ -134,6 +149,38 @@ fn run() -> Result<()> {
         println!("{}", r.table());
     }
     Ok(())
+}
+
+/// Where the peers' records live.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    Dir,
+    Kube,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Dir => "directory",
+            Self::Kube => "kubernetes",
+        }
+    }
+}
+
+/// `NODESEAL_BENCH_STORES`; `kube` is left out (with a note) when its binaries are missing.
+fn backends(text: &str) -> Result<Vec<Backend>> {
+    let mut out = Vec::new();
+    for word in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match word {
+            "dir" => out.push(Backend::Dir),
+            "kube" if nodeseal_kube_fixture::binaries_or_skip("bench agent (kubernetes store)") => {
+                out.push(Backend::Kube);
+            }
+            "kube" => {}
+            other => bail!("NODESEAL_BENCH_STORES: unknown store {other:?} (dir, kube)"),
+        }
+    }
+    Ok(out)
 }
 
 fn parse_list(text: &str) -> Result<Vec<usize>> {
@@ -255,6 +302,10 @@ impl LoadStats {
 /// Figures of one convergence run.
 struct Convergence {
     peers: usize,
+    backend: Backend,
+    /// Kubernetes only: non-watch apiserver requests on nodes, nodesealnodes and configmaps
+    /// during the quiet period.
+    quiet_requests: Option<f64>,
     setup: Duration,
     /// Agent spawn until the first / 50 % / 100 % of the peers completed their first key
     /// agreement (the first one includes the agent's start-up: store, eBPF load, identity).
@@ -319,6 +370,14 @@ impl Convergence {
             self.idle_rss_kb,
             self.idle_peak_rss_kb
         );
+        if let Some(requests) = self.quiet_requests {
+            let _ = writeln!(
+                s,
+                "  apiserver: {requests} non-watch requests on nodes/nodesealnodes/configmaps in \
+                 the quiet period ({:.4} per node per minute)",
+                requests / (self.peers as f64 + 1.0) / (self.idle.as_secs_f64() / 60.0).max(1e-6)
+            );
+        }
         if !self.failures.is_empty() {
             let _ = writeln!(s, "  load generator saw failed handshakes:");
             for (e, n) in &self.failures {
@@ -334,8 +393,9 @@ fn convergence_table(rows: &[Convergence]) -> String {
         String::from("Convergence: one nodeseal-agent vs N peers (in-process load generator)\n");
     let _ = writeln!(
         s,
-        "{:>6} | {:>9} | {:>9} | {:>9} | {:>10} | {:>8} | {:>8} | {:>9} | {:>9} | {:>8} | {:>10} | {:>9} | {:>9}",
+        "{:>6} | {:>10} | {:>9} | {:>9} | {:>9} | {:>10} | {:>8} | {:>8} | {:>9} | {:>9} | {:>8} | {:>10} | {:>9} | {:>9}",
         "peers",
+        "store",
         "first (s)",
         "all (s)",
         "status(s)",
@@ -354,8 +414,9 @@ fn convergence_table(rows: &[Convergence]) -> String {
         let failures: u64 = r.failures.values().sum();
         let _ = writeln!(
             s,
-            "{:>6} | {:>9.3} | {:>9.3} | {:>9.3} | {:>9.2}s | {:>8} | {:>8} | {:>8.3}s | {:>8.1}x | {:>8} | {:>6} MiB | {:>5} MiB | {:>8.2}s",
+            "{:>6} | {:>10} | {:>9.3} | {:>9.3} | {:>9.3} | {:>9.2}s | {:>8} | {:>8} | {:>8.3}s | {:>8.1}x | {:>8} | {:>6} MiB | {:>5} MiB | {:>8.2}s",
             r.peers,
+            r.backend.name(),
             r.first.as_secs_f64(),
             r.all.as_secs_f64(),
             r.status_all.as_secs_f64(),
@@ -379,13 +440,34 @@ fn convergence_table(rows: &[Convergence]) -> String {
          convergence (covers the stale-SA sweep at rekey-grace 30 s);\nip -batch = the same number of XFRM states and policies \
          (agent's layout) installed by one `ip -batch` into a fresh namespace."
     );
+    for kube in rows.iter().filter(|r| r.backend == Backend::Kube) {
+        if let Some(dir) = rows
+            .iter()
+            .find(|r| r.backend == Backend::Dir && r.peers == kube.peers)
+        {
+            let _ = writeln!(
+                s,
+                "kubernetes / directory, {} peers: all established {:.2}x, peak RSS {:.2}x, \
+                 idle CPU {:.2}x; quiet-period apiserver requests: {}",
+                kube.peers,
+                kube.status_all.as_secs_f64() / dir.status_all.as_secs_f64().max(1e-6),
+                kube.peak_rss_kb.max(kube.idle_peak_rss_kb) as f64
+                    / dir.peak_rss_kb.max(dir.idle_peak_rss_kb).max(1) as f64,
+                kube.idle_cpu.as_secs_f64() / dir.idle_cpu.as_secs_f64().max(1e-6),
+                kube.quiet_requests.unwrap_or_default()
+            );
+        }
+    }
     let _ = write!(
         s,
         "targets (issue 6, native, 2 cores): 1000 peers in < {}s, RSS < {} MiB",
         TARGET_CONVERGE_1000.as_secs(),
         TARGET_RSS_KB / 1024
     );
-    for r in rows.iter().filter(|r| r.peers == 1000) {
+    for r in rows
+        .iter()
+        .filter(|r| r.peers == 1000 && r.backend == Backend::Dir)
+    {
         let _ = write!(
             s,
             "; measured here {:.2}s ({}), peak RSS {} MiB ({})",
@@ -406,7 +488,7 @@ fn verdict(met: bool) -> &'static str {
 struct Bench {
     dir: PathBuf,
     agent_ns: Netns,
-    loadgen_ns: Netns,
+    loadgen_ns: Arc<Netns>,
     pin_root: PathBuf,
 }
 
@@ -417,7 +499,7 @@ impl Drop for Bench {
     }
 }
 
-fn converge(n: usize, timeout: Duration, idle: Duration) -> Result<Convergence> {
+fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Result<Convergence> {
     let setup_started = Instant::now();
     let dir = std::env::temp_dir().join(format!("nodeseal-bench-agent-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -426,7 +508,7 @@ fn converge(n: usize, timeout: Duration, idle: Duration) -> Result<Convergence> 
         pin_root: PathBuf::from("/sys/fs/bpf")
             .join(format!("nodeseal-bench-{}-{n}", std::process::id())),
         agent_ns: Netns::new("bagent")?,
-        loadgen_ns: Netns::new("bload")?,
+        loadgen_ns: Arc::new(Netns::new("bload")?),
         dir,
     };
     wire(&bench)?;
@@ -472,24 +554,36 @@ fn converge(n: usize, timeout: Duration, idle: Duration) -> Result<Convergence> 
     }
 
     // The store: trust bundle and every peer's node record, before the agent starts.
-    let store_dir = bench.dir.join("store");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let store = Store::new(DirStore::open(&store_dir, DirOptions::default()).await?);
-        store
-            .put(&nodeseal_store::TrustBundle {
-                bundle: bundle.to_json()?,
-            })
-            .await?;
-        for p in peers.values() {
-            store.put(&node_record(p)?).await?;
+    let records = peers
+        .values()
+        .map(node_record)
+        .collect::<Result<Vec<_>>>()?;
+    let bundle_json = bundle.to_json()?;
+    let (store_args, control) = match backend {
+        Backend::Dir => {
+            let store_dir = bench.dir.join("store");
+            fill_dir_store(&store_dir, &records, bundle_json)?;
+            let args = vec![
+                "--store-dir".to_owned(),
+                store_dir.to_string_lossy().into_owned(),
+            ];
+            (args, None)
         }
-        anyhow::Ok(())
-    })
-    .context("filling the store")?;
-    drop(rt);
+        Backend::Kube => {
+            let control =
+                KubeControlPlane::start_bare(Arc::clone(&bench.loadgen_ns), IpAddr::V4(LOADGEN_IP))
+                    .context("kube-apiserver in the load generator's namespace")?;
+            control
+                .admin(move |client| register_in_kube(client, records, bundle_json))
+                .context("registering the peers in the apiserver")?;
+            let args = vec![
+                "--kubernetes".to_owned(),
+                "--kubeconfig".to_owned(),
+                control.configs().admin.to_string_lossy().into_owned(),
+            ];
+            (args, Some(control))
+        }
+    };
 
     // The load generator, listening on every peer address.
     let stats = Arc::new(LoadStats::new(n));
@@ -521,7 +615,7 @@ fn converge(n: usize, timeout: Duration, idle: Duration) -> Result<Convergence> 
         .args(["--state-dir", &bench.dir.join("state").to_string_lossy()])
         .args(["--status-socket", &socket.to_string_lossy()])
         .args(["--bpf-pin-root", &bench.pin_root.to_string_lossy()])
-        .args(["--store-dir", &store_dir.to_string_lossy()])
+        .args(&store_args)
         .args([
             "--identity-cert",
             &id_dir.join("node.crt").to_string_lossy(),
@@ -585,7 +679,12 @@ fn converge(n: usize, timeout: Duration, idle: Duration) -> Result<Convergence> 
     // After convergence: what the agent costs while nothing changes. This window includes the
     // sweep of stale SAs each peer task runs `--rekey-grace` (default 30 s) after its first flip.
     let cpu_converged = process_cpu(pid).unwrap_or_default();
+    let requests_before = control.as_ref().map(quiet_requests).transpose()?;
     std::thread::sleep(idle);
+    let quiet_requests = match (&control, requests_before) {
+        (Some(control), Some(before)) => Some(quiet_requests(control)? - before),
+        _ => None,
+    };
     ensure!(
         agent.is_running(),
         "the agent exited after converging:\n{}",
@@ -606,6 +705,7 @@ fn converge(n: usize, timeout: Duration, idle: Duration) -> Result<Convergence> 
     let failures = stats.failures.lock().map(|f| f.clone()).unwrap_or_default();
 
     agent.terminate(Duration::from_secs(5));
+    drop(control);
     drop(stop_tx);
     match loadgen.join() {
         Ok(r) => r?,
@@ -617,6 +717,8 @@ fn converge(n: usize, timeout: Duration, idle: Duration) -> Result<Convergence> 
 
     Ok(Convergence {
         peers: n,
+        backend,
+        quiet_requests,
         setup,
         first,
         half,
@@ -636,6 +738,76 @@ fn converge(n: usize, timeout: Duration, idle: Duration) -> Result<Convergence> 
         idle_cpu,
         idle_rss_kb,
         idle_peak_rss_kb,
+    })
+}
+
+fn fill_dir_store(dir: &Path, records: &[NodeRecord], bundle: String) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let store = Store::new(DirStore::open(dir, DirOptions::default()).await?);
+        store.put(&nodeseal_store::TrustBundle { bundle }).await?;
+        for record in records {
+            store.put(record).await?;
+        }
+        anyhow::Ok(())
+    })
+    .context("filling the directory store")
+}
+
+/// What a cluster would hold: the agent's Node and each peer's Node (InternalIP, pod CIDR) and
+/// NodesealNode (through the Kubernetes store, as a peer's agent would publish it), and the
+/// trust bundle keymgr would publish.
+async fn register_in_kube(
+    client: kube::Client,
+    records: Vec<NodeRecord>,
+    bundle: String,
+) -> Result<()> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    nodeseal_kube_fixture::register_node(
+        &client,
+        AGENT_NAME,
+        IpAddr::V4(AGENT_IP),
+        &[AGENT_POD_CIDR],
+    )
+    .await?;
+    let store = Store::new(KubeStore::from_client(
+        client.clone(),
+        nodeseal_netns::kube::NAMESPACE.into(),
+        TRUST_DOMAIN.into(),
+    ));
+    store.put(&nodeseal_store::TrustBundle { bundle }).await?;
+    let (client, store) = (&client, &store);
+    futures::stream::iter(records)
+        .map(|record| async move {
+            let cidr = record.pod_cidrs.first().map(ToString::to_string);
+            let cidrs: Vec<&str> = cidr.iter().map(String::as_str).collect();
+            nodeseal_kube_fixture::register_node(
+                client,
+                record.name.as_str(),
+                record.node_ips[0],
+                &cidrs,
+            )
+            .await?;
+            store.put(&record).await?;
+            anyhow::Ok(())
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// The apiserver's count of non-watch requests on what agents read and write.
+fn quiet_requests(control: &KubeControlPlane) -> Result<f64> {
+    control.admin(|client| async move {
+        let counts = nodeseal_kube_fixture::metrics::non_watch_requests(
+            &client,
+            &["nodes", "nodesealnodes", "configmaps"],
+        )
+        .await?;
+        Ok(counts.values().sum())
     })
 }
 

@@ -223,8 +223,9 @@ impl Fabric {
             .context("running nodeseal")?;
         if !out.status.success() {
             bail!(
-                "nodeseal {}: {}{}",
+                "nodeseal {} ({}): {}{}",
                 args.join(" "),
+                out.status,
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );

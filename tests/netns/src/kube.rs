@@ -16,13 +16,15 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use nodeseal_kube_fixture::{API_AUDIENCE, KubeApiServer};
 
-use crate::Topology;
 use crate::fabric::KubeConfigs;
+use crate::{Netns, Topology};
 
 /// Where the apiserver listens: an address of the underlay bridge.
 pub const APISERVER_IP: &str = "10.0.0.254";
 /// The release namespace.
 pub const NAMESPACE: &str = "nodeseal";
+/// The Helm release the control plane installs.
+pub const RELEASE: &str = "nodeseal";
 
 /// The control plane of a topology. Stops its processes on drop.
 pub struct KubeControlPlane {
@@ -41,18 +43,7 @@ impl KubeControlPlane {
         topo.underlay()
             .ip(&["addr", "add", &format!("{APISERVER_IP}/24"), "dev", "br0"])
             .context("apiserver address on the underlay bridge")?;
-        let underlay = topo.underlay_shared();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .on_thread_start(move || {
-                // A thread outside the underlay could not reach the apiserver: fail loudly.
-                if let Err(e) = underlay.enter_this_thread() {
-                    panic!("entering the underlay namespace: {e:#}");
-                }
-            })
-            .build()
-            .context("runtime")?;
+        let rt = runtime_in(topo.underlay_shared())?;
         let nodes: Vec<(String, IpAddr, Vec<String>)> = topo
             .nodes()
             .iter()
@@ -69,6 +60,38 @@ impl KubeControlPlane {
             rt,
             cluster: Arc::new(tokio::sync::Mutex::new(Some(cluster))),
             configs,
+        })
+    }
+
+    /// Only the control plane, for a benchmark that brings its own nodes: etcd and
+    /// kube-apiserver listening on `bind` inside `ns` (which must hold that address), the
+    /// release namespace and the CRDs. Every kubeconfig of [`Self::configs`] is the admin's.
+    ///
+    /// # Errors
+    /// If the runtime or any API call fails.
+    pub fn start_bare(ns: Arc<Netns>, bind: IpAddr) -> Result<Self> {
+        let rt = runtime_in(ns)?;
+        let cluster = on(&rt, async move {
+            let cluster = KubeApiServer::builder()
+                .bind(bind)
+                .ready_timeout(Duration::from_secs(180))
+                .start()
+                .await?;
+            cluster.create_namespace(NAMESPACE).await?;
+            cluster
+                .apply_file(&nodeseal_kube_fixture::crds_dir().join("crds.yaml"))
+                .await?;
+            anyhow::Ok(cluster)
+        })??;
+        let admin = cluster.admin_kubeconfig_path().to_path_buf();
+        Ok(Self {
+            rt,
+            cluster: Arc::new(tokio::sync::Mutex::new(Some(cluster))),
+            configs: KubeConfigs {
+                admin: admin.clone(),
+                keymgr: admin,
+                agents: Vec::new(),
+            },
         })
     }
 
@@ -149,6 +172,22 @@ impl Drop for KubeControlPlane {
     }
 }
 
+/// A runtime whose threads all live in `ns`: the processes they spawn run there, and their
+/// clients reach what only that namespace reaches.
+fn runtime_in(ns: Arc<Netns>) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || {
+            // A thread outside the namespace could not reach the apiserver: fail loudly.
+            if let Err(e) = ns.enter_this_thread() {
+                panic!("entering namespace {}: {e:#}", ns.name());
+            }
+        })
+        .build()
+        .context("runtime")
+}
+
 /// Runs `future` on a worker of `rt` (inside its namespace), not on the calling thread.
 fn on<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
@@ -167,10 +206,11 @@ async fn provision(
         .ready_timeout(Duration::from_secs(180))
         .start()
         .await?;
-    // The chart's objects with keymgr (encryption.enabled); the DaemonSet is the chart's, so
-    // keymgr's "owned by the agent DaemonSet" check is against what users install.
+    // A real `helm install` of the chart with keymgr (encryption.enabled): the release a
+    // scenario may upgrade. The DaemonSet is the chart's, so keymgr's "owned by the agent
+    // DaemonSet" check is against what users install.
     cluster
-        .apply_chart(NAMESPACE, &[("encryption.enabled", "true")])
+        .install_chart(RELEASE, NAMESPACE, &[("encryption.enabled", "true")])
         .await?;
     let ds = cluster.daemon_set(NAMESPACE, "nodeseal-agent").await?;
     let mut agents = Vec::new();

@@ -1,5 +1,10 @@
 //! Acceptance scenarios of the agent: real `nodeseal-agent` processes per node namespace, keymgr,
 //! a shared store; assertions read the wire capture, the status API and the counters.
+//!
+//! Each scenario runs on the directory store and again in Kubernetes mode (`*_on_kubernetes`):
+//! a real kube-apiserver on the underlay, the shipped manifests, agents and keymgr with tokens
+//! bound to their pods, node certificates through CSRs. Only what the cluster owns differs: in
+//! Kubernetes mode every Node object is a peer, so a rogue claims an existing node's name.
 
 #![allow(
     clippy::expect_used,
@@ -10,6 +15,7 @@
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
+use nodeseal_netns::kube::KubeControlPlane;
 use nodeseal_netns::{
     Fabric, FabricOptions, Feature, StoreKind, Topology, UdpStream, ping, require,
 };
@@ -17,35 +23,77 @@ use nodeseal_netns::{
 /// Under qemu TCG on a loaded 2-core host, a 3-node fabric has been seen to take just over 60 s.
 const CONVERGE: Duration = Duration::from_secs(120);
 
-/// A topology of `nodes` nodes (one pod each) with agents on the first `agents`, established;
-/// `None` (test skipped) when the kernel lacks what the fabric needs.
+/// Which store carries a scenario's fabric.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    Dir,
+    Kube,
+}
+
+/// One Kubernetes-mode scenario at a time: two kube-apiservers booting at once under qemu TCG
+/// have been seen to miss their 180 s readiness bound.
+static ONE_CONTROL_PLANE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// An established scenario. Fields drop in this order: the processes, then the control plane,
+/// then the namespaces, then the turn of the next Kubernetes-mode scenario.
+struct Scenario {
+    fabric: Fabric,
+    _control: Option<KubeControlPlane>,
+    topo: Topology,
+    _turn: Option<std::sync::MutexGuard<'static, ()>>,
+}
+
+/// A topology of `nodes` nodes (one pod each) with agents on the first `agents`, established on
+/// `backend`; `None` (test skipped) when the kernel or the Kubernetes binaries are missing.
 fn established(
     name: &str,
     nodes: usize,
     agents: usize,
-    options: FabricOptions,
-) -> Option<(Topology, Fabric)> {
+    mut options: FabricOptions,
+    backend: Backend,
+) -> Option<Scenario> {
     if !require(name, &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
         return None;
     }
+    if backend == Backend::Kube && !nodeseal_kube_fixture::binaries_or_skip(name) {
+        return None;
+    }
+    let turn = (backend == Backend::Kube).then(|| {
+        ONE_CONTROL_PLANE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    });
     let topo = Topology::builder(name)
         .nodes(nodes)
         .pods_per_node(1)
         .build()
         .expect("topology");
+    let control = (backend == Backend::Kube).then(|| {
+        let control = KubeControlPlane::start(&topo, |i| vec![topo.node(i).pod_cidr.to_string()])
+            .expect("control plane");
+        options.store = StoreKind::Kube(control.configs());
+        control
+    });
     let fabric = Fabric::start(&topo, agents, options).expect("fabric");
     let all: Vec<usize> = (0..agents).collect();
     fabric
         .wait_established(&all, CONVERGE)
         .expect("established");
-    Some((topo, fabric))
+    Some(Scenario {
+        fabric,
+        _control: control,
+        topo,
+        _turn: turn,
+    })
 }
 
 #[test]
 fn pods_talk_across_nodes_only_through_esp() {
-    let Some((topo, fabric)) = established("agentbasic", 3, 3, FabricOptions::default()) else {
+    let Some(scenario) = established("agentbasic", 3, 3, FabricOptions::default(), Backend::Dir)
+    else {
         return;
     };
+    let (topo, fabric) = (&scenario.topo, &scenario.fabric);
     let capture = topo.capture().expect("capture");
     for a in 0..3 {
         for b in 0..3 {
@@ -89,9 +137,19 @@ fn spi_of(row: &serde_json::Value, field: &str) -> u32 {
 
 #[test]
 fn keys_rotate_under_traffic_loses_nothing() {
-    let Some((topo, fabric)) = established("rotate", 3, 3, FabricOptions::default()) else {
+    keys_rotate_under_traffic("rotate", Backend::Dir);
+}
+
+#[test]
+fn keys_rotate_under_traffic_loses_nothing_on_kubernetes() {
+    keys_rotate_under_traffic("rotatek", Backend::Kube);
+}
+
+fn keys_rotate_under_traffic(name: &str, backend: Backend) {
+    let Some(scenario) = established(name, 3, 3, FabricOptions::default(), backend) else {
         return;
     };
+    let (topo, fabric) = (&scenario.topo, &scenario.fabric);
     let before = fabric.peer_row(0, "node1").expect("row");
     let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
     assert!(ping(&pod_a.ns, pod_b.ip, 1).expect("ping").all_answered());
@@ -161,10 +219,27 @@ fn keys_rotate_under_traffic_loses_nothing() {
 
 #[test]
 fn rogue_node_with_foreign_ca_never_gets_keys() {
-    let Some((topo, fabric)) = established("rogue", 3, 2, FabricOptions::default()) else {
+    rogue_node_with_foreign_ca("rogue", Backend::Dir);
+}
+
+#[test]
+fn rogue_node_with_foreign_ca_never_gets_keys_on_kubernetes() {
+    rogue_node_with_foreign_ca("roguek", Backend::Kube);
+}
+
+fn rogue_node_with_foreign_ca(name: &str, backend: Backend) {
+    let Some(scenario) = established(name, 3, 2, FabricOptions::default(), backend) else {
         return;
     };
-    let mut rogue = fabric.spawn_rogue(&topo, 2, "rogue").expect("rogue");
+    let (topo, fabric) = (&scenario.topo, &scenario.fabric);
+    // In Kubernetes mode node2's Node object already makes it a peer, and node2's own token may
+    // publish only node2's NodesealNode: the rogue is what a compromised node2 could run, its
+    // real name with a certificate that keymgr never signed.
+    let rogue_name = match backend {
+        Backend::Dir => "rogue",
+        Backend::Kube => "node2",
+    };
+    let mut rogue = fabric.spawn_rogue(topo, 2, rogue_name).expect("rogue");
     // The honest node tries (or is tried by) the rogue and refuses it, with the reason shown.
     let certificate_refused = |row: &serde_json::Value| {
         row["state"] != "established"
@@ -174,10 +249,10 @@ fn rogue_node_with_foreign_ca_never_gets_keys() {
     };
     let refused = nodeseal_netns::wait_until(CONVERGE, || {
         fabric
-            .peer_row(0, "rogue")
+            .peer_row(0, rogue_name)
             .is_some_and(|row| certificate_refused(&row))
     });
-    let row = fabric.peer_row(0, "rogue");
+    let row = fabric.peer_row(0, rogue_name);
     assert!(
         refused,
         "node0's row for the rogue: {row:?}\n{}",
@@ -230,9 +305,19 @@ fn rogue_node_with_foreign_ca_never_gets_keys() {
 
 #[test]
 fn revoked_node_loses_its_sas_everywhere() {
-    let Some((topo, fabric)) = established("revoke", 3, 3, FabricOptions::default()) else {
+    revoked_node_loses_its_sas("revoke", Backend::Dir);
+}
+
+#[test]
+fn revoked_node_loses_its_sas_everywhere_on_kubernetes() {
+    revoked_node_loses_its_sas("revokek", Backend::Kube);
+}
+
+fn revoked_node_loses_its_sas(name: &str, backend: Backend) {
+    let Some(scenario) = established(name, 3, 3, FabricOptions::default(), backend) else {
         return;
     };
+    let (topo, fabric) = (&scenario.topo, &scenario.fabric);
     assert!(
         ping(&topo.node(0).pod(0).ns, topo.node(2).pod(0).ip, 1)
             .expect("ping")
@@ -277,9 +362,19 @@ fn revoked_node_loses_its_sas_everywhere() {
 
 #[test]
 fn sigkill_and_restart_under_traffic_loses_nothing() {
-    let Some((topo, mut fabric)) = established("restart", 2, 2, FabricOptions::default()) else {
+    sigkill_and_restart_under_traffic("restart", Backend::Dir);
+}
+
+#[test]
+fn sigkill_and_restart_under_traffic_loses_nothing_on_kubernetes() {
+    sigkill_and_restart_under_traffic("restartk", Backend::Kube);
+}
+
+fn sigkill_and_restart_under_traffic(name: &str, backend: Backend) {
+    let Some(mut scenario) = established(name, 2, 2, FabricOptions::default(), backend) else {
         return;
     };
+    let (topo, fabric) = (&scenario.topo, &mut scenario.fabric);
     let before = fabric.peer_row(0, "node1").expect("row");
     let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
     assert!(ping(&pod_a.ns, pod_b.ip, 1).expect("ping").all_answered());
@@ -294,7 +389,7 @@ fn sigkill_and_restart_under_traffic_loses_nothing() {
     std::thread::sleep(Duration::from_millis(500));
     fabric.kill_agent(0);
     std::thread::sleep(Duration::from_secs(1));
-    fabric.restart_agent(&topo, 0).expect("restart");
+    fabric.restart_agent(topo, 0).expect("restart");
     let old_out = spi_of(&before, "out_spi");
     let rekeyed = nodeseal_netns::wait_until(CONVERGE, || {
         fabric.peer_row(0, "node1").is_some_and(|row| {
@@ -327,13 +422,23 @@ fn sigkill_and_restart_under_traffic_loses_nothing() {
 
 #[test]
 fn strict_mode_drops_instead_of_sending_in_clear() {
+    strict_mode_drops("strict", Backend::Dir);
+}
+
+#[test]
+fn strict_mode_drops_instead_of_sending_in_clear_on_kubernetes() {
+    strict_mode_drops("strictk", Backend::Kube);
+}
+
+fn strict_mode_drops(name: &str, backend: Backend) {
     let options = FabricOptions {
         retention: Duration::from_secs(3),
         ..FabricOptions::default()
     };
-    let Some((topo, mut fabric)) = established("strict", 2, 2, options) else {
+    let Some(mut scenario) = established(name, 2, 2, options, backend) else {
         return;
     };
+    let (topo, fabric) = (&scenario.topo, &mut scenario.fabric);
     // node1's agent dies; a rekey cannot complete, and after the retention time node0 withdraws
     // the SAs it had with node1.
     fabric.kill_agent(1);
