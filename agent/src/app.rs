@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::cleanup::{daemon_set_state, remove_kernel_state, should_remove_on_exit};
 use crate::config::AgentConfig;
 use crate::datapath::{DatapathHandle, DatapathSettings};
-use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_STORE};
+use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_REMOVED, STEP_STORE};
 use crate::identity::{IdentitySource, Obtained};
 use crate::metrics::Metrics;
 use crate::peer::{
@@ -81,7 +81,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let readiness = if config.encryption {
         Readiness::waiting_for(&[STEP_STORE, STEP_DATAPATH, STEP_IDENTITY])
     } else {
-        Readiness::waiting_for(&[STEP_STORE])
+        Readiness::waiting_for(&[STEP_STORE, STEP_REMOVED])
     };
     // Before anything that can wait (store, keymgr): liveness must answer meanwhile.
     serve_http(&config, &metrics, &readiness, &tracker, &cancel).await?;
@@ -142,7 +142,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     });
     readiness.done(STEP_STORE);
     if !config.encryption {
-        return run_without_encryption(config, store, node, metrics, tracker, cancel).await;
+        return run_without_encryption(config, store, node, metrics, readiness, tracker, cancel)
+            .await;
     }
 
     let datapath = DatapathHandle::load(DatapathSettings {
@@ -355,12 +356,15 @@ async fn run_without_encryption(
     store: Store,
     node: NodeName,
     metrics: Arc<Metrics>,
+    readiness: Readiness,
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) -> Result<()> {
+    // Not ready until this is done: "ready" means the node is as configured.
     let removed = remove_kernel_state(&config, None)
         .await
         .context("encryption is off: removing what an earlier run installed")?;
+    readiness.done(STEP_REMOVED);
     info!(
         xfrm_objects = removed.xfrm_objects,
         datapath = removed.datapath,

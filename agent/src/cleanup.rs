@@ -23,6 +23,9 @@ pub enum CleanupError {
     /// Removing the datapath failed.
     #[error("removing the eBPF datapath")]
     Datapath(#[source] DatapathError),
+    /// The blocking removal task panicked (our bug).
+    #[error("BUG: the datapath removal task failed")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// What was removed.
@@ -47,8 +50,19 @@ pub async fn remove_kernel_state(
     let mut removed = Removed::default();
     // The datapath first: once its programs are gone nothing marks packets for the SAs.
     let datapath = match loaded {
-        Some(handle) => handle.remove_from_kernel().map(|_| true),
-        None => crate::datapath::remove_pinned(&settings(config)).map(|r| r.is_some()),
+        Some(handle) => handle
+            .remove_from_kernel()
+            .map(|_| true)
+            .map_err(CleanupError::Datapath),
+        // Reopening the pins loads the programs (verifier time: seconds on a slow machine), so
+        // off the runtime's workers: the health endpoint keeps answering meanwhile.
+        None => {
+            let settings = settings(config);
+            tokio::task::spawn_blocking(move || crate::datapath::remove_pinned(&settings))
+                .await
+                .map_err(CleanupError::Task)
+                .and_then(|r| r.map(|r| r.is_some()).map_err(CleanupError::Datapath))
+        }
     };
     let xfrm = match Handle::new() {
         Ok(handle) => nodeseal_xfrm::reconcile::flush_owned(&handle, &crate::sa::ownership())
@@ -65,7 +79,7 @@ pub async fn remove_kernel_state(
             }
         }
     }
-    removed.datapath = datapath.map_err(CleanupError::Datapath)?;
+    removed.datapath = datapath?;
     info!(
         xfrm_objects = removed.xfrm_objects,
         datapath = removed.datapath,

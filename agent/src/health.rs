@@ -25,6 +25,8 @@ pub const STEP_STORE: &str = "cluster store";
 pub const STEP_DATAPATH: &str = "eBPF datapath";
 /// Start-up step: the node has its SVID and the trust bundle.
 pub const STEP_IDENTITY: &str = "node identity";
+/// Start-up step with encryption off: what an earlier run installed is removed.
+pub const STEP_REMOVED: &str = "removal of earlier kernel state";
 
 /// Start-up steps still pending; cheap to clone.
 #[derive(Clone, Debug, Default)]
