@@ -111,6 +111,48 @@ impl KubeApiServer {
             .context("applying the rendered chart")
     }
 
+    /// `helm install RELEASE` of the chart into `namespace` (created if missing) with `values`,
+    /// as cluster-admin, without `--wait` (no controller runs the workloads here); then waits
+    /// until the CRD is Established.
+    ///
+    /// # Errors
+    /// helm failing (its output in the error), or the CRD not Established in 30 s.
+    pub async fn install_chart(
+        &self,
+        release: &str,
+        namespace: &str,
+        values: Values<'_>,
+    ) -> Result<()> {
+        let chart = chart_dir().to_string_lossy().into_owned();
+        let sets: Vec<String> = values.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut args = vec![
+            "install",
+            release,
+            chart.as_str(),
+            "--namespace",
+            namespace,
+            "--create-namespace",
+        ];
+        for set in &sets {
+            args.extend(["--set", set.as_str()]);
+        }
+        let out = self.helm(&args)?;
+        if !out.status.success() {
+            bail!(
+                "helm install {release} {}: {}{}",
+                sets.join(" "),
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        crate::wait_crd_established(
+            &self.admin_client(),
+            "nodesealnodes.nodeseal.io",
+            std::time::Duration::from_secs(30),
+        )
+        .await
+    }
+
     /// Runs `helm` against this apiserver as cluster-admin (`--kubeconfig` set), returning
     /// its output whatever the exit status.
     ///
