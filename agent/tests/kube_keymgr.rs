@@ -24,9 +24,7 @@ use nodeseal_agent::identity::IdentityError;
 use nodeseal_agent::kube_identity::request_certificate;
 use nodeseal_agent::kube_signer::{AgentIdentity, KeymgrSettings, LEASE_NAME, run_keymgr};
 use nodeseal_keymgr::{IssueOptions, NodeKey, NodeName, TrustDomain};
-use nodeseal_kube_fixture::{
-    API_AUDIENCE, KubeApiServer, binaries_or_skip, client_for_kubeconfig,
-};
+use nodeseal_kube_fixture::{API_AUDIENCE, KubeApiServer, binaries_or_skip, client_for_kubeconfig};
 use nodeseal_store::{KubeStore, Revocation, Store, TrustBundle};
 use tokio_util::sync::CancellationToken;
 
