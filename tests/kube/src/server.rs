@@ -508,6 +508,9 @@ fn apiserver_args(root: &Path, bind: IpAddr, port: u16, etcd_client: u16) -> Vec
         format!("--tls-private-key-file={}", file("apiserver.key")),
         format!("--client-ca-file={}", file("ca.crt")),
         "--authorization-mode=Node,RBAC".into(),
+        // As kubeadm and managed clusters run it: node agents (nodeseal's sysctl init container)
+        // need privileged containers, which the apiserver refuses otherwise.
+        "--allow-privileged=true".into(),
         "--anonymous-auth=false".into(),
         format!("--service-account-issuer={API_AUDIENCE}"),
         format!("--service-account-key-file={}", file("sa.pub")),

@@ -270,6 +270,16 @@ fn defaults_render_agents_without_encryption_and_no_keymgr() {
     }
     assert!(env_value(&agent, "NODESEAL_METRICS_ADDR").is_some());
     assert_eq!(agent.args, None, "no extraArgs by default");
+    // The one privileged step: a sysctl the agent's read-only /proc/sys cannot take.
+    let init = pod.init_containers.as_ref().expect("init containers");
+    assert_eq!(init.len(), 1);
+    assert_eq!(
+        init[0].command.as_ref().unwrap().last().unwrap(),
+        "echo 0 > /proc/sys/net/core/xfrm_larval_drop"
+    );
+    let quiet = Rendered::of(&[("agent.sysctlInitContainer", "false")]);
+    let (ds, _) = quiet.agent();
+    assert_eq!(ds.spec.template.spec.unwrap().init_containers, None);
 }
 
 #[test]
