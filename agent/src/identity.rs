@@ -225,7 +225,7 @@ pub async fn fetch_bundle(store: &Store, td: &TrustDomain) -> Result<TrustBundle
 }
 
 fn stored_identity(key_path: &Path, cert_path: &Path) -> Option<NodeIdentity> {
-    let key = NodeKey::from_pem(&std::fs::read(key_path).ok()?).ok()?;
+    let key = NodeKey::from_pem(&read(key_path).ok()?).ok()?;
     let chain = certs_from_pem(&std::fs::read(cert_path).ok()?).ok()?;
     let identity = NodeIdentity::new(chain, key)
         .inspect_err(|e| warn!(error = %e, "stored SVID unusable; requesting a new one"))
@@ -289,29 +289,80 @@ fn read(path: &Path) -> Result<Zeroizing<Vec<u8>>, IdentityError> {
         })
 }
 
-/// Writes a 0600 file atomically (temp file, fsync, rename).
+/// Writes a 0600 file atomically (temp file, fsync, rename), creating missing directories
+/// 0700.
 ///
 /// # Errors
 /// [`IdentityError::File`].
 pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
     let file_err = |source| IdentityError::File {
         path: path.to_owned(),
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(file_err)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(file_err)?;
     }
     let tmp = path.with_extension("tmp");
+    // A temp file left by a crash keeps the mode it was created with, whatever `mode` says
+    // here: start from a new file, so a key never lands in a file others can read.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(file_err(e)),
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(file_err)?;
     f.write_all(bytes).map_err(file_err)?;
     f.sync_all().map_err(file_err)?;
     std::fs::rename(&tmp, path).map_err(file_err)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+
+    use super::write_secret;
+
+    fn mode(path: &std::path::Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn secrets_are_0600_in_a_0700_directory_even_over_a_stale_temp_file() {
+        let root = std::env::temp_dir().join(format!("nodeseal-secret-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let state = root.join("state");
+        let key = state.join("node.key");
+        write_secret(&key, b"first").unwrap();
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&key), 0o600);
+
+        // A crash left a world-readable temp file behind.
+        let tmp = key.with_extension("tmp");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)
+            .unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_secret(&key, b"second").unwrap();
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(std::fs::read(&key).unwrap(), b"second");
+        assert!(!tmp.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
