@@ -112,6 +112,11 @@ enum KeymgrCommand {
         /// Lifetime of issued node SVIDs.
         #[arg(long, env = "NODESEAL_SVID_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
         svid_ttl: Duration,
+        /// Serve `/healthz` and `/readyz` here (the kubelet's probes). Ready once the cluster
+        /// store is open and, without `--kubernetes`, the CA loaded; a standby replica is ready
+        /// too (it takes over when the leader goes).
+        #[arg(long, env = "NODESEAL_HEALTH_ADDR")]
+        health_addr: Option<std::net::SocketAddr>,
         #[command(flatten)]
         kube: KeymgrKubeArgs,
         #[command(flatten)]
@@ -292,16 +297,39 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Keymgr(KeymgrCommand::Run {
             ca_dir,
             svid_ttl,
+            health_addr,
             kube,
             store,
         }) => {
             let td = TrustDomain::new(&store.trust_domain).context("--trust-domain")?;
-            let cluster = store.connect().await.context("opening the cluster store")?;
+            let readiness = crate::health::Readiness::waiting_for(&[
+                crate::health::STEP_STORE,
+                crate::health::STEP_CA,
+            ]);
             let cancel = CancellationToken::new();
+            if let Some(addr) = health_addr {
+                // Up before the store, so that a slow apiserver shows as "not ready, waiting for
+                // the cluster store" rather than as a dead process.
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding --health-addr {addr}"))?;
+                tokio::spawn(crate::health::serve(
+                    listener,
+                    crate::health::Endpoints {
+                        metrics: None,
+                        readiness: Some(readiness.clone()),
+                    },
+                    cancel.child_token(),
+                ));
+            }
+            let cluster = store.connect().await.context("opening the cluster store")?;
+            readiness.done(crate::health::STEP_STORE);
             let signal = crate::shutdown::on_signals(cancel.clone());
             let options = IssueOptions::with_ttl(svid_ttl);
             match (&cluster.kube, ca_dir) {
                 (Some(client), _) => {
+                    // Only the leader loads the CA (from its Secret); a standby has none to load.
+                    readiness.done(crate::health::STEP_CA);
                     let identity = match kube.pod_name {
                         Some(name) => name,
                         None => hostname(),
@@ -328,7 +356,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 (None, Some(ca_dir)) => {
                     let ca = ClusterCa::load_files(td, &ca_dir).context("loading the CA")?;
-                    crate::signer::run(cluster.store, ca, options, cancel).await?;
+                    readiness.done(crate::health::STEP_CA);
+                    crate::signer::run(cluster.store, ca, options, cancel.clone()).await?;
                 }
                 (None, None) => bail!("--ca-dir is required without --kubernetes"),
             }

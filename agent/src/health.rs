@@ -1,4 +1,4 @@
-//! The agent's HTTP endpoints: `/healthz` (liveness), `/readyz` (readiness) and `/metrics`.
+//! The HTTP endpoints of the agent (and of keymgr): `/healthz` (liveness), `/readyz` (readiness) and `/metrics`.
 //!
 //! Liveness answers as long as the process serves requests at all. Readiness is a set of named
 //! start-up steps (cluster store, eBPF datapath, node identity); the agent is ready when none is
@@ -25,6 +25,8 @@ pub const STEP_STORE: &str = "cluster store";
 pub const STEP_DATAPATH: &str = "eBPF datapath";
 /// Start-up step: the node has its SVID and the trust bundle.
 pub const STEP_IDENTITY: &str = "node identity";
+/// keymgr's start-up step: the cluster CA is loaded (standalone mode).
+pub const STEP_CA: &str = "cluster CA";
 /// Start-up step with encryption off: what an earlier run installed is removed.
 pub const STEP_REMOVED: &str = "removal of earlier kernel state";
 

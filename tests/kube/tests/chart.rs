@@ -317,6 +317,24 @@ fn encryption_on_renders_keymgr_consistent_with_the_agent() {
     assert_eq!(security.read_only_root_filesystem, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
     assert_eq!(capabilities(keymgr), (vec![], vec!["ALL".to_string()]));
+    // Probes on keymgr's health endpoint: the named port is where keymgr is told to listen.
+    let health = env_value(keymgr, "NODESEAL_HEALTH_ADDR").unwrap();
+    let ports = keymgr.ports.as_ref().unwrap();
+    let port = ports.iter().find(|p| p.name.as_deref() == Some("health"));
+    assert_eq!(
+        port.map(|p| format!("0.0.0.0:{}", p.container_port)),
+        Some(health)
+    );
+    for (probe, path) in [
+        (keymgr.liveness_probe.as_ref(), "/healthz"),
+        (keymgr.readiness_probe.as_ref(), "/readyz"),
+    ] {
+        let get = probe
+            .and_then(|p| p.http_get.as_ref())
+            .expect("httpGet probe");
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(serde_json::to_value(&get.port).unwrap(), "health");
+    }
     // keymgr signs only for the chart's agent DaemonSet and ServiceAccount, in the same
     // trust domain as the agents.
     assert_eq!(
