@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use nodeseal_kube_fixture::{KubeApiServer, binaries_or_skip, deploy_dir};
+use nodeseal_kube_fixture::{KubeApiServer, binaries_or_skip, crds_dir};
 use nodeseal_store::test_helpers::node_record;
 use nodeseal_store::{DirOptions, DirStore, Event, Kind, KubeStore, NodeName, NodeRecord, Store};
 
@@ -90,7 +90,7 @@ async fn main() {
 
     let cluster = KubeApiServer::start().await.expect("control plane");
     cluster
-        .apply_file(&deploy_dir().join("crds.yaml"))
+        .apply_file(&crds_dir().join("crds.yaml"))
         .await
         .expect("CRDs");
     cluster

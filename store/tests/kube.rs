@@ -20,7 +20,7 @@ use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use nodeseal_kube_fixture::{KubeApiServer, binaries_or_skip, deploy_dir};
+use nodeseal_kube_fixture::{KubeApiServer, KubeApiServerBuilder, binaries_or_skip, crds_dir};
 use nodeseal_store::kube::objects::{KEY_ANNOTATION, KIND_LABEL, NodesealNode, RECORD_DATA_KEY};
 use nodeseal_store::test_helpers::node_record;
 use nodeseal_store::{
@@ -33,12 +33,17 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn cluster(test: &str) -> Option<KubeApiServer> {
+    cluster_with(test, KubeApiServer::builder()).await
+}
+
+/// The apiserver of `builder`, with nodeseal's CRDs and namespace.
+async fn cluster_with(test: &str, builder: KubeApiServerBuilder) -> Option<KubeApiServer> {
     if !binaries_or_skip(test) {
         return None;
     }
-    let cluster = KubeApiServer::start().await.expect("kube-apiserver");
+    let cluster = builder.start().await.expect("kube-apiserver");
     cluster
-        .apply_file(&deploy_dir().join("crds.yaml"))
+        .apply_file(&crds_dir().join("crds.yaml"))
         .await
         .expect("applying the CRDs");
     cluster
@@ -478,24 +483,16 @@ async fn node_lists(cluster: &KubeApiServer) -> f64 {
 /// certain; with the watch cache the same happens once the cache's window has moved past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_relists_after_410_gone_and_reports_only_changes() {
-    let test = "kube::watch_relists_after_410_gone_and_reports_only_changes";
-    if !binaries_or_skip(test) {
+    let Some(cluster) = cluster_with(
+        "kube::watch_relists_after_410_gone_and_reports_only_changes",
+        KubeApiServer::builder()
+            .apiserver_arg("--watch-cache=false")
+            .apiserver_arg("--etcd-compaction-interval=1s"),
+    )
+    .await
+    else {
         return;
-    }
-    let cluster = KubeApiServer::builder()
-        .apiserver_arg("--watch-cache=false")
-        .apiserver_arg("--etcd-compaction-interval=1s")
-        .start()
-        .await
-        .expect("kube-apiserver");
-    cluster
-        .apply_file(&nodeseal_kube_fixture::crds_dir().join("crds.yaml"))
-        .await
-        .expect("applying the CRDs");
-    cluster
-        .create_namespace(NAMESPACE)
-        .await
-        .expect("namespace");
+    };
     let admin = store(&cluster);
     for (node, index) in [("a", 1), ("b", 2)] {
         cluster

@@ -26,13 +26,6 @@ pub fn crds_dir() -> PathBuf {
     chart_dir().join("crds")
 }
 
-/// The directory of the CRD manifest `crds.yaml`, for the callers that apply only the CRDs.
-/// The same directory as [`crds_dir`]; the RBAC and admission objects are templates now
-/// (apply them with [`KubeApiServer::apply_chart`]).
-pub fn deploy_dir() -> PathBuf {
-    crds_dir()
-}
-
 /// The `helm` binary `cargo xtask setup` builds (next to kube-apiserver).
 pub fn helm_binary() -> PathBuf {
     crate::default_bin_dir().join("helm")

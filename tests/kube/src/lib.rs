@@ -30,7 +30,7 @@ mod process;
 mod server;
 
 pub use apply::{apply_yaml, wait_crd_established};
-pub use chart::{Values, chart_dir, crds_dir, deploy_dir, helm, helm_binary, render_chart};
+pub use chart::{Values, chart_dir, crds_dir, helm, helm_binary, render_chart};
 pub use objects::{MIN_TOKEN_TTL, register_node};
 pub use server::{
     API_AUDIENCE, BIN_DIR_ENV, KubeApiServer, KubeApiServerBuilder, SERVICE_CLUSTER_IP_RANGE,
