@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 
 use super::backend::{Backoff, LeaseId, RawEvent, StoreBackend};
 use super::error::{RecordError, StoreError};
-use super::record::{Key, Kind};
+use super::record::{Key, Kind, MAX_RECORD_BYTES};
 
 const BACKEND: &str = "directory";
 const LOCK_FILE: &str = ".lock";
@@ -241,12 +241,22 @@ where
         })?
 }
 
+/// The file's bytes, at most one past [`MAX_RECORD_BYTES`]: a larger file is refused as too
+/// large when decoded, and must not cost its size in memory first (a sparse file of any
+/// length takes no disk space).
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(error) => Err(io_error("read", path)(error)),
-    }
+    use std::io::Read as _;
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(io_error("read", path)(error)),
+    };
+    let limit = MAX_RECORD_BYTES as u64 + 1;
+    let mut bytes = Vec::new();
+    file.take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(io_error("read", path))?;
+    Ok(Some(bytes))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -587,6 +597,40 @@ mod tests {
     use crate::{Event, NodeName, NodeRecord, RecordKind as _, Store};
 
     const WAIT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_huge_record_file_is_read_only_up_to_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("huge");
+        // 96 MiB that take no disk space.
+        File::create(&path)
+            .and_then(|f| f.set_len(96 << 20))
+            .expect("sparse file");
+        let bytes = read_optional(&path).expect("read").expect("present");
+        assert_eq!(bytes.len(), MAX_RECORD_BYTES + 1);
+        assert_eq!(
+            read_optional(&dir.path().join("absent")).expect("read"),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_record_is_refused_naming_it_and_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path()).await;
+        store.put(&node_record("a", 1)).await.expect("put");
+        let file = dir.path().join("nodes/a.json");
+        File::create(&file)
+            .and_then(|f| f.set_len(96 << 20))
+            .expect("sparse record");
+        let error = store
+            .get::<NodeRecord>(&name("a"))
+            .await
+            .expect_err("a 96 MiB record");
+        let text = error.to_string();
+        assert!(text.contains("nodes/a"), "{text}");
+        assert!(text.contains("more than the limit of 1048576"), "{text}");
+    }
 
     async fn open(root: &Path) -> Store {
         Store::new(
