@@ -82,6 +82,21 @@ fn greedy_claim(node: &str) -> NodeRecord {
     record
 }
 
+/// Each node registered as a kubelet would, and published as its agent would.
+async fn register(cluster: &KubeApiServer, store: &Store, nodes: &[(&str, u8)]) {
+    for &(node, index) in nodes {
+        cluster
+            .create_node(
+                node,
+                ip(&format!("10.0.0.{index}")),
+                &[&format!("10.244.{index}.0/24")],
+            )
+            .await
+            .expect("node");
+        store.put(&node_record(node, index)).await.expect("publish");
+    }
+}
+
 async fn next(events: &mut BoxStream<'static, Event>) -> Event {
     tokio::time::timeout(WAIT, events.next())
         .await
@@ -309,17 +324,7 @@ async fn watch_follows_nodes_and_survives_an_apiserver_restart() {
         return;
     };
     let store = store(&cluster);
-    for (node, index) in [("a", 1), ("b", 2)] {
-        cluster
-            .create_node(
-                node,
-                ip(&format!("10.0.0.{index}")),
-                &[&format!("10.244.{index}.0/24")],
-            )
-            .await
-            .expect("node");
-        store.put(&node_record(node, index)).await.expect("publish");
-    }
+    register(&cluster, &store, &[("a", 1), ("b", 2)]).await;
     let mut events = store.watch(&[Kind::Node, Kind::RekeyGeneration]);
     match next(&mut events).await {
         Event::Snapshot(snapshot) => assert_eq!(
@@ -494,17 +499,7 @@ async fn watch_relists_after_410_gone_and_reports_only_changes() {
         return;
     };
     let admin = store(&cluster);
-    for (node, index) in [("a", 1), ("b", 2)] {
-        cluster
-            .create_node(
-                node,
-                ip(&format!("10.0.0.{index}")),
-                &[&format!("10.244.{index}.0/24")],
-            )
-            .await
-            .expect("node");
-        admin.put(&node_record(node, index)).await.expect("publish");
-    }
+    register(&cluster, &admin, &[("a", 1), ("b", 2)]).await;
 
     // The watching store reaches the apiserver only through the relay.
     let relay = Relay::start(cluster.bind_addr()).await;
