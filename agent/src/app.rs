@@ -9,6 +9,7 @@
 //! With `--encryption false` the agent only follows the cluster and reports status (see
 //! [`run_without_encryption`]).
 
+use ipnet::IpNet;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -53,6 +54,8 @@ struct Agent {
     unusable_nodes: std::sync::Mutex<BTreeMap<String, String>>,
     /// This node's IP (underlay): the tunnel endpoint.
     local_ip: IpAddr,
+    /// This node's pod CIDRs: no peer may claim them.
+    local_pod_cidrs: Vec<IpNet>,
     trust_domain: TrustDomain,
     config: AgentConfig,
     store: Store,
@@ -245,6 +248,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         node,
         unusable_nodes: std::sync::Mutex::default(),
         local_ip: local.ip,
+        local_pod_cidrs: local.pod_cidrs.clone(),
         trust_domain,
         config,
         store,
@@ -829,19 +833,58 @@ impl Agent {
             return;
         }
         let name = record.name.as_str().to_owned();
-        let info = match peer_info(&record, self.local_ip) {
+        let info = match peer_info(&record, self.local_ip, &self.local_pod_cidrs) {
             Ok(info) => info,
             Err(reason) => {
                 warn!(peer = %name, %reason, "ignoring unusable node record");
+                if let Ok(mut unusable) = self.unusable_nodes.lock() {
+                    unusable.insert(name, reason);
+                }
                 return;
             }
         };
         if self.trust.is_revoked(&info.spiffe_id) {
             return;
         }
-        if let Some((_, handle)) = self.registry.lookup(info.ip) {
+        if let Some((holder, handle)) = self.registry.lookup(info.ip) {
+            if holder.as_str() != name {
+                // Peers are keyed by address: taking the update would hand this node the
+                // holder's SAs and traffic. The holder keeps it until its own record moves.
+                let reason = format!(
+                    "claims address {} of node {holder}, which holds it",
+                    info.ip
+                );
+                warn!(peer = %name, %reason, "ignoring node record");
+                if let Ok(mut unusable) = self.unusable_nodes.lock() {
+                    unusable.insert(name, reason);
+                }
+                return;
+            }
             let _ = handle.commands.send(PeerCommand::Update(info)).await;
             return;
+        }
+        // A node that moved: its task at the old address goes, with its SAs, so that one name
+        // is never two peers and the old address stops receiving the node's traffic. The new
+        // task starts once that teardown is done, so it cannot undo the new one's routes.
+        let moved: Vec<(IpAddr, crate::peer::PeerHandle)> = self
+            .registry
+            .all()
+            .into_iter()
+            .filter(|(ip, peer, _)| peer.as_str() == name && *ip != info.ip)
+            .map(|(ip, _, handle)| (ip, handle))
+            .collect();
+        for (old_ip, handle) in moved {
+            info!(peer = %name, from = %old_ip, to = %info.ip, "node address changed");
+            let (done, torn_down) = tokio::sync::oneshot::channel();
+            let remove = PeerCommand::Remove {
+                reason: format!("node address changed to {}", info.ip),
+                done: Some(done),
+            };
+            if handle.commands.send(remove).await.is_ok() {
+                // Bounded: a task stuck in a handshake must not stall the store watch forever.
+                let _ = tokio::time::timeout(Duration::from_secs(30), torn_down).await;
+            }
+            self.registry.remove(old_ip);
         }
         let ip = info.ip;
         match PeerTask::new(info.clone(), self.peer_ctx.clone()).await {
@@ -861,6 +904,7 @@ impl Agent {
                     .commands
                     .send(PeerCommand::Remove {
                         reason: reason.to_owned(),
+                        done: None,
                     })
                     .await;
                 self.registry.remove(ip);
@@ -892,20 +936,38 @@ async fn leftover_peers(xfrm: &Handle, local: IpAddr) -> std::collections::HashS
     }
 }
 
-/// A node record as a peer, checked against this node's address family.
-fn peer_info(record: &NodeRecord, local_ip: IpAddr) -> Result<PeerInfo, String> {
+/// A node record as a peer, checked against this node's address family, and refused when it
+/// claims this node's own address or pod CIDRs (a peer there would take over local traffic).
+fn peer_info(
+    record: &NodeRecord,
+    local_ip: IpAddr,
+    local_pod_cidrs: &[IpNet],
+) -> Result<PeerInfo, String> {
     let name = NodeName::new(record.name.as_str()).map_err(|e| e.to_string())?;
     let spiffe_id = SpiffeId::new(record.spiffe_id.as_str()).map_err(|e| e.to_string())?;
     let ip = record.handshake.ip();
     if ip.is_ipv4() != local_ip.is_ipv4() {
         return Err(format!("node IP {ip} is not of this node's family"));
     }
-    let pod_cidrs = record
+    if ip == local_ip {
+        return Err(format!("claims address {ip}, which is this node's"));
+    }
+    let pod_cidrs: Vec<IpNet> = record
         .pod_cidrs
         .iter()
         .filter(|c| c.addr().is_ipv4() == local_ip.is_ipv4())
         .copied()
         .collect();
+    if let Some((theirs, ours)) = pod_cidrs.iter().find_map(|c| {
+        local_pod_cidrs
+            .iter()
+            .find(|l| l.contains(c) || c.contains(*l))
+            .map(|l| (c, l))
+    }) {
+        return Err(format!(
+            "claims pod CIDR {theirs}, which overlaps this node's {ours}"
+        ));
+    }
     Ok(PeerInfo {
         name,
         spiffe_id,
@@ -986,6 +1048,42 @@ impl StatusSource for Agent {
                 .lock()
                 .map(|m| m.clone())
                 .unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    fn record(ip: &str, cidr: &str) -> NodeRecord {
+        let ip: IpAddr = ip.parse().unwrap();
+        NodeRecord {
+            name: nodeseal_store::NodeName::new("b").unwrap(),
+            node_ips: vec![ip],
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            spiffe_id: nodeseal_store::SpiffeId::new("spiffe://cluster.local/node/b").unwrap(),
+            handshake: std::net::SocketAddr::new(ip, 4250),
+            wireguard_public_key: None,
+        }
+    }
+
+    #[test]
+    fn a_peer_may_not_claim_this_nodes_address_or_pod_cidrs() {
+        let local: IpAddr = "10.0.0.1".parse().unwrap();
+        let ours: Vec<IpNet> = vec!["10.244.0.0/24".parse().unwrap()];
+        let info = peer_info(&record("10.0.0.2", "10.244.1.0/24"), local, &ours).unwrap();
+        assert_eq!(info.ip, "10.0.0.2".parse::<IpAddr>().unwrap());
+        let own_ip = peer_info(&record("10.0.0.1", "10.244.1.0/24"), local, &ours).unwrap_err();
+        assert!(own_ip.contains("claims address 10.0.0.1"), "{own_ip}");
+        for claimed in ["10.244.0.0/24", "10.244.0.128/25", "10.244.0.0/16"] {
+            let error = peer_info(&record("10.0.0.2", claimed), local, &ours).unwrap_err();
+            assert!(
+                error.contains(&format!("claims pod CIDR {claimed}")),
+                "{error}"
+            );
         }
     }
 }

@@ -96,6 +96,9 @@ pub enum PeerCommand {
     Remove {
         /// Why (for logs and status).
         reason: String,
+        /// Told once the teardown is done (a successor at a new address waits for it: its
+        /// routes and policies have the same selectors as the ones torn down).
+        done: Option<tokio::sync::oneshot::Sender<()>>,
     },
     /// A handshake from the peer's address failed before it reached us (recorded in status).
     HandshakeFailed {
@@ -489,8 +492,11 @@ impl PeerTask {
     /// Handles one command; returns whether the task must stop.
     async fn handle(&mut self, cmd: PeerCommand) -> bool {
         match cmd {
-            PeerCommand::Remove { reason } => {
+            PeerCommand::Remove { reason, done } => {
                 self.teardown(&reason).await;
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
                 return true;
             }
             // Boxed: handshake futures are large; see `attempt`.

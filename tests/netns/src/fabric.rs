@@ -170,9 +170,15 @@ impl Fabric {
 
     fn agent_command_named(&self, topo: &Topology, i: usize, name: &str, strict: bool) -> Command {
         let node = topo.node(i);
+        let extra = self.options.agent_args.get(i).cloned().unwrap_or_default();
+        // An address given in the node's extra arguments replaces the topology's.
+        let node_ip = match extra.iter().position(|a| a == "--node-ip") {
+            Some(_) => Vec::new(),
+            None => vec!["--node-ip".to_owned(), node.ip.to_string()],
+        };
         let mut cmd = node.ns.command(&binary("nodeseal-agent").to_string_lossy());
         cmd.args(["--node-name", name])
-            .args(["--node-ip", &node.ip.to_string()])
+            .args(&node_ip)
             .args(["--pod-cidr", &node.pod_cidr.to_string()])
             .args([
                 "--state-dir",
@@ -188,13 +194,21 @@ impl Fabric {
             .args(["--strict-mode", if strict { "true" } else { "false" }])
             .args(["--peer-retention", &humantime(self.options.retention)])
             .args(self.agent_store_args(i))
-            .args(self.options.agent_args.get(i).into_iter().flatten())
+            .args(&extra)
             .env("RUST_LOG", "info,nodeseal_agent=debug");
         cmd
     }
 
     fn spawn_agent(&self, topo: &Topology, i: usize) -> Result<Process> {
         topo.spawn_command(&format!("agent-node{i}"), self.agent_command(topo, i))
+    }
+
+    /// Replaces the extra arguments of node `i`'s agent (from its next start on).
+    pub fn set_agent_args(&mut self, i: usize, args: Vec<String>) {
+        if self.options.agent_args.len() <= i {
+            self.options.agent_args.resize(i + 1, Vec::new());
+        }
+        self.options.agent_args[i] = args;
     }
 
     /// SIGKILLs node `i`'s agent (kernel state stays).

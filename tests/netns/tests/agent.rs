@@ -461,6 +461,64 @@ fn strict_mode_drops(name: &str, backend: Backend) {
     );
 }
 
+/// A node whose address changes stays one peer, at its new address only; a record claiming an
+/// address another node holds is refused, with the reason in status, and takes nothing over.
+#[test]
+fn a_node_that_moves_stays_one_peer_and_its_address_cannot_be_claimed() {
+    let Some(mut scenario) = established("moved", 2, 2, FabricOptions::default(), Backend::Dir)
+    else {
+        return;
+    };
+    let (topo, fabric) = (&scenario.topo, &mut scenario.fabric);
+    let (old_ip, new_ip) = (topo.node(1).ip, "10.0.0.12");
+    topo.node(1)
+        .ns
+        .ip(&["addr", "add", &format!("{new_ip}/24"), "dev", "eth0"])
+        .expect("second address");
+    fabric.set_agent_args(1, vec!["--node-ip".into(), new_ip.into()]);
+    fabric
+        .restart_agent(topo, 1)
+        .expect("restart on the new address");
+    let moved = nodeseal_netns::wait_until(CONVERGE, || {
+        fabric.status(0).is_ok_and(|status| {
+            let rows: Vec<&serde_json::Value> = status["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["name"] == "node1")
+                .collect();
+            rows.len() == 1 && rows[0]["ip"] == new_ip && rows[0]["state"] == "established"
+        })
+    });
+    assert!(moved, "{}", fabric.status_text(0).unwrap_or_default());
+    let stale = nodeseal_netns::fabric::esp_spis_between(&topo.node(0).ns, topo.node(0).ip, old_ip);
+    assert!(
+        stale.is_empty(),
+        "SAs left with the old address: {stale:x?}"
+    );
+    let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
+    assert!(ping(&pod_a.ns, pod_b.ip, 2).expect("ping").all_answered());
+
+    // A record for node9 claiming node1's address (any store writer could write one).
+    let nodes = fabric.dir().join("store/nodes");
+    let mut claim: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(nodes.join("node1.json")).expect("node1's record"))
+            .expect("JSON");
+    claim["name"] = "node9".into();
+    claim["spiffe_id"] = "spiffe://cluster.local/node/node9".into();
+    std::fs::write(nodes.join("node9.json"), claim.to_string()).expect("node9's record");
+    let refused = nodeseal_netns::wait_until(Duration::from_secs(30), || {
+        fabric.status_text(0).is_ok_and(|t| {
+            t.contains("unusable node node9") && t.contains(&format!("claims address {new_ip}"))
+        })
+    });
+    assert!(refused, "{}", fabric.status_text(0).unwrap_or_default());
+    let row = fabric.peer_row(0, "node1").expect("node1's row");
+    assert_eq!(row["state"], "established", "{row}");
+    assert!(fabric.peer_row(0, "node9").is_none());
+    assert!(ping(&pod_a.ns, pod_b.ip, 2).expect("ping").all_answered());
+}
+
 #[test]
 fn etcd_backend_carries_the_fabric() {
     if !require(
