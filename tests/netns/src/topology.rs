@@ -42,6 +42,7 @@ impl TopologyBuilder {
     }
 
     pub fn build(self) -> Result<Topology> {
+        hold_kernel_timestamps_on();
         anyhow::ensure!(
             (1..=200).contains(&self.nodes) && self.pods_per_node <= 200,
             "topology of {} nodes x {} pods does not fit the address plan",
@@ -364,4 +365,35 @@ impl Pod {
     pub fn addr(&self) -> IpAddr {
         self.ip.into()
     }
+}
+
+/// iputils' `ping` turns the kernel's global packet-timestamp key on and off with every run, and
+/// each flip patches kernel text. Under qemu TCG a CPU has been seen to execute a half-patched
+/// site while a capture was active (an `int3` Oops in `dev_queue_xmit_nit`, then a guest
+/// panic). One socket holding timestamps on for the life of the test process means no flips
+/// while scenarios run. Best effort: without it the tests are the same, only that risk returns.
+fn hold_kernel_timestamps_on() {
+    static KEEPER: std::sync::OnceLock<Option<std::os::fd::OwnedFd>> = std::sync::OnceLock::new();
+    KEEPER.get_or_init(|| {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        // SAFETY: socket(2) with constant arguments; the result is checked before use.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        if raw < 0 {
+            return None;
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt(2) on a socket we own, with a pointer to a live c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMP,
+                std::ptr::from_ref(&on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        (rc == 0).then_some(socket)
+    });
 }
