@@ -36,24 +36,48 @@ pub fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Counts from libtest's summary lines (`test result: ok. 3 passed; 0 failed; 1 ignored; ...`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Counts from libtest's summary lines (`test result: ok. 3 passed; 0 failed; 1 ignored; ...`),
+/// and how long each test binary took (its `Running` line paired with its `finished in`).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Tally {
     pub passed: u64,
     pub failed: u64,
     pub ignored: u64,
     /// Test binaries that reported a summary line.
     pub suites: u64,
+    /// (binary, seconds) for each summary line, in the order they ran.
+    pub durations: Vec<(String, f64)>,
+    running: Option<String>,
 }
 
 impl Tally {
-    /// Adds the counts of one `test result:` line; other lines are ignored.
+    /// Adds one line of test output: `Running` lines name the binary, `test result:` lines are
+    /// counted; other lines are ignored.
     pub fn add_line(&mut self, line: &str) {
-        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+        let line = line.trim();
+        if let Some(binary) = line.strip_prefix("Running ") {
+            // cargo prints `Running unittests src/lib.rs (target/debug/deps/x-0123)`.
+            let name = binary.rsplit('/').next().unwrap_or(binary);
+            let name = name.trim_end_matches(')');
+            self.running = Some(name.rsplit_once('-').map_or(name, |(n, _)| n).to_owned());
+            return;
+        }
+        if let Some(krate) = line.strip_prefix("Doc-tests ") {
+            self.running = Some(format!("{krate} doc-tests"));
+            return;
+        }
+        let Some(rest) = line.strip_prefix("test result: ") else {
             return;
         };
         self.suites += 1;
         for part in rest.split(';') {
+            if let Some(secs) = part.trim().strip_prefix("finished in ")
+                && let Ok(secs) = secs.trim_end_matches('s').parse::<f64>()
+            {
+                let name = self.running.take().unwrap_or_else(|| "?".to_owned());
+                self.durations.push((name, secs));
+                continue;
+            }
             let mut words = part.split_whitespace().rev();
             let (Some(label), Some(count)) = (words.next(), words.next()) else {
                 continue;
@@ -70,11 +94,24 @@ impl Tally {
         }
     }
 
-    pub fn merge(&mut self, other: Tally) {
+    pub fn merge(&mut self, other: &Tally) {
         self.passed += other.passed;
         self.failed += other.failed;
         self.ignored += other.ignored;
         self.suites += other.suites;
+        self.durations.extend(other.durations.iter().cloned());
+    }
+
+    /// The binaries that took at least `min` seconds, slowest first.
+    pub fn slowest(&self, min: f64) -> Vec<(String, f64)> {
+        let mut slow: Vec<_> = self
+            .durations
+            .iter()
+            .filter(|(_, secs)| *secs >= min)
+            .cloned()
+            .collect();
+        slow.sort_by(|a, b| b.1.total_cmp(&a.1));
+        slow
     }
 }
 
@@ -82,6 +119,16 @@ impl Tally {
 /// and tallying libtest summaries. The child is killed once `timeout` has passed. Returns whether
 /// it exited 0 in time, and the tally.
 pub fn streamed(cmd: &mut Command, timeout: Duration) -> Result<(bool, Tally)> {
+    streamed_with_watchdog(cmd, timeout, |_| None)
+}
+
+/// [`streamed`], also killing the child as soon as `watchdog(elapsed)` gives a reason.
+pub fn streamed_with_watchdog(
+    cmd: &mut Command,
+    timeout: Duration,
+    watchdog: impl Fn(Duration) -> Option<String>,
+) -> Result<(bool, Tally)> {
+    let started = Instant::now();
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
@@ -100,16 +147,17 @@ pub fn streamed(cmd: &mut Command, timeout: Duration) -> Result<(bool, Tally)> {
         }
         tally
     });
-    let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().context("waiting for child")? {
             break Some(status);
         }
-        if Instant::now() >= deadline {
-            eprintln!(
-                "xtask: {} timed out after {timeout:?}; killing it",
-                describe(cmd)
-            );
+        let reason = if started.elapsed() >= timeout {
+            Some(format!("timed out after {timeout:?}"))
+        } else {
+            watchdog(started.elapsed())
+        };
+        if let Some(reason) = reason {
+            eprintln!("xtask: {} {reason}; killing it", describe(cmd));
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -141,14 +189,24 @@ mod tests {
             "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
         );
         t.add_line("running 3 tests");
+        assert_eq!((t.passed, t.failed, t.ignored, t.suites), (4, 2, 1, 2));
+    }
+
+    #[test]
+    fn tally_pairs_binaries_with_their_durations() {
+        let mut t = Tally::default();
+        t.add_line("     Running unittests src/lib.rs (target/debug/deps/nodeseal_store-0a1b2c)");
+        t.add_line("test result: ok. 3 passed; 0 failed; 0 ignored; finished in 0.50s");
+        t.add_line("     Running agent-ef62f018e44f0741");
+        t.add_line("test result: ok. 1 passed; 0 failed; finished in 234.19s");
+        t.add_line("test result: ok. 0 passed; 0 failed; 0 ignored"); // a doc-test run
         assert_eq!(
-            t,
-            Tally {
-                passed: 4,
-                failed: 2,
-                ignored: 1,
-                suites: 2
-            }
+            t.durations,
+            [
+                ("nodeseal_store".to_owned(), 0.5),
+                ("agent".to_owned(), 234.19),
+            ]
         );
+        assert_eq!(t.slowest(1.0), [("agent".to_owned(), 234.19)]);
     }
 }

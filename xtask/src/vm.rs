@@ -50,6 +50,10 @@ pub enum Accel {
     Tcg,
 }
 
+/// How long a guest may take to boot and start the command: a boot takes about 4 s under TCG,
+/// so a guest silent for this long has hung.
+const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+
 /// Environment variables passed into the guest command.
 fn forwarded_env() -> Vec<(String, String)> {
     std::env::vars()
@@ -94,6 +98,12 @@ pub fn run_command(
     for (k, v) in forwarded_env() {
         script.push_str(&format!("export {k}={}\n", shell_quote(&v)));
     }
+    // The first thing the guest does: tells the host it booted (see BOOT_DEADLINE).
+    let started = scratch.path.join("started");
+    script.push_str(&format!(
+        ": > {}\n",
+        shell_quote(&started.to_string_lossy())
+    ));
     script.push_str("export NODESEAL_IN_VM=1\n");
     script.push_str(&format!(
         "cd {} || exit 125\n",
@@ -109,17 +119,26 @@ pub fn run_command(
         kernel.release,
         shown.lines().next().unwrap_or_default()
     );
-    // A guest that dies before running anything (under TCG the 6.12 kernel has been seen to
-    // oops in early boot) is booted once more; a run that started tests is never repeated.
+    // A guest that dies or hangs before running the command (under TCG both kernels have been
+    // seen to oops in early boot; on 6.1 one such boot hung until the overall timeout) is booted
+    // once more; a run whose command started is never repeated.
     let mut boots = 0;
     let (tally, rc) = loop {
         boots += 1;
         let mut qemu = qemu_command(kernel, &scratch.path, options, accel);
-        let (_, tally) = run::streamed(&mut qemu, Duration::from_secs(options.timeout_secs))?;
+        let (_, tally) = run::streamed_with_watchdog(
+            &mut qemu,
+            Duration::from_secs(options.timeout_secs),
+            |elapsed| {
+                (elapsed > BOOT_DEADLINE && !started.exists()).then(|| {
+                    format!("did not start the command within {BOOT_DEADLINE:?} (a hung boot)")
+                })
+            },
+        )?;
         let rc = fs::read_to_string(scratch.path.join("rc"))
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
-        if rc.is_some() || tally.suites > 0 || boots >= 2 {
+        if started.exists() || boots >= 2 {
             break (tally, rc);
         }
         eprintln!("xtask: the guest died before running anything; booting it once more");

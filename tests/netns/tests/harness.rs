@@ -235,7 +235,9 @@ fn udp_stream_reports_loss_only_when_packets_are_lost() {
         .expect("stream");
     std::thread::sleep(Duration::from_millis(700));
     let report = clean.finish(Duration::from_millis(300)).expect("report");
-    assert!(report.sent >= 250, "{report:?}");
+    // The pacing is 500/s for 600 ms, but a loaded TCG guest sends fewer (226 seen in CI): the
+    // point is a stream long enough that a lost datagram would show.
+    assert!(report.sent >= 100, "{report:?}");
     assert!(report.is_perfect(), "{report:?}");
 
     // Blackhole the route for a moment: the stream must notice.

@@ -399,7 +399,7 @@ fn http_get(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
 }
 
 #[test]
-fn helm_upgrade_turns_encryption_on_and_off() {
+fn helm_upgrade_turns_encryption_on_and_off_on_kubernetes() {
     if !require("helm", &[Feature::Netns, Feature::Esp, Feature::TcBpf])
         || !binaries_or_skip("helm")
     {

@@ -31,7 +31,7 @@ use nodeseal_store::kube::objects::NodesealNode;
 const CONVERGE: Duration = Duration::from_secs(120);
 
 #[test]
-fn kubernetes_backend_carries_the_fabric() {
+fn backend_carries_the_fabric_on_kubernetes() {
     if !require("kube", &[Feature::Netns, Feature::Esp, Feature::TcBpf])
         || !binaries_or_skip("kube")
     {
