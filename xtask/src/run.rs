@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -134,18 +135,21 @@ pub fn streamed_with_watchdog(
         .spawn()
         .with_context(|| format!("starting {}", describe(cmd)))?;
     let stdout = child.stdout.take().context("BUG: child stdout was piped")?;
-    let reader = std::thread::spawn(move || {
-        let mut tally = Tally::default();
-        let mut out = std::io::stdout().lock();
-        for line in BufReader::new(stdout).split(b'\n') {
-            let Ok(line) = line else { break };
-            let text = String::from_utf8_lossy(&line);
-            let text = text.trim_end_matches('\r');
-            tally.add_line(text);
-            // A closed stdout (e.g. `| head`) must not stop the run.
-            let _ = writeln!(out, "{text}");
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let reader = std::thread::spawn({
+        let tally = Arc::clone(&tally);
+        move || {
+            for line in BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches('\r');
+                if let Ok(mut tally) = tally.lock() {
+                    tally.add_line(text);
+                }
+                // A closed stdout (e.g. `| head`) must not stop the run.
+                let _ = writeln!(std::io::stdout(), "{text}");
+            }
         }
-        tally
     });
     let status = loop {
         if let Some(status) = child.try_wait().context("waiting for child")? {
@@ -164,7 +168,13 @@ pub fn streamed_with_watchdog(
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let tally = reader.join().unwrap_or_default();
+    // A killed child's own children may still hold the pipe open: read what is left for a
+    // moment, then leave the reader behind.
+    let drained = Instant::now() + Duration::from_secs(5);
+    while !reader.is_finished() && Instant::now() < drained {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tally = tally.lock().map(|t| t.clone()).unwrap_or_default();
     Ok((status.is_some_and(|s| s.success()), tally))
 }
 
@@ -208,5 +218,19 @@ mod tests {
             ]
         );
         assert_eq!(t.slowest(1.0), [("agent".to_owned(), 234.19)]);
+    }
+
+    #[test]
+    fn watchdog_kills_a_child_that_gives_it_a_reason() {
+        let started = Instant::now();
+        let (ok, tally) = streamed_with_watchdog(
+            Command::new("sh").args(["-c", "echo booting; sleep 30"]),
+            Duration::from_secs(60),
+            |elapsed| (elapsed > Duration::from_millis(300)).then(|| "hung".to_owned()),
+        )
+        .expect("run");
+        assert!(!ok);
+        assert_eq!(tally.suites, 0);
+        assert!(started.elapsed() < Duration::from_secs(20));
     }
 }
