@@ -15,6 +15,7 @@ use rand::RngCore as _;
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
+use crate::claims::NodeClaims;
 use crate::csr::ValidatedCsr;
 use crate::id::{SpiffeId, TrustDomain};
 use crate::svid::{NodeKey, certs_from_pem, pem_encode};
@@ -232,22 +233,25 @@ impl ClusterCa {
         write_file(&dir.join(CA_KEY_FILE), self.key.to_pem().as_bytes(), 0o600)
     }
 
-    /// Issues a node X.509-SVID for a validated CSR; returns the chain to present, leaf first.
+    /// Issues a node X.509-SVID for a validated CSR, binding the node IPs and pod CIDRs admitted
+    /// for it (see [`NodeClaims`]); returns the chain to present, leaf first.
     ///
     /// # Errors
     /// [`CaError::Crypto`] if signing fails.
     pub fn issue(
         &self,
         csr: &ValidatedCsr,
+        claims: Option<&NodeClaims>,
         opts: &IssueOptions,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         let now = time::OffsetDateTime::now_utc();
-        self.issue_at(csr, opts, now)
+        self.issue_at(csr, claims, opts, now)
     }
 
     pub(crate) fn issue_at(
         &self,
         csr: &ValidatedCsr,
+        claims: Option<&NodeClaims>,
         opts: &IssueOptions,
         now: time::OffsetDateTime,
     ) -> Result<Vec<CertificateDer<'static>>, CaError> {
@@ -263,6 +267,9 @@ impl ClusterCa {
             rcgen::string::Ia5String::try_from(csr.spiffe_id().as_str())
                 .map_err(CaError::crypto)?,
         )];
+        if let Some(claims) = claims {
+            claims.apply(&mut params);
+        }
         params.is_ca = rcgen::IsCa::ExplicitNoCa;
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![

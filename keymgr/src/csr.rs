@@ -84,6 +84,60 @@ pub enum CsrError {
         /// What rcgen reported.
         detail: String,
     },
+    /// The node holds a valid certificate, and the CSR carries no proof of its current key.
+    #[error(
+        "the node holds a valid certificate (until {not_after_unix} s since the epoch) and the \
+         CSR carries no renewal proof signed with its key"
+    )]
+    RenewalProofMissing {
+        /// When the node's current certificate expires.
+        not_after_unix: u64,
+    },
+    /// The renewal proof is not a signature of this CSR by the current certificate's key.
+    #[error("renewal proof does not verify with the node's current certificate: {detail}")]
+    RenewalProofInvalid {
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// Domain separation for renewal proofs: the signature can never be mistaken for one the node
+/// key makes in a TLS handshake.
+const RENEWAL_CONTEXT: &[u8] = b"nodeseal node SVID renewal v1\0";
+
+/// The proof that the node asking for `csr` holds `current`, the key of its still-valid
+/// certificate: a signature over the new CSR. keymgr signs a CSR for a node that already holds
+/// a valid certificate only with it, so store write access alone never yields a certificate for
+/// a live node.
+///
+/// # Errors
+/// [`CsrError::Create`] if signing fails.
+pub fn renewal_proof(current: &NodeKey, csr: &[u8]) -> Result<Vec<u8>, CsrError> {
+    use rcgen::SigningKey as _;
+    let create = |e: rcgen::Error| CsrError::Create {
+        detail: e.to_string(),
+    };
+    let kp = current.keypair().map_err(create)?;
+    kp.0.sign(&[RENEWAL_CONTEXT, csr].concat()).map_err(create)
+}
+
+/// Checks a [`renewal_proof`] of `csr` against the leaf of the node's current certificate.
+///
+/// # Errors
+/// [`CsrError::RenewalProofInvalid`].
+pub fn verify_renewal_proof(
+    current_leaf: &rustls_pki_types::CertificateDer<'_>,
+    csr: &[u8],
+    proof: &[u8],
+) -> Result<(), CsrError> {
+    let invalid = |detail: String| CsrError::RenewalProofInvalid { detail };
+    let leaf = webpki::EndEntityCert::try_from(current_leaf).map_err(|e| invalid(e.to_string()))?;
+    leaf.verify_signature(
+        webpki::ring::ECDSA_P256_SHA256,
+        &[RENEWAL_CONTEXT, csr].concat(),
+        proof,
+    )
+    .map_err(|e| invalid(e.to_string()))
 }
 
 /// A CSR that passed [`validate_csr`]; the only input [`ClusterCa::issue`](crate::ClusterCa::issue)

@@ -19,6 +19,7 @@
 
 pub mod bundle;
 pub mod ca;
+pub mod claims;
 pub mod csr;
 pub mod handshake;
 pub mod id;
@@ -33,7 +34,10 @@ pub mod test_helpers;
 
 pub use bundle::{BundleError, TrustBundle};
 pub use ca::{CaError, ClusterCa, IssueOptions};
-pub use csr::{CsrError, ValidatedCsr, create_csr, validate_csr};
+pub use claims::{ClaimsError, NodeClaims};
+pub use csr::{
+    CsrError, ValidatedCsr, create_csr, renewal_proof, validate_csr, verify_renewal_proof,
+};
 pub use handshake::{
     Agreement, Channel, HandshakeConfig, HandshakeError, Incoming, accept, initiate,
 };

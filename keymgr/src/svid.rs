@@ -76,6 +76,9 @@ pub enum SvidError {
         /// What the parser reported.
         detail: String,
     },
+    /// The node IPs or pod CIDRs the leaf binds cannot be read.
+    #[error("leaf claims: {0}")]
+    Claims(#[from] crate::claims::ClaimsError),
     /// The private key does not belong to the leaf certificate, or cannot be read.
     #[error("private key does not match the leaf certificate")]
     KeyMismatch,
@@ -92,6 +95,8 @@ pub struct SvidInfo {
     pub not_before: SystemTime,
     /// End of validity.
     pub not_after: SystemTime,
+    /// The node IPs and pod CIDRs the issuer admitted; `None` when the leaf binds none.
+    pub claims: Option<crate::claims::NodeClaims>,
 }
 
 impl SvidInfo {
@@ -155,6 +160,7 @@ impl SvidInfo {
             serial: cert.raw_serial().to_vec(),
             not_before: unix_to_system(validity.not_before.timestamp()),
             not_after: unix_to_system(validity.not_after.timestamp()),
+            claims: crate::claims::NodeClaims::of(cert)?,
         })
     }
 
@@ -389,6 +395,7 @@ mod tests {
             serial: vec![1],
             not_before: nb,
             not_after: nb + Duration::from_secs(24 * 3600),
+            claims: None,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut seen = std::collections::HashSet::new();

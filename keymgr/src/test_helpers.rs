@@ -11,8 +11,8 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 
 use crate::{
-    ClusterCa, IssueOptions, NodeIdentity, NodeKey, NodeName, TrustBundle, TrustDomain, TrustStore,
-    create_csr, validate_csr,
+    ClusterCa, IssueOptions, NodeClaims, NodeIdentity, NodeKey, NodeName, TrustBundle, TrustDomain,
+    TrustStore, create_csr, validate_csr,
 };
 
 /// The trust domain tests use.
@@ -61,11 +61,20 @@ impl TestPki {
 
     /// A node identity with custom issue options.
     pub fn identity_with(&self, node: &str, opts: &IssueOptions) -> NodeIdentity {
+        self.issue(node, None, opts)
+    }
+
+    /// A node identity whose certificate binds `claims`.
+    pub fn identity_claiming(&self, node: &str, claims: &NodeClaims) -> NodeIdentity {
+        self.issue(node, Some(claims), &IssueOptions::default())
+    }
+
+    fn issue(&self, node: &str, claims: Option<&NodeClaims>, opts: &IssueOptions) -> NodeIdentity {
         let node: NodeName = node.parse().expect("test node name");
         let key = NodeKey::generate().expect("node key");
         let csr = create_csr(&key, &self.trust_domain(), &node).expect("csr");
         let valid = validate_csr(&csr, &self.trust_domain(), &node).expect("validating csr");
-        let chain = self.ca.issue(&valid, opts).expect("issuing");
+        let chain = self.ca.issue(&valid, claims, opts).expect("issuing");
         NodeIdentity::new(chain, key).expect("identity")
     }
 

@@ -130,6 +130,8 @@ pub struct PeerIdentity {
     pub serial: Vec<u8>,
     /// When the peer's leaf expires.
     pub not_after: SystemTime,
+    /// The node IPs and pod CIDRs its issuer admitted (`None`: the leaf binds none).
+    pub claims: Option<crate::claims::NodeClaims>,
 }
 
 /// Shared trust state: bundle, revoked nodes and revoked serials.
@@ -310,6 +312,7 @@ impl TrustStore {
             node,
             serial,
             not_after: info.not_after,
+            claims: info.claims,
         })
     }
 

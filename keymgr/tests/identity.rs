@@ -11,8 +11,9 @@ use std::time::{Duration, SystemTime};
 
 use nodeseal_keymgr::test_helpers::{TestPki, leaf_params};
 use nodeseal_keymgr::{
-    BundleError, ClusterCa, ExpectedPeer, IdError, IssueOptions, NodeName, PeerRole, SvidError,
-    SvidInfo, TrustBundle, TrustDomain, TrustStore, VerifyError, svid::certs_from_pem,
+    BundleError, ClusterCa, CsrError, ExpectedPeer, IdError, IssueOptions, NodeClaims, NodeKey,
+    NodeName, PeerRole, SvidError, SvidInfo, TrustBundle, TrustDomain, TrustStore, VerifyError,
+    create_csr, renewal_proof, svid::certs_from_pem, verify_renewal_proof,
 };
 use rustls_pki_types::CertificateDer;
 
@@ -243,7 +244,9 @@ fn bundle_json_round_trip_and_rollover() {
     let key = nodeseal_keymgr::NodeKey::generate().unwrap();
     let csr = nodeseal_keymgr::create_csr(&key, &pki.trust_domain(), &node("b")).unwrap();
     let valid = nodeseal_keymgr::validate_csr(&csr, &pki.trust_domain(), &node("b")).unwrap();
-    let new_chain = new_ca.issue(&valid, &IssueOptions::default()).unwrap();
+    let new_chain = new_ca
+        .issue(&valid, None, &IssueOptions::default())
+        .unwrap();
     let any = ExpectedPeer::AnyNode;
     verify(&store, old_id.chain(), &any).unwrap();
     verify(&store, &new_chain, &any).unwrap();
@@ -325,7 +328,7 @@ fn ca_files_import_and_intermediate() {
     let key = nodeseal_keymgr::NodeKey::generate().unwrap();
     let csr = nodeseal_keymgr::create_csr(&key, &td, &node("c")).unwrap();
     let valid = nodeseal_keymgr::validate_csr(&csr, &td, &node("c")).unwrap();
-    let chain = ca.issue(&valid, &IssueOptions::default()).unwrap();
+    let chain = ca.issue(&valid, None, &IssueOptions::default()).unwrap();
     assert_eq!(chain.len(), 2);
     let store = TrustStore::new(TrustBundle::new(
         td.clone(),
@@ -352,6 +355,67 @@ fn ca_files_import_and_intermediate() {
         ),
         Err(nodeseal_keymgr::CaError::Input { .. })
     ));
+}
+
+#[test]
+fn admitted_claims_travel_in_the_svid_to_the_verified_peer_and_openssl_reads_them() {
+    let pki = TestPki::new();
+    let claims = NodeClaims::new(
+        &["10.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()],
+        &[
+            "10.244.7.0/24".parse().unwrap(),
+            "fd00:244:7::/64".parse().unwrap(),
+        ],
+    )
+    .unwrap();
+    let id = pki.identity_claiming("worker-7", &claims);
+    assert_eq!(id.info().claims.as_ref(), Some(&claims));
+    let peer = verify(
+        &pki.trust_store(),
+        id.chain(),
+        &ExpectedPeer::Node(node("worker-7")),
+    )
+    .unwrap();
+    assert_eq!(peer.claims.as_ref(), Some(&claims));
+    // A certificate issued without claims binds none, and says so.
+    assert_eq!(pki.identity("worker-8").info().claims, None);
+
+    assert!(openssl_available(), "openssl CLI is required for this test");
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = dir.path().join("leaf.pem");
+    std::fs::write(&leaf, id.chain_pem()).unwrap();
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("IP Address:10.0.0.7"), "{text}");
+    assert!(text.contains("IP Address:FD00:0:0:0:0:0:0:7"), "{text}");
+    assert!(
+        text.contains("OU = pod-cidrs=10.244.7.0/24 fd00:244:7::/64"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_renewal_proof_verifies_only_with_the_current_key_over_that_csr() {
+    let pki = TestPki::new();
+    let td = pki.trust_domain();
+    let current = pki.identity("worker-3");
+    let next_key = NodeKey::generate().unwrap();
+    let csr = create_csr(&next_key, &td, &node("worker-3")).unwrap();
+    let proof = renewal_proof(current.key(), &csr).unwrap();
+    verify_renewal_proof(&current.chain()[0], &csr, &proof).unwrap();
+    // Another node's key (a store writer's own identity) proves nothing.
+    let thief = pki.identity("worker-4");
+    let forged = renewal_proof(thief.key(), &csr).unwrap();
+    let err = verify_renewal_proof(&current.chain()[0], &csr, &forged).unwrap_err();
+    assert!(matches!(err, CsrError::RenewalProofInvalid { .. }), "{err}");
+    // A proof is bound to its CSR: replayed onto another one it fails.
+    let other = create_csr(&NodeKey::generate().unwrap(), &td, &node("worker-3")).unwrap();
+    assert!(verify_renewal_proof(&current.chain()[0], &other, &proof).is_err());
+    assert!(verify_renewal_proof(&current.chain()[0], &csr, &proof[..proof.len() / 2]).is_err());
 }
 
 fn openssl_available() -> bool {
