@@ -247,7 +247,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let csr = create_csr(&key, &td, &node).context("creating the CSR")?;
             let validated = validate_csr(csr.as_ref(), &td, &node).context("validating the CSR")?;
             let chain = ca
-                .issue(&validated, &IssueOptions::with_ttl(ttl))
+                .issue(&validated, None, &IssueOptions::with_ttl(ttl))
                 .context("issuing the SVID")?;
             let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
             write_secret(&out.join("node.key"), key.to_pem().as_bytes())?;

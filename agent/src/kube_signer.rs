@@ -524,7 +524,7 @@ async fn approve_and_sign(
     )
     .ok_or_else(|| anyhow::anyhow!("CSR {name} is no PEM request"))?;
     let validated = validate_csr(&der, ca.trust_domain(), node)?;
-    let chain = ca.issue(&validated, options)?;
+    let chain = ca.issue(&validated, None, options)?;
     set_condition(
         csrs,
         &name,

@@ -187,7 +187,9 @@ fn sign_one(
         .ok_or("CSR is not one PEM CERTIFICATE REQUEST block")?;
     let requester = NodeName::new(node).map_err(|e| e.to_string())?;
     let validated = validate_csr(&der, ca.trust_domain(), &requester).map_err(|e| e.to_string())?;
-    let chain = ca.issue(&validated, options).map_err(|e| e.to_string())?;
+    let chain = ca
+        .issue(&validated, None, options)
+        .map_err(|e| e.to_string())?;
     Ok(chain.iter().map(|c| pem("CERTIFICATE", c)).collect())
 }
 

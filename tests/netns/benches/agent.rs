@@ -844,6 +844,7 @@ fn issue(ca: &ClusterCa, td: &TrustDomain, node: &NodeName, key: &NodeKey) -> Re
     let validated = validate_csr(csr.as_ref(), td, node)?;
     let chain = ca.issue(
         &validated,
+        None,
         &IssueOptions::with_ttl(Duration::from_secs(24 * 3600)),
     )?;
     Ok(NodeIdentity::new(
