@@ -30,7 +30,7 @@ use crate::cleanup::{daemon_set_state, remove_kernel_state, should_remove_on_exi
 use crate::config::AgentConfig;
 use crate::datapath::{DatapathHandle, DatapathSettings};
 use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_REMOVED, STEP_STORE};
-use crate::identity::{IdentitySource, Obtained};
+use crate::identity::{IdentitySource, LocalClaims, Obtained};
 use crate::metrics::Metrics;
 use crate::peer::{
     PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerTask,
@@ -56,6 +56,10 @@ struct Agent {
     local_ip: IpAddr,
     /// This node's pod CIDRs: no peer may claim them.
     local_pod_cidrs: Vec<IpNet>,
+    /// The pod CIDRs of each peer with a task: a record claiming one of them is refused before
+    /// it gets a route (the holder's certificate is checked at its handshake; the newcomer's
+    /// route would otherwise redirect the holder's traffic before anything is checked).
+    peer_cidrs: std::sync::Mutex<BTreeMap<String, Vec<IpNet>>>,
     trust_domain: TrustDomain,
     config: AgentConfig,
     store: Store,
@@ -169,6 +173,10 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         warn!(error = %e, "cannot set net.core.xfrm_larval_drop=0; rekeys may drop a packet");
     }
 
+    let local_claims = LocalClaims {
+        ip: local.ip,
+        pod_cidrs: local.pod_cidrs.clone(),
+    };
     let source = match (
         &config.identity_cert,
         &config.identity_key,
@@ -185,11 +193,13 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
                 client: client.clone(),
                 state_dir: config.state_dir.clone(),
                 sign_timeout: SIGN_TIMEOUT,
+                local: local_claims,
             },
             None => IdentitySource::Keymgr {
                 store: store.clone(),
                 state_dir: config.state_dir.clone(),
                 sign_timeout: SIGN_TIMEOUT,
+                local: local_claims,
             },
         },
     };
@@ -223,6 +233,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
             grace: config.rekey_grace,
             retention: config.peer_retention,
             strict: config.strict_mode,
+            // An external PKI (certificate files) cannot bind claims; keymgr always does.
+            require_claims: !matches!(source, IdentitySource::Files { .. }),
         },
         xfrm: xfrm.clone(),
         datapath: datapath.clone(),
@@ -249,6 +261,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         unusable_nodes: std::sync::Mutex::default(),
         local_ip: local.ip,
         local_pod_cidrs: local.pod_cidrs.clone(),
+        peer_cidrs: std::sync::Mutex::default(),
         trust_domain,
         config,
         store,
@@ -846,6 +859,13 @@ impl Agent {
         if self.trust.is_revoked(&info.spiffe_id) {
             return;
         }
+        if let Err(reason) = self.hold_pod_cidrs(&name, &info.pod_cidrs) {
+            warn!(peer = %name, %reason, "ignoring node record");
+            if let Ok(mut unusable) = self.unusable_nodes.lock() {
+                unusable.insert(name, reason);
+            }
+            return;
+        }
         if let Some((holder, handle)) = self.registry.lookup(info.ip) {
             if holder.as_str() != name {
                 // Peers are keyed by address: taking the update would hand this node the
@@ -897,7 +917,31 @@ impl Agent {
         }
     }
 
+    /// Records `cidrs` as `name`'s, unless another peer holds one that overlaps them.
+    fn hold_pod_cidrs(&self, name: &str, cidrs: &[IpNet]) -> Result<(), String> {
+        let Ok(mut held) = self.peer_cidrs.lock() else {
+            return Ok(());
+        };
+        for (holder, theirs) in held.iter().filter(|(holder, _)| *holder != name) {
+            if let Some((c, t)) = cidrs.iter().find_map(|c| {
+                theirs
+                    .iter()
+                    .find(|t| t.contains(c) || c.contains(*t))
+                    .map(|t| (c, t))
+            }) {
+                return Err(format!(
+                    "claims pod CIDR {c}, which overlaps {t} of node {holder}"
+                ));
+            }
+        }
+        held.insert(name.to_owned(), cidrs.to_vec());
+        Ok(())
+    }
+
     async fn remove_peer_named(&self, name: &str, reason: &str) {
+        if let Ok(mut held) = self.peer_cidrs.lock() {
+            held.remove(name);
+        }
         for (ip, peer, handle) in self.registry.all() {
             if peer.as_str() == name {
                 let _ = handle

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use nodeseal_keymgr::{
-    ClusterCa, IssueOptions, NodeKey, NodeName, TrustDomain, create_csr, validate_csr,
+    ClusterCa, IssueOptions, NodeClaims, NodeKey, NodeName, TrustDomain, create_csr, validate_csr,
 };
 use nodeseal_store::{CertificateRecord, NodeRecord, NodeStatus, Revocation, Store};
 use tokio_util::sync::CancellationToken;
@@ -98,6 +98,13 @@ enum CaCommand {
         /// Certificate lifetime.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// A node IP the certificate admits (repeat for more). Without any, the certificate
+        /// binds no claims, and only peers that take identities from files accept it.
+        #[arg(long = "node-ip")]
+        node_ips: Vec<std::net::IpAddr>,
+        /// A pod CIDR the certificate admits (repeat for more); needs `--node-ip`.
+        #[arg(long = "pod-cidr", requires = "node_ips")]
+        pod_cidrs: Vec<ipnet::IpNet>,
     },
 }
 
@@ -239,6 +246,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             node,
             out,
             ttl,
+            node_ips,
+            pod_cidrs,
         }) => {
             let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
             let ca = ClusterCa::load_files(td.clone(), &dir).context("loading the CA")?;
@@ -246,8 +255,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let key = NodeKey::generate().context("generating the node key")?;
             let csr = create_csr(&key, &td, &node).context("creating the CSR")?;
             let validated = validate_csr(csr.as_ref(), &td, &node).context("validating the CSR")?;
+            let claims = (!node_ips.is_empty())
+                .then(|| NodeClaims::new(&node_ips, &pod_cidrs))
+                .transpose()
+                .context("--node-ip/--pod-cidr")?;
             let chain = ca
-                .issue(&validated, None, &IssueOptions::with_ttl(ttl))
+                .issue(&validated, claims.as_ref(), &IssueOptions::with_ttl(ttl))
                 .context("issuing the SVID")?;
             let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
             write_secret(&out.join("node.key"), key.to_pem().as_bytes())?;

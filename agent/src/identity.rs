@@ -2,12 +2,16 @@
 //! state directory), its X.509-SVID obtained through the keymgr CSR flow (or given as files), and
 //! the trust bundle. Renewed at half-life; a failed renewal keeps the still-valid SVID.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use ipnet::IpNet;
 use nodeseal_keymgr::svid::certs_from_pem;
-use nodeseal_keymgr::{NodeIdentity, NodeKey, NodeName, TrustBundle, TrustDomain, create_csr};
+use nodeseal_keymgr::{
+    NodeIdentity, NodeKey, NodeName, TrustBundle, TrustDomain, create_csr, renewal_proof,
+};
 use nodeseal_store::{CertificateRecord, CsrRecord, Store};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
@@ -77,6 +81,9 @@ pub enum IdentitySource {
         state_dir: PathBuf,
         /// How long to wait for keymgr per attempt.
         sign_timeout: Duration,
+        /// This node's address and pod CIDRs: a stored certificate that does not admit them
+        /// (the node moved) is renewed, or peers would refuse the node.
+        local: LocalClaims,
     },
     /// Kubernetes mode: a CertificateSigningRequest that keymgr approves for the node the
     /// agent pod runs on; the trust bundle from the store (keymgr's ConfigMap).
@@ -87,6 +94,8 @@ pub enum IdentitySource {
         client: kube::Client,
         /// Where the key and certificate are kept.
         state_dir: PathBuf,
+        /// As for `Keymgr`.
+        local: LocalClaims,
         /// How long to wait for keymgr per attempt.
         sign_timeout: Duration,
     },
@@ -161,9 +170,10 @@ impl IdentitySource {
                 store,
                 state_dir,
                 sign_timeout,
+                local,
             } => {
-                obtain_signed(store, state_dir, td, renew, |key| {
-                    request_certificate(store, td, node, key, *sign_timeout)
+                obtain_signed(store, state_dir, td, renew, local, |key, current| {
+                    request_certificate(store, td, node, key, current, *sign_timeout)
                 })
                 .await
             }
@@ -172,8 +182,11 @@ impl IdentitySource {
                 client,
                 state_dir,
                 sign_timeout,
+                local,
             } => {
-                obtain_signed(store, state_dir, td, renew, |key| {
+                // The pod-bound token is the proof here: keymgr checks the requesting pod runs on
+                // the node.
+                obtain_signed(store, state_dir, td, renew, local, |key, _current| {
                     crate::kube_identity::request_certificate(client, td, node, key, *sign_timeout)
                 })
                 .await
@@ -182,29 +195,62 @@ impl IdentitySource {
     }
 }
 
-/// The stored SVID while it is before its renewal time (unless `renew`), otherwise a new key
-/// and a certificate for it from `request`.
+/// This node's address and pod CIDRs, which its certificate must admit.
+#[derive(Clone, Debug)]
+pub struct LocalClaims {
+    /// The node's underlay address.
+    pub ip: IpAddr,
+    /// Its pod CIDRs.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// The stored SVID while it is before its renewal time (unless `renew`) and admits `local`,
+/// otherwise a new key and a certificate for it from `request`, which gets the stored SVID
+/// while it is valid (to prove possession of its key).
 async fn obtain_signed<F, Fut>(
     store: &Store,
     state_dir: &Path,
     td: &TrustDomain,
     renew: bool,
+    local: &LocalClaims,
     request: F,
 ) -> Result<Obtained, IdentityError>
 where
-    F: FnOnce(NodeKey) -> Fut,
+    F: FnOnce(NodeKey, Option<NodeIdentity>) -> Fut,
     Fut: std::future::Future<Output = Result<NodeIdentity, IdentityError>>,
 {
     let bundle = fetch_bundle(store, td).await?;
     let key_path = state_dir.join("node.key");
     let cert_path = state_dir.join("node.crt");
-    if !renew && let Some(identity) = stored_identity(&key_path, &cert_path) {
-        info!(spiffe_id = %identity.info().spiffe_id, "using stored node SVID");
-        return Ok(Obtained { identity, bundle });
-    }
+    let stored = stored_identity(&key_path, &cert_path);
+    let reusable = stored.as_ref().is_some_and(|identity| {
+        let info = identity.info();
+        match info
+            .claims
+            .as_ref()
+            .map(|c| c.cover(local.ip, &local.pod_cidrs))
+        {
+            Some(Ok(())) => !renew && SystemTime::now() < info.renew_at(),
+            Some(Err(e)) => {
+                info!(reason = %e, "stored SVID does not admit this node; renewing");
+                false
+            }
+            None => {
+                info!("stored SVID binds no node IPs or pod CIDRs; renewing");
+                false
+            }
+        }
+    });
+    let stored = match stored {
+        Some(identity) if reusable => {
+            info!(spiffe_id = %identity.info().spiffe_id, "using stored node SVID");
+            return Ok(Obtained { identity, bundle });
+        }
+        other => other,
+    };
     // A new key for every certificate: a leaked key dies with its certificate.
     let key = NodeKey::generate().map_err(|e| invalid(format!("generating node key: {e}")))?;
-    let identity = request(key).await?;
+    let identity = request(key, stored).await?;
     write_secret(&key_path, identity.key().to_pem().as_bytes())?;
     write_secret(&cert_path, identity.chain_pem().as_bytes())?;
     info!(spiffe_id = %identity.info().spiffe_id, "node SVID issued");
@@ -224,13 +270,14 @@ pub async fn fetch_bundle(store: &Store, td: &TrustDomain) -> Result<TrustBundle
         .map_err(|e| invalid(format!("trust bundle in the store: {e}")))
 }
 
+/// The stored SVID while it has not expired.
 fn stored_identity(key_path: &Path, cert_path: &Path) -> Option<NodeIdentity> {
     let key = NodeKey::from_pem(&read(key_path).ok()?).ok()?;
     let chain = certs_from_pem(&std::fs::read(cert_path).ok()?).ok()?;
     let identity = NodeIdentity::new(chain, key)
         .inspect_err(|e| warn!(error = %e, "stored SVID unusable; requesting a new one"))
         .ok()?;
-    (SystemTime::now() < identity.info().renew_at()).then_some(identity)
+    (SystemTime::now() < identity.info().not_after).then_some(identity)
 }
 
 async fn request_certificate(
@@ -238,14 +285,25 @@ async fn request_certificate(
     td: &TrustDomain,
     node: &NodeName,
     key: NodeKey,
+    current: Option<NodeIdentity>,
     timeout: Duration,
 ) -> Result<NodeIdentity, IdentityError> {
     let csr = create_csr(&key, td, node).map_err(|e| invalid(format!("creating CSR: {e}")))?;
     let store_node = nodeseal_store::NodeName::new(node.as_str()).map_err(invalid)?;
+    let renewal_proof = match &current {
+        Some(current) => Some(
+            base64::engine::general_purpose::STANDARD.encode(
+                renewal_proof(current.key(), csr.as_ref())
+                    .map_err(|e| invalid(format!("signing the renewal proof: {e}")))?,
+            ),
+        ),
+        None => None,
+    };
     store
         .put(&CsrRecord {
             node: store_node.clone(),
             csr_pem: pem("CERTIFICATE REQUEST", csr.as_ref()),
+            renewal_proof,
         })
         .await?;
     let key_pem = key.to_pem();

@@ -27,7 +27,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, ResourceExt as _};
-use nodeseal_keymgr::{ClusterCa, IssueOptions, NodeName, TrustDomain, validate_csr};
+use nodeseal_keymgr::{ClusterCa, IssueOptions, NodeClaims, NodeName, TrustDomain, validate_csr};
+use nodeseal_store::kube::objects::NodeFacts;
 use nodeseal_store::{Event, Kind, Record, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -458,7 +459,9 @@ pub async fn run(
         let name = csr.name_any();
         let decision = decide(&csr, &agent, ca.trust_domain(), &pods, &nodes, &revoked).await;
         let result = match decision {
-            Ok(node) => approve_and_sign(&csrs, &csr, &ca, &options, &node).await,
+            Ok((node, claims)) => {
+                approve_and_sign(&csrs, &csr, &ca, &options, &node, &claims).await
+            }
             Err(denial) => {
                 warn!(csr = %name, reason = %denial, "denying node certificate request");
                 set_condition(&csrs, &name, "Denied", "NodesealCheckFailed", &denial.0).await
@@ -477,7 +480,7 @@ async fn decide(
     pods: &Api<Pod>,
     nodes: &Api<Node>,
     revoked: &impl Fn(&NodeName) -> bool,
-) -> Result<NodeName, Denial> {
+) -> Result<(NodeName, NodeClaims), Denial> {
     let (pod_name, _) = requesting_pod(csr, agent)?;
     let pod = pods
         .get_opt(&pod_name)
@@ -487,27 +490,37 @@ async fn decide(
         .as_ref()
         .and_then(|p| p.spec.as_ref())
         .and_then(|s| s.node_name.clone());
-    let (node_exists, is_revoked) = match node_name.as_deref().map(NodeName::new) {
+    let (node_object, is_revoked) = match node_name.as_deref().map(NodeName::new) {
         Some(Ok(node)) => (
             nodes
                 .get_opt(node.as_str())
                 .await
-                .map_err(|e| deny(format!("looking up node {node}: {e}")))?
-                .is_some(),
+                .map_err(|e| deny(format!("looking up node {node}: {e}")))?,
             revoked(&node),
         ),
-        _ => (false, false),
+        _ => (None, false),
     };
-    admit(
+    let node = admit(
         csr,
         agent,
         td,
         &Facts {
             pod: pod.as_ref(),
-            node_exists,
+            node_exists: node_object.is_some(),
             revoked: is_revoked,
         },
-    )
+    )?;
+    // What the certificate admits is what the Node object says the node owns: its InternalIPs
+    // and the pod CIDRs the IPAM controller assigned, never what the agent asks for.
+    let facts = node_object
+        .as_ref()
+        .map(NodeFacts::of)
+        .transpose()
+        .map_err(|e| deny(format!("node {node}: {e}")))?
+        .ok_or_else(|| deny(format!("node {node} does not exist")))?;
+    let claims = NodeClaims::new(&facts.internal_ips, &facts.pod_cidrs)
+        .map_err(|e| deny(format!("node {node}: {e}")))?;
+    Ok((node, claims))
 }
 
 async fn approve_and_sign(
@@ -516,6 +529,7 @@ async fn approve_and_sign(
     ca: &ClusterCa,
     options: &IssueOptions,
     node: &NodeName,
+    claims: &NodeClaims,
 ) -> anyhow::Result<()> {
     let name = csr.name_any();
     let der = pem_to_der(
@@ -524,13 +538,13 @@ async fn approve_and_sign(
     )
     .ok_or_else(|| anyhow::anyhow!("CSR {name} is no PEM request"))?;
     let validated = validate_csr(&der, ca.trust_domain(), node)?;
-    let chain = ca.issue(&validated, None, options)?;
+    let chain = ca.issue(&validated, Some(claims), options)?;
     set_condition(
         csrs,
         &name,
         "Approved",
         "NodesealNodeIdentity",
-        &format!("the requesting pod runs on node {node}"),
+        &format!("the requesting pod runs on node {node}; admitted {claims}"),
     )
     .await?;
     let chain_pem: String = chain.iter().map(|c| pem("CERTIFICATE", c)).collect();

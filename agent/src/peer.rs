@@ -24,7 +24,8 @@ use ipnet::IpNet;
 use nodeseal_bpf::NodeId;
 use nodeseal_keymgr::handshake::{self, Agreement, HandshakeConfig, Incoming};
 use nodeseal_keymgr::{
-    Aead as KeyAead, Epoch, HandshakeError, Hello, Mode, NodeName, RejectReason, SpiffeId,
+    Aead as KeyAead, ClaimsError, Epoch, HandshakeError, Hello, Mode, NodeName, RejectReason,
+    SpiffeId,
 };
 use nodeseal_xfrm::{Handle, KernelPolicy, KernelState, Spi};
 use rand::Rng;
@@ -78,6 +79,9 @@ pub struct PeerSettings {
     pub retention: Duration,
     /// Strict mode.
     pub strict: bool,
+    /// Refuse peers whose SVID binds no node IPs and pod CIDRs (every issuer but an external
+    /// PKI's binds them).
+    pub require_claims: bool,
 }
 
 /// Commands to a peer task.
@@ -261,6 +265,9 @@ pub enum PeerError {
         /// What.
         what: String,
     },
+    /// The peer's record claims a node IP or pod CIDR its certificate does not admit.
+    #[error("the peer's record claims what its certificate does not admit: {0}")]
+    NotAdmitted(String),
     /// Building SA specs failed (bad key length or address family mix).
     #[error("building SAs")]
     Spec(#[from] nodeseal_xfrm::SpecError),
@@ -721,6 +728,30 @@ impl PeerTask {
                 what: format!(
                     "identity {}, but the store lists {}",
                     agreement.peer.spiffe_id, self.info.spiffe_id
+                ),
+            });
+        }
+        // Authenticated is not authorized: the node's record (written by the node itself) may
+        // claim only what its certificate's issuer admitted for it.
+        match &agreement.peer.claims {
+            Some(admitted) => admitted
+                .cover(self.info.ip, &self.info.pod_cidrs)
+                .map_err(|e| PeerError::NotAdmitted(e.to_string()))?,
+            None if self.settings.require_claims => {
+                return Err(PeerError::NotAdmitted(ClaimsError::Unbound.to_string()));
+            }
+            None => {}
+        }
+        if let Some(cidr) = self
+            .info
+            .pod_cidrs
+            .iter()
+            .find(|c| !hello.pod_cidrs.contains(c))
+        {
+            return Err(PeerError::Contradiction {
+                what: format!(
+                    "pod CIDRs {:?}, but the store lists {cidr} for it",
+                    hello.pod_cidrs
                 ),
             });
         }

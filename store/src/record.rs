@@ -297,6 +297,10 @@ pub struct CsrRecord {
     pub node: NodeName,
     /// One PEM `CERTIFICATE REQUEST` block.
     pub csr_pem: String,
+    /// While the node holds a valid certificate: the signature of the request by that
+    /// certificate's key (base64), without which keymgr does not sign.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_proof: Option<String>,
 }
 
 /// A node's certificate chain, published by keymgr.
@@ -569,6 +573,13 @@ impl RecordKind for Revocation {
 
 impl CsrRecord {
     fn check(&self) -> Result<(), RecordProblem> {
+        // An ECDSA P-256 signature is at most 72 bytes, 96 in base64.
+        if self.renewal_proof.as_ref().is_some_and(|p| p.len() > 512) {
+            return Err(RecordProblem::Field {
+                field: "renewal_proof",
+                reason: "longer than 512 bytes".into(),
+            });
+        }
         match check_pem(&self.csr_pem, "CERTIFICATE REQUEST") {
             Ok(1) => Ok(()),
             Ok(n) => Err(RecordProblem::Field {
@@ -826,8 +837,12 @@ mod tests {
             csr_pem:
                 "-----BEGIN CERTIFICATE REQUEST-----\nAAEC\n-----END CERTIFICATE REQUEST-----\n"
                     .to_owned(),
+            renewal_proof: None,
         };
         assert!(encode(&csr).is_ok());
+        let mut long_proof = csr.clone();
+        long_proof.renewal_proof = Some("A".repeat(513));
+        assert!(encode(&long_proof).is_err());
         let mut two = csr.clone();
         two.csr_pem = format!("{}{}", csr.csr_pem, csr.csr_pem);
         assert!(encode(&two).is_err());

@@ -40,8 +40,8 @@ use anyhow::{Context, Result, bail, ensure};
 use ipnet::IpNet;
 use nodeseal_keymgr::handshake::{self, HandshakeConfig};
 use nodeseal_keymgr::{
-    ClusterCa, Epoch, ExpectedPeer, Hello, IssueOptions, Mode, NodeIdentity, NodeKey, NodeName,
-    Spi, TrustBundle, TrustDomain, TrustStore, create_csr, validate_csr,
+    ClusterCa, Epoch, ExpectedPeer, Hello, IssueOptions, Mode, NodeClaims, NodeIdentity, NodeKey,
+    NodeName, Spi, TrustBundle, TrustDomain, TrustStore, create_csr, validate_csr,
 };
 use nodeseal_netns::kube::KubeControlPlane;
 use nodeseal_netns::{
@@ -523,7 +523,8 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
     let trust = TrustStore::new(bundle.clone())?;
     let agent_name = NodeName::new(AGENT_NAME)?;
     let agent_key = NodeKey::generate()?;
-    let agent_identity = issue(&ca, &td, &agent_name, &agent_key)?;
+    let agent_claims = NodeClaims::new(&[IpAddr::V4(AGENT_IP)], &[AGENT_POD_CIDR.parse()?])?;
+    let agent_identity = issue(&ca, &td, &agent_name, &agent_key, &agent_claims)?;
     let id_dir = bench.dir.join("agent-id");
     std::fs::create_dir_all(&id_dir)?;
     std::fs::write(id_dir.join("node.crt"), agent_identity.chain_pem())?;
@@ -537,16 +538,18 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
     for i in 0..n {
         let name = NodeName::new(&format!("peer-{i:05}"))?;
         let key = NodeKey::from_pem(peer_key.to_pem().as_bytes())?;
-        let identity = issue(&ca, &td, &name, &key)?;
-        let config = HandshakeConfig::new(trust.clone(), &identity)?;
         let ip = peer_ip(i)?;
+        let pod_cidr = peer_pod_cidr(i)?;
+        let claims = NodeClaims::new(&[IpAddr::V4(ip)], &[pod_cidr])?;
+        let identity = issue(&ca, &td, &name, &key, &claims)?;
+        let config = HandshakeConfig::new(trust.clone(), &identity)?;
         peers.insert(
             ip,
             PeerCreds {
                 index: i,
                 name,
                 ip,
-                pod_cidr: peer_pod_cidr(i)?,
+                pod_cidr,
                 config,
                 attempts: std::sync::atomic::AtomicU32::new(0),
             },
@@ -839,12 +842,18 @@ fn wire(bench: &Bench) -> Result<()> {
     Ok(())
 }
 
-fn issue(ca: &ClusterCa, td: &TrustDomain, node: &NodeName, key: &NodeKey) -> Result<NodeIdentity> {
+fn issue(
+    ca: &ClusterCa,
+    td: &TrustDomain,
+    node: &NodeName,
+    key: &NodeKey,
+    claims: &NodeClaims,
+) -> Result<NodeIdentity> {
     let csr = create_csr(key, td, node)?;
     let validated = validate_csr(csr.as_ref(), td, node)?;
     let chain = ca.issue(
         &validated,
-        None,
+        Some(claims),
         &IssueOptions::with_ttl(Duration::from_secs(24 * 3600)),
     )?;
     Ok(NodeIdentity::new(
