@@ -24,8 +24,8 @@ use ipnet::IpNet;
 use nodeseal_bpf::NodeId;
 use nodeseal_keymgr::handshake::{self, Agreement, HandshakeConfig, Incoming};
 use nodeseal_keymgr::{
-    Aead as KeyAead, ClaimsError, Epoch, HandshakeError, Hello, Mode, NodeName, RejectReason,
-    SpiffeId,
+    Aead as KeyAead, ClaimsError, Epoch, HandshakeError, Hello, Mode, NodeClaims, NodeName,
+    RejectReason, SpiffeId,
 };
 use nodeseal_xfrm::{Handle, KernelPolicy, KernelState, Spi};
 use rand::Rng;
@@ -185,6 +185,11 @@ struct Installed {
 /// The peer task's state.
 pub struct PeerTask {
     info: PeerInfo,
+    /// A changed record that the peer's last verified certificate does not admit: it takes
+    /// effect only at a handshake whose certificate does (the peer may have been re-certified).
+    proposed: Option<PeerInfo>,
+    /// What the peer's certificate admitted at the last handshake.
+    admitted: Option<NodeClaims>,
     node_id: NodeId,
     settings: PeerSettings,
     xfrm: Handle,
@@ -353,6 +358,8 @@ impl PeerTask {
             Instant::now() + Duration::from_millis(rand::rng().random_range(0..250));
         let mut task = Self {
             info,
+            proposed: None,
+            admitted: None,
             node_id,
             settings: ctx.settings,
             xfrm: ctx.xfrm,
@@ -510,7 +517,19 @@ impl PeerTask {
             PeerCommand::Incoming(incoming) => Box::pin(self.respond(*incoming)).await,
             PeerCommand::Rekey { generation } => self.on_generation(generation),
             PeerCommand::Update(info) => {
-                if info.pod_cidrs != self.info.pod_cidrs || info.ip != self.info.ip {
+                let refused = self
+                    .admitted
+                    .as_ref()
+                    .and_then(|a| a.cover(info.ip, &info.pod_cidrs).err());
+                if let Some(e) = refused {
+                    // Routes follow only what a certificate admitted; ask the peer for a
+                    // handshake in case it was re-certified for the new claims.
+                    warn!(peer = %info.name, reason = %e, "peer record change not admitted");
+                    self.record_failure(PeerError::NotAdmitted(e.to_string()).to_string());
+                    self.proposed = Some(info);
+                    self.schedule(Instant::now());
+                } else if info.pod_cidrs != self.info.pod_cidrs || info.ip != self.info.ip {
+                    self.proposed = None;
                     // A changed address plan needs new selectors: rebuild on the next handshake.
                     info!(peer = %info.name, "peer record changed; rekeying");
                     self.info = info;
@@ -714,6 +733,7 @@ impl PeerTask {
 
     /// Steps 2-5 of a rekey, given an agreement.
     async fn install(&mut self, mut agreement: Agreement<TcpStream>) -> Result<(), PeerError> {
+        self.admit(&agreement)?;
         let hello = &agreement.peer_hello;
         if !handshake::hello_lists_ip(hello, self.info.ip) {
             return Err(PeerError::Contradiction {
@@ -730,17 +750,6 @@ impl PeerTask {
                     agreement.peer.spiffe_id, self.info.spiffe_id
                 ),
             });
-        }
-        // Authenticated is not authorized: the node's record (written by the node itself) may
-        // claim only what its certificate's issuer admitted for it.
-        match &agreement.peer.claims {
-            Some(admitted) => admitted
-                .cover(self.info.ip, &self.info.pod_cidrs)
-                .map_err(|e| PeerError::NotAdmitted(e.to_string()))?,
-            None if self.settings.require_claims => {
-                return Err(PeerError::NotAdmitted(ClaimsError::Unbound.to_string()));
-            }
-            None => {}
         }
         if let Some(cidr) = self
             .info
@@ -803,6 +812,29 @@ impl PeerTask {
         if let Some(previous) = self.current.replace(installed) {
             self.retiring
                 .push((previous, Instant::now() + self.settings.grace));
+        }
+        Ok(())
+    }
+
+    /// Authenticated is not authorized: the node's record (written by the node itself) may claim
+    /// only what its certificate's issuer admitted for it. A proposed record change the
+    /// certificate admits takes effect here.
+    fn admit(&mut self, agreement: &Agreement<TcpStream>) -> Result<(), PeerError> {
+        let candidate = self.proposed.as_ref().unwrap_or(&self.info);
+        match &agreement.peer.claims {
+            Some(admitted) => admitted
+                .cover(candidate.ip, &candidate.pod_cidrs)
+                .map_err(|e| PeerError::NotAdmitted(e.to_string()))?,
+            None if self.settings.require_claims => {
+                return Err(PeerError::NotAdmitted(ClaimsError::Unbound.to_string()));
+            }
+            None => {}
+        }
+        self.admitted.clone_from(&agreement.peer.claims);
+        if let Some(proposed) = self.proposed.take() {
+            self.datapath
+                .set_peer_routes(self.node_id, &proposed.pod_cidrs)?;
+            self.info = proposed;
         }
         Ok(())
     }

@@ -461,8 +461,10 @@ fn strict_mode_drops(name: &str, backend: Backend) {
     );
 }
 
-/// A node whose address changes stays one peer, at its new address only; a record claiming an
-/// address another node holds is refused, with the reason in status, and takes nothing over.
+/// A node whose address changes stays one peer, at its new address only (renewing its
+/// certificate for the new address with a proof of its old key); a record claiming an address
+/// or pod CIDR another node holds is refused, with the reason in status, and takes nothing over;
+/// a node's record claiming more than its certificate admits is refused.
 #[test]
 fn a_node_that_moves_stays_one_peer_and_its_address_cannot_be_claimed() {
     let Some(mut scenario) = established("moved", 2, 2, FabricOptions::default(), Backend::Dir)
@@ -504,8 +506,11 @@ fn a_node_that_moves_stays_one_peer_and_its_address_cannot_be_claimed() {
     let mut claim: serde_json::Value =
         serde_json::from_slice(&std::fs::read(nodes.join("node1.json")).expect("node1's record"))
             .expect("JSON");
+    let node1_record = claim.clone();
+    let node1_cidr = claim["pod_cidrs"][0].as_str().expect("pod CIDR").to_owned();
     claim["name"] = "node9".into();
     claim["spiffe_id"] = "spiffe://cluster.local/node/node9".into();
+    claim["pod_cidrs"] = serde_json::json!(["10.244.9.0/24"]);
     std::fs::write(nodes.join("node9.json"), claim.to_string()).expect("node9's record");
     let refused = nodeseal_netns::wait_until(Duration::from_secs(30), || {
         fabric.status_text(0).is_ok_and(|t| {
@@ -513,10 +518,48 @@ fn a_node_that_moves_stays_one_peer_and_its_address_cannot_be_claimed() {
         })
     });
     assert!(refused, "{}", fabric.status_text(0).unwrap_or_default());
+
+    // node9 again, at an address of its own, claiming node1's pod CIDR: refused before it gets
+    // a route, so node1's traffic is never redirected.
+    claim["node_ips"] = serde_json::json!(["10.0.0.19"]);
+    claim["handshake"] = "10.0.0.19:4250".into();
+    claim["pod_cidrs"] = serde_json::json!([node1_cidr]);
+    std::fs::write(nodes.join("node9.json"), claim.to_string()).expect("node9's record");
+    let refused = nodeseal_netns::wait_until(Duration::from_secs(30), || {
+        fabric.status_text(0).is_ok_and(|t| {
+            t.contains("unusable node node9")
+                && t.contains(&format!("claims pod CIDR {node1_cidr}"))
+                && t.contains("of node node1")
+        })
+    });
+    assert!(refused, "{}", fabric.status_text(0).unwrap_or_default());
     let row = fabric.peer_row(0, "node1").expect("node1's row");
     assert_eq!(row["state"], "established", "{row}");
     assert!(fabric.peer_row(0, "node9").is_none());
     assert!(ping(&pod_a.ns, pod_b.ip, 2).expect("ping").all_answered());
+
+    // node1's own record, rewritten to claim a pod CIDR keymgr never admitted for node1: node0
+    // refuses the change (its certificate binds what was admitted), says why, and keeps the
+    // routes and keys it had.
+    let mut widened = node1_record.clone();
+    widened["pod_cidrs"] = serde_json::json!([node1_cidr, "10.244.77.0/24"]);
+    std::fs::write(nodes.join("node1.json"), widened.to_string()).expect("node1's record");
+    let not_admitted = nodeseal_netns::wait_until(Duration::from_secs(30), || {
+        fabric.peer_row(0, "node1").is_some_and(|row| {
+            row["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("pod CIDR 10.244.77.0/24 is not admitted"))
+        })
+    });
+    assert!(
+        not_admitted,
+        "{}",
+        fabric.status_text(0).unwrap_or_default()
+    );
+    let policies = topo.node(0).ns.ip(&["xfrm", "policy"]).expect("policies");
+    assert!(!policies.contains("10.244.77.0/24"), "{policies}");
+    assert!(ping(&pod_a.ns, pod_b.ip, 2).expect("ping").all_answered());
+    std::fs::write(nodes.join("node1.json"), node1_record.to_string()).expect("node1's record");
 }
 
 #[test]
