@@ -52,6 +52,9 @@ struct Agent {
     node: NodeName,
     /// Nodes whose record the store reports unusable, and why (shown by `nodeseal status`).
     unusable_nodes: std::sync::Mutex<BTreeMap<String, String>>,
+    /// Pod CIDRs of each node's last usable record: what a revocation keeps refused in the
+    /// datapath when it arrives after the record.
+    pod_cidrs_of: std::sync::Mutex<BTreeMap<String, Vec<IpNet>>>,
     /// This node's IP (underlay): the tunnel endpoint.
     local_ip: IpAddr,
     /// This node's pod CIDRs: no peer may claim them.
@@ -259,6 +262,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let agent = Arc::new(Agent {
         node,
         unusable_nodes: std::sync::Mutex::default(),
+        pod_cidrs_of: std::sync::Mutex::default(),
         local_ip: local.ip,
         local_pod_cidrs: local.pod_cidrs.clone(),
         peer_cidrs: std::sync::Mutex::default(),
@@ -744,6 +748,7 @@ impl Agent {
                         if let Ok(mut unusable) = self.unusable_nodes.lock() {
                             unusable.remove(name.as_str());
                         }
+                        self.forget_node(name.as_str());
                     }
                 }
                 Event::Interrupted(e) => {
@@ -791,6 +796,17 @@ impl Agent {
                     .await;
             }
         }
+        let mut known: Vec<String> = self
+            .pod_cidrs_of
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        known.extend(self.datapath.revoked_nodes().unwrap_or_default());
+        for name in known {
+            if !listed.contains(&name) {
+                self.forget_node(&name);
+            }
+        }
         for n in nodes {
             self.apply(Record::Node(n)).await;
         }
@@ -805,6 +821,16 @@ impl Agent {
                     None => {
                         if let Ok(name) = NodeName::new(&node) {
                             self.trust.revoke_id(self.trust_domain.node_id(&name));
+                        }
+                        // Before the peer goes: its CIDRs turn from encrypted to refused in
+                        // place, never unknown (which would let its pods' plaintext in).
+                        let cidrs = self
+                            .pod_cidrs_of
+                            .lock()
+                            .ok()
+                            .and_then(|m| m.get(&node).cloned());
+                        if let Some(cidrs) = cidrs {
+                            self.keep_revoked(&node, &cidrs);
                         }
                         self.remove_peer_named(&node, "revoked").await;
                     }
@@ -856,15 +882,26 @@ impl Agent {
                 return;
             }
         };
-        if self.trust.is_revoked(&info.spiffe_id) {
-            return;
-        }
-        if let Err(reason) = self.hold_pod_cidrs(&name, &info.pod_cidrs) {
+        if let Some(reason) = self.overlapping_peer(&name, &info.pod_cidrs) {
+            // Before the revocation check too: a record naming a node the operator then
+            // revokes must not turn a member's pod CIDR into a refused one.
             warn!(peer = %name, %reason, "ignoring node record");
             if let Ok(mut unusable) = self.unusable_nodes.lock() {
                 unusable.insert(name, reason);
             }
             return;
+        }
+        if let Ok(mut known) = self.pod_cidrs_of.lock() {
+            known.insert(name.clone(), info.pod_cidrs.clone());
+        }
+        if self.trust.is_revoked(&info.spiffe_id) {
+            // Never a peer again, but its record stands: its pod CIDRs stay refused (also
+            // after a restart of this agent, or when the record changes them).
+            self.keep_revoked(&name, &info.pod_cidrs);
+            return;
+        }
+        if let Ok(mut held) = self.peer_cidrs.lock() {
+            held.insert(name.clone(), info.pod_cidrs.clone());
         }
         if let Some((holder, handle)) = self.registry.lookup(info.ip) {
             if holder.as_str() != name {
@@ -917,25 +954,52 @@ impl Agent {
         }
     }
 
-    /// Records `cidrs` as `name`'s, unless another peer holds one that overlaps them.
-    fn hold_pod_cidrs(&self, name: &str, cidrs: &[IpNet]) -> Result<(), String> {
-        let Ok(mut held) = self.peer_cidrs.lock() else {
-            return Ok(());
-        };
-        for (holder, theirs) in held.iter().filter(|(holder, _)| *holder != name) {
-            if let Some((c, t)) = cidrs.iter().find_map(|c| {
-                theirs
-                    .iter()
-                    .find(|t| t.contains(c) || c.contains(*t))
-                    .map(|t| (c, t))
-            }) {
-                return Err(format!(
-                    "claims pod CIDR {c}, which overlaps {t} of node {holder}"
-                ));
+    /// Why `cidrs` may not be `name`'s: another peer holds one that overlaps them.
+    fn overlapping_peer(&self, name: &str, cidrs: &[IpNet]) -> Option<String> {
+        let held = self.peer_cidrs.lock().ok()?;
+        held.iter()
+            .filter(|(holder, _)| *holder != name)
+            .find_map(|(holder, theirs)| {
+                cidrs.iter().find_map(|c| {
+                    theirs
+                        .iter()
+                        .find(|t| t.contains(c) || c.contains(*t))
+                        .map(|t| {
+                            format!("claims pod CIDR {c}, which overlaps {t} of node {holder}")
+                        })
+                })
+            })
+    }
+
+    /// Keeps a revoked node's pod CIDRs refused in the datapath (see
+    /// [`DatapathHandle::set_revoked`]).
+    fn keep_revoked(&self, node: &str, pod_cidrs: &[IpNet]) {
+        match self.datapath.set_revoked(node, pod_cidrs) {
+            Ok(true) => info!(peer = node, ?pod_cidrs, "revoked node's pod CIDRs refused"),
+            Ok(false) => debug!(peer = node, "revoked node's pod CIDRs already refused"),
+            Err(e) => {
+                warn!(peer = node, error = %error_chain(&e), "cannot refuse a revoked node's pod CIDRs")
             }
         }
-        held.insert(name.to_owned(), cidrs.to_vec());
-        Ok(())
+    }
+
+    /// A node's record is gone: a revoked node's pod CIDRs become unknown addresses (or go to
+    /// the member claiming them). Only here: while the record exists, a revoked node stays
+    /// refused, which is the common case after `nodeseal node revoke`.
+    fn forget_node(&self, node: &str) {
+        if let Ok(mut known) = self.pod_cidrs_of.lock() {
+            known.remove(node);
+        }
+        match self.datapath.forget_revoked(node) {
+            Ok(true) => info!(
+                peer = node,
+                "revoked node's record deleted; its pod CIDRs released"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(peer = node, error = %error_chain(&e), "cannot release a revoked node's pod CIDRs")
+            }
+        }
     }
 
     async fn remove_peer_named(&self, name: &str, reason: &str) {

@@ -5,7 +5,7 @@
 //! across an `.await`. Maps are pinned (`bpf/loader`), so a restarted agent finds the previous
 //! agent's node ids and slots and traffic keeps its keys until the new agent flips them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -90,6 +90,50 @@ struct Inner {
     dp: Datapath,
     attached_pods: BTreeSet<String>,
     used_ids: BTreeSet<u16>,
+    /// Pod CIDRs published for peers ([`DatapathHandle::set_peer_routes`]), so that a CIDR a
+    /// revoked node gives up goes back to the member that claims it too.
+    routes: BTreeMap<IpNet, NodeId>,
+    /// Revoked nodes (by name) whose pod CIDRs are kept in the ipcache as
+    /// [`Location::RevokedPod`]. A CIDR listed here is never published for a peer.
+    revoked: BTreeMap<String, Vec<IpNet>>,
+}
+
+impl Inner {
+    fn is_revoked_cidr(&self, cidr: &IpNet) -> bool {
+        self.revoked.values().any(|cidrs| cidrs.contains(cidr))
+    }
+
+    fn write_revoked(&mut self, cidr: IpNet) -> Result<(), DatapathError> {
+        // WORLD: a revoked node's pods are no workloads of the cluster for policy either.
+        self.dp
+            .ipcache
+            .insert(prefix(cidr)?, identity::WORLD, Location::RevokedPod)
+            .map_err(map_err(format!("revoked pod CIDR {cidr}")))
+    }
+
+    /// Gives a CIDR no revoked node lists any more back to the member that claims it, or
+    /// removes it (an unknown address like any other).
+    fn release_revoked(&mut self, cidr: IpNet) -> Result<(), DatapathError> {
+        if self.is_revoked_cidr(&cidr) {
+            return Ok(());
+        }
+        match self.routes.get(&cidr).copied() {
+            Some(id) => self
+                .dp
+                .ipcache
+                .insert(
+                    prefix(cidr)?,
+                    identity::FIRST_WORKLOAD,
+                    Location::RemotePod(id),
+                )
+                .map_err(map_err(format!("pod CIDR {cidr}"))),
+            None => {
+                // Already gone is fine.
+                let _ = self.dp.ipcache.remove(prefix(cidr)?);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Cheap-clone handle to the loaded datapath.
@@ -153,6 +197,8 @@ impl DatapathHandle {
                 dp,
                 attached_pods: BTreeSet::new(),
                 used_ids: BTreeSet::new(),
+                routes: BTreeMap::new(),
+                revoked: BTreeMap::new(),
             })),
             settings: Arc::new(settings),
         })
@@ -228,12 +274,19 @@ impl DatapathHandle {
 
     /// Publishes a peer's pod CIDRs: traffic to them is encrypted for it (or, in strict mode,
     /// dropped while it has no key slot) and plaintext from them is refused in strict mode.
+    /// A CIDR a revoked node's record still lists stays refused (see [`Self::set_revoked`]);
+    /// the peer gets it when that record goes.
     ///
     /// # Errors
     /// [`DatapathError::Map`].
     pub fn set_peer_routes(&self, id: NodeId, pod_cidrs: &[IpNet]) -> Result<(), DatapathError> {
         let mut inner = self.lock()?;
         for cidr in pod_cidrs {
+            inner.routes.insert(*cidr, id);
+            if inner.is_revoked_cidr(cidr) {
+                warn!(node_id = id.0, %cidr, "pod CIDR is a revoked node's; kept refused");
+                continue;
+            }
             inner
                 .dp
                 .ipcache
@@ -297,7 +350,7 @@ impl DatapathHandle {
     }
 
     /// Removes a peer: its ESP is dropped as from an unknown node, and its pods count as
-    /// outside the fabric.
+    /// outside the fabric, except the pod CIDRs of revoked nodes, which stay refused.
     ///
     /// # Errors
     /// [`DatapathError::Map`] (entries already gone are fine).
@@ -312,10 +365,71 @@ impl DatapathHandle {
         let _ = inner.dp.nodes.remove(ip);
         let _ = inner.dp.ipcache.remove(Prefix::host(ip));
         for cidr in pod_cidrs {
-            let _ = inner.dp.ipcache.remove(prefix(*cidr)?);
+            if inner.routes.get(cidr) == Some(&id) {
+                inner.routes.remove(cidr);
+            }
+            if inner.is_revoked_cidr(cidr) {
+                // Written again rather than left alone: the peer's task may have published
+                // the CIDR after the revocation did.
+                inner.write_revoked(*cidr)?;
+            } else {
+                let _ = inner.dp.ipcache.remove(prefix(*cidr)?);
+            }
         }
         inner.used_ids.remove(&id.0);
         Ok(())
+    }
+
+    /// Keeps a revoked node's pod CIDRs in the ipcache as [`Location::RevokedPod`], in place
+    /// of whatever entry they had: plaintext from them is dropped (`revoked_source`) whenever
+    /// encryption is on, traffic to them is never encrypted (strict egress drops it). The
+    /// CIDRs recorded for `node` before and not listed now are released. Returns whether
+    /// anything changed.
+    ///
+    /// Removing them instead, as for a node that leaves, would make the node's pods unknown
+    /// addresses, which pass: a revoked node would be less restricted than a member. They go
+    /// only with the node's record ([`Self::forget_revoked`]).
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`].
+    pub fn set_revoked(&self, node: &str, pod_cidrs: &[IpNet]) -> Result<bool, DatapathError> {
+        let mut inner = self.lock()?;
+        let old = inner
+            .revoked
+            .insert(node.to_owned(), pod_cidrs.to_vec())
+            .unwrap_or_default();
+        for cidr in pod_cidrs {
+            inner.write_revoked(*cidr)?;
+        }
+        for cidr in old.iter().filter(|c| !pod_cidrs.contains(c)) {
+            inner.release_revoked(*cidr)?;
+        }
+        Ok(old != pod_cidrs)
+    }
+
+    /// Forgets a revoked node whose record was deleted: its pod CIDRs go back to a member
+    /// claiming them, or become unknown addresses like any other. Returns whether the node was
+    /// kept revoked.
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`].
+    pub fn forget_revoked(&self, node: &str) -> Result<bool, DatapathError> {
+        let mut inner = self.lock()?;
+        let Some(cidrs) = inner.revoked.remove(node) else {
+            return Ok(false);
+        };
+        for cidr in cidrs {
+            inner.release_revoked(cidr)?;
+        }
+        Ok(true)
+    }
+
+    /// The revoked nodes whose pod CIDRs are kept refused.
+    ///
+    /// # Errors
+    /// [`DatapathError::Poisoned`].
+    pub fn revoked_nodes(&self) -> Result<Vec<String>, DatapathError> {
+        Ok(self.lock()?.revoked.keys().cloned().collect())
     }
 
     /// Detaches every program of this datapath (uplink and pod interfaces) and removes every

@@ -53,6 +53,12 @@ impl IpCacheEntry {
     pub const FLAG_POD: u16 = 2;
     /// The prefix is a node IP.
     pub const FLAG_NODE: u16 = 4;
+    /// The prefix is a pod CIDR of a revoked node (set with [`Self::FLAG_REMOTE`] and
+    /// [`Self::FLAG_POD`], `node_id` 0): it never gets an encrypt mark, and plaintext from it is
+    /// dropped (`RevokedSource`) whenever encryption is on. Keeping the prefix known, rather
+    /// than removing it, is what keeps a revoked node more restricted than a member: an unknown
+    /// source is "outside the fabric" and passes.
+    pub const FLAG_REVOKED: u16 = 8;
 }
 
 /// Key of `IPCACHE_EXACT_V6`: one IPv6 ipcache prefix, host bits cleared (the same prefix as in

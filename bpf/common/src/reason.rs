@@ -28,11 +28,16 @@ pub enum DropReason {
     UnknownEndpoint = 9,
     /// A pod sent a frame that is neither IPv4, IPv6 nor ARP (e.g. VLAN-tagged).
     UnsupportedL3 = 10,
+    /// Plaintext arrived on the uplink with a source in this node's own pod CIDRs (encryption
+    /// on). This node's pods never reach it from the wire, so the source is forged.
+    LocalSourceSpoof = 11,
+    /// Plaintext arrived on the uplink from a pod CIDR of a revoked node (encryption on).
+    RevokedSource = 12,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 12] = [
         Self::NoSa,
         Self::UnknownNode,
         Self::Unencrypted,
@@ -43,6 +48,8 @@ impl DropReason {
         Self::Ipv6ExtensionChain,
         Self::UnknownEndpoint,
         Self::UnsupportedL3,
+        Self::LocalSourceSpoof,
+        Self::RevokedSource,
     ];
 
     /// Size of the counters array (codes are `1..COUNT`; index 0 is unused).
@@ -68,6 +75,8 @@ impl DropReason {
             8 => Self::Ipv6ExtensionChain,
             9 => Self::UnknownEndpoint,
             10 => Self::UnsupportedL3,
+            11 => Self::LocalSourceSpoof,
+            12 => Self::RevokedSource,
             _ => return None,
         })
     }
@@ -86,6 +95,8 @@ impl DropReason {
             Self::Ipv6ExtensionChain => "ipv6_extension_chain",
             Self::UnknownEndpoint => "unknown_endpoint",
             Self::UnsupportedL3 => "unsupported_l3",
+            Self::LocalSourceSpoof => "local_source_spoof",
+            Self::RevokedSource => "revoked_source",
         }
     }
 }

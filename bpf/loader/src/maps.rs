@@ -165,6 +165,10 @@ pub enum Location {
     RemoteNode(NodeId),
     /// Anything else (world CIDRs, this host): never encrypted.
     External,
+    /// A pod CIDR of a revoked node: never encrypted (strict egress drops traffic to it),
+    /// plaintext from it is refused whenever encryption is on. Kept in the ipcache so that the
+    /// node is more restricted than a member, not unknown.
+    RevokedPod,
 }
 
 /// The ipcache: prefix → identity and location.
@@ -350,6 +354,10 @@ impl IpCache {
                 (n, IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_NODE)
             }
             Location::External => (0, 0),
+            Location::RevokedPod => (
+                0,
+                IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_POD | IpCacheEntry::FLAG_REVOKED,
+            ),
         };
         let entry = IpCacheEntry {
             identity,
@@ -459,7 +467,9 @@ impl IpCache {
             }
         };
         let remote = entry.flags & IpCacheEntry::FLAG_REMOTE != 0;
-        let location = if remote && entry.flags & IpCacheEntry::FLAG_POD != 0 {
+        let location = if entry.flags & IpCacheEntry::FLAG_REVOKED != 0 {
+            Location::RevokedPod
+        } else if remote && entry.flags & IpCacheEntry::FLAG_POD != 0 {
             Location::RemotePod(NodeId(entry.node_id))
         } else if remote {
             Location::RemoteNode(NodeId(entry.node_id))

@@ -860,6 +860,202 @@ fn from_network_node_authentication_and_strict_ingress() {
     );
 }
 
+/// Plaintext on the uplink whose source claims this node's own pod CIDRs is forged: dropped
+/// with `LocalSourceSpoof` whenever encryption is on, strict or not. A revoked node's pod
+/// CIDRs stay in the ipcache as `RevokedPod`: plaintext from them is dropped with
+/// `RevokedSource` (also with strict ingress off, unlike a member's), traffic to them never
+/// gets an encrypt mark and is dropped in strict egress.
+#[test]
+fn from_network_refuses_local_source_spoofs_and_revoked_nodes() {
+    let Some((_root, mut dp)) = load("spoof_table") else {
+        return;
+    };
+    let net = Program::FromNetwork;
+    let pod = Program::FromPod;
+    let local_spoof = Ipv4Addr::new(10, 0, 1, 77);
+    let local_spoof6 = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x77);
+    let revoked_pod = Ipv4Addr::new(10, 0, 3, 9);
+    let revoked_pod6 = Ipv6Addr::new(0xfd00, 3, 0, 0, 0, 0, 0, 9);
+    let revoked = NodeId(8);
+    let revoked_node = Ipv4Addr::new(192, 168, 0, 8);
+    // node 8 was a member with a ready slot, then got revoked: its pod CIDRs are rewritten as
+    // revoked, its node IP leaves NODES (its slot is left ready on purpose: the revoked flag
+    // alone must keep traffic from being marked for it).
+    dp.peer_slots.set(revoked, Some(SLOT)).expect("slot");
+    dp.ipcache
+        .insert(
+            prefix(revoked_pod, 24),
+            identity::WORLD,
+            Location::RevokedPod,
+        )
+        .expect("revoked v4");
+    dp.ipcache
+        .insert(
+            prefix(revoked_pod6, 64),
+            identity::WORLD,
+            Location::RevokedPod,
+        )
+        .expect("revoked v6");
+    assert_eq!(
+        dp.ipcache.lookup(ip(revoked_pod)).expect("lookup"),
+        Some((identity::WORLD, Location::RevokedPod))
+    );
+    let strict_cases = [
+        case(
+            "plaintext udp from a local pod address",
+            net,
+            v4(local_spoof, LOCAL_POD, proto::UDP, &udp(1, 53)),
+            Expect::Drop(DropReason::LocalSourceSpoof),
+        ),
+        case(
+            "plaintext v6 from a local pod address",
+            net,
+            ipv6(local_spoof6, LOCAL_POD6, proto::TCP, &tcp(1, 80), &[]),
+            Expect::Drop(DropReason::LocalSourceSpoof),
+        ),
+        case(
+            "plaintext udp from a revoked node's pod",
+            net,
+            v4(revoked_pod, LOCAL_POD, proto::UDP, &udp(1, 53)),
+            Expect::Drop(DropReason::RevokedSource),
+        ),
+        case(
+            "plaintext v6 from a revoked node's pod",
+            net,
+            ipv6(revoked_pod6, LOCAL_POD6, proto::UDP, &udp(1, 53), &[]),
+            Expect::Drop(DropReason::RevokedSource),
+        ),
+        case(
+            "esp from the revoked node",
+            net,
+            v4(
+                revoked_node,
+                Ipv4Addr::new(192, 168, 0, 1),
+                proto::ESP,
+                &esp(1),
+            ),
+            Expect::Drop(DropReason::UnknownNode),
+        ),
+        case(
+            "to a revoked node's pod, strict egress",
+            pod,
+            v4(LOCAL_POD, revoked_pod, proto::UDP, &udp(1, 53)),
+            Expect::Drop(DropReason::NoSa),
+        ),
+        // A member's plaintext is still what it was: refused as unencrypted in strict mode.
+        case(
+            "plaintext from a member's pod",
+            net,
+            v4(REMOTE_POD, LOCAL_POD, proto::UDP, &udp(1, 53)),
+            Expect::Drop(DropReason::Unencrypted),
+        ),
+    ];
+    for c in &strict_cases {
+        check(&mut dp, c);
+    }
+    // The drop event names what the ipcache knows of the forged source.
+    let _ = dp.events.drain();
+    dp.test_run(
+        net,
+        &v4(local_spoof, LOCAL_POD, proto::UDP, &udp(1, 53)),
+        IFINDEX,
+        0,
+    )
+    .expect("run");
+    let events = dp.events.drain();
+    let e = events[0].as_ref().expect("event");
+    assert_eq!(e.outcome, Outcome::Drop(DropReason::LocalSourceSpoof));
+    assert_eq!(e.src_identity, POD_A);
+
+    // Strict off both ways: a member's plaintext passes, forged local sources and revoked
+    // nodes' pods do not; traffic to a revoked node's pods goes in clear, never marked.
+    let mut cfg = dp.config.get().expect("config");
+    cfg.strict_ingress = false;
+    cfg.strict_egress = false;
+    dp.config.set(cfg).expect("config");
+    let lax_cases = [
+        case(
+            "plaintext from a local pod address, not strict",
+            net,
+            v4(local_spoof, LOCAL_POD, proto::UDP, &udp(1, 53)),
+            Expect::Drop(DropReason::LocalSourceSpoof),
+        ),
+        case(
+            "plaintext from a revoked node's pod, not strict",
+            net,
+            v4(revoked_pod, LOCAL_POD, proto::UDP, &udp(1, 53)),
+            Expect::Drop(DropReason::RevokedSource),
+        ),
+        case(
+            "plaintext from a member's pod, not strict",
+            net,
+            v4(REMOTE_POD, LOCAL_POD, proto::UDP, &udp(1, 53)),
+            CLEAR,
+        ),
+        case(
+            "to a revoked node's pod, not strict",
+            pod,
+            v4(LOCAL_POD, revoked_pod, proto::UDP, &udp(1, 53)),
+            CLEAR,
+        ),
+        case(
+            "to a member's pod, not strict",
+            pod,
+            v4(LOCAL_POD, REMOTE_POD, proto::UDP, &udp(1, 53)),
+            ENC,
+        ),
+    ];
+    for c in &lax_cases {
+        check(&mut dp, c);
+    }
+
+    // Revoking a member rewrites its prefix in place: from then on its pods' plaintext is
+    // refused as revoked, and its still-ready slot is never used.
+    dp.ipcache
+        .insert(
+            prefix(Ipv4Addr::new(10, 0, 2, 0), 24),
+            identity::WORLD,
+            Location::RevokedPod,
+        )
+        .expect("revoke member");
+    check(
+        &mut dp,
+        &case(
+            "plaintext from a just-revoked member's pod",
+            net,
+            v4(REMOTE_POD, LOCAL_POD, proto::UDP, &udp(1, 53)),
+            Expect::Drop(DropReason::RevokedSource),
+        ),
+    );
+    check(
+        &mut dp,
+        &case(
+            "to a just-revoked member's pod",
+            pod,
+            v4(LOCAL_POD, REMOTE_POD, proto::UDP, &udp(1, 53)),
+            CLEAR,
+        ),
+    );
+
+    // Encryption off: nothing of ours to police.
+    cfg.mode = Mode::None;
+    dp.config.set(cfg).expect("config");
+    for (name, src) in [
+        ("local pod address, encryption off", local_spoof),
+        ("revoked pod, encryption off", revoked_pod),
+    ] {
+        check(
+            &mut dp,
+            &case(
+                name,
+                net,
+                v4(src, LOCAL_POD, proto::UDP, &udp(1, 53)),
+                CLEAR,
+            ),
+        );
+    }
+}
+
 #[test]
 fn to_pod_ingress_policy() {
     let Some((_root, mut dp)) = load("to_pod_table") else {

@@ -18,9 +18,12 @@
 //! | from_pod | remote destination, IPsec, peer ready | pass, mark = encrypt(node, slot) |
 //! | from_pod | remote destination, peer not ready, strict egress | drop `no_sa` |
 //! | from_pod | remote destination, peer not ready, not strict | pass in clear |
+//! | from_pod | revoked node's pod CIDR, strict egress | drop `no_sa` (never an encrypt mark) |
 //! | from_network | packet already carries a decrypt mark (decrypted inner packet) | pass |
 //! | from_network | ESP from a node in `NODES` (IPsec mode) | pass, mark = decrypt(node) |
 //! | from_network | ESP from an unknown address (IPsec mode) | drop `unknown_node` |
+//! | from_network | plaintext from this node's own pod CIDRs, encryption on | drop `local_source_spoof` |
+//! | from_network | plaintext from a revoked node's pod CIDR, encryption on | drop `revoked_source` |
 //! | from_network | plaintext from a remote pod CIDR, strict ingress | drop `unencrypted` |
 //! | to_pod | ifindex not in `ENDPOINTS` | pass (not a managed pod) |
 //! | to_pod | ingress policy denies | drop `policy_denied` / `fragment_no_ports` |

@@ -72,10 +72,16 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         return pass_verdict(&ctx, tracing, PROGRAM, &p, &who);
     }
     who.node_id = dst.node_id;
-    let slot = PEER_SLOTS
-        .get(u32::from(dst.node_id))
-        .copied()
-        .unwrap_or_default();
+    // A revoked node's pods get no key, whatever `PEER_SLOTS` says: in strict mode they are
+    // dropped (`NoSa`) rather than sent in clear.
+    let slot = if dst.flags & IpCacheEntry::FLAG_REVOKED != 0 {
+        PeerSlot::default()
+    } else {
+        PEER_SLOTS
+            .get(u32::from(dst.node_id))
+            .copied()
+            .unwrap_or_default()
+    };
     if slot.flags & PeerSlot::FLAG_READY != 0 && slot.key_slot != 0 {
         if cfg.mode == Config::MODE_IPSEC {
             let old = verdict::mark(&ctx) & !mark::OWNED_MASK;
@@ -132,17 +138,46 @@ pub fn from_network(ctx: TcContext) -> i32 {
         }
         return TC_ACT_OK;
     }
-    if cfg.flags & Config::FLAG_STRICT_INGRESS != 0
+    let encrypting = cfg.mode != Config::MODE_NONE;
+    let strict = cfg.flags & Config::FLAG_STRICT_INGRESS != 0;
+    if (encrypting || strict)
         && let Some(src) = ipcache(&p, true)
+        && let Some(reason) = plaintext_source_verdict(src.flags, encrypting, strict)
     {
-        let remote_pod = IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_POD;
-        if src.flags & remote_pod == remote_pod {
-            who.src_identity = src.identity;
-            who.node_id = src.node_id;
-            return verdict::drop(&ctx, PROGRAM, DropReason::Unencrypted, &p, &who);
-        }
+        who.src_identity = src.identity;
+        who.node_id = src.node_id;
+        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
     }
     pass_verdict(&ctx, tracing, PROGRAM, &p, &who)
+}
+
+/// Why plaintext from the wire whose source the ipcache knows with `flags` is dropped, if it is.
+///
+/// - This node's own pod CIDRs (`FLAG_POD` without `FLAG_REMOTE`): its pods reach its other
+///   pods through their veths, never through the uplink, and its traffic that went out
+///   encrypted comes back (if ever) as ESP. So such a source on the wire is always forged, in
+///   strict mode or not: dropped whenever encryption is on. (A device that hairpins pod
+///   traffic back without SNAT would be refused too; it handles pod traffic in clear, which
+///   encryption exists to rule out.) With encryption off, the node is not ours to police.
+/// - A revoked node's pod CIDRs (`FLAG_REVOKED`): the operator took that node out of the
+///   fabric; its pods must not reach ours in clear, also when strict ingress is off (which
+///   exists so that members without SAs yet keep talking, not for nodes thrown out).
+/// - A member's pod CIDRs: plaintext only in strict ingress (`Unencrypted`).
+#[inline(always)]
+fn plaintext_source_verdict(flags: u16, encrypting: bool, strict: bool) -> Option<DropReason> {
+    let remote_pod = IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_POD;
+    if encrypting {
+        if flags & remote_pod == IpCacheEntry::FLAG_POD {
+            return Some(DropReason::LocalSourceSpoof);
+        }
+        if flags & IpCacheEntry::FLAG_REVOKED != 0 {
+            return Some(DropReason::RevokedSource);
+        }
+    }
+    if strict && flags & remote_pod == remote_pod {
+        return Some(DropReason::Unencrypted);
+    }
+    None
 }
 
 /// tc egress on the host side of a pod's veth: traffic toward the pod.

@@ -8,6 +8,7 @@
 
 pub mod capture;
 pub mod fabric;
+pub mod forge;
 #[cfg(feature = "kube")]
 pub mod kube;
 pub mod net;

@@ -358,6 +358,60 @@ fn revoked_node_loses_its_sas(name: &str, backend: Backend) {
         )
         .is_empty()
     );
+    forged_plaintext_never_reaches_a_pod(topo, fabric);
+}
+
+/// Plaintext UDP forged on the underlay towards node0's pod: from an address outside the
+/// fabric it arrives (so the path works), claiming one of node0's own pods or a pod of the
+/// revoked node2 it does not, and node0 counts why.
+fn forged_plaintext_never_reaches_a_pod(topo: &Topology, fabric: &Fabric) {
+    use nodeseal_netns::forge;
+    let drops = |reason: &str| {
+        let status = fabric.status(0).expect("status");
+        status["datapath_drops"][reason].as_u64().unwrap_or(0)
+    };
+    let (local_before, revoked_before) = (drops("local_source_spoof"), drops("revoked_source"));
+    let target = topo.node(0).pod(0);
+    let dst = SocketAddrV4::new(target.ip, 7100);
+    let socket = forge::bind_udp(&target.ns, dst).expect("bind");
+    let sources = [
+        ("outside", std::net::Ipv4Addr::new(192, 0, 2, 1)),
+        // Not the pod's own address, which the pod's kernel would refuse as martian itself.
+        ("local", std::net::Ipv4Addr::new(10, 244, 0, 99)),
+        ("revoked", topo.node(2).pod(0).ip),
+    ];
+    for _ in 0..3 {
+        for (tag, src) in sources {
+            forge::send_udp(topo.underlay(), topo.node(0), src, dst, tag.as_bytes())
+                .expect("forge");
+        }
+    }
+    let got = forge::receive_for(&socket, Duration::from_secs(2)).expect("receive");
+    let count = |tag: &str| {
+        got.iter()
+            .filter(|p| p.as_slice() == tag.as_bytes())
+            .count()
+    };
+    assert_eq!(count("outside"), 3, "forged path does not work: {got:?}");
+    assert_eq!(
+        count("local"),
+        0,
+        "a forged local pod source reached the pod"
+    );
+    assert_eq!(
+        count("revoked"),
+        0,
+        "a revoked node's pod reached the pod in clear"
+    );
+    let (local_after, revoked_after) = (drops("local_source_spoof"), drops("revoked_source"));
+    assert!(
+        local_after >= local_before + 3,
+        "local_source_spoof {local_before} -> {local_after}"
+    );
+    assert!(
+        revoked_after >= revoked_before + 3,
+        "revoked_source {revoked_before} -> {revoked_after}"
+    );
 }
 
 #[test]

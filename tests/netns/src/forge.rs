@@ -1,0 +1,192 @@
+//! Forged plaintext on the underlay wire: UDP datagrams with any source address, written as
+//! Ethernet frames straight onto the underlay bridge, as any host on the node network could.
+//! Routing never sees them on the way out, so nothing there refuses a source it does not own;
+//! what the receiving node does with them is what the spoofing scenarios check.
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::topology::UNDERLAY_BRIDGE;
+use crate::{Netns, Node};
+
+/// A locally administered, unicast MAC no interface of a topology uses.
+const FORGER_MAC: [u8; 6] = [0x02, 0x6e, 0x73, 0x00, 0x00, 0x01];
+
+/// Sends one UDP datagram `src:40000 -> dst` carrying `payload`, from the underlay namespace
+/// onto its bridge, addressed to the MAC of `node`'s uplink (`eth0`).
+///
+/// # Errors
+/// When the uplink's MAC cannot be read or the frame cannot be sent.
+pub fn send_udp(
+    underlay: &Netns,
+    node: &Node,
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+    payload: &[u8],
+) -> Result<()> {
+    let mac = uplink_mac(node)?;
+    let frame = udp_frame(mac, src, dst, payload)?;
+    underlay.run(|| send_frame(UNDERLAY_BRIDGE, mac, &frame))
+}
+
+/// Binds a UDP socket on `addr` inside `ns` (e.g. a pod's) for [`receive_for`].
+///
+/// # Errors
+/// When binding fails.
+pub fn bind_udp(ns: &Netns, addr: SocketAddrV4) -> Result<UdpSocket> {
+    ns.run(|| UdpSocket::bind(addr))
+        .with_context(|| format!("binding UDP {addr}"))
+}
+
+/// Every payload `socket` receives during `window`.
+///
+/// # Errors
+/// When the socket fails other than by timing out.
+pub fn receive_for(socket: &UdpSocket, window: Duration) -> Result<Vec<Vec<u8>>> {
+    let deadline = Instant::now() + window;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(got);
+        }
+        socket.set_read_timeout(Some(left))?;
+        match socket.recv(&mut buf) {
+            Ok(n) => got.push(buf[..n].to_vec()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(got);
+            }
+            Err(e) => return Err(e).context("receiving"),
+        }
+    }
+}
+
+fn uplink_mac(node: &Node) -> Result<[u8; 6]> {
+    // "2: eth0@if5: <...> ... link/ether 7a:1b:... brd ff:ff:..."
+    let out = node.ns.ip(&["-o", "link", "show", "eth0"])?;
+    let text = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .with_context(|| format!("no MAC in {out:?}"))?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        bail!("bad MAC {text:?}");
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).with_context(|| format!("bad MAC {text:?}"))?;
+    }
+    Ok(mac)
+}
+
+fn udp_frame(
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: SocketAddrV4,
+    payload: &[u8],
+) -> Result<Vec<u8>> {
+    let udp_len = u16::try_from(8 + payload.len()).context("payload too long")?;
+    let total = udp_len.checked_add(20).context("payload too long")?;
+    let mut f = Vec::with_capacity(14 + usize::from(total));
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&FORGER_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let ip_start = f.len();
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0x40, 0]); // id 0, don't fragment
+    f.extend_from_slice(&[64, 17, 0, 0]); // TTL, UDP, checksum below
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.ip().octets());
+    let sum = checksum(&f[ip_start..]);
+    f[ip_start + 10..ip_start + 12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&dst.port().to_be_bytes());
+    f.extend_from_slice(&udp_len.to_be_bytes());
+    f.extend_from_slice(&[0, 0]); // no UDP checksum (allowed over IPv4)
+    f.extend_from_slice(payload);
+    Ok(f)
+}
+
+fn checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Runs on a thread inside the underlay namespace (the interface index and the socket are
+/// resolved in the caller's namespace).
+fn send_frame(ifname: &str, dst_mac: [u8; 6], frame: &[u8]) -> Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let name = std::ffi::CString::new(ifname)?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface {ifname}: {}", std::io::Error::last_os_error());
+    }
+    // Protocol 0: this socket only sends.
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if raw < 0 {
+        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // SAFETY: a zeroed sockaddr_ll is a valid value of this plain C struct.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = 0x0800u16.to_be();
+    addr.sll_ifindex = i32::try_from(ifindex).context("ifindex")?;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&dst_mac);
+    // SAFETY: `frame` and `addr` are valid for the lengths passed.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        bail!("sendto on {ifname}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_has_a_valid_ipv4_header() {
+        let f = udp_frame(
+            [2, 0, 0, 0, 0, 9],
+            Ipv4Addr::new(10, 244, 0, 99),
+            SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 10), 7100),
+            b"abc",
+        )
+        .expect("frame");
+        assert_eq!(f.len(), 14 + 20 + 8 + 3);
+        // A header with its checksum in place sums to zero.
+        assert_eq!(checksum(&f[14..34]), 0);
+        assert_eq!(&f[26..30], &[10, 244, 0, 99]);
+        assert_eq!(&f[36..38], &7100u16.to_be_bytes());
+    }
+}
