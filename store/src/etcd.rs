@@ -163,7 +163,11 @@ impl EtcdStore {
             .with_keep_alive(options.keep_alive_interval, options.keep_alive_timeout)
             .with_keep_alive_while_idle(true);
         if let Some(tls) = &options.tls {
-            connect = connect.with_tls(tls.load().await?);
+            let (tls, probe) = tls.load().await?;
+            for endpoint in &options.endpoints {
+                security::probe(&probe, endpoint, options.connect_timeout).await?;
+            }
+            connect = connect.with_tls(tls);
         }
         let mut op = "connect";
         let mut subject = options.endpoints.join(",");
@@ -287,7 +291,8 @@ fn map_error(op: &'static str, subject: &str, error: etcd_client::Error) -> Stor
     use etcd_client::Error as E;
     let connectivity = match &error {
         // A refused certificate needs someone to fix it; waiting does not help.
-        E::TransportError(_) | E::IoError(_) => !tls_refused(&error),
+        _ if tls_refused(&error) => false,
+        E::TransportError(_) | E::IoError(_) => true,
         E::GRpcStatus(status) => matches!(
             status.code(),
             tonic::Code::Unavailable
@@ -771,6 +776,85 @@ mod tests {
         // Revoking the lease deletes what hangs on it.
         lease.revoke().await.expect("revoke");
         assert!(matches!(next(&mut events).await, Event::Deleted(k) if k.to_string() == "nodes/a"));
+    }
+
+    /// A value over [`MAX_RECORD_BYTES`] written past nodeseal (etcd itself accepts up to
+    /// 1.5 MiB) is refused wherever it is read, naming its key, as the directory backend does;
+    /// the records around it still arrive.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_values_are_refused_by_key_and_others_still_arrive() {
+        let Some(server) = EtcdServer::start_or_skip("oversized_values_are_refused") else {
+            return;
+        };
+        let (store, backend) = store(&server).await;
+        let mut raw = Client::connect([server.endpoint()], None)
+            .await
+            .expect("raw etcd client");
+        // Over the single-read response bound too (the limit plus 64 KiB), under etcd's 1.5 MiB.
+        let oversized_len = MAX_RECORD_BYTES + (100 << 10);
+        let oversized = vec![b' '; oversized_len];
+        raw.put("/nodeseal/nodes/big", oversized.clone(), None)
+            .await
+            .expect("raw put of an oversized value");
+        store.put(&node_record("a", 1)).await.expect("put a");
+        let too_large = |key: &str, error: &crate::RecordError| {
+            error.key == key
+                && matches!(error.problem, RecordProblem::TooLarge { len, limit }
+                if len > MAX_RECORD_BYTES && limit == MAX_RECORD_BYTES)
+        };
+
+        // A listing.
+        let listing = store.list::<crate::NodeRecord>().await.expect("list");
+        assert_eq!(listing.records, vec![node_record("a", 1)]);
+        assert_eq!(listing.invalid.len(), 1, "{:?}", listing.invalid);
+        assert!(
+            too_large("nodes/big", &listing.invalid[0]),
+            "{:?}",
+            listing.invalid
+        );
+        assert_eq!(
+            listing.invalid[0].to_string(),
+            format!(
+                "invalid record nodes/big: {oversized_len} bytes, more than the limit of {MAX_RECORD_BYTES}"
+            )
+        );
+
+        // A single read: refused from the response's length, before the value is received.
+        let error = store
+            .get::<crate::NodeRecord>(&crate::NodeName::new("big").expect("name"))
+            .await
+            .expect_err("too large");
+        assert!(
+            matches!(&error, StoreError::Invalid(e) if too_large("nodes/big", e)),
+            "{error:?}"
+        );
+        assert!(matches!(
+            backend.get("nodes/big").await,
+            Err(StoreError::Invalid(_))
+        ));
+
+        // A watch: in the snapshot, and as a change.
+        let mut events = store.watch(&[Kind::Node]);
+        match next(&mut events).await {
+            Event::Snapshot(snapshot) => {
+                assert_eq!(snapshot.records.len(), 1, "{snapshot:?}");
+                assert_eq!(snapshot.invalid.len(), 1, "{snapshot:?}");
+                assert!(too_large("nodes/big", &snapshot.invalid[0]), "{snapshot:?}");
+            }
+            other => panic!("expected the snapshot, got {other:?}"),
+        }
+        raw.put("/nodeseal/nodes/big2", oversized, None)
+            .await
+            .expect("raw put");
+        store.put(&node_record("b", 2)).await.expect("put b");
+        match next(&mut events).await {
+            Event::Invalid(error) => assert!(too_large("nodes/big2", &error), "{error:?}"),
+            other => panic!("expected the refusal of nodes/big2, got {other:?}"),
+        }
+        match next(&mut events).await {
+            Event::Put(record) => assert_eq!(record.key().to_string(), "nodes/b"),
+            other => panic!("expected nodes/b after the refusal, got {other:?}"),
+        }
     }
 
     /// What etcd refuses is not transient (sending it again gets the same answer); etcd being

@@ -13,10 +13,13 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_client::{Certificate, Identity, TlsOptions};
 use rustls::pki_types::pem::{self, PemObject as _};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use zeroize::Zeroizing;
 
 /// Largest PEM or password file read: certificates bundles are small, and a larger file is
@@ -58,13 +61,14 @@ impl EtcdTls {
         self
     }
 
-    /// Reads and checks the files and builds the client's TLS settings.
+    /// Reads and checks the files and builds the client's TLS settings, and the same settings
+    /// for [`probe`].
     ///
     /// # Errors
     ///
     /// [`EtcdSecurityError`] naming the file that cannot be read, holds no usable PEM, or whose
     /// key does not match its certificate.
-    pub(crate) async fn load(&self) -> Result<TlsOptions, EtcdSecurityError> {
+    pub(crate) async fn load(&self) -> Result<(TlsOptions, ProbeConfig), EtcdSecurityError> {
         let ca_pem = read_limited(FileRole::CaBundle, &self.ca_file).await?;
         let cas = certificates(FileRole::CaBundle, &self.ca_file, &ca_pem)?;
         // Parse each CA as rustls will, so that a corrupt certificate is reported with its file
@@ -80,11 +84,106 @@ impl EtcdTls {
                 })?;
         }
         let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(&ca_pem));
-        if let Some(client) = &self.client {
-            tls = tls.identity(client.load().await?);
-        }
-        Ok(tls)
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|source| EtcdSecurityError::Certificate {
+                role: FileRole::CaBundle,
+                path: self.ca_file.clone(),
+                source,
+            })?
+            .with_root_certificates(roots);
+        let mut probe = match &self.client {
+            Some(client) => {
+                let (identity, certified) = client.load(&provider).await?;
+                tls = tls.identity(identity);
+                builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                    certified,
+                )))
+            }
+            None => builder.with_no_client_auth(),
+        };
+        probe.alpn_protocols = vec![b"h2".to_vec()];
+        Ok((tls, ProbeConfig(Arc::new(probe))))
     }
+}
+
+/// The client's TLS settings as a rustls configuration, for [`probe`].
+#[derive(Clone)]
+pub(crate) struct ProbeConfig(Arc<rustls::ClientConfig>);
+
+impl fmt::Debug for ProbeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Holds the client key: nothing of it is shown.
+        f.write_str("ProbeConfig(..)")
+    }
+}
+
+/// The HTTP/2 client preface and an empty SETTINGS frame: an HTTP/2 server that accepted the
+/// connection answers with its own SETTINGS.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// Finds out whether etcd at `endpoint` and this client accept each other's certificates, with
+/// one TLS handshake and one HTTP/2 exchange.
+///
+/// Why: when etcd refuses the client's certificate (missing, or from another CA), TLS 1.3 says
+/// so with an alert after the handshake, and the gRPC stack reports only "connection closed".
+/// Here the alert is read, so the error says which certificate was refused and by whom. An
+/// unreachable etcd is not an error: connecting stays possible while etcd is down, and the
+/// first request reports that.
+///
+/// # Errors
+///
+/// [`EtcdSecurityError::TlsRefused`] with rustls' reason.
+pub(crate) async fn probe(
+    config: &ProbeConfig,
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<(), EtcdSecurityError> {
+    let Some((host, port)) = host_port(endpoint) else {
+        // Malformed endpoints are the etcd client's to report.
+        return Ok(());
+    };
+    let Ok(server_name) = ServerName::try_from(host.to_owned()) else {
+        return Ok(());
+    };
+    let refused = |source| EtcdSecurityError::TlsRefused {
+        endpoint: endpoint.to_owned(),
+        source,
+    };
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+        let connector = tokio_rustls::TlsConnector::from(config.0.clone());
+        let mut tls = connector.connect(server_name, tcp).await?;
+        tls.write_all(H2_PREFACE).await?;
+        tls.flush().await?;
+        let mut answer = [0u8; 9];
+        tls.read_exact(&mut answer).await?;
+        Ok::<(), std::io::Error>(())
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Err(error)) => match error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(tls_error) => Err(refused(tls_error.clone())),
+            None => Ok(()),
+        },
+        // Accepted, unreachable or slow: the requests will tell.
+        Ok(Ok(())) | Err(_) => Ok(()),
+    }
+}
+
+/// `host` and `port` of `https://host:port[/...]` (or without the scheme); IPv6 in brackets.
+fn host_port(endpoint: &str) -> Option<(&str, u16)> {
+    let rest = endpoint.strip_prefix("https://").unwrap_or(endpoint);
+    let authority = rest.split('/').next()?;
+    let (host, port) = authority.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Some((host, port.parse().ok()?))
 }
 
 /// A client certificate chain and its key, both PEM files.
@@ -98,23 +197,26 @@ pub struct EtcdClientCert {
 }
 
 impl EtcdClientCert {
-    async fn load(&self) -> Result<Identity, EtcdSecurityError> {
+    async fn load(
+        &self,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<(Identity, rustls::sign::CertifiedKey), EtcdSecurityError> {
         let cert_pem = read_limited(FileRole::ClientCert, &self.cert_file).await?;
         let key_pem = read_limited(FileRole::ClientKey, &self.key_file).await?;
         let chain = certificates(FileRole::ClientCert, &self.cert_file, &cert_pem)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|error| pem_error(FileRole::ClientKey, &self.key_file, error))?;
-        let provider = rustls::crypto::ring::default_provider();
         // Loading the pair the way rustls will use it catches an unsupported key type and a key
         // that belongs to another certificate, with both files named.
-        rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|source| {
-            EtcdSecurityError::KeyMismatch {
-                key: self.key_file.clone(),
-                cert: self.cert_file.clone(),
-                source,
-            }
-        })?;
-        Ok(Identity::from_pem(&*cert_pem, &*key_pem))
+        let certified =
+            rustls::sign::CertifiedKey::from_der(chain, key, provider).map_err(|source| {
+                EtcdSecurityError::KeyMismatch {
+                    key: self.key_file.clone(),
+                    cert: self.cert_file.clone(),
+                    source,
+                }
+            })?;
+        Ok((Identity::from_pem(&*cert_pem, &*key_pem), certified))
     }
 }
 
@@ -129,6 +231,14 @@ pub struct EtcdCredentials {
 }
 
 impl EtcdCredentials {
+    /// Credentials from a user name and a password already in hand.
+    pub fn new(username: impl Into<String>, password: EtcdPassword) -> Self {
+        Self {
+            username: username.into(),
+            password,
+        }
+    }
+
     /// Credentials for `username`, the password from the first line of `password_file`
     /// (a trailing newline is not part of it), so that it never appears in a command line.
     ///
@@ -297,6 +407,17 @@ pub enum EtcdSecurityError {
     PlainHttpWithTls {
         /// The endpoint.
         endpoint: String,
+    },
+    /// etcd and this client do not accept each other's certificates: etcd refused the client's
+    /// (none, or from a CA etcd does not trust), or the client refused etcd's (not from the CA
+    /// bundle, or not for the endpoint's host).
+    #[error("etcd at {endpoint}: TLS handshake refused")]
+    TlsRefused {
+        /// The endpoint.
+        endpoint: String,
+        /// rustls' reason: an alert from etcd, or why etcd's certificate was refused.
+        #[source]
+        source: rustls::Error,
     },
     /// Credentials without TLS: etcd's Authenticate call would carry the password in clear.
     #[error(
