@@ -364,13 +364,30 @@ async fn password_authentication_and_token_refresh() {
         .await
         .expect("put as nodeseal");
 
-    // The token expires; the next request authenticates again by itself.
+    // A watch opened now keeps streaming after its token expired.
+    let mut early = store.watch(&[Kind::Node]);
+    assert!(matches!(next(&mut early).await, Event::Snapshot(s) if s.records.len() == 1));
+
+    // The token expires; the next request authenticates again by itself, and so does a watch
+    // opened after expiry (its first event is the snapshot, no interruption).
     tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut late = store.watch(&[Kind::Node]);
+    match next(&mut late).await {
+        Event::Snapshot(snapshot) => assert_eq!(snapshot.records.len(), 1),
+        other => panic!("expected the snapshot of a watch opened after expiry, got {other:?}"),
+    }
     let listed = store
         .list::<NodeRecord>()
         .await
         .expect("list after token expiry");
     assert_eq!(listed.records, vec![node_record("a", 1)]);
+    store.put(&node_record("c", 3)).await.expect("put c");
+    for events in [&mut early, &mut late] {
+        match next(events).await {
+            Event::Put(record) => assert_eq!(record.key().to_string(), "nodes/c"),
+            other => panic!("expected nodes/c on both watches, got {other:?}"),
+        }
+    }
 
     // Any change to etcd's users makes older tokens stale ("revision of auth store is old").
     root.user_add("someone-else", "x", None)

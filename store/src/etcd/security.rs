@@ -87,11 +87,8 @@ impl EtcdTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|source| EtcdSecurityError::Certificate {
-                role: FileRole::CaBundle,
-                path: self.ca_file.clone(),
-                source,
-            })?
+            // ring supports rustls' default versions, so this is not expected to fail.
+            .map_err(|source| EtcdSecurityError::BugTlsConfig { source })?
             .with_root_certificates(roots);
         let mut probe = match &self.client {
             Some(client) => {
@@ -416,6 +413,13 @@ pub enum EtcdSecurityError {
         /// The endpoint.
         endpoint: String,
         /// rustls' reason: an alert from etcd, or why etcd's certificate was refused.
+        #[source]
+        source: rustls::Error,
+    },
+    /// rustls refused the provider's protocol versions (cannot happen with ring).
+    #[error("BUG: TLS client configuration for etcd")]
+    BugTlsConfig {
+        /// rustls' reason.
         #[source]
         source: rustls::Error,
     },
