@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use ipnet::IpNet;
 use nodeseal_store::{
-    DirOptions, DirStore, EtcdOptions, EtcdStore, KubeOptions, KubeStore, Store, StoreError,
+    DirOptions, DirStore, EtcdCredentials, EtcdOptions, EtcdStore, EtcdTls, KubeOptions, KubeStore,
+    Store, StoreError,
 };
 use serde::Serialize;
 
@@ -84,6 +85,23 @@ pub struct StoreArgs {
     /// etcd endpoints (comma-separated URLs); when set, etcd is used instead of the directory.
     #[arg(long, env = "NODESEAL_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
+    /// CA bundle (PEM) that verifies etcd's server certificate; required for `https://`
+    /// endpoints, and only these CAs are trusted.
+    #[arg(long, env = "NODESEAL_ETCD_CA_FILE", requires = "etcd_endpoints")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's `--client-cert-auth`.
+    #[arg(long, env = "NODESEAL_ETCD_CERT_FILE", requires_all = ["etcd_key_file", "etcd_ca_file"])]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of `--etcd-cert-file`.
+    #[arg(long, env = "NODESEAL_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd user (etcd's authentication); needs `--etcd-password-file` and TLS.
+    #[arg(long, env = "NODESEAL_ETCD_USERNAME", requires_all = ["etcd_password_file", "etcd_ca_file"])]
+    pub etcd_username: Option<String>,
+    /// File holding the etcd user's password (its first line), so that the password never
+    /// appears in a command line or the environment.
+    #[arg(long, env = "NODESEAL_ETCD_PASSWORD_FILE", requires = "etcd_username")]
+    pub etcd_password_file: Option<PathBuf>,
     /// Kubernetes mode: Node objects, NodesealNodes, ConfigMaps and CertificateSigningRequests
     /// of the cluster are the store (in-cluster service account, or `--kubeconfig`).
     #[arg(long, env = "NODESEAL_KUBERNETES", conflicts_with = "etcd_endpoints")]
@@ -143,13 +161,30 @@ impl StoreArgs {
             })
         } else {
             Ok(Cluster {
-                store: Store::new(
-                    EtcdStore::connect(EtcdOptions::new(self.etcd_endpoints.iter().cloned()))
-                        .await?,
-                ),
+                store: Store::new(EtcdStore::connect(self.etcd_options().await?).await?),
                 kube: None,
             })
         }
+    }
+
+    /// The etcd settings; reads the password file (again on every call, so that a retried
+    /// connect picks up a rotated password).
+    async fn etcd_options(&self) -> Result<EtcdOptions, StoreError> {
+        let mut options = EtcdOptions::new(self.etcd_endpoints.iter().cloned());
+        options.tls = self.etcd_ca_file.as_ref().map(|ca| {
+            let tls = EtcdTls::new(ca);
+            match (&self.etcd_cert_file, &self.etcd_key_file) {
+                (Some(cert), Some(key)) => tls.with_client_cert(cert, key),
+                _ => tls,
+            }
+        });
+        if let (Some(username), Some(password_file)) =
+            (&self.etcd_username, &self.etcd_password_file)
+        {
+            options.credentials =
+                Some(EtcdCredentials::from_password_file(username, password_file).await?);
+        }
+        Ok(options)
     }
 }
 
@@ -312,6 +347,11 @@ impl AgentConfig {
             store: StoreArgs {
                 store_dir: dir.join("store"),
                 etcd_endpoints: Vec::new(),
+                etcd_ca_file: None,
+                etcd_cert_file: None,
+                etcd_key_file: None,
+                etcd_username: None,
+                etcd_password_file: None,
                 kubernetes: false,
                 kubeconfig: None,
                 namespace: DEFAULT_NAMESPACE.into(),
@@ -412,5 +452,78 @@ mod tests {
             clash.validate(),
             Err(ConfigError::HealthMetricsClash { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn etcd_tls_and_credentials_flags_become_store_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "s3cret\n").unwrap();
+        let password_flag = format!("--etcd-password-file={}", password.display());
+        let config = parse(&[
+            "--etcd-endpoints=https://10.0.0.9:2379",
+            "--etcd-ca-file=/etc/nodeseal/etcd/ca.pem",
+            "--etcd-cert-file=/etc/nodeseal/etcd/client.pem",
+            "--etcd-key-file=/etc/nodeseal/etcd/client-key.pem",
+            "--etcd-username=nodeseal",
+            &password_flag,
+        ])
+        .unwrap();
+        let options = config.store.etcd_options().await.unwrap();
+        assert_eq!(
+            options.tls,
+            Some(EtcdTls::new("/etc/nodeseal/etcd/ca.pem").with_client_cert(
+                "/etc/nodeseal/etcd/client.pem",
+                "/etc/nodeseal/etcd/client-key.pem"
+            ))
+        );
+        let credentials = options.credentials.as_ref().unwrap();
+        assert_eq!(credentials.username, "nodeseal");
+        assert_eq!(
+            credentials.password,
+            nodeseal_store::EtcdPassword::new("s3cret")
+        );
+        // Neither the logged config nor the options' Debug show the password.
+        let logged = serde_json::to_string(&config).unwrap();
+        assert!(!logged.contains("s3cret"), "{logged}");
+        assert!(!format!("{options:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn etcd_security_flags_need_their_partners() {
+        let endpoint = "--etcd-endpoints=https://10.0.0.9:2379";
+        for (flags, missing) in [
+            (
+                vec![endpoint, "--etcd-ca-file=ca", "--etcd-cert-file=c"],
+                "--etcd-key-file",
+            ),
+            (
+                vec![endpoint, "--etcd-ca-file=ca", "--etcd-key-file=k"],
+                "--etcd-cert-file",
+            ),
+            (
+                vec![endpoint, "--etcd-ca-file=ca", "--etcd-username=u"],
+                "--etcd-password-file",
+            ),
+            (vec![endpoint, "--etcd-password-file=p"], "--etcd-username"),
+            (
+                vec![endpoint, "--etcd-username=u", "--etcd-password-file=p"],
+                "--etcd-ca-file",
+            ),
+            (vec!["--etcd-ca-file=ca"], "--etcd-endpoints"),
+        ] {
+            let error = parse(&flags).expect_err("refused").to_string();
+            assert!(error.contains(missing), "{flags:?}: {error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn https_etcd_without_a_ca_file_is_refused_naming_the_endpoint() {
+        let config = parse(&["--etcd-endpoints=https://10.0.0.9:2379"]).unwrap();
+        let error = config.store.open().await.expect_err("refused");
+        assert_eq!(
+            error.to_string(),
+            "etcd endpoint https://10.0.0.9:2379 uses https but no CA bundle is configured to verify it"
+        );
     }
 }

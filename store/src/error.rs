@@ -57,6 +57,12 @@ pub enum StoreError {
         /// What is wrong.
         reason: String,
     },
+    /// The etcd backend's TLS or authentication settings are unusable: a file missing or
+    /// malformed, a key that does not match its certificate, or a combination that would leave
+    /// etcd unverified or a password in clear.
+    #[cfg(feature = "etcd")]
+    #[error(transparent)]
+    EtcdSecurity(#[from] crate::EtcdSecurityError),
 }
 
 impl StoreError {
@@ -68,6 +74,8 @@ impl StoreError {
             Self::Backend { transient, .. } => *transient,
             Self::Contended { .. } => true,
             Self::Invalid(_) | Self::LeaseExpired { .. } | Self::Config { .. } => false,
+            #[cfg(feature = "etcd")]
+            Self::EtcdSecurity(_) => false,
         }
     }
 }

@@ -83,7 +83,10 @@ pub use self::backend::{Backoff, LeaseId, RawEvent, StoreBackend};
 pub use self::dir::{DirOptions, DirStore};
 pub use self::error::{BoxError, RecordError, RecordProblem, StoreError};
 #[cfg(feature = "etcd")]
-pub use self::etcd::{EtcdOptions, EtcdStore};
+pub use self::etcd::{
+    EtcdClientCert, EtcdCredentials, EtcdOptions, EtcdPassword, EtcdSecurityError, EtcdStore,
+    EtcdTls, FileRole,
+};
 #[cfg(feature = "kube")]
 pub use self::kube::{KubeOptions, KubeStore};
 pub use self::lease::NodeLease;

@@ -47,6 +47,17 @@ pub fn require_everything() -> bool {
     std::env::var_os("NODESEAL_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1")
 }
 
+/// TLS on a test etcd server's client port (files in PEM).
+#[derive(Clone, Debug)]
+pub struct EtcdServerTls {
+    /// The server's certificate (for 127.0.0.1).
+    pub cert_file: PathBuf,
+    /// Its key.
+    pub key_file: PathBuf,
+    /// With a CA bundle, etcd requires client certificates signed by it (`--client-cert-auth`).
+    pub client_ca_file: Option<PathBuf>,
+}
+
 /// A real etcd server on 127.0.0.1 with a temporary data directory and free ports, stopped
 /// (SIGKILL) and removed on drop. If the test panics, the drop prints the end of etcd's log.
 #[derive(Debug)]
@@ -55,6 +66,10 @@ pub struct EtcdServer {
     data: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP port of `/health` (and metrics), so health is checked the same way with TLS.
+    metrics_port: u16,
+    tls: Option<EtcdServerTls>,
+    extra_args: Vec<String>,
     starts: u32,
 }
 
@@ -67,6 +82,20 @@ impl EtcdServer {
     /// If etcd is missing and [`require_everything`] is set, or if it does not become healthy
     /// within [`ETCD_START_TIMEOUT`].
     pub fn start_or_skip(test: &str) -> Option<Self> {
+        Self::start_with_or_skip(test, None, &[])
+    }
+
+    /// As [`start_or_skip`](Self::start_or_skip), with TLS on the client port and more
+    /// command-line arguments for etcd (e.g. `--auth-token-ttl=1`).
+    ///
+    /// # Panics
+    ///
+    /// As [`start_or_skip`](Self::start_or_skip).
+    pub fn start_with_or_skip(
+        test: &str,
+        tls: Option<EtcdServerTls>,
+        extra_args: &[&str],
+    ) -> Option<Self> {
         if !Path::new(ETCD_BINARY).exists() {
             let reason = format!("{ETCD_BINARY} not found (Debian package etcd-server)");
             assert!(
@@ -76,7 +105,7 @@ impl EtcdServer {
             println!("SKIPPED {test}: {reason}");
             return None;
         }
-        Some(Self::start().expect("starting etcd"))
+        Some(Self::start_with(tls, extra_args).expect("starting etcd"))
     }
 
     /// Starts etcd on free loopback ports and waits until it is healthy.
@@ -86,6 +115,15 @@ impl EtcdServer {
     /// If the data directory or ports cannot be had, etcd cannot be spawned, or it is not
     /// healthy within [`ETCD_START_TIMEOUT`].
     pub fn start() -> io::Result<Self> {
+        Self::start_with(None, &[])
+    }
+
+    /// Starts etcd with TLS on the client port and more arguments, and waits until healthy.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with(tls: Option<EtcdServerTls>, extra_args: &[&str]) -> io::Result<Self> {
         let data = tempfile::Builder::new()
             .prefix("nodeseal-etcd-")
             .tempdir()?;
@@ -94,15 +132,19 @@ impl EtcdServer {
             data,
             client_port: free_port()?,
             peer_port: free_port()?,
+            metrics_port: free_port()?,
+            tls,
+            extra_args: extra_args.iter().map(|&arg| arg.to_owned()).collect(),
             starts: 0,
         };
         server.spawn()?;
         Ok(server)
     }
 
-    /// The client URL.
+    /// The client URL (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -116,7 +158,23 @@ impl EtcdServer {
             .open(self.log_path())?;
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(ETCD_BINARY)
+        let mut command = Command::new(ETCD_BINARY);
+        if let Some(tls) = &self.tls {
+            command
+                .arg(format!("--cert-file={}", tls.cert_file.display()))
+                .arg(format!("--key-file={}", tls.key_file.display()));
+            if let Some(ca) = &tls.client_ca_file {
+                command
+                    .arg(format!("--trusted-ca-file={}", ca.display()))
+                    .arg("--client-cert-auth");
+            }
+        }
+        let child = command
+            .args(&self.extra_args)
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{}",
+                self.metrics_port
+            ))
             .arg("--name=nodeseal-test")
             .arg(format!(
                 "--data-dir={}",
@@ -149,7 +207,7 @@ impl EtcdServer {
                     self.log_tail()
                 )));
             }
-            if health(self.client_port).unwrap_or(false) {
+            if health(self.metrics_port).unwrap_or(false) {
                 return Ok(());
             }
             if Instant::now() >= deadline {

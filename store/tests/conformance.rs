@@ -12,6 +12,9 @@
 
 #[path = "conformance/cases.rs"]
 mod cases;
+#[cfg(feature = "etcd")]
+#[path = "support/pki.rs"]
+mod pki;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -53,6 +56,11 @@ conformance!(dir, |test| Some(DirHarness::new(test).await));
 
 #[cfg(feature = "etcd")]
 conformance!(etcd, |test| EtcdHarness::start_or_skip(test).await);
+
+// The same etcd with mutual TLS on its client port: TLS changes nothing the cases see, the
+// resync after a restart included.
+#[cfg(feature = "etcd")]
+conformance!(etcd_tls, |test| EtcdHarness::start_tls_or_skip(test).await);
 
 /// Backoff for watches under test: quick to notice that the backend is back.
 fn quick_backoff() -> Backoff {
@@ -137,6 +145,8 @@ impl Harness for DirHarness {
 struct EtcdHarness {
     server: Mutex<nodeseal_store::test_helpers::EtcdServer>,
     endpoint: String,
+    /// With TLS: the client's settings, and the directory of the generated PKI.
+    tls: Option<(nodeseal_store::EtcdTls, tempfile::TempDir)>,
 }
 
 #[cfg(feature = "etcd")]
@@ -151,6 +161,37 @@ impl EtcdHarness {
         Some(Self {
             endpoint: server.endpoint(),
             server: Mutex::new(server),
+            tls: None,
+        })
+    }
+
+    /// etcd requiring client certificates of a CA generated here; the client uses one.
+    async fn start_tls_or_skip(test: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = pki::TestCa::new(dir.path(), "cluster");
+        let server_files = ca.server("server");
+        let client = ca.client("nodeseal", "client");
+        let server_tls = nodeseal_store::test_helpers::EtcdServerTls {
+            cert_file: server_files.cert,
+            key_file: server_files.key,
+            client_ca_file: Some(ca.ca_file()),
+        };
+        let test = test.to_owned();
+        let server = tokio::task::spawn_blocking(move || {
+            nodeseal_store::test_helpers::EtcdServer::start_with_or_skip(
+                &test,
+                Some(server_tls),
+                &[],
+            )
+        })
+        .await
+        .expect("etcd start task")?;
+        let tls =
+            nodeseal_store::EtcdTls::new(ca.ca_file()).with_client_cert(client.cert, client.key);
+        Some(Self {
+            endpoint: server.endpoint(),
+            server: Mutex::new(server),
+            tls: Some((tls, dir)),
         })
     }
 
@@ -176,6 +217,7 @@ impl Harness for EtcdHarness {
         options.keep_alive_interval = Duration::from_secs(1);
         options.keep_alive_timeout = Duration::from_secs(2);
         options.backoff = quick_backoff();
+        options.tls = self.tls.as_ref().map(|(tls, _)| tls.clone());
         Arc::new(
             nodeseal_store::EtcdStore::connect(options)
                 .await
