@@ -53,10 +53,6 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once per run; boxing the flattened store flags would buy nothing"
-)]
 enum CaCommand {
     /// Create a self-signed cluster CA (ECDSA P-256) in a directory (key file 0600).
     Init {
