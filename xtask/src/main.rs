@@ -9,6 +9,7 @@ mod deps;
 mod kernel;
 mod run;
 mod test;
+mod threat_model;
 mod vm;
 
 use std::path::PathBuf;

@@ -52,6 +52,16 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// One suite of `passed` and `failed` checks that are not libtest's.
+    pub fn counted(passed: usize, failed: usize) -> Self {
+        Self {
+            passed: passed as u64,
+            failed: failed as u64,
+            suites: 1,
+            ..Self::default()
+        }
+    }
+
     /// Adds one line of test output: `Running` lines name the binary, `test result:` lines are
     /// counted; other lines are ignored.
     pub fn add_line(&mut self, line: &str) {

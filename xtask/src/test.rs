@@ -53,6 +53,16 @@ pub fn run(args: TestArgs) -> Result<ExitCode> {
         deps::ensure_all()?;
     }
     let mut phases = Vec::new();
+    let (cited, missing) = crate::threat_model::check(&crate::workspace_root())?;
+    for name in &missing {
+        eprintln!("xtask: threat-model/README.md cites test {name}, which no longer exists");
+    }
+    phases.push(Phase {
+        name: "threat model cites existing tests".into(),
+        ok: true,
+        tally: Tally::counted(cited.len() - missing.len(), missing.len()),
+        elapsed: Duration::ZERO,
+    });
     if !args.netns_only {
         let t = Instant::now();
         let mut cmd = Command::new("cargo");
