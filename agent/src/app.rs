@@ -52,6 +52,8 @@ struct Agent {
     node: NodeName,
     /// Nodes whose record the store reports unusable, and why (shown by `nodeseal status`).
     unusable_nodes: std::sync::Mutex<BTreeMap<String, String>>,
+    /// Why the store's trust bundle was refused, if it was.
+    bundle_error: std::sync::Mutex<Option<String>>,
     /// Pod CIDRs of each node's last usable record: what a revocation keeps refused in the
     /// datapath when it arrives after the record.
     pod_cidrs_of: std::sync::Mutex<BTreeMap<String, Vec<IpNet>>>,
@@ -211,7 +213,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     else {
         return Ok(());
     };
-    let trust = TrustStore::new(obtained.bundle.clone()).context("trust bundle")?;
+    let trust = TrustStore::new(initial_bundle(&config, &source, &trust_domain, &obtained)?)
+        .context("trust bundle")?;
     let (handshake_tx, handshake_rx) = watch::channel(None);
     let (svid_tx, svid_rx) = watch::channel(None);
     install_identity(&trust, &obtained, &handshake_tx, &svid_tx)?;
@@ -262,6 +265,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let agent = Arc::new(Agent {
         node,
         unusable_nodes: std::sync::Mutex::default(),
+        bundle_error: std::sync::Mutex::default(),
         pod_cidrs_of: std::sync::Mutex::default(),
         local_ip: local.ip,
         local_pod_cidrs: local.pod_cidrs.clone(),
@@ -507,6 +511,7 @@ impl StatusSource for Passive {
                 .lock()
                 .map(|m| m.clone())
                 .unwrap_or_default(),
+            trust_bundle_error: None,
         }
     }
 }
@@ -583,6 +588,38 @@ where
         }
         delay = (delay * 2).min(Duration::from_secs(10));
     }
+}
+
+/// The bundle this node starts trusting. With `--trust-bundle-file` (and keymgr issuing the
+/// identity) the file pins it: the store's bundle is taken only if the pinned CA signed it,
+/// where without a pin the first one is taken on trust. Either way, later changes need the
+/// signature of a CA already trusted (see [`Agent::accept_bundle`]).
+fn initial_bundle(
+    config: &AgentConfig,
+    source: &IdentitySource,
+    td: &TrustDomain,
+    obtained: &Obtained,
+) -> Result<TrustBundle> {
+    let (Some(pin), false) = (
+        &config.trust_bundle_file,
+        matches!(source, IdentitySource::Files { .. }),
+    ) else {
+        return Ok(obtained.bundle.clone());
+    };
+    let text = std::fs::read(pin).with_context(|| pin.display().to_string())?;
+    let anchors = nodeseal_keymgr::svid::certs_from_pem(&text)
+        .with_context(|| format!("{}: trust anchors", pin.display()))?;
+    let pinned = TrustBundle::new(td.clone(), anchors);
+    let json = obtained.bundle.to_json().context("trust bundle")?;
+    // The store's bundle as keymgr published it (with its signature) is checked by the watch;
+    // here only whether it adds nothing to the pin.
+    Ok(match pinned.accept_update(json.as_bytes(), None, &[]) {
+        Ok(same) => same,
+        Err(e) => {
+            info!(pin = %pin.display(), reason = %e, "starting with the pinned trust bundle");
+            pinned
+        }
+    })
 }
 
 async fn obtain_until_cancelled(
@@ -848,18 +885,18 @@ impl Agent {
                     changed
                 });
             }
-            Record::TrustBundle(b) => {
-                match TrustBundle::from_json(self.trust_domain.clone(), b.bundle.as_bytes()) {
-                    Ok(bundle) => {
-                        if let Err(e) = self.trust.set_bundle(bundle) {
-                            warn!(error = %e, "trust bundle update rejected; keeping the previous one");
-                        }
+            Record::TrustBundle(b) => match self.accept_bundle(&b) {
+                Ok(bundle) => {
+                    if let Err(e) = self.trust.set_bundle(bundle) {
+                        warn!(error = %e, "trust bundle update rejected; keeping the previous one");
                     }
-                    Err(e) => {
-                        warn!(error = %e, "malformed trust bundle in the store; keeping the previous one")
-                    }
+                    self.set_bundle_error(None);
                 }
-            }
+                Err(e) => {
+                    warn!(error = %e, "trust bundle in the store refused; keeping the previous one");
+                    self.set_bundle_error(Some(e.to_string()));
+                }
+            },
             _ => {}
         }
     }
@@ -951,6 +988,31 @@ impl Agent {
                 info!(peer = %name, %ip, "peer added");
             }
             Err(e) => warn!(peer = %name, error = %error_chain(&e), "cannot set up peer"),
+        }
+    }
+
+    /// The store's bundle, if this node may take it: see [`TrustBundle::accept_update`].
+    fn accept_bundle(
+        &self,
+        record: &nodeseal_store::TrustBundle,
+    ) -> Result<TrustBundle, nodeseal_keymgr::BundleError> {
+        let signature = record.signature.as_deref().and_then(|s| {
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s).ok()
+        });
+        let signer = record
+            .signer_pem
+            .as_deref()
+            .and_then(|p| nodeseal_keymgr::svid::certs_from_pem(p.as_bytes()).ok())
+            .unwrap_or_default();
+        self.trust
+            .bundle()
+            .accept_update(record.bundle.as_bytes(), signature.as_deref(), &signer)
+    }
+
+    /// Shown by `nodeseal status`: why the store's bundle was refused.
+    fn set_bundle_error(&self, error: Option<String>) {
+        if let Ok(mut current) = self.bundle_error.lock() {
+            *current = error;
         }
     }
 
@@ -1156,6 +1218,7 @@ impl StatusSource for Agent {
                 .lock()
                 .map(|m| m.clone())
                 .unwrap_or_default(),
+            trust_bundle_error: self.bundle_error.lock().ok().and_then(|e| e.clone()),
         }
     }
 }

@@ -282,7 +282,9 @@ pub struct AgentConfig {
     /// Private key (PEM) for `--identity-cert`.
     #[arg(long, env = "NODESEAL_IDENTITY_KEY")]
     pub identity_key: Option<PathBuf>,
-    /// Trust anchors (PEM) for `--identity-cert`.
+    /// Trust anchors (PEM): for `--identity-cert`; with keymgr issuing the identity, a pin: a
+    /// trust bundle in the store is taken only if one of these CAs (or one it admitted)
+    /// signed it.
     #[arg(long, env = "NODESEAL_TRUST_BUNDLE_FILE")]
     pub trust_bundle_file: Option<PathBuf>,
     /// Log as JSON lines instead of text.

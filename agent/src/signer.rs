@@ -205,8 +205,15 @@ pub async fn publish_bundle(store: &Store, ca: &ClusterCa) -> Result<(), SignerE
     let json = bundle
         .to_json()
         .map_err(|e| SignerError::Bundle(e.to_string()))?;
+    let signature = ca
+        .sign_bundle(json.as_bytes())
+        .map_err(|e| SignerError::Bundle(e.to_string()))?;
     store
-        .put(&nodeseal_store::TrustBundle { bundle: json })
+        .put(&nodeseal_store::TrustBundle {
+            bundle: json,
+            signature: Some(base64::engine::general_purpose::STANDARD.encode(signature)),
+            signer_pem: Some(ca.chain_pem()),
+        })
         .await?;
     info!(trust_domain = %td, authorities = bundle.authorities().len(), "trust bundle published");
     Ok(())

@@ -75,6 +75,9 @@ pub struct NodeView {
     /// Node object without a pod CIDR.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unusable_nodes: BTreeMap<String, String>,
+    /// Why the trust bundle in the store was refused (the node keeps its previous one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle_error: Option<String>,
 }
 
 /// Produces the current status.
@@ -194,6 +197,9 @@ pub fn render(view: &NodeView) -> String {
     }
     for (node, reason) in &view.unusable_nodes {
         out.push_str(&format!("unusable node {node}: {reason}\n"));
+    }
+    if let Some(error) = &view.trust_bundle_error {
+        out.push_str(&format!("trust bundle in the store refused: {error}\n"));
     }
     if !view.xfrm_errors.is_empty() {
         out.push_str("xfrm errors:");

@@ -55,6 +55,31 @@ pub enum BundleError {
     /// The authority's key type cannot be written as a JWK.
     #[error("unsupported authority key type")]
     UnsupportedKey,
+    /// An update that changes the authorities is not signed by one this node already trusts.
+    #[error("bundle update refused: {detail}")]
+    UntrustedUpdate {
+        /// Why.
+        detail: String,
+    },
+}
+
+/// Domain separation for bundle signatures.
+const BUNDLE_SIGNATURE_CONTEXT: &[u8] = b"nodeseal trust bundle v1\0";
+
+/// The bytes a bundle signature covers.
+pub(crate) fn signed_bytes(bundle_json: &[u8]) -> Vec<u8> {
+    [BUNDLE_SIGNATURE_CONTEXT, bundle_json].concat()
+}
+
+/// Whether `issuer`'s key signed `cert`.
+fn issued_by(cert: &CertificateDer<'_>, issuer: &CertificateDer<'_>) -> bool {
+    let (Ok((_, cert)), Ok((_, issuer))) = (
+        X509Certificate::from_der(cert),
+        X509Certificate::from_der(issuer),
+    ) else {
+        return false;
+    };
+    cert.verify_signature(Some(issuer.public_key())).is_ok()
 }
 
 /// The X.509 authorities of one trust domain.
@@ -91,6 +116,63 @@ struct Jwk {
 }
 
 impl TrustBundle {
+    /// Whether `next_json` may replace this bundle: the same authorities (only the sequence or
+    /// refresh hint changed) always may; different ones only with `signature` over `next_json`
+    /// by `signer`, an authority of this bundle. So whoever can write the store cannot make a
+    /// node trust a CA of theirs: only a CA the node already trusts can introduce another
+    /// (keymgr signs every bundle it publishes with its CA key).
+    ///
+    /// # Errors
+    /// [`BundleError`] when `next_json` is malformed or the update is not signed by one of this
+    /// bundle's authorities.
+    pub fn accept_update(
+        &self,
+        next_json: &[u8],
+        signature: Option<&[u8]>,
+        signer_chain: &[CertificateDer<'_>],
+    ) -> Result<Self, BundleError> {
+        let next = Self::from_json(self.trust_domain.clone(), next_json)?;
+        if next.authorities == self.authorities {
+            return Ok(next);
+        }
+        let untrusted = |detail: &str| BundleError::UntrustedUpdate {
+            detail: detail.to_owned(),
+        };
+        let (Some(signature), Some(signer)) = (signature, signer_chain.first()) else {
+            return Err(untrusted(
+                "it changes the authorities and carries no signature",
+            ));
+        };
+        // The signer is a trusted authority, or (an imported intermediate CA) chains up to one.
+        let trusted =
+            |c: &CertificateDer<'_>| self.authorities.iter().any(|a| a.as_ref() == c.as_ref());
+        let anchored = signer_chain.iter().position(trusted).is_some_and(|top| {
+            signer_chain[..=top]
+                .windows(2)
+                .all(|pair| issued_by(&pair[0], &pair[1]))
+        });
+        if !anchored {
+            return Err(untrusted("it is signed by a CA this node does not trust"));
+        }
+        let cert = webpki::EndEntityCert::try_from(signer)
+            .map_err(|e| untrusted(&format!("signer certificate: {e}")))?;
+        // The CA signs with its own key's algorithm (an imported CA may be P-384 or Ed25519).
+        let message = signed_bytes(next_json);
+        let verified = [
+            webpki::ring::ECDSA_P256_SHA256,
+            webpki::ring::ECDSA_P384_SHA384,
+            webpki::ring::ED25519,
+        ]
+        .into_iter()
+        .any(|alg| cert.verify_signature(alg, &message, signature).is_ok());
+        if !verified {
+            return Err(untrusted(
+                "its signature does not verify with the signer's key",
+            ));
+        }
+        Ok(next)
+    }
+
     /// A bundle holding `authorities`, sequence 1.
     pub fn new(trust_domain: TrustDomain, authorities: Vec<CertificateDer<'static>>) -> Self {
         Self {

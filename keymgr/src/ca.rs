@@ -298,6 +298,19 @@ impl ClusterCa {
         &self.key
     }
 
+    /// Signs a trust bundle document (JSON) with the CA's key, so that nodes trusting this CA
+    /// (or the root it chains to: send [`chain_pem`](Self::chain_pem) along) accept it as an
+    /// update (see [`TrustBundle::accept_update`](crate::TrustBundle::accept_update)).
+    ///
+    /// # Errors
+    /// [`CaError::Crypto`] if signing fails.
+    pub fn sign_bundle(&self, bundle_json: &[u8]) -> Result<Vec<u8>, CaError> {
+        use rcgen::SigningKey as _;
+        let kp = self.key.keypair().map_err(CaError::crypto)?;
+        kp.0.sign(&crate::bundle::signed_bytes(bundle_json))
+            .map_err(CaError::crypto)
+    }
+
     /// The trust domain this CA issues for.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain

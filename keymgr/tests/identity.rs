@@ -418,6 +418,62 @@ fn a_renewal_proof_verifies_only_with_the_current_key_over_that_csr() {
     assert!(verify_renewal_proof(&current.chain()[0], &csr, &proof[..proof.len() / 2]).is_err());
 }
 
+#[test]
+fn a_bundle_update_must_be_signed_by_an_authority_already_trusted() {
+    let pki = TestPki::new();
+    let current = pki.bundle();
+    let ca = pki.ca.trust_anchor().clone();
+
+    // The same authorities (a new sequence number only): no signature needed.
+    let same = current.to_json().unwrap();
+    assert_eq!(
+        current.accept_update(same.as_bytes(), None, &[]).unwrap(),
+        current
+    );
+
+    // A store writer's own CA, unsigned or signed by itself: refused.
+    let rogue = ClusterCa::generate(pki.trust_domain(), Duration::from_secs(3600)).unwrap();
+    let mut hijacked = current.clone();
+    hijacked.add_authority(rogue.trust_anchor().clone());
+    let json = hijacked.to_json().unwrap();
+    let refused = |r: Result<TrustBundle, BundleError>| {
+        assert!(
+            matches!(r, Err(BundleError::UntrustedUpdate { .. })),
+            "{r:?}"
+        );
+    };
+    refused(current.accept_update(json.as_bytes(), None, &[]));
+    let self_signed = rogue.sign_bundle(json.as_bytes()).unwrap();
+    refused(current.accept_update(
+        json.as_bytes(),
+        Some(&self_signed),
+        &[rogue.trust_anchor().clone()],
+    ));
+    // The rogue's signature presented as the trusted CA's: does not verify.
+    refused(current.accept_update(
+        json.as_bytes(),
+        Some(&self_signed),
+        std::slice::from_ref(&ca),
+    ));
+
+    // A rollover the trusted CA signs is accepted; its signature covers only that document.
+    let new_ca = ClusterCa::generate(pki.trust_domain(), Duration::from_secs(3600)).unwrap();
+    let mut rollover = current.clone();
+    rollover.add_authority(new_ca.trust_anchor().clone());
+    let json = rollover.to_json().unwrap();
+    let signature = pki.ca.sign_bundle(json.as_bytes()).unwrap();
+    let accepted = current
+        .accept_update(json.as_bytes(), Some(&signature), std::slice::from_ref(&ca))
+        .unwrap();
+    assert_eq!(accepted.authorities().len(), 2);
+    let other = hijacked.to_json().unwrap();
+    refused(current.accept_update(
+        other.as_bytes(),
+        Some(&signature),
+        std::slice::from_ref(&ca),
+    ));
+}
+
 fn openssl_available() -> bool {
     Command::new("openssl").arg("version").output().is_ok()
 }

@@ -721,6 +721,8 @@ mod tests {
         writer
             .put(&crate::TrustBundle {
                 bundle: "{}".to_owned(),
+                signature: None,
+                signer_pem: None,
             })
             .await
             .expect("put bundle");

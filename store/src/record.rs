@@ -318,6 +318,13 @@ pub struct TrustBundle {
     /// The SPIFFE bundle (JSON text). Opaque to the store, which only checks that it is a JSON
     /// object; keymgr parses it.
     pub bundle: String,
+    /// keymgr's signature over `bundle` (base64), made with the key of `signer_pem`: nodes take
+    /// a bundle that changes their authorities only when one they trust signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// The signing CA's certificate (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_pem: Option<String>,
 }
 
 /// A revoked node, or one revoked certificate of a node.
@@ -849,11 +856,15 @@ mod tests {
 
         let bundle = TrustBundle {
             bundle: r#"{"keys":[]}"#.to_owned(),
+            signature: None,
+            signer_pem: None,
         };
         assert!(encode(&bundle).is_ok());
         assert!(
             encode(&TrustBundle {
-                bundle: "[1]".to_owned()
+                bundle: "[1]".to_owned(),
+                signature: None,
+                signer_pem: None,
             })
             .is_err()
         );

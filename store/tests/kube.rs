@@ -249,6 +249,8 @@ async fn cluster_records_are_compare_and_swapped_config_maps() {
 
     let bundle = TrustBundle {
         bundle: "{\"keys\":[]}".to_owned(),
+        signature: None,
+        signer_pem: None,
     };
     stores[0].put(&bundle).await.expect("bundle");
     assert_eq!(

@@ -22,8 +22,8 @@ const SOURCE_DIRS: &[&str] = &[
 
 /// The test names the threat model cites, and those of them no `fn` in the workspace defines.
 pub fn check(root: &Path) -> Result<(Vec<String>, Vec<String>)> {
-    let document = fs::read_to_string(root.join(DOCUMENT))
-        .with_context(|| format!("reading {DOCUMENT}"))?;
+    let document =
+        fs::read_to_string(root.join(DOCUMENT)).with_context(|| format!("reading {DOCUMENT}"))?;
     let cited = cited_tests(&document);
     let mut sources = String::new();
     for dir in SOURCE_DIRS {
@@ -45,9 +45,7 @@ fn cited_tests(text: &str) -> Vec<String> {
             continue;
         };
         let name = name.trim().to_owned();
-        let identifier = name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let identifier = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if identifier && !name.is_empty() && !names.contains(&name) {
             names.push(name);
         }

@@ -109,6 +109,8 @@ pub async fn round_trip<H: Harness>(harness: &H) {
     store.put(&a).await.expect("put a");
     let bundle = TrustBundle {
         bundle: "{\"keys\":[]}".to_owned(),
+        signature: None,
+        signer_pem: None,
     };
     store.put(&bundle).await.expect("put bundle");
 
@@ -265,6 +267,8 @@ pub async fn watch_order<H: Harness>(harness: &H) {
     writer
         .put(&TrustBundle {
             bundle: "{}".to_owned(),
+            signature: None,
+            signer_pem: None,
         })
         .await
         .expect("put unwatched bundle");

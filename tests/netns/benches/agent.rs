@@ -750,7 +750,13 @@ fn fill_dir_store(dir: &Path, records: &[NodeRecord], bundle: String) -> Result<
         .build()?;
     rt.block_on(async {
         let store = Store::new(DirStore::open(dir, DirOptions::default()).await?);
-        store.put(&nodeseal_store::TrustBundle { bundle }).await?;
+        store
+            .put(&nodeseal_store::TrustBundle {
+                bundle,
+                signature: None,
+                signer_pem: None,
+            })
+            .await?;
         for record in records {
             store.put(record).await?;
         }
@@ -780,7 +786,13 @@ async fn register_in_kube(
         nodeseal_netns::kube::NAMESPACE.into(),
         TRUST_DOMAIN.into(),
     ));
-    store.put(&nodeseal_store::TrustBundle { bundle }).await?;
+    store
+        .put(&nodeseal_store::TrustBundle {
+            bundle,
+            signature: None,
+            signer_pem: None,
+        })
+        .await?;
     let (client, store) = (&client, &store);
     futures::stream::iter(records)
         .map(|record| async move {

@@ -300,7 +300,48 @@ fn rogue_node_with_foreign_ca(name: &str, backend: Backend) {
             .count(),
         0
     );
+    if backend == Backend::Dir {
+        replaced_bundle_is_refused(fabric);
+        let row = fabric.peer_row(0, rogue_name).expect("rogue's row");
+        assert!(certificate_refused(&row), "{row}");
+    }
     rogue.kill();
+}
+
+/// The rogue, with write access to the directory store, puts its own CA into the trust bundle
+/// and signs the bundle with it: node0 refuses the bundle, says why, and keeps trusting only the
+/// cluster CA.
+fn replaced_bundle_is_refused(fabric: &Fabric) {
+    let path = fabric.dir().join("store/trust-bundle/cluster.json");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("bundle record")).expect("JSON");
+    let td = nodeseal_keymgr::TrustDomain::new("cluster.local").expect("trust domain");
+    let mut bundle = nodeseal_keymgr::TrustBundle::from_json(
+        td.clone(),
+        record["bundle"].as_str().expect("bundle").as_bytes(),
+    )
+    .expect("bundle");
+    let rogue_ca = nodeseal_keymgr::ClusterCa::load_files(td, &fabric.dir().join("rogue-ca"))
+        .expect("rogue CA");
+    assert!(bundle.add_authority(rogue_ca.trust_anchor().clone()));
+    let json = bundle.to_json().expect("JSON");
+    let signature = rogue_ca.sign_bundle(json.as_bytes()).expect("sign");
+    let forged = serde_json::json!({
+        "bundle": json,
+        "signature": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, signature),
+        "signer_pem": rogue_ca.chain_pem(),
+    });
+    std::fs::write(&path, forged.to_string()).expect("write the forged bundle");
+    let refused = nodeseal_netns::wait_until(Duration::from_secs(30), || {
+        fabric.status(0).is_ok_and(|s| {
+            s["trust_bundle_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("signed by a CA this node does not trust"))
+        })
+    });
+    assert!(refused, "{}", fabric.status_text(0).unwrap_or_default());
+    let row = fabric.peer_row(0, "node1").expect("node1's row");
+    assert_eq!(row["state"], "established", "{row}");
 }
 
 #[test]
