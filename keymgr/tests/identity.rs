@@ -337,6 +337,23 @@ fn ca_files_import_and_intermediate() {
     .unwrap();
     verify(&store, &chain, &ExpectedPeer::AnyNode).unwrap();
 
+    // The imported intermediate signs bundle updates; nodes trusting the root accept them when
+    // the intermediate's chain comes along, and not without it.
+    let current = store.bundle();
+    let mut next = current.clone();
+    next.add_authority(pki.ca.trust_anchor().clone());
+    let json = next.to_json().unwrap();
+    let signature = ca.sign_bundle(json.as_bytes()).unwrap();
+    let signer_chain = nodeseal_keymgr::svid::certs_from_pem(ca.chain_pem().as_bytes()).unwrap();
+    current
+        .accept_update(json.as_bytes(), Some(&signature), &signer_chain)
+        .unwrap();
+    assert!(
+        current
+            .accept_update(json.as_bytes(), Some(&signature), &signer_chain[..1])
+            .is_err()
+    );
+
     // Importing a leaf as CA, or a mismatched key, fails.
     let leaf_pem = pki.identity("z").chain_pem();
     assert!(matches!(
