@@ -5,6 +5,8 @@
 //! any other node (or a revoked one), and a connection from an address no peer record lists is
 //! closed before TLS.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +23,10 @@ use crate::peer::{PeerCommand, PeerRegistry, error_chain};
 
 /// Handshakes processed at once; more wait (TCP backlog), which bounds memory under a flood.
 const MAX_CONCURRENT: usize = 256;
+/// Handshakes processed at once from one address: a legitimate peer has at most one or two in
+/// flight (a rekey crossing a retry), so a member flooding its handshake port cannot take the
+/// slots every other peer needs.
+const MAX_PER_SOURCE: usize = 4;
 /// TLS and Hello must complete within this.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -34,6 +40,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    let per_source = SourceLimiter::new(MAX_PER_SOURCE);
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
@@ -56,6 +63,11 @@ pub async fn serve(
             debug!(%addr, "no identity yet; closing handshake");
             continue;
         };
+        let Some(source_slot) = per_source.try_acquire(addr.ip()) else {
+            metrics.handshake("throttled");
+            debug!(%addr, "too many handshakes in flight from this address; closed");
+            continue;
+        };
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
         };
@@ -64,6 +76,7 @@ pub async fn serve(
         let cancel = cancel.clone();
         tracker.spawn(async move {
             let _permit = permit;
+            let _source_slot = source_slot;
             let accept = handshake::accept(&config, stream, ExpectedPeer::Node(name.clone()));
             let result = tokio::select! {
                 () = cancel.cancelled() => return,
@@ -86,5 +99,76 @@ pub async fn serve(
             };
             let _ = peer.commands.send(command).await;
         });
+    }
+}
+
+/// Counts the handshakes in flight per source address.
+#[derive(Clone)]
+struct SourceLimiter {
+    max: usize,
+    in_flight: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One handshake's place in its source's count, given back on drop.
+struct SourceSlot {
+    limiter: SourceLimiter,
+    source: IpAddr,
+}
+
+impl SourceLimiter {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// A slot for one more handshake from `source`, unless it has `max` in flight.
+    fn try_acquire(&self, source: IpAddr) -> Option<SourceSlot> {
+        let mut map = self.in_flight.lock().ok()?;
+        let count = map.entry(source).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            limiter: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.limiter.in_flight.lock()
+            && let Some(count) = map.get_mut(&self.source)
+        {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_source_gets_at_most_its_share_and_others_are_unaffected() {
+        let limiter = SourceLimiter::new(2);
+        let flood: IpAddr = "10.0.0.9".parse().unwrap();
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = limiter.try_acquire(flood).unwrap();
+        let _second = limiter.try_acquire(flood).unwrap();
+        assert!(limiter.try_acquire(flood).is_none());
+        let _other = limiter.try_acquire(peer).unwrap();
+        // A finished handshake gives its slot back; nothing is left behind per address.
+        drop(first);
+        let _again = limiter.try_acquire(flood).unwrap();
+        drop(_again);
+        drop(_second);
+        assert!(!limiter.in_flight.lock().unwrap().contains_key(&flood));
     }
 }
