@@ -554,6 +554,17 @@ fn strict_mode_drops(name: &str, backend: Backend) {
         status["datapath_drops"]["no_sa"].as_u64().unwrap_or(0) >= 3,
         "{status}"
     );
+
+    // What strict mode does not promise: a destination outside every known peer's pod CIDRs
+    // (here node1's own address: node traffic is not encrypted without node encryption) is
+    // reached in clear. The threat model says so; this keeps the statement true.
+    let capture = topo.capture().expect("capture");
+    let _ = ping(&topo.node(0).pod(0).ns, topo.node(1).ip, 2).expect("ping");
+    let node1 = nodeseal_netns::Cidr::new(topo.node(1).ip.into(), 32).expect("CIDR");
+    assert!(
+        capture.check_no_plaintext(&[node1]).is_err(),
+        "a pod's packets to node1's address were expected in clear"
+    );
 }
 
 /// A node whose address changes stays one peer, at its new address only (renewing its
