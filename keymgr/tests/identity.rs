@@ -398,15 +398,7 @@ fn admitted_claims_travel_in_the_svid_to_the_verified_peer_and_openssl_reads_the
     assert_eq!(pki.identity("worker-8").info().claims, None);
 
     assert!(openssl_available(), "openssl CLI is required for this test");
-    let dir = tempfile::tempdir().unwrap();
-    let leaf = dir.path().join("leaf.pem");
-    std::fs::write(&leaf, id.chain_pem()).unwrap();
-    let out = Command::new("openssl")
-        .args(["x509", "-noout", "-text", "-in"])
-        .arg(&leaf)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = openssl_text(&id.chain_pem());
     assert!(text.contains("IP Address:10.0.0.7"), "{text}");
     assert!(text.contains("IP Address:FD00:0:0:0:0:0:0:7"), "{text}");
     assert!(
@@ -491,6 +483,19 @@ fn a_bundle_update_must_be_signed_by_an_authority_already_trusted() {
     ));
 }
 
+/// `openssl x509 -text` of the first certificate in `pem`.
+fn openssl_text(pem: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cert.pem");
+    std::fs::write(&path, pem).unwrap();
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn openssl_available() -> bool {
     Command::new("openssl").arg("version").output().is_ok()
 }
@@ -519,12 +524,7 @@ fn openssl_accepts_issued_svids() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = Command::new("openssl")
-        .args(["x509", "-noout", "-text", "-in"])
-        .arg(&leaf)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = openssl_text(&id.chain_pem());
     assert!(
         text.contains("URI:spiffe://cluster.local/node/worker-7"),
         "{text}"

@@ -750,13 +750,7 @@ fn fill_dir_store(dir: &Path, records: &[NodeRecord], bundle: String) -> Result<
         .build()?;
     rt.block_on(async {
         let store = Store::new(DirStore::open(dir, DirOptions::default()).await?);
-        store
-            .put(&nodeseal_store::TrustBundle {
-                bundle,
-                signature: None,
-                signer_pem: None,
-            })
-            .await?;
+        store.put(&unsigned_bundle(bundle)).await?;
         for record in records {
             store.put(record).await?;
         }
@@ -786,13 +780,7 @@ async fn register_in_kube(
         nodeseal_netns::kube::NAMESPACE.into(),
         TRUST_DOMAIN.into(),
     ));
-    store
-        .put(&nodeseal_store::TrustBundle {
-            bundle,
-            signature: None,
-            signer_pem: None,
-        })
-        .await?;
+    store.put(&unsigned_bundle(bundle)).await?;
     let (client, store) = (&client, &store);
     futures::stream::iter(records)
         .map(|record| async move {
@@ -852,6 +840,15 @@ fn wire(bench: &Bench) -> Result<()> {
     l.sysctl("net.core.somaxconn", "8192")?;
     l.sysctl("net.ipv4.tcp_max_syn_backlog", "8192")?;
     Ok(())
+}
+
+/// The bench's agents take their bundle from files, so the store's needs no signature.
+fn unsigned_bundle(bundle: String) -> nodeseal_store::TrustBundle {
+    nodeseal_store::TrustBundle {
+        bundle,
+        signature: None,
+        signer_pem: None,
+    }
 }
 
 fn issue(
