@@ -724,6 +724,7 @@ async fn housekeeping(agent: Arc<Agent>) {
             }
         }
         agent.metrics.set_peers(peers.len(), established);
+        let _ = agent.refresh_counters();
         let generation = *agent.generation_tx.borrow();
         let now = (generation, applied);
         // A periodic re-publication keeps `reported_at` fresh for `status --cluster`; against
@@ -1016,6 +1017,37 @@ impl Agent {
         }
     }
 
+    /// Reads the kernel's XFRM error counters and the datapath's drop counters (non-zero ones)
+    /// and puts them into the metrics, which a scrape then shows without a status call.
+    fn refresh_counters(&self) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+        let xfrm_errors: BTreeMap<String, u64> = XfrmStat::read("/proc/net/xfrm_stat")
+            .map(|s| {
+                s.counters()
+                    .into_iter()
+                    .filter(|(_, v)| *v > 0)
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let datapath_drops: BTreeMap<String, u64> = self
+            .datapath
+            .drop_counters()
+            .map(|all| {
+                all.into_iter()
+                    .filter(|(_, v)| *v > 0)
+                    .map(|(r, v)| (r.as_str().to_owned(), v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (reason, count) in &datapath_drops {
+            self.metrics.set_datapath_drop(reason, *count);
+        }
+        for (reason, count) in &xfrm_errors {
+            self.metrics.set_xfrm_error(reason, *count);
+        }
+        (xfrm_errors, datapath_drops)
+    }
+
     /// Why `cidrs` may not be `name`'s: another peer holds one that overlaps them.
     fn overlapping_peer(&self, name: &str, cidrs: &[IpNet]) -> Option<String> {
         let held = self.peer_cidrs.lock().ok()?;
@@ -1175,31 +1207,7 @@ impl StatusSource for Agent {
             }
         }
         peers.sort_by(|a, b| a.name.cmp(&b.name));
-        let xfrm_errors: BTreeMap<String, u64> = XfrmStat::read("/proc/net/xfrm_stat")
-            .map(|s| {
-                s.counters()
-                    .into_iter()
-                    .filter(|(_, v)| *v > 0)
-                    .map(|(k, v)| (k.to_owned(), v))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let datapath_drops: BTreeMap<String, u64> = self
-            .datapath
-            .drop_counters()
-            .map(|all| {
-                all.into_iter()
-                    .filter(|(_, v)| *v > 0)
-                    .map(|(r, v)| (r.as_str().to_owned(), v))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for (reason, count) in &datapath_drops {
-            self.metrics.set_datapath_drop(reason, *count);
-        }
-        for (reason, count) in &xfrm_errors {
-            self.metrics.set_xfrm_error(reason, *count);
-        }
+        let (xfrm_errors, datapath_drops) = self.refresh_counters();
         let svid = self.svid.borrow().clone();
         NodeView {
             node: self.node.to_string(),

@@ -11,6 +11,9 @@ use serde_json::Value;
 
 use crate::{Process, Topology, wait_until};
 
+/// Where each agent serves Prometheus metrics: loopback of its own node namespace.
+const AGENT_METRICS: &str = "127.0.0.1:9962";
+
 /// The workspace's built binaries (`target/<profile>/`), found next to the running test.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
@@ -193,6 +196,7 @@ impl Fabric {
             .args(["--rekey-interval", &humantime(self.options.rekey_interval)])
             .args(["--strict-mode", if strict { "true" } else { "false" }])
             .args(["--peer-retention", &humantime(self.options.retention)])
+            .args(["--metrics-addr", AGENT_METRICS])
             .args(self.agent_store_args(i))
             .args(&extra)
             .env("RUST_LOG", "info,nodeseal_agent=debug");
@@ -308,6 +312,15 @@ impl Fabric {
             );
         }
         Ok(())
+    }
+
+    /// What node `i`'s agent serves on `/metrics` (Prometheus text), scraped without any status
+    /// call.
+    pub fn metrics(&self, topo: &Topology, i: usize) -> Result<String> {
+        match topo.node(i).ns.http_get(AGENT_METRICS, "/metrics") {
+            Some((200, body)) => Ok(body),
+            other => bail!("node{i}'s metrics endpoint answered {other:?}"),
+        }
     }
 
     /// The agent process of node `i`, if running.

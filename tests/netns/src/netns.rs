@@ -67,6 +67,25 @@ impl Netns {
         })
     }
 
+    /// `GET path` over HTTP/1.0 to `addr` from inside this namespace: the status code and body,
+    /// or `None` when the server cannot be reached or answers garbage (10 s read bound).
+    pub fn http_get(&self, addr: &str, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let (addr, path) = (addr.to_owned(), path.to_owned());
+        self.run(move || {
+            let mut stream = std::net::TcpStream::connect(&addr).ok()?;
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .ok()?;
+            write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).ok()?;
+            let code = response.split_whitespace().nth(1)?.parse().ok()?;
+            let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+            Some((code, body))
+        })
+    }
+
     /// Starts a long-lived thread inside this namespace.
     pub fn spawn_thread<T: Send + 'static>(
         &self,

@@ -549,6 +549,17 @@ fn strict_mode_drops(name: &str, backend: Backend) {
     capture
         .check_no_plaintext(&topo.pod_cidrs())
         .unwrap_or_else(|leak| panic!("{leak}"));
+    // A scrape shows the drops without any status call (the agent refreshes its counters).
+    let no_sa = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("nodeseal_datapath_drops{reason=\"no_sa\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let scraped = nodeseal_netns::wait_until(Duration::from_secs(10), || {
+        fabric.metrics(topo, 0).is_ok_and(|m| no_sa(&m) >= 3)
+    });
+    assert!(scraped, "{:?}", fabric.metrics(topo, 0));
     let status = fabric.status(0).expect("status");
     assert!(
         status["datapath_drops"]["no_sa"].as_u64().unwrap_or(0) >= 3,

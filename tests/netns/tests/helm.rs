@@ -21,8 +21,7 @@
 )]
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddrV4, TcpStream};
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -221,18 +220,20 @@ impl<'a> Kubelet<'a> {
         // The readiness probe, from inside the node (hostNetwork: the node's loopback).
         let ready = wait_until(CONVERGE, || {
             assert!(agent.is_running(), "agent node{i} exited:\n{}", agent.log());
-            http_get(ns, &health, "/readyz").is_some_and(|(code, _)| code == 200)
+            ns.http_get(&health, "/readyz")
+                .is_some_and(|(code, _)| code == 200)
         });
         assert!(
             ready,
             "agent node{i} not ready: {:?}\n{}",
-            http_get(ns, &health, "/readyz"),
+            ns.http_get(&health, "/readyz"),
             agent.log()
         );
         // The liveness probe: like the kubelet's (failureThreshold 6), one slow answer on a
         // loaded machine is not a failure, so it retries for a while.
         let live = wait_until(Duration::from_secs(30), || {
-            http_get(ns, &health, "/healthz").is_some_and(|(code, _)| code == 200)
+            ns.http_get(&health, "/healthz")
+                .is_some_and(|(code, _)| code == 200)
         });
         assert!(live, "agent node{i} not live:\n{}", agent.log());
         self.agents[i] = Some(agent);
@@ -382,22 +383,6 @@ fn expand(value: &str, env: &BTreeMap<String, String>) -> String {
 }
 
 /// `GET path` on `addr` from inside `ns`: the status code and body.
-fn http_get(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
-    let (addr, path) = (addr.to_owned(), path.to_owned());
-    ns.run(move || {
-        let mut stream = TcpStream::connect(&addr).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let code = response.split_whitespace().nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-        Some((code, body))
-    })
-}
-
 #[test]
 fn helm_upgrade_turns_encryption_on_and_off_on_kubernetes() {
     if !require("helm", &[Feature::Netns, Feature::Esp, Feature::TcBpf])
