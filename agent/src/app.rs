@@ -20,7 +20,7 @@ use futures::StreamExt as _;
 use nodeseal_keymgr::handshake::HandshakeConfig;
 use nodeseal_keymgr::{NodeName, SpiffeId, TrustBundle, TrustDomain, TrustStore};
 use nodeseal_store::{Event, Kind, NodeRecord, Record, Store};
-use nodeseal_xfrm::{Handle, XfrmStat};
+use nodeseal_xfrm::{ExpireMonitor, Handle, XfrmStat};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::cleanup::{daemon_set_state, remove_kernel_state, should_remove_on_exit};
 use crate::config::AgentConfig;
 use crate::datapath::{DatapathHandle, DatapathSettings};
+use crate::expiry::ExpiryFollower;
 use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_REMOVED, STEP_STORE};
 use crate::identity::{IdentitySource, LocalClaims, Obtained};
 use crate::metrics::Metrics;
@@ -171,6 +172,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         .context("attaching to pod interfaces")?;
     readiness.done(STEP_DATAPATH);
     let xfrm = Handle::new().context("opening the XFRM netlink socket")?;
+    let expire_notices =
+        ExpireMonitor::open().context("subscribing to the kernel's XFRM expire notices")?;
     // A packet that meets a policy whose state is momentarily missing is queued until the state
     // appears instead of dropped (the kernel default drops it: XfrmOutNoStates), which keeps
     // make-before-break rekeys lossless at the edges. Per network namespace.
@@ -239,6 +242,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
             grace: config.rekey_grace,
             retention: config.peer_retention,
             strict: config.strict_mode,
+            sa_limits: config.sa_limits(),
             // An external PKI (certificate files) cannot bind claims; keymgr always does.
             require_claims: !matches!(source, IdentitySource::Files { .. }),
         },
@@ -297,6 +301,15 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         svid_tx,
     ));
     tracker.spawn(housekeeping(Arc::clone(&agent)));
+    tracker.spawn(
+        ExpiryFollower {
+            registry: Arc::clone(&agent.registry),
+            xfrm: agent.xfrm.clone(),
+            local: agent.local_ip,
+            metrics: Arc::clone(&agent.metrics),
+        }
+        .run(expire_notices, cancel.child_token()),
+    );
     info!(node = %agent.node, "agent ready");
     agent.watch_store().await;
 

@@ -3,8 +3,8 @@
 //! - [`app`] wires everything: the cluster-state store (the `nodeseal-store` crate),
 //!   [`identity`] (node key, SVID through the keymgr CSR flow), [`datapath`] (the eBPF maps and
 //!   attachments), [`sa`] (the XFRM layout), [`peer`] (one task per peer: handshakes,
-//!   make-before-break rekeys, teardown), [`server`] (the handshake listener), [`status`] and
-//!   [`metrics`].
+//!   make-before-break rekeys, teardown), [`expiry`] (SA usage limits), [`server`] (the
+//!   handshake listener), [`status`] and [`metrics`].
 //! - [`signer`] is keymgr as a running role; [`cli`] is the `nodeseal` command line.
 //!
 //! The agent never touches XFRM objects or BPF pins it does not own, and leaves its kernel state
@@ -18,6 +18,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod expiry;
 pub mod health;
 pub mod identity;
 pub mod kube_identity;

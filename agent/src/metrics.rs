@@ -21,6 +21,11 @@ struct ReasonLabel {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: String,
+}
+
 /// The agent's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -31,6 +36,7 @@ pub struct Metrics {
     peers_total: Gauge,
     datapath_drops: Family<ReasonLabel, Gauge>,
     xfrm_errors: Family<ReasonLabel, Gauge>,
+    sa_limit_notices: Family<LimitLabel, Counter>,
 }
 
 impl Metrics {
@@ -74,6 +80,13 @@ impl Metrics {
             "Non-zero counters of /proc/net/xfrm_stat (cumulative)",
             xfrm_errors.clone(),
         );
+        let sa_limit_notices = Family::<LimitLabel, Counter>::default();
+        registry.register(
+            "sa_limit_notices",
+            "Kernel notices of SAs reaching their usage limit (soft: rekeyed, hard: deleted, \
+             lost: notices dropped by a full socket buffer)",
+            sa_limit_notices.clone(),
+        );
         Self {
             registry,
             handshakes,
@@ -82,6 +95,7 @@ impl Metrics {
             peers_total,
             datapath_drops,
             xfrm_errors,
+            sa_limit_notices,
         }
     }
 
@@ -90,6 +104,15 @@ impl Metrics {
         self.handshakes
             .get_or_create(&ResultLabel {
                 result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a kernel notice of an SA at its usage limit (`soft`, `hard` or `lost`).
+    pub fn sa_limit_notice(&self, limit: &str) {
+        self.sa_limit_notices
+            .get_or_create(&LimitLabel {
+                limit: limit.to_owned(),
             })
             .inc();
     }

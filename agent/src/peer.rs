@@ -37,7 +37,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::datapath::DatapathHandle;
 use crate::metrics::Metrics;
-use crate::sa::{self, EpochSas, KeySlot, LocalEnd, PeerEnd};
+use crate::sa::{self, EpochSas, KeySlot, LocalEnd, PeerEnd, SaLimits};
 
 /// How long the non-preferred initiator waits for the peer to start a needed handshake.
 pub const RESPONDER_PATIENCE: Duration = Duration::from_secs(2);
@@ -79,6 +79,8 @@ pub struct PeerSettings {
     pub retention: Duration,
     /// Strict mode.
     pub strict: bool,
+    /// What one SA may carry before it is rekeyed (soft) and deleted (hard).
+    pub sa_limits: SaLimits,
     /// Refuse peers whose SVID binds no node IPs and pod CIDRs (every issuer but an external
     /// PKI's binds them).
     pub require_claims: bool,
@@ -103,6 +105,13 @@ pub enum PeerCommand {
         /// Told once the teardown is done (a successor at a new address waits for it: its
         /// routes and policies have the same selectors as the ones torn down).
         done: Option<tokio::sync::oneshot::Sender<()>>,
+    },
+    /// The kernel reported that a state with the peer crossed its usage limit.
+    SaExpired {
+        /// The state's SPI.
+        spi: u32,
+        /// Hard limit: the kernel deleted the state. Soft: rekey before it does.
+        hard: bool,
     },
     /// A handshake from the peer's address failed before it reached us (recorded in status).
     HandshakeFailed {
@@ -162,6 +171,32 @@ pub struct PeerStatus {
     pub in_bytes: u64,
     /// Packets in.
     pub in_packets: u64,
+}
+
+impl PeerStatus {
+    /// A peer without keys yet.
+    #[must_use]
+    pub fn connecting(name: &NodeName, ip: IpAddr, node_id: NodeId) -> Self {
+        Self {
+            name: name.to_string(),
+            ip,
+            node_id: node_id.0,
+            state: PeerState::Connecting,
+            epoch: None,
+            generation: None,
+            slot: None,
+            out_spi: None,
+            in_spi: None,
+            last_rekey_unix: None,
+            rekeys: 0,
+            failures: 0,
+            last_error: None,
+            out_bytes: 0,
+            out_packets: 0,
+            in_bytes: 0,
+            in_packets: 0,
+        }
+    }
 }
 
 /// Handle to a running peer task.
@@ -330,25 +365,9 @@ impl PeerTask {
         // After a restart the previous agent's slot is still live; the next one must differ.
         let live_slot = ctx.datapath.slot(node_id)?;
         let next_slot = live_slot.map_or(KeySlot::FIRST, KeySlot::next);
-        let status = Arc::new(Mutex::new(PeerStatus {
-            name: info.name.to_string(),
-            ip: info.ip,
-            node_id: node_id.0,
-            state: PeerState::Connecting,
-            epoch: None,
-            generation: None,
-            slot: live_slot.map(KeySlot::get),
-            out_spi: None,
-            in_spi: None,
-            last_rekey_unix: None,
-            rekeys: 0,
-            failures: 0,
-            last_error: None,
-            out_bytes: 0,
-            out_packets: 0,
-            in_bytes: 0,
-            in_packets: 0,
-        }));
+        let mut status = PeerStatus::connecting(&info.name, info.ip, node_id);
+        status.slot = live_slot.map(KeySlot::get);
+        let status = Arc::new(Mutex::new(status));
         let (tx, rx) = mpsc::channel(64);
         let cancel = ctx.cancel.child_token();
         let info_ip = info.ip;
@@ -544,9 +563,39 @@ impl PeerTask {
                     self.info = info;
                 }
             }
+            PeerCommand::SaExpired { spi, hard } => self.on_expire(spi, hard),
             PeerCommand::HandshakeFailed { error } => self.record_failure(error),
         }
         false
+    }
+
+    /// A state crossed its soft limit (rekey now) or its hard limit (the kernel deleted it: the
+    /// peer's traffic waits for new keys). Only the current epoch's states matter; older ones
+    /// are retiring anyway.
+    fn on_expire(&mut self, spi: u32, hard: bool) {
+        let Some(current) = &self.current else {
+            return;
+        };
+        if ![current.sas.outbound.spi, current.sas.inbound.spi]
+            .iter()
+            .any(|s| s.get() == spi)
+        {
+            return;
+        }
+        info!(
+            spi = format_args!("{spi:#010x}"),
+            hard, "SA reached its usage limit; rekeying"
+        );
+        self.rekey_due = Some(Instant::now());
+        // Both ends see the limit at about the same packet; as with a rotation the preferred
+        // initiator starts and the other steps in only if it does not. Past the hard limit
+        // there is nothing to wait for.
+        let delay = if hard || self.preferred_initiator() {
+            Duration::ZERO
+        } else {
+            RESPONDER_PATIENCE
+        };
+        self.schedule(Instant::now() + delay);
     }
 
     async fn on_timer(&mut self) {
@@ -774,6 +823,7 @@ impl PeerTask {
             slot,
             (out_spi, keys.outbound.key(KeyAead::Aes128Gcm).rfc4106_key()),
             (in_spi, keys.inbound.key(KeyAead::Aes128Gcm).rfc4106_key()),
+            self.settings.sa_limits,
         )?;
         let epoch = keys.epoch;
         let out_policies = sas.out_policies(&self.settings.local, &self.peer_end())?;

@@ -27,8 +27,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use nodeseal_bpf::{NodeId, mark};
 use nodeseal_xfrm::{
-    Action, Aead, AeadAlgorithm, Direction, Mark, Ownership, PolicySpec, ReqId, Selector,
-    SpecError, Spi, StateSpec, Template,
+    Action, Aead, AeadAlgorithm, Direction, Lifetime, Limits, Mark, Ownership, PolicySpec, ReqId,
+    Selector, SpecError, Spi, StateSpec, Template,
 };
 
 /// The reqid of every nodeseal state and policy ("NS" and 1).
@@ -40,6 +40,56 @@ const PRIORITY_ENCRYPT: u32 = 100;
 const PRIORITY_STRICT_BLOCK: u32 = 200;
 /// Priority of IN/FWD policies.
 const PRIORITY_INBOUND: u32 = 100;
+
+/// How much one SA may carry, on top of the time-based rekey.
+///
+/// Each is a hard limit: the kernel deletes an SA that reaches it, so no key is used beyond it
+/// even when rekeys keep failing. At three quarters of it (the soft limit) the kernel sends an
+/// expire notice and the agent rekeys the peer at once, which leaves the last quarter for the
+/// rekey to complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SaLimits {
+    /// Bytes per SA (`None`: no limit).
+    pub bytes: Option<u64>,
+    /// Packets per SA (`None`: no limit).
+    pub packets: Option<u64>,
+}
+
+impl SaLimits {
+    /// 2^38 bytes: TLS 1.3 bounds an AES-GCM key at 2^24.5 full-size (2^14-byte) records
+    /// (RFC 8446, section 5.5), about 2^38.5 bytes; this stays below it whatever the packet size.
+    pub const DEFAULT_BYTES: u64 = 1 << 38;
+    /// 2^32 packets: what a 32-bit sequence number counts; ESN lifts that limit, this keeps
+    /// one key's use within it anyway.
+    pub const DEFAULT_PACKETS: u64 = 1 << 32;
+
+    /// The XFRM lifetime of every state: these hard limits, soft limits at three quarters.
+    #[must_use]
+    pub fn lifetime(self) -> Lifetime {
+        let soft = |limit: Option<u64>| limit.map(|v| v - v / 4);
+        Lifetime {
+            soft: Limits {
+                bytes: soft(self.bytes),
+                packets: soft(self.packets),
+                ..Limits::default()
+            },
+            hard: Limits {
+                bytes: self.bytes,
+                packets: self.packets,
+                ..Limits::default()
+            },
+        }
+    }
+}
+
+impl Default for SaLimits {
+    fn default() -> Self {
+        Self {
+            bytes: Some(Self::DEFAULT_BYTES),
+            packets: Some(Self::DEFAULT_PACKETS),
+        }
+    }
+}
 
 /// A key slot of the `skb->mark` (1..=15; 0 means "no key").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -141,8 +191,8 @@ fn any_selector(family_of: IpAddr) -> Result<Selector, SpecError> {
 }
 
 impl EpochSas {
-    /// Builds the two states of an epoch. `out_key` / `in_key` are `rfc4106(gcm(aes))` key and
-    /// salt bytes (20 or 36).
+    /// Builds the two states of an epoch, each with `limits`. `out_key` / `in_key` are
+    /// `rfc4106(gcm(aes))` key and salt bytes (20 or 36).
     ///
     /// # Errors
     /// [`SpecError`] for a key of the wrong length or endpoints of different families.
@@ -152,6 +202,7 @@ impl EpochSas {
         slot: KeySlot,
         (out_spi, out_key): (Spi, &[u8]),
         (in_spi, in_key): (Spi, &[u8]),
+        limits: SaLimits,
     ) -> Result<Self, SpecError> {
         let algorithm = |key: &[u8]| {
             if key.len() == 36 {
@@ -170,7 +221,8 @@ impl EpochSas {
             selector,
         )?;
         outbound.mark = encrypt_mark(peer.node_id, slot);
-        let inbound = StateSpec::new(
+        outbound.lifetime = limits.lifetime();
+        let mut inbound = StateSpec::new(
             peer.ip,
             local.ip,
             in_spi,
@@ -178,6 +230,7 @@ impl EpochSas {
             Aead::new(algorithm(in_key), in_key)?,
             selector,
         )?;
+        inbound.lifetime = limits.lifetime();
         Ok(Self {
             slot,
             outbound,
@@ -286,9 +339,20 @@ mod tests {
             KeySlot::new(3).unwrap(),
             (Spi::new(0x1001).unwrap(), &[1; 20]),
             (Spi::new(0x2002).unwrap(), &[2; 20]),
+            SaLimits {
+                bytes: Some(4000),
+                packets: None,
+            },
         )
         .unwrap();
         assert_eq!(sas.outbound.mark, Mark::new(0x0007_3E00, 0xFFFF_FF00));
+        for state in [&sas.outbound, &sas.inbound] {
+            assert_eq!(
+                (state.lifetime.soft.bytes, state.lifetime.hard.bytes),
+                (Some(3000), Some(4000))
+            );
+            assert_eq!(state.lifetime.soft.packets, None);
+        }
         assert_eq!((sas.outbound.src, sas.outbound.dst), (local.ip, peer.ip));
         assert!(sas.inbound.mark.is_none());
         assert_eq!((sas.inbound.src, sas.inbound.dst), (peer.ip, local.ip));
@@ -313,6 +377,19 @@ mod tests {
         assert_eq!(block.dir, Direction::Out);
         assert!(block.priority > PRIORITY_ENCRYPT);
         assert!(block.mark.is_none());
+    }
+
+    #[test]
+    fn default_limits_rekey_at_three_quarters() {
+        let l = SaLimits::default().lifetime();
+        assert_eq!(l.soft.bytes, Some(3 << 36));
+        assert_eq!(l.soft.packets, Some(3 << 30));
+        assert_eq!(l.hard.packets, Some(1 << 32));
+        let none = SaLimits {
+            bytes: None,
+            packets: None,
+        };
+        assert_eq!(none.lifetime(), Lifetime::default());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!   the caller's or any other network namespace, many requests per `sendmsg`;
 //! - ownership and [`reconcile()`](reconcile::reconcile): nodeseal's objects are recognised by
 //!   reqid range and mark bits, and nothing foreign is ever changed or deleted;
-//! - counters: per-state [`StateStats`] and the namespace-wide [`XfrmStat`].
+//! - counters: per-state [`StateStats`] and the namespace-wide [`XfrmStat`];
+//! - notices: [`ExpireMonitor`] reports states crossing their soft or hard limits.
 //!
 //! All kernel traffic goes through one seam, [`kernel::Kernel`], with the netlink backend and
 //! an in-memory fake (`testing` feature) for kernel-free tests.
@@ -36,6 +37,7 @@
 
 mod handle;
 pub mod kernel;
+mod monitor;
 mod netlink;
 mod policy;
 pub mod reconcile;
@@ -47,6 +49,7 @@ pub use handle::{
     Batch, BatchError, BatchFailure, Handle, PolicyRequests, Request, StateRequests, XfrmError,
 };
 pub use kernel::{KernelError, KernelErrorKind, ObjectRef, TransportError};
+pub use monitor::{Expire, ExpireMonitor, MonitorEvent};
 pub use netlink::NetlinkKernel;
 pub use netlink::codec::DecodeError;
 pub use policy::{Action, Direction, KernelPolicy, PolicyId, PolicySpec, Template, TemplateLevel};

@@ -47,14 +47,19 @@ pub struct NetlinkKernel {
     recv: Zeroizing<Vec<u8>>,
 }
 
-fn io_err(call: &'static str) -> TransportError {
+pub(crate) fn io_err(call: &'static str) -> TransportError {
     TransportError::Io {
         call,
         source: io::Error::last_os_error(),
     }
 }
 
-fn setsockopt(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> bool {
+pub(crate) fn setsockopt(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> bool {
     // SAFETY: `value` is a live c_int and its size is passed; the fd is open.
     let rc = unsafe {
         libc::setsockopt(
@@ -68,46 +73,78 @@ fn setsockopt(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::
     rc == 0
 }
 
+/// A `NETLINK_XFRM` socket bound in the calling thread's network namespace, member of the
+/// multicast `groups` (a bitmask; 0 for a request socket).
+pub(crate) fn socket(groups: u32) -> Result<OwnedFd, TransportError> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_XFRM,
+        )
+    };
+    if raw < 0 {
+        let source = io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::EPROTONOSUPPORT) {
+            return Err(TransportError::NoXfrmUser { source });
+        }
+        return Err(TransportError::Io {
+            call: "socket",
+            source,
+        });
+    }
+    // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    addr.nl_groups = groups;
+    // SAFETY: `addr` is a valid sockaddr_nl and its size is passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io_err("bind"));
+    }
+    Ok(fd)
+}
+
+/// Runs `open` on a short-lived thread inside `netns`, so no caller thread changes namespace;
+/// a socket it opens stays bound to that namespace.
+pub(crate) fn in_namespace<T: Send>(
+    netns: BorrowedFd<'_>,
+    open: impl FnOnce() -> Result<T, TransportError> + Send,
+) -> Result<T, TransportError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this (scoped, about to exit) thread only.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io_err("setns"));
+            }
+            open()
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(TransportError::Io {
+                call: "setns",
+                source: io::Error::other("BUG: namespace thread panicked"),
+            })
+        })
+    })
+}
+
 impl NetlinkKernel {
     /// Opens a socket in the calling thread's current network namespace.
     ///
     /// # Errors
     /// [`TransportError::NoXfrmUser`] without `xfrm_user`; [`TransportError::Io`] otherwise.
     pub fn open() -> Result<Self, TransportError> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_XFRM,
-            )
-        };
-        if raw < 0 {
-            let source = io::Error::last_os_error();
-            if source.raw_os_error() == Some(libc::EPROTONOSUPPORT) {
-                return Err(TransportError::NoXfrmUser { source });
-            }
-            return Err(TransportError::Io {
-                call: "socket",
-                source,
-            });
-        }
-        // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `addr` is a valid sockaddr_nl and its size is passed.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io_err("bind"));
-        }
+        let fd = socket(0)?;
         // Best effort: without these we still work, with less precise errors or smaller buffers.
         setsockopt(&fd, SOL_NETLINK, NETLINK_EXT_ACK, 1);
         setsockopt(&fd, SOL_NETLINK, NETLINK_CAP_ACK, 1);
@@ -134,22 +171,7 @@ impl NetlinkKernel {
     /// # Errors
     /// [`TransportError::Io`] with call `setns` if the namespace cannot be entered.
     pub fn open_in(netns: BorrowedFd<'_>) -> Result<Self, TransportError> {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns on this (scoped, about to exit) thread only.
-                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io_err("setns"));
-                }
-                Self::open()
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(TransportError::Io {
-                    call: "setns",
-                    source: io::Error::other("BUG: namespace thread panicked"),
-                })
-            })
-        })
+        in_namespace(netns, Self::open)
     }
 
     fn next_seq(&mut self) -> u32 {

@@ -217,6 +217,76 @@ fn keys_rotate_under_traffic(name: &str, backend: Backend) {
     );
 }
 
+/// SA usage limits: with `--sa-max-packets 2000` the kernel warns at 1500 packets and the
+/// peer is rekeyed then (the rekey interval is an hour), under a stream, losing nothing, before
+/// any SA reaches its hard limit.
+#[test]
+fn sa_usage_limits_rekey_under_traffic_and_lose_nothing() {
+    let limit = ["--sa-max-packets".to_owned(), "2000".to_owned()].to_vec();
+    let options = FabricOptions {
+        agent_args: vec![limit.clone(), limit],
+        ..FabricOptions::default()
+    };
+    let Some(scenario) = established("salimit", 2, 2, options, Backend::Dir) else {
+        return;
+    };
+    let (topo, fabric) = (&scenario.topo, &scenario.fabric);
+    let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
+    // iproute2 reads the limits back: hard as given, soft at three quarters.
+    let listing = topo
+        .node(0)
+        .ns
+        .ip(&["-s", "xfrm", "state"])
+        .expect("ip xfrm");
+    assert!(
+        listing.contains("soft 1500(packets)") && listing.contains("hard 2000(packets)"),
+        "{listing}"
+    );
+    let before = fabric.peer_row(0, "node1").expect("row");
+    // 100 pps for 36 s: 3,600 packets through node0's OUT state, two soft limits; the last
+    // quarter (500 packets, 5 s) is the room a rekey has under qemu TCG.
+    let stream = UdpStream::start(
+        &pod_a.ns,
+        &pod_b.ns,
+        SocketAddrV4::new(pod_b.ip, 7002),
+        100,
+        Duration::from_secs(120),
+    )
+    .expect("stream");
+    std::thread::sleep(Duration::from_secs(36));
+    let report = stream.finish(Duration::from_millis(500)).expect("report");
+    let after = fabric.peer_row(0, "node1").expect("row");
+    eprintln!("stream across usage-limit rekeys: {report:?}\nbefore {before}\nafter {after}");
+    assert!(report.sent >= 3000, "{report:?}");
+    assert_eq!((report.lost, report.duplicated), (0, 0), "{report:?}");
+    let rekeys = |row: &serde_json::Value| row["rekeys"].as_u64().expect("rekeys");
+    assert!(
+        rekeys(&after) >= rekeys(&before) + 2,
+        "two soft limits crossed, two rekeys:\n{before}\n{after}"
+    );
+    assert_eq!(
+        before["generation"], after["generation"],
+        "no rotation was asked for"
+    );
+    let metrics = fabric.metrics(topo, 0).expect("metrics");
+    let notices = |limit: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "nodeseal_sa_limit_notices_total{{limit=\"{limit}\"}} "
+                ))
+            })
+            .map_or(0, |v| v.trim().parse::<u64>().expect("counter"))
+    };
+    assert!(notices("soft") >= 2, "{metrics}");
+    assert_eq!(
+        notices("hard"),
+        0,
+        "no SA reached its hard limit:\n{metrics}"
+    );
+}
+
 #[test]
 fn rogue_node_with_foreign_ca_never_gets_keys() {
     rogue_node_with_foreign_ca("rogue", Backend::Dir);

@@ -15,13 +15,15 @@
 
 use std::fs::File;
 use std::future::Future;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 use fixture::{IN_MARK, mesh, ownership, peer_objects};
 use nodeseal_netns::{Feature, Netns, REQUIRE_ENV, Topology, ping, require};
 use nodeseal_xfrm::{
-    Desired, Handle, KernelErrorKind, Mark, PolicySpec, StateSpec, XfrmError, XfrmStat,
+    Desired, ExpireMonitor, Handle, KernelErrorKind, Mark, MonitorEvent, PolicySpec, StateSpec,
+    XfrmError, XfrmStat,
     reconcile::{flush_owned, reconcile},
 };
 
@@ -462,6 +464,72 @@ fn state_operations_cross_checked_with_iproute2() {
         );
         eprintln!("SKIPPED the xfrm_stat check of {why}");
     }
+}
+
+/// The kernel's expire notices, as the agent's rekey-on-limit relies on them: one soft notice
+/// while the state still works, one hard notice when the kernel deletes it, none for a state
+/// without limits. Time limits stand in for byte and packet limits (the kernel's timer sends
+/// the same notice), so no traffic is needed.
+#[test]
+fn expire_notices_report_soft_then_hard_limits() {
+    if !require(
+        "expire_notices_report_soft_then_hard_limits",
+        &[Feature::Esp],
+    ) {
+        return;
+    }
+    let ns = Netns::new("xfrm-expire").expect("netns");
+    let h = handle(&ns);
+    let file = File::open(ns.path()).expect("opening the netns file");
+    let mut monitor = ExpireMonitor::open_in(file.as_fd()).expect("expire monitor");
+    let (mut states, _) = peer_objects(0, 1, 1);
+    let unlimited = states.pop().expect("two states");
+    let mut limited = states.pop().expect("two states");
+    limited.lifetime.soft.add_seconds = Some(1);
+    limited.lifetime.hard.add_seconds = Some(3);
+    for st in [&limited, &unlimited] {
+        block_on(h.states().add(st.clone()).execute()).expect("adding state");
+    }
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    while seen.len() < 2 && started.elapsed() < std::time::Duration::from_secs(20) {
+        match monitor.try_next() {
+            Some(MonitorEvent::Expire(e)) => seen.push((e, started.elapsed())),
+            Some(MonitorEvent::Lost) => panic!("notices lost on an idle namespace"),
+            None => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+    assert_eq!(seen.len(), 2, "soft and hard notices within 20 s: {seen:?}");
+    for (i, (e, at)) in seen.iter().enumerate() {
+        assert_eq!(e.hard, i == 1, "soft first, then hard: {seen:?}");
+        assert_eq!(
+            (e.src, e.dst, e.spi, e.reqid, e.mark),
+            (
+                limited.src,
+                limited.dst,
+                limited.spi.get(),
+                limited.reqid.get(),
+                limited.mark
+            ),
+            "the notice names the limited state"
+        );
+        eprintln!(
+            "expire notice {} after {at:?}",
+            if e.hard { "hard" } else { "soft" }
+        );
+    }
+    let listing = blocks(&ns.ip(&["xfrm", "state"]).expect("ip xfrm state"));
+    assert_eq!(
+        listing.len(),
+        1,
+        "the kernel deleted the limited state:\n{listing:#?}"
+    );
+    assert_state_listed(&listing, &unlimited);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        monitor.try_next().is_none(),
+        "no notice for the unlimited state"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+use crate::monitor::Expire;
 use crate::policy::{
     Action, Direction, KernelPolicy, PolicyId, PolicySpec, Template, TemplateLevel,
 };
@@ -37,6 +38,9 @@ pub(crate) const XFRM_MSG_GETPOLICY: u16 = 0x15;
 pub(crate) const XFRM_MSG_UPDPOLICY: u16 = 0x19;
 pub(crate) const XFRM_MSG_UPDSA: u16 = 0x1a;
 pub(crate) const XFRM_MSG_NEWSPDINFO: u16 = 0x24;
+pub(crate) const XFRM_MSG_EXPIRE: u16 = 0x18;
+/// The multicast group of `XFRM_MSG_EXPIRE` notices (`XFRMNLGRP_EXPIRE`).
+pub(crate) const XFRMNLGRP_EXPIRE: u32 = 2;
 
 const XFRMA_TMPL: u16 = 5;
 const XFRMA_REPLAY_VAL: u16 = 10;
@@ -69,6 +73,8 @@ const XFRM_INF: u64 = u64::MAX;
 
 const SELECTOR_LEN: usize = 56;
 const USERSA_INFO_LEN: usize = 224;
+/// `struct xfrm_user_expire`: the state, `hard`, padding to 8.
+const USER_EXPIRE_LEN: usize = 232;
 const USERSA_ID_LEN: usize = 24;
 const USERPOLICY_INFO_LEN: usize = 168;
 const USERPOLICY_ID_LEN: usize = 64;
@@ -629,6 +635,25 @@ pub(crate) fn decode_state(p: &[u8]) -> Result<KernelState, DecodeError> {
     })
 }
 
+/// Decodes an `XFRM_MSG_EXPIRE` payload (`struct xfrm_user_expire`, then the state's mark).
+/// The kernel sends no key material with it.
+pub(crate) fn decode_expire(p: &[u8]) -> Result<Expire, DecodeError> {
+    need("xfrm_user_expire", p, USER_EXPIRE_LEN)?;
+    let family = u16_at(p, 212);
+    let mark = attrs(&p[USER_EXPIRE_LEN..])
+        .find(|(ty, _)| *ty == XFRMA_MARK)
+        .map_or(Mark::NONE, |(_, v)| decode_mark(v));
+    Ok(Expire {
+        src: addr_at(p, 80, family)?,
+        dst: addr_at(p, 56, family)?,
+        spi: be32_at(p, 72),
+        proto: p[76],
+        reqid: u32_at(p, 208),
+        mark,
+        hard: p[USERSA_INFO_LEN] != 0,
+    })
+}
+
 fn decode_template(t: &[u8]) -> (u32, Option<Template>) {
     let reqid = u32_at(t, 44);
     let family = u16_at(t, 24);
@@ -819,6 +844,39 @@ mod tests {
         encode_state(&mut buf, XFRM_MSG_UPDSA, 7, &spec);
         let k = decode_state(&payload(&buf, XFRM_MSG_UPDSA)).unwrap();
         assert_eq!(k.spec, Some(spec));
+    }
+
+    #[test]
+    fn expire_notice_names_the_state_and_its_limit() {
+        let mut spec = state(AeadAlgorithm::AesGcm128);
+        spec.mark = Mark::new(0x0003_0e00, 0xffff_ff00);
+        let mut buf = Vec::new();
+        encode_state(&mut buf, XFRM_MSG_NEWSA, 7, &spec);
+        let p = payload(&buf, XFRM_MSG_NEWSA);
+        // The kernel's layout: the usersa_info, `hard`, padding, then only the mark attribute.
+        for hard in [false, true] {
+            let mut e = p[..USERSA_INFO_LEN].to_vec();
+            e.push(u8::from(hard));
+            e.resize(USER_EXPIRE_LEN, 0);
+            put_mark(&mut e, XFRMA_MARK, spec.mark);
+            let x = decode_expire(&e).unwrap();
+            assert_eq!(
+                x,
+                Expire {
+                    src: spec.src,
+                    dst: spec.dst,
+                    spi: 0x1234_5678,
+                    proto: 50,
+                    reqid: 0x4e53_0001,
+                    mark: spec.mark,
+                    hard,
+                }
+            );
+        }
+        assert!(matches!(
+            decode_expire(&p[..USERSA_INFO_LEN]),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     #[test]
