@@ -200,9 +200,11 @@ impl Topology {
                 out.push_str(&format!("$ ip {}\n", args.join(" ")));
                 out.push_str(&node.ns.ip(args).unwrap_or_else(|e| format!("{e:#}\n")));
             }
+            // /proc/net follows a process's main thread: a thread that entered the namespace
+            // reads its own view through thread-self.
             let stat = node
                 .ns
-                .run(|| std::fs::read_to_string("/proc/net/xfrm_stat"));
+                .run(|| std::fs::read_to_string("/proc/thread-self/net/xfrm_stat"));
             let nonzero: Vec<String> = stat
                 .unwrap_or_default()
                 .lines()
@@ -216,7 +218,9 @@ impl Topology {
             for pod in &node.pods {
                 out.push_str(&format!("--- pod {} ({})\n", pod.ns.name(), pod.ip));
                 out.push_str(&pod.ns.ip(&["-br", "addr"]).unwrap_or_default());
-                let snmp = pod.ns.run(|| std::fs::read_to_string("/proc/net/snmp"));
+                let snmp = pod
+                    .ns
+                    .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"));
                 for line in snmp
                     .unwrap_or_default()
                     .lines()
