@@ -4,6 +4,9 @@
 //! Every bridged frame appears twice to a packet socket (arriving on one port, leaving on
 //! another); only arrivals are kept, and frames delivered to the bridge device itself are
 //! ignored, so each frame on the wire is counted once.
+//!
+//! A capture can also keep each frame's bytes, and [`inject_frame`] puts such a frame back on
+//! the wire: what an attacker who records the underlay can do (the replay scenario).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -100,6 +103,10 @@ pub struct Packet {
     /// The underlay port it arrived on.
     pub ifindex: i32,
     pub len: usize,
+    /// The whole Ethernet frame, when the capture keeps frames
+    /// ([`WireCapture::start_keeping_frames`]): only on request, since a long capture of a
+    /// stream would hold hundreds of megabytes.
+    pub frame: Option<Vec<u8>>,
 }
 
 /// Counts by class, and the distinct ESP flows seen.
@@ -154,6 +161,7 @@ impl std::error::Error for PlaintextLeak {}
 #[derive(Default)]
 pub(crate) struct Shared {
     stop: AtomicBool,
+    keep_frames: bool,
     packets: Mutex<Vec<Packet>>,
     dropped_beyond_keep: AtomicU64,
 }
@@ -168,7 +176,19 @@ impl WireCapture {
     /// Starts capturing in `underlay`, ignoring frames delivered to the device `bridge` itself.
     /// Returns once the socket is open, so no later packet is missed.
     pub fn start(underlay: &Netns, bridge: &str) -> Result<Self> {
-        let shared = Arc::new(Shared::default());
+        Self::open(underlay, bridge, false)
+    }
+
+    /// Like [`WireCapture::start`], keeping every frame's bytes in [`Packet::frame`].
+    pub fn start_keeping_frames(underlay: &Netns, bridge: &str) -> Result<Self> {
+        Self::open(underlay, bridge, true)
+    }
+
+    fn open(underlay: &Netns, bridge: &str, keep_frames: bool) -> Result<Self> {
+        let shared = Arc::new(Shared {
+            keep_frames,
+            ..Shared::default()
+        });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let worker = Arc::clone(&shared);
         let bridge = bridge.to_owned();
@@ -351,6 +371,7 @@ impl PacketSocket {
                 class: classify(frame),
                 ifindex: addr.sll_ifindex,
                 len: frame.len(),
+                frame: shared.keep_frames.then(|| frame.to_vec()),
             };
             if let Ok(mut kept) = shared.packets.lock() {
                 if kept.len() < KEEP_PACKETS {
@@ -362,6 +383,71 @@ impl PacketSocket {
         }
         Ok(())
     }
+}
+
+/// Sends `frame`, a whole Ethernet frame (e.g. one a capture kept), out of interface `ifname`
+/// of `ns`, byte for byte: an attacker on the underlay replaying what it recorded, or forging
+/// what it likes.
+///
+/// On the bridge itself the frame is switched to the port of its destination MAC; on a bridge
+/// port ([`crate::Node::underlay_port`]) it goes straight to the one node behind it, past the
+/// bridge, so no forwarding or address learning there decides whether it arrives. A capture
+/// does not see frames sent on a port (it keeps arrivals only).
+///
+/// # Errors
+/// When the frame has no Ethernet header, `ifname` does not exist in `ns`, or sending fails.
+pub fn inject_frame(ns: &Netns, ifname: &str, frame: &[u8]) -> Result<()> {
+    let (Some(dst_mac), Some(ethertype)) = (frame.get(..6), frame.get(12..14)) else {
+        bail!("a frame of {} bytes has no Ethernet header", frame.len());
+    };
+    let mut mac = [0u8; 8];
+    mac[..6].copy_from_slice(dst_mac);
+    let ethertype = u16::from_be_bytes([ethertype[0], ethertype[1]]);
+    // The socket and the interface index belong to the namespace of the thread that makes them.
+    ns.run(|| send_raw(ifname, mac, ethertype, frame))
+}
+
+fn send_raw(ifname: &str, dst_mac: [u8; 8], ethertype: u16, frame: &[u8]) -> Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let name = std::ffi::CString::new(ifname)?;
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface {ifname}: {}", std::io::Error::last_os_error());
+    }
+    // Protocol 0: this socket only sends.
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if raw < 0 {
+        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // SAFETY: a zeroed sockaddr_ll is a valid value of this plain C struct.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = ethertype.to_be();
+    addr.sll_ifindex = i32::try_from(ifindex).context("ifindex")?;
+    addr.sll_halen = 6;
+    addr.sll_addr = dst_mac;
+    // SAFETY: `frame` and `addr` are valid for the lengths passed.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        bail!("sendto on {ifname}: {}", std::io::Error::last_os_error());
+    }
+    if usize::try_from(sent).ok() != Some(frame.len()) {
+        bail!("sendto on {ifname} sent {sent} of {} bytes", frame.len());
+    }
+    Ok(())
 }
 
 fn setsockopt<T>(fd: &std::os::fd::OwnedFd, opt: libc::c_int, value: &T) -> Result<()> {

@@ -28,7 +28,7 @@ pub fn send_udp(
 ) -> Result<()> {
     let mac = uplink_mac(node)?;
     let frame = udp_frame(mac, src, dst, payload)?;
-    underlay.run(|| send_frame(UNDERLAY_BRIDGE, mac, &frame))
+    crate::capture::inject_frame(underlay, UNDERLAY_BRIDGE, &frame)
 }
 
 /// Binds a UDP socket on `addr` inside `ns` (e.g. a pod's) for [`receive_for`].
@@ -126,48 +126,6 @@ fn checksum(header: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
-}
-
-/// Runs on a thread inside the underlay namespace (the interface index and the socket are
-/// resolved in the caller's namespace).
-fn send_frame(ifname: &str, dst_mac: [u8; 6], frame: &[u8]) -> Result<()> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _};
-    let name = std::ffi::CString::new(ifname)?;
-    // SAFETY: `name` is a valid NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        bail!("no interface {ifname}: {}", std::io::Error::last_os_error());
-    }
-    // Protocol 0: this socket only sends.
-    // SAFETY: socket(2) with constant arguments; the result is checked before use.
-    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if raw < 0 {
-        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-    // SAFETY: a zeroed sockaddr_ll is a valid value of this plain C struct.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = 0x0800u16.to_be();
-    addr.sll_ifindex = i32::try_from(ifindex).context("ifindex")?;
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&dst_mac);
-    // SAFETY: `frame` and `addr` are valid for the lengths passed.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        bail!("sendto on {ifname}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

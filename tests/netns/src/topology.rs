@@ -136,11 +136,23 @@ impl Topology {
 
     /// Starts capturing every frame on the underlay wire.
     pub fn capture(&self) -> Result<WireCapture> {
-        let capture = WireCapture::start(&self.underlay, UNDERLAY_BRIDGE)?;
+        Ok(self.register(WireCapture::start(&self.underlay, UNDERLAY_BRIDGE)?))
+    }
+
+    /// Like [`Topology::capture`], keeping each frame's bytes (to replay them).
+    pub fn capture_frames(&self) -> Result<WireCapture> {
+        Ok(self.register(WireCapture::start_keeping_frames(
+            &self.underlay,
+            UNDERLAY_BRIDGE,
+        )?))
+    }
+
+    /// Makes `capture`'s summary part of the failure report.
+    fn register(&self, capture: WireCapture) -> WireCapture {
         if let Ok(mut c) = self.captures.lock() {
             c.push(capture.shared());
         }
-        Ok(capture)
+        capture
     }
 
     /// Starts `cmd` inside `ns`, logging to `<log_dir>/<name>.log`; the log is part of the
@@ -188,9 +200,11 @@ impl Topology {
                 out.push_str(&format!("$ ip {}\n", args.join(" ")));
                 out.push_str(&node.ns.ip(args).unwrap_or_else(|e| format!("{e:#}\n")));
             }
+            // /proc/net follows a process's main thread: a thread that entered the namespace
+            // reads its own view through thread-self.
             let stat = node
                 .ns
-                .run(|| std::fs::read_to_string("/proc/net/xfrm_stat"));
+                .run(|| std::fs::read_to_string("/proc/thread-self/net/xfrm_stat"));
             let nonzero: Vec<String> = stat
                 .unwrap_or_default()
                 .lines()
@@ -204,7 +218,9 @@ impl Topology {
             for pod in &node.pods {
                 out.push_str(&format!("--- pod {} ({})\n", pod.ns.name(), pod.ip));
                 out.push_str(&pod.ns.ip(&["-br", "addr"]).unwrap_or_default());
-                let snmp = pod.ns.run(|| std::fs::read_to_string("/proc/net/snmp"));
+                let snmp = pod
+                    .ns
+                    .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"));
                 for line in snmp
                     .unwrap_or_default()
                     .lines()
@@ -262,7 +278,7 @@ impl Node {
         let i = u8::try_from(index).context("node index")?;
         let ns = Netns::new(&format!("{prefix}-n{i}"))?;
         let ip = Ipv4Addr::new(10, 0, 0, i + 1);
-        let port = format!("n{i}");
+        let port = underlay_port(index);
         ns.ip(&[
             "link",
             "add",
@@ -301,6 +317,15 @@ impl Node {
     pub fn pod(&self, j: usize) -> &Pod {
         &self.pods[j]
     }
+
+    /// The bridge port in the underlay namespace whose veth peer is this node's `eth0`.
+    pub fn underlay_port(&self) -> String {
+        underlay_port(self.index)
+    }
+}
+
+fn underlay_port(node_index: usize) -> String {
+    format!("n{node_index}")
 }
 
 /// A pod: a namespace behind its node's `lxc<j>`.
