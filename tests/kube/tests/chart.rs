@@ -301,6 +301,15 @@ fn encryption_on_renders_keymgr_consistent_with_the_agent() {
         env_value(&agent, "NODESEAL_REKEY_INTERVAL").as_deref(),
         Some("1h")
     );
+    // Whole numbers, not the float form YAML numbers take in templates (2.74877906944e+11).
+    assert_eq!(
+        env_value(&agent, "NODESEAL_SA_MAX_BYTES").as_deref(),
+        Some("274877906944")
+    );
+    assert_eq!(
+        env_value(&agent, "NODESEAL_SA_MAX_PACKETS").as_deref(),
+        Some("4294967296")
+    );
 
     let deployment: Deployment = r.get("Deployment", "nodeseal-keymgr");
     let spec = &deployment.spec;
@@ -487,6 +496,8 @@ fn values_change_what_they_say() {
         ("encryption.enabled", "true"),
         ("encryption.strictMode.enabled", "false"),
         ("encryption.rekeyInterval", "30m"),
+        ("encryption.saLimits.maxBytes", "1000000000"),
+        ("encryption.saLimits.maxPackets", "0"),
         ("encryption.type", "wireguard"),
         ("identity.trustDomain", "example.org"),
         ("keymgr.replicas", "3"),
@@ -506,6 +517,14 @@ fn values_change_what_they_say() {
     assert_eq!(
         env_value(&agent, "NODESEAL_REKEY_INTERVAL").as_deref(),
         Some("30m")
+    );
+    assert_eq!(
+        env_value(&agent, "NODESEAL_SA_MAX_BYTES").as_deref(),
+        Some("1000000000")
+    );
+    assert_eq!(
+        env_value(&agent, "NODESEAL_SA_MAX_PACKETS").as_deref(),
+        Some("0")
     );
     // Rendered as asked; the agent refuses it with a clear message (agent config tests).
     assert_eq!(
@@ -571,6 +590,10 @@ fn bad_values_are_rejected_naming_the_value() {
         (
             ("encryption.rekeyInterval", "soon"),
             "/encryption/rekeyInterval",
+        ),
+        (
+            ("encryption.saLimits.maxPackets", "-1"),
+            "/encryption/saLimits/maxPackets",
         ),
         (("keymgr.replicas", "two"), "/keymgr/replicas"),
         (("keymgr.replicas", "0"), "/keymgr/replicas"),
