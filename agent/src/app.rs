@@ -33,6 +33,7 @@ use crate::expiry::ExpiryFollower;
 use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_REMOVED, STEP_STORE};
 use crate::identity::{IdentitySource, LocalClaims, Obtained};
 use crate::metrics::Metrics;
+use crate::pace::Pace;
 use crate::peer::{
     PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerTask,
     error_chain,
@@ -234,6 +235,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let status_listener = crate::status::bind(&config.status_socket)?;
 
     let (generation_tx, generation_rx) = watch::channel(0u64);
+    let pace = Arc::new(Pace::new());
     let registry = Arc::new(PeerRegistry::default());
     let peer_ctx = PeerContext {
         settings: PeerSettings {
@@ -255,6 +257,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         handshake_permits: Arc::new(tokio::sync::Semaphore::new(
             crate::peer::MAX_CONCURRENT_HANDSHAKES,
         )),
+        pace: Arc::clone(&pace),
         leftover_peers: Arc::new(leftover_peers(&xfrm, local.ip).await),
     };
     tracker.spawn(crate::server::serve(
@@ -262,6 +265,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         Arc::clone(&registry),
         handshake_rx,
         Arc::clone(&metrics),
+        pace,
         tracker.clone(),
         cancel.child_token(),
     ));

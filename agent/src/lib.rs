@@ -26,6 +26,7 @@ pub mod kube_signer;
 pub mod leader;
 pub mod logging;
 pub mod metrics;
+pub mod pace;
 pub mod peer;
 pub mod sa;
 pub mod server;

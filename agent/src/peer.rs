@@ -37,14 +37,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::datapath::DatapathHandle;
 use crate::metrics::Metrics;
+use crate::pace::Pace;
 use crate::sa::{self, EpochSas, KeySlot, LocalEnd, PeerEnd, SaLimits};
 
 /// How long the non-preferred initiator waits for the peer to start a needed handshake.
 pub const RESPONDER_PATIENCE: Duration = Duration::from_secs(2);
-/// Limit on one TLS handshake and Hello exchange (counted once a handshake permit is held).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Limit on the `Installed` exchange after the SAs are in the kernel.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Outgoing handshakes one node runs at once.
 pub const MAX_CONCURRENT_HANDSHAKES: usize = 32;
 /// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
@@ -248,6 +245,7 @@ pub struct PeerTask {
     /// Commands that arrived while a handshake was running, handled right after it.
     deferred: std::collections::VecDeque<PeerCommand>,
     handshake_permits: Arc<tokio::sync::Semaphore>,
+    pace: Arc<Pace>,
     /// Whether a previous agent left SAs for this peer, to be swept after our first flip.
     has_leftovers: bool,
     /// When to delete objects of this peer that a previous agent left (after the first flip).
@@ -274,6 +272,8 @@ pub struct PeerContext {
     pub cancel: CancellationToken,
     /// Node-wide bound on concurrent outgoing handshakes.
     pub handshake_permits: Arc<tokio::sync::Semaphore>,
+    /// Node-wide handshake limits, following the measured speed.
+    pub pace: Arc<Pace>,
     /// Peers a previous agent left SAs for (found at start-up): only their tasks sweep.
     pub leftover_peers: Arc<std::collections::HashSet<IpAddr>>,
 }
@@ -299,6 +299,10 @@ pub enum PeerError {
     /// It took too long.
     #[error("handshake timed out after {0:?}")]
     Timeout(Duration),
+    /// The peer accepted the connection but the handshake did not complete in time: this
+    /// node's handshakes are slower than its limit (see [`Pace`]).
+    #[error("handshake did not complete within {0:?} of connecting")]
+    SlowHandshake(Duration),
     /// The peer announced something that contradicts the store.
     #[error("peer announced {what}")]
     Contradiction {
@@ -400,6 +404,7 @@ impl PeerTask {
             deferred: std::collections::VecDeque::new(),
             has_leftovers: ctx.leftover_peers.contains(&info_ip),
             handshake_permits: ctx.handshake_permits,
+            pace: ctx.pace,
             sweep_at: None,
         };
         if task.settings.strict {
@@ -665,24 +670,30 @@ impl PeerTask {
         let addr = SocketAddr::new(self.info.ip, self.info.port);
         let peer = self.info.name.clone();
         let permits = Arc::clone(&self.handshake_permits);
+        let limit = self.pace.handshake_timeout();
         // Boxed: the TLS state machine is large, and inlined it would make every idle peer
         // task (one per node in the cluster) as big as a handshake in progress.
         let mut tls = Box::pin(async move {
             // Bounded concurrency: a node meeting 1000 peers at once must not start 1000 TLS
             // handshakes that all run out of time. The timeout starts with the permit.
             let _permit = permits.acquire_owned().await;
-            let handshake = async {
-                let stream = TcpStream::connect(addr)
-                    .await
-                    .map_err(|source| PeerError::Connect { addr, source })?;
-                let _ = stream.set_nodelay(true);
-                Ok::<_, PeerError>(handshake::initiate(&config, stream, &peer, hello).await?)
+            let began = Instant::now();
+            let stream = match tokio::time::timeout(limit, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(source)) => return (began, Err(PeerError::Connect { addr, source })),
+                Err(_) => return (began, Err(PeerError::Timeout(limit))),
             };
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-                .await
-                .unwrap_or(Err(PeerError::Timeout(HANDSHAKE_TIMEOUT)))
+            let _ = stream.set_nodelay(true);
+            let rest = limit.saturating_sub(began.elapsed());
+            let agreement =
+                tokio::time::timeout(rest, handshake::initiate(&config, stream, &peer, hello))
+                    .await
+                    .map_or(Err(PeerError::SlowHandshake(limit)), |r| {
+                        r.map_err(PeerError::from)
+                    });
+            (began, agreement)
         });
-        let agreement = loop {
+        let (began, agreement) = loop {
             let event = tokio::select! {
                 r = &mut tls => Either::Done(r),
                 cmd = self.commands.recv() => Either::Command(cmd),
@@ -710,12 +721,20 @@ impl PeerTask {
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => self.on_success(started),
+            Ok(()) => {
+                self.pace.succeeded(began.elapsed());
+                self.on_success(started);
+            }
             // Our handshake lost a collision: the winning one is on its way to us.
             Err(PeerError::Handshake(HandshakeError::Rejected {
                 reason: RejectReason::Collision,
             })) => debug!("our handshake lost a collision; waiting for the peer's"),
-            Err(e) => self.on_failure(&e),
+            Err(e) => {
+                if matches!(e, PeerError::SlowHandshake(_)) {
+                    self.pace.timed_out();
+                }
+                self.on_failure(&e);
+            }
         }
     }
 
@@ -755,13 +774,14 @@ impl PeerTask {
             let hello = self.hello(&config, epoch, self.fresh_spi())?;
             Ok::<_, PeerError>(incoming.respond(hello).await?)
         });
-        let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, answer).await {
+        let limit = self.pace.handshake_timeout();
+        let result = match tokio::time::timeout(limit, answer).await {
             Ok(Ok(agreement)) => {
                 self.metrics.handshake("accepted");
                 self.install(agreement).await
             }
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(PeerError::Timeout(HANDSHAKE_TIMEOUT)),
+            Err(_) => Err(PeerError::Timeout(limit)),
         };
         match result {
             Ok(()) => self.on_success(started),
@@ -842,12 +862,13 @@ impl PeerTask {
         let installed = Installed { epoch, sas };
         // Not cancellable from outside once SAs are in the kernel: on any failure, including the
         // peer going quiet, the new epoch's SAs are removed again before returning.
+        let confirm = self.pace.confirm_timeout();
         let confirmed =
-            tokio::time::timeout(CONFIRM_TIMEOUT, agreement.channel.confirm_installed(epoch)).await;
+            tokio::time::timeout(confirm, agreement.channel.confirm_installed(epoch)).await;
         let failure = match confirmed {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(PeerError::from(e)),
-            Err(_) => Some(PeerError::Timeout(CONFIRM_TIMEOUT)),
+            Err(_) => Some(PeerError::Timeout(confirm)),
         };
         if let Some(e) = failure {
             self.remove_epoch(&installed).await;

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
+use crate::pace::Pace;
 use crate::peer::{PeerCommand, PeerRegistry, error_chain};
 
 /// Handshakes processed at once; more wait (TCP backlog), which bounds memory under a flood.
@@ -27,8 +28,6 @@ const MAX_CONCURRENT: usize = 256;
 /// flight (a rekey crossing a retry), so a member flooding its handshake port cannot take the
 /// slots every other peer needs.
 const MAX_PER_SOURCE: usize = 4;
-/// TLS and Hello must complete within this.
-const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts handshakes until cancelled.
 pub async fn serve(
@@ -36,6 +35,7 @@ pub async fn serve(
     registry: Arc<PeerRegistry>,
     handshake_config: watch::Receiver<Option<HandshakeConfig>>,
     metrics: Arc<Metrics>,
+    pace: Arc<Pace>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
@@ -74,13 +74,16 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let metrics = Arc::clone(&metrics);
         let cancel = cancel.clone();
+        // TLS and Hello must complete within the node's handshake limit, which incoming
+        // connections never raise (see `Pace`).
+        let limit = pace.handshake_timeout();
         tracker.spawn(async move {
             let _permit = permit;
             let _source_slot = source_slot;
             let accept = handshake::accept(&config, stream, ExpectedPeer::Node(name.clone()));
             let result = tokio::select! {
                 () = cancel.cancelled() => return,
-                r = tokio::time::timeout(ACCEPT_TIMEOUT, accept) => r,
+                r = tokio::time::timeout(limit, accept) => r,
             };
             let command = match result {
                 Ok(Ok(incoming)) => PeerCommand::Incoming(Box::new(incoming)),
@@ -93,7 +96,7 @@ pub async fn serve(
                 Err(_) => {
                     metrics.handshake("refused");
                     PeerCommand::HandshakeFailed {
-                        error: format!("incoming handshake timed out after {ACCEPT_TIMEOUT:?}"),
+                        error: format!("incoming handshake timed out after {limit:?}"),
                     }
                 }
             };

@@ -43,8 +43,6 @@ use crate::verifier::{ExpectedPeer, PeerIdentity, PeerRole, TrustStore, VerifyEr
 
 /// Default TCP port of the handshake listener.
 pub const DEFAULT_HANDSHAKE_PORT: u16 = 4250;
-/// Recommended bound for a whole handshake (TLS + Hellos), applied by the caller.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
