@@ -235,7 +235,6 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let status_listener = crate::status::bind(&config.status_socket)?;
 
     let (generation_tx, generation_rx) = watch::channel(0u64);
-    let pace = Arc::new(Pace::new());
     let registry = Arc::new(PeerRegistry::default());
     let peer_ctx = PeerContext {
         settings: PeerSettings {
@@ -257,7 +256,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         handshake_permits: Arc::new(tokio::sync::Semaphore::new(
             crate::peer::MAX_CONCURRENT_HANDSHAKES,
         )),
-        pace: Arc::clone(&pace),
+        pace: Arc::new(Pace::new()),
         leftover_peers: Arc::new(leftover_peers(&xfrm, local.ip).await),
     };
     tracker.spawn(crate::server::serve(
@@ -265,7 +264,6 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         Arc::clone(&registry),
         handshake_rx,
         Arc::clone(&metrics),
-        pace,
         tracker.clone(),
         cancel.child_token(),
     ));

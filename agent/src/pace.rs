@@ -8,8 +8,10 @@
 //! handshake runs out of time it grows by half. It stays within [`Pace::MIN`] and [`Pace::MAX`].
 //!
 //! Only this node's outgoing handshakes to known peers and its completed key agreements teach
-//! it: incoming connections that time out do not, so a flood of stalled connections cannot
-//! make the limit (and the time a stalled connection holds a slot) grow.
+//! it. The answering side always allows [`Pace::MAX`]: it cannot know how long the initiator
+//! is willing to wait, and a shorter limit there would cut off exactly the handshakes a slow
+//! initiator needs (both limits would then stay low for good). Stalled incoming connections
+//! hold at most four handshake slots per node address (`server`), however long they last.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -40,10 +42,10 @@ impl Pace {
         self.timeout.lock().map_or(Self::MIN, |t| *t)
     }
 
-    /// The limit on the `Installed` exchange: half the handshake's.
+    /// The limit on the `Installed` exchange (one round trip after the keys): the same.
     #[must_use]
     pub fn confirm_timeout(&self) -> Duration {
-        self.handshake_timeout() / 2
+        self.handshake_timeout()
     }
 
     /// A key agreement completed in `took`.
@@ -93,7 +95,7 @@ mod tests {
             pace.succeeded(Duration::from_millis(30));
         }
         assert_eq!(pace.handshake_timeout(), Pace::MIN);
-        assert_eq!(pace.confirm_timeout(), Pace::MIN / 2);
+        assert_eq!(pace.confirm_timeout(), Pace::MIN);
     }
 
     #[test]

@@ -774,7 +774,8 @@ impl PeerTask {
             let hello = self.hello(&config, epoch, self.fresh_spi())?;
             Ok::<_, PeerError>(incoming.respond(hello).await?)
         });
-        let limit = self.pace.handshake_timeout();
+        // The answering side allows the most any initiator waits (see `Pace`).
+        let limit = Pace::MAX;
         let result = match tokio::time::timeout(limit, answer).await {
             Ok(Ok(agreement)) => {
                 self.metrics.handshake("accepted");

@@ -35,7 +35,6 @@ pub async fn serve(
     registry: Arc<PeerRegistry>,
     handshake_config: watch::Receiver<Option<HandshakeConfig>>,
     metrics: Arc<Metrics>,
-    pace: Arc<Pace>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
@@ -74,9 +73,9 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let metrics = Arc::clone(&metrics);
         let cancel = cancel.clone();
-        // TLS and Hello must complete within the node's handshake limit, which incoming
-        // connections never raise (see `Pace`).
-        let limit = pace.handshake_timeout();
+        // The answering side allows the most any initiator waits (see `Pace`); the per-source
+        // limit above bounds what stalled connections can hold.
+        let limit = Pace::MAX;
         tracker.spawn(async move {
             let _permit = permit;
             let _source_slot = source_slot;

@@ -68,6 +68,7 @@ const BOOT_MODULES: &[&str] = &[
     "jitterentropy_rng",
     "wireguard",
     "sch_ingress",
+    "sch_netem",
     "cls_bpf",
     "act_bpf",
 ];
@@ -80,7 +81,7 @@ const WHOLE_DIRS: &[&str] = &[
 ];
 
 /// Bump when the initramfs layout or init script changes, to rebuild cached images.
-const INITRAMFS_REVISION: u32 = 1;
+const INITRAMFS_REVISION: u32 = 2;
 
 /// An unpacked kernel with its initramfs, ready to boot.
 #[derive(Clone, Debug)]

@@ -287,6 +287,69 @@ fn sa_usage_limits_rekey_under_traffic_and_lose_nothing() {
     );
 }
 
+/// A slow machine makes the fabric slower, not broken. With 2.5 s of delay each way on the
+/// underlay (netem on each node's uplink), a handshake (connect, TLS, Hellos: three round
+/// trips) takes about 15 s, longer than the 10 s a responsive node allows, so the first
+/// attempts run out of time; the initiator raises its limit after each (agent `pace`) and the
+/// pair is keyed. With a fixed limit it never would be.
+#[test]
+fn a_slow_underlay_makes_the_fabric_slower_not_broken() {
+    let name = "a_slow_underlay_makes_the_fabric_slower_not_broken";
+    if !require(name, &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+        return;
+    }
+    let topo = Topology::builder("slow")
+        .nodes(2)
+        .pods_per_node(1)
+        .build()
+        .expect("topology");
+    for i in 0..2 {
+        let ns = &topo.node(i).ns;
+        ns.exec(
+            "tc",
+            &[
+                "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "2500ms",
+            ],
+        )
+        .expect("netem delay on the uplink");
+    }
+    let started = Instant::now();
+    let fabric = Fabric::start(&topo, 2, FabricOptions::default()).expect("fabric");
+    fabric
+        .wait_established(&[0, 1], Duration::from_secs(400))
+        .expect("established despite a 5 s round trip");
+    let took = started.elapsed();
+    let rows = [
+        fabric.peer_row(0, "node1").expect("row"),
+        fabric.peer_row(1, "node0").expect("row"),
+    ];
+    eprintln!(
+        "established over a 5 s round trip in {took:?}:\n{}\n{}",
+        rows[0], rows[1]
+    );
+    let failures: u64 = rows
+        .iter()
+        .map(|r| r["failures"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        failures >= 1,
+        "the first handshakes should have run out of time at 10 s, or this scenario does not \
+         test what it claims: {rows:?}"
+    );
+    for (a, b) in [(0, 1), (1, 0)] {
+        let spis = nodeseal_netns::fabric::esp_spis_between(
+            &topo.node(a).ns,
+            topo.node(a).ip,
+            topo.node(b).ip,
+        );
+        assert_eq!(
+            spis.len(),
+            2,
+            "node{a}: one pair of SAs with node{b}: {spis:x?}"
+        );
+    }
+}
+
 #[test]
 fn rogue_node_with_foreign_ca_never_gets_keys() {
     rogue_node_with_foreign_ca("rogue", Backend::Dir);
