@@ -9,6 +9,7 @@
 //! connection closes. Probes and scrapes need nothing more.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,31 +98,51 @@ fn respond(request_line: &str, endpoints: &Endpoints) -> (&'static str, String) 
     }
 }
 
+/// Clients answered at once; more are closed at accept. Probes and a scrape need a few.
+const MAX_CLIENTS: usize = 16;
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `endpoints` on `listener` until cancelled.
+///
+/// Each client is answered in its own task, so a client slow to send its request (a stalled
+/// scraper, or any client on a machine under load) never delays the kubelet's probes.
 pub async fn serve(listener: TcpListener, endpoints: Endpoints, cancel: CancellationToken) {
+    let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
             a = listener.accept() => a,
         };
-        let Ok((mut stream, peer)) = accepted else {
+        let Ok((stream, peer)) = accepted else {
             continue;
         };
-        // Each response is small and bounded by the read timeout; no task tracking needed.
-        let mut buf = [0u8; 2048];
-        let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
-        let request = match read {
-            Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-            _ => continue,
+        let Ok(permit) = Arc::clone(&clients).try_acquire_owned() else {
+            debug!(%peer, "too many HTTP clients at once; closed");
+            continue;
         };
-        let (status, body) = respond(request.lines().next().unwrap_or(""), &endpoints);
-        let response = format!(
-            "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        if let Err(e) = stream.write_all(response.as_bytes()).await {
-            debug!(%peer, error = %e, "HTTP client went away");
-        }
+        let endpoints = endpoints.clone();
+        // Bounded by the request timeout and the permit; nothing to wait for at shutdown.
+        tokio::spawn(async move {
+            let _permit = permit;
+            answer(stream, peer, &endpoints).await;
+        });
+    }
+}
+
+async fn answer(mut stream: tokio::net::TcpStream, peer: SocketAddr, endpoints: &Endpoints) {
+    let mut buf = [0u8; 2048];
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut buf)).await {
+        Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        _ => return,
+    };
+    let (status, body) = respond(request.lines().next().unwrap_or(""), endpoints);
+    let response = format!(
+        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = stream.write_all(response.as_bytes()).await {
+        debug!(%peer, error = %e, "HTTP client went away");
     }
 }
 
@@ -219,6 +240,33 @@ mod tests {
         assert!(
             response.ends_with("waiting for: cluster store, node identity\n"),
             "{response}"
+        );
+        cancel.cancel();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_does_not_hold_up_a_probe() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (endpoints, _) = both();
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, endpoints, cancel.clone()));
+        let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut probe = tokio::net::TcpStream::connect(addr).await.unwrap();
+        probe
+            .write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        probe.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+        // Answered while the silent client is still waited for: had the server handled one
+        // client at a time, it would have given up on (and closed) the silent one first.
+        let mut buf = [0u8; 1];
+        assert!(
+            matches!(silent.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the silent connection is still open and unanswered"
         );
         cancel.cancel();
         server.await.unwrap();

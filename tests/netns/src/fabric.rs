@@ -317,10 +317,17 @@ impl Fabric {
     /// What node `i`'s agent serves on `/metrics` (Prometheus text), scraped without any status
     /// call.
     pub fn metrics(&self, topo: &Topology, i: usize) -> Result<String> {
-        match topo.node(i).ns.http_get(AGENT_METRICS, "/metrics") {
-            Some((200, body)) => Ok(body),
-            other => bail!("node{i}'s metrics endpoint answered {other:?}"),
+        // A few tries: under qemu TCG with Kubernetes scenarios running beside it, one scrape
+        // has been seen to get no answer within its 10 s.
+        let mut last = None;
+        for _ in 0..3 {
+            match topo.node(i).ns.http_get(AGENT_METRICS, "/metrics") {
+                Some((200, body)) => return Ok(body),
+                other => last = other,
+            }
+            std::thread::sleep(Duration::from_secs(1));
         }
+        bail!("node{i}'s metrics endpoint answered {last:?} (3 tries)")
     }
 
     /// The agent process of node `i`, if running.
