@@ -47,7 +47,7 @@ impl Metrics {
         let handshakes = Family::<ResultLabel, Counter>::default();
         registry.register(
             "handshakes",
-            "Key-agreement handshakes by result (initiated, accepted, failed, refused)",
+            "Key-agreement handshakes by result (initiated, accepted, failed, refused; throttled, rate_limited: closed before TLS)",
             handshakes.clone(),
         );
         let rekey_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));

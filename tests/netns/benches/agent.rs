@@ -19,9 +19,19 @@
 //!    `nodeseal keys rotate --wait` several times; wall time and the duration it prints, and the
 //!    stream's losses. Baseline: the wall time of a no-op `nodeseal node list`.
 //!
+//! 3. Revocation (`agent/revocation.rs`): time from `nodeseal node revoke` to the last peer's
+//!    SAs with the node gone and to the first dropped packet each way; baseline: `keys rotate
+//!    --wait` on the same fabric.
+//! 4. Handshake flood (`agent/flood.rs`): what connections in a loop against a node's handshake
+//!    port (from an unknown address, from a member sending junk, from a member running valid
+//!    handshakes) cost the node, and what its legitimate rotations and traffic see; baseline:
+//!    the same phase without a flood.
+//!
 //! Environment: `NODESEAL_BENCH_PEERS` (default `100,1000`), `NODESEAL_BENCH_STORES` (default
 //! `dir,kube`; `kube` needs the binaries of `cargo xtask setup`), `NODESEAL_BENCH_ROTATIONS`
-//! (default 5), `NODESEAL_BENCH_PARTS` (default `convergence,rotation`),
+//! (default 5), `NODESEAL_BENCH_REVOCATIONS` (default 3), `NODESEAL_BENCH_FLOOD_SECS` (length of
+//! each flood phase, default 30), `NODESEAL_BENCH_PARTS` (default
+//! `convergence,rotation,revocation,flood`),
 //! `NODESEAL_BENCH_TIMEOUT_SECS` (bound of one convergence run, default 900),
 //! `NODESEAL_BENCH_IDLE_SECS` (quiet period observed after convergence, default 40: it covers
 //! the agent's post-flip sweep at the default 30 s `--rekey-grace`). Needs root, veth,
@@ -65,6 +75,11 @@ const TARGET_CONVERGE_1000: Duration = Duration::from_secs(5);
 const TARGET_RSS_KB: u64 = 40 * 1024;
 const TARGET_ROTATE: Duration = Duration::from_secs(2);
 
+#[path = "agent/flood.rs"]
+mod flood;
+#[path = "agent/revocation.rs"]
+mod revocation;
+
 fn main() -> ExitCode {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     if let Some(arg) = std::env::args().skip(1).find(|a| a != "--bench") {
@@ -87,8 +102,8 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    let parts =
-        std::env::var("NODESEAL_BENCH_PARTS").unwrap_or_else(|_| "convergence,rotation".to_owned());
+    let parts = std::env::var("NODESEAL_BENCH_PARTS")
+        .unwrap_or_else(|_| "convergence,rotation,revocation,flood".to_owned());
     let peers = parse_list(
         &std::env::var("NODESEAL_BENCH_PEERS").unwrap_or_else(|_| "100,1000".to_owned()),
     )?;
@@ -96,6 +111,8 @@ fn run() -> Result<()> {
         &std::env::var("NODESEAL_BENCH_STORES").unwrap_or_else(|_| "dir,kube".to_owned()),
     )?;
     let rotations: usize = env_number("NODESEAL_BENCH_ROTATIONS", 5)?;
+    let revocations: usize = env_number("NODESEAL_BENCH_REVOCATIONS", 3)?;
+    let flood_secs: u64 = env_number("NODESEAL_BENCH_FLOOD_SECS", 30)?;
     let timeout = Duration::from_secs(env_number("NODESEAL_BENCH_TIMEOUT_SECS", 900)?);
     let idle = Duration::from_secs(env_number("NODESEAL_BENCH_IDLE_SECS", 40)?);
     let agent_bin = fabric::binary("nodeseal-agent");
@@ -136,6 +153,18 @@ fn run() -> Result<()> {
     } else {
         None
     };
+    let revocation = if parts.contains("revocation") {
+        println!("revocation: 4-node fabric, {revocations} x node revoke under streams ...");
+        Some(revocation::run(revocations).context("revocation")?)
+    } else {
+        None
+    };
+    let flood = if parts.contains("flood") {
+        println!("flood: 4-node fabric, handshake floods against node0 ...");
+        Some(flood::run(Duration::from_secs(flood_secs)).context("flood")?)
+    } else {
+        None
+    };
 
     println!();
     println!("================ nodeseal agent benchmark ================");
@@ -147,6 +176,14 @@ fn run() -> Result<()> {
     if let Some(r) = &rotation {
         println!();
         println!("{}", r.table());
+    }
+    if let Some(r) = &revocation {
+        println!();
+        println!("{}", r.table());
+    }
+    if let Some(f) = &flood {
+        println!();
+        println!("{}", f.table()?);
     }
     Ok(())
 }

@@ -13,12 +13,13 @@ pub mod forge;
 pub mod kube;
 pub mod net;
 mod netns;
+pub mod patience;
 mod process;
 pub mod topology;
 pub mod traffic;
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use capture::{CaptureSummary, PacketClass, WireCapture};
 pub use fabric::{Fabric, FabricOptions, StoreKind};
@@ -149,14 +150,21 @@ pub fn require(test: &str, features: &[Feature]) -> bool {
     false
 }
 
-/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
+/// Polls `condition` every 20 ms until it holds or `timeout` passes, counted in the reference
+/// machine's time (see [`patience`]: up to 4x the wall time on a slower machine); returns
+/// whether it held.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
+    let mut patience = patience::Patience::new(timeout);
     loop {
         if condition() {
             return true;
         }
-        if Instant::now() >= deadline {
+        if patience.exhausted() {
+            let (waited, slowdown) = patience.waited();
+            eprintln!(
+                "wait_until: gave up after {waited:.1?} of wall time for a bound of {timeout:?} \
+                 (the machine ran {slowdown:.1}x slower than the reference when last measured)"
+            );
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -81,6 +81,9 @@ pub struct UdpStream {
     sender: Option<JoinHandle<Result<()>>>,
     receiver: Option<JoinHandle<Result<Vec<u64>>>>,
     receiver_stop: Arc<AtomicBool>,
+    /// When the receiver last got a datagram: nanoseconds after `started`, plus one (0: never).
+    last_arrival: Arc<AtomicU64>,
+    started: Instant,
 }
 
 /// Payload: an 8-byte sequence number, then padding to a realistic size.
@@ -100,6 +103,9 @@ impl UdpStream {
             bail!("rate must be positive");
         }
         let receiver_stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let last_arrival = Arc::new(AtomicU64::new(0));
+        let arrival = Arc::clone(&last_arrival);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let rstop = Arc::clone(&receiver_stop);
         let receiver = receiver_ns.spawn_thread("udp-receiver", move || {
@@ -113,7 +119,11 @@ impl UdpStream {
                     return Err(e);
                 }
             };
-            receive(&socket, &rstop)
+            receive(&socket, &rstop, |at| {
+                let nanos =
+                    u64::try_from(at.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
+                arrival.store(nanos.saturating_add(1), Ordering::Relaxed);
+            })
         })?;
         ready_rx
             .recv_timeout(Duration::from_secs(10))
@@ -131,7 +141,17 @@ impl UdpStream {
             sender: Some(sender),
             receiver: Some(receiver),
             receiver_stop,
+            last_arrival,
+            started,
         })
+    }
+
+    /// When the receiver last got a datagram, if ever.
+    pub fn last_arrival(&self) -> Option<Instant> {
+        match self.last_arrival.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.started + Duration::from_nanos(n - 1)),
+        }
     }
 
     /// Datagrams sent so far.
@@ -193,7 +213,11 @@ fn bind_receiver(port: u16) -> Result<UdpSocket> {
     Ok(socket)
 }
 
-fn receive(socket: &UdpSocket, stop: &AtomicBool) -> Result<Vec<u64>> {
+fn receive(
+    socket: &UdpSocket,
+    stop: &AtomicBool,
+    mut arrived: impl FnMut(Instant),
+) -> Result<Vec<u64>> {
     let mut seqs = Vec::new();
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
@@ -202,6 +226,7 @@ fn receive(socket: &UdpSocket, stop: &AtomicBool) -> Result<Vec<u64>> {
                 let mut seq = [0u8; 8];
                 seq.copy_from_slice(&buf[..8]);
                 seqs.push(u64::from_be_bytes(seq));
+                arrived(Instant::now());
             }
             Ok(_) => {}
             Err(e)
