@@ -1,1 +1,1055 @@
+//! Compiles policies into the entries of the BPF policy table for the identities on this node.
+//!
+//! The datapath (`bpf/programs/src/policy.rs`) looks up `(peer, protocol, port)` (only for
+//! packets with a port other than 0), then `(peer, protocol, 0)`, then `(peer, 0, 0)`, then
+//! the same three with the wildcard peer [`identity::ANY`]; the first hit decides and a miss
+//! denies. The semantics to reproduce (see the crate docs) is "allowed iff an allow rule
+//! matches and no deny rule does", so the compiler, not the datapath, resolves deny over allow:
+//!
+//! 1. Per enforced (subject, direction), the rules that match every peer (`all`) give the
+//!    verdicts of the wildcard peer; they are encoded against "a miss denies".
+//! 2. Every other peer identity named by some rule gets the verdicts of the rules that match it
+//!    plus the wildcard rules, encoded against "a miss falls through to the wildcard entries".
+//!    Peers matched by the same rules share one encoding; a peer whose verdicts equal the
+//!    wildcard's gets no entries.
+//! 3. The encoding of one peer is the smallest set of entries over the three-level lookup
+//!    (any protocol, one protocol, one port) that gives the wanted verdict for every packet:
+//!    an exact search over the tree of protocols and ports the rules name, so deny entries are
+//!    written only where a broader allow would otherwise win, and allow entries only where the
+//!    level above would not already give them.
+//!
+//! Port ranges are expanded to one entry per port (the table has no ranges); a compile whose
+//! entries exceed [`capacity::POLICY`] is refused.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use nodeseal_bpf_common::{
+    identity,
+    maps::{EndpointInfo, PolicyKey, capacity, policy_verdict},
+};
+use thiserror::Error;
+
+use crate::{
+    labels::Labels,
+    rule::{Action, Direction, Entity, Peer, PeerIdentity, Policy, Rule},
+};
+
+/// The identities policies can name, besides the reserved ones (host, world, remote-node),
+/// which are known by number.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identities {
+    /// Workload identities and their labels.
+    pub workloads: BTreeMap<u32, Labels>,
+    /// CIDR identities, for the prefixes [`cidr_prefixes`] asked for (and any others).
+    pub cidrs: BTreeMap<IpNet, u32>,
+}
+
+/// The prefixes the policies' CIDR rules need identities for: every `cidr` and every `except`
+/// (an address in an except prefix must get that prefix's identity, which the rule does not
+/// match, rather than the identity of the enclosing cidr).
+#[must_use]
+pub fn cidr_prefixes(policies: &[Policy]) -> BTreeSet<IpNet> {
+    let mut prefixes = BTreeSet::new();
+    for rule in policies.iter().flat_map(|p| &p.rules) {
+        for peer in &rule.peers {
+            if let Peer::Cidr { cidr, except } = peer {
+                prefixes.insert(*cidr);
+                prefixes.extend(except.iter().copied());
+            }
+        }
+    }
+    prefixes
+}
+
+/// What to program for the subjects on this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// Which directions each subject enforces (every subject asked for has an entry).
+    pub enforcement: BTreeMap<u32, Enforcement>,
+    /// The policy table.
+    pub entries: BTreeMap<MapEntryKey, Verdict>,
+}
+
+/// The directions a subject enforces (default deny).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enforcement {
+    /// Traffic toward the subject is checked.
+    pub ingress: bool,
+    /// Traffic from the subject is checked.
+    pub egress: bool,
+}
+
+impl Enforcement {
+    /// The `EndpointInfo` flags.
+    #[must_use]
+    pub fn endpoint_flags(self) -> u32 {
+        let mut flags = 0;
+        if self.ingress {
+            flags |= EndpointInfo::FLAG_ENFORCE_INGRESS;
+        }
+        if self.egress {
+            flags |= EndpointInfo::FLAG_ENFORCE_EGRESS;
+        }
+        flags
+    }
+
+    fn set(&mut self, direction: Direction) {
+        match direction {
+            Direction::Ingress => self.ingress = true,
+            Direction::Egress => self.egress = true,
+        }
+    }
+}
+
+/// A key of the policy table; 0 in `peer`, `protocol` or `port` is the wildcard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MapEntryKey {
+    /// The endpoint's identity.
+    pub subject: u32,
+    /// The other side's identity, or [`identity::ANY`].
+    pub peer: u32,
+    /// IP protocol, or 0 for any.
+    pub protocol: u8,
+    /// Destination port, or 0 for any.
+    pub port: u16,
+    /// Direction seen from the subject.
+    pub direction: Direction,
+}
+
+impl MapEntryKey {
+    /// The datapath's key.
+    #[must_use]
+    pub fn to_policy_key(self) -> PolicyKey {
+        PolicyKey {
+            subject: self.subject,
+            peer: self.peer,
+            port: self.port,
+            protocol: self.protocol,
+            direction: self.direction.key_value(),
+        }
+    }
+}
+
+/// The verdict of a table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Verdict {
+    /// Let the packet through.
+    Allow,
+    /// Drop it (policy denied).
+    Deny,
+}
+
+impl Verdict {
+    /// The datapath's value (`policy_verdict`).
+    #[must_use]
+    pub fn map_value(self) -> u8 {
+        match self {
+            Self::Allow => policy_verdict::ALLOW,
+            Self::Deny => policy_verdict::DENY,
+        }
+    }
+}
+
+/// Why a compile was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum CompileError {
+    /// More entries than the table holds. `policy` is the one contributing the most port
+    /// entries to the subject and direction being compiled when the table filled up.
+    #[error(
+        "the policy table would need more than {capacity} entries; policy {policy:?} contributes the most"
+    )]
+    TooManyEntries {
+        /// `namespace/name` or `name`.
+        policy: String,
+        /// The table's capacity.
+        capacity: usize,
+    },
+    /// A subject the identities do not describe.
+    #[error("subject identity {identity} is not a known workload identity")]
+    UnknownSubject {
+        /// The identity.
+        identity: u32,
+    },
+    /// An identity that is reserved, the wildcard, or given twice.
+    #[error("identity {identity} is reserved or given twice")]
+    ConflictingIdentity {
+        /// The identity.
+        identity: u32,
+    },
+}
+
+/// Compiles `policies` for the `subjects` on this node.
+///
+/// # Errors
+///
+/// [`CompileError`]: more entries than [`capacity::POLICY`], a subject missing from
+/// `identities.workloads`, or an identity number used twice (or reserved).
+pub fn compile(
+    policies: &[Policy],
+    identities: &Identities,
+    subjects: &BTreeSet<u32>,
+) -> Result<Compiled, CompileError> {
+    let universe = universe(identities)?;
+    let rules: Vec<(usize, &Rule)> = policies
+        .iter()
+        .enumerate()
+        .flat_map(|(index, policy)| policy.rules.iter().map(move |rule| (index, rule)))
+        .collect();
+    // Which peers each rule matches, computed the first time a rule selects a subject.
+    let mut peer_sets: Vec<Option<PeerSet>> = vec![None; rules.len()];
+    let mut compiled = Compiled::default();
+    for &subject in subjects {
+        let labels = identities
+            .workloads
+            .get(&subject)
+            .ok_or(CompileError::UnknownSubject { identity: subject })?;
+        let enforcement = compiled.enforcement.entry(subject).or_default();
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let relevant: Vec<usize> = (0..rules.len())
+                .filter(|&i| {
+                    rules[i].1.direction == direction && rules[i].1.subject.matches(labels)
+                })
+                .collect();
+            if relevant.is_empty() {
+                continue;
+            }
+            enforcement.set(direction);
+            for &i in &relevant {
+                if peer_sets[i].is_none() {
+                    peer_sets[i] = Some(PeerSet::of(rules[i].1, &universe));
+                }
+            }
+            let peers_of = |i: usize| peer_sets[i].as_ref();
+            let mut writer = EntryWriter {
+                entries: &mut compiled.entries,
+                subject,
+                direction,
+            };
+            let overflow = || CompileError::TooManyEntries {
+                policy: blame(policies, &rules, &relevant),
+                capacity: capacity::POLICY as usize,
+            };
+
+            let mut wildcard = Verdicts::default();
+            let mut by_peer: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+            for &i in &relevant {
+                match peers_of(i) {
+                    Some(PeerSet::All) => wildcard.add(rules[i].1),
+                    Some(PeerSet::Some(ids)) => {
+                        for &id in ids {
+                            by_peer.entry(id).or_default().push(i);
+                        }
+                    }
+                    None => {}
+                }
+            }
+            writer
+                .write(identity::ANY, &encode(&wildcard, &Fallback::Deny))
+                .map_err(|()| overflow())?;
+
+            let mut groups: BTreeMap<Vec<usize>, Vec<u32>> = BTreeMap::new();
+            for (peer, matched) in by_peer {
+                groups.entry(matched).or_default().push(peer);
+            }
+            for (matched, peers) in groups {
+                let mut verdicts = wildcard.clone();
+                for i in matched {
+                    verdicts.add(rules[i].1);
+                }
+                let entries = encode(&verdicts, &Fallback::Wildcard(&wildcard));
+                for peer in peers {
+                    writer.write(peer, &entries).map_err(|()| overflow())?;
+                }
+            }
+        }
+    }
+    Ok(compiled)
+}
+
+/// Every identity a peer can have, with what rules can tell about it.
+fn universe(identities: &Identities) -> Result<Vec<(u32, PeerIdentity<'_>)>, CompileError> {
+    let mut universe = vec![
+        (identity::HOST, PeerIdentity::Host),
+        (identity::WORLD, PeerIdentity::World),
+        (identity::REMOTE_NODE, PeerIdentity::RemoteNode),
+    ];
+    let mut seen: BTreeSet<u32> = universe.iter().map(|(id, _)| *id).collect();
+    seen.insert(identity::ANY);
+    let workloads = identities
+        .workloads
+        .iter()
+        .map(|(id, labels)| (*id, PeerIdentity::Workload(labels)));
+    let cidrs = identities
+        .cidrs
+        .iter()
+        .map(|(prefix, id)| (*id, PeerIdentity::Cidr(*prefix)));
+    for (id, peer) in workloads.chain(cidrs) {
+        if !seen.insert(id) {
+            return Err(CompileError::ConflictingIdentity { identity: id });
+        }
+        universe.push((id, peer));
+    }
+    Ok(universe)
+}
+
+/// The name of the policy with the most port entries among `relevant` rules.
+fn blame(policies: &[Policy], rules: &[(usize, &Rule)], relevant: &[usize]) -> String {
+    let mut weight: BTreeMap<usize, u64> = BTreeMap::new();
+    for &i in relevant {
+        let (policy, rule) = rules[i];
+        let ports: u64 = rule
+            .ports
+            .iter()
+            .map(|spec| {
+                let ports = spec
+                    .ports
+                    .map_or(1, |r| u64::from(r.last() - r.first()) + 1);
+                ports * spec.protocol.numbers().len() as u64
+            })
+            .sum();
+        *weight.entry(policy).or_default() += ports.max(1);
+    }
+    let heaviest = weight
+        .into_iter()
+        .max_by_key(|&(index, weight)| (weight, std::cmp::Reverse(index)))
+        .map(|(index, _)| index);
+    match heaviest.and_then(|index| policies.get(index)) {
+        Some(Policy {
+            name,
+            namespace: Some(namespace),
+            ..
+        }) => format!("{namespace}/{name}"),
+        Some(policy) => policy.name.clone(),
+        None => String::new(),
+    }
+}
+
+/// The peers a rule matches.
+#[derive(Clone, Debug)]
+enum PeerSet {
+    /// Every identity, including ones not known yet.
+    All,
+    /// These identities.
+    Some(Vec<u32>),
+}
+
+impl PeerSet {
+    fn of(rule: &Rule, universe: &[(u32, PeerIdentity<'_>)]) -> Self {
+        if rule.peers.contains(&Peer::Entity(Entity::All)) {
+            return Self::All;
+        }
+        Self::Some(
+            universe
+                .iter()
+                .filter(|(_, peer)| rule.matches_peer(peer))
+                .map(|(id, _)| *id)
+                .collect(),
+        )
+    }
+}
+
+/// Writes one peer's entries for a subject and direction, within the table's capacity.
+struct EntryWriter<'a> {
+    entries: &'a mut BTreeMap<MapEntryKey, Verdict>,
+    subject: u32,
+    direction: Direction,
+}
+
+impl EntryWriter<'_> {
+    /// `Err(())` when the table would overflow.
+    fn write(&mut self, peer: u32, entries: &[(u8, u16, Verdict)]) -> Result<(), ()> {
+        if self.entries.len() + entries.len() > capacity::POLICY as usize {
+            return Err(());
+        }
+        for &(protocol, port, verdict) in entries {
+            let key = MapEntryKey {
+                subject: self.subject,
+                peer,
+                protocol,
+                port,
+                direction: self.direction,
+            };
+            self.entries.insert(key, verdict);
+        }
+        Ok(())
+    }
+}
+
+/// The traffic some rules of one action cover.
+#[derive(Clone, Debug, Default)]
+struct Coverage {
+    /// Every protocol.
+    all: bool,
+    protocols: BTreeMap<u8, ProtocolCoverage>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct ProtocolCoverage {
+    /// Every port of the protocol.
+    whole: bool,
+    ports: PortBits,
+}
+
+impl Coverage {
+    fn add(&mut self, rule: &Rule) {
+        if rule.ports.is_empty() {
+            self.all = true;
+            return;
+        }
+        for spec in &rule.ports {
+            for &protocol in spec.protocol.numbers() {
+                let coverage = self.protocols.entry(protocol).or_default();
+                match spec.ports {
+                    None => coverage.whole = true,
+                    Some(range) => coverage.ports.insert(range.first(), range.last()),
+                }
+            }
+        }
+    }
+
+    /// Covers packets of a protocol no rule names.
+    fn other(&self) -> bool {
+        self.all
+    }
+
+    /// Covers packets of `protocol` to a port no rule names (or without a port).
+    fn rest(&self, protocol: u8) -> bool {
+        self.all || self.protocols.get(&protocol).is_some_and(|c| c.whole)
+    }
+
+    fn port(&self, protocol: u8, port: u16) -> bool {
+        self.rest(protocol)
+            || self
+                .protocols
+                .get(&protocol)
+                .is_some_and(|c| c.ports.contains(port))
+    }
+}
+
+/// A set of ports, one bit each, allocated on first insert.
+#[derive(Clone, Debug, Default)]
+struct PortBits(Vec<u64>);
+
+impl PortBits {
+    const WORDS: usize = 1 << 10;
+
+    fn insert(&mut self, first: u16, last: u16) {
+        if self.0.is_empty() {
+            self.0 = vec![0; Self::WORDS];
+        }
+        for port in first..=last {
+            self.0[usize::from(port >> 6)] |= 1 << (port & 63);
+        }
+    }
+
+    fn contains(&self, port: u16) -> bool {
+        self.0
+            .get(usize::from(port >> 6))
+            .is_some_and(|word| word & (1 << (port & 63)) != 0)
+    }
+
+    fn union_into(&self, into: &mut Vec<u64>) {
+        if self.0.is_empty() {
+            return;
+        }
+        if into.is_empty() {
+            *into = vec![0; Self::WORDS];
+        }
+        for (to, from) in into.iter_mut().zip(&self.0) {
+            *to |= from;
+        }
+    }
+}
+
+/// The verdicts of a set of rules for one peer: allow iff allowed and not denied.
+#[derive(Clone, Debug, Default)]
+struct Verdicts {
+    allow: Coverage,
+    deny: Coverage,
+}
+
+impl Verdicts {
+    fn add(&mut self, rule: &Rule) {
+        match rule.action {
+            Action::Allow => self.allow.add(rule),
+            Action::Deny => self.deny.add(rule),
+        }
+    }
+
+    fn other(&self) -> Verdict {
+        verdict(self.allow.other(), self.deny.other())
+    }
+
+    fn rest(&self, protocol: u8) -> Verdict {
+        verdict(self.allow.rest(protocol), self.deny.rest(protocol))
+    }
+
+    fn port(&self, protocol: u8, port: u16) -> Verdict {
+        verdict(
+            self.allow.port(protocol, port),
+            self.deny.port(protocol, port),
+        )
+    }
+
+    fn coverages(&self) -> [&Coverage; 2] {
+        [&self.allow, &self.deny]
+    }
+}
+
+fn verdict(allowed: bool, denied: bool) -> Verdict {
+    if allowed && !denied {
+        Verdict::Allow
+    } else {
+        Verdict::Deny
+    }
+}
+
+/// What a packet gets when none of a peer's three lookups hits.
+enum Fallback<'a> {
+    /// The wildcard peer's miss: drop.
+    Deny,
+    /// A named peer's miss: the wildcard peer's entries, which give these verdicts.
+    Wildcard(&'a Verdicts),
+}
+
+impl Fallback<'_> {
+    fn other(&self) -> Verdict {
+        match self {
+            Self::Deny => Verdict::Deny,
+            Self::Wildcard(verdicts) => verdicts.other(),
+        }
+    }
+
+    fn rest(&self, protocol: u8) -> Verdict {
+        match self {
+            Self::Deny => Verdict::Deny,
+            Self::Wildcard(verdicts) => verdicts.rest(protocol),
+        }
+    }
+
+    fn port(&self, protocol: u8, port: u16) -> Verdict {
+        match self {
+            Self::Deny => Verdict::Deny,
+            Self::Wildcard(verdicts) => verdicts.port(protocol, port),
+        }
+    }
+
+    fn coverages(&self) -> Vec<&Coverage> {
+        match self {
+            Self::Deny => Vec::new(),
+            Self::Wildcard(verdicts) => verdicts.coverages().to_vec(),
+        }
+    }
+}
+
+/// What a lookup level inherits from the levels above it for the same peer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Above {
+    /// No entry above: a miss here falls back.
+    Miss,
+    /// An entry above decides.
+    Entry(Verdict),
+}
+
+impl Above {
+    fn resolve(self, fallback: Verdict) -> Verdict {
+        match self {
+            Self::Miss => fallback,
+            Self::Entry(verdict) => verdict,
+        }
+    }
+}
+
+/// The fewest `(protocol, port, verdict)` entries (0 = wildcard) that make the three lookups
+/// of one peer give `wanted` for every packet, when a miss on all three gives `fallback`.
+fn encode(wanted: &Verdicts, fallback: &Fallback<'_>) -> Vec<(u8, u16, Verdict)> {
+    // The protocols and ports where `wanted` or `fallback` can change: everywhere else a
+    // packet is decided by the level above.
+    let mut tree: BTreeMap<u8, Vec<u64>> = BTreeMap::new();
+    for coverage in wanted.coverages().into_iter().chain(fallback.coverages()) {
+        for (&protocol, c) in &coverage.protocols {
+            c.ports.union_into(tree.entry(protocol).or_default());
+        }
+    }
+    let tree: Vec<(u8, Vec<u16>)> = tree
+        .into_iter()
+        .map(|(protocol, bits)| (protocol, set_ports(&bits)))
+        .collect();
+
+    let leaf_cost = |protocol: u8, ports: &[u16], above: Above| {
+        ports
+            .iter()
+            .filter(|&&port| {
+                above.resolve(fallback.port(protocol, port)) != wanted.port(protocol, port)
+            })
+            .count()
+    };
+    // (cost, entry at the protocol level) of one protocol's subtree.
+    let protocol_plan = |protocol: u8, ports: &[u16], above: Above| {
+        let rest = wanted.rest(protocol);
+        let without = (above.resolve(fallback.rest(protocol)) == rest)
+            .then(|| leaf_cost(protocol, ports, above));
+        let with = 1 + leaf_cost(protocol, ports, Above::Entry(rest));
+        match without {
+            Some(cost) if cost <= with => (cost, None),
+            _ => (with, Some(rest)),
+        }
+    };
+    let subtree_cost = |above: Above| -> usize {
+        tree.iter()
+            .map(|(protocol, ports)| protocol_plan(*protocol, ports, above).0)
+            .sum()
+    };
+
+    let other = wanted.other();
+    let without_root = (fallback.other() == other).then(|| subtree_cost(Above::Miss));
+    let root = match without_root {
+        Some(cost) if cost <= 1 + subtree_cost(Above::Entry(other)) => Above::Miss,
+        _ => Above::Entry(other),
+    };
+    let mut entries = Vec::new();
+    if let Above::Entry(verdict) = root {
+        entries.push((0, 0, verdict));
+    }
+    for (protocol, ports) in &tree {
+        let protocol = *protocol;
+        let above = match protocol_plan(protocol, ports, root).1 {
+            Some(verdict) => {
+                entries.push((protocol, 0, verdict));
+                Above::Entry(verdict)
+            }
+            None => root,
+        };
+        for &port in ports {
+            let verdict = wanted.port(protocol, port);
+            if above.resolve(fallback.port(protocol, port)) != verdict {
+                entries.push((protocol, port, verdict));
+            }
+        }
+    }
+    entries
+}
+
+fn set_ports(bits: &[u64]) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for (index, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            let bit = word.trailing_zeros() as usize;
+            // 1024 words of 64 bits: index * 64 + bit < 65536.
+            if let Ok(port) = u16::try_from(index * 64 + bit) {
+                ports.push(port);
+            }
+            word &= word - 1;
+        }
+    }
+    ports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        document::parse,
+        rule::{PortRange, PortSpec, Protocol},
+        test_support::{Case, RULE1, Rng, random_case, semantic_allows},
+    };
+
+    const DEATHSTAR: u32 = 256;
+    const TIEFIGHTER: u32 = 257;
+    const XWING: u32 = 258;
+
+    fn star_wars() -> Identities {
+        let pod = |org: &str, class: &str| {
+            Labels::for_pod(
+                "default",
+                &[
+                    ("org".to_owned(), org.to_owned()),
+                    ("class".to_owned(), class.to_owned()),
+                ]
+                .into(),
+                &BTreeMap::new(),
+            )
+        };
+        Identities {
+            workloads: [
+                (DEATHSTAR, pod("empire", "deathstar")),
+                (TIEFIGHTER, pod("empire", "tiefighter")),
+                (XWING, pod("alliance", "xwing")),
+            ]
+            .into(),
+            cidrs: BTreeMap::new(),
+        }
+    }
+
+    fn all_subjects(identities: &Identities) -> BTreeSet<u32> {
+        identities.workloads.keys().copied().collect()
+    }
+
+    /// The datapath's lookup (`bpf/programs/src/policy.rs`), over `compiled`.
+    fn datapath_allows(
+        compiled: &Compiled,
+        subject: u32,
+        direction: Direction,
+        peer: u32,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        let enforcement = compiled
+            .enforcement
+            .get(&subject)
+            .copied()
+            .unwrap_or_default();
+        let enforced = match direction {
+            Direction::Ingress => enforcement.ingress,
+            Direction::Egress => enforcement.egress,
+        };
+        if !enforced {
+            return true;
+        }
+        // TCP, UDP, SCTP and ICMP packets carry "ports" (ICMP: the type).
+        let has_ports = matches!(protocol, 6 | 17 | 132 | 1);
+        let get = |peer: u32, protocol: u8, port: u16| {
+            compiled
+                .entries
+                .get(&MapEntryKey {
+                    subject,
+                    peer,
+                    protocol,
+                    port,
+                    direction,
+                })
+                .copied()
+        };
+        let lookup = |peer: u32| {
+            if has_ports && port != 0 {
+                if let Some(verdict) = get(peer, protocol, port) {
+                    return Some(verdict);
+                }
+            }
+            get(peer, protocol, 0).or_else(|| get(peer, 0, 0))
+        };
+        let verdict = lookup(peer).or_else(|| {
+            if peer == identity::ANY {
+                None
+            } else {
+                lookup(identity::ANY)
+            }
+        });
+        verdict == Some(Verdict::Allow)
+    }
+
+    #[test]
+    fn star_wars_rule1() {
+        let identities = star_wars();
+        let policies = parse(RULE1.as_bytes()).unwrap();
+        let compiled = compile(&policies, &identities, &all_subjects(&identities)).unwrap();
+        let allows = |peer, protocol, port| {
+            datapath_allows(
+                &compiled,
+                DEATHSTAR,
+                Direction::Ingress,
+                peer,
+                protocol,
+                port,
+            )
+        };
+        assert!(allows(TIEFIGHTER, 6, 80));
+        assert!(!allows(TIEFIGHTER, 6, 81));
+        assert!(!allows(TIEFIGHTER, 17, 80));
+        assert!(!allows(TIEFIGHTER, 1, 8));
+        assert!(!allows(XWING, 6, 80));
+        assert!(!allows(identity::WORLD, 6, 80));
+        assert_eq!(
+            compiled.enforcement[&DEATHSTAR],
+            Enforcement {
+                ingress: true,
+                egress: false
+            }
+        );
+        assert_eq!(compiled.enforcement[&XWING], Enforcement::default());
+        assert_eq!(
+            compiled.enforcement[&DEATHSTAR].endpoint_flags(),
+            EndpointInfo::FLAG_ENFORCE_INGRESS
+        );
+        // The deathstar is of the empire too: it may reach itself.
+        assert!(allows(DEATHSTAR, 6, 80));
+        // Smallest table: one entry per empire identity.
+        let key = |peer| MapEntryKey {
+            subject: DEATHSTAR,
+            peer,
+            protocol: 6,
+            port: 80,
+            direction: Direction::Ingress,
+        };
+        assert_eq!(
+            compiled.entries,
+            BTreeMap::from([
+                (key(DEATHSTAR), Verdict::Allow),
+                (key(TIEFIGHTER), Verdict::Allow)
+            ])
+        );
+        assert_eq!(
+            key(TIEFIGHTER).to_policy_key().direction,
+            PolicyKey::INGRESS
+        );
+    }
+
+    #[test]
+    fn deny_wins_over_a_broader_allow() {
+        let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\n\
+            spec:\n  endpointSelector: {matchLabels: {class: deathstar}}\n\
+            \x20 ingress: [{fromEntities: [cluster]}]\n\
+            \x20 ingressDeny: [{fromEndpoints: [{matchLabels: {class: tiefighter}}], toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]}]\n";
+        let identities = star_wars();
+        let compiled = compile(
+            &parse(text.as_bytes()).unwrap(),
+            &identities,
+            &all_subjects(&identities),
+        )
+        .unwrap();
+        let allows = |peer, protocol, port| {
+            datapath_allows(
+                &compiled,
+                DEATHSTAR,
+                Direction::Ingress,
+                peer,
+                protocol,
+                port,
+            )
+        };
+        assert!(!allows(TIEFIGHTER, 6, 80));
+        assert!(allows(TIEFIGHTER, 6, 81));
+        assert!(allows(TIEFIGHTER, 1, 0));
+        assert!(allows(XWING, 6, 80));
+        assert!(allows(identity::HOST, 6, 80));
+        assert!(!allows(identity::WORLD, 6, 80));
+        let key = |protocol, port| MapEntryKey {
+            subject: DEATHSTAR,
+            peer: TIEFIGHTER,
+            protocol,
+            port,
+            direction: Direction::Ingress,
+        };
+        assert_eq!(compiled.entries.get(&key(0, 0)), Some(&Verdict::Allow));
+        assert_eq!(compiled.entries.get(&key(6, 80)), Some(&Verdict::Deny));
+    }
+
+    #[test]
+    fn default_deny_and_entities() {
+        let text = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\n\
+            specs:\n- endpointSelector: {matchLabels: {class: xwing}}\n  ingress: [{}]\n\
+            - endpointSelector: {matchLabels: {class: tiefighter}}\n  egress: [{toEntities: [host, world]}]\n";
+        let identities = star_wars();
+        let compiled = compile(
+            &parse(text.as_bytes()).unwrap(),
+            &identities,
+            &all_subjects(&identities),
+        )
+        .unwrap();
+        for peer in [
+            DEATHSTAR,
+            TIEFIGHTER,
+            identity::HOST,
+            identity::WORLD,
+            12_345,
+        ] {
+            assert!(!datapath_allows(
+                &compiled,
+                XWING,
+                Direction::Ingress,
+                peer,
+                6,
+                80
+            ));
+        }
+        assert!(compiled.enforcement[&XWING].ingress);
+        let egress = |peer| datapath_allows(&compiled, TIEFIGHTER, Direction::Egress, peer, 17, 53);
+        assert!(egress(identity::HOST));
+        assert!(egress(identity::WORLD));
+        assert!(!egress(identity::REMOTE_NODE));
+        assert!(!egress(DEATHSTAR));
+        assert!(!egress(99_999));
+    }
+
+    #[test]
+    fn cidr_with_except() {
+        let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\n\
+            spec:\n  endpointSelector: {}\n\
+            \x20 egress: [{toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}], toPorts: [{ports: [{port: \"443\"}]}]}]\n";
+        let policies = parse(text.as_bytes()).unwrap();
+        let prefixes = cidr_prefixes(&policies);
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(
+            prefixes,
+            BTreeSet::from([net("10.0.0.0/8"), net("10.1.0.0/16")])
+        );
+        let mut identities = star_wars();
+        identities.cidrs = [
+            (net("10.0.0.0/8"), 1 << 24),
+            (net("10.1.0.0/16"), (1 << 24) + 1),
+            (net("10.2.0.0/16"), (1 << 24) + 2),
+        ]
+        .into();
+        let compiled = compile(&policies, &identities, &all_subjects(&identities)).unwrap();
+        let egress = |peer, protocol| {
+            datapath_allows(
+                &compiled,
+                TIEFIGHTER,
+                Direction::Egress,
+                peer,
+                protocol,
+                443,
+            )
+        };
+        assert!(egress(1 << 24, 6));
+        assert!(egress(1 << 24, 17));
+        assert!(egress((1 << 24) + 2, 132));
+        assert!(!egress((1 << 24) + 1, 6));
+        assert!(!egress(identity::WORLD, 6));
+        assert!(!egress(XWING, 6));
+    }
+
+    #[test]
+    fn network_policy_compiles_like_the_equivalent_cnp() {
+        let network_policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+            metadata: {name: rule1}\nspec:\n  podSelector: {matchLabels: {org: empire, class: deathstar}}\n\
+            \x20 ingress:\n  - from: [{podSelector: {matchLabels: {org: empire}}}]\n    ports: [{port: 80, protocol: TCP}]\n";
+        let identities = star_wars();
+        let subjects = all_subjects(&identities);
+        let from_np = compile(
+            &parse(network_policy.as_bytes()).unwrap(),
+            &identities,
+            &subjects,
+        );
+        let from_cnp = compile(&parse(RULE1.as_bytes()).unwrap(), &identities, &subjects);
+        assert_eq!(from_np.unwrap(), from_cnp.unwrap());
+    }
+
+    #[test]
+    fn refuses_more_entries_than_the_table_holds() {
+        let text = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: wide}\n\
+            spec:\n  endpointSelector: {}\n\
+            \x20 ingress: [{fromEntities: [cluster], toPorts: [{ports: [{port: \"2\", endPort: 40000}]}]}]\n";
+        let identities = star_wars();
+        let err = compile(
+            &parse(text.as_bytes()).unwrap(),
+            &identities,
+            &all_subjects(&identities),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            CompileError::TooManyEntries {
+                policy: "wide".into(),
+                capacity: 65_536
+            }
+        );
+        // One range of every port is one entry.
+        let whole = text.replace("\"2\", endPort: 40000", "\"1\", endPort: 65535");
+        let compiled = compile(
+            &parse(whole.as_bytes()).unwrap(),
+            &identities,
+            &all_subjects(&identities),
+        )
+        .unwrap();
+        assert!(compiled.entries.len() < 100, "{}", compiled.entries.len());
+    }
+
+    #[test]
+    fn refuses_unknown_subjects_and_conflicting_identities() {
+        let identities = star_wars();
+        assert_eq!(
+            compile(&[], &identities, &BTreeSet::from([999])),
+            Err(CompileError::UnknownSubject { identity: 999 })
+        );
+        let mut conflicting = star_wars();
+        conflicting
+            .cidrs
+            .insert("10.0.0.0/8".parse().unwrap(), DEATHSTAR);
+        assert_eq!(
+            compile(&[], &conflicting, &BTreeSet::new()),
+            Err(CompileError::ConflictingIdentity {
+                identity: DEATHSTAR
+            })
+        );
+        let mut reserved = star_wars();
+        reserved.workloads.insert(identity::HOST, Labels::new());
+        assert!(compile(&[], &reserved, &BTreeSet::new()).is_err());
+    }
+
+    #[test]
+    fn wildcard_rules_use_the_wildcard_peer() {
+        let rule = Rule {
+            subject: crate::selector::Selector::everything(),
+            direction: Direction::Egress,
+            action: Action::Allow,
+            peers: vec![Peer::Entity(Entity::All)],
+            ports: vec![PortSpec::new(Protocol::Udp, PortRange::new(53, 53))],
+            origin: "spec.egress[0]".into(),
+        };
+        let policy = Policy {
+            name: "dns".into(),
+            namespace: None,
+            kind: crate::rule::PolicyKind::CiliumClusterwideNetworkPolicy,
+            rules: vec![rule],
+        };
+        let identities = star_wars();
+        let compiled = compile(&[policy], &identities, &all_subjects(&identities)).unwrap();
+        assert_eq!(compiled.entries.len(), 3);
+        assert!(
+            compiled
+                .entries
+                .keys()
+                .all(|k| k.peer == identity::ANY && k.port == 53)
+        );
+    }
+
+    /// The compiled table, read by the datapath's lookup, gives the same verdict as the rules'
+    /// semantics, for random policy sets and every subject, peer, protocol and port that
+    /// matters.
+    #[test]
+    fn datapath_over_compiled_table_equals_semantics() {
+        const CASES: usize = 300;
+        let mut rng = Rng::new(0x5eed_1dea);
+        let mut checked = 0_usize;
+        let mut entries = 0_usize;
+        for case_index in 0..CASES {
+            let Case {
+                policies,
+                identities,
+                peers,
+                ports,
+            } = random_case(&mut rng);
+            let subjects = all_subjects(&identities);
+            let compiled = compile(&policies, &identities, &subjects).unwrap();
+            entries += compiled.entries.len();
+            for &subject in &subjects {
+                for direction in [Direction::Ingress, Direction::Egress] {
+                    for &peer in &peers {
+                        let expected =
+                            semantic_allows(&policies, &identities, subject, direction, peer);
+                        for protocol in [6, 17, 132, 1, 0] {
+                            for &port in &ports {
+                                let actual = datapath_allows(
+                                    &compiled, subject, direction, peer, protocol, port,
+                                );
+                                assert_eq!(
+                                    actual,
+                                    expected(protocol, port),
+                                    "case {case_index}: subject {subject} {direction} peer {peer} \
+                                     proto {protocol} port {port}\npolicies: {policies:#?}"
+                                );
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        println!("checked {checked} flows over {CASES} random policy sets ({entries} entries)");
+        assert!(checked > 1_000_000, "{checked}");
+    }
+}
