@@ -724,10 +724,11 @@ mod tests {
                 .copied()
         };
         let lookup = |peer: u32| {
-            if has_ports && port != 0 {
-                if let Some(verdict) = get(peer, protocol, port) {
-                    return Some(verdict);
-                }
+            if has_ports
+                && port != 0
+                && let Some(verdict) = get(peer, protocol, port)
+            {
+                return Some(verdict);
             }
             get(peer, protocol, 0).or_else(|| get(peer, 0, 0))
         };

@@ -234,7 +234,8 @@ fn random_rule(rng: &mut Rng, namespace: Option<&str>, index: usize) -> Rule {
             ])),
             _ => {
                 let parse = |s: &str| s.parse::<IpNet>().unwrap_or_else(|_| unreachable!());
-                let cidr = parse(*rng.pick(&CIDR_POOL));
+                let chosen: &&str = rng.pick(&CIDR_POOL);
+                let cidr = parse(chosen);
                 let except = CIDR_POOL
                     .iter()
                     .map(|s| parse(s))
