@@ -19,6 +19,8 @@
 //! live elsewhere; they call [`document::parse`], [`compile::cidr_prefixes`],
 //! [`compile::compile`] and [`trace::trace`].
 
+#![warn(missing_docs)]
+
 pub mod compile;
 pub mod document;
 pub mod labels;
