@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 use crate::pace::Pace;
@@ -36,7 +36,8 @@ pub async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT));
     let per_source = SourceLimiter::new(SOURCE_LIMITS);
-    let mut unknown_sources = QuietWarning::new(UNKNOWN_SOURCE_WARNING_PERIOD);
+    let mut unknown_sources = QuietWarning::new(QUIET_WARNING_PERIOD);
+    let mut over_limits = QuietWarning::new(QUIET_WARNING_PERIOD);
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
@@ -70,7 +71,15 @@ pub async fn serve(
             Ok(slot) => slot,
             Err(throttled) => {
                 metrics.handshake(throttled.label());
-                debug!(%addr, ?throttled, "handshake over this address's limits; closed");
+                if let Some(suppressed) = over_limits.due(Instant::now()) {
+                    info!(
+                        %addr,
+                        ?throttled,
+                        suppressed,
+                        "handshake over this address's limits; closed (suppressed: how many more \
+                         were closed since the last message)"
+                    );
+                }
                 continue;
             }
         };
@@ -245,10 +254,11 @@ impl Drop for SourceSlot {
     }
 }
 
-/// How often a flood of connections from unknown addresses may write a warning.
-const UNKNOWN_SOURCE_WARNING_PERIOD: Duration = Duration::from_secs(10);
+/// How often a flood of connections (from unknown addresses, or over an address's limits) may
+/// write a log line.
+const QUIET_WARNING_PERIOD: Duration = Duration::from_secs(10);
 
-/// A warning written at most once per period, saying how many were left out in between, so a
+/// A log line written at most once per period, saying how many were left out in between, so a
 /// flood cannot turn into a flood of log lines.
 struct QuietWarning {
     period: Duration,

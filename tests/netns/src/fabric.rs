@@ -464,7 +464,11 @@ pub fn esp_spis_between(
     a: std::net::Ipv4Addr,
     b: std::net::Ipv4Addr,
 ) -> Vec<u32> {
-    let text = ns.ip(&["xfrm", "state"]).unwrap_or_default();
+    esp_spis_in(&ns.ip(&["xfrm", "state"]).unwrap_or_default(), a, b)
+}
+
+/// The SPIs of the ESP states between `a` and `b` (either direction) in `ip xfrm state` output.
+pub fn esp_spis_in(text: &str, a: std::net::Ipv4Addr, b: std::net::Ipv4Addr) -> Vec<u32> {
     let mut spis = Vec::new();
     let mut between = false;
     for line in text.lines() {

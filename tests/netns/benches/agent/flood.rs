@@ -3,7 +3,7 @@
 //!
 //! A 4-node fabric with agents on node0..node2; node3 runs none, so its address is in no node
 //! record. Phases of equal length, each under a 500 packets/s UDP stream pod(node1) -> pod(node0)
-//! and with `nodeseal keys rotate --wait` run back to back (legitimate handshakes of every pair):
+//! and with `nodeseal keys rotate --wait` every 5 s (legitimate handshakes of every pair):
 //! - `quiet`: no flood, the baseline of the same run;
 //! - `unknown address`: node3 connects and closes in a loop (closed before TLS);
 //! - `member, not TLS`: node2, a member, connects and sends junk in a loop;
@@ -37,6 +37,8 @@ use super::{proc_status_kb, process_cpu};
 const HANDSHAKE_PORT: u16 = 4250;
 /// Connections the flooder keeps going at once.
 const FLOODERS: usize = 16;
+/// A legitimate rotation this often during each phase.
+const ROTATE_EVERY: Duration = Duration::from_secs(5);
 const TRUST_DOMAIN: &str = "cluster.local";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,8 +176,15 @@ fn phase(
     let started = Instant::now();
     let mut rss_max = 0;
     let mut rotations = Vec::new();
-    // Rotations back to back for the phase's length; each is bounded by its own timeout.
+    // One rotation per ROTATE_EVERY (legitimate handshakes of every pair at an operator's pace,
+    // not back to back, so the quiet phase's CPU is a clean baseline); each bounded by its
+    // own timeout.
+    let mut next = started;
     while started.elapsed() < length && rotations.len() < 100 {
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        next += ROTATE_EVERY;
         let rotated = Instant::now();
         rotations.push(
             fabric
@@ -361,8 +370,9 @@ impl Flood {
             .context("no rotation succeeded when quiet")?;
         let mut s = format!(
             "Handshake flood on node0 ({FLOODERS} connections at once), each phase {:.0}s with \
-             `keys rotate --wait` back to back and 500 pps pod(node1) -> pod(node0)\n",
-            quiet.wall.as_secs_f64()
+             `keys rotate --wait` every {}s and 500 pps pod(node1) -> pod(node0)\n",
+            quiet.wall.as_secs_f64(),
+            ROTATE_EVERY.as_secs()
         );
         let _ = writeln!(
             s,
