@@ -717,6 +717,18 @@ mod tests {
     }
 
     #[test]
+    fn identity_table_is_aligned() {
+        let identity = Identity {
+            number: IdentityNumber::FIRST,
+            labels: "k8s:org=empire".parse().expect("labels"),
+        };
+        assert_eq!(
+            render_identities(&[identity]),
+            "ID         LABELS\n256        k8s:org=empire\n"
+        );
+    }
+
+    #[test]
     fn trace_output_names_the_deciding_rules_and_the_verdict() {
         let source: Labels = "k8s:io.kubernetes.pod.namespace=default,k8s:org=alliance"
             .parse()

@@ -92,7 +92,8 @@ impl From<IdentityNumber> for u32 {
 
 impl fmt::Display for IdentityNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        // Honours width and alignment, for tables.
+        f.pad(&self.0.to_string())
     }
 }
 
@@ -533,6 +534,7 @@ mod tests {
         assert_eq!(IdentityNumber::new(256).map(u32::from), Ok(256));
         assert!(serde_json::from_str::<IdentityNumber>("6").is_err());
         assert_eq!("300".parse::<IdentityNumber>().map(u32::from), Ok(300));
+        assert_eq!(format!("{:<5}|", IdentityNumber::FIRST), "256  |");
     }
 
     #[test]
