@@ -167,6 +167,18 @@ fn policy_identity_and_endpoint_commands_work_on_a_directory_store() {
     );
     assert!(removed.contains("removed"), "{removed}");
     assert!(!ok(&store, &["endpoint", "list"]).contains("xwing"));
+    // xwing's identity is unused now; the deathstars' is kept.
+    let collected = ok(&store, &["identity", "gc"]);
+    assert!(
+        collected.contains("deleted 1 unused identities: 257"),
+        "{collected}"
+    );
+    assert!(
+        !nodeseal(&store, &["identity", "get", "257"])
+            .status
+            .success()
+    );
+    assert!(ok(&store, &["identity", "get", "256"]).contains("k8s:class=deathstar"));
 
     ok(&store, &["policy", "delete", "rule1"]);
     assert!(trace(&store, "org=alliance,class=xwing").contains("verdict: ALLOWED"));

@@ -102,6 +102,12 @@ pub(super) enum IdentityCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Delete the identities that no endpoint record uses (standalone modes only: in
+    /// Kubernetes mode the endpoints are Pods, which this does not read).
+    Gc {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 /// `nodeseal endpoint …` (standalone modes: directory and etcd stores).
@@ -433,6 +439,39 @@ pub(super) async fn identity(command: IdentityCommand) -> Result<()> {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&identity)?),
                 Format::Text => print!("{}", render_identities(&[identity])),
             }
+        }
+        IdentityCommand::Gc { store } => {
+            if store.kubernetes {
+                bail!(
+                    "--kubernetes: identity gc reads endpoint records, and in Kubernetes mode the \
+                     endpoints are Pods; refusing to delete identities that pods may use"
+                );
+            }
+            let store = store.open().await?;
+            let endpoints = store.list::<Endpoint>().await?;
+            if !endpoints.invalid.is_empty() {
+                // An unreadable endpoint may use any identity.
+                bail!(
+                    "{} invalid endpoint records (first: {}); refusing to collect",
+                    endpoints.invalid.len(),
+                    endpoints.invalid[0]
+                );
+            }
+            let mut in_use = std::collections::BTreeSet::new();
+            for endpoint in &endpoints.records {
+                let digest = LabelsDigest::of(&endpoint.security_labels());
+                if let Some(claim) = store.get::<IdentityClaim>(&digest).await? {
+                    in_use.insert(claim.number);
+                }
+            }
+            let deleted = store.gc_identities(&in_use).await?;
+            let deleted: Vec<String> = deleted.iter().map(ToString::to_string).collect();
+            println!(
+                "deleted {} unused identities{}{}",
+                deleted.len(),
+                if deleted.is_empty() { "" } else { ": " },
+                deleted.join(", ")
+            );
         }
     }
     Ok(())
