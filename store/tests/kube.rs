@@ -649,6 +649,23 @@ async fn identities_are_allocated_with_create_if_absent() {
             .len(),
         LABEL_SETS
     );
+    // Collection deletes the unused identities' ConfigMaps (claims first, then numbers).
+    let keep = *by_labels["k8s:app=app-0"].first().expect("one");
+    let deleted = stores[1]
+        .gc_identities(&BTreeSet::from([keep]))
+        .await
+        .expect("gc");
+    assert_eq!(deleted.len(), LABEL_SETS - 1, "{deleted:?}");
+    let left = stores[0].list::<Identity>().await.expect("list").records;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].number, keep);
+    assert_eq!(
+        stores[0]
+            .allocate_identity(&"k8s:app=app-0".parse().expect("labels"))
+            .await
+            .expect("again"),
+        keep
+    );
 
     let endpoint = Endpoint {
         node: name("node-1"),
