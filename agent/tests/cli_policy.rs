@@ -122,6 +122,34 @@ fn policy_identity_and_endpoint_commands_work_on_a_directory_store() {
     );
     assert!(!ok(&store, &["policy", "get"]).contains("rule2"));
 
+    // The same name in another namespace does not replace rule1 silently.
+    let other = temp.path().join("other.yaml");
+    std::fs::write(
+        &other,
+        RULE1.replace("  name: rule1\n", "  name: rule1\n  namespace: other\n"),
+    )
+    .unwrap();
+    let clash = nodeseal(&store, &["policy", "apply", "-f", other.to_str().unwrap()]);
+    assert!(!clash.status.success());
+    let stderr = String::from_utf8_lossy(&clash.stderr);
+    assert!(stderr.contains("give --name"), "{stderr}");
+    let stored = ok(
+        &store,
+        &[
+            "policy",
+            "apply",
+            "-f",
+            other.to_str().unwrap(),
+            "--name",
+            "rule1-other",
+        ],
+    );
+    assert!(stored.contains("policy rule1-other stored"), "{stored}");
+    ok(&store, &["policy", "delete", "rule1-other"]);
+    // Re-applying the same policy replaces it.
+    let again = ok(&store, &["policy", "apply", "-f", file.to_str().unwrap()]);
+    assert!(again.contains("policy rule1 replaced"), "{again}");
+
     // Endpoints: the same labels share an identity, others get another one.
     let add = |name: &str, labels: &str, ip: &str| {
         ok(

@@ -280,23 +280,38 @@ pub(super) async fn policy(command: PolicyCommand) -> Result<()> {
             let Some(first) = policies.first() else {
                 bail!("-f {}: holds no policy", file.display());
             };
+            let named = name.is_some();
             let name = match name {
                 Some(name) => NodeName::new(name).context("--name")?,
                 None => NodeName::new(first.name.clone()).context(
                     "the first policy's metadata.name is no valid store name; give --name",
                 )?,
             };
+            let first = qualified_name(first);
             let document = PolicyDocument {
                 name: name.clone(),
                 document: String::from_utf8(bytes).context("the file is not UTF-8")?,
             };
             let store = store.open().await?;
-            let existed = store
-                .get::<PolicyDocument>(&name)
-                .await
-                .ok()
-                .flatten()
-                .is_some();
+            let existing = store.get::<PolicyDocument>(&name).await.ok().flatten();
+            // Without --name the store name is metadata.name, which two namespaces may share:
+            // replacing another namespace's policy by accident would be silent, so refuse it.
+            if let Some(existing) = &existing
+                && !named
+            {
+                let stored = existing
+                    .policies()
+                    .ok()
+                    .and_then(|p| p.first().map(qualified_name));
+                if stored.as_deref().is_some_and(|stored| stored != first) {
+                    bail!(
+                        "policy {name} holds {} already, not {first}; give --name to store \
+                         both, or to replace it",
+                        stored.unwrap_or_default()
+                    );
+                }
+            }
+            let existed = existing.is_some();
             store.put(&document).await?;
             let kinds: Vec<String> = policies
                 .iter()
