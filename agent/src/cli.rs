@@ -1,4 +1,5 @@
-//! The `nodeseal` command line: CA set-up, the keymgr role, nodes, key rotation and status.
+//! The `nodeseal` command line: CA set-up, the keymgr role, nodes, key rotation, status, and
+//! identity policy (`policy`, `identity`, `endpoint`: see [`workload`]).
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage error (clap), 3 `keys rotate --wait` timed out.
 
@@ -16,6 +17,8 @@ use nodeseal_store::{CertificateRecord, NodeRecord, NodeStatus, Revocation, Stor
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DEFAULT_STATUS_SOCKET, StoreArgs};
+
+mod workload;
 use crate::identity::{pem, write_secret};
 
 /// Exit code of `keys rotate --wait` when not every node reached the generation in time.
@@ -45,6 +48,15 @@ enum Command {
     Keys(KeysCommand),
     /// This node's (or the cluster's) encryption status.
     Status(StatusArgs),
+    /// Identity policy documents: apply, get, delete, trace.
+    #[command(subcommand)]
+    Policy(workload::PolicyCommand),
+    /// Workload security identities.
+    #[command(subcommand)]
+    Identity(workload::IdentityCommand),
+    /// Workloads (standalone modes): add, remove, list.
+    #[command(subcommand)]
+    Endpoint(workload::EndpointCommand),
     /// Print shell completions.
     Completions {
         /// Shell.
@@ -401,6 +413,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             return rotate(&store, wait, timeout).await;
         }
         Command::Status(args) => return status(args).await,
+        Command::Policy(command) => workload::policy(command).await?,
+        Command::Identity(command) => workload::identity(command).await?,
+        Command::Endpoint(command) => workload::endpoint(command).await?,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "nodeseal", &mut std::io::stdout());

@@ -19,7 +19,8 @@
 //! a real apiserver (`tests/kube.rs`).
 //!
 //! Records ([`NodeRecord`], [`CsrRecord`], [`CertificateRecord`], [`TrustBundle`],
-//! [`Revocation`], [`RekeyGeneration`], [`NodeStatus`]) are JSON under keys `<kind>/<id>`
+//! [`Revocation`], [`RekeyGeneration`], [`NodeStatus`], and for identity policy [`Identity`],
+//! [`IdentityClaim`], [`Endpoint`], [`PolicyDocument`]) are JSON under keys `<kind>/<id>`
 //! (see [`Key`]). What a record says is input: it is validated whenever it is read, and a bad
 //! record becomes a [`RecordError`] naming the key and the problem. Listings and watches skip
 //! bad records and report them; they never fail because of one, and nothing here panics on
@@ -29,6 +30,12 @@
 //! goes away (etcd stopped) the stream says so once ([`Event::Interrupted`]), retries with
 //! bounded backoff and, once the backend is back, sends the whole state again
 //! ([`Event::Resynced`]), so the caller's view is consistent whatever it missed.
+//!
+//! [`Store::allocate_identity`] gives a label set its cluster-wide identity with two
+//! create-if-absent writes (the number, then the label set's claim on it), so every node agrees
+//! whichever backend; [`Store::gc_identities`] deletes unused ones. In Kubernetes mode the
+//! identity-policy records are ConfigMaps labelled with their kind for now (nodeseal's own CRDs
+//! come later).
 //!
 //! Errors are one [`StoreError`] whatever the backend: a backend's failure is
 //! [`StoreError::Backend`], which names the backend, the operation and the key or path, and
@@ -71,11 +78,13 @@ mod record;
 pub mod test_helpers;
 mod types;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
+use nodeseal_policy::labels::Labels;
 use tracing::{debug, warn};
 
 pub use self::backend::{Backoff, LeaseId, RawEvent, StoreBackend};
@@ -91,9 +100,11 @@ pub use self::etcd::{
 pub use self::kube::{KubeOptions, KubeStore};
 pub use self::lease::NodeLease;
 pub use self::record::{
-    CertificateRecord, CsrRecord, Key, Kind, MAX_ADDRESSES, MAX_RECORD_BYTES, NodeRecord,
-    NodeStatus, PeerStatus, Record, RecordKind, RekeyGeneration, Revocation, RevocationId,
-    TrustBundle,
+    CertificateRecord, CsrRecord, Endpoint, EndpointId, FIRST_WORKLOAD_IDENTITY, Identity,
+    IdentityClaim, IdentityNumber, IdentityNumberError, Key, Kind, LabelsDigest, MAX_ADDRESSES,
+    MAX_LABELS, MAX_POLICY_DOCUMENT_BYTES, MAX_RECORD_BYTES, NodeRecord, NodeStatus, PeerStatus,
+    PolicyDocument, Record, RecordKind, RekeyGeneration, Revocation, RevocationId, TrustBundle,
+    check_interface,
 };
 pub use self::types::{CertSerial, IdError, NodeName, SpiffeId, WgPublicKey};
 
@@ -289,6 +300,165 @@ impl Store {
             })
             .await?;
         Ok(record.generation)
+    }
+
+    /// Creates a record only if its key is absent (etcd: a transaction on create revision 0;
+    /// directory: under the store's lock; Kubernetes: create, which fails with AlreadyExists).
+    /// Returns whether it created it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] if the record breaks a rule; the backend's errors.
+    pub async fn create<R: RecordKind>(&self, record: &R) -> Result<bool, StoreError> {
+        let value = encode(record)?;
+        self.backend
+            .compare_and_swap(&record.key().to_string(), None, value)
+            .await
+    }
+
+    /// The identity of a label set, allocating the lowest free one (256 or above) if it has
+    /// none. Every node gets the same number for the same labels, and different numbers for
+    /// different labels, however many allocate at once:
+    ///
+    /// 1. the label set's [`IdentityClaim`] (keyed by the labels' digest), if present, names its
+    ///    number;
+    /// 2. otherwise the lowest number without an [`Identity`] record is taken by creating that
+    ///    record (create-if-absent: a number has one owner), then the claim is created
+    ///    (create-if-absent: a label set has one number). Whoever loses the claim releases the
+    ///    number it took and uses the winner's.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] if a stored claim or identity is invalid, or a claim names a
+    /// number that another label set holds; [`StoreError::Contended`] after 1000 lost races;
+    /// the backend's errors.
+    pub async fn allocate_identity(&self, labels: &Labels) -> Result<IdentityNumber, StoreError> {
+        let digest = LabelsDigest::of(labels);
+        for attempt in 1..=MAX_CAS_ATTEMPTS {
+            if let Some(claim) = self.get::<IdentityClaim>(&digest).await? {
+                if self.identity_matches(&claim).await? {
+                    return Ok(claim.number);
+                }
+            } else {
+                let number = self.lowest_free_identity().await?;
+                let identity = Identity {
+                    number,
+                    labels: labels.clone(),
+                };
+                if self.create(&identity).await? {
+                    let claim = IdentityClaim {
+                        labels: labels.clone(),
+                        number,
+                    };
+                    if self.create(&claim).await? {
+                        debug!(identity = %number, labels = %labels, "allocated identity");
+                        return Ok(number);
+                    }
+                    // Another allocation claimed the labels first: give the number back.
+                    self.delete::<Identity>(&number).await?;
+                }
+            }
+            debug!(labels = %labels, attempt, "identity allocation lost a race, retrying");
+            let pause =
+                Duration::from_micros(rand::random_range(0..=(200 * u64::from(attempt.min(50)))));
+            tokio::time::sleep(pause).await;
+        }
+        Err(StoreError::Contended {
+            key: IdentityClaim::key_of(&digest).to_string(),
+            attempts: MAX_CAS_ATTEMPTS,
+        })
+    }
+
+    /// Whether the claim's identity record exists with the claim's labels; recreates it if it
+    /// is missing (an allocation that stopped half way, or a collection racing an allocation).
+    async fn identity_matches(&self, claim: &IdentityClaim) -> Result<bool, StoreError> {
+        let mismatch = |other: &Identity| {
+            StoreError::Invalid(RecordError {
+                key: claim.key().to_string(),
+                problem: RecordProblem::Field {
+                    field: "number",
+                    reason: format!(
+                        "identity {} belongs to other labels ({})",
+                        claim.number, other.labels
+                    ),
+                },
+            })
+        };
+        match self.get::<Identity>(&claim.number).await? {
+            Some(identity) if identity.labels == claim.labels => Ok(true),
+            Some(other) => Err(mismatch(&other)),
+            None => {
+                let identity = Identity {
+                    number: claim.number,
+                    labels: claim.labels.clone(),
+                };
+                if self.create(&identity).await? {
+                    return Ok(true);
+                }
+                match self.get::<Identity>(&claim.number).await? {
+                    Some(identity) if identity.labels == claim.labels => Ok(true),
+                    Some(other) => Err(mismatch(&other)),
+                    None => Ok(false),
+                }
+            }
+        }
+    }
+
+    /// The lowest number without an identity record (an invalid record holds its number too).
+    async fn lowest_free_identity(&self) -> Result<IdentityNumber, StoreError> {
+        let listing = self.list::<Identity>().await?;
+        let mut used: BTreeSet<IdentityNumber> = listing
+            .records
+            .iter()
+            .map(|identity| identity.number)
+            .collect();
+        used.extend(listing.invalid.iter().filter_map(|error| {
+            error
+                .key
+                .split_once('/')
+                .and_then(|(_, id)| id.parse::<IdentityNumber>().ok())
+        }));
+        let mut candidate = IdentityNumber::FIRST;
+        for number in used {
+            if number != candidate {
+                break;
+            }
+            candidate = candidate.next().ok_or_else(|| StoreError::Config {
+                reason: "every identity number is in use".to_owned(),
+            })?;
+        }
+        Ok(candidate)
+    }
+
+    /// Deletes the identities (and their claims) whose numbers are not in `in_use`; returns the
+    /// numbers deleted. The claim goes first, so that a label set never points at a missing
+    /// number for long. An allocation racing the collection of the same labels may recreate
+    /// the identity it read the claim of (see [`allocate_identity`](Self::allocate_identity)),
+    /// so callers collect only identities unused for a grace period.
+    ///
+    /// # Errors
+    ///
+    /// The backend's errors.
+    pub async fn gc_identities(
+        &self,
+        in_use: &BTreeSet<IdentityNumber>,
+    ) -> Result<Vec<IdentityNumber>, StoreError> {
+        let claims = self.list::<IdentityClaim>().await?;
+        for claim in &claims.records {
+            if !in_use.contains(&claim.number) {
+                self.delete::<IdentityClaim>(&LabelsDigest::of(&claim.labels))
+                    .await?;
+            }
+        }
+        let mut deleted = Vec::new();
+        for identity in self.list::<Identity>().await?.records {
+            if !in_use.contains(&identity.number)
+                && self.delete::<Identity>(&identity.number).await?
+            {
+                deleted.push(identity.number);
+            }
+        }
+        Ok(deleted)
     }
 
     /// Publishes this node's record with liveness: with etcd it is attached to a lease of

@@ -16,6 +16,14 @@ use serde::{Deserialize, Serialize};
 use super::error::{RecordError, RecordProblem};
 use super::types::{CertSerial, NodeName, SpiffeId, WgPublicKey, check_pem};
 
+mod workload;
+
+pub use self::workload::{
+    Endpoint, EndpointId, FIRST_WORKLOAD_IDENTITY, Identity, IdentityClaim, IdentityNumber,
+    IdentityNumberError, LabelsDigest, MAX_LABELS, MAX_POLICY_DOCUMENT_BYTES, PolicyDocument,
+    check_interface,
+};
+
 /// Largest record value accepted, written or read (etcd's default request limit is 1.5 MiB).
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 
@@ -40,11 +48,19 @@ pub enum Kind {
     RekeyGeneration,
     /// [`NodeStatus`], one per node.
     NodeStatus,
+    /// [`Identity`], one per workload security identity.
+    Identity,
+    /// [`IdentityClaim`], one per label set with an identity.
+    IdentityClaim,
+    /// [`Endpoint`], one per workload of the standalone modes.
+    Endpoint,
+    /// [`PolicyDocument`], one per applied policy file.
+    PolicyDocument,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Node,
         Kind::Csr,
         Kind::Certificate,
@@ -52,6 +68,10 @@ impl Kind {
         Kind::Revocation,
         Kind::RekeyGeneration,
         Kind::NodeStatus,
+        Kind::Identity,
+        Kind::IdentityClaim,
+        Kind::Endpoint,
+        Kind::PolicyDocument,
     ];
 
     /// The key prefix (and directory name) of this kind.
@@ -64,6 +84,10 @@ impl Kind {
             Kind::Revocation => "revocations",
             Kind::RekeyGeneration => "rekey",
             Kind::NodeStatus => "node-status",
+            Kind::Identity => "identities",
+            Kind::IdentityClaim => "identity-claims",
+            Kind::Endpoint => "endpoints",
+            Kind::PolicyDocument => "policies",
         }
     }
 
@@ -111,6 +135,10 @@ enum KeyId {
     Node(NodeName),
     Revocation(RevocationId),
     Cluster,
+    Identity(IdentityNumber),
+    Claim(LabelsDigest),
+    Endpoint(EndpointId),
+    Named(NodeName),
 }
 
 impl Key {
@@ -138,7 +166,8 @@ impl Key {
         match &self.id {
             KeyId::Node(node) => Some(node),
             KeyId::Revocation(id) => Some(&id.node),
-            KeyId::Cluster => None,
+            KeyId::Endpoint(id) => Some(&id.node),
+            KeyId::Cluster | KeyId::Identity(_) | KeyId::Claim(_) | KeyId::Named(_) => None,
         }
     }
 
@@ -152,6 +181,10 @@ impl Key {
                 serial: Some(serial),
             }) => format!("{node}{SERIAL_SEPARATOR}{serial}"),
             KeyId::Cluster => CLUSTER_ID.to_owned(),
+            KeyId::Identity(number) => number.to_string(),
+            KeyId::Claim(digest) => digest.to_string(),
+            KeyId::Endpoint(id) => id.to_string(),
+            KeyId::Named(name) => name.to_string(),
         }
     }
 
@@ -192,6 +225,11 @@ impl Key {
                 }
             },
             Kind::Node | Kind::Csr | Kind::Certificate | Kind::NodeStatus => KeyId::Node(node(id)?),
+            Kind::Identity | Kind::IdentityClaim | Kind::Endpoint | Kind::PolicyDocument => {
+                workload::parse_id(kind, id)
+                    .unwrap_or_else(|| Err(format!("BUG: no key parser for {kind}")))
+                    .map_err(bad)?
+            }
         };
         Ok(Self { kind, id })
     }
@@ -404,6 +442,14 @@ pub enum Record {
     RekeyGeneration(RekeyGeneration),
     /// A [`NodeStatus`].
     NodeStatus(NodeStatus),
+    /// An [`Identity`].
+    Identity(Identity),
+    /// An [`IdentityClaim`].
+    IdentityClaim(IdentityClaim),
+    /// An [`Endpoint`].
+    Endpoint(Endpoint),
+    /// A [`PolicyDocument`].
+    PolicyDocument(PolicyDocument),
 }
 
 impl Record {
@@ -417,6 +463,10 @@ impl Record {
             Record::Revocation(r) => r.key(),
             Record::RekeyGeneration(r) => r.key(),
             Record::NodeStatus(r) => r.key(),
+            Record::Identity(r) => r.key(),
+            Record::IdentityClaim(r) => r.key(),
+            Record::Endpoint(r) => r.key(),
+            Record::PolicyDocument(r) => r.key(),
         }
     }
 
@@ -434,6 +484,14 @@ impl Record {
                 decode_as::<RekeyGeneration>(key, value).map(Record::RekeyGeneration)
             }
             Kind::NodeStatus => decode_as::<NodeStatus>(key, value).map(Record::NodeStatus),
+            Kind::Identity => decode_as::<Identity>(key, value).map(Record::Identity),
+            Kind::IdentityClaim => {
+                decode_as::<IdentityClaim>(key, value).map(Record::IdentityClaim)
+            }
+            Kind::Endpoint => decode_as::<Endpoint>(key, value).map(Record::Endpoint),
+            Kind::PolicyDocument => {
+                decode_as::<PolicyDocument>(key, value).map(Record::PolicyDocument)
+            }
         }
     }
 }

@@ -2,7 +2,8 @@
 //! [`CertSerial`], and the PEM shape check shared by the CSR and certificate records.
 //!
 //! These are the store's own types: the agent converts them to and from the other crates'
-//! types, so the store depends on no other nodeseal crate.
+//! types. The one nodeseal crate the store depends on is nodeseal-policy, for label sets and to
+//! validate stored policy documents (see `record/workload.rs`).
 
 use std::fmt;
 use std::str::FromStr;

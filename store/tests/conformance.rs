@@ -37,6 +37,8 @@ macro_rules! conformance {
             conformance!(@case $test, $harness, malformed_records);
             conformance!(@case $test, $harness, leases);
             conformance!(@case $test, $harness, watch_resync);
+            conformance!(@case $test, $harness, identity_allocation);
+            conformance!(@case $test, $harness, policy_and_endpoint_records);
         }
     };
     (@case $test:ident, $harness:expr, $case:ident) => {

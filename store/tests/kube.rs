@@ -591,3 +591,114 @@ async fn watch_relists_after_410_gone_and_reports_only_changes() {
          resumed without a 410"
     );
 }
+
+/// Identity allocation through ConfigMaps (create fails with AlreadyExists for the loser):
+/// concurrent allocations from two clients agree, one number per label set and no number
+/// shared; endpoint and policy records are ConfigMaps labelled with their kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_are_allocated_with_create_if_absent() {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use nodeseal_store::{Endpoint, Identity, IdentityNumber, PolicyDocument};
+
+    let Some(cluster) = cluster("kube::identities_are_allocated_with_create_if_absent").await
+    else {
+        return;
+    };
+    const TASKS: usize = 6;
+    const LABEL_SETS: usize = 3;
+    let stores = [store(&cluster), store(&cluster)];
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..TASKS {
+        let store = stores[task % 2].clone();
+        tasks.spawn(async move {
+            let mut got = Vec::new();
+            for step in 0..LABEL_SETS {
+                let set = format!("k8s:app=app-{}", (task + step) % LABEL_SETS);
+                let labels = set.parse().expect("labels");
+                got.push((
+                    set,
+                    store.allocate_identity(&labels).await.expect("allocate"),
+                ));
+            }
+            got
+        });
+    }
+    let results = tokio::time::timeout(Duration::from_secs(120), tasks.join_all())
+        .await
+        .expect("allocations within 120 s");
+    let mut by_labels: BTreeMap<String, BTreeSet<IdentityNumber>> = BTreeMap::new();
+    for (set, number) in results.into_iter().flatten() {
+        by_labels.entry(set).or_default().insert(number);
+    }
+    let numbers: BTreeSet<u32> = by_labels
+        .values()
+        .map(|got| {
+            assert_eq!(got.len(), 1, "{by_labels:?}");
+            got.first().expect("one").get()
+        })
+        .collect();
+    assert_eq!(numbers.len(), LABEL_SETS, "no number shared: {by_labels:?}");
+    assert!(numbers.iter().all(|n| *n >= 256), "{numbers:?}");
+    assert_eq!(
+        stores[0]
+            .list::<Identity>()
+            .await
+            .expect("list")
+            .records
+            .len(),
+        LABEL_SETS
+    );
+    // Collection deletes the unused identities' ConfigMaps (claims first, then numbers).
+    let keep = *by_labels["k8s:app=app-0"].first().expect("one");
+    let deleted = stores[1]
+        .gc_identities(&BTreeSet::from([keep]))
+        .await
+        .expect("gc");
+    assert_eq!(deleted.len(), LABEL_SETS - 1, "{deleted:?}");
+    let left = stores[0].list::<Identity>().await.expect("list").records;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].number, keep);
+    assert_eq!(
+        stores[0]
+            .allocate_identity(&"k8s:app=app-0".parse().expect("labels"))
+            .await
+            .expect("again"),
+        keep
+    );
+
+    let endpoint = Endpoint {
+        node: name("node-1"),
+        namespace: name("default"),
+        name: name("tiefighter"),
+        labels: "k8s:org=empire".parse().expect("labels"),
+        ips: vec![ip("10.244.1.7")],
+        interface: "lxc7".to_owned(),
+    };
+    stores[0].put(&endpoint).await.expect("endpoint");
+    assert_eq!(
+        stores[1].list::<Endpoint>().await.expect("list").records,
+        vec![endpoint]
+    );
+    let policy = PolicyDocument {
+        name: name("allow-all"),
+        document: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  \
+                   name: allow-all\n  namespace: default\nspec:\n  podSelector: {}\n  \
+                   ingress:\n  - {}\n"
+            .to_owned(),
+    };
+    stores[1].put(&policy).await.expect("policy");
+    assert_eq!(
+        stores[0]
+            .get::<PolicyDocument>(&policy.name)
+            .await
+            .expect("get"),
+        Some(policy)
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(cluster.admin_client(), NAMESPACE);
+    let labelled = cms
+        .list(&kube::api::ListParams::default().labels(&format!("{KIND_LABEL}=policies")))
+        .await
+        .expect("list ConfigMaps");
+    assert_eq!(labelled.items.len(), 1);
+}

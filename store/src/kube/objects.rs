@@ -142,7 +142,13 @@ pub fn config_map_name(key: &Key) -> String {
 pub fn in_config_map(kind: Kind) -> bool {
     matches!(
         kind,
-        Kind::TrustBundle | Kind::RekeyGeneration | Kind::Revocation
+        Kind::TrustBundle
+            | Kind::RekeyGeneration
+            | Kind::Revocation
+            | Kind::Identity
+            | Kind::IdentityClaim
+            | Kind::Endpoint
+            | Kind::PolicyDocument
     )
 }
 

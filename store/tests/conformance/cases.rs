@@ -614,3 +614,189 @@ pub async fn watch_resync<H: Harness>(harness: &H) {
             .is_some()
     );
 }
+
+fn labels(text: &str) -> nodeseal_policy::labels::Labels {
+    text.parse().expect("test labels")
+}
+
+/// Concurrent allocations from several clients: one number per label set, no number shared by
+/// two label sets, the lowest free numbers used, and repeated allocations stable. A collection
+/// then frees exactly the unused identities, and their numbers are reused.
+pub async fn identity_allocation<H: Harness>(harness: &H) {
+    use std::collections::BTreeSet;
+
+    use nodeseal_store::{Identity, IdentityClaim, IdentityNumber};
+
+    const TASKS: usize = 8;
+    const LABEL_SETS: usize = 5;
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(harness.store().await);
+    }
+    let sets: Vec<String> = (0..LABEL_SETS)
+        .map(|i| format!("k8s:app=app-{i},k8s:io.kubernetes.pod.namespace=default"))
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..TASKS {
+        let store = stores[task % stores.len()].clone();
+        let sets = sets.clone();
+        tasks.spawn(async move {
+            let mut got = Vec::new();
+            // Each task walks the label sets from a different starting point, so that tasks
+            // race on the same sets at the same time.
+            for step in 0..LABEL_SETS {
+                let set = &sets[(task + step) % LABEL_SETS];
+                let number = store
+                    .allocate_identity(&labels(set))
+                    .await
+                    .expect("allocate");
+                got.push((set.clone(), number));
+            }
+            got
+        });
+    }
+    let mut by_labels: BTreeMap<String, BTreeSet<IdentityNumber>> = BTreeMap::new();
+    let results = tokio::time::timeout(Duration::from_secs(120), tasks.join_all())
+        .await
+        .expect("allocations within 120 s");
+    for (set, number) in results.into_iter().flatten() {
+        by_labels.entry(set).or_default().insert(number);
+    }
+    assert_eq!(by_labels.len(), LABEL_SETS);
+    let mut numbers = BTreeSet::new();
+    for (set, got) in &by_labels {
+        assert_eq!(got.len(), 1, "{set} got several identities: {got:?}");
+        assert!(
+            numbers.insert(*got.first().expect("one")),
+            "shared number: {by_labels:?}"
+        );
+    }
+    // A number taken by an allocation that then lost the claim is given back, so a gap may
+    // remain until the next allocation; but every number is a workload one.
+    assert!(numbers.iter().all(|n| n.get() >= 256), "{numbers:?}");
+    let store = harness.store().await;
+    let identities = store.list::<Identity>().await.expect("list identities");
+    assert!(identities.invalid.is_empty(), "{:?}", identities.invalid);
+    assert_eq!(identities.records.len(), LABEL_SETS, "no leftover numbers");
+    for identity in &identities.records {
+        assert_eq!(
+            by_labels[&identity.labels.to_string()],
+            BTreeSet::from([identity.number])
+        );
+    }
+    assert_eq!(
+        store
+            .list::<IdentityClaim>()
+            .await
+            .expect("claims")
+            .records
+            .len(),
+        LABEL_SETS
+    );
+    // Stable.
+    let first = by_labels[&sets[0]].first().copied().expect("one");
+    assert_eq!(
+        store
+            .allocate_identity(&labels(&sets[0]))
+            .await
+            .expect("again"),
+        first
+    );
+
+    // Collection: keep the first set's identity only.
+    let deleted = store
+        .gc_identities(&BTreeSet::from([first]))
+        .await
+        .expect("gc");
+    assert_eq!(deleted.len(), LABEL_SETS - 1, "{deleted:?}");
+    let left = store.list::<Identity>().await.expect("list").records;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].number, first);
+    assert_eq!(
+        store
+            .list::<IdentityClaim>()
+            .await
+            .expect("claims")
+            .records
+            .len(),
+        1
+    );
+    // Freed numbers are reused, the kept one is not.
+    let again = store
+        .allocate_identity(&labels("k8s:app=new"))
+        .await
+        .expect("allocate after gc");
+    assert_ne!(again, first);
+    assert!(
+        again < *numbers.last().expect("some"),
+        "{again} reuses a freed number"
+    );
+}
+
+/// Endpoint and policy records round-trip; a stored policy document that no longer parses is
+/// reported as an invalid record naming its key, and listings carry on.
+pub async fn policy_and_endpoint_records<H: Harness>(harness: &H) {
+    use nodeseal_store::{Endpoint, PolicyDocument};
+
+    let store = harness.store().await;
+    let endpoint = Endpoint {
+        node: name("node-1"),
+        namespace: name("default"),
+        name: name("deathstar"),
+        labels: labels("k8s:class=deathstar,k8s:org=empire"),
+        ips: vec!["10.244.1.10".parse().expect("ip")],
+        interface: "lxc1234".to_owned(),
+    };
+    store.put(&endpoint).await.expect("put endpoint");
+    assert_eq!(
+        store.get::<Endpoint>(&endpoint.id()).await.expect("get"),
+        Some(endpoint.clone())
+    );
+    assert_eq!(
+        store.list::<Endpoint>().await.expect("list").records,
+        vec![endpoint.clone()]
+    );
+
+    let policy = PolicyDocument {
+        name: name("rule1"),
+        document: "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: rule1\n\
+                   spec:\n  endpointSelector:\n    matchLabels:\n      org: empire\n  ingress:\n  \
+                   - fromEndpoints:\n    - matchLabels:\n        org: empire\n"
+            .to_owned(),
+    };
+    store.put(&policy).await.expect("put policy");
+    assert_eq!(
+        store
+            .get::<PolicyDocument>(&policy.name)
+            .await
+            .expect("get"),
+        Some(policy.clone())
+    );
+
+    // An unsupported field: refused on write, naming the field.
+    let mut bad = policy.clone();
+    bad.name = name("bad");
+    bad.document.push_str(
+        "    toPorts:\n    - ports:\n      - port: \"80\"\n      rules:\n        http: []\n",
+    );
+    let error = store.put(&bad).await.expect_err("refused");
+    assert!(error.to_string().contains("rules"), "{error}");
+
+    // The same written by a foreign writer: reported on read, by key.
+    let raw = serde_json::json!({ "name": "bad", "document": bad.document });
+    harness
+        .write_raw("policies/bad", raw.to_string().as_bytes())
+        .await;
+    let error = store
+        .get::<PolicyDocument>(&name("bad"))
+        .await
+        .expect_err("invalid");
+    let StoreError::Invalid(error) = error else {
+        panic!("unexpected {error}");
+    };
+    assert_eq!(error.key, "policies/bad");
+    let listing = store.list::<PolicyDocument>().await.expect("list");
+    assert_eq!(listing.records, vec![policy]);
+    assert_eq!(listing.invalid.len(), 1);
+    assert_eq!(listing.invalid[0].key, "policies/bad");
+}
