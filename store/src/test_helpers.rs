@@ -47,6 +47,9 @@ pub fn require_everything() -> bool {
     std::env::var_os("NODESEAL_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1")
 }
 
+/// Sets of free ports tried before giving up on starting a test etcd.
+const PORT_ATTEMPTS: u32 = 5;
+
 /// TLS on a test etcd server's client port (files in PEM).
 #[derive(Clone, Debug)]
 pub struct EtcdServerTls {
@@ -124,21 +127,34 @@ impl EtcdServer {
     ///
     /// As [`start`](Self::start).
     pub fn start_with(tls: Option<EtcdServerTls>, extra_args: &[&str]) -> io::Result<Self> {
-        let data = tempfile::Builder::new()
-            .prefix("nodeseal-etcd-")
-            .tempdir()?;
-        let mut server = Self {
-            child: None,
-            data,
-            client_port: free_port()?,
-            peer_port: free_port()?,
-            metrics_port: free_port()?,
-            tls,
-            extra_args: extra_args.iter().map(|&arg| arg.to_owned()).collect(),
-            starts: 0,
-        };
-        server.spawn()?;
-        Ok(server)
+        // A free port is only free until someone binds it: with test binaries starting servers
+        // in parallel, another etcd can take one of ours first. Then try other ports.
+        let mut attempt = 1;
+        loop {
+            let data = tempfile::Builder::new()
+                .prefix("nodeseal-etcd-")
+                .tempdir()?;
+            let mut server = Self {
+                child: None,
+                data,
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                metrics_port: free_port()?,
+                tls: tls.clone(),
+                extra_args: extra_args.iter().map(|&arg| arg.to_owned()).collect(),
+                starts: 0,
+            };
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e)
+                    if attempt < PORT_ATTEMPTS
+                        && e.to_string().contains("address already in use") =>
+                {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The client URL (`https://` with TLS).

@@ -629,69 +629,46 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_named() {
-        let error = error_of(&[
-            "policy",
-            "trace",
-            "--src-labels",
-            "org",
-            "--dst-labels",
-            "a=b",
-            "--dport",
-            "80",
-        ]);
-        assert!(error.contains("--src-labels"), "{error}");
-        let error = error_of(&[
-            "policy",
-            "trace",
-            "--src-labels",
-            "a=b",
-            "--dst-labels",
-            "a=b",
-            "--dport",
-            "x/TCP",
-        ]);
-        assert!(error.contains("--dport"), "{error}");
-        let error = error_of(&[
-            "endpoint",
-            "add",
-            "--node",
-            "Node_1",
-            "--name",
-            "e",
-            "--ip",
-            "10.0.0.1",
-            "--interface",
-            "veth1",
-        ]);
-        assert!(error.contains("--node"), "{error}");
-        let error = error_of(&[
-            "endpoint",
-            "add",
-            "--node",
-            "n",
-            "--name",
-            "e",
-            "--ip",
-            "10.0.0.1",
-            "--interface",
-            "much-too-long-name",
-        ]);
-        assert!(error.contains("--interface"), "{error}");
-        let error = error_of(&[
-            "endpoint",
-            "add",
-            "--node",
-            "n",
-            "--name",
-            "e",
-            "--ip",
-            "10.0.0.300",
-            "--interface",
-            "veth1",
-        ]);
-        assert!(error.contains("--ip"), "{error}");
-        let error = error_of(&["identity", "get", "6"]);
-        assert!(error.contains("reserved"), "{error}");
+        let trace = |src: &'static str, dport: &'static str| {
+            vec![
+                "policy",
+                "trace",
+                "--src-labels",
+                src,
+                "--dst-labels",
+                "a=b",
+                "--dport",
+                dport,
+            ]
+        };
+        let endpoint = |node: &'static str, ip: &'static str, interface: &'static str| {
+            vec![
+                "endpoint",
+                "add",
+                "--node",
+                node,
+                "--name",
+                "e",
+                "--ip",
+                ip,
+                "--interface",
+                interface,
+            ]
+        };
+        for (args, named) in [
+            (trace("org", "80"), "--src-labels"),
+            (trace("a=b", "x/TCP"), "--dport"),
+            (endpoint("Node_1", "10.0.0.1", "veth1"), "--node"),
+            (
+                endpoint("n", "10.0.0.1", "much-too-long-name"),
+                "--interface",
+            ),
+            (endpoint("n", "10.0.0.300", "veth1"), "--ip"),
+            (vec!["identity", "get", "6"], "reserved"),
+        ] {
+            let error = error_of(&args);
+            assert!(error.contains(named), "{args:?}: {error}");
+        }
         assert!(parse(&["policy", "apply"]).is_err(), "-f is required");
     }
 
