@@ -12,25 +12,8 @@ use std::process::{Command, Output};
 
 const NODESEAL: &str = env!("CARGO_BIN_EXE_nodeseal");
 
-const RULE1: &str = "\
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: rule1
-spec:
-  endpointSelector:
-    matchLabels:
-      org: empire
-      class: deathstar
-  ingress:
-  - fromEndpoints:
-    - matchLabels:
-        org: empire
-    toPorts:
-    - ports:
-      - port: \"80\"
-        protocol: TCP
-";
+/// Cilium's getting-started (Star Wars) L3/L4 policy.
+const RULE1: &str = include_str!("../../policy/examples/star-wars-rule1.yaml");
 
 fn nodeseal(store: &Path, args: &[&str]) -> Output {
     Command::new(NODESEAL)

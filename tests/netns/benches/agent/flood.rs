@@ -32,14 +32,12 @@ use nodeseal_keymgr::{
 use nodeseal_netns::traffic::StreamReport;
 use nodeseal_netns::{Fabric, FabricOptions, Topology, UdpStream};
 
-use super::{proc_status_kb, process_cpu};
+use super::{HANDSHAKE_PORT, TRUST_DOMAIN, proc_status_kb, process_cpu};
 
-const HANDSHAKE_PORT: u16 = 4250;
 /// Connections the flooder keeps going at once.
 const FLOODERS: usize = 16;
 /// A legitimate rotation this often during each phase.
 const ROTATE_EVERY: Duration = Duration::from_secs(5);
-const TRUST_DOMAIN: &str = "cluster.local";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Attack {
