@@ -274,6 +274,7 @@ fn universe(identities: &Identities) -> Result<Vec<(u32, PeerIdentity<'_>)>, Com
         (identity::HOST, PeerIdentity::Host),
         (identity::WORLD, PeerIdentity::World),
         (identity::REMOTE_NODE, PeerIdentity::RemoteNode),
+        (identity::UNMANAGED, PeerIdentity::Unmanaged),
     ];
     let mut seen: BTreeSet<u32> = universe.iter().map(|(id, _)| *id).collect();
     seen.insert(identity::ANY);

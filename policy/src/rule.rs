@@ -227,7 +227,12 @@ impl Entity {
         use PeerIdentity as P;
         match self {
             Self::All => true,
-            Self::Cluster => matches!(identity, P::Workload(_) | P::Host | P::RemoteNode),
+            Self::Cluster => {
+                matches!(
+                    identity,
+                    P::Workload(_) | P::Host | P::RemoteNode | P::Unmanaged
+                )
+            }
             Self::Host => matches!(identity, P::Host),
             Self::RemoteNode => matches!(identity, P::RemoteNode),
             Self::World => matches!(identity, P::World | P::Cidr(_)),
@@ -256,6 +261,9 @@ pub enum PeerIdentity<'a> {
     Host,
     /// Another node.
     RemoteNode,
+    /// A pod of the cluster that no endpoint describes (the pod CIDRs' fallback identity): in
+    /// the cluster, but no selector can name it.
+    Unmanaged,
     /// An address outside the cluster that no CIDR identity covers.
     World,
     /// The identity of an address prefix (an address is its host prefix).
@@ -373,25 +381,26 @@ mod tests {
             PeerIdentity::World,
             PeerIdentity::Cidr(prefix),
             PeerIdentity::Unknown,
+            PeerIdentity::Unmanaged,
         ];
         let matched =
             |entity: Entity| -> Vec<bool> { all.iter().map(|p| entity.matches(p)).collect() };
-        assert_eq!(matched(Entity::All), [true; 6]);
+        assert_eq!(matched(Entity::All), [true; 7]);
         assert_eq!(
             matched(Entity::Cluster),
-            [true, true, true, false, false, false]
+            [true, true, true, false, false, false, true]
         );
         assert_eq!(
             matched(Entity::World),
-            [false, false, false, true, true, false]
+            [false, false, false, true, true, false, false]
         );
         assert_eq!(
             matched(Entity::Host),
-            [false, true, false, false, false, false]
+            [false, true, false, false, false, false, false]
         );
         assert_eq!(
             matched(Entity::RemoteNode),
-            [false, false, true, false, false, false]
+            [false, false, true, false, false, false, false]
         );
     }
 

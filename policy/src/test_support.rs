@@ -137,6 +137,7 @@ pub(crate) fn random_case(rng: &mut Rng) -> Case {
         identity::HOST,
         identity::WORLD,
         identity::REMOTE_NODE,
+        identity::UNMANAGED,
         UNKNOWN_PEER,
     ];
     peers.extend(workloads.keys());
@@ -262,6 +263,7 @@ pub(crate) fn peer_identity(identities: &Identities, peer: u32) -> PeerIdentity<
         identity::HOST => PeerIdentity::Host,
         identity::WORLD => PeerIdentity::World,
         identity::REMOTE_NODE => PeerIdentity::RemoteNode,
+        identity::UNMANAGED => PeerIdentity::Unmanaged,
         _ => {
             if let Some(labels) = identities.workloads.get(&peer) {
                 return PeerIdentity::Workload(labels);

@@ -27,6 +27,8 @@ pub mod identity {
     pub const HOST: u32 = 1;
     /// Anything outside the cluster; also the identity of an address missing from the ipcache.
     pub const WORLD: u32 = 2;
+    /// A pod the agent manages no endpoint for.
+    pub const UNMANAGED: u32 = 3;
     /// A remote cluster node.
     pub const REMOTE_NODE: u32 = 6;
     /// First identity available for label-derived (workload) identities.
