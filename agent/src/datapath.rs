@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::IpNet;
 use nodeseal_bpf::{
-    Attachment, Datapath, DatapathConfig, DropReason, Enforcement, Location, Mode, NodeId, Prefix,
-    identity,
+    Attachment, Datapath, DatapathConfig, DropReason, Enforcement, Location, Mode, NodeId,
+    PolicyRule, PolicyVerdict, Prefix, identity,
 };
 use tracing::{debug, info, warn};
 
@@ -86,9 +86,32 @@ pub struct DatapathSettings {
     pub local_pod_cidrs: Vec<IpNet>,
 }
 
+/// What an endpoint entry of the datapath says: its identity and enforced directions.
+pub type EndpointEntry = (u32, Enforcement);
+
+/// The fallback entry of a pod interface no endpoint describes.
+const UNMANAGED_ENDPOINT: EndpointEntry = (identity::UNMANAGED, Enforcement {
+    ingress: false,
+    egress: false,
+});
+
 struct Inner {
     dp: Datapath,
-    attached_pods: BTreeSet<String>,
+    /// Pod interfaces with programs attached: name → ifindex.
+    attached_pods: BTreeMap<String, u32>,
+    /// The endpoint entry each pod interface should have (by name; the policy engine's view).
+    /// Interfaces missing here are unmanaged.
+    endpoints: BTreeMap<String, EndpointEntry>,
+    /// The endpoint entry written for each ifindex.
+    endpoints_written: BTreeMap<u32, EndpointEntry>,
+    /// Entries the policy engine layers over the node-owned prefixes of the ipcache.
+    overlays: Overlays,
+    /// Node IPs admitted (their host prefixes belong to the nodes, never to an overlay).
+    node_ips: BTreeSet<IpAddr>,
+    local_pod_cidrs: Vec<IpNet>,
+    /// Whether [`DatapathHandle::program_policy`] ran: until then a previous agent's endpoint
+    /// entries are kept, so that a restart never lifts enforcement.
+    policy_programmed: bool,
     used_ids: BTreeSet<u16>,
     /// Pod CIDRs published for peers ([`DatapathHandle::set_peer_routes`]), so that a CIDR a
     /// revoked node gives up goes back to the member that claims it too.
@@ -98,9 +121,137 @@ struct Inner {
     revoked: BTreeMap<String, Vec<IpNet>>,
 }
 
+/// Ipcache entries for single workloads and policy CIDRs, layered over the prefixes the
+/// datapath owns (pod CIDRs, node IPs). An overlay may only refine who an address is, never
+/// where it lives: a pod IP gets its identity only inside the pod CIDR of a member (with that
+/// member's location) or of this node; a policy CIDR never lies inside a cluster prefix.
+#[derive(Default)]
+struct Overlays {
+    /// Pod IP → the identity of its endpoint.
+    workloads: BTreeMap<IpAddr, u32>,
+    /// Policy CIDR → its CIDR identity.
+    cidrs: BTreeMap<IpNet, u32>,
+    /// Prefixes written, with what.
+    written: BTreeMap<IpNet, (u32, Location)>,
+}
+
 impl Inner {
     fn is_revoked_cidr(&self, cidr: &IpNet) -> bool {
         self.revoked.values().any(|cidrs| cidrs.contains(cidr))
+    }
+
+    /// Where the pod at `ip` lives, if it is inside a pod CIDR of this node or of a member
+    /// that is not revoked (longest match).
+    fn pod_location(&self, ip: IpAddr) -> Option<Location> {
+        if self.local_pod_cidrs.iter().any(|c| c.contains(&ip)) {
+            return Some(Location::LocalPod);
+        }
+        if self.revoked.values().flatten().any(|c| c.contains(&ip)) {
+            return None;
+        }
+        self.routes
+            .iter()
+            .filter(|(cidr, _)| cidr.contains(&ip))
+            .max_by_key(|(cidr, _)| cidr.prefix_len())
+            .map(|(_, id)| Location::RemotePod(*id))
+    }
+
+    /// Whether `cidr` may carry a policy CIDR identity: it must not lie inside (or be) a
+    /// prefix of the cluster, whose addresses get their identity and location from it.
+    fn is_outside_cluster(&self, cidr: &IpNet) -> bool {
+        let inside = |c: &IpNet| c.contains(cidr);
+        !(self.local_pod_cidrs.iter().any(inside)
+            || self.routes.keys().any(inside)
+            || self.revoked.values().flatten().any(inside)
+            || self.node_ips.iter().any(|ip| cidr.contains(ip) && cidr.prefix_len() == cidr.max_prefix_len()))
+    }
+
+    /// The overlay entries wanted inside `within` (all when `None`).
+    fn wanted_overlays(&self, within: Option<IpNet>) -> BTreeMap<IpNet, (u32, Location)> {
+        let mut wanted = BTreeMap::new();
+        let inside = |net: &IpNet| within.is_none_or(|w| w.contains(net));
+        for (cidr, id) in &self.overlays.cidrs {
+            if inside(cidr) && self.is_outside_cluster(cidr) {
+                wanted.insert(*cidr, (*id, Location::External));
+            }
+        }
+        // After the CIDRs: a workload's own identity wins over a policy CIDR naming its IP.
+        for (ip, id) in &self.overlays.workloads {
+            let host = IpNet::from(*ip);
+            if inside(&host)
+                && let Some(location) = self.pod_location(*ip)
+            {
+                wanted.insert(host, (*id, location));
+            }
+        }
+        wanted
+    }
+
+    /// Brings the overlay entries inside `within` (all when `None`) in line with what is
+    /// wanted. Entries are written even when `written` says they are there: a write of the
+    /// prefix they refine may have replaced one of the same length.
+    fn refresh_overlays(&mut self, within: Option<IpNet>) -> Result<(), DatapathError> {
+        let wanted = self.wanted_overlays(within);
+        let stale: Vec<IpNet> = self
+            .overlays
+            .written
+            .keys()
+            .filter(|net| within.is_none_or(|w| w.contains(*net)) && !wanted.contains_key(*net))
+            .copied()
+            .collect();
+        for net in stale {
+            self.overlays.written.remove(&net);
+            self.restore_base(net)?;
+        }
+        for (net, (id, location)) in wanted {
+            self.dp
+                .ipcache
+                .insert(prefix(net)?, id, location)
+                .map_err(map_err(format!("identity {id} of {net}")))?;
+            self.overlays.written.insert(net, (id, location));
+        }
+        Ok(())
+    }
+
+    /// Removes an overlay at `net`, putting back the entry the datapath owns there, if any.
+    fn restore_base(&mut self, net: IpNet) -> Result<(), DatapathError> {
+        if self.local_pod_cidrs.contains(&net) {
+            return self
+                .dp
+                .ipcache
+                .insert(prefix(net)?, identity::UNMANAGED, Location::LocalPod)
+                .map_err(map_err(format!("local pod CIDR {net}")));
+        }
+        if self.is_revoked_cidr(&net) {
+            return self.write_revoked(net);
+        }
+        if let Some(id) = self.routes.get(&net).copied() {
+            return self
+                .dp
+                .ipcache
+                .insert(prefix(net)?, identity::UNMANAGED, Location::RemotePod(id))
+                .map_err(map_err(format!("pod CIDR {net}")));
+        }
+        // Already gone is fine.
+        let _ = self.dp.ipcache.remove(prefix(net)?);
+        Ok(())
+    }
+
+    /// Writes the endpoint entry of an attached interface when it differs from the one written.
+    fn write_endpoint(&mut self, ifindex: u32, entry: EndpointEntry) -> Result<(), DatapathError> {
+        if self.endpoints_written.get(&ifindex) == Some(&entry) {
+            return Ok(());
+        }
+        self.dp
+            .endpoints
+            .insert(ifindex, entry.0, entry.1)
+            .map_err(map_err(format!("endpoint of ifindex {ifindex}")))?;
+        self.endpoints_written.insert(ifindex, entry);
+        Ok(())
+    }
+
+    fn wanted_endpoint(&self, ifname: &str) -> EndpointEntry {
+        self.endpoints.get(ifname).copied().unwrap_or(UNMANAGED_ENDPOINT)
     }
 
     fn write_revoked(&mut self, cidr: IpNet) -> Result<(), DatapathError> {
@@ -118,19 +269,17 @@ impl Inner {
             return Ok(());
         }
         match self.routes.get(&cidr).copied() {
-            Some(id) => self
-                .dp
-                .ipcache
-                .insert(
-                    prefix(cidr)?,
-                    identity::FIRST_WORKLOAD,
-                    Location::RemotePod(id),
-                )
-                .map_err(map_err(format!("pod CIDR {cidr}"))),
+            Some(id) => {
+                self.dp
+                    .ipcache
+                    .insert(prefix(cidr)?, identity::UNMANAGED, Location::RemotePod(id))
+                    .map_err(map_err(format!("pod CIDR {cidr}")))?;
+                self.refresh_overlays(Some(cidr))
+            }
             None => {
                 // Already gone is fine.
                 let _ = self.dp.ipcache.remove(prefix(cidr)?);
-                Ok(())
+                self.refresh_overlays(Some(cidr))
             }
         }
     }
@@ -182,7 +331,7 @@ impl DatapathHandle {
             .map_err(map_err("config"))?;
         for cidr in &settings.local_pod_cidrs {
             dp.ipcache
-                .insert(prefix(*cidr)?, identity::FIRST_WORKLOAD, Location::LocalPod)
+                .insert(prefix(*cidr)?, identity::UNMANAGED, Location::LocalPod)
                 .map_err(map_err(format!("local pod CIDR {cidr}")))?;
         }
         dp.attach(Attachment::FromNetwork, &settings.uplink)
@@ -192,10 +341,20 @@ impl DatapathHandle {
                 source: Box::new(source),
             })?;
         info!(uplink = %settings.uplink, pin_root = %settings.pin_root.display(), "eBPF datapath attached");
+        let overlays = Overlays {
+            written: pinned_overlays(&dp),
+            ..Overlays::default()
+        };
         Ok(Self {
             inner: Arc::new(Mutex::new(Inner {
                 dp,
-                attached_pods: BTreeSet::new(),
+                attached_pods: BTreeMap::new(),
+                endpoints: BTreeMap::new(),
+                endpoints_written: BTreeMap::new(),
+                overlays,
+                node_ips: BTreeSet::new(),
+                local_pod_cidrs: settings.local_pod_cidrs.clone(),
+                policy_programmed: false,
                 used_ids: BTreeSet::new(),
                 routes: BTreeMap::new(),
                 revoked: BTreeMap::new(),
@@ -209,7 +368,8 @@ impl DatapathHandle {
     }
 
     /// Attaches `from_pod`/`to_pod` to pod interfaces that appeared and registers them as
-    /// endpoints; forgets the ones that went away. Returns how many were attached now.
+    /// endpoints (with the entry [`Self::program_policy`] gave their name, else as unmanaged);
+    /// forgets the ones that went away. Returns how many were attached now.
     ///
     /// # Errors
     /// [`DatapathError`]; an interface that vanished meanwhile is skipped.
@@ -218,7 +378,8 @@ impl DatapathHandle {
         let mut inner = self.lock()?;
         let mut attached = 0;
         for (ifname, ifindex) in &present {
-            if inner.attached_pods.contains(ifname) {
+            // The same name with another ifindex is a new interface (a pod replaced).
+            if inner.attached_pods.get(ifname) == Some(ifindex) {
                 continue;
             }
             for attachment in [Attachment::FromPod, Attachment::ToPod] {
@@ -227,18 +388,42 @@ impl DatapathHandle {
                     continue;
                 }
             }
-            inner
-                .dp
-                .endpoints
-                .insert(*ifindex, identity::FIRST_WORKLOAD, Enforcement::default())
-                .map_err(map_err(format!("endpoint {ifname}")))?;
-            inner.attached_pods.insert(ifname.clone());
+            let pinned = if inner.policy_programmed {
+                None
+            } else {
+                inner.dp.endpoints.get(*ifindex).ok().flatten()
+            };
+            let entry = match pinned {
+                Some(entry) => {
+                    inner.endpoints_written.insert(*ifindex, entry);
+                    entry
+                }
+                None => {
+                    let entry = inner.wanted_endpoint(ifname);
+                    inner.endpoints_written.remove(ifindex);
+                    inner.write_endpoint(*ifindex, entry)?;
+                    entry
+                }
+            };
+            inner.attached_pods.insert(ifname.clone(), *ifindex);
             attached += 1;
-            debug!(ifname, ifindex, "pod interface attached");
+            debug!(ifname, ifindex, identity = entry.0, "pod interface attached");
+        }
+        let gone: Vec<u32> = inner
+            .attached_pods
+            .iter()
+            .filter(|(name, index)| !present.iter().any(|(n, i)| n == *name && i == *index))
+            .map(|(_, index)| *index)
+            .collect();
+        for ifindex in gone {
+            // The kernel freed the interface; its entry must not greet a later one that gets
+            // the same ifindex.
+            let _ = inner.dp.endpoints.remove(ifindex);
+            inner.endpoints_written.remove(&ifindex);
         }
         inner
             .attached_pods
-            .retain(|name| present.iter().any(|(n, _)| n == name));
+            .retain(|name, index| present.iter().any(|(n, i)| n == name && i == index));
         Ok(attached)
     }
 
@@ -290,12 +475,9 @@ impl DatapathHandle {
             inner
                 .dp
                 .ipcache
-                .insert(
-                    prefix(*cidr)?,
-                    identity::FIRST_WORKLOAD,
-                    Location::RemotePod(id),
-                )
+                .insert(prefix(*cidr)?, identity::UNMANAGED, Location::RemotePod(id))
                 .map_err(map_err(format!("pod CIDR {cidr}")))?;
+            inner.refresh_overlays(Some(*cidr))?;
         }
         Ok(())
     }
@@ -312,6 +494,9 @@ impl DatapathHandle {
             .nodes
             .insert(ip, id)
             .map_err(map_err(format!("node {ip}")))?;
+        if inner.node_ips.insert(ip) {
+            inner.refresh_overlays(Some(IpNet::from(ip)))?;
+        }
         inner
             .dp
             .ipcache
@@ -364,10 +549,14 @@ impl DatapathHandle {
         let _ = inner.dp.peer_slots.set(id, None);
         let _ = inner.dp.nodes.remove(ip);
         let _ = inner.dp.ipcache.remove(Prefix::host(ip));
+        inner.node_ips.remove(&ip);
         for cidr in pod_cidrs {
             if inner.routes.get(cidr) == Some(&id) {
                 inner.routes.remove(cidr);
             }
+            // Before the CIDR goes: its pods' identities must not outlive it and keep
+            // pointing at the peer.
+            inner.refresh_overlays(Some(*cidr))?;
             if inner.is_revoked_cidr(cidr) {
                 // Written again rather than left alone: the peer's task may have published
                 // the CIDR after the revocation did.
@@ -399,6 +588,9 @@ impl DatapathHandle {
             .insert(node.to_owned(), pod_cidrs.to_vec())
             .unwrap_or_default();
         for cidr in pod_cidrs {
+            // Its pods' identities go first: they point at the node, and would keep its traffic
+            // encrypted for it over the refused CIDR.
+            inner.refresh_overlays(Some(*cidr))?;
             inner.write_revoked(*cidr)?;
         }
         for cidr in old.iter().filter(|c| !pod_cidrs.contains(c)) {
@@ -432,6 +624,65 @@ impl DatapathHandle {
         Ok(self.lock()?.revoked.keys().cloned().collect())
     }
 
+    /// Programs identity policy: the policy table, the endpoint entry of each pod interface
+    /// (by name; others are unmanaged) and the identities of pod IPs and policy CIDRs in the
+    /// ipcache.
+    ///
+    /// An allowed flow is never dropped on the way from the old to the new state, provided
+    /// the new table has entries for every identity an endpoint has before and after (the
+    /// engine's two-step identity change): endpoints first lose the enforcement they do not
+    /// keep, then the table is replaced in one step, then endpoints get their new identity and
+    /// enforcement, and last the ipcache, whose identities the table already knows.
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`]; the table stays as it was when its replacement fails.
+    pub fn program_policy(&self, program: PolicyProgram) -> Result<(), DatapathError> {
+        let mut inner = self.lock()?;
+        let attached: Vec<(String, u32)> = inner
+            .attached_pods
+            .iter()
+            .map(|(name, index)| (name.clone(), *index))
+            .collect();
+        let wanted = |name: &str| {
+            program
+                .endpoints
+                .get(name)
+                .copied()
+                .unwrap_or(UNMANAGED_ENDPOINT)
+        };
+        for (name, ifindex) in &attached {
+            if let Some(&(old_id, old)) = inner.endpoints_written.get(ifindex) {
+                let new = wanted(name).1;
+                let kept = Enforcement {
+                    ingress: old.ingress && new.ingress,
+                    egress: old.egress && new.egress,
+                };
+                inner.write_endpoint(*ifindex, (old_id, kept))?;
+            }
+        }
+        inner
+            .dp
+            .policy
+            .replace_all(program.rules)
+            .map_err(map_err("policy table"))?;
+        for (name, ifindex) in &attached {
+            inner.write_endpoint(*ifindex, wanted(name))?;
+        }
+        inner.endpoints = program.endpoints;
+        inner.policy_programmed = true;
+        inner.overlays.workloads = program.workload_ips;
+        inner.overlays.cidrs = program.cidr_identities;
+        inner.refresh_overlays(None)
+    }
+
+    /// The pod interfaces attached now, by name, with their ifindex.
+    ///
+    /// # Errors
+    /// [`DatapathError::Poisoned`].
+    pub fn pod_interfaces(&self) -> Result<BTreeMap<String, u32>, DatapathError> {
+        Ok(self.lock()?.attached_pods.clone())
+    }
+
     /// Detaches every program of this datapath (uplink and pod interfaces) and removes every
     /// pin: the uninstall path. Maps and programs die when this process closes them; nothing
     /// of the datapath survives it. Returns the detach failures (each logged), which do not
@@ -455,6 +706,20 @@ impl DatapathHandle {
             .all()
             .map_err(map_err("drop counters"))
     }
+}
+
+/// Everything [`DatapathHandle::program_policy`] writes.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyProgram {
+    /// The policy table.
+    pub rules: Vec<(PolicyRule, PolicyVerdict)>,
+    /// Pod interface name → its endpoint entry.
+    pub endpoints: BTreeMap<String, EndpointEntry>,
+    /// Pod IP (of any node) → its endpoint's identity. Written only inside a pod CIDR of this
+    /// node or of a member that is not revoked.
+    pub workload_ips: BTreeMap<IpAddr, u32>,
+    /// Policy CIDR → its identity. Written only outside the cluster's prefixes.
+    pub cidr_identities: BTreeMap<IpNet, u32>,
 }
 
 /// Removes a datapath a previous agent left pinned under `settings.pin_root` (this agent runs
@@ -502,6 +767,39 @@ fn remove_datapath(dp: &mut Datapath, settings: &DatapathSettings) -> Result<usi
     }
     info!(pin_root = %settings.pin_root.display(), detach_failures = failures, "eBPF datapath removed");
     Ok(failures)
+}
+
+/// First identity of the policy CIDRs (Cilium's local identity scope): node-local numbers,
+/// never allocated cluster-wide.
+pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+
+/// The overlay entries a previous agent left in the pinned ipcache: pod IPs with an identity
+/// and policy CIDRs. Adopted as written, so that the first [`DatapathHandle::program_policy`]
+/// removes the ones nobody wants any more.
+fn pinned_overlays(dp: &Datapath) -> BTreeMap<IpNet, (u32, Location)> {
+    let entries = match dp.ipcache.entries() {
+        Ok(entries) => entries,
+        Err(e) => {
+            warn!(error = %e, "cannot read the pinned ipcache; stale pod identities may remain until the pod CIDR is rewritten");
+            return BTreeMap::new();
+        }
+    };
+    entries
+        .into_iter()
+        .filter(|(prefix, id, location)| {
+            let host = prefix.prefix_len() == if prefix.addr().is_ipv4() { 32 } else { 128 };
+            match location {
+                Location::LocalPod | Location::RemotePod(_) => host,
+                Location::External => *id >= FIRST_CIDR_IDENTITY,
+                _ => false,
+            }
+        })
+        .filter_map(|(prefix, id, location)| {
+            IpNet::new(prefix.addr(), prefix.prefix_len())
+                .ok()
+                .map(|net| (net, (id, location)))
+        })
+        .collect()
 }
 
 fn prefix(cidr: IpNet) -> Result<Prefix, DatapathError> {

@@ -466,19 +466,45 @@ impl IpCache {
                 return Err(kernel("lookup", ipcache_name(Prefix::host(addr)), source));
             }
         };
-        let remote = entry.flags & IpCacheEntry::FLAG_REMOTE != 0;
-        let location = if entry.flags & IpCacheEntry::FLAG_REVOKED != 0 {
-            Location::RevokedPod
-        } else if remote && entry.flags & IpCacheEntry::FLAG_POD != 0 {
-            Location::RemotePod(NodeId(entry.node_id))
-        } else if remote {
-            Location::RemoteNode(NodeId(entry.node_id))
-        } else if entry.flags & IpCacheEntry::FLAG_POD != 0 {
-            Location::LocalPod
-        } else {
-            Location::External
-        };
-        Ok(Some((entry.identity, location)))
+        Ok(Some((entry.identity, location_of(&entry))))
+    }
+
+    /// Every prefix of both tries with its identity and location (what a restarted agent finds
+    /// pinned).
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] when iterating a trie fails.
+    pub fn entries(&self) -> Result<Vec<(Prefix, u32, Location)>, MapError> {
+        let mut all = Vec::new();
+        for item in self.v4.iter() {
+            let (key, entry) = item.map_err(|source| kernel("iterate", "IPCACHE_V4", source))?;
+            let len = u8::try_from(key.prefix_len()).unwrap_or(32);
+            let prefix = Prefix::new(IpAddr::from(key.data()), len)?;
+            all.push((prefix, entry.identity, location_of(&entry)));
+        }
+        for item in self.v6.iter() {
+            let (key, entry) = item.map_err(|source| kernel("iterate", "IPCACHE_V6", source))?;
+            let len = u8::try_from(key.prefix_len()).unwrap_or(128);
+            let prefix = Prefix::new(IpAddr::from(key.data()), len)?;
+            all.push((prefix, entry.identity, location_of(&entry)));
+        }
+        Ok(all)
+    }
+}
+
+fn location_of(entry: &IpCacheEntry) -> Location {
+    let remote = entry.flags & IpCacheEntry::FLAG_REMOTE != 0;
+    if entry.flags & IpCacheEntry::FLAG_REVOKED != 0 {
+        Location::RevokedPod
+    } else if remote && entry.flags & IpCacheEntry::FLAG_POD != 0 {
+        Location::RemotePod(NodeId(entry.node_id))
+    } else if remote {
+        Location::RemoteNode(NodeId(entry.node_id))
+    } else if entry.flags & IpCacheEntry::FLAG_POD != 0 {
+        Location::LocalPod
+    } else {
+        Location::External
     }
 }
 
