@@ -34,6 +34,7 @@ use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_REM
 use crate::identity::{IdentitySource, LocalClaims, Obtained};
 use crate::metrics::Metrics;
 use crate::pace::Pace;
+use crate::policy_engine::{PolicyEngine, PolicyView};
 use crate::peer::{
     PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerTask,
     error_chain,
@@ -58,7 +59,14 @@ struct Agent {
     bundle_error: std::sync::Mutex<Option<String>>,
     /// Pod CIDRs of each node's last usable record: what a revocation keeps refused in the
     /// datapath when it arrives after the record.
-    pod_cidrs_of: std::sync::Mutex<BTreeMap<String, Vec<IpNet>>>,
+    /// Shared with the policy engine, which gives remote pod IPs an identity only inside their
+    /// node's pod CIDRs; `nodes_changed` tells it about changes.
+    pod_cidrs_of: Arc<std::sync::Mutex<BTreeMap<String, Vec<IpNet>>>>,
+    nodes_changed: Arc<tokio::sync::Notify>,
+    /// Becomes true once the first view of the nodes was applied.
+    nodes_synced: watch::Sender<bool>,
+    /// The policy engine's state, for the status.
+    policy_view: Arc<std::sync::Mutex<PolicyView>>,
     /// This node's IP (underlay): the tunnel endpoint.
     local_ip: IpAddr,
     /// This node's pod CIDRs: no peer may claim them.
@@ -272,7 +280,10 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         node,
         unusable_nodes: std::sync::Mutex::default(),
         bundle_error: std::sync::Mutex::default(),
-        pod_cidrs_of: std::sync::Mutex::default(),
+        pod_cidrs_of: Arc::default(),
+        nodes_changed: Arc::default(),
+        nodes_synced: watch::channel(false).0,
+        policy_view: Arc::default(),
         local_ip: local.ip,
         local_pod_cidrs: local.pod_cidrs.clone(),
         peer_cidrs: std::sync::Mutex::default(),
@@ -303,6 +314,23 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         svid_tx,
     ));
     tracker.spawn(housekeeping(Arc::clone(&agent)));
+    tracker.spawn(
+        PolicyEngine {
+            node: agent.node.to_string(),
+            store: agent.store.clone(),
+            datapath: agent.datapath.clone(),
+            // In Kubernetes mode keymgr allocates identities: nodes may only read them.
+            allocate: cluster.kube.is_none(),
+            local_pod_cidrs: agent.local_pod_cidrs.clone(),
+            node_cidrs: Arc::clone(&agent.pod_cidrs_of),
+            nodes_changed: Arc::clone(&agent.nodes_changed),
+            nodes_synced: agent.nodes_synced.subscribe(),
+            pod_interface_prefix: agent.config.pod_interface_prefix.clone(),
+            metrics: Arc::clone(&agent.metrics),
+            view: Arc::clone(&agent.policy_view),
+        }
+        .run(cancel.child_token()),
+    );
     tracker.spawn(
         ExpiryFollower {
             registry: Arc::clone(&agent.registry),
@@ -527,6 +555,7 @@ impl StatusSource for Passive {
                 .map(|m| m.clone())
                 .unwrap_or_default(),
             trust_bundle_error: None,
+            policy: None,
         }
     }
 }
@@ -789,7 +818,8 @@ impl Agent {
                     if let Ok(mut unusable) = self.unusable_nodes.lock() {
                         unusable.clear();
                     }
-                    self.resync(snapshot.records).await
+                    self.resync(snapshot.records).await;
+                    self.nodes_synced.send_replace(true);
                 }
                 Event::Put(record) => self.apply(record).await,
                 Event::Deleted(key) => {
@@ -944,8 +974,10 @@ impl Agent {
             }
             return;
         }
-        if let Ok(mut known) = self.pod_cidrs_of.lock() {
-            known.insert(name.clone(), info.pod_cidrs.clone());
+        if let Ok(mut known) = self.pod_cidrs_of.lock()
+            && known.insert(name.clone(), info.pod_cidrs.clone()).as_ref() != Some(&info.pod_cidrs)
+        {
+            self.nodes_changed.notify_one();
         }
         if self.trust.is_revoked(&info.spiffe_id) {
             // Never a peer again, but its record stands: its pod CIDRs stay refused (also
@@ -1096,8 +1128,10 @@ impl Agent {
     /// the member claiming them). Only here: while the record exists, a revoked node stays
     /// refused, which is the common case after `nodeseal node revoke`.
     fn forget_node(&self, node: &str) {
-        if let Ok(mut known) = self.pod_cidrs_of.lock() {
-            known.remove(node);
+        if let Ok(mut known) = self.pod_cidrs_of.lock()
+            && known.remove(node).is_some()
+        {
+            self.nodes_changed.notify_one();
         }
         match self.datapath.forget_revoked(node) {
             Ok(true) => info!(
@@ -1242,6 +1276,7 @@ impl StatusSource for Agent {
                 .map(|m| m.clone())
                 .unwrap_or_default(),
             trust_bundle_error: self.bundle_error.lock().ok().and_then(|e| e.clone()),
+            policy: self.policy_view.lock().ok().map(|v| v.clone()),
         }
     }
 }

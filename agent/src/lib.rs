@@ -28,6 +28,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pace;
 pub mod peer;
+pub mod policy_engine;
 pub mod sa;
 pub mod server;
 pub mod shutdown;

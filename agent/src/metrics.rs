@@ -37,6 +37,8 @@ pub struct Metrics {
     datapath_drops: Family<ReasonLabel, Gauge>,
     xfrm_errors: Family<ReasonLabel, Gauge>,
     sa_limit_notices: Family<LimitLabel, Counter>,
+    policy_programming: Histogram,
+    policy_programs: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -87,8 +89,23 @@ impl Metrics {
              lost: notices dropped by a full socket buffer)",
             sa_limit_notices.clone(),
         );
+        let policy_programming = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "policy_programming_seconds",
+            "Time to compile and program identity policy after a change (endpoints, identities, \
+             policies, nodes)",
+            policy_programming.clone(),
+        );
+        let policy_programs = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "policy_programs",
+            "Identity policy programs by result (ok; failed: the datapath kept the previous policy)",
+            policy_programs.clone(),
+        );
         Self {
             registry,
+            policy_programming,
+            policy_programs,
             handshakes,
             rekey_duration,
             peers_established,
@@ -120,6 +137,16 @@ impl Metrics {
     /// Records a completed rekey.
     pub fn rekey_done(&self, took: Duration) {
         self.rekey_duration.observe(took.as_secs_f64());
+    }
+
+    /// Records one identity policy program.
+    pub fn policy_programmed(&self, took: Duration, ok: bool) {
+        self.policy_programming.observe(took.as_secs_f64());
+        self.policy_programs
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "failed" }.to_owned(),
+            })
+            .inc();
     }
 
     /// Sets the peer gauges.

@@ -78,6 +78,9 @@ pub struct NodeView {
     /// Why the trust bundle in the store was refused (the node keeps its previous one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_bundle_error: Option<String>,
+    /// Identity policy: endpoints, identities, policies (encryption on only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy_engine::PolicyView>,
 }
 
 /// Produces the current status.

@@ -1,0 +1,648 @@
+//! Identity policy on this node: endpoints and their identities, policy documents, compiled
+//! into the eBPF policy table, endpoint entries and ipcache identities.
+//!
+//! Inputs come from the cluster store: endpoint records (every node's: the local ones are
+//! enforced, the remote ones give their pod IPs an identity), identities, policy documents.
+//! In the standalone modes the engine allocates the identities of its own endpoints itself
+//! (compare-and-swap in the store, so every node agrees); in Kubernetes mode keymgr does, and
+//! the engine waits for the identity to appear.
+//!
+//! Authentication is not authorization: an endpoint record only gives an identity to IPs inside
+//! the pod CIDRs of the node it names (checked here against that node's record, and again by
+//! the datapath against the CIDRs it routes to a member), so neither a record nor a node can
+//! lend an identity to another node's addresses.
+//!
+//! Every change recompiles everything (a few milliseconds for hundreds of endpoints); a compile
+//! or map error keeps the last programmed state and is reported in the status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use ipnet::IpNet;
+use nodeseal_bpf::{Enforcement, PolicyDirection, PolicyRule, PolicyVerdict};
+use nodeseal_policy::compile::{self, Compiled, Identities, Verdict};
+use nodeseal_policy::labels::Labels;
+use nodeseal_policy::rule::{Direction, Policy};
+use nodeseal_store::{Endpoint, Event, Kind, Record, Store};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::datapath::{DatapathHandle, FIRST_CIDR_IDENTITY, PolicyProgram};
+use crate::metrics::Metrics;
+use crate::peer::error_chain;
+
+/// How long one identity allocation may take before the endpoint is retried later.
+const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Period of the retry of what could not be done (identity allocation, interface lookup).
+const RETRY: Duration = Duration::from_secs(2);
+/// Changes arriving within this window are programmed together.
+const SETTLE: Duration = Duration::from_millis(50);
+/// How long the first program waits for the agent's first view of the nodes (the pod CIDRs
+/// that remote pod IPs are checked against).
+const NODES_WAIT: Duration = Duration::from_secs(30);
+
+/// What the engine is given.
+pub struct PolicyEngine {
+    /// This node's name.
+    pub node: String,
+    /// The cluster store.
+    pub store: Store,
+    /// The datapath it programs.
+    pub datapath: DatapathHandle,
+    /// Whether it allocates the identities of its endpoints (standalone modes).
+    pub allocate: bool,
+    /// This node's pod CIDRs.
+    pub local_pod_cidrs: Vec<IpNet>,
+    /// Each peer's pod CIDRs from its last usable node record (the agent keeps it).
+    pub node_cidrs: Arc<Mutex<BTreeMap<String, Vec<IpNet>>>>,
+    /// Notified when `node_cidrs` changed.
+    pub nodes_changed: Arc<Notify>,
+    /// Becomes true once the agent applied its first view of the nodes.
+    pub nodes_synced: watch::Receiver<bool>,
+    /// Pod interfaces start with this (for endpoints whose interface is found by route).
+    pub pod_interface_prefix: String,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// What `nodeseal status` shows.
+    pub view: Arc<Mutex<PolicyView>>,
+}
+
+/// The engine's state as `nodeseal status` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// This node's endpoints.
+    pub endpoints: Vec<EndpointView>,
+    /// Identities known, number → labels text.
+    pub identities: BTreeMap<u32, String>,
+    /// Policy documents in force (store names).
+    pub policies: Vec<String>,
+    /// Entries of the policy table.
+    pub table_entries: usize,
+    /// Records refused (key → why), e.g. a policy document the parser refuses or an endpoint
+    /// claiming an IP outside its node's pod CIDRs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub refused: BTreeMap<String, String>,
+    /// Why the last program failed (the datapath keeps the state before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When policy was last programmed (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub programmed_at_unix: Option<u64>,
+}
+
+/// One local endpoint, like a row of `cilium-dbg endpoint list`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointView {
+    /// `namespace/name`.
+    pub name: String,
+    /// Its identity, once allocated.
+    pub identity: Option<u32>,
+    /// Its security labels.
+    pub labels: String,
+    /// Its IPs.
+    pub ips: Vec<IpAddr>,
+    /// Host-side interface (empty when not found yet).
+    pub interface: String,
+    /// Ingress enforced.
+    pub ingress: bool,
+    /// Egress enforced.
+    pub egress: bool,
+    /// `ready`, or what it waits for.
+    pub state: String,
+}
+
+#[derive(Default)]
+struct State {
+    /// Endpoint records by store key.
+    endpoints: BTreeMap<String, Endpoint>,
+    /// Identity number → labels.
+    identities: BTreeMap<u32, Labels>,
+    /// Identity store key → number (to forget it on deletion).
+    identity_keys: BTreeMap<String, u32>,
+    /// Labels text → number.
+    numbers: BTreeMap<String, u32>,
+    /// Parsed policy documents by store key.
+    documents: BTreeMap<String, Vec<Policy>>,
+    /// Refused records by key.
+    refused: BTreeMap<String, String>,
+    /// Node-local CIDR identities, stable while their prefix is in some policy.
+    cidr_identities: BTreeMap<IpNet, u32>,
+    /// The identity each local endpoint's interface was last programmed with.
+    programmed: BTreeMap<String, u32>,
+    /// Whether the store view arrived.
+    synced: bool,
+}
+
+impl PolicyEngine {
+    /// Runs until `cancel` fires.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut events = self.store.watch(&[Kind::Endpoint, Kind::Identity, Kind::PolicyDocument]);
+        let mut state = State::default();
+        let mut nodes_ready = false;
+        let nodes_deadline = tokio::time::Instant::now() + NODES_WAIT;
+        let mut dirty = false;
+        let mut retry = tokio::time::interval(RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                event = events.next() => {
+                    let Some(event) = event else { return };
+                    dirty |= state.apply(event);
+                    continue_settling(&mut events, &mut state, &mut dirty).await;
+                }
+                () = self.nodes_changed.notified() => dirty = true,
+                changed = self.nodes_synced.changed(), if !nodes_ready => {
+                    if changed.is_err() || *self.nodes_synced.borrow() {
+                        nodes_ready = true;
+                        dirty = true;
+                    }
+                }
+                () = tokio::time::sleep_until(nodes_deadline), if !nodes_ready => {
+                    warn!("no view of the nodes yet; programming policy without remote pod identities");
+                    nodes_ready = true;
+                    dirty = true;
+                }
+                _ = retry.tick() => {
+                    // Something left to do (an identity to allocate, an interface to find).
+                    dirty |= self.has_pending(&state);
+                }
+            }
+            if dirty && state.synced && (nodes_ready || *self.nodes_synced.borrow()) {
+                nodes_ready = true;
+                dirty = false;
+                self.program(&mut state).await;
+            }
+        }
+    }
+
+    fn has_pending(&self, state: &State) -> bool {
+        self.view
+            .lock()
+            .map(|v| v.endpoints.iter().any(|e| e.state != "ready"))
+            .unwrap_or(false)
+            || state.endpoints.values().any(|e| {
+                e.node.as_str() == self.node
+                    && !state
+                        .numbers
+                        .contains_key(&e.security_labels().to_string())
+            })
+    }
+
+    /// Compiles and programs the current state; on failure the datapath keeps what it had.
+    async fn program(&self, state: &mut State) {
+        let started = Instant::now();
+        if self.allocate {
+            self.allocate_identities(state).await;
+        }
+        let mut plan = plan(state, &self.local_inputs());
+        let outcome = self.apply(state, &plan);
+        if let Ok((_, enforcement)) = &outcome {
+            for view in &mut plan.views {
+                let e = view.identity.and_then(|id| enforcement.get(&id));
+                view.ingress = e.is_some_and(|e| e.ingress);
+                view.egress = e.is_some_and(|e| e.egress);
+            }
+        }
+        let took = started.elapsed();
+        self.metrics.policy_programmed(took, outcome.is_ok());
+        let mut view = self.view.lock().ok();
+        if let Some(view) = view.as_deref_mut() {
+            view.endpoints = plan.views.clone();
+            view.identities = state
+                .identities
+                .iter()
+                .map(|(n, l)| (*n, l.to_string()))
+                .collect();
+            view.policies = state.documents.keys().cloned().collect();
+            view.refused = state.refused.clone();
+            view.refused.extend(plan.refused.clone());
+        }
+        match outcome {
+            Ok((entries, _)) => {
+                debug!(entries, took_ms = took.as_millis(), "identity policy programmed");
+                if let Some(view) = view.as_deref_mut() {
+                    view.table_entries = entries;
+                    view.error = None;
+                    view.programmed_at_unix = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs());
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot program identity policy; the datapath keeps its previous policy");
+                if let Some(view) = view.as_deref_mut() {
+                    view.error = Some(e);
+                }
+            }
+        }
+    }
+
+    fn local_inputs(&self) -> LocalInputs {
+        LocalInputs {
+            node: self.node.clone(),
+            local_pod_cidrs: self.local_pod_cidrs.clone(),
+            node_cidrs: self.node_cidrs.lock().map(|m| m.clone()).unwrap_or_default(),
+            interfaces: self.datapath.pod_interfaces().unwrap_or_default(),
+            pod_interface_prefix: self.pod_interface_prefix.clone(),
+        }
+    }
+
+    /// Programs `plan`; with an endpoint whose identity changes, first with the old identity
+    /// kept as a subject, so that the table has its entries while the endpoint still has it.
+    /// Returns the number of table entries and what each subject enforces.
+    fn apply(
+        &self,
+        state: &mut State,
+        plan: &Plan,
+    ) -> Result<(usize, BTreeMap<u32, compile::Enforcement>), String> {
+        let policies: Vec<Policy> = state.documents.values().flatten().cloned().collect();
+        state.cidr_identities = cidr_identities(&policies, &state.cidr_identities);
+        let identities = Identities {
+            workloads: state.identities.clone(),
+            cidrs: state.cidr_identities.clone(),
+        };
+        let subjects: BTreeSet<u32> = plan.endpoints.values().copied().collect();
+        let leaving: BTreeSet<u32> = state
+            .programmed
+            .iter()
+            .filter(|(ifname, old)| plan.endpoints.get(*ifname) != Some(old))
+            .map(|(_, old)| *old)
+            .filter(|old| !subjects.contains(old) && identities.workloads.contains_key(old))
+            .collect();
+        if !leaving.is_empty() {
+            let both: BTreeSet<u32> = subjects.union(&leaving).copied().collect();
+            let compiled = compile::compile(&policies, &identities, &both)
+                .map_err(|e| format!("compiling policy: {e}"))?;
+            self.datapath
+                .program_policy(program_of(&compiled, plan, &identities, &state.programmed))
+                .map_err(|e| error_chain(&e))?;
+        }
+        let compiled = compile::compile(&policies, &identities, &subjects)
+            .map_err(|e| format!("compiling policy: {e}"))?;
+        let program = program_of(&compiled, plan, &identities, &plan.endpoints);
+        let entries = program.rules.len();
+        self.datapath
+            .program_policy(program)
+            .map_err(|e| error_chain(&e))?;
+        state.programmed = plan.endpoints.clone();
+        Ok((entries, compiled.enforcement))
+    }
+
+    /// Allocates the identities this node's endpoints lack (standalone modes).
+    async fn allocate_identities(&self, state: &mut State) {
+        let wanted: BTreeMap<String, Labels> = state
+            .endpoints
+            .values()
+            .filter(|e| e.node.as_str() == self.node)
+            .map(|e| e.security_labels())
+            .filter(|labels| !state.numbers.contains_key(&labels.to_string()))
+            .map(|labels| (labels.to_string(), labels))
+            .collect();
+        for (text, labels) in wanted {
+            match tokio::time::timeout(ALLOCATE_TIMEOUT, self.store.allocate_identity(&labels))
+                .await
+            {
+                Ok(Ok(number)) => {
+                    info!(identity = number.get(), labels = %text, "identity allocated");
+                    state.numbers.insert(text, number.get());
+                    state.identities.insert(number.get(), labels);
+                }
+                Ok(Err(e)) => warn!(labels = %text, error = %e, "cannot allocate an identity"),
+                Err(_) => warn!(labels = %text, "identity allocation timed out"),
+            }
+        }
+    }
+}
+
+/// Takes the events already waiting, and those arriving within [`SETTLE`], so that a burst
+/// (a snapshot followed by puts, a policy applied with its endpoints) is programmed once.
+async fn continue_settling(
+    events: &mut futures::stream::BoxStream<'static, Event>,
+    state: &mut State,
+    dirty: &mut bool,
+) {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    for _ in 0..10_000 {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(event)) => *dirty |= state.apply(event),
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+impl State {
+    /// Applies a store event; returns whether anything changed.
+    fn apply(&mut self, event: Event) -> bool {
+        match event {
+            Event::Snapshot(snapshot) | Event::Resynced(snapshot) => {
+                self.endpoints.clear();
+                self.identities.clear();
+                self.identity_keys.clear();
+                self.numbers.clear();
+                self.documents.clear();
+                self.refused.clear();
+                for record in snapshot.records {
+                    self.put(record);
+                }
+                self.synced = true;
+                true
+            }
+            Event::Put(record) => {
+                self.put(record);
+                true
+            }
+            Event::Deleted(key) => {
+                self.forget(&key.to_string());
+                true
+            }
+            Event::Invalid(e) => {
+                warn!(key = %e.key, problem = %e.problem, "ignoring invalid policy record");
+                // An invalid record stands for no record.
+                self.forget(&e.key);
+                self.refused.insert(e.key.clone(), e.problem.to_string());
+                true
+            }
+            Event::Interrupted(e) => {
+                warn!(error = %e, "cluster store unavailable; identity policy stays as it is");
+                false
+            }
+            other => {
+                debug!(event = ?other, "ignoring unknown store event");
+                false
+            }
+        }
+    }
+
+    fn put(&mut self, record: Record) {
+        let key = record.key().to_string();
+        self.forget(&key);
+        match record {
+            Record::Endpoint(endpoint) => {
+                self.endpoints.insert(key, endpoint);
+            }
+            Record::Identity(identity) => {
+                let number = identity.number.get();
+                self.numbers.insert(identity.labels.to_string(), number);
+                self.identities.insert(number, identity.labels);
+                self.identity_keys.insert(key, number);
+            }
+            Record::PolicyDocument(document) => match document.policies() {
+                Ok(policies) => {
+                    self.documents.insert(key, policies);
+                }
+                Err(e) => {
+                    self.refused.insert(key, error_chain(&e));
+                }
+            },
+            _ => {}
+        }
+    }
+
+    fn forget(&mut self, key: &str) {
+        self.refused.remove(key);
+        self.endpoints.remove(key);
+        self.documents.remove(key);
+        if let Some(number) = self.identity_keys.remove(key)
+            && let Some(labels) = self.identities.remove(&number)
+        {
+            self.numbers.remove(&labels.to_string());
+        }
+    }
+}
+
+/// What the plan needs from the node.
+struct LocalInputs {
+    node: String,
+    local_pod_cidrs: Vec<IpNet>,
+    node_cidrs: BTreeMap<String, Vec<IpNet>>,
+    /// Attached pod interfaces: name → ifindex.
+    interfaces: BTreeMap<String, u32>,
+    pod_interface_prefix: String,
+}
+
+/// What to program, before compiling.
+#[derive(Debug, Default)]
+struct Plan {
+    /// Local interface → its endpoint's identity.
+    endpoints: BTreeMap<String, u32>,
+    /// Pod IP → identity (every node's endpoints, checked against their node's pod CIDRs).
+    workload_ips: BTreeMap<IpAddr, u32>,
+    /// Local endpoints for the status.
+    views: Vec<EndpointView>,
+    /// Endpoint records refused, by key.
+    refused: BTreeMap<String, String>,
+}
+
+fn plan(state: &State, local: &LocalInputs) -> Plan {
+    let mut plan = Plan::default();
+    let mut claimed: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut conflicts: BTreeSet<IpAddr> = BTreeSet::new();
+    for (key, endpoint) in &state.endpoints {
+        let is_local = endpoint.node.as_str() == local.node;
+        let labels = endpoint.security_labels();
+        let identity = state.numbers.get(&labels.to_string()).copied();
+        let cidrs: &[IpNet] = if is_local {
+            &local.local_pod_cidrs
+        } else {
+            local
+                .node_cidrs
+                .get(endpoint.node.as_str())
+                .map_or(&[], Vec::as_slice)
+        };
+        let outside: Vec<IpAddr> = endpoint
+            .ips
+            .iter()
+            .filter(|ip| !cidrs.iter().any(|c| c.contains(*ip)))
+            .copied()
+            .collect();
+        if !outside.is_empty() {
+            plan.refused.insert(
+                key.clone(),
+                format!(
+                    "IPs {outside:?} are outside the pod CIDRs of node {}",
+                    endpoint.node
+                ),
+            );
+        }
+        if let Some(identity) = identity {
+            for ip in endpoint.ips.iter().filter(|ip| !outside.contains(ip)) {
+                if let Some(other) = claimed.insert(*ip, key.clone())
+                    && other != *key
+                {
+                    conflicts.insert(*ip);
+                    plan.refused.insert(
+                        key.clone(),
+                        format!("IP {ip} is claimed by {other} too"),
+                    );
+                }
+                plan.workload_ips.insert(*ip, identity);
+            }
+        }
+        if !is_local {
+            continue;
+        }
+        let interface = if endpoint.interface.is_empty() {
+            endpoint
+                .ips
+                .iter()
+                .find_map(|ip| route_interface(*ip, &local.pod_interface_prefix))
+                .unwrap_or_default()
+        } else {
+            endpoint.interface.clone()
+        };
+        let state_text = match (identity, interface.is_empty()) {
+            (None, _) => "waiting for an identity".to_owned(),
+            (Some(_), true) => "waiting for its interface (no route to its IPs)".to_owned(),
+            (Some(_), false) if !local.interfaces.contains_key(&interface) => {
+                format!("waiting for interface {interface}")
+            }
+            (Some(_), false) if !outside.is_empty() => "refused: IPs outside this node's pod CIDRs".to_owned(),
+            (Some(_), false) => "ready".to_owned(),
+        };
+        if let Some(identity) = identity
+            && !interface.is_empty()
+            && outside.is_empty()
+        {
+            plan.endpoints.insert(interface.clone(), identity);
+        }
+        plan.views.push(EndpointView {
+            name: format!("{}/{}", endpoint.namespace, endpoint.name),
+            identity,
+            labels: labels.to_string(),
+            ips: endpoint.ips.clone(),
+            interface,
+            ingress: false,
+            egress: false,
+            state: state_text,
+        });
+    }
+    // An IP two endpoints claim gets neither identity: which one is right is not ours to guess.
+    for ip in conflicts {
+        plan.workload_ips.remove(&ip);
+    }
+    plan
+}
+
+/// Stable node-local identities for the prefixes the policies' CIDR rules name.
+fn cidr_identities(policies: &[Policy], current: &BTreeMap<IpNet, u32>) -> BTreeMap<IpNet, u32> {
+    let wanted = compile::cidr_prefixes(policies);
+    let mut kept: BTreeMap<IpNet, u32> = current
+        .iter()
+        .filter(|(prefix, _)| wanted.contains(*prefix))
+        .map(|(p, id)| (*p, *id))
+        .collect();
+    let mut used: BTreeSet<u32> = kept.values().copied().collect();
+    let mut next = FIRST_CIDR_IDENTITY;
+    for prefix in wanted {
+        if kept.contains_key(&prefix) {
+            continue;
+        }
+        while used.contains(&next) {
+            next += 1;
+        }
+        used.insert(next);
+        kept.insert(prefix, next);
+    }
+    kept
+}
+
+fn program_of(
+    compiled: &Compiled,
+    plan: &Plan,
+    identities: &Identities,
+    endpoints: &BTreeMap<String, u32>,
+) -> PolicyProgram {
+    let rules = compiled
+        .entries
+        .iter()
+        .map(|(key, verdict)| {
+            let rule = PolicyRule {
+                subject: key.subject,
+                peer: (key.peer != nodeseal_bpf::identity::ANY).then_some(key.peer),
+                protocol: (key.protocol != 0).then_some(key.protocol),
+                port: (key.port != 0).then_some(key.port),
+                direction: match key.direction {
+                    Direction::Ingress => PolicyDirection::Ingress,
+                    Direction::Egress => PolicyDirection::Egress,
+                },
+            };
+            let verdict = match verdict {
+                Verdict::Allow => PolicyVerdict::Allow,
+                Verdict::Deny => PolicyVerdict::Deny,
+            };
+            (rule, verdict)
+        })
+        .collect();
+    let endpoints = endpoints
+        .iter()
+        .map(|(ifname, identity)| {
+            let enforcement = compiled
+                .enforcement
+                .get(identity)
+                .copied()
+                .unwrap_or_default();
+            (
+                ifname.clone(),
+                (
+                    *identity,
+                    Enforcement {
+                        ingress: enforcement.ingress,
+                        egress: enforcement.egress,
+                    },
+                ),
+            )
+        })
+        .collect();
+    PolicyProgram {
+        rules,
+        endpoints,
+        workload_ips: plan.workload_ips.clone(),
+        cidr_identities: identities.cidrs.clone(),
+    }
+}
+
+/// The pod interface the main routing table sends `ip` to (longest match among routes through
+/// interfaces starting with `prefix`), for endpoints whose record leaves the interface to the
+/// node. Read from procfs, which shows the reader's network namespace.
+fn route_interface(ip: IpAddr, prefix: &str) -> Option<String> {
+    let (path, parse): (&str, fn(&str) -> Option<(String, IpNet)>) = match ip {
+        IpAddr::V4(_) => ("/proc/net/route", parse_route_v4),
+        IpAddr::V6(_) => ("/proc/net/ipv6_route", parse_route_v6),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .filter_map(parse)
+        .filter(|(ifname, net)| ifname.starts_with(prefix) && net.contains(&ip))
+        .max_by_key(|(_, net)| net.prefix_len())
+        .map(|(ifname, _)| ifname)
+}
+
+/// A line of `/proc/net/route`: `Iface Destination Gateway Flags RefCnt Use Metric Mask ...`,
+/// addresses as little-endian hex.
+fn parse_route_v4(line: &str) -> Option<(String, IpNet)> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (ifname, dst, mask) = (fields.first()?, fields.get(1)?, fields.get(7)?);
+    let dst = u32::from_str_radix(dst, 16).ok()?.swap_bytes();
+    let mask = u32::from_str_radix(mask, 16).ok()?.swap_bytes();
+    let len = u8::try_from(mask.count_ones()).ok()?;
+    let net = IpNet::new(IpAddr::from(std::net::Ipv4Addr::from(dst)), len).ok()?;
+    Some(((*ifname).to_owned(), net))
+}
+
+/// A line of `/proc/net/ipv6_route`: `dst dst_len src src_len next_hop metric refcnt use flags
+/// iface`, hex.
+fn parse_route_v6(line: &str) -> Option<(String, IpNet)> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (dst, len, ifname) = (fields.first()?, fields.get(1)?, fields.get(9)?);
+    let dst = u128::from_str_radix(dst, 16).ok()?;
+    let len = u8::from_str_radix(len, 16).ok()?;
+    let net = IpNet::new(IpAddr::from(std::net::Ipv6Addr::from(dst)), len).ok()?;
+    Some(((*ifname).to_owned(), net))
+}
