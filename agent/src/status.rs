@@ -218,7 +218,46 @@ pub fn render(view: &NodeView) -> String {
         }
         out.push('\n');
     }
+    if let Some(policy) = &view.policy {
+        render_policy(&mut out, policy);
+    }
     out
+}
+
+fn render_policy(out: &mut String, policy: &crate::policy_engine::PolicyView) {
+    out.push_str(&format!(
+        "identity policy: {} documents, {} table entries, {} identities\n",
+        policy.policies.len(),
+        policy.table_entries,
+        policy.identities.len()
+    ));
+    if !policy.endpoints.is_empty() {
+        out.push_str(&format!(
+            "{:<28} {:>8} {:<8} {:<8} {:<16} {:<12} {}\n",
+            "ENDPOINT", "IDENTITY", "INGRESS", "EGRESS", "IPS", "INTERFACE", "STATE / LABELS"
+        ));
+    }
+    let on_off = |b: bool| if b { "enforced" } else { "-" };
+    for e in &policy.endpoints {
+        let ips: Vec<String> = e.ips.iter().map(ToString::to_string).collect();
+        out.push_str(&format!(
+            "{:<28} {:>8} {:<8} {:<8} {:<16} {:<12} {}  {}\n",
+            e.name,
+            e.identity.map_or("-".into(), |i| i.to_string()),
+            on_off(e.ingress),
+            on_off(e.egress),
+            ips.join(","),
+            if e.interface.is_empty() { "-" } else { &e.interface },
+            e.state,
+            e.labels,
+        ));
+    }
+    for (key, why) in &policy.refused {
+        out.push_str(&format!("refused {key}: {why}\n"));
+    }
+    if let Some(error) = &policy.error {
+        out.push_str(&format!("policy not programmed (previous policy kept): {error}\n"));
+    }
 }
 
 fn unix_to_text(secs: u64) -> String {

@@ -319,3 +319,76 @@ mod tests {
         assert!(analyse(3, &[0, 1, 2]).is_perfect());
     }
 }
+
+/// A TCP service inside a namespace that answers every connection with `banner` and closes it,
+/// like the deathstar of Cilium's demo. Stops when dropped.
+pub struct TcpService {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Poll period of the service's non-blocking accept.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+impl TcpService {
+    /// Listens on `0.0.0.0:port` inside `ns`.
+    pub fn start(ns: &Netns, port: u16, banner: &'static str) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let thread_stop = Arc::clone(&stop);
+        let thread = ns.spawn_thread("tcp-service", move || {
+            let listener = match std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("binding port {port}: {e}")));
+                    return;
+                }
+            };
+            while !thread_stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        use std::io::Write as _;
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.write_all(banner.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(ACCEPT_POLL),
+                }
+            }
+        })?;
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("TCP service did not start")??;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for TcpService {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Connects from inside `from` to `to` and reads the service's banner: `Some(banner)` when a
+/// connection was made and answered within `timeout` (connect and read each), `None` when it
+/// timed out or was refused.
+pub fn tcp_banner(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Option<String> {
+    from.run(move || {
+        use std::io::Read as _;
+        let mut stream = std::net::TcpStream::connect_timeout(&to.into(), timeout).ok()?;
+        stream.set_read_timeout(Some(timeout)).ok()?;
+        let mut banner = String::new();
+        stream.read_to_string(&mut banner).ok()?;
+        Some(banner)
+    })
+}
