@@ -351,6 +351,9 @@ impl State {
                 for record in snapshot.records {
                     self.put(record);
                 }
+                for e in snapshot.invalid {
+                    self.refused.insert(e.key.clone(), e.problem.to_string());
+                }
                 self.synced = true;
                 true
             }
@@ -645,4 +648,191 @@ fn parse_route_v6(line: &str) -> Option<(String, IpNet)> {
     let len = u8::from_str_radix(len, 16).ok()?;
     let net = IpNet::new(IpAddr::from(std::net::Ipv6Addr::from(dst)), len).ok()?;
     Some(((*ifname).to_owned(), net))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use nodeseal_store::{Identity, IdentityNumber, NodeName, PolicyDocument, Snapshot};
+
+    fn endpoint(node: &str, name: &str, labels: &str, ips: &[&str], interface: &str) -> Endpoint {
+        Endpoint {
+            node: NodeName::new(node).unwrap(),
+            namespace: NodeName::new("default").unwrap(),
+            name: NodeName::new(name).unwrap(),
+            labels: Labels::parse([labels]).unwrap(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            interface: interface.to_owned(),
+        }
+    }
+
+    fn identity_of(endpoint: &Endpoint, number: u32) -> Record {
+        Record::Identity(Identity {
+            number: IdentityNumber::new(number).unwrap(),
+            labels: endpoint.security_labels(),
+        })
+    }
+
+    fn local() -> LocalInputs {
+        LocalInputs {
+            node: "node0".into(),
+            local_pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()],
+            node_cidrs: [("node1".to_owned(), vec!["10.244.1.0/24".parse().unwrap()])].into(),
+            interfaces: [("lxc0".to_owned(), 7)].into(),
+            pod_interface_prefix: "lxc".into(),
+        }
+    }
+
+    fn state_with(records: Vec<Record>) -> State {
+        let mut state = State::default();
+        state.apply(Event::Snapshot(Snapshot {
+            records,
+            invalid: Vec::new(),
+        }));
+        state
+    }
+
+    #[test]
+    fn an_endpoint_lends_its_identity_only_to_ips_inside_its_nodes_pod_cidrs() {
+        let deathstar = endpoint("node0", "deathstar", "class=deathstar", &["10.244.0.10"], "lxc0");
+        // node1's record claims an address of node0's pods and one of its own.
+        let forger = endpoint("node1", "forger", "class=forger", &["10.244.0.11", "10.244.1.10"], "lxc0");
+        // A node the agent knows no pod CIDRs of gets nothing.
+        let stranger = endpoint("node9", "stranger", "class=x", &["10.244.9.10"], "lxc0");
+        let state = state_with(vec![
+            Record::Endpoint(deathstar.clone()),
+            identity_of(&deathstar, 256),
+            Record::Endpoint(forger.clone()),
+            identity_of(&forger, 257),
+            Record::Endpoint(stranger.clone()),
+            identity_of(&stranger, 258),
+        ]);
+        let plan = plan(&state, &local());
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        assert_eq!(
+            plan.workload_ips,
+            [(ip("10.244.0.10"), 256), (ip("10.244.1.10"), 257)].into()
+        );
+        assert_eq!(plan.endpoints, [("lxc0".to_owned(), 256)].into());
+        assert_eq!(plan.refused.len(), 2, "{:?}", plan.refused);
+        assert!(
+            plan.refused
+                .values()
+                .any(|why| why.contains("10.244.0.11") && why.contains("node1")),
+            "{:?}",
+            plan.refused
+        );
+        assert_eq!(plan.views.len(), 1);
+        assert_eq!(plan.views[0].state, "ready");
+    }
+
+    #[test]
+    fn an_ip_two_endpoints_claim_gets_neither_identity() {
+        let a = endpoint("node1", "a", "app=a", &["10.244.1.10"], "lxc0");
+        let b = endpoint("node1", "b", "app=b", &["10.244.1.10", "10.244.1.11"], "lxc1");
+        let state = state_with(vec![
+            Record::Endpoint(a.clone()),
+            identity_of(&a, 256),
+            Record::Endpoint(b.clone()),
+            identity_of(&b, 257),
+        ]);
+        let plan = plan(&state, &local());
+        let ip: IpAddr = "10.244.1.11".parse().unwrap();
+        assert_eq!(plan.workload_ips, [(ip, 257)].into());
+    }
+
+    #[test]
+    fn local_endpoints_wait_for_their_identity_and_interface() {
+        let no_identity = endpoint("node0", "a", "app=a", &["10.244.0.10"], "lxc0");
+        let not_attached = endpoint("node0", "b", "app=b", &["10.244.0.11"], "lxc5");
+        // The interface is found by route; this host has no route to a pod interface for it.
+        let by_route = endpoint("node0", "c", "app=c", &["10.244.0.12"], "");
+        let state = state_with(vec![
+            Record::Endpoint(no_identity),
+            Record::Endpoint(not_attached.clone()),
+            identity_of(&not_attached, 300),
+            Record::Endpoint(by_route.clone()),
+            identity_of(&by_route, 301),
+        ]);
+        let plan = plan(&state, &local());
+        let states: BTreeMap<&str, &str> = plan
+            .views
+            .iter()
+            .map(|v| (v.name.as_str(), v.state.as_str()))
+            .collect();
+        assert_eq!(states["default/a"], "waiting for an identity");
+        assert_eq!(states["default/b"], "waiting for interface lxc5");
+        assert!(states["default/c"].starts_with("waiting for its interface"));
+        // An interface that is not attached yet is programmed by name for when it is.
+        assert_eq!(plan.endpoints, [("lxc5".to_owned(), 300)].into());
+    }
+
+    #[test]
+    fn records_that_fail_to_parse_or_go_away_are_forgotten() {
+        let a = endpoint("node0", "a", "app=a", &["10.244.0.10"], "lxc0");
+        let good = PolicyDocument {
+            name: NodeName::new("rule1").unwrap(),
+            document: include_str!("../../policy/examples/star-wars-rule1.yaml").to_owned(),
+        };
+        let mut state = state_with(vec![
+            Record::Endpoint(a.clone()),
+            identity_of(&a, 256),
+            Record::PolicyDocument(good.clone()),
+        ]);
+        assert_eq!(state.documents.len(), 1);
+        assert_eq!(state.numbers.len(), 1);
+        let key = identity_of(&a, 256).key();
+        assert!(state.apply(Event::Deleted(key)));
+        assert!(state.identities.is_empty() && state.numbers.is_empty());
+        let bad = PolicyDocument {
+            document: good.document.replace("port: \"80\"", "port: \"eighty\""),
+            ..good
+        };
+        state.apply(Event::Put(Record::PolicyDocument(bad)));
+        assert!(state.documents.is_empty(), "a refused document stands for none");
+        assert_eq!(state.refused.len(), 1, "{:?}", state.refused);
+    }
+
+    #[test]
+    fn cidr_identities_stay_put_while_their_prefix_is_used() {
+        let doc = |cidrs: &str| {
+            nodeseal_policy::document::parse(
+                format!(
+                    "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\n\
+                     spec:\n  endpointSelector: {{}}\n  egress:\n  - toCIDR: [{cidrs}]\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        let first = cidr_identities(&doc("192.0.2.0/24, 198.51.100.0/24"), &BTreeMap::new());
+        assert_eq!(
+            first.values().copied().collect::<Vec<_>>(),
+            [FIRST_CIDR_IDENTITY, FIRST_CIDR_IDENTITY + 1]
+        );
+        let second = cidr_identities(&doc("198.51.100.0/24, 203.0.113.0/24"), &first);
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        assert_eq!(second[&net("198.51.100.0/24")], FIRST_CIDR_IDENTITY + 1);
+        assert_eq!(second[&net("203.0.113.0/24")], FIRST_CIDR_IDENTITY);
+        assert_eq!(second.len(), 2);
+    }
+
+    #[test]
+    fn procfs_routes_parse() {
+        assert_eq!(
+            parse_route_v4("lxc0\t0AF4000A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0"),
+            Some(("lxc0".to_owned(), "10.0.244.10/32".parse().unwrap()))
+        );
+        assert_eq!(parse_route_v4("Iface\tDestination\tGateway"), None);
+        assert_eq!(
+            parse_route_v6(
+                "fd000000000000000000000000000010 80 00000000000000000000000000000000 00 \
+                 00000000000000000000000000000000 00000100 00000001 00000000 00000001 lxc1"
+            ),
+            Some(("lxc1".to_owned(), "fd00::10/128".parse().unwrap()))
+        );
+        assert_eq!(parse_route_v6("garbage"), None);
+    }
 }
