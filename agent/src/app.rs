@@ -34,11 +34,11 @@ use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_REM
 use crate::identity::{IdentitySource, LocalClaims, Obtained};
 use crate::metrics::Metrics;
 use crate::pace::Pace;
-use crate::policy_engine::{PolicyEngine, PolicyView};
 use crate::peer::{
     PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerTask,
     error_chain,
 };
+use crate::policy_engine::{PolicyEngine, PolicyView};
 use crate::sa::LocalEnd;
 use crate::status::{NodeView, StatusSource};
 

@@ -90,10 +90,13 @@ pub struct DatapathSettings {
 pub type EndpointEntry = (u32, Enforcement);
 
 /// The fallback entry of a pod interface no endpoint describes.
-const UNMANAGED_ENDPOINT: EndpointEntry = (identity::UNMANAGED, Enforcement {
-    ingress: false,
-    egress: false,
-});
+const UNMANAGED_ENDPOINT: EndpointEntry = (
+    identity::UNMANAGED,
+    Enforcement {
+        ingress: false,
+        egress: false,
+    },
+);
 
 struct Inner {
     dp: Datapath,
@@ -163,7 +166,10 @@ impl Inner {
         !(self.local_pod_cidrs.iter().any(inside)
             || self.routes.keys().any(inside)
             || self.revoked.values().flatten().any(inside)
-            || self.node_ips.iter().any(|ip| cidr.contains(ip) && cidr.prefix_len() == cidr.max_prefix_len()))
+            || self
+                .node_ips
+                .iter()
+                .any(|ip| cidr.contains(ip) && cidr.prefix_len() == cidr.max_prefix_len()))
     }
 
     /// The overlay entries wanted inside `within` (all when `None`).
@@ -251,7 +257,10 @@ impl Inner {
     }
 
     fn wanted_endpoint(&self, ifname: &str) -> EndpointEntry {
-        self.endpoints.get(ifname).copied().unwrap_or(UNMANAGED_ENDPOINT)
+        self.endpoints
+            .get(ifname)
+            .copied()
+            .unwrap_or(UNMANAGED_ENDPOINT)
     }
 
     fn write_revoked(&mut self, cidr: IpNet) -> Result<(), DatapathError> {
@@ -407,7 +416,12 @@ impl DatapathHandle {
             };
             inner.attached_pods.insert(ifname.clone(), *ifindex);
             attached += 1;
-            debug!(ifname, ifindex, identity = entry.0, "pod interface attached");
+            debug!(
+                ifname,
+                ifindex,
+                identity = entry.0,
+                "pod interface attached"
+            );
         }
         let gone: Vec<u32> = inner
             .attached_pods

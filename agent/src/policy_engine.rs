@@ -141,7 +141,9 @@ struct State {
 impl PolicyEngine {
     /// Runs until `cancel` fires.
     pub async fn run(mut self, cancel: CancellationToken) {
-        let mut events = self.store.watch(&[Kind::Endpoint, Kind::Identity, Kind::PolicyDocument]);
+        let mut events = self
+            .store
+            .watch(&[Kind::Endpoint, Kind::Identity, Kind::PolicyDocument]);
         let mut state = State::default();
         let mut nodes_ready = false;
         let nodes_deadline = tokio::time::Instant::now() + NODES_WAIT;
@@ -188,9 +190,7 @@ impl PolicyEngine {
             .unwrap_or(false)
             || state.endpoints.values().any(|e| {
                 e.node.as_str() == self.node
-                    && !state
-                        .numbers
-                        .contains_key(&e.security_labels().to_string())
+                    && !state.numbers.contains_key(&e.security_labels().to_string())
             })
     }
 
@@ -225,7 +225,11 @@ impl PolicyEngine {
         }
         match outcome {
             Ok((entries, _)) => {
-                debug!(entries, took_ms = took.as_millis(), "identity policy programmed");
+                debug!(
+                    entries,
+                    took_ms = took.as_millis(),
+                    "identity policy programmed"
+                );
                 if let Some(view) = view.as_deref_mut() {
                     view.table_entries = entries;
                     view.error = None;
@@ -248,7 +252,11 @@ impl PolicyEngine {
         LocalInputs {
             node: self.node.clone(),
             local_pod_cidrs: self.local_pod_cidrs.clone(),
-            node_cidrs: self.node_cidrs.lock().map(|m| m.clone()).unwrap_or_default(),
+            node_cidrs: self
+                .node_cidrs
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
             interfaces: self.datapath.pod_interfaces().unwrap_or_default(),
             pod_interface_prefix: self.pod_interface_prefix.clone(),
         }
@@ -480,10 +488,8 @@ fn plan(state: &State, local: &LocalInputs) -> Plan {
                     && other != *key
                 {
                     conflicts.insert(*ip);
-                    plan.refused.insert(
-                        key.clone(),
-                        format!("IP {ip} is claimed by {other} too"),
-                    );
+                    plan.refused
+                        .insert(key.clone(), format!("IP {ip} is claimed by {other} too"));
                 }
                 plan.workload_ips.insert(*ip, identity);
             }
@@ -506,7 +512,9 @@ fn plan(state: &State, local: &LocalInputs) -> Plan {
             (Some(_), false) if !local.interfaces.contains_key(&interface) => {
                 format!("waiting for interface {interface}")
             }
-            (Some(_), false) if !outside.is_empty() => "refused: IPs outside this node's pod CIDRs".to_owned(),
+            (Some(_), false) if !outside.is_empty() => {
+                "refused: IPs outside this node's pod CIDRs".to_owned()
+            }
             (Some(_), false) => "ready".to_owned(),
         };
         if let Some(identity) = identity
@@ -696,9 +704,21 @@ mod tests {
 
     #[test]
     fn an_endpoint_lends_its_identity_only_to_ips_inside_its_nodes_pod_cidrs() {
-        let deathstar = endpoint("node0", "deathstar", "class=deathstar", &["10.244.0.10"], "lxc0");
+        let deathstar = endpoint(
+            "node0",
+            "deathstar",
+            "class=deathstar",
+            &["10.244.0.10"],
+            "lxc0",
+        );
         // node1's record claims an address of node0's pods and one of its own.
-        let forger = endpoint("node1", "forger", "class=forger", &["10.244.0.11", "10.244.1.10"], "lxc0");
+        let forger = endpoint(
+            "node1",
+            "forger",
+            "class=forger",
+            &["10.244.0.11", "10.244.1.10"],
+            "lxc0",
+        );
         // A node the agent knows no pod CIDRs of gets nothing.
         let stranger = endpoint("node9", "stranger", "class=x", &["10.244.9.10"], "lxc0");
         let state = state_with(vec![
@@ -731,7 +751,13 @@ mod tests {
     #[test]
     fn an_ip_two_endpoints_claim_gets_neither_identity() {
         let a = endpoint("node1", "a", "app=a", &["10.244.1.10"], "lxc0");
-        let b = endpoint("node1", "b", "app=b", &["10.244.1.10", "10.244.1.11"], "lxc1");
+        let b = endpoint(
+            "node1",
+            "b",
+            "app=b",
+            &["10.244.1.10", "10.244.1.11"],
+            "lxc1",
+        );
         let state = state_with(vec![
             Record::Endpoint(a.clone()),
             identity_of(&a, 256),
@@ -791,7 +817,10 @@ mod tests {
             ..good
         };
         state.apply(Event::Put(Record::PolicyDocument(bad)));
-        assert!(state.documents.is_empty(), "a refused document stands for none");
+        assert!(
+            state.documents.is_empty(),
+            "a refused document stands for none"
+        );
         assert_eq!(state.refused.len(), 1, "{:?}", state.refused);
     }
 

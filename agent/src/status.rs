@@ -247,7 +247,11 @@ fn render_policy(out: &mut String, policy: &crate::policy_engine::PolicyView) {
             on_off(e.ingress),
             on_off(e.egress),
             ips.join(","),
-            if e.interface.is_empty() { "-" } else { &e.interface },
+            if e.interface.is_empty() {
+                "-"
+            } else {
+                &e.interface
+            },
             e.state,
             e.labels,
         ));
@@ -256,7 +260,9 @@ fn render_policy(out: &mut String, policy: &crate::policy_engine::PolicyView) {
         out.push_str(&format!("refused {key}: {why}\n"));
     }
     if let Some(error) = &policy.error {
-        out.push_str(&format!("policy not programmed (previous policy kept): {error}\n"));
+        out.push_str(&format!(
+            "policy not programmed (previous policy kept): {error}\n"
+        ));
     }
 }
 

@@ -70,6 +70,9 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     /// `DROP_COUNTERS`: per-CPU `u64` packet counts indexed by [`crate::reason::DropReason`].
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
+    /// `CONNTRACK`: LRU hash of [`crate::maps::CtKey`] → [`crate::maps::CtEntry`], the flows
+    /// whose replies pass policy.
+    pub const CONNTRACK: &str = "CONNTRACK";
     /// `EVENTS`: ring buffer of [`crate::event::Event`].
     pub const EVENTS: &str = "EVENTS";
 }

@@ -189,6 +189,41 @@ impl IpCacheSlot {
     }
 }
 
+/// Key of `CONNTRACK`: a flow as its first packet crossed a pod's interface, so that replies
+/// (the same flow with addresses and ports swapped) pass the policy of the other direction
+/// without a rule, as Kubernetes and Cilium policies mean.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    /// Source address: IPv6, or IPv4-mapped IPv6.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// L4 source port (host order); 0 for protocols without ports (ICMP included).
+    pub src_port: u16,
+    /// L4 destination port.
+    pub dst_port: u16,
+    /// IP protocol.
+    pub protocol: u8,
+    /// [`PolicyKey::INGRESS`] (the first packet entered the pod) or [`PolicyKey::EGRESS`] (it
+    /// left the pod): a flow opened toward a pod grants replies leaving it, and only those.
+    pub direction: u8,
+    /// Reserved, zero.
+    pub reserved: [u8; 2],
+}
+
+/// Value of `CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` of the flow's last packet either way; an entry older than its
+    /// protocol's lifetime counts as absent.
+    pub last_seen_ns: u64,
+}
+
+const _: () = assert!(size_of::<CtKey>() == 40);
+const _: () = assert!(size_of::<CtEntry>() == 8);
+
 /// Key of a policy rule, packed for the policy table (see [`PolicySlot`]).
 ///
 /// Lookup goes from most to least specific, first hit wins:
@@ -458,6 +493,8 @@ pub mod capacity {
     pub const PEER_SLOTS: u32 = 65_536;
     /// Policy rules (`POLICY_TABLE` has two copies of twice this many slots).
     pub const POLICY: u32 = 65_536;
+    /// `CONNTRACK` flows (an LRU map: the least recently used flow makes room).
+    pub const CONNTRACK: u32 = 131_072;
     /// `EVENTS` ring buffer size in bytes (a power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 256 * 1024;
 }
@@ -465,13 +502,17 @@ pub mod capacity {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, NodeEntry, NodeKey,
-        PeerSlot, PolicyBucket, PolicySlot, PolicyTableHeader, PrefixLengths,
+        Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, NodeEntry,
+        NodeKey, PeerSlot, PolicyBucket, PolicySlot, PolicyTableHeader, PrefixLengths,
     };
 
     // SAFETY: each type is #[repr(C)], Copy, made only of integers and has no padding (checked
     // by the size assertions above), so every byte pattern is a valid value.
     unsafe impl aya::Pod for EndpointInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CtEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for IpCacheEntry {}
     // SAFETY: as above.

@@ -1151,6 +1151,107 @@ fn to_pod_ingress_policy() {
     check(&mut dp, &case("unmanaged interface", p, ping(), CLEAR));
 }
 
+/// Replies pass the policy of the other direction without a rule; nothing else does.
+#[test]
+fn replies_pass_the_policy_of_the_other_direction() {
+    let Some((_root, mut dp)) = load("conntrack_table") else {
+        return;
+    };
+    dp.endpoints
+        .insert(
+            IFINDEX,
+            POD_A,
+            Enforcement {
+                ingress: true,
+                egress: true,
+            },
+        )
+        .expect("enforce both ways");
+    let (egress, ingress) = (PolicyDirection::Egress, PolicyDirection::Ingress);
+    allow(
+        &mut dp.policy,
+        rule(POD_A, Some(POD_B), Some(proto::TCP), Some(80), egress),
+    );
+    allow(
+        &mut dp.policy,
+        rule(POD_A, Some(POD_B), Some(proto::ICMP), Some(8), egress),
+    );
+    allow(
+        &mut dp.policy,
+        rule(POD_A, Some(POD_B), Some(proto::UDP), Some(53), ingress),
+    );
+    let (out, inn) = (Program::FromPod, Program::ToPod);
+    let denied = Expect::Drop(DropReason::PolicyDenied);
+    let from_b = |protocol, l4: &[u8]| v4(REMOTE_POD, LOCAL_POD, protocol, l4);
+    let to_b = |protocol, l4: &[u8]| v4(LOCAL_POD, REMOTE_POD, protocol, l4);
+    let echo_reply_of = |id: u8| vec![0, 0, 0, 0, 0, id, 0, 1];
+    let cases = [
+        // Before A opened anything, B's answers are no replies.
+        case(
+            "tcp answer unasked",
+            inn,
+            from_b(proto::TCP, &tcp(80, 40000)),
+            denied,
+        ),
+        case(
+            "echo reply unasked",
+            inn,
+            from_b(proto::ICMP, &icmp(0, 0)),
+            denied,
+        ),
+        // A opens flows its egress policy allows.
+        case("tcp out", out, to_b(proto::TCP, &tcp(40000, 80)), ENC),
+        case("echo out", out, to_b(proto::ICMP, &icmp(8, 0)), ENC),
+        case("tcp reply", inn, from_b(proto::TCP, &tcp(80, 40000)), CLEAR),
+        case("echo reply", inn, from_b(proto::ICMP, &icmp(0, 0)), CLEAR),
+        // Only the flow's own reply.
+        case(
+            "other port pair",
+            inn,
+            from_b(proto::TCP, &tcp(80, 40001)),
+            denied,
+        ),
+        case(
+            "same ports, B as client",
+            inn,
+            from_b(proto::TCP, &tcp(40000, 80)),
+            denied,
+        ),
+        case(
+            "other echo id",
+            inn,
+            from_b(proto::ICMP, &echo_reply_of(2)),
+            denied,
+        ),
+        case(
+            "echo request is no reply",
+            inn,
+            from_b(proto::ICMP, &icmp(8, 0)),
+            denied,
+        ),
+        case(
+            "udp on the tcp flow's ports",
+            inn,
+            from_b(proto::UDP, &udp(80, 40000)),
+            denied,
+        ),
+        // A flow B opens toward A grants A's replies leaving, and only those.
+        case("udp in", inn, from_b(proto::UDP, &udp(5000, 53)), CLEAR),
+        case("udp reply out", out, to_b(proto::UDP, &udp(53, 5000)), ENC),
+        case(
+            "udp not a reply out",
+            out,
+            to_b(proto::UDP, &udp(53, 5001)),
+            denied,
+        ),
+        // An inbound flow does not make its mirror image inbound a reply.
+        case("mirror in", inn, from_b(proto::UDP, &udp(53, 5000)), denied),
+    ];
+    for c in &cases {
+        check(&mut dp, c);
+    }
+}
+
 #[test]
 fn pinned_maps_survive_reload() {
     if !privileged_or_skip("pinned_maps_survive_reload") {

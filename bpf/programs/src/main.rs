@@ -14,7 +14,7 @@
 //! | all | packet ends before a header the verdict needs | drop `truncated` |
 //! | all | more than 8 IPv6 extension headers | drop `ipv6_extension_chain` |
 //! | from_pod | ingress ifindex not in `ENDPOINTS` | drop `unknown_endpoint` |
-//! | from_pod | egress policy denies | drop `policy_denied` / `fragment_no_ports` |
+//! | from_pod | egress enforced, not a reply, egress policy denies | drop `policy_denied` / `fragment_no_ports` |
 //! | from_pod | remote destination, IPsec, peer ready | pass, mark = encrypt(node, slot) |
 //! | from_pod | remote destination, peer not ready, strict egress | drop `no_sa` |
 //! | from_pod | remote destination, peer not ready, not strict | pass in clear |
@@ -26,16 +26,21 @@
 //! | from_network | plaintext from a revoked node's pod CIDR, encryption on | drop `revoked_source` |
 //! | from_network | plaintext from a remote pod CIDR, strict ingress | drop `unencrypted` |
 //! | to_pod | ifindex not in `ENDPOINTS` | pass (not a managed pod) |
-//! | to_pod | ingress policy denies | drop `policy_denied` / `fragment_no_ports` |
+//! | to_pod | ingress enforced, not a reply, ingress policy denies | drop `policy_denied` / `fragment_no_ports` |
 //!
 //! Non-first fragments carry no L4 header: policy evaluates them against port-wildcard entries
 //! only, and a policy that allows only specific ports drops them (`fragment_no_ports`). The
 //! encryption decision never needs ports, so fragments are marked like any other packet.
 //! ICMP "fragmentation needed" / ICMPv6 "packet too big" always pass policy (path MTU discovery
-//! must work without connection tracking); other ICMP messages are matched with their type as
-//! the port.
+//! must work whatever the flow); other ICMP messages are matched with their type as the port.
+//!
+//! Replies pass without a rule: every flow crossing a pod's interface is tracked (`CONNTRACK`,
+//! `conntrack`), and a packet whose reversed flow was tracked in the other direction is a
+//! reply, which policy does not check (as in Kubernetes and Cilium).
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use nodeseal_bpf_common::{
     maps::{
-        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, MAP_FLAG_MMAPABLE,
-        NodeEntry, NodeKey, PeerSlot, PolicyBucket, PolicySlot, PolicyTableHeader, PrefixLengths,
-        capacity,
+        Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot,
+        MAP_FLAG_MMAPABLE, NodeEntry, NodeKey, PeerSlot, PolicyBucket, PolicySlot,
+        PolicyTableHeader, PrefixLengths, capacity,
     },
     reason::DropReason,
 };
@@ -62,6 +62,9 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map]
 pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);

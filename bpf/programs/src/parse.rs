@@ -56,6 +56,7 @@ pub struct Packet {
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub fragment: Fragment,
+    /// Source port; ICMP/ICMPv6 echo request and reply: the echo identifier.
     pub src_port: u16,
     /// Destination port; ICMP/ICMPv6: the message type.
     pub dst_port: u16,
@@ -77,6 +78,23 @@ impl Packet {
             dst_port: 0,
             icmp_code: 0,
             has_ports: false,
+        }
+    }
+
+    /// ICMP or ICMPv6 (whose "ports" are the message type and code).
+    pub fn is_icmp(&self) -> bool {
+        self.protocol == IPPROTO_ICMP || self.protocol == IPPROTO_ICMPV6
+    }
+
+    /// For an ICMP/ICMPv6 echo message: `Some(true)` for a request, `Some(false)` for a reply.
+    pub fn icmp_echo(&self) -> Option<bool> {
+        if !self.has_ports {
+            return None;
+        }
+        match (self.protocol, self.dst_port) {
+            (IPPROTO_ICMP, 8) | (IPPROTO_ICMPV6, 128) => Some(true),
+            (IPPROTO_ICMP, 0) | (IPPROTO_ICMPV6, 129) => Some(false),
+            _ => None,
         }
     }
 
@@ -142,6 +160,11 @@ pub fn parse_ip(ctx: &TcContext, ethertype: u16, p: &mut Packet) -> Result<(), D
                 p.dst_port = u16::from(h[0]);
                 p.icmp_code = h[1];
                 p.has_ports = true;
+                if p.icmp_echo().is_some() {
+                    // The echo identifier pairs a reply with its request (conntrack).
+                    let id = read::<[u8; 2]>(ctx, l4 + 4)?;
+                    p.src_port = u16::from_be_bytes(id);
+                }
             }
         }
         _ => {}

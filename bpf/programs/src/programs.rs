@@ -14,6 +14,7 @@ use nodeseal_bpf_common::{
 };
 
 use crate::{
+    conntrack,
     maps::{
         CONFIG, ENDPOINTS, ENDPOINTS_BY_IFINDEX, IPCACHE_EXACT_V6, IPCACHE_LENS, IPCACHE_V4,
         IPCACHE_V6, IPCACHE4_CHUNKS, IPCACHE4_L1, NODES, PEER_SLOTS,
@@ -53,11 +54,17 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let dst = ipcache(&p, false);
     who.dst_identity = dst.map_or(identity::WORLD, |e| e.identity);
 
-    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0
+    let enforced = endpoint.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0;
+    let reply = enforced && conntrack::is_reply(&p, PolicyKey::INGRESS);
+    if enforced
+        && !reply
         && let Err(reason) =
             policy::check(endpoint.identity, who.dst_identity, PolicyKey::EGRESS, &p)
     {
         return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+    }
+    if !reply {
+        conntrack::track(&p, PolicyKey::EGRESS);
     }
 
     let cfg = config();
@@ -203,11 +210,17 @@ pub fn to_pod(ctx: TcContext) -> i32 {
         return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
     }
     who.src_identity = ipcache(&p, true).map_or(identity::WORLD, |e| e.identity);
-    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0
+    let enforced = endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0;
+    let reply = enforced && conntrack::is_reply(&p, PolicyKey::EGRESS);
+    if enforced
+        && !reply
         && let Err(reason) =
             policy::check(endpoint.identity, who.src_identity, PolicyKey::INGRESS, &p)
     {
         return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+    }
+    if !reply {
+        conntrack::track(&p, PolicyKey::INGRESS);
     }
     let tracing = config().flags & Config::FLAG_TRACE != 0;
     pass_verdict(&ctx, tracing, PROGRAM, &p, &who)

@@ -200,6 +200,19 @@ fn policy_on_two_pods_of_one_node() {
             .expect("deny");
         let denied = ping(&a.ns, b.ip, 2).expect("ping");
         assert_eq!(denied.received, 0, "explicit deny blocks ping");
+
+        // B's ingress still denies A's echo requests, but B's own pings get their replies:
+        // a reply passes the policy of the other direction (conntrack).
+        let own = ping(&b.ns, a.ip, 3).expect("ping");
+        assert!(
+            own.all_answered(),
+            "replies to B's pings must pass: {own:?}"
+        );
+        let denied = ping(&a.ns, b.ip, 2).expect("ping");
+        assert_eq!(
+            denied.received, 0,
+            "B's pings open nothing for A's requests"
+        );
         for pod in [a, b] {
             dp.detach(Attachment::FromPod, &pod.host_ifname)
                 .expect("detach");
