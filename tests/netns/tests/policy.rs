@@ -12,7 +12,8 @@ use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use nodeseal_netns::{
-    Fabric, FabricOptions, Feature, TcpService, Topology, require, tcp_banner, wait_until,
+    Fabric, FabricOptions, Feature, TcpService, Topology, UdpStream, require, tcp_banner,
+    wait_until,
 };
 use serde_json::Value;
 
@@ -201,4 +202,153 @@ fn star_wars_rule1_lets_only_the_empire_land_on_the_deathstar() {
         .check_no_plaintext(&topo.pod_cidrs())
         .unwrap_or_else(|leak| panic!("{leak}"));
     assert!(capture.summary().esp > 0, "{}", capture.summary());
+}
+
+/// What the deathstar's node says the policy in force is: the documents' names.
+fn policies_in_force(fabric: &Fabric, node: usize) -> Vec<String> {
+    policy_view(fabric, node)["policies"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn apply(fabric: &Fabric, file: &str, document: &str) {
+    let path = fabric.dir().join(file);
+    std::fs::write(&path, document).expect("writing the policy");
+    fabric
+        .nodeseal_store(&["policy", "apply", "-f", &path.to_string_lossy()])
+        .expect("policy apply");
+}
+
+const LANDING_BY_LABEL: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: landing
+spec:
+  endpointSelector:
+    matchLabels: {class: deathstar}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {org: empire}
+    toPorts:
+    - ports: [{port: \"7001\", protocol: UDP}]
+";
+
+/// The same flow allowed another way: any cluster member, a port range.
+const LANDING_BY_ENTITY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: landing
+spec:
+  endpointSelector:
+    matchLabels: {class: deathstar}
+  ingress:
+  - fromEntities: [cluster]
+    toPorts:
+    - ports: [{port: \"7000\", endPort: 7010, protocol: UDP}]
+";
+
+/// Denies what the stream is not: the alliance.
+const NO_REBELS: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: no-rebels
+spec:
+  endpointSelector:
+    matchLabels: {class: deathstar}
+  ingressDeny:
+  - fromEndpoints:
+    - matchLabels: {org: alliance}
+";
+
+/// An allowed flow is never dropped while the policy that allows it is replaced by another
+/// that still allows it, while another policy is added, or while either end changes labels
+/// (a new identity) that the policy still allows.
+#[test]
+fn an_allowed_stream_survives_policy_and_label_changes() {
+    let name = "polstream";
+    if !require(name, &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+        return;
+    }
+    let topo = Topology::builder(name)
+        .nodes(2)
+        .pods_per_node(1)
+        .build()
+        .expect("topology");
+    let fabric = Fabric::start(&topo, 2, FabricOptions::default()).expect("fabric");
+    fabric
+        .wait_established(&[0, 1], CONVERGE)
+        .expect("established");
+    add_endpoint(&fabric, &topo, 0, "deathstar", "org=empire,class=deathstar");
+    add_endpoint(
+        &fabric,
+        &topo,
+        1,
+        "tiefighter",
+        "org=empire,class=tiefighter",
+    );
+    apply(&fabric, "landing.yaml", LANDING_BY_LABEL);
+    assert!(
+        wait_until(PROPAGATE, || programmed(&fabric, 0, "deathstar", true)
+            && programmed(&fabric, 1, "tiefighter", false)
+            && identities_known(&fabric, 2, 2)),
+        "not programmed: {}",
+        fabric.status_text(0).unwrap_or_default()
+    );
+    let (deathstar, tiefighter) = (topo.node(0).pod(0), topo.node(1).pod(0));
+    let stream = UdpStream::start(
+        &tiefighter.ns,
+        &deathstar.ns,
+        SocketAddrV4::new(deathstar.ip, 7001),
+        200,
+        Duration::from_secs(120),
+    )
+    .expect("stream");
+    let settle = || std::thread::sleep(Duration::from_secs(2));
+    settle();
+
+    apply(&fabric, "landing.yaml", LANDING_BY_ENTITY);
+    apply(&fabric, "no-rebels.yaml", NO_REBELS);
+    assert!(
+        wait_until(PROPAGATE, || policies_in_force(&fabric, 0).len() == 2),
+        "{}",
+        fabric.status_text(0).unwrap_or_default()
+    );
+    settle();
+    // New identities at both ends, still allowed.
+    add_endpoint(
+        &fabric,
+        &topo,
+        1,
+        "tiefighter",
+        "org=empire,class=tiefighter,squadron=black",
+    );
+    add_endpoint(
+        &fabric,
+        &topo,
+        0,
+        "deathstar",
+        "org=empire,class=deathstar,shield=up",
+    );
+    assert!(
+        wait_until(PROPAGATE, || identities_known(&fabric, 2, 4)
+            && programmed(&fabric, 0, "deathstar", true)),
+        "{}",
+        fabric.status_text(0).unwrap_or_default()
+    );
+    settle();
+    let report = stream.finish(Duration::from_millis(500)).expect("report");
+    eprintln!("stream across the changes: {report:?}");
+    let drops = policy_drops(&fabric, 0);
+    assert!(report.sent >= 1000, "{report:?}");
+    assert_eq!(
+        (report.lost, drops),
+        (0, 0),
+        "{report:?}\n{}",
+        fabric.status_text(0).unwrap_or_default()
+    );
 }
