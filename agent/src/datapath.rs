@@ -723,7 +723,7 @@ impl DatapathHandle {
 }
 
 /// Everything [`DatapathHandle::program_policy`] writes.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyProgram {
     /// The policy table.
     pub rules: Vec<(PolicyRule, PolicyVerdict)>,

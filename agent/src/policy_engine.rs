@@ -136,6 +136,9 @@ struct State {
     programmed: BTreeMap<String, u32>,
     /// Whether the store view arrived.
     synced: bool,
+    /// The last program written: the same one again is not rewritten (the periodic retry
+    /// recomputes the plan to update the status).
+    last_program: Option<PolicyProgram>,
 }
 
 impl PolicyEngine {
@@ -285,6 +288,7 @@ impl PolicyEngine {
             .filter(|old| !subjects.contains(old) && identities.workloads.contains_key(old))
             .collect();
         if !leaving.is_empty() {
+            state.last_program = None;
             let both: BTreeSet<u32> = subjects.union(&leaving).copied().collect();
             let compiled = compile::compile(&policies, &identities, &both)
                 .map_err(|e| format!("compiling policy: {e}"))?;
@@ -296,9 +300,15 @@ impl PolicyEngine {
             .map_err(|e| format!("compiling policy: {e}"))?;
         let program = program_of(&compiled, plan, &identities, &plan.endpoints);
         let entries = program.rules.len();
+        if leaving.is_empty() && state.last_program.as_ref() == Some(&program) {
+            return Ok((entries, compiled.enforcement));
+        }
+        // Unknown until it succeeds: a failed write may have left part of it.
+        state.last_program = None;
         self.datapath
-            .program_policy(program)
+            .program_policy(program.clone())
             .map_err(|e| error_chain(&e))?;
+        state.last_program = Some(program);
         state.programmed = plan.endpoints.clone();
         Ok((entries, compiled.enforcement))
     }
