@@ -23,6 +23,7 @@ pub use self::workload::{
     IdentityNumberError, LabelsDigest, MAX_LABELS, MAX_POLICY_DOCUMENT_BYTES, PolicyDocument,
     check_interface,
 };
+pub(crate) use self::workload::error_chain;
 
 /// Largest record value accepted, written or read (etcd's default request limit is 1.5 MiB).
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
