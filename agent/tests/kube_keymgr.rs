@@ -173,6 +173,7 @@ fn keymgr(
         options: IssueOptions::with_ttl(Duration::from_secs(3600)),
         ca_ttl: Duration::from_secs(86_400),
         lease_duration: Duration::from_secs(3),
+        identities: nodeseal_agent::identity_allocator::AllocatorOptions::default(),
     };
     tokio::spawn(run_keymgr(settings, cancel.child_token()))
 }
