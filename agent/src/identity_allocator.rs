@@ -17,9 +17,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use nodeseal_policy::labels::Labels;
-use nodeseal_store::{
-    Event, Identity, IdentityNumber, Kind, Record, Snapshot, Store, StoreError,
-};
+use nodeseal_store::{Event, Identity, IdentityNumber, Kind, Record, Snapshot, Store, StoreError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -173,8 +171,11 @@ impl Allocator {
         }
         let listing = self.store.list::<Identity>().await?;
         let now = Instant::now();
-        let existing: BTreeSet<IdentityNumber> =
-            listing.records.iter().map(|identity| identity.number).collect();
+        let existing: BTreeSet<IdentityNumber> = listing
+            .records
+            .iter()
+            .map(|identity| identity.number)
+            .collect();
         self.unused_since
             .retain(|number, _| existing.contains(number) && !in_use.contains(number));
         for number in existing.difference(&in_use) {

@@ -78,13 +78,19 @@ async fn policy_commands_apply_kubernetes_objects() {
         .apply_file(&crds_dir().join("crds.yaml"))
         .await
         .expect("CRDs");
-    cluster.create_namespace("nodeseal").await.expect("namespace");
+    cluster
+        .create_namespace("nodeseal")
+        .await
+        .expect("namespace");
     let kubeconfig = cluster.admin_kubeconfig_path().to_owned();
     let temp = tempfile::tempdir().expect("temp dir");
     let file = temp.path().join("rule1.yaml");
     std::fs::write(&file, RULE1).unwrap();
 
-    let applied = ok(&kubeconfig, &["policy", "apply", "-f", file.to_str().unwrap()]);
+    let applied = ok(
+        &kubeconfig,
+        &["policy", "apply", "-f", file.to_str().unwrap()],
+    );
     assert!(
         applied.contains("NodesealNetworkPolicy default/rule1 applied (policy nnp.default.rule1)"),
         "{applied}"
@@ -96,11 +102,15 @@ async fn policy_commands_apply_kubernetes_objects() {
         &ApiResource::from_gvk_with_plural(&gvk, "nodesealnetworkpolicies"),
     );
     let object = nnps.get("rule1").await.expect("the object exists");
-    assert!(object.data["spec"]["endpointSelector"].is_object(), "{object:?}");
+    assert!(
+        object.data["spec"]["endpointSelector"].is_object(),
+        "{object:?}"
+    );
 
     let listed = ok(&kubeconfig, &["policy", "get"]);
     assert!(
-        listed.contains("nnp.default.rule1") && listed.contains("NodesealNetworkPolicy default/rule1"),
+        listed.contains("nnp.default.rule1")
+            && listed.contains("NodesealNetworkPolicy default/rule1"),
         "{listed}"
     );
     let xwing = trace(&kubeconfig, "org=alliance,class=xwing");
@@ -109,10 +119,20 @@ async fn policy_commands_apply_kubernetes_objects() {
     assert!(tiefighter.contains("verdict: ALLOWED"), "{tiefighter}");
 
     // Applying again updates the same object.
-    ok(&kubeconfig, &["policy", "apply", "-f", file.to_str().unwrap()]);
+    ok(
+        &kubeconfig,
+        &["policy", "apply", "-f", file.to_str().unwrap()],
+    );
     let error = failure(
         &kubeconfig,
-        &["policy", "apply", "-f", file.to_str().unwrap(), "--name", "x"],
+        &[
+            "policy",
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+            "--name",
+            "x",
+        ],
     );
     assert!(error.contains("--name has no meaning"), "{error}");
 

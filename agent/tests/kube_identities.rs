@@ -49,8 +49,9 @@ async fn identities_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keymgr_allocates_pods_identities_and_collects_unused_ones() {
-    if !binaries_or_skip("kube_identities::keymgr_allocates_pods_identities_and_collects_unused_ones")
-    {
+    if !binaries_or_skip(
+        "kube_identities::keymgr_allocates_pods_identities_and_collects_unused_ones",
+    ) {
         return;
     }
     let cluster = KubeApiServer::start().await.expect("kube-apiserver");
@@ -66,9 +67,24 @@ async fn keymgr_allocates_pods_identities_and_collects_unused_ones() {
         "cluster.local".to_owned(),
     ));
     for (pod, node, labels, ip) in [
-        ("deathstar", "node-1", [("class", "deathstar")], "10.244.1.10"),
-        ("tiefighter-1", "node-2", [("class", "tiefighter")], "10.244.2.10"),
-        ("tiefighter-2", "node-3", [("class", "tiefighter")], "10.244.3.10"),
+        (
+            "deathstar",
+            "node-1",
+            [("class", "deathstar")],
+            "10.244.1.10",
+        ),
+        (
+            "tiefighter-1",
+            "node-2",
+            [("class", "tiefighter")],
+            "10.244.2.10",
+        ),
+        (
+            "tiefighter-2",
+            "node-3",
+            [("class", "tiefighter")],
+            "10.244.3.10",
+        ),
     ] {
         cluster
             .create_workload_pod("empire", pod, node, &labels, &[ip], false)
@@ -77,13 +93,24 @@ async fn keymgr_allocates_pods_identities_and_collects_unused_ones() {
     }
     // Not an endpoint: no identity for its labels.
     cluster
-        .create_workload_pod("empire", "node-agent", "node-1", &[("class", "host")], &["10.0.0.1"], true)
+        .create_workload_pod(
+            "empire",
+            "node-agent",
+            "node-1",
+            &[("class", "host")],
+            &["10.0.0.1"],
+            true,
+        )
         .await
         .expect("hostNetwork pod");
 
     let grace = Duration::from_secs(2);
     let cancel = CancellationToken::new();
-    let allocator = tokio::spawn(run(store.clone(), AllocatorOptions { grace }, cancel.clone()));
+    let allocator = tokio::spawn(run(
+        store.clone(),
+        AllocatorOptions { grace },
+        cancel.clone(),
+    ));
 
     let deathstar = "k8s:class=deathstar,k8s:io.kubernetes.pod.namespace=empire";
     let tiefighter = "k8s:class=tiefighter,k8s:io.kubernetes.pod.namespace=empire";
@@ -93,7 +120,14 @@ async fn keymgr_allocates_pods_identities_and_collects_unused_ones() {
 
     // A new pod with known labels reuses the number; new labels get a new one.
     cluster
-        .create_workload_pod("empire", "xwing", "node-3", &[("class", "xwing")], &["10.244.3.11"], false)
+        .create_workload_pod(
+            "empire",
+            "xwing",
+            "node-3",
+            &[("class", "xwing")],
+            &["10.244.3.11"],
+            false,
+        )
         .await
         .expect("pod");
     let second = identities_until(&store, "xwing allocated", |ids| ids.len() == 3).await;
@@ -113,14 +147,27 @@ async fn keymgr_allocates_pods_identities_and_collects_unused_ones() {
     let left = identities_until(&store, "unused identities collected", |ids| ids.len() == 1).await;
     let took = gone_at.elapsed();
     assert!(left.contains_key(deathstar), "{left:?}");
-    assert!(took >= grace, "collected after {took:?}, before the {grace:?} grace");
+    assert!(
+        took >= grace,
+        "collected after {took:?}, before the {grace:?} grace"
+    );
 
     // A pod with the collected labels comes back: allocated again.
     cluster
-        .create_workload_pod("empire", "tiefighter-3", "node-2", &[("class", "tiefighter")], &["10.244.2.11"], false)
+        .create_workload_pod(
+            "empire",
+            "tiefighter-3",
+            "node-2",
+            &[("class", "tiefighter")],
+            &["10.244.2.11"],
+            false,
+        )
         .await
         .expect("pod");
-    identities_until(&store, "tiefighter again", |ids| ids.contains_key(tiefighter)).await;
+    identities_until(&store, "tiefighter again", |ids| {
+        ids.contains_key(tiefighter)
+    })
+    .await;
 
     cancel.cancel();
     tokio::time::timeout(WAIT, allocator)

@@ -463,9 +463,9 @@ fn status_value(object: &NodesealNode) -> Option<Vec<u8>> {
 /// the object makes another key), the problem when it is unusable.
 fn derived_value(key: &str, derived: Option<Derived>) -> Result<Option<Vec<u8>>, StoreError> {
     match derived {
-        Some((derived_key, value)) if derived_key == key => value
-            .map(Some)
-            .map_err(|problem| unusable(key, problem)),
+        Some((derived_key, value)) if derived_key == key => {
+            value.map(Some).map_err(|problem| unusable(key, problem))
+        }
         _ => Ok(None),
     }
 }
@@ -1280,12 +1280,14 @@ mod watch {
 
     /// Whether a policy feed failed because its CRD is not served (404 on the list).
     fn is_missing_crd(feed: Feed, error: &watcher::Error) -> bool {
-        matches!(feed, Feed::Policies(PolicySource::Nodeseal | PolicySource::NodesealClusterwide))
-            && matches!(
-                error,
-                watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e)
-                    if is_not_found(e)
-            )
+        matches!(
+            feed,
+            Feed::Policies(PolicySource::Nodeseal | PolicySource::NodesealClusterwide)
+        ) && matches!(
+            error,
+            watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e)
+                if is_not_found(e)
+        )
     }
 
     fn node_key(name: &str) -> String {

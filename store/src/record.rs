@@ -18,12 +18,12 @@ use super::types::{CertSerial, NodeName, SpiffeId, WgPublicKey, check_pem};
 
 mod workload;
 
+pub(crate) use self::workload::error_chain;
 pub use self::workload::{
     Endpoint, EndpointId, FIRST_WORKLOAD_IDENTITY, Identity, IdentityClaim, IdentityNumber,
     IdentityNumberError, LabelsDigest, MAX_LABELS, MAX_POLICY_DOCUMENT_BYTES, PolicyDocument,
     check_interface,
 };
-pub(crate) use self::workload::error_chain;
 
 /// Largest record value accepted, written or read (etcd's default request limit is 1.5 MiB).
 pub const MAX_RECORD_BYTES: usize = 1 << 20;

@@ -677,7 +677,10 @@ async fn identities_are_allocated_with_create_if_absent() {
         ips: vec![ip("10.244.1.7")],
         interface: "lxc7".to_owned(),
     };
-    let error = stores[0].put(&endpoint).await.expect_err("endpoint refused");
+    let error = stores[0]
+        .put(&endpoint)
+        .await
+        .expect_err("endpoint refused");
     assert!(
         error
             .to_string()
@@ -697,7 +700,10 @@ async fn identities_are_allocated_with_create_if_absent() {
             .to_owned(),
     };
     let error = stores[1].put(&policy).await.expect_err("policy refused");
-    assert!(error.to_string().contains("nodeseal policy apply"), "{error}");
+    assert!(
+        error.to_string().contains("nodeseal policy apply"),
+        "{error}"
+    );
 }
 
 /// The next event that is not about the kinds' bookkeeping: skips nothing, but waits at most
@@ -779,7 +785,14 @@ async fn endpoints_are_the_pods() {
         .await
         .expect("hostNetwork pod");
     cluster
-        .create_workload_pod("empire", "starting", "node-2", &[("org", "empire")], &[], false)
+        .create_workload_pod(
+            "empire",
+            "starting",
+            "node-2",
+            &[("org", "empire")],
+            &[],
+            false,
+        )
         .await
         .expect("pod without IPs");
     quiet(&mut events, "hostNetwork and IP-less pods").await;
@@ -995,7 +1008,9 @@ async fn policy_documents_are_the_policy_objects() {
         },
     }))
     .expect("object");
-    nnps.create(&PostParams::default(), &l7).await.expect("create");
+    nnps.create(&PostParams::default(), &l7)
+        .await
+        .expect("create");
     match next_about(&mut events, "l7").await {
         Event::Invalid(error) => {
             assert_eq!(error.key, "policies/nnp.empire.l7");
@@ -1009,7 +1024,9 @@ async fn policy_documents_are_the_policy_objects() {
     let mut allow = l7.clone();
     allow.metadata.name = Some("allow".to_owned());
     allow.data = serde_json::json!({ "spec": { "endpointSelector": {}, "ingress": [{}] } });
-    nnps.create(&PostParams::default(), &allow).await.expect("create");
+    nnps.create(&PostParams::default(), &allow)
+        .await
+        .expect("create");
     expect_put(next_about(&mut events, "allow").await, "nnp.empire.allow");
 
     // get and list through the store; the invalid one is listed as skipped, not as a record.

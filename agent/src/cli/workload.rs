@@ -516,7 +516,9 @@ pub(super) async fn endpoint(command: EndpointCommand) -> Result<()> {
             store,
         } => {
             if store.kubernetes {
-                bail!("endpoints come from Pod objects in Kubernetes mode; there is nothing to add");
+                bail!(
+                    "endpoints come from Pod objects in Kubernetes mode; there is nothing to add"
+                );
             }
             let endpoint = Endpoint {
                 node: id.node,

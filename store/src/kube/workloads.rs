@@ -182,10 +182,7 @@ fn policy_document_text(source: PolicySource, object: &DynamicObject) -> String 
         metadata.insert("namespace".to_owned(), Value::String(namespace.clone()));
     }
     let mut document = Map::new();
-    document.insert(
-        "apiVersion".to_owned(),
-        Value::String(source.api_version()),
-    );
+    document.insert("apiVersion".to_owned(), Value::String(source.api_version()));
     document.insert("kind".to_owned(), Value::String(source.kind().to_owned()));
     document.insert("metadata".to_owned(), Value::Object(metadata));
     if let Value::Object(fields) = &object.data {
@@ -491,7 +488,10 @@ mod tests {
 
         let (_, bad) = endpoint_record(&pod(&[], &["not-an-ip"])).expect("reported");
         let problem = bad.expect_err("invalid");
-        assert!(problem.to_string().contains("Pod default/xwing"), "{problem}");
+        assert!(
+            problem.to_string().contains("Pod default/xwing"),
+            "{problem}"
+        );
         let many: Vec<(String, String)> = (0..=crate::MAX_LABELS)
             .map(|i| (format!("k{i}"), "v".to_owned()))
             .collect();

@@ -234,8 +234,10 @@ impl KubeApiServer {
         if ips.is_empty() {
             return Ok(created);
         }
-        let pod_ips: Vec<serde_json::Value> =
-            ips.iter().map(|ip| serde_json::json!({ "ip": ip })).collect();
+        let pod_ips: Vec<serde_json::Value> = ips
+            .iter()
+            .map(|ip| serde_json::json!({ "ip": ip }))
+            .collect();
         let status = serde_json::json!({
             "status": { "phase": "Running", "podIP": ips[0], "podIPs": pod_ips }
         });

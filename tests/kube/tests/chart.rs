@@ -468,7 +468,10 @@ fn rbac_is_least_privilege() {
     for (resource, group_rules) in [
         ("pods", "\"ClusterRole\"/\"nodeseal-agent\""),
         ("networkpolicies", "\"ClusterRole\"/\"nodeseal-agent\""),
-        ("nodesealnetworkpolicies", "\"ClusterRole\"/\"nodeseal-agent\""),
+        (
+            "nodesealnetworkpolicies",
+            "\"ClusterRole\"/\"nodeseal-agent\"",
+        ),
         (
             "nodesealclusterwidenetworkpolicies",
             "\"ClusterRole\"/\"nodeseal-agent\"",

@@ -640,7 +640,10 @@ async fn only_keymgr_writes_identities() {
         "keymgr creates another ConfigMap",
     );
     assert_eq!(code, 403);
-    assert!(message.contains("identity ConfigMaps, not other"), "{message}");
+    assert!(
+        message.contains("identity ConfigMaps, not other"),
+        "{message}"
+    );
     Api::<ConfigMap>::namespaced(cluster.admin_client(), NS)
         .create(&pp, &identity_config_map("operator-owned"))
         .await
