@@ -112,8 +112,18 @@ async fn keymgr_allocates_pods_identities_and_collects_unused_ones() {
         cancel.clone(),
     ));
 
-    let deathstar = "k8s:class=deathstar,k8s:io.kubernetes.pod.namespace=empire";
-    let tiefighter = "k8s:class=tiefighter,k8s:io.kubernetes.pod.namespace=empire";
+    // Pod labels, the namespace's labels (the apiserver's kubernetes.io/metadata.name) and
+    // the namespace.
+    let labels = |class: &str| {
+        format!(
+            "k8s:class={class},k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=empire,\
+             k8s:io.kubernetes.pod.namespace=empire"
+        )
+    };
+    let deathstar = labels("deathstar");
+    let deathstar = deathstar.as_str();
+    let tiefighter = labels("tiefighter");
+    let tiefighter = tiefighter.as_str();
     let first = identities_until(&store, "two label sets allocated", |ids| ids.len() == 2).await;
     assert!(first.contains_key(deathstar), "{first:?}");
     assert!(first.contains_key(tiefighter), "{first:?}");

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use futures::stream::{BoxStream, select_all};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -43,7 +43,7 @@ use self::objects::{
     config_map_name, config_map_record, in_config_map, published_spec,
 };
 use self::workloads::{
-    Derived, PolicyObject, PolicySource, endpoint_record, policy_object_of, policy_record,
+    Derived, PodView, PolicyObject, PolicySource, endpoint_record, policy_object_of, policy_record,
 };
 use crate::backend::{LeaseId, RawEvent, StoreBackend};
 use crate::error::{BoxError, RecordError, RecordProblem, StoreError};
@@ -204,6 +204,10 @@ impl KubeStore {
         Api::all(self.client.clone())
     }
 
+    fn namespaces(&self) -> Api<Namespace> {
+        Api::all(self.client.clone())
+    }
+
     /// Every object of a policy source, in all namespaces.
     fn policies(&self, source: PolicySource) -> Api<DynamicObject> {
         Api::all_with(self.client.clone(), &source.api_resource())
@@ -230,7 +234,14 @@ impl KubeStore {
             .get_opt(name)
             .await
             .map_err(|e| backend_error("get", key, e))?;
-        derived_value(key, pod.as_ref().and_then(endpoint_record))
+        let Some(pod) = pod else { return Ok(None) };
+        let labels = self
+            .namespaces()
+            .get_opt(namespace)
+            .await
+            .map_err(|e| backend_error("get", key, e))?
+            .and_then(|ns| ns.metadata.labels);
+        derived_value(key, endpoint_record(&pod, labels.as_ref()))
     }
 
     /// The policy document record `key` names, from its object.
@@ -566,16 +577,34 @@ impl StoreBackend for KubeStore {
                     .list(&ListParams::default())
                     .await
                     .map_err(|e| backend_error("list", prefix, e))?;
-                entries.extend(pods.items.iter().filter_map(endpoint_record).filter_map(
-                    |(key, value)| match value {
-                        Ok(value) => Some((key, value)),
-                        // Listings skip what is unusable; the watch reports it.
-                        Err(problem) => {
-                            warn!(%key, %problem, "skipping endpoint");
-                            None
-                        }
-                    },
-                ));
+                let namespaces: BTreeMap<String, BTreeMap<String, String>> = self
+                    .namespaces()
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| backend_error("list", prefix, e))?
+                    .items
+                    .into_iter()
+                    .map(|ns| (ns.name_any(), ns.metadata.labels.unwrap_or_default()))
+                    .collect();
+                let record = |pod: &Pod| {
+                    endpoint_record(
+                        pod,
+                        namespaces.get(pod.metadata.namespace.as_deref().unwrap_or_default()),
+                    )
+                };
+                entries.extend(
+                    pods.items
+                        .iter()
+                        .filter_map(record)
+                        .filter_map(|(key, value)| match value {
+                            Ok(value) => Some((key, value)),
+                            // Listings skip what is unusable; the watch reports it.
+                            Err(problem) => {
+                                warn!(%key, %problem, "skipping endpoint");
+                                None
+                            }
+                        }),
+                );
             }
             Kind::PolicyDocument => {
                 for source in PolicySource::ALL {
@@ -763,8 +792,9 @@ mod watch {
         Node(Box<Result<watcher::Event<Node>, watcher::Error>>),
         Published(Result<watcher::Event<NodesealNode>, watcher::Error>),
         ConfigMap(Result<watcher::Event<ConfigMap>, watcher::Error>),
-        /// Pods or policy objects, already turned into the records they make.
+        /// Pods or policy objects, already turned into what makes their records.
         Derived(Feed, Result<DerivedEvent, watcher::Error>),
+        Namespace(Result<watcher::Event<Namespace>, watcher::Error>),
     }
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -773,23 +803,43 @@ mod watch {
         Published,
         ConfigMaps,
         Pods,
+        /// Namespace labels, part of every endpoint's labels.
+        Namespaces,
         Policies(PolicySource),
     }
 
+    /// What one object contributes: a finished record (policies) or what makes one together
+    /// with its namespace's labels (pods).
+    enum Item {
+        Record(Derived),
+        Pod(PodView),
+    }
+
+    impl Item {
+        fn key(&self) -> &str {
+            match self {
+                Item::Record((key, _)) => key,
+                Item::Pod(view) => view.key(),
+            }
+        }
+    }
+
+    type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
     /// A watcher event of an object that makes at most one record: the object's id
-    /// (`namespace/name`) and the record, derived as the event arrives so that only the record
-    /// is kept, not the object.
+    /// (`namespace/name`) and what makes the record, derived as the event arrives so that the
+    /// object itself is not kept.
     enum DerivedEvent {
         Init,
-        InitApply(String, Option<Derived>),
+        InitApply(String, Option<Item>),
         InitDone,
-        Apply(String, Option<Derived>),
+        Apply(String, Option<Item>),
         Delete(String),
     }
 
     fn derive<K: kube::Resource>(
         event: watcher::Event<K>,
-        record: impl Fn(&K) -> Option<Derived>,
+        record: impl Fn(&K) -> Option<Item>,
     ) -> DerivedEvent {
         let id = |object: &K| {
             format!(
@@ -810,9 +860,9 @@ mod watch {
     /// The records one derived feed makes, by object id, and by key.
     #[derive(Default)]
     struct DerivedRecords {
-        objects: BTreeMap<String, Derived>,
+        objects: BTreeMap<String, Item>,
         /// Objects listed since the watcher's `Init`, swapped in at `InitDone`.
-        relisting: Option<BTreeMap<String, Derived>>,
+        relisting: Option<BTreeMap<String, Item>>,
         by_key: BTreeMap<String, String>,
     }
 
@@ -832,21 +882,21 @@ mod watch {
                         self.objects
                             .values()
                             .chain(list.values())
-                            .map(|(key, _)| key.clone()),
+                            .map(|item| item.key().to_owned()),
                     );
                     self.by_key = list
                         .iter()
-                        .map(|(id, (key, _))| (key.clone(), id.clone()))
+                        .map(|(id, item)| (item.key().to_owned(), id.clone()))
                         .collect();
                     self.objects = list;
                     return true;
                 }
                 DerivedEvent::Apply(id, record) => {
                     self.remove(&id, touched);
-                    if let Some(record) = record {
-                        touched.insert(record.0.clone());
-                        self.by_key.insert(record.0.clone(), id.clone());
-                        self.objects.insert(id, record);
+                    if let Some(item) = record {
+                        touched.insert(item.key().to_owned());
+                        self.by_key.insert(item.key().to_owned(), id.clone());
+                        self.objects.insert(id, item);
                     }
                 }
                 DerivedEvent::Delete(id) => self.remove(&id, touched),
@@ -855,7 +905,8 @@ mod watch {
         }
 
         fn remove(&mut self, id: &str, touched: &mut BTreeSet<String>) {
-            if let Some((key, _)) = self.objects.remove(id) {
+            if let Some(item) = self.objects.remove(id) {
+                let key = item.key().to_owned();
                 if self.by_key.get(&key).is_some_and(|owner| owner == id) {
                     self.by_key.remove(&key);
                 }
@@ -863,9 +914,25 @@ mod watch {
             }
         }
 
-        fn value(&self, key: &str) -> Option<&Result<Vec<u8>, RecordProblem>> {
+        fn value(
+            &self,
+            key: &str,
+            namespaces: &NamespaceLabels,
+        ) -> Option<Result<Vec<u8>, RecordProblem>> {
             let id = self.by_key.get(key)?;
-            self.objects.get(id).map(|(_, value)| value)
+            match self.objects.get(id)? {
+                Item::Record((_, value)) => Some(value.clone()),
+                Item::Pod(view) => Some(view.record(namespaces.get(view.namespace()))),
+            }
+        }
+
+        /// The keys of the objects in `namespace` (ids are `namespace/name`).
+        fn keys_in<'a>(&'a self, namespace: &str) -> impl Iterator<Item = String> + 'a {
+            let prefix = format!("{namespace}/");
+            self.objects
+                .range(prefix.clone()..)
+                .take_while(move |(id, _)| id.starts_with(&prefix))
+                .map(|(_, item)| item.key().to_owned())
         }
     }
 
@@ -878,6 +945,7 @@ mod watch {
         config_maps: BTreeMap<String, (String, Vec<u8>)>,
         /// Endpoints (from Pods) and policy documents (from policy objects), by feed.
         derived: BTreeMap<Feed, DerivedRecords>,
+        namespaces: NamespaceLabels,
         /// Objects listed since a watcher's `Init`, swapped in at `InitDone`.
         relisting: Relisting,
         /// What was last reported per key: a value, or the problem that makes it unusable.
@@ -895,6 +963,7 @@ mod watch {
         nodes: Option<BTreeMap<String, Node>>,
         published: Option<BTreeMap<String, NodesealNode>>,
         config_maps: Option<BTreeMap<String, (String, Vec<u8>)>>,
+        namespaces: Option<NamespaceLabels>,
     }
 
     pub(super) fn run(store: KubeStore, kinds: &[Kind]) -> BoxStream<'static, RawEvent> {
@@ -939,7 +1008,19 @@ mod watch {
             streams.push(
                 watcher(store.pods(), watcher::Config::default())
                     .default_backoff()
-                    .map(|r| Source::Derived(Feed::Pods, r.map(|e| derive(e, endpoint_record))))
+                    .map(|r| {
+                        Source::Derived(
+                            Feed::Pods,
+                            r.map(|e| derive(e, |pod| PodView::of(pod).map(Item::Pod))),
+                        )
+                    })
+                    .boxed(),
+            );
+            feeds.insert(Feed::Namespaces);
+            streams.push(
+                watcher(store.namespaces(), watcher::Config::default())
+                    .default_backoff()
+                    .map(Source::Namespace)
                     .boxed(),
             );
         }
@@ -953,7 +1034,9 @@ mod watch {
                         .map(move |r| {
                             Source::Derived(
                                 feed,
-                                r.map(|e| derive(e, |o| Some(policy_record(source, o)))),
+                                r.map(|e| {
+                                    derive(e, |o| Some(Item::Record(policy_record(source, o))))
+                                }),
                             )
                         })
                         .boxed(),
@@ -972,6 +1055,7 @@ mod watch {
             published: BTreeMap::new(),
             config_maps: BTreeMap::new(),
             derived,
+            namespaces: BTreeMap::new(),
             relisting: Relisting::default(),
             reported: BTreeMap::new(),
             ready: BTreeSet::new(),
@@ -1018,6 +1102,10 @@ mod watch {
                     let records = self.derived.entry(feed).or_default();
                     (feed, r.map(|e| records.apply(e, &mut touched)))
                 }
+                Source::Namespace(r) => (
+                    Feed::Namespaces,
+                    r.map(|e| self.on_namespace(e, &mut touched)),
+                ),
             };
             let mut out = Vec::new();
             match result {
@@ -1181,6 +1269,54 @@ mod watch {
             false
         }
 
+        /// Applies a Namespace event: the endpoints of a namespace whose labels changed are
+        /// touched. Returns whether a listing just completed.
+        fn on_namespace(
+            &mut self,
+            event: watcher::Event<Namespace>,
+            touched: &mut BTreeSet<String>,
+        ) -> bool {
+            let labels_of = |ns: &Namespace| ns.metadata.labels.clone().unwrap_or_default();
+            let mut changed: BTreeSet<String> = BTreeSet::new();
+            let mut done = false;
+            match event {
+                watcher::Event::Init => self.relisting.namespaces = Some(BTreeMap::new()),
+                watcher::Event::InitApply(ns) => {
+                    if let Some(list) = &mut self.relisting.namespaces {
+                        list.insert(ns.name_any(), labels_of(&ns));
+                    }
+                }
+                watcher::Event::InitDone => {
+                    let list = self.relisting.namespaces.take().unwrap_or_default();
+                    for name in self.namespaces.keys().chain(list.keys()) {
+                        if self.namespaces.get(name) != list.get(name) {
+                            changed.insert(name.clone());
+                        }
+                    }
+                    self.namespaces = list;
+                    done = true;
+                }
+                watcher::Event::Apply(ns) => {
+                    let labels = labels_of(&ns);
+                    if self.namespaces.get(&ns.name_any()) != Some(&labels) {
+                        changed.insert(ns.name_any());
+                    }
+                    self.namespaces.insert(ns.name_any(), labels);
+                }
+                watcher::Event::Delete(ns) => {
+                    if self.namespaces.remove(&ns.name_any()).is_some() {
+                        changed.insert(ns.name_any());
+                    }
+                }
+            }
+            if let Some(pods) = self.derived.get(&Feed::Pods) {
+                for namespace in &changed {
+                    touched.extend(pods.keys_in(namespace));
+                }
+            }
+            done
+        }
+
         /// The current record (or problem) under `key`, if any.
         fn value_of(&self, key: &str) -> Option<Result<Vec<u8>, RecordProblem>> {
             let (prefix, id) = key.split_once('/')?;
@@ -1201,9 +1337,10 @@ mod watch {
                     }))
                 }
                 Kind::NodeStatus => self.published.get(id).and_then(status_value).map(Ok),
-                Kind::Endpoint | Kind::PolicyDocument => {
-                    self.derived.values().find_map(|d| d.value(key)).cloned()
-                }
+                Kind::Endpoint | Kind::PolicyDocument => self
+                    .derived
+                    .values()
+                    .find_map(|d| d.value(key, &self.namespaces)),
                 _ => self
                     .config_maps
                     .values()

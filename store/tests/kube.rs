@@ -764,9 +764,13 @@ async fn endpoints_are_the_pods() {
     assert_eq!(endpoint.name, name("deathstar"));
     assert_eq!(endpoint.ips, vec![ip("10.244.1.10"), ip("fd00:1::10")]);
     assert_eq!(endpoint.interface, "", "found by route");
+    // The namespace's labels too (the apiserver labels every namespace with its name), as
+    // Labels::for_pod builds them: what a NetworkPolicy namespaceSelector matches.
     assert_eq!(
         endpoint.security_labels().to_string(),
-        "k8s:class=deathstar,k8s:io.kubernetes.pod.namespace=empire,k8s:org=empire"
+        "k8s:class=deathstar,\
+         k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=empire,\
+         k8s:io.kubernetes.pod.namespace=empire,k8s:org=empire"
     );
     let id = EndpointId {
         node: name("node-1"),
@@ -798,6 +802,10 @@ async fn endpoints_are_the_pods() {
     quiet(&mut events, "hostNetwork and IP-less pods").await;
     let listing = store.list::<Endpoint>().await.expect("list");
     assert_eq!(listing.records, vec![endpoint.clone()]);
+    assert_eq!(
+        store.get::<Endpoint>(&id).await.expect("get"),
+        Some(endpoint.clone())
+    );
 
     // A label change is a Put of the same key.
     let patch = serde_json::json!({ "metadata": { "labels": { "class": "deathstar-2" } } });
@@ -810,10 +818,32 @@ async fn endpoints_are_the_pods() {
             assert_eq!(changed.id(), id);
             assert_eq!(
                 changed.labels.to_string(),
-                "k8s:class=deathstar-2,k8s:org=empire"
+                "k8s:class=deathstar-2,\
+                 k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=empire,\
+                 k8s:org=empire"
             );
         }
         other => panic!("expected the relabelled endpoint, got {other:?}"),
+    }
+
+    // A namespace label change is a Put of each of its endpoints.
+    let patch = serde_json::json!({ "metadata": { "labels": { "team": "sith" } } });
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(cluster.admin_client())
+        .patch("empire", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("label the namespace");
+    match next_about(&mut events, "namespace relabel").await {
+        Event::Put(Record::Endpoint(changed)) => {
+            assert_eq!(changed.id(), id);
+            assert!(
+                changed
+                    .labels
+                    .to_string()
+                    .contains("k8s:io.cilium.k8s.namespace.labels.team=sith"),
+                "{changed:?}"
+            );
+        }
+        other => panic!("expected the endpoint with its namespace's label, got {other:?}"),
     }
 
     // Writing endpoints is refused: Pods are the source.

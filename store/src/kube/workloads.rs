@@ -11,7 +11,9 @@
 //! A Pod is an endpoint once it is scheduled (`spec.nodeName`), has an address
 //! (`status.podIPs`, or the older `status.podIP`), is not `hostNetwork` (its traffic is the
 //! node's) and has not finished (phase Succeeded or Failed: its addresses may be reused). Its
-//! labels are the Pod's labels with source `k8s`; the namespace is added by
+//! labels are the Pod's labels and its namespace's labels as
+//! `io.cilium.k8s.namespace.labels.<key>` (what NetworkPolicy's namespaceSelector matches), all
+//! with source `k8s`, as `Labels::for_pod` builds them; the namespace name is added by
 //! [`Endpoint::security_labels`](crate::Endpoint::security_labels), as for every endpoint.
 //! Its interface is empty: the agent finds the host side by route.
 //!
@@ -26,7 +28,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ApiResource, DynamicObject};
 use kube::core::GroupVersionKind;
-use nodeseal_policy::labels::{LabelKey, Labels};
+use nodeseal_policy::labels::{LabelKey, Labels, NAMESPACE_LABELS_PREFIX};
 use serde::Deserialize as _;
 use serde_json::{Map, Value};
 
@@ -201,86 +203,138 @@ fn policy_document_text(source: PolicySource, object: &DynamicObject) -> String 
     serde_json::to_string_pretty(&Value::Object(document)).unwrap_or_default()
 }
 
-/// The endpoint record of a Pod, or `None` if the Pod is no endpoint (see the module docs).
-pub fn endpoint_record(pod: &Pod) -> Option<Derived> {
-    let spec = pod.spec.as_ref()?;
-    let node = spec.node_name.as_deref().filter(|n| !n.is_empty())?;
-    if spec.host_network == Some(true) {
-        return None;
-    }
-    let status = pod.status.as_ref()?;
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return None;
-    }
-    let mut texts: Vec<&str> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .map(|ip| ip.ip.as_str())
-        .collect();
-    if texts.is_empty() {
-        texts.extend(status.pod_ip.as_deref());
-    }
-    texts.retain(|t| !t.is_empty());
-    if texts.is_empty() {
-        return None;
-    }
-    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
-    let name = pod.metadata.name.as_deref().unwrap_or_default();
-    let key = format!("{}/{node}:{namespace}:{name}", Kind::Endpoint.as_str());
-    Some((key, endpoint_value(pod, node, namespace, name, &texts)))
+/// What of a Pod makes its endpoint record: kept by the watch instead of the whole object, and
+/// combined with its namespace's labels when the record is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodView {
+    key: String,
+    node: String,
+    namespace: String,
+    name: String,
+    labels: BTreeMap<String, String>,
+    ips: Vec<String>,
 }
 
-fn endpoint_value(
-    pod: &Pod,
-    node: &str,
-    namespace: &str,
-    name: &str,
-    texts: &[&str],
-) -> Result<Vec<u8>, RecordProblem> {
-    let bad_name = |e: crate::types::IdError| RecordProblem::BadKey {
-        reason: format!("Pod {namespace}/{name} on node {node}: {e}"),
-    };
-    let field = |field: &'static str, reason: String| RecordProblem::Field {
-        field,
-        reason: format!("Pod {namespace}/{name}: {reason}"),
-    };
-    if texts.len() > MAX_ADDRESSES {
-        return Err(field(
-            "ips",
-            format!("more than {MAX_ADDRESSES} addresses in status.podIPs"),
-        ));
-    }
-    let mut ips: Vec<IpAddr> = Vec::new();
-    for text in texts {
-        let ip: IpAddr = text.parse().map_err(|_| {
-            field(
-                "ips",
-                format!("status.podIPs holds {text:?}, which is not an IP address"),
-            )
-        })?;
-        // podIP and podIPs may repeat an address.
-        if !ips.contains(&ip) {
-            ips.push(ip);
+impl PodView {
+    /// The Pod's view, or `None` if the Pod is no endpoint (see the module docs).
+    pub fn of(pod: &Pod) -> Option<Self> {
+        let spec = pod.spec.as_ref()?;
+        let node = spec.node_name.as_deref().filter(|n| !n.is_empty())?;
+        if spec.host_network == Some(true) {
+            return None;
         }
+        let status = pod.status.as_ref()?;
+        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            return None;
+        }
+        let mut ips: Vec<String> = status
+            .pod_ips
+            .iter()
+            .flatten()
+            .map(|ip| ip.ip.clone())
+            .collect();
+        if ips.is_empty() {
+            ips.extend(status.pod_ip.clone());
+        }
+        ips.retain(|t| !t.is_empty());
+        if ips.is_empty() {
+            return None;
+        }
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        Some(Self {
+            key: format!("{}/{node}:{namespace}:{name}", Kind::Endpoint.as_str()),
+            node: node.to_owned(),
+            namespace,
+            name,
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            ips,
+        })
     }
-    let mut labels = Labels::new();
-    let empty = BTreeMap::new();
-    for (key, value) in pod.metadata.labels.as_ref().unwrap_or(&empty) {
-        labels.insert(LabelKey::k8s(key), value.clone());
+
+    /// The record's key.
+    pub fn key(&self) -> &str {
+        &self.key
     }
-    let endpoint = Endpoint {
-        node: NodeName::new(node).map_err(bad_name)?,
-        namespace: NodeName::new(namespace).map_err(bad_name)?,
-        name: NodeName::new(name).map_err(bad_name)?,
-        labels,
-        ips,
-        interface: String::new(),
-    };
-    encode(&endpoint).map_err(|error| match error.problem {
-        RecordProblem::Field { field: f, reason } => field(f, reason),
-        other => other,
-    })
+
+    /// The Pod's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The endpoint record, with the labels of the Pod's namespace (`None`: the namespace is
+    /// not known, so the record has none of its labels).
+    ///
+    /// # Errors
+    ///
+    /// The [`RecordProblem`] naming the Pod and the field that breaks the record's rules.
+    pub fn record(
+        &self,
+        namespace_labels: Option<&BTreeMap<String, String>>,
+    ) -> Result<Vec<u8>, RecordProblem> {
+        let (node, namespace, name) = (&self.node, &self.namespace, &self.name);
+        let bad_name = |e: crate::types::IdError| RecordProblem::BadKey {
+            reason: format!("Pod {namespace}/{name} on node {node}: {e}"),
+        };
+        let field = |field: &'static str, reason: String| RecordProblem::Field {
+            field,
+            reason: format!("Pod {namespace}/{name}: {reason}"),
+        };
+        if self.ips.len() > MAX_ADDRESSES {
+            return Err(field(
+                "ips",
+                format!("more than {MAX_ADDRESSES} addresses in status.podIPs"),
+            ));
+        }
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for text in &self.ips {
+            let ip: IpAddr = text.parse().map_err(|_| {
+                field(
+                    "ips",
+                    format!("status.podIPs holds {text:?}, which is not an IP address"),
+                )
+            })?;
+            // podIP and podIPs may repeat an address.
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        // As Labels::for_pod builds them, without the namespace name, which
+        // Endpoint::security_labels adds.
+        let mut labels = Labels::new();
+        for (key, value) in &self.labels {
+            labels.insert(LabelKey::k8s(key), value.clone());
+        }
+        for (key, value) in namespace_labels.into_iter().flatten() {
+            labels.insert(
+                LabelKey::k8s(&format!("{NAMESPACE_LABELS_PREFIX}{key}")),
+                value.clone(),
+            );
+        }
+        let endpoint = Endpoint {
+            node: NodeName::new(node.as_str()).map_err(bad_name)?,
+            namespace: NodeName::new(namespace.as_str()).map_err(bad_name)?,
+            name: NodeName::new(name.as_str()).map_err(bad_name)?,
+            labels,
+            ips,
+            interface: String::new(),
+        };
+        encode(&endpoint).map_err(|error| match error.problem {
+            RecordProblem::Field { field: f, reason } => field(f, reason),
+            other => other,
+        })
+    }
+}
+
+/// The endpoint record of a Pod in a namespace with `namespace_labels`, or `None` if the Pod
+/// is no endpoint.
+pub fn endpoint_record(
+    pod: &Pod,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> Option<Derived> {
+    let view = PodView::of(pod)?;
+    let value = view.record(namespace_labels);
+    Some((view.key, value))
 }
 
 /// Why a document cannot be applied as Kubernetes objects.
@@ -452,10 +506,14 @@ mod tests {
 
     #[test]
     fn pods_become_endpoints_with_their_labels_and_no_interface() {
-        let (key, value) = endpoint_record(&pod(
-            &[("org", "alliance"), ("class", "xwing")],
-            &["10.244.3.5", "fd00::5"],
-        ))
+        let team = BTreeMap::from([("team".to_owned(), "rebels".to_owned())]);
+        let (key, value) = endpoint_record(
+            &pod(
+                &[("org", "alliance"), ("class", "xwing")],
+                &["10.244.3.5", "fd00::5"],
+            ),
+            Some(&team),
+        )
         .expect("an endpoint");
         assert_eq!(key, "endpoints/node-1:default:xwing");
         let key = Key::parse(&key).expect("key");
@@ -464,8 +522,18 @@ mod tests {
         assert_eq!(endpoint.ips.len(), 2);
         assert_eq!(
             endpoint.security_labels().to_string(),
-            "k8s:class=xwing,k8s:io.kubernetes.pod.namespace=default,k8s:org=alliance"
+            "k8s:class=xwing,k8s:io.cilium.k8s.namespace.labels.team=rebels,\
+             k8s:io.kubernetes.pod.namespace=default,k8s:org=alliance"
         );
+        let by_pod = Labels::for_pod(
+            "default",
+            &BTreeMap::from([
+                ("org".to_owned(), "alliance".to_owned()),
+                ("class".to_owned(), "xwing".to_owned()),
+            ]),
+            &team,
+        );
+        assert_eq!(endpoint.security_labels(), by_pod, "as Labels::for_pod");
         assert_eq!(endpoint.key(), key);
     }
 
@@ -475,18 +543,18 @@ mod tests {
         if let Some(spec) = host.spec.as_mut() {
             spec.host_network = Some(true);
         }
-        assert!(endpoint_record(&host).is_none());
-        assert!(endpoint_record(&pod(&[], &[])).is_none());
+        assert!(endpoint_record(&host, None).is_none());
+        assert!(endpoint_record(&pod(&[], &[]), None).is_none());
         let mut done = pod(&[], &["10.244.3.5"]);
         if let Some(status) = done.status.as_mut() {
             status.phase = Some("Succeeded".to_owned());
         }
-        assert!(endpoint_record(&done).is_none());
+        assert!(endpoint_record(&done, None).is_none());
         let mut pending = pod(&[], &["10.244.3.5"]);
         pending.spec = Some(PodSpec::default());
-        assert!(endpoint_record(&pending).is_none());
+        assert!(endpoint_record(&pending, None).is_none());
 
-        let (_, bad) = endpoint_record(&pod(&[], &["not-an-ip"])).expect("reported");
+        let (_, bad) = endpoint_record(&pod(&[], &["not-an-ip"]), None).expect("reported");
         let problem = bad.expect_err("invalid");
         assert!(
             problem.to_string().contains("Pod default/xwing"),
@@ -496,7 +564,7 @@ mod tests {
             .map(|i| (format!("k{i}"), "v".to_owned()))
             .collect();
         let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let (_, bad) = endpoint_record(&pod(&many, &["10.244.3.5"])).expect("reported");
+        let (_, bad) = endpoint_record(&pod(&many, &["10.244.3.5"]), None).expect("reported");
         assert!(matches!(
             bad,
             Err(RecordProblem::Field {

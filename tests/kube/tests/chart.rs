@@ -467,6 +467,7 @@ fn rbac_is_least_privilege() {
     // identity ConfigMaps, and writes none of them (keymgr allocates identities).
     for (resource, group_rules) in [
         ("pods", "\"ClusterRole\"/\"nodeseal-agent\""),
+        ("namespaces", "\"ClusterRole\"/\"nodeseal-agent\""),
         ("networkpolicies", "\"ClusterRole\"/\"nodeseal-agent\""),
         (
             "nodesealnetworkpolicies",
@@ -521,6 +522,11 @@ fn rbac_is_least_privilege() {
     let cluster = rules_of("\"ClusterRole\"/\"nodeseal-keymgr\"");
     for verb in ["get", "list", "watch"] {
         assert_eq!(grants(cluster, "pods", verb), [None], "keymgr {verb} pods");
+        assert_eq!(
+            grants(cluster, "namespaces", verb),
+            [None],
+            "keymgr {verb} namespaces"
+        );
     }
     assert_eq!(
         grants(cluster, "signers", "sign"),

@@ -566,6 +566,10 @@ async fn only_keymgr_writes_identities() {
         .list(&ListParams::default())
         .await
         .expect("agent lists pods");
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(agent_a.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("agent lists namespaces");
     Api::<NetworkPolicy>::all(agent_a.clone())
         .list(&ListParams::default())
         .await
