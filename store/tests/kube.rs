@@ -1097,3 +1097,47 @@ async fn policy_documents_are_the_policy_objects() {
             .expect("delete again")
     );
 }
+
+/// A cluster upgraded without nodeseal's policy CRDs (Helm never upgrades CRDs): the watch
+/// still starts, with the NetworkPolicy objects, instead of waiting for kinds that are not
+/// served; listing skips them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_starts_without_the_policy_crds() {
+    use nodeseal_store::PolicyDocument;
+
+    if !binaries_or_skip("kube::watch_starts_without_the_policy_crds") {
+        return;
+    }
+    let cluster = KubeApiServer::start().await.expect("kube-apiserver");
+    cluster.create_namespace(NAMESPACE).await.expect("namespace");
+    cluster.create_namespace("empire").await.expect("namespace");
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_yaml::from_str(NETWORK_POLICY).expect("NetworkPolicy YAML");
+    Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(
+        cluster.admin_client(),
+        "empire",
+    )
+    .create(&PostParams::default(), &np)
+    .await
+    .expect("NetworkPolicy");
+    let store = store(&cluster);
+    let mut events = store.watch(&[Kind::PolicyDocument, Kind::Endpoint]);
+    match next(&mut events).await {
+        Event::Snapshot(s) => {
+            let names: Vec<String> = s
+                .records
+                .iter()
+                .filter_map(|r| match r {
+                    Record::PolicyDocument(d) => Some(d.name.to_string()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(names, ["knp.empire.web"], "{s:?}");
+        }
+        other => panic!("expected the first snapshot, got {other:?}"),
+    }
+    let listing = store.list::<PolicyDocument>().await.expect("list");
+    assert_eq!(listing.records.len(), 1);
+    // Nor is the missing CRD an outage: no Interrupted follows while its watcher retries.
+    quiet(&mut events, "a missing CRD").await;
+}
