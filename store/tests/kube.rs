@@ -1109,7 +1109,10 @@ async fn watch_starts_without_the_policy_crds() {
         return;
     }
     let cluster = KubeApiServer::start().await.expect("kube-apiserver");
-    cluster.create_namespace(NAMESPACE).await.expect("namespace");
+    cluster
+        .create_namespace(NAMESPACE)
+        .await
+        .expect("namespace");
     cluster.create_namespace("empire").await.expect("namespace");
     let np: k8s_openapi::api::networking::v1::NetworkPolicy =
         serde_yaml::from_str(NETWORK_POLICY).expect("NetworkPolicy YAML");
