@@ -18,7 +18,9 @@
 //! Its interface is empty: the agent finds the host side by route.
 //!
 //! A policy record's name is the object's kind prefix, namespace and name joined by dots.
-//! Namespaces hold no dots, so the name reads back unambiguously ([`policy_object_of`]). Its
+//! Namespaces hold no dots, so the name reads back unambiguously ([`policy_object_of`]). An
+//! object whose joined name exceeds a store name's 253 characters is reported invalid (a
+//! `BadKey` naming the object) rather than renamed. Its
 //! document is the object itself (apiVersion, kind, name, namespace and every top-level field
 //! but `status`), as JSON, which nodeseal-policy parses like a file.
 
@@ -356,6 +358,13 @@ pub enum ApplyError {
         /// `kind`.
         kind: String,
     },
+    /// The documents could not be split into objects although the parser accepted them (the
+    /// two readings disagree; nothing is applied).
+    #[error("the document could not be split into objects: {reason}")]
+    Unsplittable {
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// One object to apply: its source, namespace (for namespaced sources) and the object's JSON.
@@ -445,21 +454,19 @@ pub fn policy_objects(input: &[u8]) -> Result<Vec<PolicyObject>, ApplyError> {
 
 /// The documents of a YAML stream or JSON input, as nodeseal-policy splits them.
 fn raw_documents(input: &[u8]) -> Result<Vec<Value>, ApplyError> {
-    // parse() accepted the input, so it is UTF-8 and well-formed; errors here would mean the
-    // two readings differ, and are reported as the parser's.
-    let text = std::str::from_utf8(input).unwrap_or_default();
+    // parse() accepted the input, so it is UTF-8 and well-formed; an error here means the two
+    // readings differ, and nothing is applied.
+    let unsplittable = |reason: String| ApplyError::Unsplittable { reason };
+    let text = std::str::from_utf8(input).map_err(|e| unsplittable(e.to_string()))?;
     if text.trim_start().starts_with(['{', '[']) {
-        return Ok(match serde_json::from_str(text) {
-            Ok(Value::Array(items)) => items,
-            Ok(value) => vec![value],
-            Err(_) => Vec::new(),
-        });
+        return match serde_json::from_str(text).map_err(|e| unsplittable(e.to_string()))? {
+            Value::Array(items) => Ok(items),
+            value => Ok(vec![value]),
+        };
     }
     let mut documents = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
-        if let Ok(value) = Value::deserialize(document) {
-            documents.push(value);
-        }
+        documents.push(Value::deserialize(document).map_err(|e| unsplittable(e.to_string()))?);
     }
     Ok(documents)
 }
