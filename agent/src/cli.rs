@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{DEFAULT_STATUS_SOCKET, StoreArgs};
 
+mod kube_policy;
 mod workload;
 use crate::identity::{pem, write_secret};
 
@@ -169,6 +170,9 @@ struct KeymgrKubeArgs {
     /// How long a keymgr replica that stopped renewing keeps the leadership Lease.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
+    /// How long a security identity stays after the last pod with its labels went.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    identity_gc_grace: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -374,6 +378,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                             options,
                             ca_ttl: kube.ca_ttl,
                             lease_duration: kube.lease_duration,
+                            identities: crate::identity_allocator::AllocatorOptions {
+                                grace: kube.identity_gc_grace,
+                            },
                         },
                         cancel,
                     )

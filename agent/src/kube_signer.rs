@@ -267,13 +267,16 @@ pub struct KeymgrSettings {
     pub ca_ttl: Duration,
     /// Leader-election Lease duration.
     pub lease_duration: Duration,
+    /// The identity allocator's settings (the leader allocates pods' identities).
+    pub identities: crate::identity_allocator::AllocatorOptions,
 }
 
 /// Name of keymgr's leader-election Lease.
 pub const LEASE_NAME: &str = "nodeseal-keymgr";
 
-/// Runs keymgr until `cancel` fires: while this replica leads, it loads (or creates) the CA,
-/// publishes the trust bundle and decides CSRs.
+/// Runs keymgr until `cancel` fires: while this replica leads, it allocates the pods'
+/// security identities ([`crate::identity_allocator`]), loads (or creates) the CA, publishes
+/// the trust bundle and decides CSRs.
 pub async fn run_keymgr(settings: KeymgrSettings, cancel: CancellationToken) {
     let election = crate::leader::Election {
         namespace: settings.namespace.clone(),
@@ -292,6 +295,23 @@ pub async fn run_keymgr(settings: KeymgrSettings, cancel: CancellationToken) {
 
 /// One term as leader.
 async fn lead(settings: &KeymgrSettings, term: CancellationToken) {
+    // Identities do not depend on the CA: allocation starts at once and ends with the term.
+    let stop_allocator = term.child_token();
+    let allocator = tokio::spawn(crate::identity_allocator::run(
+        settings.store.clone(),
+        settings.identities,
+        stop_allocator.clone(),
+    ));
+    lead_signer(settings, &term).await;
+    stop_allocator.cancel();
+    if let Err(error) = allocator.await {
+        warn!(%error, "the identity allocator task failed");
+    }
+}
+
+/// The signing part of a term: CA, trust bundle, CSRs.
+async fn lead_signer(settings: &KeymgrSettings, term: &CancellationToken) {
+    let term = term.clone();
     let ca = loop {
         match load_or_create_ca(
             &settings.client,

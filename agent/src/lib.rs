@@ -21,6 +21,7 @@ pub mod datapath;
 pub mod expiry;
 pub mod health;
 pub mod identity;
+pub mod identity_allocator;
 pub mod kube_identity;
 pub mod kube_signer;
 pub mod leader;

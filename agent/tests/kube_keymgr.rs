@@ -173,6 +173,7 @@ fn keymgr(
         options: IssueOptions::with_ttl(Duration::from_secs(3600)),
         ca_ttl: Duration::from_secs(86_400),
         lease_duration: Duration::from_secs(3),
+        identities: nodeseal_agent::identity_allocator::AllocatorOptions::default(),
     };
     tokio::spawn(run_keymgr(settings, cancel.child_token()))
 }
@@ -314,4 +315,115 @@ async fn an_imported_ca_is_the_one_keymgr_signs_with() {
     .await
     .expect("keymgr loads the CA");
     assert_eq!(loaded.certificate(), ca.certificate());
+}
+
+/// With the chart's RBAC and admission policies: keymgr (the leader) allocates the pods'
+/// identities and collects them when the pods go; an agent reads identities but its own
+/// allocation is refused (403), as a node must not decide which label sets exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keymgr_allocates_identities_agents_cannot() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::DeleteParams;
+    use nodeseal_store::{Identity, StoreError};
+
+    if !binaries_or_skip("kube_keymgr::keymgr_allocates_identities_agents_cannot") {
+        return;
+    }
+    let setup = setup().await;
+    setup
+        .cluster
+        .create_namespace("empire")
+        .await
+        .expect("namespace");
+    setup
+        .cluster
+        .create_workload_pod(
+            "empire",
+            "deathstar",
+            "node-a",
+            &[("class", "deathstar")],
+            &["10.244.1.10"],
+            false,
+        )
+        .await
+        .expect("pod");
+    let cancel = CancellationToken::new();
+    let replica = {
+        let client = &setup.keymgr[0];
+        let settings = KeymgrSettings {
+            client: client.clone(),
+            store: kube_store(client),
+            trust_domain: td(),
+            namespace: NS.to_owned(),
+            agent: AgentIdentity {
+                namespace: NS.to_owned(),
+                service_account: "nodeseal-agent".to_owned(),
+                daemon_set: DAEMONSET.to_owned(),
+            },
+            identity: "keymgr-0".to_owned(),
+            options: IssueOptions::with_ttl(Duration::from_secs(3600)),
+            ca_ttl: Duration::from_secs(86_400),
+            lease_duration: Duration::from_secs(3),
+            identities: nodeseal_agent::identity_allocator::AllocatorOptions {
+                grace: Duration::from_secs(1),
+            },
+        };
+        tokio::spawn(run_keymgr(settings, cancel.child_token()))
+    };
+
+    // The agent sees the identity keymgr allocated for deathstar's labels.
+    let agent_store = kube_store(&setup.agent_a);
+    let deadline = Instant::now() + SIGN_TIMEOUT;
+    let identity = loop {
+        let listed = agent_store
+            .list::<Identity>()
+            .await
+            .expect("agent lists identities");
+        if let Some(identity) = listed
+            .records
+            .into_iter()
+            .find(|i| i.labels.to_string().starts_with("k8s:class=deathstar,"))
+        {
+            break identity;
+        }
+        assert!(Instant::now() < deadline, "keymgr allocated no identity");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(identity.number.get() >= 256);
+
+    // The agent cannot allocate one itself.
+    let error = agent_store
+        .allocate_identity(&"k8s:org=alliance".parse().unwrap())
+        .await
+        .expect_err("agents cannot write identities");
+    match &error {
+        StoreError::Backend { source, .. } => {
+            let api = source
+                .downcast_ref::<kube::Error>()
+                .expect("a Kubernetes error");
+            assert!(
+                matches!(api, kube::Error::Api(status) if status.code == 403),
+                "{api:?}"
+            );
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+
+    // The pod goes: keymgr collects its identity after the grace period.
+    Api::<Pod>::namespaced(setup.cluster.admin_client(), "empire")
+        .delete("deathstar", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete");
+    let deadline = Instant::now() + SIGN_TIMEOUT;
+    while agent_store
+        .get::<Identity>(&identity.number)
+        .await
+        .expect("get")
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "identity never collected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cancel.cancel();
+    replica.await.expect("keymgr stops");
 }

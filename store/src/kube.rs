@@ -23,6 +23,7 @@
 //! nothing downstream unless the cluster changed.
 
 pub mod objects;
+pub mod workloads;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -30,9 +31,9 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use futures::stream::{BoxStream, select_all};
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource as _, ResourceExt as _};
 use tracing::{debug, warn};
@@ -40,6 +41,9 @@ use tracing::{debug, warn};
 use self::objects::{
     KIND_LABEL, NodesealNode, NodesealNodeStatus, compose_node_record, config_map_for,
     config_map_name, config_map_record, in_config_map, published_spec,
+};
+use self::workloads::{
+    Derived, PodView, PolicyObject, PolicySource, endpoint_record, policy_object_of, policy_record,
 };
 use crate::backend::{LeaseId, RawEvent, StoreBackend};
 use crate::error::{BoxError, RecordError, RecordProblem, StoreError};
@@ -105,6 +109,19 @@ fn unusable(key: &str, problem: RecordProblem) -> StoreError {
         key: key.to_owned(),
         problem,
     })
+}
+
+/// Why a record of a kind derived from cluster objects cannot be written as a record.
+fn derived_only(kind: Kind) -> StoreError {
+    StoreError::Config {
+        reason: if kind == Kind::Endpoint {
+            "endpoints come from Pod objects in Kubernetes mode; they cannot be written".to_owned()
+        } else {
+            "policies come from NodesealNetworkPolicy, NodesealClusterwideNetworkPolicy and \
+             NetworkPolicy objects in Kubernetes mode: `nodeseal policy apply -f` creates them"
+                .to_owned()
+        },
+    }
 }
 
 fn unsupported(kind: Kind) -> StoreError {
@@ -181,6 +198,92 @@ impl KubeStore {
 
     fn config_maps(&self) -> Api<ConfigMap> {
         Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::all(self.client.clone())
+    }
+
+    fn namespaces(&self) -> Api<Namespace> {
+        Api::all(self.client.clone())
+    }
+
+    /// Every object of a policy source, in all namespaces.
+    fn policies(&self, source: PolicySource) -> Api<DynamicObject> {
+        Api::all_with(self.client.clone(), &source.api_resource())
+    }
+
+    /// Objects of a policy source in one namespace (or cluster-scoped ones).
+    fn policies_in(&self, source: PolicySource, namespace: Option<&str>) -> Api<DynamicObject> {
+        match namespace {
+            Some(namespace) => {
+                Api::namespaced_with(self.client.clone(), namespace, &source.api_resource())
+            }
+            None => Api::all_with(self.client.clone(), &source.api_resource()),
+        }
+    }
+
+    /// The endpoint record `key` names, from its Pod.
+    async fn get_endpoint(&self, key: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut parts = id.split(':');
+        let (Some(_node), Some(namespace), Some(name)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Ok(None);
+        };
+        let pod = Api::<Pod>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| backend_error("get", key, e))?;
+        let Some(pod) = pod else { return Ok(None) };
+        let labels = self
+            .namespaces()
+            .get_opt(namespace)
+            .await
+            .map_err(|e| backend_error("get", key, e))?
+            .and_then(|ns| ns.metadata.labels);
+        derived_value(key, endpoint_record(&pod, labels.as_ref()))
+    }
+
+    /// The policy document record `key` names, from its object.
+    async fn get_policy(&self, key: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some((source, namespace, name)) = policy_object_of(id) else {
+            return Ok(None);
+        };
+        let object = match self
+            .policies_in(source, namespace.as_deref())
+            .get_opt(&name)
+            .await
+        {
+            Ok(object) => object,
+            // The CRD is not installed: no object of that kind.
+            Err(e) if is_not_found(&e) => None,
+            Err(e) => return Err(backend_error("get", key, e)),
+        };
+        derived_value(key, object.map(|o| policy_record(source, &o)))
+    }
+
+    /// Creates or updates the objects a policy document (YAML stream or JSON, the same input
+    /// as `nodeseal policy apply -f`) becomes: CiliumNetworkPolicy and NodesealNetworkPolicy
+    /// documents as NodesealNetworkPolicy objects, the cluster-wide kinds as
+    /// NodesealClusterwideNetworkPolicy, NetworkPolicy as NetworkPolicy. Server-side apply
+    /// with field manager `nodeseal`. Returns what was applied, in document order.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] if nodeseal-policy refuses the document (nothing is written);
+    /// the apiserver's errors.
+    pub async fn apply_policies(&self, input: &[u8]) -> Result<Vec<PolicyObject>, StoreError> {
+        let objects = workloads::policy_objects(input).map_err(|e| StoreError::Config {
+            reason: crate::record::error_chain(&e),
+        })?;
+        let params = PatchParams::apply("nodeseal").force();
+        for object in &objects {
+            let api = self.policies_in(object.source, object.namespace.as_deref());
+            api.patch(&object.name, &params, &Patch::Apply(&object.object))
+                .await
+                .map_err(|e| backend_error("apply", &object.record_name(), e))?;
+        }
+        Ok(objects)
     }
 
     fn node_value(
@@ -367,6 +470,17 @@ fn status_value(object: &NodesealNode) -> Option<Vec<u8>> {
     serde_json::to_vec_pretty(summary).ok()
 }
 
+/// The value of a derived record if it is the one `key` names: `None` when there is none (or
+/// the object makes another key), the problem when it is unusable.
+fn derived_value(key: &str, derived: Option<Derived>) -> Result<Option<Vec<u8>>, StoreError> {
+    match derived {
+        Some((derived_key, value)) if derived_key == key => {
+            value.map(Some).map_err(|problem| unusable(key, problem))
+        }
+        _ => Ok(None),
+    }
+}
+
 fn parse_key(key: &str) -> Result<Key, StoreError> {
     Key::parse(key).map_err(|problem| unusable(key, problem))
 }
@@ -394,6 +508,14 @@ impl StoreBackend for KubeStore {
                 .map_err(|e| backend_error("get", key, e))?
                 .as_ref()
                 .and_then(status_value)),
+            Kind::Endpoint => {
+                let id = key.split_once('/').map_or("", |(_, id)| id);
+                self.get_endpoint(key, id).await
+            }
+            Kind::PolicyDocument => {
+                let id = key.split_once('/').map_or("", |(_, id)| id);
+                self.get_policy(key, id).await
+            }
             kind if in_config_map(kind) => Ok(self
                 .get_config_map(&parsed)
                 .await?
@@ -449,6 +571,59 @@ impl StoreBackend for KubeStore {
                     }
                 }
             }
+            Kind::Endpoint => {
+                let pods = self
+                    .pods()
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| backend_error("list", prefix, e))?;
+                let namespaces: BTreeMap<String, BTreeMap<String, String>> = self
+                    .namespaces()
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| backend_error("list", prefix, e))?
+                    .items
+                    .into_iter()
+                    .map(|ns| (ns.name_any(), ns.metadata.labels.unwrap_or_default()))
+                    .collect();
+                let record = |pod: &Pod| {
+                    endpoint_record(
+                        pod,
+                        namespaces.get(pod.metadata.namespace.as_deref().unwrap_or_default()),
+                    )
+                };
+                entries.extend(
+                    pods.items
+                        .iter()
+                        .filter_map(record)
+                        .filter_map(|(key, value)| match value {
+                            Ok(value) => Some((key, value)),
+                            // Listings skip what is unusable; the watch reports it.
+                            Err(problem) => {
+                                warn!(%key, %problem, "skipping endpoint");
+                                None
+                            }
+                        }),
+                );
+            }
+            Kind::PolicyDocument => {
+                for source in PolicySource::ALL {
+                    let objects = match self.policies(source).list(&ListParams::default()).await {
+                        Ok(objects) => objects.items,
+                        Err(e) if is_not_found(&e) => {
+                            warn!(kind = source.kind(), "the CRD is not installed");
+                            Vec::new()
+                        }
+                        Err(e) => return Err(backend_error("list", prefix, e)),
+                    };
+                    for object in &objects {
+                        match policy_record(source, object) {
+                            (key, Ok(value)) => entries.push((key, value)),
+                            (key, Err(problem)) => warn!(%key, %problem, "skipping policy"),
+                        }
+                    }
+                }
+            }
             kind if in_config_map(kind) => {
                 let listed = self
                     .config_maps()
@@ -501,6 +676,18 @@ impl StoreBackend for KubeStore {
                     Err(e) if is_not_found(&e) => Ok(false),
                     Err(e) => Err(backend_error("delete", key, e)),
                 };
+            }
+            Kind::Endpoint => return Err(derived_only(Kind::Endpoint)),
+            // Deleting a policy record deletes the object it comes from.
+            Kind::PolicyDocument => {
+                let id = key.split_once('/').map_or("", |(_, id)| id);
+                let Some((source, namespace, name)) = policy_object_of(id) else {
+                    return Ok(false);
+                };
+                self.policies_in(source, namespace.as_deref())
+                    .delete(&name, &DeleteParams::default())
+                    .await
+                    .map(|_| ())
             }
             kind if in_config_map(kind) => self
                 .config_maps()
@@ -578,6 +765,7 @@ impl KubeStore {
                     self.put_status(name, value, published).await
                 }
             }
+            kind @ (Kind::Endpoint | Kind::PolicyDocument) => Err(derived_only(kind)),
             kind if in_config_map(kind) => {
                 let current = self.get_config_map(parsed).await?;
                 if let Some(expected) = expected {
@@ -604,13 +792,148 @@ mod watch {
         Node(Box<Result<watcher::Event<Node>, watcher::Error>>),
         Published(Result<watcher::Event<NodesealNode>, watcher::Error>),
         ConfigMap(Result<watcher::Event<ConfigMap>, watcher::Error>),
+        /// Pods or policy objects, already turned into what makes their records.
+        Derived(Feed, Result<DerivedEvent, watcher::Error>),
+        Namespace(Result<watcher::Event<Namespace>, watcher::Error>),
     }
 
-    #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
     enum Feed {
         Nodes,
         Published,
         ConfigMaps,
+        Pods,
+        /// Namespace labels, part of every endpoint's labels.
+        Namespaces,
+        Policies(PolicySource),
+    }
+
+    /// What one object contributes: a finished record (policies) or what makes one together
+    /// with its namespace's labels (pods).
+    enum Item {
+        Record(Derived),
+        Pod(PodView),
+    }
+
+    impl Item {
+        fn key(&self) -> &str {
+            match self {
+                Item::Record((key, _)) => key,
+                Item::Pod(view) => view.key(),
+            }
+        }
+    }
+
+    type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+    /// A watcher event of an object that makes at most one record: the object's id
+    /// (`namespace/name`) and what makes the record, derived as the event arrives so that the
+    /// object itself is not kept.
+    enum DerivedEvent {
+        Init,
+        InitApply(String, Option<Item>),
+        InitDone,
+        Apply(String, Option<Item>),
+        Delete(String),
+    }
+
+    fn derive<K: kube::Resource>(
+        event: watcher::Event<K>,
+        record: impl Fn(&K) -> Option<Item>,
+    ) -> DerivedEvent {
+        let id = |object: &K| {
+            format!(
+                "{}/{}",
+                object.meta().namespace.as_deref().unwrap_or_default(),
+                object.meta().name.as_deref().unwrap_or_default()
+            )
+        };
+        match event {
+            watcher::Event::Init => DerivedEvent::Init,
+            watcher::Event::InitApply(o) => DerivedEvent::InitApply(id(&o), record(&o)),
+            watcher::Event::InitDone => DerivedEvent::InitDone,
+            watcher::Event::Apply(o) => DerivedEvent::Apply(id(&o), record(&o)),
+            watcher::Event::Delete(o) => DerivedEvent::Delete(id(&o)),
+        }
+    }
+
+    /// The records one derived feed makes, by object id, and by key.
+    #[derive(Default)]
+    struct DerivedRecords {
+        objects: BTreeMap<String, Item>,
+        /// Objects listed since the watcher's `Init`, swapped in at `InitDone`.
+        relisting: Option<BTreeMap<String, Item>>,
+        by_key: BTreeMap<String, String>,
+    }
+
+    impl DerivedRecords {
+        /// Applies an event; returns whether a listing just completed.
+        fn apply(&mut self, event: DerivedEvent, touched: &mut BTreeSet<String>) -> bool {
+            match event {
+                DerivedEvent::Init => self.relisting = Some(BTreeMap::new()),
+                DerivedEvent::InitApply(id, record) => {
+                    if let (Some(list), Some(record)) = (&mut self.relisting, record) {
+                        list.insert(id, record);
+                    }
+                }
+                DerivedEvent::InitDone => {
+                    let list = self.relisting.take().unwrap_or_default();
+                    touched.extend(
+                        self.objects
+                            .values()
+                            .chain(list.values())
+                            .map(|item| item.key().to_owned()),
+                    );
+                    self.by_key = list
+                        .iter()
+                        .map(|(id, item)| (item.key().to_owned(), id.clone()))
+                        .collect();
+                    self.objects = list;
+                    return true;
+                }
+                DerivedEvent::Apply(id, record) => {
+                    self.remove(&id, touched);
+                    if let Some(item) = record {
+                        touched.insert(item.key().to_owned());
+                        self.by_key.insert(item.key().to_owned(), id.clone());
+                        self.objects.insert(id, item);
+                    }
+                }
+                DerivedEvent::Delete(id) => self.remove(&id, touched),
+            }
+            false
+        }
+
+        fn remove(&mut self, id: &str, touched: &mut BTreeSet<String>) {
+            if let Some(item) = self.objects.remove(id) {
+                let key = item.key().to_owned();
+                if self.by_key.get(&key).is_some_and(|owner| owner == id) {
+                    self.by_key.remove(&key);
+                }
+                touched.insert(key);
+            }
+        }
+
+        fn value(
+            &self,
+            key: &str,
+            namespaces: &NamespaceLabels,
+        ) -> Option<Result<Vec<u8>, RecordProblem>> {
+            let id = self.by_key.get(key)?;
+            match self.objects.get(id)? {
+                Item::Record((_, value)) => Some(value.clone()),
+                Item::Pod(view) => Some(view.record(namespaces.get(view.namespace()))),
+            }
+        }
+
+        /// The keys of the objects in `namespace` (ids are `namespace/name`).
+        fn keys_in<'a>(&'a self, namespace: &str) -> impl Iterator<Item = String> + 'a {
+            let prefix = format!("{namespace}/");
+            self.objects
+                .range(prefix.clone()..)
+                .take_while(move |(id, _)| id.starts_with(&prefix))
+                .map(|(_, item)| item.key().to_owned())
+        }
     }
 
     /// The objects seen so far, the records they make, and each watcher's progress.
@@ -620,6 +943,9 @@ mod watch {
         nodes: BTreeMap<String, Node>,
         published: BTreeMap<String, NodesealNode>,
         config_maps: BTreeMap<String, (String, Vec<u8>)>,
+        /// Endpoints (from Pods) and policy documents (from policy objects), by feed.
+        derived: BTreeMap<Feed, DerivedRecords>,
+        namespaces: NamespaceLabels,
         /// Objects listed since a watcher's `Init`, swapped in at `InitDone`.
         relisting: Relisting,
         /// What was last reported per key: a value, or the problem that makes it unusable.
@@ -637,6 +963,7 @@ mod watch {
         nodes: Option<BTreeMap<String, Node>>,
         published: Option<BTreeMap<String, NodesealNode>>,
         config_maps: Option<BTreeMap<String, (String, Vec<u8>)>>,
+        namespaces: Option<NamespaceLabels>,
     }
 
     pub(super) fn run(store: KubeStore, kinds: &[Kind]) -> BoxStream<'static, RawEvent> {
@@ -674,12 +1001,61 @@ mod watch {
                 .boxed(),
             );
         }
+        if wants(Kind::Endpoint) {
+            // Every node's pods, not only this node's: the agent maps remote pod IPs to their
+            // identities too.
+            feeds.insert(Feed::Pods);
+            streams.push(
+                watcher(store.pods(), watcher::Config::default())
+                    .default_backoff()
+                    .map(|r| {
+                        Source::Derived(
+                            Feed::Pods,
+                            r.map(|e| derive(e, |pod| PodView::of(pod).map(Item::Pod))),
+                        )
+                    })
+                    .boxed(),
+            );
+            feeds.insert(Feed::Namespaces);
+            streams.push(
+                watcher(store.namespaces(), watcher::Config::default())
+                    .default_backoff()
+                    .map(Source::Namespace)
+                    .boxed(),
+            );
+        }
+        if wants(Kind::PolicyDocument) {
+            for source in PolicySource::ALL {
+                let feed = Feed::Policies(source);
+                feeds.insert(feed);
+                streams.push(
+                    watcher(store.policies(source), watcher::Config::default())
+                        .default_backoff()
+                        .map(move |r| {
+                            Source::Derived(
+                                feed,
+                                r.map(|e| {
+                                    derive(e, |o| Some(Item::Record(policy_record(source, o))))
+                                }),
+                            )
+                        })
+                        .boxed(),
+                );
+            }
+        }
+        let derived = feeds
+            .iter()
+            .filter(|f| matches!(f, Feed::Pods | Feed::Policies(_)))
+            .map(|f| (*f, DerivedRecords::default()))
+            .collect();
         let mut state = State {
             store,
             kinds,
             nodes: BTreeMap::new(),
             published: BTreeMap::new(),
             config_maps: BTreeMap::new(),
+            derived,
+            namespaces: BTreeMap::new(),
             relisting: Relisting::default(),
             reported: BTreeMap::new(),
             ready: BTreeSet::new(),
@@ -722,9 +1098,30 @@ mod watch {
                     Feed::ConfigMaps,
                     r.map(|e| self.on_config_map(e, &mut touched)),
                 ),
+                Source::Derived(feed, r) => {
+                    let records = self.derived.entry(feed).or_default();
+                    (feed, r.map(|e| records.apply(e, &mut touched)))
+                }
+                Source::Namespace(r) => (
+                    Feed::Namespaces,
+                    r.map(|e| self.on_namespace(e, &mut touched)),
+                ),
             };
             let mut out = Vec::new();
             match result {
+                Err(error) if is_missing_crd(feed, &error) => {
+                    // A cluster upgraded without the policy CRDs (Helm never upgrades CRDs):
+                    // that kind has no objects, and the other feeds must not wait for it.
+                    if self.ready.insert(feed) {
+                        warn!(?feed, %error, "policy CRD not installed; no policies of that kind");
+                    }
+                    if !self.started && self.ready == self.feeds {
+                        self.started = true;
+                        self.recompute_all();
+                        out.extend(self.snapshot(false));
+                    }
+                    return out;
+                }
                 Err(error) => {
                     if !self.interrupted && self.started {
                         self.interrupted = true;
@@ -872,6 +1269,54 @@ mod watch {
             false
         }
 
+        /// Applies a Namespace event: the endpoints of a namespace whose labels changed are
+        /// touched. Returns whether a listing just completed.
+        fn on_namespace(
+            &mut self,
+            event: watcher::Event<Namespace>,
+            touched: &mut BTreeSet<String>,
+        ) -> bool {
+            let labels_of = |ns: &Namespace| ns.metadata.labels.clone().unwrap_or_default();
+            let mut changed: BTreeSet<String> = BTreeSet::new();
+            let mut done = false;
+            match event {
+                watcher::Event::Init => self.relisting.namespaces = Some(BTreeMap::new()),
+                watcher::Event::InitApply(ns) => {
+                    if let Some(list) = &mut self.relisting.namespaces {
+                        list.insert(ns.name_any(), labels_of(&ns));
+                    }
+                }
+                watcher::Event::InitDone => {
+                    let list = self.relisting.namespaces.take().unwrap_or_default();
+                    for name in self.namespaces.keys().chain(list.keys()) {
+                        if self.namespaces.get(name) != list.get(name) {
+                            changed.insert(name.clone());
+                        }
+                    }
+                    self.namespaces = list;
+                    done = true;
+                }
+                watcher::Event::Apply(ns) => {
+                    let labels = labels_of(&ns);
+                    if self.namespaces.get(&ns.name_any()) != Some(&labels) {
+                        changed.insert(ns.name_any());
+                    }
+                    self.namespaces.insert(ns.name_any(), labels);
+                }
+                watcher::Event::Delete(ns) => {
+                    if self.namespaces.remove(&ns.name_any()).is_some() {
+                        changed.insert(ns.name_any());
+                    }
+                }
+            }
+            if let Some(pods) = self.derived.get(&Feed::Pods) {
+                for namespace in &changed {
+                    touched.extend(pods.keys_in(namespace));
+                }
+            }
+            done
+        }
+
         /// The current record (or problem) under `key`, if any.
         fn value_of(&self, key: &str) -> Option<Result<Vec<u8>, RecordProblem>> {
             let (prefix, id) = key.split_once('/')?;
@@ -892,6 +1337,10 @@ mod watch {
                     }))
                 }
                 Kind::NodeStatus => self.published.get(id).and_then(status_value).map(Ok),
+                Kind::Endpoint | Kind::PolicyDocument => self
+                    .derived
+                    .values()
+                    .find_map(|d| d.value(key, &self.namespaces)),
                 _ => self
                     .config_maps
                     .values()
@@ -907,6 +1356,9 @@ mod watch {
                 keys.insert(format!("{}/{name}", Kind::NodeStatus.as_str()));
             }
             keys.extend(self.config_maps.values().map(|(k, _)| k.clone()));
+            for records in self.derived.values() {
+                keys.extend(records.by_key.keys().cloned());
+            }
             self.reported.clear();
             for key in keys {
                 if let Some(value) = self.value_of(&key) {
@@ -961,6 +1413,18 @@ mod watch {
             events.extend(unusable);
             events
         }
+    }
+
+    /// Whether a policy feed failed because its CRD is not served (404 on the list).
+    fn is_missing_crd(feed: Feed, error: &watcher::Error) -> bool {
+        matches!(
+            feed,
+            Feed::Policies(PolicySource::Nodeseal | PolicySource::NodesealClusterwide)
+        ) && matches!(
+            error,
+            watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e)
+                if is_not_found(e)
+        )
     }
 
     fn node_key(name: &str) -> String {

@@ -18,6 +18,7 @@ use super::types::{CertSerial, NodeName, SpiffeId, WgPublicKey, check_pem};
 
 mod workload;
 
+pub(crate) use self::workload::error_chain;
 pub use self::workload::{
     Endpoint, EndpointId, FIRST_WORKLOAD_IDENTITY, Identity, IdentityClaim, IdentityNumber,
     IdentityNumberError, LabelsDigest, MAX_LABELS, MAX_POLICY_DOCUMENT_BYTES, PolicyDocument,

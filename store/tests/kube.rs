@@ -594,7 +594,7 @@ async fn watch_relists_after_410_gone_and_reports_only_changes() {
 
 /// Identity allocation through ConfigMaps (create fails with AlreadyExists for the loser):
 /// concurrent allocations from two clients agree, one number per label set and no number
-/// shared; endpoint and policy records are ConfigMaps labelled with their kind.
+/// shared; endpoint and policy records cannot be written (they come from Pods and policy objects).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identities_are_allocated_with_create_if_absent() {
     use std::collections::{BTreeMap, BTreeSet};
@@ -667,6 +667,8 @@ async fn identities_are_allocated_with_create_if_absent() {
         keep
     );
 
+    // Endpoints and policies are not records in this mode: writing them is refused, naming
+    // where they come from.
     let endpoint = Endpoint {
         node: name("node-1"),
         namespace: name("default"),
@@ -675,11 +677,21 @@ async fn identities_are_allocated_with_create_if_absent() {
         ips: vec![ip("10.244.1.7")],
         interface: "lxc7".to_owned(),
     };
-    stores[0].put(&endpoint).await.expect("endpoint");
-    assert_eq!(
-        stores[1].list::<Endpoint>().await.expect("list").records,
-        vec![endpoint]
+    let error = stores[0]
+        .put(&endpoint)
+        .await
+        .expect_err("endpoint refused");
+    assert!(
+        error
+            .to_string()
+            .contains("endpoints come from Pod objects in Kubernetes mode"),
+        "{error}"
     );
+    let error = stores[0]
+        .delete::<Endpoint>(&endpoint.id())
+        .await
+        .expect_err("endpoint delete refused");
+    assert!(error.to_string().contains("Pod objects"), "{error}");
     let policy = PolicyDocument {
         name: name("allow-all"),
         document: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  \
@@ -687,18 +699,448 @@ async fn identities_are_allocated_with_create_if_absent() {
                    ingress:\n  - {}\n"
             .to_owned(),
     };
-    stores[1].put(&policy).await.expect("policy");
-    assert_eq!(
-        stores[0]
-            .get::<PolicyDocument>(&policy.name)
-            .await
-            .expect("get"),
-        Some(policy)
+    let error = stores[1].put(&policy).await.expect_err("policy refused");
+    assert!(
+        error.to_string().contains("nodeseal policy apply"),
+        "{error}"
     );
-    let cms: Api<ConfigMap> = Api::namespaced(cluster.admin_client(), NAMESPACE);
-    let labelled = cms
-        .list(&kube::api::ListParams::default().labels(&format!("{KIND_LABEL}=policies")))
+}
+
+/// The next event that is not about the kinds' bookkeeping: skips nothing, but waits at most
+/// `WAIT` and names what it waited for.
+async fn next_about(events: &mut BoxStream<'static, Event>, what: &str) -> Event {
+    tokio::time::timeout(WAIT, events.next())
         .await
-        .expect("list ConfigMaps");
-    assert_eq!(labelled.items.len(), 1);
+        .unwrap_or_else(|_| panic!("{what}: no store event within 30 s"))
+        .expect("watches never end")
+}
+
+/// No event for a moment: what the watch must not report.
+async fn quiet(events: &mut BoxStream<'static, Event>, what: &str) {
+    if let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(2), events.next()).await {
+        panic!("{what}: unexpected {event:?}");
+    }
+}
+
+fn pods_api(cluster: &KubeApiServer, namespace: &str) -> Api<k8s_openapi::api::core::v1::Pod> {
+    Api::namespaced(cluster.admin_client(), namespace)
+}
+
+/// Endpoints are the cluster's Pods: scheduled, with an address, not hostNetwork, not
+/// finished. Labels and IPs come from the Pod; a label change is a Put, a deletion a Deleted;
+/// a Pod that breaks the record's rules is reported invalid and the watch goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_are_the_pods() {
+    use nodeseal_store::{Endpoint, EndpointId};
+
+    let Some(cluster) = cluster("kube::endpoints_are_the_pods").await else {
+        return;
+    };
+    let store = store(&cluster);
+    cluster.create_namespace("empire").await.expect("namespace");
+    let mut events = store.watch(&[Kind::Endpoint]);
+    match next(&mut events).await {
+        Event::Snapshot(s) => assert!(s.records.is_empty(), "{s:?}"),
+        other => panic!("expected the first snapshot, got {other:?}"),
+    }
+
+    cluster
+        .create_workload_pod(
+            "empire",
+            "deathstar",
+            "node-1",
+            &[("org", "empire"), ("class", "deathstar")],
+            &["10.244.1.10", "fd00:1::10"],
+            false,
+        )
+        .await
+        .expect("pod");
+    let endpoint = match next_about(&mut events, "deathstar appears").await {
+        Event::Put(Record::Endpoint(endpoint)) => endpoint,
+        other => panic!("expected deathstar's endpoint, got {other:?}"),
+    };
+    assert_eq!(endpoint.node, name("node-1"));
+    assert_eq!(endpoint.namespace, name("empire"));
+    assert_eq!(endpoint.name, name("deathstar"));
+    assert_eq!(endpoint.ips, vec![ip("10.244.1.10"), ip("fd00:1::10")]);
+    assert_eq!(endpoint.interface, "", "found by route");
+    // The namespace's labels too (the apiserver labels every namespace with its name), as
+    // Labels::for_pod builds them: what a NetworkPolicy namespaceSelector matches.
+    assert_eq!(
+        endpoint.security_labels().to_string(),
+        "k8s:class=deathstar,\
+         k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=empire,\
+         k8s:io.kubernetes.pod.namespace=empire,k8s:org=empire"
+    );
+    let id = EndpointId {
+        node: name("node-1"),
+        namespace: name("empire"),
+        name: name("deathstar"),
+    };
+    assert_eq!(
+        store.get::<Endpoint>(&id).await.expect("get"),
+        Some(endpoint.clone())
+    );
+
+    // A hostNetwork pod (the node's own traffic), a pod without an address yet and a pod
+    // that has not been scheduled are no endpoints.
+    cluster
+        .create_workload_pod("empire", "host", "node-1", &[], &["10.0.0.1"], true)
+        .await
+        .expect("hostNetwork pod");
+    cluster
+        .create_workload_pod(
+            "empire",
+            "starting",
+            "node-2",
+            &[("org", "empire")],
+            &[],
+            false,
+        )
+        .await
+        .expect("pod without IPs");
+    quiet(&mut events, "hostNetwork and IP-less pods").await;
+    let listing = store.list::<Endpoint>().await.expect("list");
+    assert_eq!(listing.records, vec![endpoint.clone()]);
+    assert_eq!(
+        store.get::<Endpoint>(&id).await.expect("get"),
+        Some(endpoint.clone())
+    );
+
+    // A label change is a Put of the same key.
+    let patch = serde_json::json!({ "metadata": { "labels": { "class": "deathstar-2" } } });
+    pods_api(&cluster, "empire")
+        .patch("deathstar", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("relabel");
+    match next_about(&mut events, "relabel").await {
+        Event::Put(Record::Endpoint(changed)) => {
+            assert_eq!(changed.id(), id);
+            assert_eq!(
+                changed.labels.to_string(),
+                "k8s:class=deathstar-2,\
+                 k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=empire,\
+                 k8s:org=empire"
+            );
+        }
+        other => panic!("expected the relabelled endpoint, got {other:?}"),
+    }
+
+    // A namespace label change is a Put of each of its endpoints.
+    let patch = serde_json::json!({ "metadata": { "labels": { "team": "sith" } } });
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(cluster.admin_client())
+        .patch("empire", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("label the namespace");
+    match next_about(&mut events, "namespace relabel").await {
+        Event::Put(Record::Endpoint(changed)) => {
+            assert_eq!(changed.id(), id);
+            assert!(
+                changed
+                    .labels
+                    .to_string()
+                    .contains("k8s:io.cilium.k8s.namespace.labels.team=sith"),
+                "{changed:?}"
+            );
+        }
+        other => panic!("expected the endpoint with its namespace's label, got {other:?}"),
+    }
+
+    // Writing endpoints is refused: Pods are the source.
+    let error = store.put(&endpoint).await.expect_err("put refused");
+    assert!(error.to_string().contains("Pod objects"), "{error}");
+
+    // Too many labels for a record: reported invalid, naming the pod; the watch goes on.
+    let many: Vec<(String, String)> = (0..70).map(|i| (format!("l{i}"), "v".to_owned())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    cluster
+        .create_workload_pod("empire", "crowded", "node-2", &many, &["10.244.2.9"], false)
+        .await
+        .expect("pod with many labels");
+    match next_about(&mut events, "invalid pod").await {
+        Event::Invalid(error) => {
+            assert_eq!(error.key, "endpoints/node-2:empire:crowded");
+            assert!(error.to_string().contains("labels"), "{error}");
+        }
+        other => panic!("expected the crowded pod as invalid, got {other:?}"),
+    }
+    cluster
+        .create_workload_pod(
+            "empire",
+            "tiefighter",
+            "node-2",
+            &[("org", "empire")],
+            &["10.244.2.5"],
+            false,
+        )
+        .await
+        .expect("pod");
+    match next_about(&mut events, "tiefighter after the invalid pod").await {
+        Event::Put(Record::Endpoint(e)) => assert_eq!(e.name, name("tiefighter")),
+        other => panic!("expected tiefighter, got {other:?}"),
+    }
+
+    // The kubelet's final status (Succeeded) ends an endpoint, as does deletion.
+    let done = serde_json::json!({ "status": { "phase": "Succeeded" } });
+    pods_api(&cluster, "empire")
+        .patch_status("tiefighter", &PatchParams::default(), &Patch::Merge(&done))
+        .await
+        .expect("finish");
+    match next_about(&mut events, "finished pod").await {
+        Event::Deleted(key) => assert_eq!(key.to_string(), "endpoints/node-2:empire:tiefighter"),
+        other => panic!("expected tiefighter gone, got {other:?}"),
+    }
+    pods_api(&cluster, "empire")
+        .delete("deathstar", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete");
+    match next_about(&mut events, "deleted pod").await {
+        Event::Deleted(key) => assert_eq!(key.to_string(), "endpoints/node-1:empire:deathstar"),
+        other => panic!("expected deathstar gone, got {other:?}"),
+    }
+    assert_eq!(store.get::<Endpoint>(&id).await.expect("get"), None);
+}
+
+const RULE1_NNP: &str = "apiVersion: nodeseal.io/v1alpha1
+kind: NodesealNetworkPolicy
+metadata:
+  name: rule1
+  namespace: empire
+spec:
+  endpointSelector:
+    matchLabels:
+      org: empire
+      class: deathstar
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        org: empire
+    toPorts:
+    - ports:
+      - port: \"80\"
+        protocol: TCP
+";
+
+const NETWORK_POLICY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: web
+  namespace: empire
+spec:
+  podSelector:
+    matchLabels:
+      class: deathstar
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          org: empire
+    ports:
+    - protocol: TCP
+      port: 80
+";
+
+/// Policy documents are the policy objects: NodesealNetworkPolicy (applied from a
+/// CiliumNetworkPolicy file, too), NodesealClusterwideNetworkPolicy and NetworkPolicy. Each
+/// parses to the rules of the equivalent file; an object the parser refuses is reported
+/// invalid, naming the object and the field, and the watch goes on; deleting the record deletes
+/// the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_documents_are_the_policy_objects() {
+    use kube::api::{ApiResource, DynamicObject};
+    use kube::core::GroupVersionKind;
+    use nodeseal_store::PolicyDocument;
+
+    let Some(cluster) = cluster("kube::policy_documents_are_the_policy_objects").await else {
+        return;
+    };
+    let kube_store = KubeStore::from_client(
+        cluster.admin_client(),
+        NAMESPACE.to_owned(),
+        TRUST_DOMAIN.to_owned(),
+    );
+    let store = Store::new(kube_store.clone());
+    cluster.create_namespace("empire").await.expect("namespace");
+    let mut events = store.watch(&[Kind::PolicyDocument]);
+    match next(&mut events).await {
+        Event::Snapshot(s) => assert!(s.records.is_empty(), "{s:?}"),
+        other => panic!("expected the first snapshot, got {other:?}"),
+    }
+    let expect_put = |event: Event, name: &str| match event {
+        Event::Put(Record::PolicyDocument(document)) => {
+            assert_eq!(document.name.as_str(), name);
+            document
+        }
+        other => panic!("expected policy {name}, got {other:?}"),
+    };
+
+    // `nodeseal policy apply` of a NodesealNetworkPolicy file.
+    let applied = kube_store
+        .apply_policies(RULE1_NNP.as_bytes())
+        .await
+        .expect("apply");
+    assert_eq!(applied.len(), 1);
+    let document = expect_put(next_about(&mut events, "rule1").await, "nnp.empire.rule1");
+    assert_eq!(
+        document.policies().expect("parses"),
+        nodeseal_policy::document::parse(RULE1_NNP.as_bytes()).expect("file parses")
+    );
+
+    // A NetworkPolicy object, created as kubectl would.
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_yaml::from_str(NETWORK_POLICY).expect("NetworkPolicy YAML");
+    Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(
+        cluster.admin_client(),
+        "empire",
+    )
+    .create(&PostParams::default(), &np)
+    .await
+    .expect("NetworkPolicy");
+    let document = expect_put(next_about(&mut events, "web").await, "knp.empire.web");
+    assert_eq!(
+        document.policies().expect("parses"),
+        nodeseal_policy::document::parse(NETWORK_POLICY.as_bytes()).expect("file parses")
+    );
+
+    // A Cilium cluster-wide file becomes a NodesealClusterwideNetworkPolicy.
+    let ccnp = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata:\n  \
+                name: no-world\nspec:\n  endpointSelector: {}\n  egressDeny:\n  - \
+                toEntities: [world]\n";
+    kube_store
+        .apply_policies(ccnp.as_bytes())
+        .await
+        .expect("apply cluster-wide");
+    let document = expect_put(next_about(&mut events, "no-world").await, "nccnp.no-world");
+    let rules = |text: &str| {
+        nodeseal_policy::document::parse(text.as_bytes())
+            .expect("parses")
+            .into_iter()
+            .map(|p| (p.name, p.namespace, p.rules))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rules(&document.document), rules(ccnp));
+
+    // An object the parser refuses (L7 rules): invalid, naming the object and the field.
+    let gvk = GroupVersionKind::gvk("nodeseal.io", "v1alpha1", "NodesealNetworkPolicy");
+    let nnps: Api<DynamicObject> = Api::namespaced_with(
+        cluster.admin_client(),
+        "empire",
+        &ApiResource::from_gvk_with_plural(&gvk, "nodesealnetworkpolicies"),
+    );
+    let l7: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "nodeseal.io/v1alpha1",
+        "kind": "NodesealNetworkPolicy",
+        "metadata": { "name": "l7" },
+        "spec": {
+            "endpointSelector": {},
+            "ingress": [{ "toPorts": [{ "ports": [{ "port": "80" }], "rules": { "http": [] } }] }],
+        },
+    }))
+    .expect("object");
+    nnps.create(&PostParams::default(), &l7)
+        .await
+        .expect("create");
+    match next_about(&mut events, "l7").await {
+        Event::Invalid(error) => {
+            assert_eq!(error.key, "policies/nnp.empire.l7");
+            let text = error.to_string();
+            assert!(text.contains("NodesealNetworkPolicy empire/l7"), "{text}");
+            assert!(text.contains("spec.ingress[0].toPorts[0].rules"), "{text}");
+        }
+        other => panic!("expected the L7 policy as invalid, got {other:?}"),
+    }
+    // The watch goes on after it.
+    let mut allow = l7.clone();
+    allow.metadata.name = Some("allow".to_owned());
+    allow.data = serde_json::json!({ "spec": { "endpointSelector": {}, "ingress": [{}] } });
+    nnps.create(&PostParams::default(), &allow)
+        .await
+        .expect("create");
+    expect_put(next_about(&mut events, "allow").await, "nnp.empire.allow");
+
+    // get and list through the store; the invalid one is listed as skipped, not as a record.
+    let listing = store.list::<PolicyDocument>().await.expect("list");
+    let names: Vec<&str> = listing.records.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "knp.empire.web",
+            "nccnp.no-world",
+            "nnp.empire.allow",
+            "nnp.empire.rule1"
+        ]
+    );
+    assert!(
+        store
+            .get::<PolicyDocument>(&name("nnp.empire.rule1"))
+            .await
+            .expect("get")
+            .is_some()
+    );
+
+    // Deleting the record deletes the object (`nodeseal policy delete`).
+    assert!(
+        store
+            .delete::<PolicyDocument>(&name("knp.empire.web"))
+            .await
+            .expect("delete")
+    );
+    match next_about(&mut events, "deleted web").await {
+        Event::Deleted(key) => assert_eq!(key.to_string(), "policies/knp.empire.web"),
+        other => panic!("expected web gone, got {other:?}"),
+    }
+    assert!(
+        !store
+            .delete::<PolicyDocument>(&name("knp.empire.web"))
+            .await
+            .expect("delete again")
+    );
+}
+
+/// A cluster upgraded without nodeseal's policy CRDs (Helm never upgrades CRDs): the watch
+/// still starts, with the NetworkPolicy objects, instead of waiting for kinds that are not
+/// served; listing skips them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_starts_without_the_policy_crds() {
+    use nodeseal_store::PolicyDocument;
+
+    if !binaries_or_skip("kube::watch_starts_without_the_policy_crds") {
+        return;
+    }
+    let cluster = KubeApiServer::start().await.expect("kube-apiserver");
+    cluster
+        .create_namespace(NAMESPACE)
+        .await
+        .expect("namespace");
+    cluster.create_namespace("empire").await.expect("namespace");
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_yaml::from_str(NETWORK_POLICY).expect("NetworkPolicy YAML");
+    Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(
+        cluster.admin_client(),
+        "empire",
+    )
+    .create(&PostParams::default(), &np)
+    .await
+    .expect("NetworkPolicy");
+    let store = store(&cluster);
+    let mut events = store.watch(&[Kind::PolicyDocument, Kind::Endpoint]);
+    match next(&mut events).await {
+        Event::Snapshot(s) => {
+            let names: Vec<String> = s
+                .records
+                .iter()
+                .filter_map(|r| match r {
+                    Record::PolicyDocument(d) => Some(d.name.to_string()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(names, ["knp.empire.web"], "{s:?}");
+        }
+        other => panic!("expected the first snapshot, got {other:?}"),
+    }
+    let listing = store.list::<PolicyDocument>().await.expect("list");
+    assert_eq!(listing.records.len(), 1);
+    // Nor is the missing CRD an outage: no Interrupted follows while its watcher retries.
+    quiet(&mut events, "a missing CRD").await;
 }

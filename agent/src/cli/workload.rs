@@ -26,7 +26,9 @@ use crate::config::StoreArgs;
 #[derive(Subcommand, Debug)]
 pub(super) enum PolicyCommand {
     /// Store a policy file (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or
-    /// NetworkPolicy; YAML or JSON) after checking it.
+    /// NetworkPolicy; YAML or JSON) after checking it. With --kubernetes, create or update the
+    /// objects instead: NodesealNetworkPolicy (from CiliumNetworkPolicy too),
+    /// NodesealClusterwideNetworkPolicy (from CiliumClusterwideNetworkPolicy too), NetworkPolicy.
     Apply {
         /// The file (`-` for standard input).
         #[arg(short = 'f', long = "filename")]
@@ -280,6 +282,9 @@ pub(super) async fn policy(command: PolicyCommand) -> Result<()> {
             let Some(first) = policies.first() else {
                 bail!("-f {}: holds no policy", file.display());
             };
+            if store.kubernetes {
+                return super::kube_policy::apply(&store, &bytes, name.is_some()).await;
+            }
             let named = name.is_some();
             let name = match name {
                 Some(name) => NodeName::new(name).context("--name")?,
@@ -458,8 +463,8 @@ pub(super) async fn identity(command: IdentityCommand) -> Result<()> {
         IdentityCommand::Gc { store } => {
             if store.kubernetes {
                 bail!(
-                    "--kubernetes: identity gc reads endpoint records, and in Kubernetes mode the \
-                     endpoints are Pods; refusing to delete identities that pods may use"
+                    "--kubernetes: keymgr allocates identities and collects the ones no pod \
+                     uses (after --identity-gc-grace); there is nothing to collect by hand"
                 );
             }
             let store = store.open().await?;
@@ -510,6 +515,11 @@ pub(super) async fn endpoint(command: EndpointCommand) -> Result<()> {
             interface,
             store,
         } => {
+            if store.kubernetes {
+                bail!(
+                    "endpoints come from Pod objects in Kubernetes mode; there is nothing to add"
+                );
+            }
             let endpoint = Endpoint {
                 node: id.node,
                 namespace: id.endpoint_namespace,

@@ -7,6 +7,9 @@
 //! | `trust-bundle/cluster` | ConfigMap `nodeseal-trust-bundle` | keymgr |
 //! | `rekey/cluster` | ConfigMap `nodeseal-rekey` | the CLI (an operator) |
 //! | `revocations/<id>` | ConfigMap `nodeseal-revocation-<hash>` | the CLI (an operator) |
+//! | `identities/<n>` | ConfigMap `nodeseal-identities-<hash>` | keymgr (the only allocator) |
+//! | `identity-claims/<digest>` | ConfigMap `nodeseal-identity-claims-<hash>` | keymgr |
+//! | `endpoints/…`, `policies/…` | Pods, policy objects ([`super::workloads`]) | never as records |
 //!
 //! ConfigMap-backed records keep their key in the annotation [`KEY_ANNOTATION`] and their JSON
 //! in `data["record.json"]`; the label [`KIND_LABEL`] lets one watch select them all.
@@ -147,8 +150,6 @@ pub fn in_config_map(kind: Kind) -> bool {
             | Kind::Revocation
             | Kind::Identity
             | Kind::IdentityClaim
-            | Kind::Endpoint
-            | Kind::PolicyDocument
     )
 }
 

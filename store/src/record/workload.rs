@@ -204,8 +204,8 @@ pub struct IdentityClaim {
     pub number: IdentityNumber,
 }
 
-/// A workload of the standalone modes (directory, etcd), written by `nodeseal endpoint add`
-/// or the test harness; in Kubernetes mode endpoints come from Pod objects instead.
+/// A workload: in the standalone modes (directory, etcd) written by `nodeseal endpoint add`
+/// or the test harness; in Kubernetes mode derived from Pod objects, never written.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     /// The node it runs on.
@@ -219,7 +219,9 @@ pub struct Endpoint {
     pub labels: Labels,
     /// Its IPs, 1 to [`MAX_ADDRESSES`], unicast, no duplicates.
     pub ips: Vec<IpAddr>,
-    /// The host-side interface (veth) name.
+    /// The host-side interface (veth) name; empty means "the agent finds the host-side
+    /// interface by route" (to one of [`ips`](Self::ips)), which is what endpoints derived
+    /// from Pods in Kubernetes mode say.
     pub interface: String,
 }
 
@@ -292,7 +294,7 @@ impl PolicyDocument {
 }
 
 /// An error and its sources, `: `-separated (the parser's position is in the source).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -343,6 +345,9 @@ impl Endpoint {
             if !seen.insert(ip) {
                 return Err(field("ips", format!("{ip} listed twice")));
             }
+        }
+        if self.interface.is_empty() {
+            return Ok(());
         }
         check_interface(&self.interface).map_err(|reason| field("interface", reason))
     }
@@ -628,7 +633,11 @@ mod tests {
         let mut bad = good.clone();
         bad.ips = vec!["224.0.0.1".parse().expect("ip")];
         assert_eq!(field_of(&bad), "ips");
-        for name in ["", "a/b", "..", "sixteen-chars-xx", "a b"] {
+        let mut by_route = good.clone();
+        by_route.interface = String::new();
+        let bytes = encode(&by_route).expect("an empty interface: found by route");
+        assert_eq!(decode_as::<Endpoint>(&good.key(), &bytes), Ok(by_route));
+        for name in ["a/b", "..", "sixteen-chars-xx", "a b"] {
             let mut bad = good.clone();
             bad.interface = name.to_owned();
             assert_eq!(field_of(&bad), "interface", "{name:?}");

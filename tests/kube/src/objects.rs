@@ -185,6 +185,67 @@ impl KubeApiServer {
             .with_context(|| format!("creating Pod {namespace}/{name} on {node_name}"))
     }
 
+    /// Creates a workload Pod bound to `node_name` with `labels`, as the scheduler would, then
+    /// writes `status.podIPs` (and phase Running) through the status subresource, as the
+    /// kubelet would; `ips` empty leaves the status unwritten (a pod not started yet). Creates
+    /// the namespace's `default` ServiceAccount first (no controller-manager does here).
+    ///
+    /// # Errors
+    /// Any API error.
+    pub async fn create_workload_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node_name: &str,
+        labels: &[(&str, &str)],
+        ips: &[&str],
+        host_network: bool,
+    ) -> Result<Pod> {
+        self.create_service_account(namespace, "default").await?;
+        let api: Api<Pod> = Api::namespaced(self.admin_client(), namespace);
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(node_name.into()),
+                host_network: Some(host_network),
+                automount_service_account_token: Some(false),
+                containers: vec![Container {
+                    name: "app".into(),
+                    image: Some("nodeseal.invalid/app:test".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = api
+            .create(&PostParams::default(), &pod)
+            .await
+            .with_context(|| format!("creating Pod {namespace}/{name} on {node_name}"))?;
+        if ips.is_empty() {
+            return Ok(created);
+        }
+        let pod_ips: Vec<serde_json::Value> = ips
+            .iter()
+            .map(|ip| serde_json::json!({ "ip": ip }))
+            .collect();
+        let status = serde_json::json!({
+            "status": { "phase": "Running", "podIP": ips[0], "podIPs": pod_ips }
+        });
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .with_context(|| format!("writing the status of Pod {namespace}/{name}"))
+    }
+
     /// Mints a token for `service_account` bound to the Pod `pod_name`/`pod_uid` through the
     /// TokenRequest API, as the kubelet does for a projected token volume. The apiserver embeds
     /// the pod's `spec.nodeName` (and the Node's uid, if the Node exists), which surface as

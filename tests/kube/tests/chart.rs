@@ -463,6 +463,37 @@ fn rbac_is_least_privilege() {
             );
         }
     }
+    // Identity policy: the agent reads pods, NetworkPolicies, nodeseal's policies and the
+    // identity ConfigMaps, and writes none of them (keymgr allocates identities).
+    for (resource, group_rules) in [
+        ("pods", "\"ClusterRole\"/\"nodeseal-agent\""),
+        ("namespaces", "\"ClusterRole\"/\"nodeseal-agent\""),
+        ("networkpolicies", "\"ClusterRole\"/\"nodeseal-agent\""),
+        (
+            "nodesealnetworkpolicies",
+            "\"ClusterRole\"/\"nodeseal-agent\"",
+        ),
+        (
+            "nodesealclusterwidenetworkpolicies",
+            "\"ClusterRole\"/\"nodeseal-agent\"",
+        ),
+        ("configmaps", "\"Role\"/\"nodeseal-agent\""),
+    ] {
+        let rules = rules_of(group_rules);
+        for verb in ["list", "watch"] {
+            assert_eq!(
+                grants(rules, resource, verb),
+                [None],
+                "agent {verb} {resource}"
+            );
+        }
+        for verb in ["create", "update", "patch", "delete"] {
+            assert!(
+                grants(rules, resource, verb).is_empty(),
+                "agent may {verb} {resource}"
+            );
+        }
+    }
     // Its one DaemonSet read is by name.
     assert_eq!(
         grants(rules_of("\"Role\"/\"nodeseal-agent\""), "daemonsets", "get"),
@@ -480,7 +511,23 @@ fn rbac_is_least_privilege() {
         grants(keymgr, "leases", "update"),
         [Some(vec!["nodeseal-keymgr".to_string()])]
     );
+    // keymgr allocates identities: ConfigMap writes (names limited by admission) and every
+    // pod read.
+    for verb in ["create", "update", "delete"] {
+        assert!(
+            grants(keymgr, "configmaps", verb).contains(&None),
+            "keymgr {verb} configmaps"
+        );
+    }
     let cluster = rules_of("\"ClusterRole\"/\"nodeseal-keymgr\"");
+    for verb in ["get", "list", "watch"] {
+        assert_eq!(grants(cluster, "pods", verb), [None], "keymgr {verb} pods");
+        assert_eq!(
+            grants(cluster, "namespaces", verb),
+            [None],
+            "keymgr {verb} namespaces"
+        );
+    }
     assert_eq!(
         grants(cluster, "signers", "sign"),
         [Some(vec!["nodeseal.io/node".to_string()])]

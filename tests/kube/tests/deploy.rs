@@ -520,3 +520,144 @@ async fn keymgr_reads_ca_secret_and_approves_only_its_signer() {
         "{message}"
     );
 }
+
+/// An identity ConfigMap as the store writes it (`nodeseal-identities-<hash>`).
+fn identity_config_map(name: &str) -> k8s_openapi::api::core::v1::ConfigMap {
+    k8s_openapi::api::core::v1::ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some([("nodeseal.io/kind".to_string(), "identities".to_string())].into()),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                "record.json".to_string(),
+                r#"{"number":256,"labels":"k8s:org=empire"}"#.to_string(),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// Identity policy in Kubernetes mode: agents read pods, policies and identities but cannot
+/// write an identity (authentication is not authorization: a node must not decide which label
+/// sets exist); keymgr, the allocator, can create, update and delete identity ConfigMaps and
+/// no other ConfigMap but the trust bundle.
+#[tokio::test]
+async fn only_keymgr_writes_identities() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+    if !nodeseal_kube_fixture::binaries_or_skip("deploy::only_keymgr_writes_identities") {
+        return;
+    }
+    let Cluster {
+        cluster,
+        agent_a,
+        keymgr,
+        ..
+    } = setup().await;
+    let pp = PostParams::default();
+    let name = "nodeseal-identities-0123456789abcdef0123";
+
+    // The agent reads what the policy engine needs, everywhere.
+    Api::<Pod>::all(agent_a.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("agent lists pods");
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(agent_a.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("agent lists namespaces");
+    Api::<NetworkPolicy>::all(agent_a.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("agent lists NetworkPolicies");
+    for (kind, plural) in [
+        ("NodesealNetworkPolicy", "nodesealnetworkpolicies"),
+        (
+            "NodesealClusterwideNetworkPolicy",
+            "nodesealclusterwidenetworkpolicies",
+        ),
+    ] {
+        let gvk = GroupVersionKind::gvk("nodeseal.io", "v1alpha1", kind);
+        Api::<DynamicObject>::all_with(
+            agent_a.clone(),
+            &ApiResource::from_gvk_with_plural(&gvk, plural),
+        )
+        .list(&ListParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("agent lists {kind}: {e}"));
+    }
+
+    // The agent cannot create an identity, nor a policy.
+    let agent_cms: Api<ConfigMap> = Api::namespaced(agent_a.clone(), NS);
+    let (code, message) = api_error(
+        agent_cms.create(&pp, &identity_config_map(name)).await,
+        "agent creates an identity",
+    );
+    assert_eq!(code, 403, "{message}");
+    let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "allow-all", "namespace": NS },
+        "spec": { "podSelector": {}, "ingress": [{}] },
+    }))
+    .expect("NetworkPolicy");
+    let (code, _) = api_error(
+        Api::<NetworkPolicy>::namespaced(agent_a.clone(), NS)
+            .create(&pp, &np)
+            .await,
+        "agent creates a NetworkPolicy",
+    );
+    assert_eq!(code, 403);
+
+    // keymgr creates, updates and deletes it; the agent reads it.
+    let keymgr_cms: Api<ConfigMap> = Api::namespaced(keymgr.clone(), NS);
+    let mut created = keymgr_cms
+        .create(&pp, &identity_config_map(name))
+        .await
+        .expect("keymgr creates an identity");
+    agent_cms.get(name).await.expect("agent reads the identity");
+    created.data = identity_config_map(name).data;
+    keymgr_cms
+        .replace(name, &pp, &created)
+        .await
+        .expect("keymgr updates an identity");
+    let (code, _) = api_error(
+        agent_cms.delete(name, &DeleteParams::default()).await,
+        "agent deletes an identity",
+    );
+    assert_eq!(code, 403);
+    keymgr_cms
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("keymgr deletes an identity");
+    // keymgr reads every pod (to allocate their label sets' identities).
+    Api::<Pod>::all(keymgr.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("keymgr lists pods");
+
+    // Any other ConfigMap stays out of keymgr's reach (admission, as RBAC cannot name them).
+    let (code, message) = api_error(
+        keymgr_cms.create(&pp, &identity_config_map("other")).await,
+        "keymgr creates another ConfigMap",
+    );
+    assert_eq!(code, 403);
+    assert!(
+        message.contains("identity ConfigMaps, not other"),
+        "{message}"
+    );
+    Api::<ConfigMap>::namespaced(cluster.admin_client(), NS)
+        .create(&pp, &identity_config_map("operator-owned"))
+        .await
+        .expect("an operator's ConfigMap");
+    let (code, message) = api_error(
+        keymgr_cms
+            .delete("operator-owned", &DeleteParams::default())
+            .await,
+        "keymgr deletes another ConfigMap",
+    );
+    assert_eq!(code, 403);
+    assert!(message.contains("may delete only"), "{message}");
+}
