@@ -27,6 +27,8 @@ pub mod identity {
     pub const HOST: u32 = 1;
     /// Anything outside the cluster; also the identity of an address missing from the ipcache.
     pub const WORLD: u32 = 2;
+    /// A pod the agent manages no endpoint for.
+    pub const UNMANAGED: u32 = 3;
     /// A remote cluster node.
     pub const REMOTE_NODE: u32 = 6;
     /// First identity available for label-derived (workload) identities.
@@ -68,6 +70,9 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     /// `DROP_COUNTERS`: per-CPU `u64` packet counts indexed by [`crate::reason::DropReason`].
     pub const DROP_COUNTERS: &str = "DROP_COUNTERS";
+    /// `POLICY_VERDICTS`: per-CPU `u64` counts of policy decisions, indexed by
+    /// [`crate::maps::policy_verdict_slot`] (direction × allowed/denied).
+    pub const POLICY_VERDICTS: &str = "POLICY_VERDICTS";
     /// `EVENTS`: ring buffer of [`crate::event::Event`].
     pub const EVENTS: &str = "EVENTS";
 }
