@@ -106,6 +106,13 @@ impl Metrics {
              verdict (allowed, denied), for endpoints that enforce that direction",
             policy_verdicts.clone(),
         );
+        // All four series exist from the start, at 0: a rate over them works before the first
+        // decision, and "no denials" reads as 0 rather than as a missing series.
+        for direction in ["ingress", "egress"] {
+            for verdict in ["allowed", "denied"] {
+                let _ = policy_verdicts.get_or_create(&PolicyVerdictLabels { direction, verdict });
+            }
+        }
         Self {
             registry,
             handshakes,

@@ -438,3 +438,160 @@ fn unix_to_text(secs: u64) -> String {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncBufReadExt;
+
+    use super::*;
+    use crate::observe::Verdict;
+
+    struct Fixed;
+
+    #[async_trait::async_trait]
+    impl StatusSource for Fixed {
+        async fn snapshot(&self) -> NodeView {
+            NodeView {
+                node: "node-a".into(),
+                mode: "ipsec".into(),
+                strict: true,
+                spiffe_id: None,
+                svid_not_after_unix: None,
+                generation: 3,
+                peers: Vec::new(),
+                xfrm_errors: BTreeMap::new(),
+                datapath_drops: BTreeMap::new(),
+                unusable_nodes: BTreeMap::new(),
+                trust_bundle_error: None,
+            }
+        }
+    }
+
+    async fn parse(bytes: &[u8]) -> Result<Request, RequestError> {
+        let mut reader = bytes;
+        read_request(&mut reader).await
+    }
+
+    #[tokio::test]
+    async fn request_lines_parse() {
+        assert_eq!(
+            parse(b"{\"status\":{}}\n").await.expect("status"),
+            Request::Status {}
+        );
+        let observe = parse(b"{\"observe\":{\"follow\":true,\"verdict\":\"dropped\"}}\n")
+            .await
+            .expect("observe");
+        let Request::Observe(observe) = observe else {
+            panic!("not observe: {observe:?}");
+        };
+        assert!(observe.follow);
+        assert_eq!(observe.verdict, Some(Verdict::Dropped));
+        // Without a newline, ended by the client closing its side.
+        assert_eq!(
+            parse(b"{\"observe\":{}}").await.expect("no newline"),
+            Request::Observe(ObserveRequest::default())
+        );
+        // Nothing at all (a client from before requests, closing its side): the status.
+        assert_eq!(parse(b"").await.expect("empty"), Request::Status {});
+        // What the client helpers send round-trips.
+        let request = Request::Observe(ObserveRequest {
+            port: Some(80),
+            ..ObserveRequest::default()
+        });
+        assert_eq!(parse(&request.to_line()).await.expect("line"), request);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_are_refused_with_a_reason() {
+        for bad in [
+            &b"hello\n"[..],
+            b"{\"stats\":{}}\n",
+            b"{\"status\":{},\"observe\":{}}\n",
+            b"{\"observe\":{\"since\":5}}\n",
+            b"{\"observe\":{\"port\":-1}}\n",
+            b"\xff\xfe\n",
+        ] {
+            let err = parse(bad).await.expect_err("refused");
+            assert!(matches!(err, RequestError::Parse { .. }), "{bad:?}: {err}");
+            assert!(err.to_string().contains("expected one JSON line"), "{err}");
+        }
+        let long = vec![b' '; MAX_REQUEST + 10];
+        assert!(matches!(parse(&long).await, Err(RequestError::TooLong)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_means_status_and_a_stalled_request_times_out() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let silent = tokio::spawn(async move { read_request(&mut server).await });
+        tokio::time::sleep(LEGACY_GRACE + Duration::from_millis(10)).await;
+        assert_eq!(
+            silent.await.expect("task").expect("status"),
+            Request::Status {}
+        );
+        client.shutdown().await.expect("shutdown");
+
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let stalled = tokio::spawn(async move { read_request(&mut server).await });
+        client.write_all(b"{\"obs").await.expect("write");
+        tokio::time::sleep(REQUEST_TIMEOUT + Duration::from_millis(10)).await;
+        assert!(matches!(
+            stalled.await.expect("task"),
+            Err(RequestError::Timeout)
+        ));
+        drop(client);
+    }
+
+    async fn exchange(request: &[u8], observe: Option<ObserveHub>) -> Vec<String> {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (reader, writer) = tokio::io::split(server);
+        client.write_all(request).await.expect("request");
+        handle(
+            reader,
+            writer,
+            Arc::new(Fixed),
+            observe,
+            CancellationToken::new(),
+        )
+        .await;
+        let mut lines = tokio::io::BufReader::new(client).lines();
+        let mut out = Vec::new();
+        while let Some(line) = lines.next_line().await.expect("line") {
+            out.push(line);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn each_request_gets_its_answer() {
+        let status = exchange(b"{\"status\":{}}\n", None).await;
+        assert_eq!(status.len(), 1);
+        let view: NodeView = serde_json::from_str(&status[0]).expect("status document");
+        assert_eq!(view.node, "node-a");
+
+        let refused = exchange(b"nonsense\n", None).await;
+        let line: ObserveLine = serde_json::from_str(&refused[0]).expect("error line");
+        assert!(
+            matches!(&line, ObserveLine::Error { message } if message.starts_with("bad request")),
+            "{line:?}"
+        );
+
+        let no_datapath = exchange(b"{\"observe\":{}}\n", None).await;
+        assert!(
+            no_datapath[0].contains("no eBPF datapath"),
+            "{no_datapath:?}"
+        );
+
+        let hub = ObserveHub::new(None);
+        let bad_filter = exchange(
+            b"{\"observe\":{\"from_labels\":[\"nolabel\"]}}\n",
+            Some(hub.clone()),
+        )
+        .await;
+        assert!(
+            bad_filter[0].contains("expected key=value"),
+            "{bad_filter:?}"
+        );
+        let empty_history = exchange(b"{\"observe\":{}}\n", Some(hub)).await;
+        assert!(empty_history.is_empty(), "{empty_history:?}");
+    }
+}
