@@ -446,8 +446,8 @@ fn has_label(labels: &str, want: &str) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ObserveLine {
-    /// A flow.
-    Flow(Flow),
+    /// A flow (boxed: far larger than the other lines).
+    Flow(Box<Flow>),
     /// This many flows were lost because the client read too slowly (they may not all have
     /// matched its filter).
     Lost {
@@ -684,7 +684,6 @@ pub async fn run_reader(
         if caught_up && let Some(guard) = ready.as_mut() {
             guard.clear_ready();
         }
-        drop(ready);
         if !caught_up {
             tokio::task::yield_now().await;
         }
@@ -724,7 +723,7 @@ where
         .last
         .map_or(0, |last| matching.len().saturating_sub(last));
     for flow in matching.into_iter().skip(skip) {
-        write_line(&mut writer, &ObserveLine::Flow(Flow::clone(flow))).await?;
+        write_line(&mut writer, &ObserveLine::Flow(Box::new(Flow::clone(flow)))).await?;
     }
     if !request.follow {
         return writer.shutdown().await;
@@ -742,7 +741,7 @@ where
             received = live.recv() => match received {
                 Ok(flow) => {
                     if request.matches(&flow) {
-                        write_line(&mut writer, &ObserveLine::Flow(Flow::clone(&flow))).await?;
+                        write_line(&mut writer, &ObserveLine::Flow(Box::new(Flow::clone(&flow)))).await?;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(flows)) => {
