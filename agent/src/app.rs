@@ -33,6 +33,7 @@ use crate::expiry::ExpiryFollower;
 use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_REMOVED, STEP_STORE};
 use crate::identity::{IdentitySource, LocalClaims, Obtained};
 use crate::metrics::Metrics;
+use crate::observe::ObserveHub;
 use crate::pace::Pace;
 use crate::peer::{
     PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerTask,
@@ -86,6 +87,8 @@ struct Agent {
     metrics: Arc<Metrics>,
     xfrm: Handle,
     datapath: DatapathHandle,
+    /// Flows for `nodeseal observe`; whoever knows identity labels sets them here.
+    observe: ObserveHub,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -241,6 +244,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
             )
         })?;
     let status_listener = crate::status::bind(&config.status_socket)?;
+    let observe = start_observe(&datapath, &tracker, &cancel);
 
     let (generation_tx, generation_rx) = watch::channel(0u64);
     let registry = Arc::new(PeerRegistry::default());
@@ -298,12 +302,14 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         metrics,
         xfrm,
         datapath,
+        observe,
         tracker: tracker.clone(),
         cancel: cancel.clone(),
     });
     tracker.spawn(crate::status::serve(
         status_listener,
         Arc::clone(&agent) as Arc<dyn StatusSource>,
+        Some(agent.observe.clone()),
         cancel.child_token(),
     ));
     tracker.spawn(renew_identity(
@@ -328,6 +334,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
             pod_interface_prefix: agent.config.pod_interface_prefix.clone(),
             metrics: Arc::clone(&agent.metrics),
             view: Arc::clone(&agent.policy_view),
+            observe: agent.observe.clone(),
         }
         .run(cancel.child_token()),
     );
@@ -360,6 +367,25 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         info!("agent stopped; SAs and datapath left in place");
     }
     Ok(())
+}
+
+/// The flow hub for `nodeseal observe`, with its ring buffer reader running. Trace events
+/// start off; observe clients switch them through the hub.
+fn start_observe(
+    datapath: &DatapathHandle,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> ObserveHub {
+    let hub = ObserveHub::new(Some(
+        Arc::new(datapath.clone()) as Arc<dyn crate::observe::TraceSwitch>
+    ));
+    let reader = crate::observe::run_reader(hub.clone(), datapath.clone(), cancel.child_token());
+    tracker.spawn(async move {
+        if let Err(e) = reader.await {
+            warn!(error = %error_chain(&e), "datapath events reader stopped; observe shows no new flows");
+        }
+    });
+    hub
 }
 
 async fn stop_tasks(tracker: &TaskTracker) {
@@ -447,6 +473,7 @@ async fn run_without_encryption(
     tracker.spawn(crate::status::serve(
         crate::status::bind(&config.status_socket)?,
         Arc::clone(&passive) as Arc<dyn StatusSource>,
+        None,
         cancel.child_token(),
     ));
     // One status record, so `nodeseal status --cluster` lists the node (with no peers).
@@ -1091,6 +1118,10 @@ impl Agent {
         }
         for (reason, count) in &xfrm_errors {
             self.metrics.set_xfrm_error(reason, *count);
+        }
+        match self.datapath.policy_verdicts() {
+            Ok(counts) => self.metrics.set_policy_verdicts(counts),
+            Err(e) => debug!(error = %e, "reading policy verdict counters"),
         }
         (xfrm_errors, datapath_drops)
     }

@@ -1,5 +1,6 @@
 //! The `nodeseal` command line: CA set-up, the keymgr role, nodes, key rotation, status, and
-//! identity policy (`policy`, `identity`, `endpoint`: see [`workload`]).
+//! identity policy (`policy`, `identity`, `endpoint`: see [`workload`]), and flow verdicts
+//! (`observe`: see [`observe`]).
 //!
 //! Exit codes: 0 success, 1 failure, 2 usage error (clap), 3 `keys rotate --wait` timed out.
 
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{DEFAULT_STATUS_SOCKET, StoreArgs};
 
 mod kube_policy;
+mod observe;
 mod workload;
 use crate::identity::{pem, write_secret};
 
@@ -49,6 +51,9 @@ enum Command {
     Keys(KeysCommand),
     /// This node's (or the cluster's) encryption status.
     Status(StatusArgs),
+    /// Flow verdicts of this node's datapath (forwarded, dropped with the reason), like
+    /// `hubble observe`.
+    Observe(observe::ObserveArgs),
     /// Identity policy documents: apply, get, delete, trace.
     #[command(subcommand)]
     Policy(workload::PolicyCommand),
@@ -420,6 +425,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             return rotate(&store, wait, timeout).await;
         }
         Command::Status(args) => return status(args).await,
+        Command::Observe(args) => observe::observe(args).await?,
         Command::Policy(command) => workload::policy(command).await?,
         Command::Identity(command) => workload::identity(command).await?,
         Command::Endpoint(command) => workload::endpoint(command).await?,

@@ -66,6 +66,9 @@ pub enum DatapathError {
     /// Listing interfaces failed.
     #[error("listing network interfaces")]
     Interfaces(#[source] std::io::Error),
+    /// The events ring buffer's fd could not be duplicated.
+    #[error("duplicating the events ring buffer fd")]
+    Events(#[source] std::io::Error),
     /// The mutex was poisoned by a panic elsewhere (our bug).
     #[error("BUG: datapath lock poisoned")]
     Poisoned,
@@ -734,6 +737,65 @@ pub struct PolicyProgram {
     pub workload_ips: BTreeMap<IpAddr, u32>,
     /// Policy CIDR → its identity. Written only outside the cluster's prefixes.
     pub cidr_identities: BTreeMap<IpNet, u32>,
+}
+
+// Observability (`crate::observe`): events, tracing and policy verdict counters. Kept together
+// so that they stay apart from the endpoint and policy programming above.
+impl DatapathHandle {
+    /// A duplicate of the `EVENTS` ring buffer's fd, for readiness polling (tokio `AsyncFd`)
+    /// without holding the lock while waiting.
+    ///
+    /// # Errors
+    /// [`DatapathError::Events`] when the fd cannot be duplicated.
+    pub fn events_fd(&self) -> Result<std::os::fd::OwnedFd, DatapathError> {
+        use std::os::fd::AsFd as _;
+        self.lock()?
+            .dp
+            .events
+            .ring()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(DatapathError::Events)
+    }
+
+    /// Takes at most `limit` events from the ring buffer (under the lock, which a bounded
+    /// batch keeps short for the map writers).
+    ///
+    /// # Errors
+    /// [`DatapathError::Poisoned`].
+    pub fn drain_events(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<Result<nodeseal_bpf::DropEvent, nodeseal_bpf::EventError>>, DatapathError> {
+        Ok(self.lock()?.dp.events.drain_up_to(limit))
+    }
+
+    /// Turns trace events for passed packets on or off (the rest of the config is kept).
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`].
+    pub fn set_trace(&self, on: bool) -> Result<(), DatapathError> {
+        let mut inner = self.lock()?;
+        let mut config = inner.dp.config.get().map_err(map_err("config"))?;
+        if config.trace != on {
+            config.trace = on;
+            inner.dp.config.set(config).map_err(map_err("config"))?;
+            info!(trace = on, "datapath trace events switched");
+        }
+        Ok(())
+    }
+
+    /// The policy decisions the datapath counted.
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`].
+    pub fn policy_verdicts(&self) -> Result<nodeseal_bpf::PolicyVerdictCounts, DatapathError> {
+        self.lock()?
+            .dp
+            .policy_verdicts
+            .all()
+            .map_err(map_err("policy verdict counters"))
+    }
 }
 
 /// Removes a datapath a previous agent left pinned under `settings.pin_root` (this agent runs

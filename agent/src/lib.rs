@@ -4,7 +4,8 @@
 //!   [`identity`] (node key, SVID through the keymgr CSR flow), [`datapath`] (the eBPF maps and
 //!   attachments), [`sa`] (the XFRM layout), [`peer`] (one task per peer: handshakes,
 //!   make-before-break rekeys, teardown), [`expiry`] (SA usage limits), [`server`] (the
-//!   handshake listener), [`status`] and [`metrics`].
+//!   handshake listener), [`status`], [`observe`] (flows from the datapath's events) and
+//!   [`metrics`].
 //! - [`signer`] is keymgr as a running role; [`cli`] is the `nodeseal` command line.
 //!
 //! The agent never touches XFRM objects or BPF pins it does not own, and leaves its kernel state
@@ -27,6 +28,7 @@ pub mod kube_signer;
 pub mod leader;
 pub mod logging;
 pub mod metrics;
+pub mod observe;
 pub mod pace;
 pub mod peer;
 pub mod policy_engine;

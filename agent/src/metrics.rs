@@ -1,7 +1,10 @@
 //! Prometheus metrics (`/metrics`, served by [`crate::health::serve`]), registered under the
 //! `nodeseal` prefix. No per-peer labels: per-peer detail belongs in `nodeseal status`.
 
+use std::sync::Mutex;
 use std::time::Duration;
+
+use nodeseal_bpf::{PolicyDirection, PolicyVerdictCounts};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +25,12 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyVerdictLabels {
+    direction: &'static str,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabel {
     limit: String,
 }
@@ -39,6 +48,9 @@ pub struct Metrics {
     sa_limit_notices: Family<LimitLabel, Counter>,
     policy_programming: Histogram,
     policy_programs: Family<ResultLabel, Counter>,
+    policy_verdicts: Family<PolicyVerdictLabels, Counter>,
+    /// The datapath's cumulative policy verdict counts last mirrored into `policy_verdicts`.
+    policy_verdicts_seen: Mutex<PolicyVerdictCounts>,
 }
 
 impl Metrics {
@@ -102,6 +114,20 @@ impl Metrics {
             "Identity policy programs by result (ok; failed: the datapath kept the previous policy)",
             policy_programs.clone(),
         );
+        let policy_verdicts = Family::<PolicyVerdictLabels, Counter>::default();
+        registry.register(
+            "policy_verdicts",
+            "Identity policy decisions of the eBPF datapath by direction (ingress, egress) and \
+             verdict (allowed, denied), for endpoints that enforce that direction",
+            policy_verdicts.clone(),
+        );
+        // All four series exist from the start, at 0: a rate over them works before the first
+        // decision, and "no denials" reads as 0 rather than as a missing series.
+        for direction in ["ingress", "egress"] {
+            for verdict in ["allowed", "denied"] {
+                let _ = policy_verdicts.get_or_create(&PolicyVerdictLabels { direction, verdict });
+            }
+        }
         Self {
             registry,
             policy_programming,
@@ -113,6 +139,8 @@ impl Metrics {
             datapath_drops,
             xfrm_errors,
             sa_limit_notices,
+            policy_verdicts,
+            policy_verdicts_seen: Mutex::new(PolicyVerdictCounts::default()),
         }
     }
 
@@ -166,6 +194,32 @@ impl Metrics {
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
+    /// Mirrors the datapath's cumulative policy verdict counts into the
+    /// `nodeseal_policy_verdicts_total` counters. A count below the last one seen means the
+    /// maps were recreated (uninstalled and loaded again): the new count is all new decisions.
+    pub fn set_policy_verdicts(&self, now: PolicyVerdictCounts) {
+        let Ok(mut seen) = self.policy_verdicts_seen.lock() else {
+            return;
+        };
+        for (direction, key) in [
+            ("ingress", PolicyDirection::Ingress),
+            ("egress", PolicyDirection::Egress),
+        ] {
+            for (verdict, allowed) in [("allowed", true), ("denied", false)] {
+                let (before, after) = (seen.get(key, allowed), now.get(key, allowed));
+                let delta = if after >= before {
+                    after - before
+                } else {
+                    after
+                };
+                self.policy_verdicts
+                    .get_or_create(&PolicyVerdictLabels { direction, verdict })
+                    .inc_by(delta);
+            }
+        }
+        *seen = now;
+    }
+
     /// Mirrors one xfrm_stat counter.
     pub fn set_xfrm_error(&self, reason: &str, count: u64) {
         self.xfrm_errors
@@ -189,5 +243,53 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_verdicts_follow_the_datapath_counts() {
+        let metrics = Metrics::new();
+        let text = metrics.encode();
+        assert!(
+            text.contains("# TYPE nodeseal_policy_verdicts counter"),
+            "{text}"
+        );
+        metrics.set_policy_verdicts(PolicyVerdictCounts {
+            ingress_allowed: 5,
+            ingress_denied: 2,
+            egress_allowed: 0,
+            egress_denied: 1,
+        });
+        metrics.set_policy_verdicts(PolicyVerdictCounts {
+            ingress_allowed: 7,
+            ingress_denied: 2,
+            egress_allowed: 0,
+            egress_denied: 1,
+        });
+        let text = metrics.encode();
+        for line in [
+            "nodeseal_policy_verdicts_total{direction=\"ingress\",verdict=\"allowed\"} 7",
+            "nodeseal_policy_verdicts_total{direction=\"ingress\",verdict=\"denied\"} 2",
+            "nodeseal_policy_verdicts_total{direction=\"egress\",verdict=\"allowed\"} 0",
+            "nodeseal_policy_verdicts_total{direction=\"egress\",verdict=\"denied\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        // Maps recreated: counting restarts from the new values, never backwards.
+        metrics.set_policy_verdicts(PolicyVerdictCounts {
+            ingress_allowed: 3,
+            ..PolicyVerdictCounts::default()
+        });
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "nodeseal_policy_verdicts_total{direction=\"ingress\",verdict=\"allowed\"} 10"
+            ),
+            "{text}"
+        );
     }
 }

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::datapath::{DatapathHandle, FIRST_CIDR_IDENTITY, PolicyProgram};
 use crate::metrics::Metrics;
+use crate::observe::ObserveHub;
 use crate::peer::error_chain;
 
 /// How long one identity allocation may take before the endpoint is retried later.
@@ -70,6 +71,8 @@ pub struct PolicyEngine {
     pub metrics: Arc<Metrics>,
     /// What `nodeseal status` shows.
     pub view: Arc<Mutex<PolicyView>>,
+    /// Flows of `nodeseal observe`, whose identities it names.
+    pub observe: ObserveHub,
 }
 
 /// The engine's state as `nodeseal status` shows it.
@@ -214,6 +217,13 @@ impl PolicyEngine {
         }
         let took = started.elapsed();
         self.metrics.policy_programmed(took, outcome.is_ok());
+        self.observe.set_identity_labels(
+            state
+                .identities
+                .iter()
+                .map(|(n, l)| (*n, l.to_string()))
+                .collect(),
+        );
         let mut view = self.view.lock().ok();
         if let Some(view) = view.as_deref_mut() {
             view.endpoints = plan.views.clone();

@@ -1,6 +1,17 @@
-//! The local status API: a Unix socket answering one JSON document per connection, read by
-//! `nodeseal status`. It carries what an operator needs to debug one node: identity and expiry,
-//! one row per peer, the kernel's XFRM error counters and the datapath's drop counters.
+//! The local status API: a Unix socket, read by `nodeseal status` and `nodeseal observe`. It
+//! carries what an operator needs to debug one node: identity and expiry, one row per peer, the
+//! kernel's XFRM error counters and the datapath's drop counters; and the flow stream.
+//!
+//! Protocol: the client writes one JSON request line, at most [`MAX_REQUEST`] bytes, within
+//! [`REQUEST_TIMEOUT`]:
+//! - `{"status":{}}`: the server answers one JSON [`NodeView`] document and closes.
+//! - `{"observe":{...}}` ([`ObserveRequest`]): the server answers newline-delimited
+//!   [`ObserveLine`]s: the matching history, then with `"follow":true` every new matching flow
+//!   until the client closes the connection.
+//!
+//! A bad request is answered with one line `{"error":{"message":"..."}}`. A client that sends
+//! nothing at all for [`LEGACY_GRACE`] (or closes its side at once) is answered the status
+//! document, as before requests existed, so older `nodeseal status` binaries keep working.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,15 +19,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::observe::{ObserveHub, ObserveLine, ObserveRequest};
 use crate::peer::PeerStatus;
 
 /// Largest status document a client accepts.
 const MAX_RESPONSE: usize = 16 << 20;
+/// Longest request line the server reads.
+pub const MAX_REQUEST: usize = 4096;
+/// How long a client has to send its whole request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client silent this long from the start is answered the status (clients from before the
+/// request line).
+pub const LEGACY_GRACE: Duration = Duration::from_secs(1);
+/// Connections served at once; more are refused with an error line.
+const MAX_CLIENTS: usize = 64;
+/// How long the status document may take to write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of the status API.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +72,59 @@ pub enum StatusError {
         #[source]
         source: serde_json::Error,
     },
+    /// The agent refused the request.
+    #[error("the agent at {path} refused the request: {message}")]
+    Refused {
+        /// Path.
+        path: PathBuf,
+        /// The agent's message.
+        message: String,
+    },
+}
+
+/// Why a request line was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Longer than [`MAX_REQUEST`] without a newline.
+    #[error("request longer than {MAX_REQUEST} bytes")]
+    TooLong,
+    /// Not complete within [`REQUEST_TIMEOUT`].
+    #[error("request not received within {REQUEST_TIMEOUT:?}")]
+    Timeout,
+    /// Not a request.
+    #[error(
+        "bad request: {source}; expected one JSON line such as {{\"status\":{{}}}} or \
+         {{\"observe\":{{\"follow\":true}}}}"
+    )]
+    Parse {
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Reading failed.
+    #[error("reading the request")]
+    Io(#[source] std::io::Error),
+}
+
+/// What a client asks for (one JSON line).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The node's status document.
+    Status {},
+    /// Flow records.
+    Observe(ObserveRequest),
+}
+
+impl Request {
+    /// The request as one line, newline included.
+    #[must_use]
+    pub fn to_line(&self) -> Vec<u8> {
+        // Serialising these plain structs cannot fail; an empty line would be refused clearly.
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
 }
 
 /// The status of one node.
@@ -106,33 +183,149 @@ pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
     })
 }
 
-/// Answers each connection with one JSON document.
+/// Serves connections until cancelled, each on its own task (at most [`MAX_CLIENTS`]); `observe`
+/// is `None` when there is no datapath to observe.
 pub async fn serve(
     listener: UnixListener,
     source: Arc<dyn StatusSource>,
+    observe: Option<ObserveHub>,
     cancel: CancellationToken,
 ) {
+    // Connection tasks live in this set: they end with it when the server is cancelled.
+    let mut clients = JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
+            Some(_) = clients.join_next(), if !clients.is_empty() => continue,
             a = listener.accept() => a,
         };
-        let Ok((mut stream, _)) = accepted else {
+        let Ok((stream, _)) = accepted else {
             continue;
         };
-        let view = source.snapshot().await;
-        let body = serde_json::to_vec(&view).unwrap_or_default();
-        let write = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&body)).await;
-        if !matches!(write, Ok(Ok(()))) {
-            debug!("status client went away");
+        let (reader, mut writer) = stream.into_split();
+        if clients.len() >= MAX_CLIENTS {
+            let message = format!("too many clients (at most {MAX_CLIENTS}); try again later");
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), refuse(&mut writer, message)).await;
+            continue;
+        }
+        clients.spawn(handle(
+            reader,
+            writer,
+            Arc::clone(&source),
+            observe.clone(),
+            cancel.child_token(),
+        ));
+    }
+    clients.shutdown().await;
+}
+
+/// Answers one connection.
+pub async fn handle<R, W>(
+    mut reader: R,
+    mut writer: W,
+    source: Arc<dyn StatusSource>,
+    observe: Option<ObserveHub>,
+    cancel: CancellationToken,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let request = match read_request(&mut reader).await {
+        Ok(request) => request,
+        Err(e) => {
+            debug!(error = %e, "refused a status socket request");
+            refuse(&mut writer, e.to_string()).await;
+            return;
+        }
+    };
+    match request {
+        Request::Status {} => {
+            let view = source.snapshot().await;
+            let mut body = serde_json::to_vec(&view).unwrap_or_default();
+            body.push(b'\n');
+            let write = tokio::time::timeout(WRITE_TIMEOUT, async {
+                writer.write_all(&body).await?;
+                writer.shutdown().await
+            })
+            .await;
+            if !matches!(write, Ok(Ok(()))) {
+                debug!("status client went away");
+            }
+        }
+        Request::Observe(request) => {
+            let Some(hub) = observe else {
+                refuse(
+                    &mut writer,
+                    "observe is not available: this agent runs no eBPF datapath (encryption off)"
+                        .to_owned(),
+                )
+                .await;
+                return;
+            };
+            if let Err(e) = request.validate() {
+                refuse(&mut writer, e.to_string()).await;
+                return;
+            }
+            if let Err(e) =
+                crate::observe::stream_flows(&hub, &request, reader, writer, cancel).await
+            {
+                debug!(error = %e, "observe client went away");
+            }
         }
     }
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, message: String) {
+    let _ = crate::observe::write_line(writer, &ObserveLine::Error { message }).await;
+    let _ = writer.shutdown().await;
+}
+
+/// Reads the request line: bounded in length ([`MAX_REQUEST`]) and time ([`REQUEST_TIMEOUT`]).
+/// A client that stays silent for [`LEGACY_GRACE`] or closes its side without a byte asks for
+/// the status (the protocol before request lines).
+///
+/// # Errors
+/// [`RequestError`].
+pub async fn read_request<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Request, RequestError> {
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut line = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    let first = match tokio::time::timeout(LEGACY_GRACE, reader.read(&mut chunk)).await {
+        Err(_) | Ok(Ok(0)) => return Ok(Request::Status {}),
+        Ok(Err(e)) => return Err(RequestError::Io(e)),
+        Ok(Ok(n)) => n,
+    };
+    line.extend_from_slice(chunk.get(..first).unwrap_or_default());
+    // Every pass adds at least one byte or ends, and the line is capped: bounded.
+    loop {
+        if let Some(end) = line.iter().position(|b| *b == b'\n') {
+            line.truncate(end);
+            break;
+        }
+        if line.len() > MAX_REQUEST {
+            return Err(RequestError::TooLong);
+        }
+        let read = tokio::time::timeout_at(deadline, reader.read(&mut chunk))
+            .await
+            .map_err(|_| RequestError::Timeout)?
+            .map_err(RequestError::Io)?;
+        if read == 0 {
+            // The client closed its side after a request without a newline.
+            break;
+        }
+        line.extend_from_slice(chunk.get(..read).unwrap_or_default());
+    }
+    if line.len() > MAX_REQUEST {
+        return Err(RequestError::TooLong);
+    }
+    serde_json::from_slice(&line).map_err(|source| RequestError::Parse { source })
 }
 
 /// Reads the status of the agent listening on `path`.
 ///
 /// # Errors
-/// [`StatusError::Connect`] or [`StatusError::Decode`].
+/// [`StatusError::Connect`], [`StatusError::Refused`] or [`StatusError::Decode`].
 pub async fn fetch(path: &Path) -> Result<NodeView, StatusError> {
     let connect_err = |source| StatusError::Connect {
         path: path.to_owned(),
@@ -140,14 +333,25 @@ pub async fn fetch(path: &Path) -> Result<NodeView, StatusError> {
     };
     let mut stream = UnixStream::connect(path).await.map_err(connect_err)?;
     let mut body = Vec::new();
-    let mut limited = (&mut stream).take(MAX_RESPONSE as u64);
-    tokio::time::timeout(Duration::from_secs(10), limited.read_to_end(&mut body))
-        .await
-        .map_err(|_| connect_err(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(connect_err)?;
-    serde_json::from_slice(&body).map_err(|source| StatusError::Decode {
-        path: path.to_owned(),
-        source,
+    tokio::time::timeout(Duration::from_secs(10), async {
+        stream.write_all(&Request::Status {}.to_line()).await?;
+        let mut limited = (&mut stream).take(MAX_RESPONSE as u64);
+        limited.read_to_end(&mut body).await
+    })
+    .await
+    .map_err(|_| connect_err(std::io::ErrorKind::TimedOut.into()))?
+    .map_err(connect_err)?;
+    serde_json::from_slice(&body).map_err(|source| {
+        match serde_json::from_slice::<ObserveLine>(&body) {
+            Ok(ObserveLine::Error { message }) => StatusError::Refused {
+                path: path.to_owned(),
+                message,
+            },
+            _ => StatusError::Decode {
+                path: path.to_owned(),
+                source,
+            },
+        }
     })
 }
 
@@ -280,5 +484,163 @@ fn unix_to_text(secs: u64) -> String {
             "{} ago",
             humantime::format_duration(Duration::from_secs(now - secs))
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncBufReadExt;
+
+    use super::*;
+    use crate::observe::Verdict;
+
+    struct Fixed;
+
+    #[async_trait::async_trait]
+    impl StatusSource for Fixed {
+        async fn snapshot(&self) -> NodeView {
+            NodeView {
+                node: "node-a".into(),
+                mode: "ipsec".into(),
+                strict: true,
+                spiffe_id: None,
+                svid_not_after_unix: None,
+                generation: 3,
+                peers: Vec::new(),
+                xfrm_errors: BTreeMap::new(),
+                datapath_drops: BTreeMap::new(),
+                unusable_nodes: BTreeMap::new(),
+                trust_bundle_error: None,
+                policy: None,
+            }
+        }
+    }
+
+    async fn parse(bytes: &[u8]) -> Result<Request, RequestError> {
+        let mut reader = bytes;
+        read_request(&mut reader).await
+    }
+
+    #[tokio::test]
+    async fn request_lines_parse() {
+        assert_eq!(
+            parse(b"{\"status\":{}}\n").await.expect("status"),
+            Request::Status {}
+        );
+        let observe = parse(b"{\"observe\":{\"follow\":true,\"verdict\":\"dropped\"}}\n")
+            .await
+            .expect("observe");
+        let Request::Observe(observe) = observe else {
+            panic!("not observe: {observe:?}");
+        };
+        assert!(observe.follow);
+        assert_eq!(observe.verdict, Some(Verdict::Dropped));
+        // Without a newline, ended by the client closing its side.
+        assert_eq!(
+            parse(b"{\"observe\":{}}").await.expect("no newline"),
+            Request::Observe(ObserveRequest::default())
+        );
+        // Nothing at all (a client from before requests, closing its side): the status.
+        assert_eq!(parse(b"").await.expect("empty"), Request::Status {});
+        // What the client helpers send round-trips.
+        let request = Request::Observe(ObserveRequest {
+            port: Some(80),
+            ..ObserveRequest::default()
+        });
+        assert_eq!(parse(&request.to_line()).await.expect("line"), request);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_are_refused_with_a_reason() {
+        for bad in [
+            &b"hello\n"[..],
+            b"{\"stats\":{}}\n",
+            b"{\"status\":{},\"observe\":{}}\n",
+            b"{\"observe\":{\"since\":5}}\n",
+            b"{\"observe\":{\"port\":-1}}\n",
+            b"\xff\xfe\n",
+        ] {
+            let err = parse(bad).await.expect_err("refused");
+            assert!(matches!(err, RequestError::Parse { .. }), "{bad:?}: {err}");
+            assert!(err.to_string().contains("expected one JSON line"), "{err}");
+        }
+        let long = vec![b' '; MAX_REQUEST + 10];
+        assert!(matches!(parse(&long).await, Err(RequestError::TooLong)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_means_status_and_a_stalled_request_times_out() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let silent = tokio::spawn(async move { read_request(&mut server).await });
+        tokio::time::sleep(LEGACY_GRACE + Duration::from_millis(10)).await;
+        assert_eq!(
+            silent.await.expect("task").expect("status"),
+            Request::Status {}
+        );
+        client.shutdown().await.expect("shutdown");
+
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let stalled = tokio::spawn(async move { read_request(&mut server).await });
+        client.write_all(b"{\"obs").await.expect("write");
+        tokio::time::sleep(REQUEST_TIMEOUT + Duration::from_millis(10)).await;
+        assert!(matches!(
+            stalled.await.expect("task"),
+            Err(RequestError::Timeout)
+        ));
+        drop(client);
+    }
+
+    async fn exchange(request: &[u8], observe: Option<ObserveHub>) -> Vec<String> {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (reader, writer) = tokio::io::split(server);
+        client.write_all(request).await.expect("request");
+        handle(
+            reader,
+            writer,
+            Arc::new(Fixed),
+            observe,
+            CancellationToken::new(),
+        )
+        .await;
+        let mut lines = tokio::io::BufReader::new(client).lines();
+        let mut out = Vec::new();
+        while let Some(line) = lines.next_line().await.expect("line") {
+            out.push(line);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn each_request_gets_its_answer() {
+        let status = exchange(b"{\"status\":{}}\n", None).await;
+        assert_eq!(status.len(), 1);
+        let view: NodeView = serde_json::from_str(&status[0]).expect("status document");
+        assert_eq!(view.node, "node-a");
+
+        let refused = exchange(b"nonsense\n", None).await;
+        let line: ObserveLine = serde_json::from_str(&refused[0]).expect("error line");
+        assert!(
+            matches!(&line, ObserveLine::Error { message } if message.starts_with("bad request")),
+            "{line:?}"
+        );
+
+        let no_datapath = exchange(b"{\"observe\":{}}\n", None).await;
+        assert!(
+            no_datapath[0].contains("no eBPF datapath"),
+            "{no_datapath:?}"
+        );
+
+        let hub = ObserveHub::new(None);
+        let bad_filter = exchange(
+            b"{\"observe\":{\"from_labels\":[\"nolabel\"]}}\n",
+            Some(hub.clone()),
+        )
+        .await;
+        assert!(
+            bad_filter[0].contains("expected key=value"),
+            "{bad_filter:?}"
+        );
+        let empty_history = exchange(b"{\"observe\":{}}\n", Some(hub)).await;
+        assert!(empty_history.is_empty(), "{empty_history:?}");
     }
 }

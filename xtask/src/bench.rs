@@ -33,7 +33,8 @@ enum BenchName {
     Xfrm,
     /// Mutual TLS 1.3 handshakes + key derivation per second per core.
     Keymgr,
-    /// ns per packet of from-pod vs a pass-through program (BPF_PROG_TEST_RUN).
+    /// ns per packet of from-pod vs a pass-through program, and of from-pod/to-pod with trace
+    /// events off vs on (BPF_PROG_TEST_RUN).
     Bpf,
     /// Agent convergence against N simulated peers, and `keys rotate --wait` under traffic
     /// (needs ESP: runs in the VM).

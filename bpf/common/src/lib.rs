@@ -73,6 +73,9 @@ pub mod map_names {
     /// `CONNTRACK`: LRU hash of [`crate::maps::CtKey`] → [`crate::maps::CtEntry`], the flows
     /// whose replies pass policy.
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// `POLICY_VERDICTS`: per-CPU `u64` counts of policy decisions, indexed by
+    /// [`crate::maps::policy_verdict_slot`] (direction × allowed/denied).
+    pub const POLICY_VERDICTS: &str = "POLICY_VERDICTS";
     /// `EVENTS`: ring buffer of [`crate::event::Event`].
     pub const EVENTS: &str = "EVENTS";
 }

@@ -285,6 +285,18 @@ pub mod policy_verdict {
     pub const DENY: u8 = 2;
 }
 
+/// Number of slots of the `POLICY_VERDICTS` per-CPU counters: direction × allowed/denied.
+pub const POLICY_VERDICT_SLOTS: u32 = 4;
+
+/// The `POLICY_VERDICTS` slot counting decisions in `direction` ([`PolicyKey::INGRESS`] or
+/// [`PolicyKey::EGRESS`]) that were allowed or denied: ingress allowed 0, ingress denied 1,
+/// egress allowed 2, egress denied 3. Branch-free, as the datapath calls it on every checked
+/// packet; any other direction value lands in a valid slot rather than outside the array.
+#[must_use]
+pub const fn policy_verdict_slot(direction: u8, allowed: bool) -> u32 {
+    ((direction as u32).wrapping_sub(1) & 1) * 2 + (!allowed) as u32
+}
+
 /// One slot of a `POLICY_TABLE` bucket ([`PolicyBucket`]): a rule (packed [`PolicyKey`] and
 /// verdict) or empty (all zero).
 ///
@@ -535,4 +547,23 @@ mod pod {
     unsafe impl aya::Pod for PolicyTableHeader {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_verdict_slots_are_distinct_and_in_range() {
+        let slots = [
+            policy_verdict_slot(PolicyKey::INGRESS, true),
+            policy_verdict_slot(PolicyKey::INGRESS, false),
+            policy_verdict_slot(PolicyKey::EGRESS, true),
+            policy_verdict_slot(PolicyKey::EGRESS, false),
+        ];
+        assert_eq!(slots, [0, 1, 2, 3]);
+        for direction in [0, 3, 255] {
+            assert!(policy_verdict_slot(direction, false) < POLICY_VERDICT_SLOTS);
+        }
+    }
 }

@@ -128,6 +128,17 @@ impl TraceReason {
             _ => return None,
         })
     }
+
+    /// Stable snake-case name (CLI output, flow records).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Encrypt => "encrypt",
+            Self::Decrypt => "decrypt",
+            Self::Plaintext => "plaintext",
+            Self::Pass => "pass",
+        }
+    }
 }
 
 #[cfg(test)]

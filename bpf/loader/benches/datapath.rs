@@ -1,6 +1,8 @@
 //! ns per packet of `from_pod` with a populated ipcache (10,000 prefixes) and policy (10,000
 //! entries), against the pass-through program in the same run (BPF_PROG_TEST_RUN, repeat).
-//! Needs root and BPF; prints why and exits 0 otherwise.
+//! Then the cost of trace events (what `nodeseal observe` turns on while a client follows
+//! forwarded flows): `from_pod` and `to_pod` with policy enforced, trace off against trace on,
+//! in the same run. Needs root and BPF; prints why and exits 0 otherwise.
 //!
 //! Run: `cargo bench -p nodeseal-bpf --bench datapath`.
 #![expect(
@@ -12,12 +14,18 @@ use std::{net::Ipv4Addr, time::Instant};
 
 use nodeseal_bpf::{
     Datapath, DatapathConfig, Enforcement, Location, Mode, NodeId, PolicyDirection, PolicyRule,
-    PolicyVerdict, Prefix, Program,
+    PolicyVerdict, Prefix, Program, Verdict,
     test_helpers::{TestPinRoot, V4, ipv4, missing_privileges, proto, tcp},
 };
 
 const REPEAT: u32 = 1_000_000;
 const ROUNDS: usize = 7;
+/// Packets per run in the trace part: with tracing on each one is a 64-byte event (72 bytes
+/// with the ring's header), and the 256 KiB ring must not fill within a run, or the runs would
+/// time failed reservations. The ring is drained after every run, as the agent's reader does.
+const TRACE_REPEAT: u32 = 2_000;
+/// Runs per figure in the trace part (the best is kept).
+const TRACE_RUNS: usize = 150;
 
 fn main() {
     if let Some(why) = missing_privileges() {
@@ -126,4 +134,94 @@ fn main() {
         "  set-up: 10,000 ipcache inserts {:.0} ms, 10,000 policy rules in one replace_all {:.0} ms",
         ipcache_ms, policy_ms
     );
+    trace_cost(&mut dp, &frame, dst);
+}
+
+/// `from_pod` (egress enforced, encrypt mark) and `to_pod` (ingress enforced) with trace events
+/// off and on, interleaved in the same run; ratios against trace off.
+fn trace_cost(dp: &mut Datapath, from_pod_frame: &[u8], remote: Ipv4Addr) {
+    let enforce_both = Enforcement {
+        ingress: true,
+        egress: true,
+    };
+    dp.endpoints.insert(1, 100, enforce_both).expect("endpoint");
+    // Toward the pod, from the remote pod the from_pod packet went to; allowed by an exact rule.
+    dp.policy
+        .insert(
+            PolicyRule {
+                subject: 100,
+                peer: Some(256 + 5_000),
+                protocol: Some(proto::TCP),
+                port: Some(8080),
+                direction: PolicyDirection::Ingress,
+            },
+            PolicyVerdict::Allow,
+        )
+        .expect("ingress rule");
+    let to_pod_frame = ipv4(
+        remote,
+        Ipv4Addr::new(10, 200, 0, 5),
+        proto::TCP,
+        &tcp(40_000, 8080),
+        &V4::default(),
+    );
+    let base = dp.config.get().expect("config");
+    let set_trace = |dp: &mut Datapath, trace: bool| {
+        dp.config
+            .set(DatapathConfig { trace, ..base })
+            .expect("config");
+    };
+    let cases: [(Program, &[u8]); 2] = [
+        (Program::FromPod, from_pod_frame),
+        (Program::ToPod, &to_pod_frame),
+    ];
+    for (program, frame) in cases {
+        set_trace(dp, true);
+        let (verdict, _) = dp
+            .test_run_repeat(program, frame, 1, 0, 1)
+            .expect("test run");
+        assert_eq!(
+            verdict.action,
+            Verdict::PASS,
+            "{program:?}: bench packet must pass"
+        );
+        let events = dp.events.drain();
+        assert_eq!(
+            events.len(),
+            1,
+            "{program:?}: one trace event per passed packet"
+        );
+    }
+    // best[case][trace]
+    let mut best = [[f64::MAX; 2]; 2];
+    let mut events = 0usize;
+    for _ in 0..TRACE_RUNS {
+        for trace in [false, true] {
+            set_trace(dp, trace);
+            for (i, (program, frame)) in cases.iter().enumerate() {
+                let (_, t) = dp
+                    .test_run_repeat(*program, frame, 1, 0, TRACE_REPEAT)
+                    .expect("test run");
+                best[i][usize::from(trace)] =
+                    best[i][usize::from(trace)].min(t.as_secs_f64() * 1e9);
+                events += dp.events.drain().len();
+            }
+        }
+    }
+    set_trace(dp, false);
+    let expected = TRACE_RUNS * 2 * TRACE_REPEAT as usize;
+    println!(
+        "trace events (repeat {TRACE_REPEAT}, ring drained after each run, best of {TRACE_RUNS}; \
+         {events} of {expected} events read)"
+    );
+    for (i, name) in ["from_pod (policy, encrypt)", "to_pod (policy)"]
+        .iter()
+        .enumerate()
+    {
+        let [off, on] = best[i];
+        println!(
+            "  {name:<27} trace off {off:6.1} ns  on {on:6.1} ns  ratio {:5.2}",
+            on / off
+        );
+    }
 }

@@ -173,6 +173,19 @@ impl EventReader {
         out
     }
 
+    /// Takes at most `limit` records available now, like [`EventReader::drain`]; a reader that
+    /// holds a lock while draining bounds how long it holds it.
+    pub fn drain_up_to(&mut self, limit: usize) -> Vec<Result<DropEvent, EventError>> {
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(item) = self.ring.next() else {
+                break;
+            };
+            out.push(DropEvent::parse(&item));
+        }
+        out
+    }
+
     /// The underlying ring buffer (for readiness polling).
     pub fn ring(&mut self) -> &mut RingBuf<MapData> {
         &mut self.ring

@@ -4,7 +4,7 @@
 //! embedded in the library), pinning their maps under a pin root (default
 //! [`DEFAULT_PIN_ROOT`]), attaching them to interfaces (TCX on kernels >= 6.6, a `clsact` qdisc
 //! before) and typed access to every map: [`IpCache`], [`Nodes`], [`PeerSlots`], [`Endpoints`],
-//! [`Policy`], [`ConfigMap`], [`DropCounters`] and the [`EventReader`].
+//! [`Policy`], [`ConfigMap`], [`DropCounters`], [`PolicyVerdicts`] and the [`EventReader`].
 //!
 //! Restart invariant: maps are pinned by name under the pin root, and attachments are either
 //! pinned TCX links (`<root>/links/…`) or `clsact` filters at a fixed priority and handle. A new
@@ -40,7 +40,7 @@ pub use events::{DropEvent, EventError, EventReader, Outcome};
 pub use load::{DEFAULT_PIN_ROOT, Datapath, LoadError, Program, TestRunError, Verdict};
 pub use maps::{
     ConfigMap, DatapathConfig, DropCounters, Endpoints, Enforcement, IpCache, Location, MapError,
-    Mode, NodeId, Nodes, PeerSlots, Prefix,
+    Mode, NodeId, Nodes, PeerSlots, PolicyVerdictCounts, PolicyVerdicts, Prefix,
 };
 pub use nodeseal_bpf_common::{identity, mark, reason::DropReason, reason::TraceReason};
 pub use policy::{Policy, PolicyDirection, PolicyRule, PolicyVerdict};

@@ -10,7 +10,10 @@ use nodeseal_bpf_common::{map_names, program_names};
 
 use crate::{
     events::EventReader,
-    maps::{ConfigMap, DropCounters, Endpoints, IpCache, IpCacheMaps, MapError, Nodes, PeerSlots},
+    maps::{
+        ConfigMap, DropCounters, Endpoints, IpCache, IpCacheMaps, MapError, Nodes, PeerSlots,
+        PolicyVerdicts,
+    },
     policy::Policy,
 };
 
@@ -126,6 +129,8 @@ pub struct Datapath {
     pub config: ConfigMap,
     /// `DROP_COUNTERS`.
     pub counters: DropCounters,
+    /// `POLICY_VERDICTS`.
+    pub policy_verdicts: PolicyVerdicts,
     /// `EVENTS`.
     pub events: EventReader,
 }
@@ -204,6 +209,7 @@ impl Datapath {
         )?;
         let config = ConfigMap::new(take(&mut ebpf, map_names::CONFIG)?)?;
         let counters = DropCounters::new(take(&mut ebpf, map_names::DROP_COUNTERS)?)?;
+        let policy_verdicts = PolicyVerdicts::new(take(&mut ebpf, map_names::POLICY_VERDICTS)?)?;
         let events = EventReader::new(take(&mut ebpf, map_names::EVENTS)?)?;
         tracing::debug!(pin_root = %pin_root.display(), "loaded eBPF datapath");
         Ok(Self {
@@ -217,6 +223,7 @@ impl Datapath {
             policy,
             config,
             counters,
+            policy_verdicts,
             events,
         })
     }

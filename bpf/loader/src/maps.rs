@@ -8,14 +8,18 @@ use aya::maps::{
 };
 use nodeseal_bpf_common::{
     maps::{
-        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, NodeEntry, NodeKey, PeerSlot,
-        PrefixLengths, capacity,
+        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, NodeEntry, NodeKey, PeerSlot, PolicyKey,
+        PrefixLengths, capacity, policy_verdict_slot,
     },
     mark,
     reason::DropReason,
 };
 
-use crate::{ipcache4::Ipv4Arrays, policy::PolicyRule, shared::Mapping};
+use crate::{
+    ipcache4::Ipv4Arrays,
+    policy::{PolicyDirection, PolicyRule},
+    shared::Mapping,
+};
 
 /// Errors of the map handles.
 #[derive(Debug, thiserror::Error)]
@@ -936,6 +940,87 @@ impl DropCounters {
             .into_iter()
             .map(|r| Ok((r, self.get(r)?)))
             .collect()
+    }
+}
+
+/// `POLICY_VERDICTS`: how many packets the identity policy allowed and denied, per direction.
+/// Counted on every policy decision (only for endpoints that enforce the direction), whether
+/// tracing is on or not.
+pub struct PolicyVerdicts {
+    map: PerCpuArray<MapData, u64>,
+}
+
+/// Policy decisions counted by the datapath, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyVerdictCounts {
+    /// Ingress packets allowed.
+    pub ingress_allowed: u64,
+    /// Ingress packets denied.
+    pub ingress_denied: u64,
+    /// Egress packets allowed.
+    pub egress_allowed: u64,
+    /// Egress packets denied.
+    pub egress_denied: u64,
+}
+
+impl PolicyVerdictCounts {
+    /// The count for `direction` and verdict (`allowed` or denied).
+    #[must_use]
+    pub const fn get(&self, direction: PolicyDirection, allowed: bool) -> u64 {
+        match (direction, allowed) {
+            (PolicyDirection::Ingress, true) => self.ingress_allowed,
+            (PolicyDirection::Ingress, false) => self.ingress_denied,
+            (PolicyDirection::Egress, true) => self.egress_allowed,
+            (PolicyDirection::Egress, false) => self.egress_denied,
+        }
+    }
+}
+
+impl PolicyVerdicts {
+    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            map: map.try_into().map_err(|source| MapError::Shape {
+                name: "POLICY_VERDICTS",
+                source,
+            })?,
+        })
+    }
+
+    /// Decisions counted for `direction` with the given verdict, summed over CPUs.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] on failure.
+    pub fn get(&self, direction: PolicyDirection, allowed: bool) -> Result<u64, MapError> {
+        let raw = match direction {
+            PolicyDirection::Ingress => PolicyKey::INGRESS,
+            PolicyDirection::Egress => PolicyKey::EGRESS,
+        };
+        let values = self
+            .map
+            .get(&policy_verdict_slot(raw, allowed), 0)
+            .map_err(|source| kernel("lookup", "POLICY_VERDICTS", source))?;
+        Ok(values.iter().sum())
+    }
+
+    /// All four counts.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] on failure.
+    pub fn all(&self) -> Result<PolicyVerdictCounts, MapError> {
+        Ok(PolicyVerdictCounts {
+            ingress_allowed: self.get(PolicyDirection::Ingress, true)?,
+            ingress_denied: self.get(PolicyDirection::Ingress, false)?,
+            egress_allowed: self.get(PolicyDirection::Egress, true)?,
+            egress_denied: self.get(PolicyDirection::Egress, false)?,
+        })
+    }
+}
+
+impl std::fmt::Debug for PolicyVerdicts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyVerdicts").finish_non_exhaustive()
     }
 }
 

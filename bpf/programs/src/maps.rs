@@ -7,7 +7,8 @@ use aya_ebpf::{
 use nodeseal_bpf_common::{
     maps::{
         Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot,
-        MAP_FLAG_MMAPABLE, NodeEntry, NodeKey, PeerSlot, PolicyBucket, PolicySlot,
+        MAP_FLAG_MMAPABLE, NodeEntry, NodeKey, POLICY_VERDICT_SLOTS, PeerSlot, PolicyBucket,
+        PolicySlot,
         PolicyTableHeader, PrefixLengths, capacity,
     },
     reason::DropReason,
@@ -62,6 +63,10 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map]
 pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+
+/// Policy decisions by direction and verdict (`policy_verdict_slot`).
+#[map]
+pub static POLICY_VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(POLICY_VERDICT_SLOTS, 0);
 
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);

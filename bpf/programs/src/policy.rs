@@ -3,19 +3,37 @@
 
 use nodeseal_bpf_common::{
     identity,
-    maps::{PolicyKey, PolicySlot, PolicyTableHeader, policy_buckets, policy_verdict},
+    maps::{
+        PolicyKey, PolicySlot, PolicyTableHeader, policy_buckets, policy_verdict,
+        policy_verdict_slot,
+    },
     reason::DropReason,
 };
 
 use crate::{
-    maps::{POLICY_HEADER, POLICY_TABLE},
+    maps::{POLICY_HEADER, POLICY_TABLE, POLICY_VERDICTS},
     parse::{Fragment, Packet},
 };
 
-/// Checks `subject`'s policy in `direction` against `peer` for this packet; call only when the
-/// endpoint enforces that direction. `Err` carries the drop reason.
+/// Checks `subject`'s policy in `direction` against `peer` for this packet and counts the
+/// decision in `POLICY_VERDICTS`; call only when the endpoint enforces that direction. `Err`
+/// carries the drop reason.
 #[inline(always)]
 pub fn check(subject: u32, peer: u32, direction: u8, p: &Packet) -> Result<(), DropReason> {
+    let verdict = decide(subject, peer, direction, p);
+    // Every decision is counted here, traced or not, so the metric does not depend on events
+    // (which a full ring buffer or tracing being off would lose).
+    if let Some(counter) =
+        POLICY_VERDICTS.get_ptr_mut(policy_verdict_slot(direction, verdict.is_ok()))
+    {
+        // SAFETY: per-CPU slot of an array map; only this CPU writes it while we run.
+        unsafe { *counter += 1 };
+    }
+    verdict
+}
+
+#[inline(always)]
+fn decide(subject: u32, peer: u32, direction: u8, p: &Packet) -> Result<(), DropReason> {
     if p.is_pmtu_error() {
         return Ok(());
     }

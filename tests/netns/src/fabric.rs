@@ -271,6 +271,32 @@ impl Fabric {
         serde_json::from_str(&text).context("parsing status JSON")
     }
 
+    /// Node `i`'s flow history (`nodeseal observe -o json` with `args`), one JSON object each.
+    pub fn observe(&self, i: usize, args: &[&str]) -> Result<Vec<Value>> {
+        let socket = self.socket(i);
+        let mut all = vec!["observe", "-o", "json", "--socket"];
+        let socket = socket.to_string_lossy();
+        all.push(&socket);
+        all.extend_from_slice(args);
+        self.nodeseal(&all)?
+            .lines()
+            .map(|line| serde_json::from_str(line).context("parsing a flow line"))
+            .collect()
+    }
+
+    /// `nodeseal observe -f -o json` on node `i` with `args`: the running client (stdout piped,
+    /// one JSON flow per line). Kill it to stop following.
+    pub fn observe_follow(&self, i: usize, args: &[&str]) -> Result<std::process::Child> {
+        self.underlay
+            .command(&binary("nodeseal").to_string_lossy())
+            .args(["observe", "-f", "-o", "json", "--socket"])
+            .arg(self.socket(i))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting nodeseal observe -f")
+    }
+
     /// Node `i`'s status as text.
     pub fn status_text(&self, i: usize) -> Result<String> {
         self.nodeseal(&["status", "--socket", &self.socket(i).to_string_lossy()])

@@ -126,6 +126,59 @@ fn pods_talk_across_nodes_only_through_esp() {
         "{summary}\n{row}"
     );
     assert!(row["out_packets"].as_u64().unwrap() >= 2, "{row}");
+    forwarded_flows_are_observed_while_followed(topo, fabric);
+}
+
+/// `nodeseal observe -f` on node0 (which turns the datapath's trace events on while it runs)
+/// shows node0's pod pinging node1's pod as FORWARDED, encrypted, by from-pod.
+fn forwarded_flows_are_observed_while_followed(topo: &Topology, fabric: &Fabric) {
+    use std::io::BufRead as _;
+
+    let (src, dst) = (topo.node(0).pod(0), topo.node(1).pod(0));
+    let mut child = fabric
+        .observe_follow(0, &["--verdict", "forwarded"])
+        .expect("observe -f");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The client's request reaches the agent a moment after it starts: ping until a flow
+    // of the ping shows up.
+    let mut seen = Vec::new();
+    let found = nodeseal_netns::wait_until(CONVERGE, || {
+        let _ = ping(&src.ns, dst.ip, 1);
+        while let Ok(line) = rx.try_recv() {
+            seen.push(serde_json::from_str::<serde_json::Value>(&line).expect("flow json"));
+        }
+        seen.iter().any(|f| {
+            f["program"] == "from-pod"
+                && f["source"]["ip"] == src.ip.to_string()
+                && f["destination"]["ip"] == dst.ip.to_string()
+        })
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    assert!(found, "no forwarded flow of the ping in {seen:#?}");
+    let flow = seen
+        .iter()
+        .find(|f| f["program"] == "from-pod" && f["destination"]["ip"] == dst.ip.to_string())
+        .expect("flow");
+    assert_eq!(flow["verdict"], "FORWARDED", "{flow}");
+    assert_eq!(flow["trace_reason"], "encrypt", "{flow}");
+    assert_eq!(flow["encrypted"], true, "{flow}");
+    assert_eq!(flow["direction"], "egress", "{flow}");
+    assert_eq!(flow["protocol"], "ICMP", "{flow}");
+    assert!(
+        seen.iter().all(|f| f["verdict"] == "FORWARDED"),
+        "--verdict forwarded: {seen:#?}"
+    );
 }
 
 fn spi_of(row: &serde_json::Value, field: &str) -> u32 {
@@ -950,6 +1003,25 @@ fn strict_mode_drops(name: &str, backend: Backend) {
         status["datapath_drops"]["no_sa"].as_u64().unwrap_or(0) >= 3,
         "{status}"
     );
+    // `nodeseal observe` shows the dropped pings with their reason (drops are always recorded,
+    // no client needed to be following).
+    let (src, dst) = (topo.node(0).pod(0), topo.node(1).pod(0));
+    let drops = fabric
+        .observe(0, &["--verdict", "dropped", "--since", "5m"])
+        .expect("observe");
+    let pings: Vec<_> = drops
+        .iter()
+        .filter(|f| {
+            f["drop_reason"] == "no_sa"
+                && f["source"]["ip"] == src.ip.to_string()
+                && f["destination"]["ip"] == dst.ip.to_string()
+        })
+        .collect();
+    assert!(pings.len() >= 3, "{drops:#?}");
+    assert_eq!(pings[0]["verdict"], "DROPPED");
+    assert_eq!(pings[0]["program"], "from-pod");
+    assert_eq!(pings[0]["protocol"], "ICMP");
+    assert_eq!(pings[0]["encrypted"], false);
 
     // What strict mode does not promise: a destination outside every known peer's pod CIDRs
     // (here node1's own address: node traffic is not encrypted without node encryption) is

@@ -17,9 +17,12 @@ use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
+use nodeseal_agent::observe::{Flow, FlowDirection, Verdict as ObserveVerdict};
 use nodeseal_bpf::{
     Attachment, Datapath, DatapathConfig, DropReason, Enforcement, Location, Mode, Outcome,
-    PolicyDirection, PolicyRule, PolicyVerdict, Prefix, Program, uses_tcx,
+    PolicyDirection, PolicyRule, PolicyVerdict, Prefix, Program, TraceReason, Verdict,
+    test_helpers::{V4, ipv4, proto, tcp},
+    uses_tcx,
 };
 use nodeseal_netns::{Feature, Netns, REQUIRE_ENV, Topology, ping, require};
 
@@ -284,4 +287,186 @@ fn pinned_maps_and_attachment_survive_reload() {
         assert!(flows.all_answered(), "{flows:?}");
         dp.detach(Attachment::FromNetwork, "lo").expect("detach");
     });
+}
+
+/// Source of the `BPF_PROG_TEST_RUN` packets below (identity `ID_CLIENT` in the ipcache).
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 5);
+/// Destination: the endpoint behind ifindex 1 (`lo`, present in every namespace).
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 6);
+const ID_CLIENT: u32 = 1000;
+const ID_SERVER: u32 = 2000;
+
+/// A datapath whose endpoint on `lo` (identity `ID_SERVER`) enforces ingress and allows TCP
+/// port 80 from `ID_CLIENT`; `trace` sets the trace flag.
+fn policy_runner(root: &PinRoot, trace: bool) -> Datapath {
+    let mut dp = Datapath::load(&root.0).expect("load");
+    dp.config
+        .set(DatapathConfig {
+            mode: Mode::None,
+            trace,
+            ..DatapathConfig::default()
+        })
+        .expect("config");
+    dp.ipcache
+        .insert(
+            Prefix::host(IpAddr::V4(CLIENT)),
+            ID_CLIENT,
+            Location::LocalPod,
+        )
+        .expect("ipcache");
+    dp.endpoints
+        .insert(
+            1,
+            ID_SERVER,
+            Enforcement {
+                ingress: true,
+                egress: false,
+            },
+        )
+        .expect("endpoint");
+    dp.policy
+        .insert(
+            PolicyRule {
+                subject: ID_SERVER,
+                peer: Some(ID_CLIENT),
+                protocol: Some(proto::TCP),
+                port: Some(80),
+                direction: PolicyDirection::Ingress,
+            },
+            PolicyVerdict::Allow,
+        )
+        .expect("allow");
+    let _ = dp.events.drain();
+    dp
+}
+
+fn tcp_to_server(port: u16) -> Vec<u8> {
+    ipv4(
+        CLIENT,
+        SERVER,
+        proto::TCP,
+        &tcp(41_234, port),
+        &V4::default(),
+    )
+}
+
+/// Every policy decision is counted in `POLICY_VERDICTS` (the source of
+/// `nodeseal_policy_verdicts_total`), with tracing off: no trace event is needed for it.
+#[test]
+fn policy_verdicts_are_counted_for_every_decision() {
+    if !require("policy_verdicts_are_counted_for_every_decision", &[]) {
+        return;
+    }
+    let Some(root) = PinRoot::new("verdicts") else {
+        return;
+    };
+    let mut dp = policy_runner(&root, false);
+    let before = dp.policy_verdicts.all().expect("verdict counters");
+    let allowed = dp
+        .test_run(Program::ToPod, &tcp_to_server(80), 1, 0)
+        .expect("run allowed");
+    assert_eq!(allowed.action, Verdict::PASS, "port 80 is allowed");
+    for _ in 0..2 {
+        let denied = dp
+            .test_run(Program::ToPod, &tcp_to_server(81), 1, 0)
+            .expect("run denied");
+        assert_eq!(denied.action, Verdict::DROP, "port 81 is not allowed");
+    }
+    let after = dp.policy_verdicts.all().expect("verdict counters");
+    assert_eq!(
+        (
+            after.ingress_allowed - before.ingress_allowed,
+            after.ingress_denied - before.ingress_denied,
+            after.egress_allowed - before.egress_allowed,
+            after.egress_denied - before.egress_denied,
+        ),
+        (1, 2, 0, 0),
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(
+        dp.policy_verdicts
+            .get(PolicyDirection::Ingress, false)
+            .expect("one counter"),
+        after.ingress_denied
+    );
+    // Tracing off: only the two drops produced events.
+    let events: Vec<_> = dp
+        .events
+        .drain()
+        .into_iter()
+        .map(|e| e.expect("event decodes"))
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.outcome == Outcome::Drop(DropReason::PolicyDenied))
+    );
+    // An endpoint that does not enforce: no decision, nothing counted.
+    dp.endpoints
+        .insert(1, ID_SERVER, Enforcement::default())
+        .expect("endpoint");
+    dp.test_run(Program::ToPod, &tcp_to_server(81), 1, 0)
+        .expect("run unenforced");
+    assert_eq!(dp.policy_verdicts.all().expect("counters"), after);
+}
+
+/// With the trace flag on (what an `observe` client following forwarded flows turns on), a
+/// passed packet produces a trace event that the agent shows as a FORWARDED flow.
+#[test]
+fn traced_pass_decodes_to_a_forwarded_flow() {
+    if !require("traced_pass_decodes_to_a_forwarded_flow", &[]) {
+        return;
+    }
+    let Some(root) = PinRoot::new("trace") else {
+        return;
+    };
+    let mut dp = policy_runner(&root, true);
+    let verdict = dp
+        .test_run(Program::ToPod, &tcp_to_server(80), 1, 0)
+        .expect("run");
+    assert_eq!(verdict.action, Verdict::PASS);
+    let events: Vec<_> = dp
+        .events
+        .drain()
+        .into_iter()
+        .map(|e| e.expect("event decodes"))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].outcome, Outcome::Trace(TraceReason::Pass));
+    let flow = Flow::from_event(&events[0], std::time::SystemTime::now(), |id| {
+        format!("id={id}")
+    });
+    assert_eq!(flow.verdict, ObserveVerdict::Forwarded);
+    assert_eq!(flow.trace_reason.as_deref(), Some("pass"));
+    assert_eq!(flow.program, "to-pod");
+    assert_eq!(flow.direction, Some(FlowDirection::Ingress));
+    assert_eq!(
+        (flow.source.ip, flow.destination.ip),
+        (Some(IpAddr::V4(CLIENT)), Some(IpAddr::V4(SERVER)))
+    );
+    assert_eq!(
+        (flow.source.port, flow.destination.port),
+        (Some(41_234), Some(80))
+    );
+    assert_eq!(
+        (flow.source.identity, flow.destination.identity),
+        (ID_CLIENT, ID_SERVER)
+    );
+    assert_eq!(flow.source.labels, format!("id={ID_CLIENT}"));
+    assert_eq!(flow.protocol, "TCP");
+    assert!(!flow.encrypted);
+    // A denied packet with tracing on is still a drop, never a trace.
+    dp.test_run(Program::ToPod, &tcp_to_server(81), 1, 0)
+        .expect("run denied");
+    let events: Vec<_> = dp
+        .events
+        .drain()
+        .into_iter()
+        .map(|e| e.expect("event decodes"))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let flow = Flow::from_event(&events[0], std::time::SystemTime::now(), |_| String::new());
+    assert_eq!(flow.verdict, ObserveVerdict::Dropped);
+    assert_eq!(flow.drop_reason.as_deref(), Some("policy_denied"));
 }
