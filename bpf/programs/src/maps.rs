@@ -8,8 +8,7 @@ use nodeseal_bpf_common::{
     maps::{
         Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot,
         MAP_FLAG_MMAPABLE, NodeEntry, NodeKey, POLICY_VERDICT_SLOTS, PeerSlot, PolicyBucket,
-        PolicySlot,
-        PolicyTableHeader, PrefixLengths, capacity,
+        PolicySlot, PolicyTableHeader, PrefixLengths, capacity,
     },
     reason::DropReason,
 };

@@ -122,6 +122,59 @@ impl KubeControlPlane {
         })?
     }
 
+    /// Creates a workload Pod `namespace/name` on `node` with `labels` and `ip`, its status
+    /// written as the kubelet would, or, when it exists, replaces its labels.
+    ///
+    /// # Errors
+    /// Any API error.
+    pub fn put_workload_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        labels: &[(String, String)],
+        ip: IpAddr,
+    ) -> Result<()> {
+        use k8s_openapi::api::core::v1::Pod;
+        let (namespace, name, node) = (namespace.to_owned(), name.to_owned(), node.to_owned());
+        let labels = labels.to_vec();
+        let cluster = Arc::clone(&self.cluster);
+        on(&self.rt, async move {
+            let guard = cluster.lock().await;
+            let cluster = guard.as_ref().context("the control plane is stopped")?;
+            let pods: kube::Api<Pod> = kube::Api::namespaced(cluster.admin_client(), &namespace);
+            if pods.get_opt(&name).await?.is_some() {
+                // A merge patch keeps labels it does not name: name the old ones as null.
+                let old = pods.get(&name).await?.metadata.labels.unwrap_or_default();
+                let mut wanted = serde_json::Map::new();
+                for key in old.keys() {
+                    wanted.insert(key.clone(), serde_json::Value::Null);
+                }
+                for (key, value) in &labels {
+                    wanted.insert(key.clone(), value.clone().into());
+                }
+                let patch = serde_json::json!({"metadata": {"labels": wanted}});
+                pods.patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .with_context(|| format!("relabelling Pod {namespace}/{name}"))?;
+                return Ok(());
+            }
+            let labels: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let ip = ip.to_string();
+            cluster
+                .create_workload_pod(&namespace, &name, &node, &labels, &[&ip], false)
+                .await?;
+            anyhow::Ok(())
+        })?
+    }
+
     /// Kills kube-apiserver and starts it again on the same port and etcd.
     ///
     /// # Errors

@@ -11,9 +11,10 @@
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
+use nodeseal_netns::kube::KubeControlPlane;
 use nodeseal_netns::{
-    Fabric, FabricOptions, Feature, TcpService, Topology, UdpStream, require, tcp_banner,
-    wait_until,
+    Fabric, FabricOptions, Feature, StoreKind, TcpService, Topology, UdpStream, require,
+    tcp_banner, wait_until,
 };
 use serde_json::Value;
 
@@ -33,26 +34,113 @@ const SHIPS: [(usize, &str, &str); 3] = [
     (2, "xwing", "org=alliance,class=xwing"),
 ];
 
-fn add_endpoint(fabric: &Fabric, topo: &Topology, node: usize, name: &str, labels: &str) {
-    let pod = topo.node(node).pod(0);
-    let node_name = format!("node{node}");
-    let ip = pod.ip.to_string();
-    fabric
-        .nodeseal_store(&[
-            "endpoint",
-            "add",
-            "--node",
-            &node_name,
-            "--name",
-            name,
-            "--labels",
-            labels,
-            "--ip",
-            &ip,
-            "--interface",
-            &pod.host_ifname,
-        ])
-        .expect("endpoint add");
+/// Which store carries the scenario, and so where endpoints and policies come from: records
+/// written with the CLI, or Pod and policy objects in a real kube-apiserver.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Backend {
+    Dir,
+    Kube,
+}
+
+/// A fabric of `nodes` nodes with one pod each, agents on all, established.
+struct Cluster {
+    fabric: Fabric,
+    control: Option<KubeControlPlane>,
+    topo: Topology,
+    backend: Backend,
+}
+
+impl Cluster {
+    fn start(name: &str, nodes: usize, backend: Backend) -> Option<Self> {
+        if !require(name, &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+            return None;
+        }
+        if backend == Backend::Kube && !nodeseal_kube_fixture::binaries_or_skip(name) {
+            return None;
+        }
+        let topo = Topology::builder(name)
+            .nodes(nodes)
+            .pods_per_node(1)
+            .build()
+            .expect("topology");
+        let mut options = FabricOptions::default();
+        let control = (backend == Backend::Kube).then(|| {
+            let control =
+                KubeControlPlane::start(&topo, |i| vec![topo.node(i).pod_cidr.to_string()])
+                    .expect("control plane");
+            options.store = StoreKind::Kube(control.configs());
+            control
+        });
+        let fabric = Fabric::start(&topo, nodes, options).expect("fabric");
+        let all: Vec<usize> = (0..nodes).collect();
+        fabric
+            .wait_established(&all, CONVERGE)
+            .expect("established");
+        Some(Self {
+            fabric,
+            control,
+            topo,
+            backend,
+        })
+    }
+
+    /// Puts the workload `name` with `labels` (`k=v,...`) on node `node`'s pod: an endpoint
+    /// record, or a Pod object (created, or relabelled).
+    fn put_workload(&self, node: usize, name: &str, labels: &str) {
+        let pod = self.topo.node(node).pod(0);
+        let node_name = format!("node{node}");
+        match &self.control {
+            None => {
+                let ip = pod.ip.to_string();
+                self.fabric
+                    .nodeseal_store(&[
+                        "endpoint",
+                        "add",
+                        "--node",
+                        &node_name,
+                        "--name",
+                        name,
+                        "--labels",
+                        labels,
+                        "--ip",
+                        &ip,
+                        "--interface",
+                        &pod.host_ifname,
+                    ])
+                    .expect("endpoint add");
+            }
+            Some(control) => {
+                let labels: Vec<(String, String)> = labels
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect();
+                control
+                    .put_workload_pod("default", name, &node_name, &labels, pod.addr())
+                    .expect("workload pod");
+            }
+        }
+    }
+
+    fn apply(&self, file: &str, document: &str) {
+        let path = self.fabric.dir().join(file);
+        std::fs::write(&path, document).expect("writing the policy");
+        self.fabric
+            .nodeseal_store(&["policy", "apply", "-f", &path.to_string_lossy()])
+            .expect("policy apply");
+    }
+
+    /// Deletes the CiliumNetworkPolicy `name` of namespace `default` (in Kubernetes mode stored
+    /// as the NodesealNetworkPolicy of that name).
+    fn delete_policy(&self, name: &str) {
+        let stored = match self.backend {
+            Backend::Dir => name.to_owned(),
+            Backend::Kube => format!("nnp.default.{name}"),
+        };
+        self.fabric
+            .nodeseal_store(&["policy", "delete", &stored])
+            .expect("policy delete");
+    }
 }
 
 fn policy_view(fabric: &Fabric, node: usize) -> Value {
@@ -93,39 +181,61 @@ fn policy_drops(fabric: &Fabric, node: usize) -> u64 {
 
 #[test]
 fn star_wars_rule1_lets_only_the_empire_land_on_the_deathstar() {
-    let name = "starwars";
-    if !require(name, &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+    star_wars("starwars", Backend::Dir);
+}
+
+#[test]
+fn star_wars_rule1_lets_only_the_empire_land_on_the_deathstar_on_kubernetes() {
+    star_wars("starwarsk8s", Backend::Kube);
+}
+
+/// The flows `nodeseal observe` on node `node` reports as dropped.
+fn dropped_flows(fabric: &Fabric, node: usize) -> Vec<Value> {
+    let socket = fabric.socket(node);
+    let out = fabric
+        .nodeseal(&[
+            "observe",
+            "--socket",
+            &socket.to_string_lossy(),
+            "--verdict",
+            "dropped",
+            "--last",
+            "200",
+            "-o",
+            "json",
+        ])
+        .expect("nodeseal observe");
+    out.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .map(|v| v.get("flow").cloned().unwrap_or(v))
+        .collect()
+}
+
+fn star_wars(name: &str, backend: Backend) {
+    let Some(cluster) = Cluster::start(name, 3, backend) else {
         return;
-    }
-    let topo = Topology::builder(name)
-        .nodes(3)
-        .pods_per_node(1)
-        .build()
-        .expect("topology");
-    let fabric = Fabric::start(&topo, 3, FabricOptions::default()).expect("fabric");
-    fabric
-        .wait_established(&[0, 1, 2], CONVERGE)
-        .expect("established");
+    };
+    let (topo, fabric) = (&cluster.topo, &cluster.fabric);
     let capture = topo.capture().expect("capture");
     for (node, ship, labels) in SHIPS {
-        add_endpoint(&fabric, &topo, node, ship, labels);
+        cluster.put_workload(node, ship, labels);
     }
     let deathstar = topo.node(0).pod(0);
     let _service = TcpService::start(&deathstar.ns, 80, "Ship landed\n").expect("service");
     let landing = SocketAddrV4::new(deathstar.ip, 80);
     let tiefighter = &topo.node(1).pod(0).ns;
-    let xwing = &topo.node(2).pod(0).ns;
+    let xwing = topo.node(2).pod(0);
 
     // Without policy every ship lands.
     assert!(
         wait_until(PROPAGATE, || SHIPS
             .iter()
-            .all(|(node, ship, _)| programmed(&fabric, *node, ship, false))
-            && identities_known(&fabric, 3, 3)),
+            .all(|(node, ship, _)| programmed(fabric, *node, ship, false))
+            && identities_known(fabric, 3, 3)),
         "endpoints not programmed: {}",
         fabric.status_text(0).unwrap_or_default()
     );
-    for (from, ship) in [(tiefighter, "tiefighter"), (xwing, "xwing")] {
+    for (from, ship) in [(tiefighter, "tiefighter"), (&xwing.ns, "xwing")] {
         assert_eq!(
             tcp_banner(from, landing, CONNECT).as_deref(),
             Some("Ship landed\n"),
@@ -134,31 +244,61 @@ fn star_wars_rule1_lets_only_the_empire_land_on_the_deathstar() {
     }
 
     // rule1: ingress to the deathstar only from org=empire, on 80/TCP.
-    let rule = fabric.dir().join("rule1.yaml");
-    std::fs::write(&rule, RULE1).expect("writing rule1");
-    fabric
-        .nodeseal_store(&["policy", "apply", "-f", &rule.to_string_lossy()])
-        .expect("policy apply");
+    cluster.apply("rule1.yaml", RULE1);
     assert!(
-        wait_until(PROPAGATE, || programmed(&fabric, 0, "deathstar", true)),
+        wait_until(PROPAGATE, || programmed(fabric, 0, "deathstar", true)),
         "deathstar does not enforce ingress: {}",
         fabric.status_text(0).unwrap_or_default()
     );
-    let drops_before = policy_drops(&fabric, 0);
+    let drops_before = policy_drops(fabric, 0);
     assert_eq!(
         tcp_banner(tiefighter, landing, CONNECT).as_deref(),
         Some("Ship landed\n"),
         "the tiefighter must land"
     );
     assert_eq!(
-        tcp_banner(xwing, landing, CONNECT),
+        tcp_banner(&xwing.ns, landing, CONNECT),
         None,
         "the xwing must not land"
     );
     assert!(
-        policy_drops(&fabric, 0) > drops_before,
+        policy_drops(fabric, 0) > drops_before,
         "no policy drop counted on node0: {}",
         fabric.status_text(0).unwrap_or_default()
+    );
+    // `nodeseal observe` on the deathstar's node names the flow, its identities and why.
+    let flows = dropped_flows(fabric, 0);
+    let xwing_ip = xwing.ip.to_string();
+    let denied = flows
+        .iter()
+        .find(|f| {
+            f["drop_reason"] == "policy_denied"
+                && f["source"]["ip"] == xwing_ip.as_str()
+                && f["destination"]["port"] == 80
+        })
+        .unwrap_or_else(|| panic!("no policy_denied flow from the xwing in {flows:#?}"));
+    assert_eq!(denied["verdict"], "DROPPED", "{denied}");
+    assert_eq!(denied["program"], "to-pod", "{denied}");
+    let labels = |side: &str| {
+        denied[side]["labels"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(labels("source").contains("org=alliance"), "{denied}");
+    assert!(
+        labels("destination").contains("class=deathstar"),
+        "{denied}"
+    );
+    let identities = policy_view(fabric, 0)["identities"].clone();
+    let source_id = denied["source"]["identity"]
+        .as_u64()
+        .unwrap_or(0)
+        .to_string();
+    assert_eq!(
+        identities[&source_id].as_str(),
+        Some(labels("source").as_str()),
+        "the flow's source identity is the xwing's: {denied}\n{identities}"
     );
     // Another port of the deathstar is closed to the empire too (only 80/TCP is allowed).
     assert_eq!(
@@ -168,31 +308,30 @@ fn star_wars_rule1_lets_only_the_empire_land_on_the_deathstar() {
     );
 
     // A label change is an identity change: the xwing defects to the empire and lands.
-    add_endpoint(&fabric, &topo, 2, "xwing", "org=empire,class=xwing");
+    cluster.put_workload(2, "xwing", "org=empire,class=xwing");
     assert!(
-        wait_until(PROPAGATE, || tcp_banner(xwing, landing, CONNECT).is_some()),
+        wait_until(PROPAGATE, || tcp_banner(&xwing.ns, landing, CONNECT)
+            .is_some()),
         "the relabelled xwing never landed: {}",
         fabric.status_text(0).unwrap_or_default()
     );
-
     // And back: the alliance's identity is denied again.
-    add_endpoint(&fabric, &topo, 2, "xwing", "org=alliance,class=xwing");
+    cluster.put_workload(2, "xwing", "org=alliance,class=xwing");
     assert!(
-        wait_until(PROPAGATE, || tcp_banner(xwing, landing, CONNECT).is_none()),
+        wait_until(PROPAGATE, || tcp_banner(&xwing.ns, landing, CONNECT)
+            .is_none()),
         "the xwing of the alliance landed again"
     );
 
     // Policy deleted: enforcement is lifted and every ship lands again.
-    fabric
-        .nodeseal_store(&["policy", "delete", "rule1"])
-        .expect("policy delete");
+    cluster.delete_policy("rule1");
     assert!(
-        wait_until(PROPAGATE, || programmed(&fabric, 0, "deathstar", false)),
+        wait_until(PROPAGATE, || programmed(fabric, 0, "deathstar", false)),
         "deathstar still enforces ingress: {}",
         fabric.status_text(0).unwrap_or_default()
     );
     assert_eq!(
-        tcp_banner(xwing, landing, CONNECT).as_deref(),
+        tcp_banner(&xwing.ns, landing, CONNECT).as_deref(),
         Some("Ship landed\n"),
         "the xwing without policy"
     );
@@ -214,14 +353,6 @@ fn policies_in_force(fabric: &Fabric, node: usize) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn apply(fabric: &Fabric, file: &str, document: &str) {
-    let path = fabric.dir().join(file);
-    std::fs::write(&path, document).expect("writing the policy");
-    fabric
-        .nodeseal_store(&["policy", "apply", "-f", &path.to_string_lossy()])
-        .expect("policy apply");
 }
 
 const LANDING_BY_LABEL: &str = "apiVersion: cilium.io/v2
@@ -270,32 +401,17 @@ spec:
 /// (a new identity) that the policy still allows.
 #[test]
 fn an_allowed_stream_survives_policy_and_label_changes() {
-    let name = "polstream";
-    if !require(name, &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+    let Some(cluster) = Cluster::start("polstream", 2, Backend::Dir) else {
         return;
-    }
-    let topo = Topology::builder(name)
-        .nodes(2)
-        .pods_per_node(1)
-        .build()
-        .expect("topology");
-    let fabric = Fabric::start(&topo, 2, FabricOptions::default()).expect("fabric");
-    fabric
-        .wait_established(&[0, 1], CONVERGE)
-        .expect("established");
-    add_endpoint(&fabric, &topo, 0, "deathstar", "org=empire,class=deathstar");
-    add_endpoint(
-        &fabric,
-        &topo,
-        1,
-        "tiefighter",
-        "org=empire,class=tiefighter",
-    );
-    apply(&fabric, "landing.yaml", LANDING_BY_LABEL);
+    };
+    let (topo, fabric) = (&cluster.topo, &cluster.fabric);
+    cluster.put_workload(0, "deathstar", "org=empire,class=deathstar");
+    cluster.put_workload(1, "tiefighter", "org=empire,class=tiefighter");
+    cluster.apply("landing.yaml", LANDING_BY_LABEL);
     assert!(
-        wait_until(PROPAGATE, || programmed(&fabric, 0, "deathstar", true)
-            && programmed(&fabric, 1, "tiefighter", false)
-            && identities_known(&fabric, 2, 2)),
+        wait_until(PROPAGATE, || programmed(fabric, 0, "deathstar", true)
+            && programmed(fabric, 1, "tiefighter", false)
+            && identities_known(fabric, 2, 2)),
         "not programmed: {}",
         fabric.status_text(0).unwrap_or_default()
     );
@@ -311,39 +427,31 @@ fn an_allowed_stream_survives_policy_and_label_changes() {
     let settle = || std::thread::sleep(Duration::from_secs(2));
     settle();
 
-    apply(&fabric, "landing.yaml", LANDING_BY_ENTITY);
-    apply(&fabric, "no-rebels.yaml", NO_REBELS);
+    cluster.apply("landing.yaml", LANDING_BY_ENTITY);
+    cluster.apply("no-rebels.yaml", NO_REBELS);
     assert!(
-        wait_until(PROPAGATE, || policies_in_force(&fabric, 0).len() == 2),
+        wait_until(PROPAGATE, || policies_in_force(fabric, 0).len() == 2),
         "{}",
         fabric.status_text(0).unwrap_or_default()
     );
     settle();
     // New identities at both ends, still allowed.
-    add_endpoint(
-        &fabric,
-        &topo,
+    cluster.put_workload(
         1,
         "tiefighter",
         "org=empire,class=tiefighter,squadron=black",
     );
-    add_endpoint(
-        &fabric,
-        &topo,
-        0,
-        "deathstar",
-        "org=empire,class=deathstar,shield=up",
-    );
+    cluster.put_workload(0, "deathstar", "org=empire,class=deathstar,shield=up");
     assert!(
-        wait_until(PROPAGATE, || identities_known(&fabric, 2, 4)
-            && programmed(&fabric, 0, "deathstar", true)),
+        wait_until(PROPAGATE, || identities_known(fabric, 2, 4)
+            && programmed(fabric, 0, "deathstar", true)),
         "{}",
         fabric.status_text(0).unwrap_or_default()
     );
     settle();
     let report = stream.finish(Duration::from_millis(500)).expect("report");
     eprintln!("stream across the changes: {report:?}");
-    let drops = policy_drops(&fabric, 0);
+    let drops = policy_drops(fabric, 0);
     assert!(report.sent >= 1000, "{report:?}");
     assert_eq!(
         (report.lost, drops),
