@@ -275,8 +275,9 @@ impl PolicyEngine {
         }
     }
 
-    /// Programs `plan`; with an endpoint whose identity changes, first with the old identity
-    /// kept as a subject, so that the table has its entries while the endpoint still has it.
+    /// Programs `plan`. An endpoint whose identity changes switches in a first program whose
+    /// table has the entries of its old and new identities; the second drops the old ones. So
+    /// the table has the entries of the identity it has at every moment.
     /// Returns the number of table entries and what each subject enforces.
     fn apply(
         &self,
@@ -303,12 +304,12 @@ impl PolicyEngine {
             let compiled = compile::compile(&policies, &identities, &both)
                 .map_err(|e| format!("compiling policy: {e}"))?;
             self.datapath
-                .program_policy(program_of(&compiled, plan, &identities, &state.programmed))
+                .program_policy(program_of(&compiled, plan, &identities))
                 .map_err(|e| error_chain(&e))?;
         }
         let compiled = compile::compile(&policies, &identities, &subjects)
             .map_err(|e| format!("compiling policy: {e}"))?;
-        let program = program_of(&compiled, plan, &identities, &plan.endpoints);
+        let program = program_of(&compiled, plan, &identities);
         let entries = program.rules.len();
         if leaving.is_empty() && state.last_program.as_ref() == Some(&program) {
             return Ok((entries, compiled.enforcement));
@@ -584,12 +585,7 @@ fn cidr_identities(policies: &[Policy], current: &BTreeMap<IpNet, u32>) -> BTree
     kept
 }
 
-fn program_of(
-    compiled: &Compiled,
-    plan: &Plan,
-    identities: &Identities,
-    endpoints: &BTreeMap<String, u32>,
-) -> PolicyProgram {
+fn program_of(compiled: &Compiled, plan: &Plan, identities: &Identities) -> PolicyProgram {
     let rules = compiled
         .entries
         .iter()
@@ -611,7 +607,8 @@ fn program_of(
             (rule, verdict)
         })
         .collect();
-    let endpoints = endpoints
+    let endpoints = plan
+        .endpoints
         .iter()
         .map(|(ifname, identity)| {
             let enforcement = compiled
@@ -643,7 +640,8 @@ fn program_of(
 /// interfaces starting with `prefix`), for endpoints whose record leaves the interface to the
 /// node. Read from procfs, which shows the reader's network namespace.
 fn route_interface(ip: IpAddr, prefix: &str) -> Option<String> {
-    let (path, parse): (&str, fn(&str) -> Option<(String, IpNet)>) = match ip {
+    type RouteParser = fn(&str) -> Option<(String, IpNet)>;
+    let (path, parse): (&str, RouteParser) = match ip {
         IpAddr::V4(_) => ("/proc/net/route", parse_route_v4),
         IpAddr::V6(_) => ("/proc/net/ipv6_route", parse_route_v6),
     };

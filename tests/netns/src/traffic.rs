@@ -298,28 +298,6 @@ pub fn analyse(sent: u64, received: &[u64]) -> StreamReport {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn analyse_counts_loss_duplicates_and_reordering() {
-        let r = analyse(6, &[0, 2, 1, 2, 5]);
-        assert_eq!(
-            r,
-            StreamReport {
-                sent: 6,
-                received: 5,
-                lost: 2,
-                duplicated: 1,
-                reordered: 1
-            }
-        );
-        assert!(!r.is_perfect());
-        assert!(analyse(3, &[0, 1, 2]).is_perfect());
-    }
-}
-
 /// A TCP service inside a namespace that answers every connection with `banner` and closes it,
 /// like the deathstar of Cilium's demo. Stops when dropped.
 pub struct TcpService {
@@ -391,4 +369,26 @@ pub fn tcp_banner(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Option<S
         stream.read_to_string(&mut banner).ok()?;
         Some(banner)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn analyse_counts_loss_duplicates_and_reordering() {
+        let r = analyse(6, &[0, 2, 1, 2, 5]);
+        assert_eq!(
+            r,
+            StreamReport {
+                sent: 6,
+                received: 5,
+                lost: 2,
+                duplicated: 1,
+                reordered: 1
+            }
+        );
+        assert!(!r.is_perfect());
+        assert!(analyse(3, &[0, 1, 2]).is_perfect());
+    }
 }
