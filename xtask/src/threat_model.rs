@@ -13,6 +13,7 @@ const SOURCE_DIRS: &[&str] = &[
     "agent",
     "bpf",
     "keymgr",
+    "policy",
     "spiffe-bridge",
     "store",
     "tests",
