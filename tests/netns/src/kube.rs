@@ -308,3 +308,49 @@ async fn provision(
     };
     Ok((cluster, configs))
 }
+
+/// Puts the workload `name` (namespace `default`) with `labels` (`k=v,...`) on pod 0 of node
+/// `node`: an endpoint record written with `nodeseal endpoint add` on a standalone store, or,
+/// with a control plane, a Pod object (created, or relabelled).
+///
+/// # Errors
+/// If the CLI or the API call fails.
+pub fn put_workload(
+    fabric: &crate::Fabric,
+    control: Option<&KubeControlPlane>,
+    topo: &Topology,
+    node: usize,
+    name: &str,
+    labels: &str,
+) -> Result<()> {
+    let pod = topo.node(node).pod(0);
+    let node_name = format!("node{node}");
+    match control {
+        None => {
+            let ip = pod.ip.to_string();
+            fabric.nodeseal_store(&[
+                "endpoint",
+                "add",
+                "--node",
+                &node_name,
+                "--name",
+                name,
+                "--labels",
+                labels,
+                "--ip",
+                &ip,
+                "--interface",
+                &pod.host_ifname,
+            ])?;
+            Ok(())
+        }
+        Some(control) => {
+            let labels: Vec<(String, String)> = labels
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            control.put_workload_pod("default", name, &node_name, &labels, pod.addr())
+        }
+    }
+}

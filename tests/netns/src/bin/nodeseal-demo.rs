@@ -2,7 +2,9 @@
 //!
 //! It starts keymgr and one real agent per node on a shared directory store, shows every node's
 //! `nodeseal status`, a sample of the underlay wire (ESP only), a `nodeseal keys rotate --wait`
-//! under a UDP stream, and a rogue node with a certificate from another CA being refused.
+//! under a UDP stream, the Star Wars identity policy of Cilium's getting-started guide (with
+//! `nodeseal observe` naming the denied flow), and a rogue node with a certificate from another
+//! CA being refused.
 //!
 //! With `--kubernetes` the store is a real kube-apiserver on the underlay (Node objects,
 //! NodesealNodes, CertificateSigningRequests signed by keymgr, the shipped RBAC and admission
@@ -13,10 +15,13 @@ use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use nodeseal_netns::kube::KubeControlPlane;
+use nodeseal_netns::kube::{KubeControlPlane, put_workload};
 use nodeseal_netns::{
-    Fabric, FabricOptions, Feature, PacketClass, StoreKind, Topology, UdpStream, ping, require,
+    Fabric, FabricOptions, Feature, PacketClass, StoreKind, TcpService, Topology, UdpStream, ping,
+    require, tcp_banner,
 };
+
+const RULE1: &str = include_str!("../../../../policy/examples/star-wars-rule1.yaml");
 
 fn main() -> Result<()> {
     let kubernetes = std::env::args().skip(1).any(|a| a == "--kubernetes");
@@ -119,6 +124,8 @@ fn main() -> Result<()> {
     println!("\n$ nodeseal status    # on node0, after the rotation");
     print!("{}", fabric.status_text(0)?);
 
+    star_wars(&topo, &fabric, control.as_ref())?;
+
     if let Some(control) = &control {
         return kubernetes_finale(&topo, &fabric, control);
     }
@@ -152,7 +159,7 @@ fn main() -> Result<()> {
             .nodeseal_store(&["node", "list"])
             .context("node list")?
     );
-    banner("demo complete: ESP only on the wire, hitless rotation, rogue refused");
+    banner("demo complete: ESP only on the wire, hitless rotation, identity policy, rogue refused");
     Ok(())
 }
 
@@ -193,7 +200,101 @@ fn kubernetes_finale(topo: &Topology, fabric: &Fabric, control: &KubeControlPlan
         "\n$ nodeseal status    # on node0: node3 runs no agent, so it has no SA and its pods' plaintext is dropped"
     );
     print!("{}", fabric.status_text(0)?);
-    banner("demo complete (Kubernetes mode): ESP only, hitless rotation, impostor refused");
+    banner(
+        "demo complete (Kubernetes mode): ESP only, hitless rotation, identity policy, impostor refused",
+    );
+    Ok(())
+}
+
+/// The policy of Cilium's Star Wars demo on the encrypted fabric: only the empire lands on the
+/// deathstar, and `nodeseal observe` names the xwing that did not.
+fn star_wars(topo: &Topology, fabric: &Fabric, control: Option<&KubeControlPlane>) -> Result<()> {
+    banner(
+        "identity policy: the Star Wars demo (deathstar on node0, tiefighter on node1, xwing on node2)",
+    );
+    let ships = [
+        (0, "deathstar", "org=empire,class=deathstar"),
+        (1, "tiefighter", "org=empire,class=tiefighter"),
+        (2, "xwing", "org=alliance,class=xwing"),
+    ];
+    for (node, name, labels) in ships {
+        put_workload(fabric, control, topo, node, name, labels)?;
+        println!(
+            "  {name} ({labels}) on node{node}: {}",
+            topo.node(node).pod(0).ip
+        );
+    }
+    let deathstar = topo.node(0).pod(0);
+    let _service = TcpService::start(&deathstar.ns, 80, "Ship landed\n")?;
+    let landing = SocketAddrV4::new(deathstar.ip, 80);
+    let ready = nodeseal_netns::wait_until(Duration::from_secs(60), || {
+        (0..3).all(|i| {
+            fabric.status(i).is_ok_and(|s| {
+                s["policy"]["endpoints"]
+                    .as_array()
+                    .is_some_and(|e| e.iter().any(|e| e["state"] == "ready"))
+                    && s["policy"]["identities"]
+                        .as_object()
+                        .is_some_and(|m| m.len() >= 3)
+            })
+        })
+    });
+    ensure!(ready, "the ships' endpoints were not programmed");
+    let attempt = |ship: usize| {
+        let banner = tcp_banner(&topo.node(ship).pod(0).ns, landing, Duration::from_secs(3));
+        println!(
+            "  {} -> deathstar:80: {}",
+            ships[ship].1,
+            banner.as_deref().map_or("timed out", str::trim_end)
+        );
+        banner.is_some()
+    };
+    println!("\n  without policy:");
+    ensure!(
+        attempt(1) && attempt(2),
+        "a ship could not land without policy"
+    );
+
+    let rule = fabric.dir().join("rule1.yaml");
+    std::fs::write(&rule, RULE1)?;
+    println!(
+        "\n$ nodeseal policy apply -f rule1.yaml    # ingress to the deathstar only from org=empire on 80/TCP"
+    );
+    print!(
+        "{}",
+        fabric.nodeseal_store(&["policy", "apply", "-f", &rule.to_string_lossy()])?
+    );
+    let enforced = nodeseal_netns::wait_until(Duration::from_secs(30), || {
+        fabric.status(0).is_ok_and(|s| {
+            s["policy"]["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["ingress"] == true))
+        })
+    });
+    ensure!(enforced, "the deathstar does not enforce ingress");
+    println!("\n$ nodeseal status    # on node0");
+    print!("{}", fabric.status_text(0)?);
+    println!("\n  with rule1:");
+    ensure!(attempt(1), "the tiefighter must land");
+    ensure!(!attempt(2), "the xwing must not land");
+    let socket = fabric.socket(0);
+    println!(
+        "\n$ nodeseal observe --verdict dropped --to-label class=deathstar --last 3    # on node0"
+    );
+    print!(
+        "{}",
+        fabric.nodeseal(&[
+            "observe",
+            "--socket",
+            &socket.to_string_lossy(),
+            "--verdict",
+            "dropped",
+            "--to-label",
+            "class=deathstar",
+            "--last",
+            "3",
+        ])?
+    );
     Ok(())
 }
 
