@@ -8,7 +8,7 @@
     reason = "scenario helpers panic with context, like the tests"
 )]
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
 use nodeseal_netns::kube::{KubeControlPlane, put_workload};
@@ -452,4 +452,125 @@ fn an_allowed_stream_survives_policy_and_label_changes() {
         fabric.status_text(0).unwrap_or_default()
     );
     eprintln!("other drops at the deathstar: {flows:?}");
+}
+
+/// The mark of `ns`'s OUT state from `src` to `dst` (as iproute2 prints it: `mark 0xV/0xM`).
+fn out_state_mark(ns: &nodeseal_netns::Netns, src: &str, dst: &str) -> Option<u32> {
+    let text = ns.ip(&["xfrm", "state"]).ok()?;
+    let header = format!("src {src} dst {dst}");
+    let block = text
+        .split("\nsrc ")
+        .map(|b| {
+            if b.starts_with("src ") {
+                b.to_owned()
+            } else {
+                format!("src {b}")
+            }
+        })
+        .find(|b| b.starts_with(&header))?;
+    let value = block
+        .split_whitespace()
+        .skip_while(|w| *w != "mark")
+        .nth(1)?;
+    let value = value.split('/').next()?.trim_start_matches("0x");
+    u32::from_str_radix(value, 16).ok()
+}
+
+/// Sends one UDP datagram from `src` (a local address of `ns`) to `dst` with `skb->mark`
+/// `mark`, as a process of the node could.
+fn send_marked(ns: &nodeseal_netns::Netns, src: Ipv4Addr, dst: SocketAddrV4, mark: u32) {
+    ns.run(move || {
+        use std::os::fd::AsRawFd as _;
+        let socket = UdpSocket::bind((src, 0)).expect("bind the forged source");
+        // SAFETY: a valid socket fd and a u32 option value of the size passed.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                std::ptr::from_ref(&mark).cast(),
+                u32::try_from(size_of::<u32>()).unwrap(),
+            )
+        };
+        assert_eq!(set, 0, "SO_MARK: {}", std::io::Error::last_os_error());
+        socket.send_to(b"landing request", dst).expect("send");
+    });
+}
+
+/// An authenticated peer that encrypts a packet whose inner source lies in another node's pod
+/// CIDR (here: node1 sending as a pod of node2, to pass a policy that admits node2's pods)
+/// gets nothing through: node0's kernel drops it after decryption (the SA's inner-source
+/// binding), and counts it. The same injection with a source of node1's own CIDR arrives,
+/// which shows the forged one was sent and decrypted.
+#[test]
+fn an_authenticated_peer_cannot_send_as_another_nodes_pods() {
+    let Some(cluster) = Cluster::start("forgedsrc", 3, Backend::Dir) else {
+        return;
+    };
+    let (topo, fabric) = (&cluster.topo, &cluster.fabric);
+    let (node0, node1) = (topo.node(0), topo.node(1));
+    let deathstar = node0.pod(0);
+    let receiver = std::sync::Arc::new(deathstar.ns.run(|| {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7300)).expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        socket
+    }));
+    let mark = out_state_mark(&node1.ns, &node1.ip.to_string(), &node0.ip.to_string())
+        .expect("node1's OUT state toward node0 and its mark");
+    let own = Ipv4Addr::new(10, 244, 1, 77);
+    let forged = Ipv4Addr::new(10, 244, 2, 77);
+    for addr in [own, forged] {
+        node1
+            .ns
+            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])
+            .expect("address");
+    }
+    let received_from = |from: Ipv4Addr| {
+        let receiver = std::sync::Arc::clone(&receiver);
+        // Bounded: 20 reads of at most 500 ms.
+        (0..20).any(|_| {
+            let mut buf = [0u8; 64];
+            matches!(receiver.recv_from(&mut buf), Ok((_, peer)) if peer.ip() == std::net::IpAddr::V4(from))
+        })
+    };
+    let errors_before = xfrm_error_total(&node0.ns);
+    let target = SocketAddrV4::new(deathstar.ip, 7300);
+    send_marked(&node1.ns, forged, target, mark);
+    assert!(
+        !received_from(forged),
+        "a forged inner source reached the pod"
+    );
+    let errors_after = xfrm_error_total(&node0.ns);
+    assert!(
+        errors_after > errors_before,
+        "node0's kernel did not count the forged packet: {errors_before} -> {errors_after}\n{}",
+        fabric.status_text(0).unwrap_or_default()
+    );
+    // The status names the counter (as `nodeseal status` shows it to an operator).
+    let status = fabric.status(0).expect("status");
+    eprintln!(
+        "node0 xfrm errors after the forged packet: {}",
+        status["xfrm_errors"]
+    );
+    assert!(
+        status["xfrm_errors"].as_object().is_some_and(|m| m
+            .keys()
+            .any(|k| k.starts_with("XfrmIn") || k.starts_with("XfrmFwd"))),
+        "{status}"
+    );
+    send_marked(&node1.ns, own, target, mark);
+    assert!(
+        received_from(own),
+        "the control datagram from node1's own CIDR did not arrive"
+    );
+}
+
+/// The sum of the non-zero error counters of `/proc/net/xfrm_stat` in `ns`.
+fn xfrm_error_total(ns: &nodeseal_netns::Netns) -> u64 {
+    let text = ns.exec("cat", &["/proc/net/xfrm_stat"]).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
