@@ -1147,6 +1147,26 @@ fn to_pod_ingress_policy() {
             Expect::Drop(DropReason::Truncated),
         ),
     );
+    dp.policy
+        .replace_all(Vec::<(PolicyRule, PolicyVerdict)>::new())
+        .expect("no rules");
+    let from_world6 = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+    for (kind, expect) in [
+        (133, CLEAR),
+        (135, CLEAR),
+        (136, CLEAR),
+        (128, Expect::Drop(DropReason::PolicyDenied)),
+    ] {
+        check(
+            &mut dp,
+            &case(
+                "neighbour discovery passes, echo does not",
+                p,
+                ipv6(from_world6, LOCAL_POD6, proto::ICMPV6, &icmp(kind, 0), &[]),
+                expect,
+            ),
+        );
+    }
     dp.endpoints.remove(IFINDEX).expect("remove");
     check(&mut dp, &case("unmanaged interface", p, ping(), CLEAR));
 }

@@ -32,7 +32,8 @@
 //! only, and a policy that allows only specific ports drops them (`fragment_no_ports`). The
 //! encryption decision never needs ports, so fragments are marked like any other packet.
 //! ICMP "fragmentation needed" / ICMPv6 "packet too big" always pass policy (path MTU discovery
-//! must work whatever the flow); other ICMP messages are matched with their type as the port.
+//! must work whatever the flow), and so does ICMPv6 neighbour discovery (types 133 to 137, what
+//! ARP is to IPv4); other ICMP messages are matched with their type as the port.
 //!
 //! Replies pass without a rule: every flow crossing a pod's interface is tracked (`CONNTRACK`,
 //! `conntrack`), and a packet whose reversed flow was tracked in the other direction is a

@@ -98,6 +98,15 @@ impl Packet {
         }
     }
 
+    /// ICMPv6 router/neighbour solicitation and advertisement, redirect (types 133 to 137):
+    /// what IPv6 needs to reach a neighbour at all, as ARP for IPv4 (which passes untouched).
+    pub fn is_neighbour_discovery(&self) -> bool {
+        self.has_ports
+            && self.protocol == IPPROTO_ICMPV6
+            && self.ip_version == 6
+            && (133..=137).contains(&self.dst_port)
+    }
+
     /// ICMP "fragmentation needed" or ICMPv6 "packet too big": path MTU discovery.
     pub fn is_pmtu_error(&self) -> bool {
         self.has_ports

@@ -34,7 +34,7 @@ pub fn check(subject: u32, peer: u32, direction: u8, p: &Packet) -> Result<(), D
 
 #[inline(always)]
 fn decide(subject: u32, peer: u32, direction: u8, p: &Packet) -> Result<(), DropReason> {
-    if p.is_pmtu_error() {
+    if p.is_pmtu_error() || p.is_neighbour_discovery() {
         return Ok(());
     }
     let verdict = live_table().and_then(|table| {
