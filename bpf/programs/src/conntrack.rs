@@ -2,11 +2,14 @@
 //!
 //! Only what policy needs: no TCP state machine, an entry lives until its protocol's lifetime
 //! passes without a packet (Cilium's defaults: 6 h for TCP, 60 s otherwise), or until the LRU
-//! map needs its room. Non-first fragments carry no ports and are never tracked or replies.
+//! map needs its room. A flow is tracked only where its replies meet policy (the endpoint
+//! enforces the other direction): that keeps the lookups off every other packet. A flow that
+//! was open when such enforcement began is tracked from its next packet out; a reply before
+//! that meets policy (and, denied, is retransmitted). Non-first fragments carry no ports and are never tracked or replies.
 //! Of ICMP only echo is tracked: a request opens a flow keyed by its identifier, and only an
 //! echo reply with that identifier is its reply (any other ICMP meets policy as it is).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use nodeseal_bpf_common::maps::{CtEntry, CtKey};
 
 use crate::{
@@ -16,6 +19,8 @@ use crate::{
 
 const TCP_LIFETIME_NS: u64 = 6 * 3600 * 1_000_000_000;
 const OTHER_LIFETIME_NS: u64 = 60 * 1_000_000_000;
+/// How stale a tracked flow's time may get before a packet refreshes it.
+const REFRESH_NS: u64 = 1_000_000_000;
 
 /// The flow of `p` (`reversed`: as its reply would see it) when it crossed the pod in
 /// `direction`. ICMP echo is keyed by its identifier alone.
@@ -66,14 +71,18 @@ pub fn is_reply(p: &Packet, direction: u8) -> bool {
     let Some(entry) = CONNTRACK.get_ptr_mut(&key(p, direction, true)) else {
         return false;
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: no preconditions. Tick granularity is plenty against lifetimes of a minute and
+    // more, and costs a fraction of the precise clock.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: pointer from a successful lookup; an 8-byte aligned field, read and written once.
     unsafe {
-        if now.saturating_sub((*entry).last_seen_ns) > lifetime(p.protocol) {
+        let age = now.saturating_sub((*entry).last_seen_ns);
+        if age > lifetime(p.protocol) {
             return false;
         }
-        (*entry).last_seen_ns = now;
+        if age > REFRESH_NS {
+            (*entry).last_seen_ns = now;
+        }
     }
     true
 }
@@ -85,11 +94,17 @@ pub fn track(p: &Packet, direction: u8) {
         return;
     }
     let key = key(p, direction, false);
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: no preconditions. Tick granularity is plenty against lifetimes of a minute and
+    // more, and costs a fraction of the precise clock.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup; one aligned 8-byte store.
-        unsafe { (*entry).last_seen_ns = now };
+        // SAFETY: pointer from a successful lookup; aligned 8-byte accesses. Written at most
+        // about once a second per flow, so that a busy flow does not dirty the line per packet.
+        unsafe {
+            if now.saturating_sub((*entry).last_seen_ns) > REFRESH_NS {
+                (*entry).last_seen_ns = now;
+            }
+        }
         return;
     }
     // A full map evicts its least recently used flow; an error leaves the flow untracked,

@@ -11,16 +11,26 @@ use nodeseal_bpf_common::{
 };
 
 use crate::{
+    conntrack,
     maps::{POLICY_HEADER, POLICY_TABLE, POLICY_VERDICTS},
     parse::{Fragment, Packet},
 };
 
 /// Checks `subject`'s policy in `direction` against `peer` for this packet and counts the
-/// decision in `POLICY_VERDICTS`; call only when the endpoint enforces that direction. `Err`
-/// carries the drop reason.
+/// decision in `POLICY_VERDICTS`; call only when the endpoint enforces that direction. A packet
+/// the rules deny passes when it replies to a flow tracked in the other direction (looked up
+/// only then, so allowed traffic pays nothing for it). `Err` carries the drop reason.
 #[inline(always)]
 pub fn check(subject: u32, peer: u32, direction: u8, p: &Packet) -> Result<(), DropReason> {
-    let verdict = decide(subject, peer, direction, p);
+    let mut verdict = decide(subject, peer, direction, p);
+    let opened_by = if direction == PolicyKey::INGRESS {
+        PolicyKey::EGRESS
+    } else {
+        PolicyKey::INGRESS
+    };
+    if verdict.is_err() && conntrack::is_reply(p, opened_by) {
+        verdict = Ok(());
+    }
     // Every decision is counted here, traced or not, so the metric does not depend on events
     // (which a full ring buffer or tracing being off would lose).
     if let Some(counter) =

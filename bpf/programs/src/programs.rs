@@ -54,16 +54,14 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let dst = ipcache(&p, false);
     who.dst_identity = dst.map_or(identity::WORLD, |e| e.identity);
 
-    let enforced = endpoint.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0;
-    let reply = enforced && conntrack::is_reply(&p, PolicyKey::INGRESS);
-    if enforced
-        && !reply
+    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0
         && let Err(reason) =
             policy::check(endpoint.identity, who.dst_identity, PolicyKey::EGRESS, &p)
     {
         return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
     }
-    if !reply {
+    // Only replies checked by ingress policy need the flow.
+    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0 {
         conntrack::track(&p, PolicyKey::EGRESS);
     }
 
@@ -210,16 +208,14 @@ pub fn to_pod(ctx: TcContext) -> i32 {
         return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
     }
     who.src_identity = ipcache(&p, true).map_or(identity::WORLD, |e| e.identity);
-    let enforced = endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0;
-    let reply = enforced && conntrack::is_reply(&p, PolicyKey::EGRESS);
-    if enforced
-        && !reply
+    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0
         && let Err(reason) =
             policy::check(endpoint.identity, who.src_identity, PolicyKey::INGRESS, &p)
     {
         return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
     }
-    if !reply {
+    // Only replies checked by egress policy need the flow.
+    if endpoint.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0 {
         conntrack::track(&p, PolicyKey::INGRESS);
     }
     let tracing = config().flags & Config::FLAG_TRACE != 0;
