@@ -574,3 +574,161 @@ fn xfrm_error_total(ns: &nodeseal_netns::Netns) -> u64 {
         .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .sum()
 }
+
+const ALLOW_CLUSTER: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: allow-cluster
+spec:
+  endpointSelector:
+    matchLabels: {class: deathstar}
+  ingress:
+  - fromEntities: [cluster]
+    toPorts:
+    - ports: [{port: \"80\", protocol: TCP}]
+";
+
+const DENY_ALLIANCE: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: deny-alliance
+spec:
+  endpointSelector:
+    matchLabels: {class: deathstar}
+  ingressDeny:
+  - fromEndpoints:
+    - matchLabels: {org: alliance}
+";
+
+/// rule1 as a Kubernetes NetworkPolicy.
+const RULE1_NETWORK_POLICY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: rule1-k8s
+  namespace: default
+spec:
+  podSelector:
+    matchLabels: {class: deathstar}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels: {org: empire}
+    ports:
+    - {protocol: TCP, port: 80}
+";
+
+/// A client outside the cluster, on the underlay: allowed by CIDR, then left out by an except.
+fn from_cidr(cidr: &str, except: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: from-outside
+spec:
+  endpointSelector:
+    matchLabels: {{class: deathstar}}
+  ingress:
+  - fromCIDRSet:
+    - cidr: {cidr}
+      except: [{except}]
+    toPorts:
+    - ports: [{{port: \"80\", protocol: TCP}}]
+"
+    )
+}
+
+/// Verdicts on the wire of the rule kinds besides rule1's: a deny over a broader allow, a
+/// NetworkPolicy with rule1's meaning, and CIDR rules (with an except) for a client outside
+/// the cluster.
+#[test]
+fn deny_networkpolicy_and_cidr_rules_decide_on_the_wire() {
+    let Some(cluster) = Cluster::start("polkinds", 3, Backend::Dir) else {
+        return;
+    };
+    let (topo, fabric) = (&cluster.topo, &cluster.fabric);
+    for (node, ship, labels) in SHIPS {
+        cluster.put_workload(node, ship, labels);
+    }
+    let deathstar = topo.node(0).pod(0);
+    let _service = TcpService::start(&deathstar.ns, 80, "Ship landed\n").expect("service");
+    let landing = SocketAddrV4::new(deathstar.ip, 80);
+    let (tiefighter, xwing) = (&topo.node(1).pod(0).ns, &topo.node(2).pod(0).ns);
+    // The client outside the cluster: an address of the underlay, routed to node0's pods.
+    let outside = topo.underlay();
+    outside
+        .ip(&["addr", "add", "10.0.0.200/24", "dev", "br0"])
+        .expect("outside address");
+    outside
+        .ip(&[
+            "route",
+            "add",
+            "10.244.0.0/24",
+            "via",
+            &topo.node(0).ip.to_string(),
+        ])
+        .expect("route to node0's pods");
+    assert!(
+        wait_until(PROPAGATE, || SHIPS
+            .iter()
+            .all(|(node, ship, _)| programmed(fabric, *node, ship, false))
+            && identities_known(fabric, 3, 3)),
+        "endpoints not programmed: {}",
+        fabric.status_text(0).unwrap_or_default()
+    );
+    assert!(
+        tcp_banner(outside, landing, CONNECT).is_some(),
+        "the outside client without policy"
+    );
+    let lands = |from: &nodeseal_netns::Netns| tcp_banner(from, landing, CONNECT).is_some();
+    let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+        assert!(
+            wait_until(PROPAGATE, f),
+            "{what}: {}",
+            fabric.status_text(0).unwrap_or_default()
+        );
+    };
+
+    // A deny wins over a broader allow: the cluster may land, the alliance may not.
+    cluster.apply("allow-cluster.yaml", ALLOW_CLUSTER);
+    cluster.apply("deny-alliance.yaml", DENY_ALLIANCE);
+    wait_for("both policies in force", &|| {
+        policies_in_force(fabric, 0).len() == 2 && programmed(fabric, 0, "deathstar", true)
+    });
+    assert!(
+        lands(tiefighter),
+        "the cluster entity admits the tiefighter"
+    );
+    wait_for("the deny must win for the xwing", &|| !lands(xwing));
+    assert!(!lands(outside), "the world is not in the cluster entity");
+
+    // rule1 as a NetworkPolicy: the same verdicts as the CiliumNetworkPolicy.
+    cluster.delete_policy("allow-cluster");
+    cluster.delete_policy("deny-alliance");
+    cluster.apply("rule1-k8s.yaml", RULE1_NETWORK_POLICY);
+    wait_for("only the NetworkPolicy in force", &|| {
+        policies_in_force(fabric, 0).len() == 1 && programmed(fabric, 0, "deathstar", true)
+    });
+    assert!(lands(tiefighter), "NetworkPolicy: the empire lands");
+    assert!(!lands(xwing), "NetworkPolicy: the alliance does not");
+    assert!(!lands(outside), "NetworkPolicy: the world does not");
+
+    // CIDR rules: the outside client's /24 is admitted, until an except leaves its /32 out.
+    cluster.delete_policy("rule1-k8s");
+    cluster.apply(
+        "from-outside.yaml",
+        &from_cidr("10.0.0.0/24", "10.0.0.201/32"),
+    );
+    wait_for("the outside client admitted by CIDR", &|| lands(outside));
+    assert!(
+        !lands(xwing),
+        "a CIDR rule does not select the cluster's pods"
+    );
+    cluster.apply(
+        "from-outside.yaml",
+        &from_cidr("10.0.0.0/24", "10.0.0.200/32"),
+    );
+    wait_for("the except leaves the outside client out", &|| {
+        !lands(outside)
+    });
+}
