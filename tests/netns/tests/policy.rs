@@ -638,6 +638,12 @@ spec:
     )
 }
 
+/// Whether node0 has exactly one policy document in force, stored as `name`.
+fn only_in_force(fabric: &Fabric, name: &str) -> bool {
+    let names = policies_in_force(fabric, 0);
+    names.len() == 1 && names[0].ends_with(&format!("/{name}"))
+}
+
 /// Verdicts on the wire of the rule kinds besides rule1's: a deny over a broader allow, a
 /// NetworkPolicy with rule1's meaning, and CIDR rules (with an except) for a client outside
 /// the cluster.
@@ -707,7 +713,7 @@ fn deny_networkpolicy_and_cidr_rules_decide_on_the_wire() {
     cluster.delete_policy("deny-alliance");
     cluster.apply("rule1-k8s.yaml", RULE1_NETWORK_POLICY);
     wait_for("only the NetworkPolicy in force", &|| {
-        policies_in_force(fabric, 0).len() == 1 && programmed(fabric, 0, "deathstar", true)
+        only_in_force(fabric, "rule1-k8s") && programmed(fabric, 0, "deathstar", true)
     });
     assert!(lands(tiefighter), "NetworkPolicy: the empire lands");
     assert!(!lands(xwing), "NetworkPolicy: the alliance does not");
@@ -719,7 +725,11 @@ fn deny_networkpolicy_and_cidr_rules_decide_on_the_wire() {
         "from-outside.yaml",
         &from_cidr("10.0.0.0/24", "10.0.0.201/32"),
     );
-    wait_for("the outside client admitted by CIDR", &|| lands(outside));
+    wait_for("the outside client admitted by CIDR", &|| {
+        only_in_force(fabric, "from-outside")
+            && programmed(fabric, 0, "deathstar", true)
+            && lands(outside)
+    });
     assert!(
         !lands(xwing),
         "a CIDR rule does not select the cluster's pods"
