@@ -96,6 +96,20 @@ impl Cluster {
         .expect("workload");
     }
 
+    /// Waits until every node programmed its ship (without enforcement) and knows the three
+    /// ships' identities.
+    fn wait_ships_programmed(&self) {
+        let fabric = &self.fabric;
+        assert!(
+            wait_until(PROPAGATE, || SHIPS
+                .iter()
+                .all(|(node, ship, _)| programmed(fabric, *node, ship, false))
+                && identities_known(fabric, 3, 3)),
+            "endpoints not programmed: {}",
+            fabric.status_text(0).unwrap_or_default()
+        );
+    }
+
     fn apply(&self, file: &str, document: &str) {
         let path = self.fabric.dir().join(file);
         std::fs::write(&path, document).expect("writing the policy");
@@ -201,14 +215,7 @@ fn star_wars(name: &str, backend: Backend) {
     let xwing = topo.node(2).pod(0);
 
     // Without policy every ship lands.
-    assert!(
-        wait_until(PROPAGATE, || SHIPS
-            .iter()
-            .all(|(node, ship, _)| programmed(fabric, *node, ship, false))
-            && identities_known(fabric, 3, 3)),
-        "endpoints not programmed: {}",
-        fabric.status_text(0).unwrap_or_default()
-    );
+    cluster.wait_ships_programmed();
     for (from, ship) in [(tiefighter, "tiefighter"), (&xwing.ns, "xwing")] {
         assert_eq!(
             tcp_banner(from, landing, CONNECT).as_deref(),
@@ -674,14 +681,7 @@ fn deny_networkpolicy_and_cidr_rules_decide_on_the_wire() {
             &topo.node(0).ip.to_string(),
         ])
         .expect("route to node0's pods");
-    assert!(
-        wait_until(PROPAGATE, || SHIPS
-            .iter()
-            .all(|(node, ship, _)| programmed(fabric, *node, ship, false))
-            && identities_known(fabric, 3, 3)),
-        "endpoints not programmed: {}",
-        fabric.status_text(0).unwrap_or_default()
-    );
+    cluster.wait_ships_programmed();
     assert!(
         tcp_banner(outside, landing, CONNECT).is_some(),
         "the outside client without policy"
