@@ -280,7 +280,40 @@ impl Drop for EtcdServer {
 }
 
 fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    unused_port(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// A TCP port that is free on `ip` now and that the kernel will not hand out on its own: it
+/// lies below the ephemeral range (`net.ipv4.ip_local_port_range`), so an outgoing connection
+/// of a test running in parallel cannot take it between this call and the server's bind (a
+/// port from `bind(0)` can be, and CI once saw etcd fail with "address already in use").
+/// Ports are walked from an offset that differs per process, and never repeat within one.
+///
+/// # Errors
+///
+/// When no port in the range can be bound.
+pub fn unused_port(ip: IpAddr) -> io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u16 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&low| low > LOWEST + 1_000)
+        .unwrap_or(32_768);
+    let span = u32::from(ephemeral_low - LOWEST);
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..1_000 {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOWEST + u16::try_from(start.wrapping_add(step) % span).unwrap_or(0);
+        if TcpListener::bind(SocketAddr::new(ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("no free port on {ip} between {LOWEST} and {ephemeral_low}"),
+    ))
 }
 
 /// `GET /health` over plain HTTP/1.0; true when etcd answers `"health":"true"`.

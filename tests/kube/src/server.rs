@@ -1,7 +1,7 @@
 //! [`KubeApiServer`]: etcd plus kube-apiserver as child processes, their PKI and kubeconfigs.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -522,11 +522,9 @@ fn apiserver_args(root: &Path, bind: IpAddr, port: u16, etcd_client: u16) -> Vec
     ]
 }
 
-/// A port that is free on `ip` right now (bind to port 0, read it back, release it).
 fn free_port(ip: IpAddr) -> Result<u16> {
-    let listener = TcpListener::bind(SocketAddr::new(ip, 0))
-        .with_context(|| format!("binding a free port on {ip}"))?;
-    Ok(listener.local_addr().context("reading bound port")?.port())
+    nodeseal_store::test_helpers::unused_port(ip)
+        .with_context(|| format!("finding a free port on {ip}"))
 }
 
 async fn wait_for_tcp(process: &mut Process, addr: SocketAddr, timeout: Duration) -> Result<()> {
