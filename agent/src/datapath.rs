@@ -197,9 +197,11 @@ impl Inner {
     }
 
     /// Brings the overlay entries inside `within` (all when `None`) in line with what is
-    /// wanted. Entries are written even when `written` says they are there: a write of the
-    /// prefix they refine may have replaced one of the same length.
-    fn refresh_overlays(&mut self, within: Option<IpNet>) -> Result<(), DatapathError> {
+    /// wanted; returns the number of ipcache entries written. Inside a prefix just rewritten,
+    /// entries are written even when `written` says they are there: that write may have
+    /// replaced one of the same length. A whole refresh (a policy program) writes only what
+    /// changed, as every base write refreshes the overlays within its prefix right after.
+    fn refresh_overlays(&mut self, within: Option<IpNet>) -> Result<usize, DatapathError> {
         let wanted = self.wanted_overlays(within);
         let stale: Vec<IpNet> = self
             .overlays
@@ -208,18 +210,23 @@ impl Inner {
             .filter(|net| within.is_none_or(|w| w.contains(*net)) && !wanted.contains_key(*net))
             .copied()
             .collect();
+        let mut writes = stale.len();
         for net in stale {
             self.overlays.written.remove(&net);
             self.restore_base(net)?;
         }
         for (net, (id, location)) in wanted {
+            if within.is_none() && self.overlays.written.get(&net) == Some(&(id, location)) {
+                continue;
+            }
             self.dp
                 .ipcache
                 .insert(prefix(net)?, id, location)
                 .map_err(map_err(format!("identity {id} of {net}")))?;
             self.overlays.written.insert(net, (id, location));
+            writes += 1;
         }
-        Ok(())
+        Ok(writes)
     }
 
     /// Removes an overlay at `net`, putting back the entry the datapath owns there, if any.
@@ -246,17 +253,22 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes the endpoint entry of an attached interface when it differs from the one written.
-    fn write_endpoint(&mut self, ifindex: u32, entry: EndpointEntry) -> Result<(), DatapathError> {
+    /// Writes the endpoint entry of an attached interface when it differs from the one
+    /// written; returns whether it wrote.
+    fn write_endpoint(
+        &mut self,
+        ifindex: u32,
+        entry: EndpointEntry,
+    ) -> Result<bool, DatapathError> {
         if self.endpoints_written.get(&ifindex) == Some(&entry) {
-            return Ok(());
+            return Ok(false);
         }
         self.dp
             .endpoints
             .insert(ifindex, entry.0, entry.1)
             .map_err(map_err(format!("endpoint of ifindex {ifindex}")))?;
         self.endpoints_written.insert(ifindex, entry);
-        Ok(())
+        Ok(true)
     }
 
     fn wanted_endpoint(&self, ifname: &str) -> EndpointEntry {
@@ -286,14 +298,13 @@ impl Inner {
                     .ipcache
                     .insert(prefix(cidr)?, identity::UNMANAGED, Location::RemotePod(id))
                     .map_err(map_err(format!("pod CIDR {cidr}")))?;
-                self.refresh_overlays(Some(cidr))
             }
             None => {
                 // Already gone is fine.
                 let _ = self.dp.ipcache.remove(prefix(cidr)?);
-                self.refresh_overlays(Some(cidr))
             }
         }
+        self.refresh_overlays(Some(cidr)).map(|_| ())
     }
 }
 
@@ -653,7 +664,7 @@ impl DatapathHandle {
     ///
     /// # Errors
     /// [`DatapathError::Map`]; the table stays as it was when its replacement fails.
-    pub fn program_policy(&self, program: PolicyProgram) -> Result<(), DatapathError> {
+    pub fn program_policy(&self, program: PolicyProgram) -> Result<PolicyWrites, DatapathError> {
         let mut inner = self.lock()?;
         let attached: Vec<(String, u32)> = inner
             .attached_pods
@@ -667,6 +678,7 @@ impl DatapathHandle {
                 .copied()
                 .unwrap_or(UNMANAGED_ENDPOINT)
         };
+        let mut writes = PolicyWrites::default();
         for (name, ifindex) in &attached {
             if let Some(&(old_id, old)) = inner.endpoints_written.get(ifindex) {
                 let new = wanted(name).1;
@@ -674,7 +686,7 @@ impl DatapathHandle {
                     ingress: old.ingress && new.ingress,
                     egress: old.egress && new.egress,
                 };
-                inner.write_endpoint(*ifindex, (old_id, kept))?;
+                writes.endpoints += usize::from(inner.write_endpoint(*ifindex, (old_id, kept))?);
             }
         }
         inner
@@ -682,14 +694,20 @@ impl DatapathHandle {
             .policy
             .replace_all(program.rules)
             .map_err(map_err("policy table"))?;
+        if let Some(table) = inner.dp.policy.last_publication() {
+            writes.rules_changed = table.rules_changed;
+            writes.table_slots = table.slots_written;
+            writes.table_rebuilt = table.rebuilt;
+        }
         for (name, ifindex) in &attached {
-            inner.write_endpoint(*ifindex, wanted(name))?;
+            writes.endpoints += usize::from(inner.write_endpoint(*ifindex, wanted(name))?);
         }
         inner.endpoints = program.endpoints;
         inner.policy_programmed = true;
         inner.overlays.workloads = program.workload_ips;
         inner.overlays.cidrs = program.cidr_identities;
-        inner.refresh_overlays(None)
+        writes.ipcache = inner.refresh_overlays(None)?;
+        Ok(writes)
     }
 
     /// The pod interfaces attached now, by name, with their ifindex.
@@ -722,6 +740,32 @@ impl DatapathHandle {
             .counters
             .all()
             .map_err(map_err("drop counters"))
+    }
+}
+
+/// What one [`DatapathHandle::program_policy`] wrote into the maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyWrites {
+    /// Policy table rules added, removed or given another verdict.
+    pub rules_changed: usize,
+    /// Policy table slots written.
+    pub table_slots: usize,
+    /// The policy table was laid out from scratch.
+    pub table_rebuilt: bool,
+    /// ipcache entries written or restored.
+    pub ipcache: usize,
+    /// Endpoint entries written.
+    pub endpoints: usize,
+}
+
+impl PolicyWrites {
+    /// Adds the writes of `other`, a program made just before this one.
+    pub fn add(&mut self, other: &Self) {
+        self.rules_changed += other.rules_changed;
+        self.table_slots += other.table_slots;
+        self.table_rebuilt |= other.table_rebuilt;
+        self.ipcache += other.ipcache;
+        self.endpoints += other.endpoints;
     }
 }
 

@@ -14,6 +14,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tracing::warn;
 
+use crate::datapath::PolicyWrites;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: String,
@@ -35,6 +37,11 @@ struct LimitLabel {
     limit: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: &'static str,
+}
+
 /// The agent's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -48,6 +55,7 @@ pub struct Metrics {
     sa_limit_notices: Family<LimitLabel, Counter>,
     policy_programming: Histogram,
     policy_programs: Family<ResultLabel, Counter>,
+    policy_map_writes: Family<MapLabel, Counter>,
     policy_verdicts: Family<PolicyVerdictLabels, Counter>,
     /// The datapath's cumulative policy verdict counts last mirrored into `policy_verdicts`.
     policy_verdicts_seen: Mutex<PolicyVerdictCounts>,
@@ -114,6 +122,16 @@ impl Metrics {
             "Identity policy programs by result (ok; failed: the datapath kept the previous policy)",
             policy_programs.clone(),
         );
+        let policy_map_writes = Family::<MapLabel, Counter>::default();
+        registry.register(
+            "policy_map_writes",
+            "Entries identity policy programs wrote, by BPF map (policy: table slots, ipcache, \
+             endpoints); a change writes about what it changes",
+            policy_map_writes.clone(),
+        );
+        for map in ["policy", "ipcache", "endpoints"] {
+            let _ = policy_map_writes.get_or_create(&MapLabel { map });
+        }
         let policy_verdicts = Family::<PolicyVerdictLabels, Counter>::default();
         registry.register(
             "policy_verdicts",
@@ -132,6 +150,7 @@ impl Metrics {
             registry,
             policy_programming,
             policy_programs,
+            policy_map_writes,
             handshakes,
             rekey_duration,
             peers_established,
@@ -167,8 +186,19 @@ impl Metrics {
         self.rekey_duration.observe(took.as_secs_f64());
     }
 
-    /// Records one identity policy program.
-    pub fn policy_programmed(&self, took: Duration, ok: bool) {
+    /// Records one identity policy program and what it wrote.
+    pub fn policy_programmed(&self, took: Duration, ok: bool, writes: Option<&PolicyWrites>) {
+        if let Some(writes) = writes {
+            for (map, n) in [
+                ("policy", writes.table_slots),
+                ("ipcache", writes.ipcache),
+                ("endpoints", writes.endpoints),
+            ] {
+                self.policy_map_writes
+                    .get_or_create(&MapLabel { map })
+                    .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+            }
+        }
         self.policy_programming.observe(took.as_secs_f64());
         self.policy_programs
             .get_or_create(&ResultLabel {

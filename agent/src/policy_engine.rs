@@ -32,12 +32,14 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::datapath::{DatapathHandle, FIRST_CIDR_IDENTITY, PolicyProgram};
+use crate::datapath::{DatapathHandle, FIRST_CIDR_IDENTITY, PolicyProgram, PolicyWrites};
 use crate::metrics::Metrics;
 use crate::observe::ObserveHub;
 use crate::peer::error_chain;
 
 /// How long one identity allocation may take before the endpoint is retried later.
+/// The state of an endpoint with everything it needs.
+const READY: &str = "ready";
 const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Period of the retry of what could not be done (identity allocation, interface lookup).
 const RETRY: Duration = Duration::from_secs(2);
@@ -80,12 +82,16 @@ pub struct PolicyEngine {
 pub struct PolicyView {
     /// This node's endpoints.
     pub endpoints: Vec<EndpointView>,
-    /// Identities known, number → labels text.
-    pub identities: BTreeMap<u32, String>,
+    /// Identities known.
+    #[serde(default)]
+    pub identities: usize,
     /// Policy documents in force (store names).
     pub policies: Vec<String>,
     /// Entries of the policy table.
     pub table_entries: usize,
+    /// What the last change wrote into the maps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_writes: Option<PolicyWrites>,
     /// Records refused (key → why), e.g. a policy document the parser refuses or an endpoint
     /// claiming an IP outside its node's pod CIDRs.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -142,6 +148,10 @@ struct State {
     /// The last program written: the same one again is not rewritten (the periodic retry
     /// recomputes the plan to update the status).
     last_program: Option<PolicyProgram>,
+    /// An identity was added or removed since `nodeseal observe` last got the labels.
+    identities_changed: bool,
+    /// The last program left something to do (an identity to allocate, an interface to find).
+    pending: bool,
 }
 
 impl PolicyEngine {
@@ -176,10 +186,7 @@ impl PolicyEngine {
                     nodes_ready = true;
                     dirty = true;
                 }
-                _ = retry.tick() => {
-                    // Something left to do (an identity to allocate, an interface to find).
-                    dirty |= self.has_pending(&state);
-                }
+                _ = retry.tick() => dirty |= state.pending,
             }
             if dirty && state.synced && (nodes_ready || *self.nodes_synced.borrow()) {
                 nodes_ready = true;
@@ -189,17 +196,6 @@ impl PolicyEngine {
         }
     }
 
-    fn has_pending(&self, state: &State) -> bool {
-        self.view
-            .lock()
-            .map(|v| v.endpoints.iter().any(|e| e.state != "ready"))
-            .unwrap_or(false)
-            || state.endpoints.values().any(|e| {
-                e.node.as_str() == self.node
-                    && !state.numbers.contains_key(&e.security_labels().to_string())
-            })
-    }
-
     /// Compiles and programs the current state; on failure the datapath keeps what it had.
     async fn program(&self, state: &mut State) {
         let started = Instant::now();
@@ -207,8 +203,9 @@ impl PolicyEngine {
             self.allocate_identities(state).await;
         }
         let mut plan = plan(state, &self.local_inputs());
+        state.pending = plan.views.iter().any(|v| v.state != READY);
         let outcome = self.apply(state, &plan);
-        if let Ok((_, enforcement)) = &outcome {
+        if let Ok(Applied { enforcement, .. }) = &outcome {
             for view in &mut plan.views {
                 let e = view.identity.and_then(|id| enforcement.get(&id));
                 view.ingress = e.is_some_and(|e| e.ingress);
@@ -216,35 +213,41 @@ impl PolicyEngine {
             }
         }
         let took = started.elapsed();
-        self.metrics.policy_programmed(took, outcome.is_ok());
-        self.observe.set_identity_labels(
-            state
-                .identities
-                .iter()
-                .map(|(n, l)| (*n, l.to_string()))
-                .collect(),
-        );
+        let writes = outcome.as_ref().ok().and_then(|applied| applied.writes);
+        self.metrics
+            .policy_programmed(took, outcome.is_ok(), writes.as_ref());
+        if std::mem::take(&mut state.identities_changed) {
+            self.observe.set_identity_labels(
+                state
+                    .identities
+                    .iter()
+                    .map(|(n, l)| (*n, l.to_string()))
+                    .collect(),
+            );
+        }
         let mut view = self.view.lock().ok();
         if let Some(view) = view.as_deref_mut() {
             view.endpoints = plan.views.clone();
-            view.identities = state
-                .identities
-                .iter()
-                .map(|(n, l)| (*n, l.to_string()))
-                .collect();
+            view.identities = state.identities.len();
             view.policies = state.documents.keys().cloned().collect();
             view.refused = state.refused.clone();
             view.refused.extend(plan.refused.clone());
         }
         match outcome {
-            Ok((entries, _)) => {
+            Ok(Applied {
+                entries, writes, ..
+            }) => {
                 debug!(
                     entries,
                     took_ms = took.as_millis(),
+                    ?writes,
                     "identity policy programmed"
                 );
                 if let Some(view) = view.as_deref_mut() {
                     view.table_entries = entries;
+                    if writes.is_some() {
+                        view.last_writes = writes;
+                    }
                     view.error = None;
                     view.programmed_at_unix = SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
@@ -278,12 +281,7 @@ impl PolicyEngine {
     /// Programs `plan`. An endpoint whose identity changes switches in a first program whose
     /// table has the entries of its old and new identities; the second drops the old ones. So
     /// the table has the entries of the identity it has at every moment.
-    /// Returns the number of table entries and what each subject enforces.
-    fn apply(
-        &self,
-        state: &mut State,
-        plan: &Plan,
-    ) -> Result<(usize, BTreeMap<u32, compile::Enforcement>), String> {
+    fn apply(&self, state: &mut State, plan: &Plan) -> Result<Applied, String> {
         let policies: Vec<Policy> = state.documents.values().flatten().cloned().collect();
         state.cidr_identities = cidr_identities(&policies, &state.cidr_identities);
         let identities = Identities {
@@ -298,30 +296,45 @@ impl PolicyEngine {
             .map(|(_, old)| *old)
             .filter(|old| !subjects.contains(old) && identities.workloads.contains_key(old))
             .collect();
+        let mut first = None;
         if !leaving.is_empty() {
             state.last_program = None;
             let both: BTreeSet<u32> = subjects.union(&leaving).copied().collect();
             let compiled = compile::compile(&policies, &identities, &both)
                 .map_err(|e| format!("compiling policy: {e}"))?;
-            self.datapath
-                .program_policy(program_of(&compiled, plan, &identities))
-                .map_err(|e| error_chain(&e))?;
+            first = Some(
+                self.datapath
+                    .program_policy(program_of(&compiled, plan, &identities))
+                    .map_err(|e| error_chain(&e))?,
+            );
         }
         let compiled = compile::compile(&policies, &identities, &subjects)
             .map_err(|e| format!("compiling policy: {e}"))?;
         let program = program_of(&compiled, plan, &identities);
         let entries = program.rules.len();
         if leaving.is_empty() && state.last_program.as_ref() == Some(&program) {
-            return Ok((entries, compiled.enforcement));
+            return Ok(Applied {
+                entries,
+                enforcement: compiled.enforcement,
+                writes: None,
+            });
         }
         // Unknown until it succeeds: a failed write may have left part of it.
         state.last_program = None;
-        self.datapath
+        let mut writes = self
+            .datapath
             .program_policy(program.clone())
             .map_err(|e| error_chain(&e))?;
+        if let Some(first) = first {
+            writes.add(&first);
+        }
         state.last_program = Some(program);
         state.programmed = plan.endpoints.clone();
-        Ok((entries, compiled.enforcement))
+        Ok(Applied {
+            entries,
+            enforcement: compiled.enforcement,
+            writes: Some(writes),
+        })
     }
 
     /// Allocates the identities this node's endpoints lack (standalone modes).
@@ -377,6 +390,7 @@ impl State {
                 self.numbers.clear();
                 self.documents.clear();
                 self.refused.clear();
+                self.identities_changed = true;
                 for record in snapshot.records {
                     self.put(record);
                 }
@@ -420,6 +434,7 @@ impl State {
                 self.endpoints.insert(key, endpoint);
             }
             Record::Identity(identity) => {
+                self.identities_changed = true;
                 let number = identity.number.get();
                 self.numbers.insert(identity.labels.to_string(), number);
                 self.identities.insert(number, identity.labels);
@@ -445,8 +460,19 @@ impl State {
             && let Some(labels) = self.identities.remove(&number)
         {
             self.numbers.remove(&labels.to_string());
+            self.identities_changed = true;
         }
     }
+}
+
+/// What [`PolicyEngine::apply`] did.
+struct Applied {
+    /// Entries of the policy table.
+    entries: usize,
+    /// What each subject enforces.
+    enforcement: BTreeMap<u32, compile::Enforcement>,
+    /// What was written; nothing when the program was the one in force.
+    writes: Option<PolicyWrites>,
 }
 
 /// What the plan needs from the node.
@@ -536,7 +562,7 @@ fn plan(state: &State, local: &LocalInputs) -> Plan {
             (Some(_), false) if !outside.is_empty() => {
                 "refused: IPs outside this node's pod CIDRs".to_owned()
             }
-            (Some(_), false) => "ready".to_owned(),
+            (Some(_), false) => READY.to_owned(),
         };
         if let Some(identity) = identity
             && !interface.is_empty()
@@ -585,8 +611,10 @@ fn cidr_identities(policies: &[Policy], current: &BTreeMap<IpNet, u32>) -> BTree
     kept
 }
 
-fn program_of(compiled: &Compiled, plan: &Plan, identities: &Identities) -> PolicyProgram {
-    let rules = compiled
+/// The policy table's rules for `compiled`.
+#[must_use]
+pub fn table_rules(compiled: &Compiled) -> Vec<(PolicyRule, PolicyVerdict)> {
+    compiled
         .entries
         .iter()
         .map(|(key, verdict)| {
@@ -606,7 +634,11 @@ fn program_of(compiled: &Compiled, plan: &Plan, identities: &Identities) -> Poli
             };
             (rule, verdict)
         })
-        .collect();
+        .collect()
+}
+
+fn program_of(compiled: &Compiled, plan: &Plan, identities: &Identities) -> PolicyProgram {
+    let rules = table_rules(compiled);
     let endpoints = plan
         .endpoints
         .iter()

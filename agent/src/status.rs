@@ -433,8 +433,23 @@ fn render_policy(out: &mut String, policy: &crate::policy_engine::PolicyView) {
         "identity policy: {} documents, {} table entries, {} identities\n",
         policy.policies.len(),
         policy.table_entries,
-        policy.identities.len()
+        policy.identities
     ));
+    if let Some(w) = &policy.last_writes {
+        out.push_str(&format!(
+            "  last change wrote: {} policy table slots for {} changed rules{}, {} ipcache and {} \
+             endpoint entries\n",
+            w.table_slots,
+            w.rules_changed,
+            if w.table_rebuilt {
+                " (table rebuilt)"
+            } else {
+                ""
+            },
+            w.ipcache,
+            w.endpoints
+        ));
+    }
     if !policy.endpoints.is_empty() {
         out.push_str(&format!(
             "{:<28} {:>8} {:<8} {:<8} {:<16} {:<12} {}\n",

@@ -43,4 +43,4 @@ pub use maps::{
     Mode, NodeId, Nodes, PeerSlots, PolicyVerdictCounts, PolicyVerdicts, Prefix,
 };
 pub use nodeseal_bpf_common::{identity, mark, reason::DropReason, reason::TraceReason};
-pub use policy::{Policy, PolicyDirection, PolicyRule, PolicyVerdict};
+pub use policy::{Policy, PolicyDirection, PolicyRule, PolicyVerdict, Publication};

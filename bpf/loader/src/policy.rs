@@ -1,13 +1,17 @@
 //! The identity policy: rules in `POLICY_TABLE`, a cuckoo hash table laid out in an array that
 //! userspace builds and the datapath reads with inlined array lookups (see `PolicySlot`).
 //!
-//! Update protocol: the table has two copies. A change rebuilds the copy the datapath is not
-//! reading from the full rule set, then switches `POLICY_HEADER` to it with one atomic store.
-//! Before the next change writes the other copy, an RCU grace period makes sure no datapath run
-//! still reads it. So every change costs a grace period (milliseconds): batch changes with
-//! [`Policy::replace_all`].
+//! Update protocol: the table has two copies. A change starts from the layout of the copy the
+//! datapath reads, removes and inserts only the rules that changed (same seed), writes the
+//! slots where the other copy differs from that layout, then switches `POLICY_HEADER` to it
+//! with one atomic store. Before the next change writes the other copy, an RCU grace period
+//! makes sure no datapath run still reads it. So a change writes a number of slots close to
+//! the number of rules it changes, and costs a grace period (milliseconds): batch changes
+//! with [`Policy::replace_all`]. When an insertion finds no room under the live seed, the copy
+//! is rebuilt whole with a fresh one.
 
 use std::collections::BTreeMap;
+use std::hash::BuildHasher as _;
 
 use aya::maps::Map;
 use nodeseal_bpf_common::maps::{
@@ -98,6 +102,21 @@ pub struct Policy {
     live: Option<u32>,
     seeds: std::collections::hash_map::RandomState,
     builds: u64,
+    last: Option<Publication>,
+}
+
+/// What the last change of the policy table wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Publication {
+    /// Rules in the table after it.
+    pub rules: usize,
+    /// Rules added, removed or given another verdict.
+    pub rules_changed: usize,
+    /// Slots written into the copy that became live.
+    pub slots_written: usize,
+    /// The copy was laid out from scratch under a fresh seed (the first table, or a change
+    /// that found no room under the live seed) rather than updated in place.
+    pub rebuilt: bool,
 }
 
 impl std::fmt::Debug for Policy {
@@ -129,6 +148,7 @@ impl Policy {
             live: None,
             seeds: std::collections::hash_map::RandomState::new(),
             builds: 0,
+            last: None,
         };
         if let Some((first, _)) = PolicyTableHeader(policy.header.load(0)).live() {
             policy.live = Some(first / PolicySlot::SLOTS_PER_COPY);
@@ -225,43 +245,84 @@ impl Policy {
         self.rules.is_empty()
     }
 
-    /// Builds `rules` into the copy the datapath does not read and switches to it.
+    /// What the last change wrote, once there was one.
+    #[must_use]
+    pub fn last_publication(&self) -> Option<Publication> {
+        self.last
+    }
+
+    /// Lays `rules` out in the copy the datapath does not read and switches to it.
     fn publish(&mut self, rules: BTreeMap<PolicyKey, u8>) -> Result<(), MapError> {
+        if self.live.is_some() && rules == self.rules {
+            self.last = Some(Publication {
+                rules: rules.len(),
+                ..Publication::default()
+            });
+            return Ok(());
+        }
         if rules.len() > capacity::POLICY as usize {
             return Err(MapError::PolicyFull {
                 rules: rules.len(),
                 capacity: capacity::POLICY as usize,
             });
         }
-        let (target, wait) = match self.live {
-            // Runs that read the header before the last switch may still read the other copy.
-            Some(live) => (1 - live, true),
-            None => (0, false),
-        };
-        let (seed, slots) = self.build(&rules)?;
-        if wait {
-            grace_period();
-        }
+        let copy_words = 2 * PolicySlot::SLOTS_PER_COPY as usize;
         let table = self.table.map()?;
-        let base = 2 * (target * PolicySlot::SLOTS_PER_COPY) as usize;
+        let live = self.live.zip(PolicyTableHeader(self.header.load(0)).live());
+        self.builds += 1;
+        let rng = self.seeds.hash_one(self.builds) | 1;
+        let updated = live.and_then(|(live, (_, seed))| {
+            let base = live as usize * copy_words;
+            let mut slots: Vec<PolicySlot> = (0..PolicySlot::SLOTS_PER_COPY as usize)
+                .map(|i| PolicySlot {
+                    word0: table.load(base + 2 * i),
+                    word1: table.load(base + 2 * i + 1),
+                })
+                .collect();
+            update(&mut slots, &self.rules, &rules, seed, rng).then_some((seed, slots))
+        });
+        let rebuilt = updated.is_none();
+        let (seed, slots) = match updated {
+            Some(layout) => layout,
+            None => self.build(&rules)?,
+        };
+        // Runs that read the header before the last switch may still read the other copy.
+        let target = match self.live {
+            Some(live) => {
+                grace_period();
+                1 - live
+            }
+            None => 0,
+        };
+        let base = target as usize * copy_words;
+        let mut slots_written = 0;
         for (i, slot) in slots.iter().enumerate() {
-            table.store(base + 2 * i, slot.word0);
-            table.store(base + 2 * i + 1, slot.word1);
+            let (w0, w1) = (base + 2 * i, base + 2 * i + 1);
+            if table.load(w0) != slot.word0 || table.load(w1) != slot.word1 {
+                table.store(w0, slot.word0);
+                table.store(w1, slot.word1);
+                slots_written += 1;
+            }
         }
         drop(table);
         self.header.store(0, PolicyTableHeader::new(target, seed).0);
         self.live = Some(target);
+        self.last = Some(Publication {
+            rules: rules.len(),
+            rules_changed: changed_rules(&self.rules, &rules).count(),
+            slots_written,
+            rebuilt,
+        });
         self.rules = rules;
         Ok(())
     }
 
-    /// Places every rule in one of its two buckets (cuckoo hashing with random-walk
-    /// displacement), trying fresh seeds if a placement fails.
+    /// Lays every rule out from scratch (cuckoo hashing with random-walk displacement),
+    /// trying fresh seeds if a placement fails.
     fn build(
         &mut self,
         rules: &BTreeMap<PolicyKey, u8>,
     ) -> Result<(u32, Vec<PolicySlot>), MapError> {
-        use std::hash::BuildHasher as _;
         for _ in 0..MAX_SEEDS {
             self.builds += 1;
             let random = self.seeds.hash_one(self.builds);
@@ -277,40 +338,104 @@ impl Policy {
     }
 }
 
-fn place(rules: &BTreeMap<PolicyKey, u8>, seed: u32, mut rng: u64) -> Option<Vec<PolicySlot>> {
+/// The keys whose verdict differs between `old` and `new` (added, removed or changed), with
+/// their new verdict (`None`: removed).
+fn changed_rules<'a>(
+    old: &'a BTreeMap<PolicyKey, u8>,
+    new: &'a BTreeMap<PolicyKey, u8>,
+) -> impl Iterator<Item = (&'a PolicyKey, Option<u8>)> {
+    let gone = old
+        .keys()
+        .filter(|key| !new.contains_key(*key))
+        .map(|key| (key, None));
+    let set = new
+        .iter()
+        .filter(|(key, verdict)| old.get(*key) != Some(*verdict))
+        .map(|(key, verdict)| (key, Some(*verdict)));
+    gone.chain(set)
+}
+
+/// Turns `slots`, the layout of `old` under `seed`, into a layout of `new` under the same seed,
+/// touching only the slots of the rules that changed (and those cuckoo moves displace). False
+/// when `old` is not where it should be or a new rule finds no room: lay out from scratch.
+fn update(
+    slots: &mut [PolicySlot],
+    old: &BTreeMap<PolicyKey, u8>,
+    new: &BTreeMap<PolicyKey, u8>,
+    seed: u32,
+    mut rng: u64,
+) -> bool {
+    for (key, verdict) in changed_rules(old, new) {
+        let existing = old.contains_key(key).then(|| slot_of(slots, key, seed));
+        match (existing, verdict) {
+            (Some(None), _) => return false,
+            (Some(Some(i)), verdict) => {
+                if let Some(slot) = slots.get_mut(i) {
+                    *slot = verdict.map_or_else(PolicySlot::default, |v| PolicySlot::new(key, v));
+                }
+            }
+            (None, Some(verdict)) => {
+                if !insert(slots, PolicySlot::new(key, verdict), seed, &mut rng) {
+                    return false;
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    true
+}
+
+/// The index of the slot holding `key`, looking where the datapath looks.
+fn slot_of(slots: &[PolicySlot], key: &PolicyKey, seed: u32) -> Option<usize> {
+    let (word0, word1) = (key.word0(), key.word1());
+    let (first, second) = policy_buckets(word0, word1, seed);
     let per_bucket = PolicySlot::BUCKET_SLOTS as usize;
+    [first, second].into_iter().find_map(|bucket| {
+        let start = bucket as usize * per_bucket;
+        (start..start + per_bucket).find(|&i| {
+            slots
+                .get(i)
+                .is_some_and(|s| s.verdict_for(word0, word1).is_some())
+        })
+    })
+}
+
+fn place(rules: &BTreeMap<PolicyKey, u8>, seed: u32, mut rng: u64) -> Option<Vec<PolicySlot>> {
     let mut slots = vec![PolicySlot::default(); PolicySlot::SLOTS_PER_COPY as usize];
+    rules
+        .iter()
+        .all(|(key, verdict)| insert(&mut slots, PolicySlot::new(key, *verdict), seed, &mut rng))
+        .then_some(slots)
+}
+
+/// Puts `item` in one of its two buckets, displacing others along a random walk; false when
+/// no room turned up within [`MAX_KICKS`] moves (one rule is then out of the table).
+fn insert(slots: &mut [PolicySlot], mut item: PolicySlot, seed: u32, rng: &mut u64) -> bool {
+    let per_bucket = PolicySlot::BUCKET_SLOTS as usize;
     let free_in = |slots: &[PolicySlot], bucket: u32| {
         let start = bucket as usize * per_bucket;
         (start..start + per_bucket).find(|&i| slots.get(i).is_some_and(|s| s.word1 >> 32 == 0))
     };
-    for (key, verdict) in rules {
-        let mut item = PolicySlot::new(key, *verdict);
-        let mut placed = false;
-        for _ in 0..MAX_KICKS {
-            let (first, second) = policy_buckets(item.word0, item.word1 as u32, seed);
-            if let Some(i) = free_in(&slots, first).or_else(|| free_in(&slots, second)) {
-                if let Some(slot) = slots.get_mut(i) {
-                    *slot = item;
-                    placed = true;
-                }
-                break;
+    for _ in 0..MAX_KICKS {
+        let (first, second) = policy_buckets(item.word0, item.word1 as u32, seed);
+        if let Some(i) = free_in(slots, first).or_else(|| free_in(slots, second)) {
+            if let Some(slot) = slots.get_mut(i) {
+                *slot = item;
+                return true;
             }
-            // xorshift64: which bucket and which of its slots to displace.
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let bucket = if rng & 1 == 0 { first } else { second };
-            let victim = bucket as usize * per_bucket + (rng >> 1) as usize % per_bucket;
-            if let Some(slot) = slots.get_mut(victim) {
-                std::mem::swap(slot, &mut item);
-            }
+            return false;
         }
-        if !placed {
-            return None;
+        // xorshift64: which bucket and which of its slots to displace.
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        let bucket = if *rng & 1 == 0 { first } else { second };
+        let victim = bucket as usize * per_bucket + (*rng >> 1) as usize % per_bucket;
+        if let Some(slot) = slots.get_mut(victim) {
+            std::mem::swap(slot, &mut item);
         }
     }
-    Some(slots)
+    false
 }
 
 #[cfg(test)]
@@ -367,6 +492,52 @@ mod tests {
         assert_eq!(find(&slots, &absent, 0x1234_5678), None);
         let used = slots.iter().filter(|s| s.word1 >> 32 != 0).count();
         assert_eq!(used, rules.len());
+    }
+
+    #[test]
+    fn an_update_touches_only_the_slots_of_changed_rules() {
+        let seed = 0x0bad_cafe;
+        let old = rules(20_000);
+        let before = place(&old, seed, 0x9e37_79b9_7f4a_7c15).expect("placement");
+        let mut new = old.clone();
+        let keys: Vec<PolicyKey> = old.keys().copied().collect();
+        new.remove(&keys[0]);
+        new.remove(&keys[1]);
+        new.insert(
+            keys[2],
+            policy_verdict::DENY + policy_verdict::ALLOW - old[&keys[2]],
+        );
+        for i in 0..400 {
+            let mut key = keys[3];
+            key.port = 60_000 + i;
+            new.insert(key, policy_verdict::ALLOW);
+        }
+        let mut after = before.clone();
+        assert!(update(&mut after, &old, &new, seed, 0x2545_f491_4f6c_dd1d));
+        for (key, verdict) in &new {
+            assert_eq!(find(&after, key, seed), Some(*verdict), "{key:?}");
+        }
+        assert_eq!(find(&after, &keys[0], seed), None);
+        assert_eq!(find(&after, &keys[1], seed), None);
+        let used = after.iter().filter(|s| s.word1 >> 32 != 0).count();
+        assert_eq!(used, new.len());
+        let written = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        assert_eq!(changed_rules(&old, &new).count(), 403);
+        // Each inserted rule moves a few others at most, at 15% load.
+        assert!((403..=600).contains(&written), "{written} slots written");
+    }
+
+    #[test]
+    fn an_update_of_a_layout_missing_a_rule_asks_for_a_rebuild() {
+        let seed = 99;
+        let old = rules(100);
+        let mut slots = place(&old, seed, 5).expect("placement");
+        let first = *old.keys().next().expect("a rule");
+        let i = slot_of(&slots, &first, seed).expect("placed");
+        slots[i] = PolicySlot::default();
+        let mut new = old.clone();
+        new.remove(&first);
+        assert!(!update(&mut slots, &old, &new, seed, 5));
     }
 
     #[test]

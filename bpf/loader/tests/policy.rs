@@ -174,6 +174,14 @@ fn rules_replace_as_a_batch_hit_capacity_and_survive_reload() {
         .insert(any_tcp, PolicyVerdict::Allow)
         .expect("insert after reload");
     assert!(allowed(&dp, 9000), "inserted after reload");
+    // One rule back into a full table: the copy is updated in place, not rebuilt. The slots
+    // written are those where the other copy, one change behind (it still holds the rule
+    // removed before the reload), differs from the new layout: a few at most, none when the
+    // rule went back into the slot it left.
+    let publication = dp.policy.last_publication().expect("published");
+    assert!(!publication.rebuilt, "{publication:?}");
+    assert_eq!(publication.rules_changed, 1, "{publication:?}");
+    assert!(publication.slots_written <= 16, "{publication:?}");
 }
 
 #[test]
@@ -200,8 +208,9 @@ fn readers_see_old_or_new_rules_while_tables_switch() {
     };
     check_while(Duration::from_secs(60), check, || {
         for round in 0..60u32 {
-            // Each switch uses a new seed, so the rule moves between buckets and copies; the
-            // toggled rule shows the new copy is live when replace_all returns.
+            // Each switch rewrites the filler, whose insertions displace rules between the
+            // buckets of each copy; the toggled rule shows the new copy is live when
+            // replace_all returns.
             let toggled = (
                 egress(Some(POD_B), Some(proto::TCP), Some(443)),
                 if round % 2 == 0 {
