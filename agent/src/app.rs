@@ -195,8 +195,9 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     // Pod-CIDR policies are "inexact" under the kernel's default hash thresholds (32/32), and
     // inexact insertion grows with the number of policies (quadratically before Linux 6.12), so
     // programming thousands of peers would slow down peer by peer. These thresholds put every
-    // policy of our layout in the exact hash. Per network namespace; it changes where the kernel
-    // stores policies, never which one a packet matches, and makes it rehash them once.
+    // policy of our layout in the exact hash. Per network namespace, foreign policies included;
+    // it changes where the kernel stores policies (which one matches changes only for overlapping
+    // policies of equal priority, which ours never are) and makes it rehash them once.
     if let Err(e) = xfrm
         .set_policy_hash_thresholds(crate::sa::POLICY_HASH_THRESHOLDS)
         .execute()

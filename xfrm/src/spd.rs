@@ -11,10 +11,11 @@
 //! 402/s against 2,100/s for 3,000, and at 5,460/s once hashed. 6.12 dropped that list and its
 //! per-prefix trees insert in about logarithmic time, so there the thresholds change little.
 //!
-//! Thresholds are per network namespace and change only *where* a policy is stored, never which
-//! policy a packet matches: a lookup always consults both the hash and the inexact structures
-//! and lets the lower priority win. Setting them makes the kernel rehash every policy of the
-//! namespace once (asynchronously), foreign ones included.
+//! Thresholds are per network namespace and change *where* a policy is stored: a lookup always
+//! consults both the hash and the inexact structures and lets the lower priority win, so the
+//! policy a packet matches could change only where two overlapping policies of equal priority
+//! tie, one of them moving between the tables. Setting them makes the kernel rehash every policy
+//! of the namespace once (asynchronously), foreign ones included.
 
 use thiserror::Error;
 
