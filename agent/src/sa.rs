@@ -21,14 +21,19 @@
 //!
 //! Every object carries reqid [`REQID`]; [`ownership`] claims exactly that, so nothing foreign is
 //! ever changed.
+//!
+//! Every policy names this node's side as "any" and the peer's side by its pod CIDR, so the
+//! kernel can hash them all by the peer's prefix once the agent sets [`POLICY_HASH_THRESHOLDS`]:
+//! without that, pod-CIDR policies sit in the kernel's inexact structures, whose insertion cost
+//! grows with the number of peers (see `nodeseal_xfrm::PolicyHashThresholds`).
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use nodeseal_bpf::{NodeId, mark};
 use nodeseal_xfrm::{
-    Action, Aead, AeadAlgorithm, Direction, Lifetime, Limits, Mark, Ownership, PolicySpec, ReqId,
-    Selector, SpecError, Spi, StateSpec, Template,
+    Action, Aead, AeadAlgorithm, Direction, FamilyThresholds, Lifetime, Limits, Mark, Ownership,
+    PolicyHashThresholds, PolicySpec, ReqId, Selector, SpecError, Spi, StateSpec, Template,
 };
 
 /// The reqid of every nodeseal state and policy ("NS" and 1).
@@ -40,6 +45,29 @@ const PRIORITY_ENCRYPT: u32 = 100;
 const PRIORITY_STRICT_BLOCK: u32 = 200;
 /// Priority of IN/FWD policies.
 const PRIORITY_INBOUND: u32 = 100;
+
+/// The policy hash thresholds (`ip xfrm policy set hthresh4 0 24 hthresh6 0 64`) under which
+/// every policy of this layout is in the kernel's exact hash: any length for this node's side
+/// (always "any" here), and the peer's pod CIDR from /24 (IPv4) or /64 (IPv6), the sizes
+/// Kubernetes allocates per node by default (`--node-cidr-mask-size`). Longer CIDRs are hashed
+/// too (several per bucket at worst: four /26s share a /24's bucket); a peer with a shorter one
+/// still works, its policies merely stay inexact. A lower remote threshold would hash more
+/// prefixes but put every peer of a cluster range into few buckets (all of 10.244.0.0/16 into
+/// one at 16 bits), which is the same linear walk again.
+pub const POLICY_HASH_THRESHOLDS: PolicyHashThresholds = match PolicyHashThresholds::new(
+    FamilyThresholds {
+        local: 0,
+        remote: 24,
+    },
+    FamilyThresholds {
+        local: 0,
+        remote: 64,
+    },
+) {
+    Ok(t) => t,
+    // Evaluated at compile time: these constants are within 32 and 128 bits.
+    Err(_) => panic!("policy hash thresholds out of range"),
+};
 
 /// How much one SA may carry, on top of the time-based rekey.
 ///
@@ -377,6 +405,46 @@ mod tests {
         assert_eq!(block.dir, Direction::Out);
         assert!(block.priority > PRIORITY_ENCRYPT);
         assert!(block.mark.is_none());
+    }
+
+    #[test]
+    fn every_policy_is_hashed_under_the_thresholds_the_agent_sets() {
+        let v6 = (
+            LocalEnd {
+                ip: "fd00::1".parse().unwrap(),
+                pod_cidrs: vec!["fd00:10:244::/64".parse().unwrap()],
+            },
+            PeerEnd {
+                node_id: NodeId(9),
+                ip: "fd00::2".parse().unwrap(),
+                pod_cidrs: vec!["fd00:10:244:1::/64".parse().unwrap()],
+            },
+        );
+        for (local, peer) in [ends(), v6] {
+            let key = [7; 20];
+            let sas = EpochSas::new(
+                &local,
+                &peer,
+                KeySlot::FIRST,
+                (Spi::new(0x1001).unwrap(), &key),
+                (Spi::new(0x2002).unwrap(), &key),
+                SaLimits::default(),
+            )
+            .unwrap();
+            let mut policies = sas.out_policies(&local, &peer).unwrap();
+            policies.extend(peer_policies(&local, &peer, true).unwrap());
+            assert_eq!(policies.len(), 4);
+            for p in &policies {
+                assert!(POLICY_HASH_THRESHOLDS.hashes(p), "{:?}", p.id());
+                // What the thresholds change: by default every one of them is inexact.
+                assert!(!PolicyHashThresholds::KERNEL_DEFAULT.hashes(p));
+            }
+        }
+        // A peer with a shorter pod CIDR than the remote threshold is still served, inexactly.
+        let (local, mut peer) = ends();
+        peer.pod_cidrs = vec!["10.96.0.0/16".parse().unwrap()];
+        let wide = peer_policies(&local, &peer, false).unwrap();
+        assert!(wide.iter().all(|p| !POLICY_HASH_THRESHOLDS.hashes(p)));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use crate::kernel::{Kernel, KernelError, ObjectRef, Op, Reply, TransportError};
 use crate::netlink::NetlinkKernel;
 use crate::policy::{KernelPolicy, PolicyId, PolicySpec};
+use crate::spd::{FamilyThresholds, PolicyHashThresholds};
 use crate::state::{KernelState, SpecError, StateId, StateSpec};
 
 /// Errors of [`Handle`] requests.
@@ -171,12 +172,20 @@ impl Handle {
         }
     }
 
-    /// Sets the prefix lengths from which policies go into the kernel's exact hash
-    /// (`ip xfrm policy set hthresh4 LBITS RBITS hthresh6 LBITS RBITS`). Policies whose
-    /// selectors are at least this specific are looked up in O(1); the rest sit in a list.
+    /// Sets the prefix lengths from which policies go into the kernel's exact hash, for the
+    /// whole network namespace (`ip xfrm policy set hthresh4 LBITS RBITS hthresh6 LBITS RBITS`).
+    /// Policies whose selectors are at least this specific are inserted and looked up in O(1);
+    /// see [`PolicyHashThresholds`] for why that matters at scale.
     #[doc(alias = "XFRM_MSG_NEWSPDINFO")]
-    pub fn set_policy_hash_thresholds(&self, v4: (u8, u8), v6: (u8, u8)) -> Request<()> {
-        Request::new(self, Op::SetPolicyHashThresholds { v4, v6 })
+    pub fn set_policy_hash_thresholds(&self, thresholds: PolicyHashThresholds) -> Request<()> {
+        let pair = |t: FamilyThresholds| (t.local, t.remote);
+        Request::new(
+            self,
+            Op::SetPolicyHashThresholds {
+                v4: pair(thresholds.v4()),
+                v6: pair(thresholds.v6()),
+            },
+        )
     }
 
     /// Sends ops to the worker and waits for the per-op results.

@@ -42,6 +42,7 @@ mod netlink;
 mod policy;
 pub mod reconcile;
 mod selector;
+mod spd;
 mod state;
 mod stats;
 
@@ -55,6 +56,7 @@ pub use netlink::codec::DecodeError;
 pub use policy::{Action, Direction, KernelPolicy, PolicyId, PolicySpec, Template, TemplateLevel};
 pub use reconcile::{Desired, Ownership, ReconcileError, ReconcileReport, reconcile};
 pub use selector::{Mark, Selector, SelectorError};
+pub use spd::{FamilyThresholds, PolicyHashThresholds, ThresholdError};
 pub use state::{
     Aead, AeadAlgorithm, KernelState, Lifetime, Limits, ReqId, SpecError, Spi, StateId, StateSpec,
     StateStats,

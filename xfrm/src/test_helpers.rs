@@ -3,6 +3,11 @@
 //! Node `i` has node IP `172.16.0.0 + i` and pod CIDR `10.(i/256).(i%256).0/24`. Per peer and
 //! epoch: one OUT state (local -> peer, mark `0x0e00 | peer << 16`), one IN state
 //! (peer -> local, mark `0x0d00/0x0f00`), and OUT/IN/FWD policies with required templates.
+//!
+//! Not for timing the kernel: the per-peer reqid (base + i) and node IP (172.16.0.0 + i) cancel
+//! in the kernel's IPv4 state hash by destination (`reqid ^ ntohl(daddr + saddr)`, folded to 16
+//! bits), so the kernel puts every state of a mesh into one bucket and each insertion walks all
+//! of them. The xfrm bench programs the agent's layout instead (one reqid).
 
 use std::net::{IpAddr, Ipv4Addr};
 
