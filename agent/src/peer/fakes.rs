@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use nodeseal_bpf::NodeId;
-use nodeseal_keymgr::handshake::HandshakeConfig;
+use nodeseal_keymgr::handshake::{self, Agreement, HandshakeConfig};
 use nodeseal_keymgr::test_helpers::TestPki;
-use nodeseal_keymgr::{NodeName, SpiffeId};
+use nodeseal_keymgr::{Epoch, ExpectedPeer, Hello, Mode, NodeName, Spi, SpiffeId};
 use nodeseal_xfrm::Handle;
 use nodeseal_xfrm::test_helpers::FakeKernel;
+use tokio::io::DuplexStream;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -204,6 +205,27 @@ impl Node {
             .expect("peer task")
     }
 
+    /// This node's Hello for `epoch`, receiving on `spi`.
+    pub fn hello(&self, epoch: Epoch, spi: u32) -> Hello {
+        Hello::new(
+            self.name.clone(),
+            epoch,
+            Spi::new(spi).expect("spi"),
+            Mode::Ipsec,
+        )
+        .with_node_ips(vec![self.ip])
+        .with_pod_cidrs(vec![self.cidr])
+    }
+
+    /// The tunnel end this node gives `peer`.
+    pub fn end_of(&self, peer: &Node) -> super::PeerEnd {
+        super::PeerEnd {
+            node_id: self.id_of(peer),
+            ip: peer.ip,
+            pod_cidrs: vec![peer.cidr],
+        }
+    }
+
     /// The node id this node gave `peer`.
     pub fn id_of(&self, peer: &Node) -> NodeId {
         self.datapath.node_id(peer.ip).expect("node id")
@@ -237,4 +259,26 @@ impl Drop for ClockHold {
     fn drop(&mut self) {
         self.release.take();
     }
+}
+
+/// The keys of one handshake between `a` (initiating) and `b`, without any peer task: each
+/// side's agreement, in memory.
+pub async fn agreements(
+    a: &Node,
+    b: &Node,
+    epoch: Epoch,
+) -> (Agreement<DuplexStream>, Agreement<DuplexStream>) {
+    let (a_end, b_end) = tokio::io::duplex(64 * 1024);
+    let initiate = handshake::initiate(&a.config, a_end, &b.name, a.hello(epoch, 0x0001_0000));
+    let respond = async {
+        let incoming = handshake::accept(&b.config, b_end, ExpectedPeer::Node(a.name.clone()))
+            .await
+            .expect("accepting");
+        incoming
+            .respond(b.hello(epoch, 0x0002_0000))
+            .await
+            .expect("responding")
+    };
+    let (a_side, b_side) = tokio::join!(initiate, respond);
+    (a_side.expect("initiating"), b_side)
 }

@@ -279,3 +279,109 @@ impl Tunnel for IpsecTunnel {
 fn xfrm_spi(raw: u32) -> Result<Spi, TunnelError> {
     Spi::new(raw).map_err(|_| TunnelError::BadSpi(raw))
 }
+
+#[cfg(test)]
+mod tests {
+    use nodeseal_keymgr::test_helpers::TestPki;
+
+    use super::*;
+    use crate::peer::fakes::{Node, agreements, hold_clock};
+
+    fn tunnel(me: &Node, peer: &Node, strict: bool) -> IpsecTunnel {
+        let datapath: Arc<dyn PeerDatapath> = me.datapath.clone();
+        IpsecTunnel::new(
+            me.xfrm.clone(),
+            datapath,
+            &me.settings(strict),
+            me.id_of(peer),
+        )
+        .expect("tunnel")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flip_moves_the_slot_and_retiring_the_current_epoch_stops_traffic_first() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let mut t = tunnel(&a, &b, false);
+        let peer = a.end_of(&b);
+        t.prepare(&peer).await.expect("prepare");
+        assert!(
+            a.kernel.policies().is_empty(),
+            "nothing before keys unless strict"
+        );
+        let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
+        t.install(&peer, &agreement.keys, &agreement.peer_hello)
+            .await
+            .expect("install");
+        assert_eq!((a.kernel.states().len(), a.kernel.policies().len()), (2, 3));
+        assert_eq!(
+            a.datapath.slot_of(peer.node_id),
+            None,
+            "no traffic before the flip"
+        );
+        assert!(!t.carries_spi(agreement.keys.inbound.spi.get()));
+        t.flip(&peer, Epoch(1)).await.expect("flip");
+        assert_eq!(a.datapath.slot_of(peer.node_id), Some(KeySlot::FIRST));
+        assert!(a.datapath.is_admitted(b.ip));
+        assert!(t.carries_spi(agreement.keys.inbound.spi.get()));
+        assert!(t.carries_spi(agreement.keys.outbound.spi.get()));
+        let mut row = PeerStatus::connecting(&b.name, b.ip, peer.node_id);
+        t.fill_status(&mut row);
+        assert_eq!(row.slot, Some(1));
+        assert_eq!(
+            row.in_spi,
+            Some(agreement.keys.inbound.spi.get()).map(|s| Spi::new(s).expect("spi").to_string())
+        );
+
+        t.retire(&peer, Epoch(1)).await.expect("retire");
+        assert_eq!(a.datapath.slot_of(peer.node_id), None);
+        assert!(a.kernel.states().is_empty());
+        assert_eq!(
+            a.kernel.policies().len(),
+            2,
+            "IN and FWD stay for the next keys"
+        );
+        assert!(!t.carries_spi(agreement.keys.inbound.spi.get()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_epoch_the_tunnel_does_not_have_is_a_bug_not_a_deletion() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let mut t = tunnel(&a, &b, true);
+        let peer = a.end_of(&b);
+        t.prepare(&peer).await.expect("prepare");
+        let before = a.kernel.policies();
+        assert_eq!(before.len(), 3, "strict: IN, FWD and block before any key");
+        let e = t.flip(&peer, Epoch(9)).await.unwrap_err();
+        assert!(matches!(e, TunnelError::UnknownEpoch(Epoch(9))), "{e}");
+        let e = t.retire(&peer, Epoch(9)).await.unwrap_err();
+        assert!(e.to_string().starts_with("BUG:"), "{e}");
+        assert_eq!(a.kernel.policies(), before);
+        assert_eq!(a.datapath.slot_of(peer.node_id), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn teardown_removes_the_peers_objects_and_forgets_its_epochs() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let mut t = tunnel(&a, &b, true);
+        let peer = a.end_of(&b);
+        let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
+        t.install(&peer, &agreement.keys, &agreement.peer_hello)
+            .await
+            .expect("install");
+        t.flip(&peer, Epoch(1)).await.expect("flip");
+        assert_eq!(t.teardown(&peer).await.expect("teardown"), 2 + 4);
+        assert!(a.kernel.states().is_empty() && a.kernel.policies().is_empty());
+        assert_eq!(
+            t.sweep(&peer).await.expect("sweep"),
+            0,
+            "nothing left to want"
+        );
+        assert!(!t.carries_spi(agreement.keys.inbound.spi.get()));
+    }
+}
