@@ -7,12 +7,13 @@
 //! the CPU time split into user (our encoding) and system (the kernel inserting, which runs in
 //! the sending process).
 //!
-//! - `NODESEAL_BENCH_LAYOUT`: `agent` (default) programs the agent's layout (`agent/src/sa.rs`:
+//! - `NODESEAL_BENCH_LAYOUT`: `agent` (default) programs the agent's layout (`agent/src/peer/ipsec/sa.rs`:
 //!   one reqid, any <-> peer pod CIDR selectors); `pairs` the test fixture's (per-peer reqids,
 //!   pod CIDR <-> pod CIDR), which the kernel hashes badly (see `test_helpers`).
 //! - `NODESEAL_BENCH_HTHRESH`: IPv4 policy hash thresholds set in both namespaces first, as
-//!   `LBITS/RBITS` or `BITS` for both; default `0/24`, what the agent sets; `kernel` leaves the
-//!   kernel's 32/32, under which every pod-CIDR policy is inexact.
+//!   `LBITS/RBITS` or `BITS` for both (`0/24` hashes every policy of the agent's layout); by
+//!   default, or with `kernel`, the kernel's 32/32 stay, as the agent leaves them, under which
+//!   every pod-CIDR policy is inexact.
 //! - `NODESEAL_BENCH_SPLIT=1`: programs the states, then the policies, and reports each.
 //!
 //! Needs root and a kernel with ESP (the VM: `cargo xtask vm --kernel 6.12 -- <bench binary>`).
@@ -135,9 +136,6 @@ fn chain(e: &dyn std::error::Error) -> String {
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
-
-/// The IPv4 thresholds the agent sets (`POLICY_HASH_THRESHOLDS` in `agent/src/sa.rs`).
-const AGENT_HTHRESH4: (u8, u8) = (0, 24);
 
 /// `ip xfrm policy set hthresh4` bits: `24` (both sides) or `LBITS/RBITS`.
 fn parse_hthresh(v: &str) -> Result<(u8, u8), String> {
@@ -262,9 +260,8 @@ fn run() -> Result<(), String> {
         })
         .collect::<Result<_, _>>()?;
     let hthresh = match std::env::var("NODESEAL_BENCH_HTHRESH").as_deref() {
-        Ok("kernel") => None,
+        Ok("kernel") | Err(_) => None,
         Ok(v) => Some(parse_hthresh(v)?),
-        Err(_) => Some(AGENT_HTHRESH4),
     };
     let use_agent_layout = match std::env::var("NODESEAL_BENCH_LAYOUT").as_deref() {
         Ok("agent") | Err(_) => true,
