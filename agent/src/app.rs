@@ -35,12 +35,12 @@ use crate::identity::{IdentitySource, LocalClaims, Obtained};
 use crate::metrics::Metrics;
 use crate::observe::ObserveHub;
 use crate::pace::Pace;
-use crate::peer::LocalEnd;
 use crate::peer::{
     PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerTask,
     error_chain,
 };
 use crate::policy_engine::{PolicyEngine, PolicyView};
+use crate::sa::LocalEnd;
 use crate::status::{NodeView, StatusSource};
 
 /// How long shutdown waits for tasks.
@@ -192,6 +192,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     if let Err(e) = std::fs::write("/proc/sys/net/core/xfrm_larval_drop", "0") {
         warn!(error = %e, "cannot set net.core.xfrm_larval_drop=0; rekeys may drop a packet");
     }
+
     let local_claims = LocalClaims {
         ip: local.ip,
         pod_cidrs: local.pod_cidrs.clone(),
@@ -1200,7 +1201,7 @@ async fn leftover_peers(xfrm: &Handle, local: IpAddr) -> std::collections::HashS
     match xfrm.states().dump().execute().await {
         Ok(states) => states
             .iter()
-            .filter(|s| crate::peer::ipsec::ownership().owns_state(s))
+            .filter(|s| crate::sa::ownership().owns_state(s))
             .filter_map(|s| s.spec.as_ref())
             .map(|spec| {
                 if spec.src == local {
@@ -1271,7 +1272,7 @@ impl StatusSource for Agent {
         if let Ok(states) = self.xfrm.states().dump().execute().await {
             let by_spi: HashMap<u32, (u64, u64)> = states
                 .iter()
-                .filter(|s| crate::peer::ipsec::ownership().owns_state(s))
+                .filter(|s| crate::sa::ownership().owns_state(s))
                 .map(|s| (s.spi, (s.stats.bytes, s.stats.packets)))
                 .collect();
             for p in &mut peers {

@@ -17,7 +17,7 @@ use nodeseal_bpf::{
 };
 use tracing::{debug, info, warn};
 
-use crate::peer::ipsec::KeySlot;
+use crate::sa::KeySlot;
 
 /// Errors of the datapath wiring.
 #[derive(Debug, thiserror::Error)]
