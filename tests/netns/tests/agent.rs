@@ -82,7 +82,10 @@ fn established(
     fabric
         .wait_established(&all, CONVERGE)
         .expect("established");
-    eprintln!("{name}: fabric established {:?} after the start", started.elapsed());
+    eprintln!(
+        "{name}: fabric established {:?} after the start",
+        started.elapsed()
+    );
     Some(Scenario {
         fabric,
         _control: control,
@@ -915,8 +918,7 @@ fn with_esp_sequence(frame: &[u8], seq: u32) -> Vec<u8> {
 
 #[test]
 fn sigkill_and_restart_under_traffic_loses_nothing() {
-    if let Some(mut scenario) =
-        established("restart", 2, 2, FabricOptions::default(), Backend::Dir)
+    if let Some(mut scenario) = established("restart", 2, 2, FabricOptions::default(), Backend::Dir)
     {
         sigkill_and_restart_under_traffic(&mut scenario);
     }
