@@ -438,7 +438,7 @@ fn rogue_node_with_foreign_ca_never_gets_keys() {
 }
 
 #[test]
-fn rogue_node_with_foreign_ca_never_gets_keys_on_kubernetes() {
+fn a_rogue_with_a_nodes_name_and_a_foreign_ca_never_gets_keys_on_kubernetes() {
     rogue_node_with_foreign_ca("roguek", Backend::Kube);
 }
 

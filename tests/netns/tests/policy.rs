@@ -172,7 +172,7 @@ fn star_wars_rule1_lets_only_the_empire_land_on_the_deathstar() {
 }
 
 #[test]
-fn star_wars_rule1_lets_only_the_empire_land_on_the_deathstar_on_kubernetes() {
+fn star_wars_rule1_holds_for_pods_on_kubernetes() {
     star_wars("starwarsk8s", Backend::Kube);
 }
 
