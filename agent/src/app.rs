@@ -192,6 +192,19 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     if let Err(e) = std::fs::write("/proc/sys/net/core/xfrm_larval_drop", "0") {
         warn!(error = %e, "cannot set net.core.xfrm_larval_drop=0; rekeys may drop a packet");
     }
+    // Pod-CIDR policies are "inexact" under the kernel's default hash thresholds (32/32), and
+    // inexact insertion grows with the number of policies (quadratically before Linux 6.12), so
+    // programming thousands of peers would slow down peer by peer. These thresholds put every
+    // policy of our layout in the exact hash. Per network namespace, foreign policies included;
+    // it changes where the kernel stores policies (which one matches changes only for overlapping
+    // policies of equal priority, which ours never are) and makes it rehash them once.
+    if let Err(e) = xfrm
+        .set_policy_hash_thresholds(crate::sa::POLICY_HASH_THRESHOLDS)
+        .execute()
+        .await
+    {
+        warn!(error = %e, "cannot set the XFRM policy hash thresholds; many peers will program slowly");
+    }
 
     let local_claims = LocalClaims {
         ip: local.ip,

@@ -55,9 +55,8 @@ const PRIORITY_INBOUND: u32 = 100;
 /// prefixes but put every peer of a cluster range into few buckets (all of 10.244.0.0/16 into
 /// one at 16 bits), which is the same linear walk again.
 ///
-/// Not set by the agent yet: it was set at start-up together with a peer refactor whose run
-/// failed the fabric scenarios on Linux 6.1, and the thresholds were not yet run on 6.1 without
-/// it. The XFRM bench measures them (`NODESEAL_BENCH_HTHRESH`).
+/// The agent sets them at start-up (`app::run`); the XFRM bench measures them against the
+/// kernel's defaults (`NODESEAL_BENCH_HTHRESH`).
 pub const POLICY_HASH_THRESHOLDS: PolicyHashThresholds = match PolicyHashThresholds::new(
     FamilyThresholds {
         local: 0,
