@@ -133,6 +133,17 @@ fn pods_talk_across_nodes_only_through_esp() {
         "{summary}\n{row}"
     );
     assert!(row["out_packets"].as_u64().unwrap() >= 2, "{row}");
+    // The agent put its pod-CIDR policies in the kernel's exact hash (iproute2 reads it back).
+    let spd = topo
+        .node(0)
+        .ns
+        .ip(&["-s", "-s", "xfrm", "policy", "count"])
+        .expect("spd");
+    assert!(
+        spd.contains("SPD IPv4 thresholds: local 0 remote 24")
+            && spd.contains("SPD IPv6 thresholds: local 0 remote 64"),
+        "{spd}"
+    );
     forwarded_flows_are_observed_while_followed(topo, fabric);
 }
 
