@@ -35,12 +35,12 @@ use crate::identity::{IdentitySource, LocalClaims, Obtained};
 use crate::metrics::Metrics;
 use crate::observe::ObserveHub;
 use crate::pace::Pace;
+use crate::peer::LocalEnd;
 use crate::peer::{
     PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerTask,
     error_chain,
 };
 use crate::policy_engine::{PolicyEngine, PolicyView};
-use crate::sa::LocalEnd;
 use crate::status::{NodeView, StatusSource};
 
 /// How long shutdown waits for tasks.
@@ -199,7 +199,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     // it changes where the kernel stores policies (which one matches changes only for overlapping
     // policies of equal priority, which ours never are) and makes it rehash them once.
     if let Err(e) = xfrm
-        .set_policy_hash_thresholds(crate::sa::POLICY_HASH_THRESHOLDS)
+        .set_policy_hash_thresholds(crate::peer::ipsec::POLICY_HASH_THRESHOLDS)
         .execute()
         .await
     {
@@ -1214,7 +1214,7 @@ async fn leftover_peers(xfrm: &Handle, local: IpAddr) -> std::collections::HashS
     match xfrm.states().dump().execute().await {
         Ok(states) => states
             .iter()
-            .filter(|s| crate::sa::ownership().owns_state(s))
+            .filter(|s| crate::peer::ipsec::ownership().owns_state(s))
             .filter_map(|s| s.spec.as_ref())
             .map(|spec| {
                 if spec.src == local {
@@ -1285,7 +1285,7 @@ impl StatusSource for Agent {
         if let Ok(states) = self.xfrm.states().dump().execute().await {
             let by_spi: HashMap<u32, (u64, u64)> = states
                 .iter()
-                .filter(|s| crate::sa::ownership().owns_state(s))
+                .filter(|s| crate::peer::ipsec::ownership().owns_state(s))
                 .map(|s| (s.spi, (s.stats.bytes, s.stats.packets)))
                 .collect();
             for p in &mut peers {

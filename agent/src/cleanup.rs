@@ -65,9 +65,11 @@ pub async fn remove_kernel_state(
         }
     };
     let xfrm = match Handle::new() {
-        Ok(handle) => nodeseal_xfrm::reconcile::flush_owned(&handle, &crate::sa::ownership())
-            .await
-            .map_err(CleanupError::Xfrm),
+        Ok(handle) => {
+            nodeseal_xfrm::reconcile::flush_owned(&handle, &crate::peer::ipsec::ownership())
+                .await
+                .map_err(CleanupError::Xfrm)
+        }
         Err(e) => Err(CleanupError::Netlink(e)),
     };
     match xfrm {

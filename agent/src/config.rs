@@ -228,10 +228,10 @@ pub struct AgentConfig {
     /// Bytes one SA may carry (0: no limit). The kernel deletes an SA at this limit; at three
     /// quarters of it the peer is rekeyed (the default, 2^38, keeps an AES-GCM key within the
     /// use TLS 1.3 allows one).
-    #[arg(long, env = "NODESEAL_SA_MAX_BYTES", default_value_t = crate::sa::SaLimits::DEFAULT_BYTES)]
+    #[arg(long, env = "NODESEAL_SA_MAX_BYTES", default_value_t = crate::peer::ipsec::SaLimits::DEFAULT_BYTES)]
     pub sa_max_bytes: u64,
     /// Packets one SA may carry (0: no limit); rekeyed at three quarters, as `--sa-max-bytes`.
-    #[arg(long, env = "NODESEAL_SA_MAX_PACKETS", default_value_t = crate::sa::SaLimits::DEFAULT_PACKETS)]
+    #[arg(long, env = "NODESEAL_SA_MAX_PACKETS", default_value_t = crate::peer::ipsec::SaLimits::DEFAULT_PACKETS)]
     pub sa_max_packets: u64,
     /// Remove a peer's SAs when no handshake with it succeeded for this long.
     #[arg(long, env = "NODESEAL_PEER_RETENTION", default_value = "10m", value_parser = humantime::parse_duration)]
@@ -326,8 +326,8 @@ impl AgentConfig {
 
     /// The usage limits of every SA (0 in a flag: no limit).
     #[must_use]
-    pub fn sa_limits(&self) -> crate::sa::SaLimits {
-        crate::sa::SaLimits {
+    pub fn sa_limits(&self) -> crate::peer::ipsec::SaLimits {
+        crate::peer::ipsec::SaLimits {
             bytes: (self.sa_max_bytes > 0).then_some(self.sa_max_bytes),
             packets: (self.sa_max_packets > 0).then_some(self.sa_max_packets),
         }
@@ -351,8 +351,8 @@ impl AgentConfig {
             rekey_interval: Duration::from_secs(3600),
             rekey_grace: Duration::from_secs(2),
             peer_retention: Duration::from_secs(600),
-            sa_max_bytes: crate::sa::SaLimits::DEFAULT_BYTES,
-            sa_max_packets: crate::sa::SaLimits::DEFAULT_PACKETS,
+            sa_max_bytes: crate::peer::ipsec::SaLimits::DEFAULT_BYTES,
+            sa_max_packets: crate::peer::ipsec::SaLimits::DEFAULT_PACKETS,
             strict_mode: true,
             bpf_pin_root: dir.join("bpf"),
             state_dir: dir.join("node"),

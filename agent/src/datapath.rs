@@ -17,7 +17,7 @@ use nodeseal_bpf::{
 };
 use tracing::{debug, info, warn};
 
-use crate::sa::KeySlot;
+use crate::peer::ipsec::KeySlot;
 
 /// Errors of the datapath wiring.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! SA usage limits: the kernel's expire notices become rekeys of the peer whose SA it is.
 //!
-//! Every state carries byte and packet limits ([`crate::sa::SaLimits`]). At the soft limit the
+//! Every state carries byte and packet limits ([`crate::peer::ipsec::SaLimits`]). At the soft limit the
 //! kernel sends a notice and the peer task rekeys at once, whatever its rekey clock says; at the
 //! hard limit the kernel has already deleted the state, and the peer task rekeys too. This is
 //! defence in depth under the time-based rekey: a key never carries more than its limit, however
@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
+use crate::peer::ipsec::REQID;
 use crate::peer::{PeerCommand, PeerRegistry, error_chain};
-use crate::sa;
 
 const IPPROTO_ESP: u8 = 50;
 
@@ -58,7 +58,7 @@ impl ExpiryFollower {
 
     /// Hands a notice about one of our states to its peer's task.
     async fn dispatch(&self, e: &Expire) {
-        if e.reqid != sa::REQID || e.proto != IPPROTO_ESP {
+        if e.reqid != REQID || e.proto != IPPROTO_ESP {
             return;
         }
         self.metrics
@@ -128,8 +128,9 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
+    use crate::peer::ipsec::{EpochSas, KeySlot, SaLimits};
+    use crate::peer::{LocalEnd, PeerEnd};
     use crate::peer::{PeerHandle, PeerStatus};
-    use crate::sa::{EpochSas, KeySlot, LocalEnd, PeerEnd, SaLimits};
 
     const LOCAL: &str = "10.0.0.1";
     const PEER: &str = "10.0.0.2";
@@ -176,16 +177,12 @@ mod tests {
     async fn notices_reach_the_peer_whose_sa_it_is_and_foreign_ones_do_not() {
         let (follower, mut rx) = follower();
         // An OUT state (to the peer) and an IN state (from it) both belong to the peer.
-        follower
-            .dispatch(&notice(LOCAL, PEER, sa::REQID, false))
-            .await;
-        follower
-            .dispatch(&notice(PEER, LOCAL, sa::REQID, true))
-            .await;
+        follower.dispatch(&notice(LOCAL, PEER, REQID, false)).await;
+        follower.dispatch(&notice(PEER, LOCAL, REQID, true)).await;
         // Someone else's state, and a state with a node no task owns.
         follower.dispatch(&notice(LOCAL, PEER, 7, false)).await;
         follower
-            .dispatch(&notice(LOCAL, "10.0.0.9", sa::REQID, false))
+            .dispatch(&notice(LOCAL, "10.0.0.9", REQID, false))
             .await;
         let mut got = Vec::new();
         while let Ok(cmd) = rx.try_recv() {
@@ -231,7 +228,7 @@ mod tests {
             dst: sas.outbound.dst,
             spi: sas.outbound.spi.get(),
             proto: IPPROTO_ESP,
-            reqid: sa::REQID,
+            reqid: REQID,
             mark: sas.outbound.mark,
             spec: Some(sas.outbound.clone()),
             stats: StateStats {

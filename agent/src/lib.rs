@@ -2,10 +2,10 @@
 //!
 //! - [`app`] wires everything: the cluster-state store (the `nodeseal-store` crate),
 //!   [`identity`] (node key, SVID through the keymgr CSR flow), [`datapath`] (the eBPF maps and
-//!   attachments), [`sa`] (the XFRM layout), [`peer`] (one task per peer: handshakes,
-//!   make-before-break rekeys, teardown), [`expiry`] (SA usage limits), [`server`] (the
-//!   handshake listener), [`status`], [`observe`] (flows from the datapath's events) and
-//!   [`metrics`].
+//!   attachments), [`peer`] (one task per peer: handshakes, make-before-break rekeys, teardown,
+//!   over a kernel tunnel: [`peer::ipsec`] and its XFRM layout), [`expiry`] (SA usage limits),
+//!   [`server`] (the handshake listener), [`status`], [`observe`] (flows from the datapath's
+//!   events) and [`metrics`].
 //! - [`signer`] is keymgr as a running role; [`cli`] is the `nodeseal` command line.
 //!
 //! The agent never touches XFRM objects or BPF pins it does not own, and leaves its kernel state
@@ -32,7 +32,6 @@ pub mod observe;
 pub mod pace;
 pub mod peer;
 pub mod policy_engine;
-pub mod sa;
 pub mod server;
 pub mod shutdown;
 pub mod signer;

@@ -7,7 +7,7 @@
 //! the CPU time split into user (our encoding) and system (the kernel inserting, which runs in
 //! the sending process).
 //!
-//! - `NODESEAL_BENCH_LAYOUT`: `agent` (default) programs the agent's layout (`agent/src/sa.rs`:
+//! - `NODESEAL_BENCH_LAYOUT`: `agent` (default) programs the agent's layout (`agent/src/peer/ipsec/sa.rs`:
 //!   one reqid, any <-> peer pod CIDR selectors); `pairs` the test fixture's (per-peer reqids,
 //!   pod CIDR <-> pod CIDR), which the kernel hashes badly (see `test_helpers`).
 //! - `NODESEAL_BENCH_HTHRESH`: IPv4 policy hash thresholds set in both namespaces first, as

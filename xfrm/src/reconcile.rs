@@ -29,6 +29,7 @@ use crate::state::{KernelState, ReqId, SpecError, StateSpec};
 pub struct Ownership {
     reqids: RangeInclusive<u32>,
     mark_bits: Option<Mark>,
+    endpoint: Option<IpAddr>,
 }
 
 impl Ownership {
@@ -38,6 +39,7 @@ impl Ownership {
         Self {
             reqids: reqids.start().get()..=reqids.end().get(),
             mark_bits: None,
+            endpoint: None,
         }
     }
 
@@ -47,6 +49,28 @@ impl Ownership {
     pub const fn with_mark_bits(mut self, bits: Mark) -> Self {
         self.mark_bits = Some(bits);
         self
+    }
+
+    /// Narrows the rule to the tunnel with one remote end: states from or to `endpoint`,
+    /// policies with a template from or to it. Reconciling or flushing with it touches one
+    /// peer's objects; everything else (other peers' included) counts as foreign and is left
+    /// alone. States and policies the crate cannot describe carry no addresses to match, so they
+    /// fall outside such a rule.
+    #[must_use]
+    pub const fn with_endpoint(mut self, endpoint: IpAddr) -> Self {
+        self.endpoint = Some(endpoint);
+        self
+    }
+
+    fn state_in_scope(&self, spec: Option<&StateSpec>) -> bool {
+        self.endpoint
+            .is_none_or(|ip| spec.is_some_and(|s| s.src == ip || s.dst == ip))
+    }
+
+    fn policy_in_scope(&self, spec: Option<&PolicySpec>) -> bool {
+        self.endpoint.is_none_or(|ip| {
+            spec.is_some_and(|p| p.templates.iter().any(|t| t.src == ip || t.dst == ip))
+        })
     }
 
     fn mark_ok(&self, mark: Mark) -> bool {
@@ -66,22 +90,24 @@ impl Ownership {
     /// Whether a kernel state is ours.
     #[must_use]
     pub fn owns_state(&self, s: &KernelState) -> bool {
-        s.reqid != 0 && self.owns_parts(&[s.reqid], s.mark, s.proto == 50)
+        s.reqid != 0
+            && self.owns_parts(&[s.reqid], s.mark, s.proto == 50)
+            && self.state_in_scope(s.spec.as_ref())
     }
 
     /// Whether a kernel policy is ours.
     #[must_use]
     pub fn owns_policy(&self, p: &KernelPolicy) -> bool {
-        self.owns_parts(&p.reqids, p.mark, true)
+        self.owns_parts(&p.reqids, p.mark, true) && self.policy_in_scope(p.spec.as_ref())
     }
 
     fn owns_state_spec(&self, s: &StateSpec) -> bool {
-        self.owns_parts(&[s.reqid.get()], s.mark, true)
+        self.owns_parts(&[s.reqid.get()], s.mark, true) && self.state_in_scope(Some(s))
     }
 
     fn owns_policy_spec(&self, p: &PolicySpec) -> bool {
         let reqids: Vec<u32> = p.templates.iter().map(|t| t.reqid.get()).collect();
-        self.owns_parts(&reqids, p.mark, true)
+        self.owns_parts(&reqids, p.mark, true) && self.policy_in_scope(Some(p))
     }
 }
 
@@ -386,7 +412,7 @@ mod tests {
     use crate::policy::{Action, Direction, PolicySpec};
     use crate::selector::Selector;
     use crate::state::{Aead, AeadAlgorithm, Lifetime, Limits, Spi, StateStats};
-    use crate::test_helpers::{FakeKernel, IN_MARK, mesh, ownership, peer_objects, reqid};
+    use crate::test_helpers::{FakeKernel, IN_MARK, mesh, node_ip, ownership, peer_objects, reqid};
 
     fn setup() -> (FakeKernel, Handle) {
         let fake = FakeKernel::new();
@@ -556,6 +582,47 @@ mod tests {
         let e = reconcile(&handle, &owner, d).await.unwrap_err();
         assert!(matches!(e, ReconcileError::Duplicate { .. }), "{e}");
         assert_eq!(fake.messages() - before, 6, "only dumps were sent");
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_scope_touches_one_peer_only() {
+        let (fake, handle) = setup();
+        let owner = ownership();
+        reconcile(&handle, &owner, mesh(0, 3, |_| 1)).await.unwrap();
+        let (fs, fp) = (fake.states(), fake.policies());
+        let peer2 = owner.clone().with_endpoint(node_ip(2));
+        // Peer 2 rekeyed: its new epoch replaces the old one; peers 1 and 3 count as foreign.
+        let (s, p) = peer_objects(0, 2, 2);
+        let r = reconcile(
+            &handle,
+            &peer2,
+            Desired {
+                states: s,
+                policies: p,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!((r.states_added, r.states_deleted), (2, 2));
+        assert_eq!((r.foreign_states, r.foreign_policies), (4, 6));
+        // A desired object of another peer is outside the scope.
+        let (s1, _) = peer_objects(0, 1, 1);
+        let d = Desired {
+            states: s1,
+            policies: vec![],
+        };
+        let e = reconcile(&handle, &peer2, d).await.unwrap_err();
+        assert!(matches!(e, ReconcileError::NotOwned { .. }), "{e}");
+        assert_eq!(flush_owned(&handle, &peer2).await.unwrap(), 5);
+        let others =
+            |ip| move |s: &KernelState| s.spec.as_ref().is_some_and(|x| x.dst != ip && x.src != ip);
+        assert_eq!(
+            fake.states(),
+            fs.into_iter()
+                .filter(others(node_ip(2)))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(fake.policies().len(), fp.len() - 3);
     }
 
     #[tokio::test]

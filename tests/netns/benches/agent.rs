@@ -1107,7 +1107,7 @@ fn ip_batch_baseline(
     policies: u64,
     dir: &Path,
 ) -> Result<(Duration, u64)> {
-    let reqid = nodeseal_agent::sa::REQID;
+    let reqid = nodeseal_agent::peer::ipsec::REQID;
     let mask = nodeseal_bpf_common::mark::OWNED_MASK;
     let mut ordered: Vec<&PeerCreds> = peers.values().collect();
     ordered.sort_by_key(|p| p.index);

@@ -36,6 +36,8 @@ use nodeseal_xfrm::{
     PolicyHashThresholds, PolicySpec, ReqId, Selector, SpecError, Spi, StateSpec, Template,
 };
 
+use crate::peer::{LocalEnd, PeerEnd};
+
 /// The reqid of every nodeseal state and policy ("NS" and 1).
 pub const REQID: u32 = 0x4e53_0001;
 
@@ -171,26 +173,6 @@ fn reqid() -> ReqId {
 #[must_use]
 pub fn ownership() -> Ownership {
     Ownership::new(reqid()..=reqid())
-}
-
-/// This node's side of every tunnel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LocalEnd {
-    /// The node IP tunnels start from.
-    pub ip: IpAddr,
-    /// This node's pod CIDRs.
-    pub pod_cidrs: Vec<IpNet>,
-}
-
-/// A peer's side of its tunnel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerEnd {
-    /// The local id for the peer (goes into marks and the eBPF maps).
-    pub node_id: NodeId,
-    /// The peer's node IP.
-    pub ip: IpAddr,
-    /// The peer's pod CIDRs (of the same family as `ip`).
-    pub pod_cidrs: Vec<IpNet>,
 }
 
 /// One epoch's pair of SAs with a peer.

@@ -1,0 +1,387 @@
+//! The IPsec tunnel: a peer's epochs as XFRM states and policies, switched by key slot.
+//!
+//! [`sa`](self) says what the objects look like; this module installs and removes them, one
+//! batch per step. An epoch is one IN and one OUT state plus OUT policies carrying the mark of
+//! its key slot; flipping is one write of the peer's slot in the eBPF map, so traffic moves
+//! between epochs without a window. Each epoch gets the slot after the previous one, and after
+//! a restart the slot after the previous agent's, which is still live.
+//!
+//! Sweep and teardown go through [`nodeseal_xfrm::reconcile`] scoped to the peer's node IP
+//! ([`nodeseal_xfrm::Ownership::with_endpoint`]), so they touch only this peer's objects of
+//! our reqid: a sweep makes them equal what this tunnel installed, a teardown removes them all.
+
+mod sa;
+
+use std::sync::Arc;
+
+use nodeseal_keymgr::{Aead as KeyAead, Epoch, Hello, Mode, SessionKeys};
+use nodeseal_xfrm::{Desired, Handle, PolicySpec, Spi, reconcile};
+use rand::Rng;
+use tracing::{debug, info, warn};
+
+#[cfg(test)]
+pub(crate) use sa::peer_policies;
+pub use sa::{EpochSas, KeySlot, POLICY_HASH_THRESHOLDS, REQID, SaLimits, ownership};
+
+use super::{PeerDatapath, PeerEnd, PeerSettings, PeerStatus, Tunnel, TunnelError, error_chain};
+use crate::peer::LocalEnd;
+
+/// One epoch in the kernel.
+#[derive(Debug)]
+struct Installed {
+    epoch: Epoch,
+    sas: EpochSas,
+    /// The OUT policies as installed: deleting exactly these stays right when the peer's pod
+    /// CIDRs change between install and retirement.
+    out_policies: Vec<PolicySpec>,
+}
+
+/// A peer's IPsec tunnel.
+#[derive(Debug)]
+pub struct IpsecTunnel {
+    xfrm: Handle,
+    datapath: Arc<dyn PeerDatapath>,
+    local: LocalEnd,
+    strict: bool,
+    limits: SaLimits,
+    /// The slot the datapath uses for the peer (after a restart: the previous agent's).
+    live_slot: Option<KeySlot>,
+    next_slot: KeySlot,
+    /// Whether the peer's IN/FWD (and strict block) policies are in place.
+    policies_installed: bool,
+    /// Installed epochs, oldest first.
+    epochs: Vec<Installed>,
+    /// The epoch traffic uses.
+    current: Option<Epoch>,
+}
+
+impl IpsecTunnel {
+    /// The tunnel to the peer with local id `peer`: reads the slot a previous agent may have
+    /// left live, so that the first epoch takes another one.
+    pub(crate) fn new(
+        xfrm: Handle,
+        datapath: Arc<dyn PeerDatapath>,
+        settings: &PeerSettings,
+        peer: nodeseal_bpf::NodeId,
+    ) -> Result<Self, TunnelError> {
+        let live_slot = datapath.slot(peer)?;
+        Ok(Self {
+            xfrm,
+            datapath,
+            local: settings.local.clone(),
+            strict: settings.strict,
+            limits: settings.sa_limits,
+            live_slot,
+            next_slot: live_slot.map_or(KeySlot::FIRST, KeySlot::next),
+            policies_installed: false,
+            epochs: Vec::new(),
+            current: None,
+        })
+    }
+
+    async fn install_peer_policies(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
+        let mut batch = self.xfrm.batch();
+        for p in sa::peer_policies(&self.local, peer, self.strict)? {
+            batch = batch.update_policy(p);
+        }
+        batch.execute().await?;
+        self.policies_installed = true;
+        Ok(())
+    }
+
+    /// Deletes an epoch's states, and its OUT policies unless the current epoch uses the same
+    /// slot (then they are the same kernel objects).
+    async fn remove(&self, old: &Installed) -> Result<(), TunnelError> {
+        let mut batch = self
+            .xfrm
+            .batch()
+            .delete_state(old.sas.inbound.id())
+            .delete_state(old.sas.outbound.id());
+        let slot_in_use = self
+            .current()
+            .is_some_and(|c| c.sas.slot == old.sas.slot && c.epoch != old.epoch);
+        if !slot_in_use {
+            for p in &old.out_policies {
+                batch = batch.delete_policy(p.id());
+            }
+        }
+        batch.execute().await?;
+        Ok(())
+    }
+
+    fn current(&self) -> Option<&Installed> {
+        let epoch = self.current?;
+        self.epochs.iter().find(|i| i.epoch == epoch)
+    }
+
+    /// What the kernel should hold for the peer: every installed epoch and the peer policies.
+    fn desired(&self, peer: &PeerEnd) -> Result<Desired, TunnelError> {
+        let mut desired = Desired::default();
+        for i in &self.epochs {
+            desired.states.push(i.sas.inbound.clone());
+            desired.states.push(i.sas.outbound.clone());
+            for p in &i.out_policies {
+                // Two epochs on one slot share their OUT policies.
+                if !desired.policies.iter().any(|q| q.id() == p.id()) {
+                    desired.policies.push(p.clone());
+                }
+            }
+        }
+        if self.policies_installed {
+            desired
+                .policies
+                .extend(sa::peer_policies(&self.local, peer, self.strict)?);
+        }
+        Ok(desired)
+    }
+}
+
+impl Tunnel for IpsecTunnel {
+    fn mode(&self) -> Mode {
+        Mode::Ipsec
+    }
+
+    fn fresh_spi(&self) -> u32 {
+        let mut rng = rand::rng();
+        loop {
+            let spi: u32 = rng.random();
+            let in_use = self.epochs.iter().any(|i| i.sas.inbound.spi.get() == spi);
+            // Below 0x10000 stays free for other IPsec users of the node.
+            if spi > 0xffff && !in_use {
+                return spi;
+            }
+        }
+    }
+
+    async fn prepare(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
+        // Strict mode blocks clear traffic to the peer's pods before any key exists.
+        if self.strict {
+            self.install_peer_policies(peer).await?;
+        }
+        Ok(())
+    }
+
+    async fn install(
+        &mut self,
+        peer: &PeerEnd,
+        keys: &SessionKeys,
+        _peer_hello: &Hello,
+    ) -> Result<(), TunnelError> {
+        let out_spi = xfrm_spi(keys.outbound.spi.get())?;
+        let in_spi = xfrm_spi(keys.inbound.spi.get())?;
+        let sas = EpochSas::new(
+            &self.local,
+            peer,
+            self.next_slot,
+            (out_spi, keys.outbound.key(KeyAead::Aes128Gcm).rfc4106_key()),
+            (in_spi, keys.inbound.key(KeyAead::Aes128Gcm).rfc4106_key()),
+            self.limits,
+        )?;
+        let out_policies = sas.out_policies(&self.local, peer)?;
+        let mut batch = self
+            .xfrm
+            .batch()
+            .add_state(sas.inbound.clone())
+            .add_state(sas.outbound.clone());
+        for p in &out_policies {
+            batch = batch.update_policy(p.clone());
+        }
+        batch.execute().await?;
+        let installed = Installed {
+            epoch: keys.epoch,
+            sas,
+            out_policies,
+        };
+        if !self.policies_installed
+            && let Err(e) = self.install_peer_policies(peer).await
+        {
+            if let Err(undo) = self.remove(&installed).await {
+                warn!(error = %error_chain(&undo), "cannot remove a half-installed epoch");
+            }
+            return Err(e);
+        }
+        self.epochs.push(installed);
+        Ok(())
+    }
+
+    async fn flip(&mut self, peer: &PeerEnd, epoch: Epoch) -> Result<(), TunnelError> {
+        let Some(new) = self.epochs.iter().find(|i| i.epoch == epoch) else {
+            return Err(TunnelError::UnknownEpoch(epoch));
+        };
+        let (slot, out_spi, in_spi) = (new.sas.slot, new.sas.outbound.spi, new.sas.inbound.spi);
+        // ESP from the peer is accepted from now on.
+        self.datapath.admit_node(peer.node_id, peer.ip)?;
+        self.datapath.set_slot(peer.node_id, Some(slot))?;
+        self.live_slot = Some(slot);
+        self.next_slot = slot.next();
+        self.current = Some(epoch);
+        info!(epoch = epoch.0, slot = %slot, out_spi = %out_spi, in_spi = %in_spi, "keys installed and in use");
+        Ok(())
+    }
+
+    async fn retire(&mut self, peer: &PeerEnd, epoch: Epoch) -> Result<(), TunnelError> {
+        let Some(pos) = self.epochs.iter().position(|i| i.epoch == epoch) else {
+            return Err(TunnelError::UnknownEpoch(epoch));
+        };
+        if self.current == Some(epoch) {
+            // Traffic stops using the keys before they go, so nothing is sent to a missing SA.
+            if let Err(e) = self.datapath.set_slot(peer.node_id, None) {
+                warn!(error = %error_chain(&e), "cannot clear peer slot");
+            }
+            self.live_slot = None;
+            self.current = None;
+        }
+        let old = self.epochs.remove(pos);
+        self.remove(&old).await?;
+        debug!(epoch = epoch.0, "epoch removed");
+        Ok(())
+    }
+
+    async fn sweep(&mut self, peer: &PeerEnd) -> Result<usize, TunnelError> {
+        let desired = self.desired(peer)?;
+        let report = reconcile(&self.xfrm, &ownership().with_endpoint(peer.ip), desired).await?;
+        Ok(report.states_added
+            + report.states_updated
+            + report.states_replaced
+            + report.states_deleted
+            + report.policies_added
+            + report.policies_updated
+            + report.policies_deleted)
+    }
+
+    async fn teardown(&mut self, peer: &PeerEnd) -> Result<usize, TunnelError> {
+        self.epochs.clear();
+        self.current = None;
+        self.live_slot = None;
+        self.policies_installed = false;
+        let owner = ownership().with_endpoint(peer.ip);
+        Ok(nodeseal_xfrm::reconcile::flush_owned(&self.xfrm, &owner).await?)
+    }
+
+    fn carries_spi(&self, spi: u32) -> bool {
+        self.current().is_some_and(|c| {
+            [c.sas.outbound.spi, c.sas.inbound.spi]
+                .iter()
+                .any(|s| s.get() == spi)
+        })
+    }
+
+    fn fill_status(&self, row: &mut PeerStatus) {
+        let current = self.current();
+        row.slot = current
+            .map_or(self.live_slot, |c| Some(c.sas.slot))
+            .map(KeySlot::get);
+        row.out_spi = current.map(|c| c.sas.outbound.spi.to_string());
+        row.in_spi = current.map(|c| c.sas.inbound.spi.to_string());
+    }
+}
+
+fn xfrm_spi(raw: u32) -> Result<Spi, TunnelError> {
+    Spi::new(raw).map_err(|_| TunnelError::BadSpi(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use nodeseal_keymgr::test_helpers::TestPki;
+
+    use super::*;
+    use crate::peer::fakes::{Node, agreements, hold_clock};
+
+    fn tunnel(me: &Node, peer: &Node, strict: bool) -> IpsecTunnel {
+        let datapath: Arc<dyn PeerDatapath> = me.datapath.clone();
+        IpsecTunnel::new(
+            me.xfrm.clone(),
+            datapath,
+            &me.settings(strict),
+            me.id_of(peer),
+        )
+        .expect("tunnel")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flip_moves_the_slot_and_retiring_the_current_epoch_stops_traffic_first() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let mut t = tunnel(&a, &b, false);
+        let peer = a.end_of(&b);
+        t.prepare(&peer).await.expect("prepare");
+        assert!(
+            a.kernel.policies().is_empty(),
+            "nothing before keys unless strict"
+        );
+        let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
+        t.install(&peer, &agreement.keys, &agreement.peer_hello)
+            .await
+            .expect("install");
+        assert_eq!((a.kernel.states().len(), a.kernel.policies().len()), (2, 3));
+        assert_eq!(
+            a.datapath.slot_of(peer.node_id),
+            None,
+            "no traffic before the flip"
+        );
+        assert!(!t.carries_spi(agreement.keys.inbound.spi.get()));
+        t.flip(&peer, Epoch(1)).await.expect("flip");
+        assert_eq!(a.datapath.slot_of(peer.node_id), Some(KeySlot::FIRST));
+        assert!(a.datapath.is_admitted(b.ip));
+        assert!(t.carries_spi(agreement.keys.inbound.spi.get()));
+        assert!(t.carries_spi(agreement.keys.outbound.spi.get()));
+        let mut row = PeerStatus::connecting(&b.name, b.ip, peer.node_id);
+        t.fill_status(&mut row);
+        assert_eq!(row.slot, Some(1));
+        assert_eq!(
+            row.in_spi,
+            Some(agreement.keys.inbound.spi.get()).map(|s| Spi::new(s).expect("spi").to_string())
+        );
+
+        t.retire(&peer, Epoch(1)).await.expect("retire");
+        assert_eq!(a.datapath.slot_of(peer.node_id), None);
+        assert!(a.kernel.states().is_empty());
+        assert_eq!(
+            a.kernel.policies().len(),
+            2,
+            "IN and FWD stay for the next keys"
+        );
+        assert!(!t.carries_spi(agreement.keys.inbound.spi.get()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_epoch_the_tunnel_does_not_have_is_a_bug_not_a_deletion() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let mut t = tunnel(&a, &b, true);
+        let peer = a.end_of(&b);
+        t.prepare(&peer).await.expect("prepare");
+        let before = a.kernel.policies();
+        assert_eq!(before.len(), 3, "strict: IN, FWD and block before any key");
+        let e = t.flip(&peer, Epoch(9)).await.unwrap_err();
+        assert!(matches!(e, TunnelError::UnknownEpoch(Epoch(9))), "{e}");
+        let e = t.retire(&peer, Epoch(9)).await.unwrap_err();
+        assert!(e.to_string().starts_with("BUG:"), "{e}");
+        assert_eq!(a.kernel.policies(), before);
+        assert_eq!(a.datapath.slot_of(peer.node_id), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn teardown_removes_the_peers_objects_and_forgets_its_epochs() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let mut t = tunnel(&a, &b, true);
+        let peer = a.end_of(&b);
+        let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
+        t.install(&peer, &agreement.keys, &agreement.peer_hello)
+            .await
+            .expect("install");
+        t.flip(&peer, Epoch(1)).await.expect("flip");
+        assert_eq!(t.teardown(&peer).await.expect("teardown"), 2 + 4);
+        assert!(a.kernel.states().is_empty() && a.kernel.policies().is_empty());
+        assert_eq!(
+            t.sweep(&peer).await.expect("sweep"),
+            0,
+            "nothing left to want"
+        );
+        assert!(!t.carries_spi(agreement.keys.inbound.spi.get()));
+    }
+}

@@ -1,0 +1,122 @@
+//! The kernel side of a peer's encryption, behind one trait so that the peer lifecycle
+//! (`task`) is written once for every kind of tunnel.
+//!
+//! The lifecycle speaks in epochs: a handshake's keys are installed as a new epoch beside the
+//! current one, both sides confirm, the tunnel flips traffic to it, and the previous epoch is
+//! retired after a grace period. A tunnel keeps track of the epochs it has in the kernel, so
+//! that it can sweep whatever else a previous agent left for the peer and remove everything at
+//! teardown. IPsec ([`super::ipsec`]) maps an epoch to a pair of XFRM states under a key slot.
+//! The trait is shaped for a WireGuard tunnel too: its epoch is the pair's preshared key
+//! (`SessionKeys::wg_psk`) and its peer key comes from the verified Hello, never the store.
+
+use std::future::Future;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use nodeseal_bpf::NodeId;
+use nodeseal_keymgr::{Epoch, Hello, Mode, SessionKeys};
+
+use super::PeerStatus;
+use crate::datapath::DatapathError;
+
+/// This node's side of every tunnel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalEnd {
+    /// The node IP tunnels start from.
+    pub ip: IpAddr,
+    /// This node's pod CIDRs.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// A peer's side of its tunnel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerEnd {
+    /// The local id for the peer (goes into marks and the eBPF maps).
+    pub node_id: NodeId,
+    /// The peer's node IP.
+    pub ip: IpAddr,
+    /// The peer's pod CIDRs (of the same family as `ip`).
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// The kernel side of one peer's tunnel. One value per peer, owned by the peer's task, which
+/// calls it in order: `prepare` once, then per key agreement `install` followed by `flip` (or,
+/// when the peer does not confirm, `retire` of the same epoch), `retire` of previous epochs,
+/// `sweep` once after a restart, and `teardown` when the peer is removed.
+pub trait Tunnel: Send {
+    /// The mode announced in Hellos (a peer in another mode refuses the handshake).
+    fn mode(&self) -> Mode;
+
+    /// A fresh inbound SPI for our Hello (it also enters the key derivation); never one an
+    /// installed epoch receives on.
+    fn fresh_spi(&self) -> u32;
+
+    /// Puts in place what the peer needs before it has keys (IPsec strict mode: the policies
+    /// that block clear traffic to its pods).
+    fn prepare(&mut self, peer: &PeerEnd) -> impl Future<Output = Result<(), TunnelError>> + Send;
+
+    /// Installs the keys of a new epoch beside the current one; traffic keeps the current keys
+    /// until [`Tunnel::flip`]. On error nothing of the new epoch stays behind.
+    fn install(
+        &mut self,
+        peer: &PeerEnd,
+        keys: &SessionKeys,
+        peer_hello: &Hello,
+    ) -> impl Future<Output = Result<(), TunnelError>> + Send;
+
+    /// Moves the peer's traffic to `epoch`, installed and confirmed by both sides. The previous
+    /// epoch still receives until it is retired.
+    fn flip(
+        &mut self,
+        peer: &PeerEnd,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<(), TunnelError>> + Send;
+
+    /// Removes `epoch` from the kernel: a previous one after its grace period, one the peer
+    /// never confirmed, or the current one (then traffic to the peer stops using keys first).
+    fn retire(
+        &mut self,
+        peer: &PeerEnd,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<(), TunnelError>> + Send;
+
+    /// Removes the peer's objects that are not this tunnel's epochs (what a previous agent
+    /// left); returns how many objects changed.
+    fn sweep(&mut self, peer: &PeerEnd) -> impl Future<Output = Result<usize, TunnelError>> + Send;
+
+    /// Removes every object of the peer, a previous agent's too; returns how many.
+    fn teardown(
+        &mut self,
+        peer: &PeerEnd,
+    ) -> impl Future<Output = Result<usize, TunnelError>> + Send;
+
+    /// Whether the current epoch sends or receives on `spi` (usage-limit notices name SAs).
+    fn carries_spi(&self, spi: u32) -> bool;
+
+    /// Writes the tunnel's part of the status row (IPsec: slot and SPIs of the current epoch).
+    fn fill_status(&self, row: &mut PeerStatus);
+}
+
+/// Errors of a tunnel's kernel programming.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TunnelError {
+    /// Building SA specs failed (bad key length or address family mix).
+    #[error("building SAs")]
+    Spec(#[from] nodeseal_xfrm::SpecError),
+    /// Programming the kernel failed.
+    #[error("programming XFRM")]
+    Xfrm(#[from] nodeseal_xfrm::XfrmError),
+    /// Reconciling the peer's XFRM objects failed.
+    #[error("reconciling the peer's XFRM objects")]
+    Reconcile(#[from] nodeseal_xfrm::ReconcileError),
+    /// Updating the eBPF maps failed.
+    #[error("updating the eBPF maps")]
+    Datapath(#[from] DatapathError),
+    /// The SPI the peer chose cannot be used.
+    #[error("SPI {0} is not usable")]
+    BadSpi(u32),
+    /// The lifecycle named an epoch the tunnel does not have.
+    #[error("BUG: epoch {0} is not installed")]
+    UnknownEpoch(Epoch),
+}
