@@ -268,14 +268,24 @@ pub async fn agreements(
     b: &Node,
     epoch: Epoch,
 ) -> (Agreement<DuplexStream>, Agreement<DuplexStream>) {
+    agreements_on_spis(a, b, epoch, (0x0001_0000, 0x0002_0000)).await
+}
+
+/// [`agreements`] with the inbound SPIs `a` and `b` announce.
+pub async fn agreements_on_spis(
+    a: &Node,
+    b: &Node,
+    epoch: Epoch,
+    (a_spi, b_spi): (u32, u32),
+) -> (Agreement<DuplexStream>, Agreement<DuplexStream>) {
     let (a_end, b_end) = tokio::io::duplex(64 * 1024);
-    let initiate = handshake::initiate(&a.config, a_end, &b.name, a.hello(epoch, 0x0001_0000));
+    let initiate = handshake::initiate(&a.config, a_end, &b.name, a.hello(epoch, a_spi));
     let respond = async {
         let incoming = handshake::accept(&b.config, b_end, ExpectedPeer::Node(a.name.clone()))
             .await
             .expect("accepting");
         incoming
-            .respond(b.hello(epoch, 0x0002_0000))
+            .respond(b.hello(epoch, b_spi))
             .await
             .expect("responding")
     };

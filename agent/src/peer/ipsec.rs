@@ -14,7 +14,7 @@ mod sa;
 
 use std::sync::Arc;
 
-use nodeseal_keymgr::{Aead as KeyAead, Epoch, Hello, Mode, SessionKeys};
+use nodeseal_keymgr::{Aead as KeyAead, Hello, Mode, SessionKeys};
 use nodeseal_xfrm::{Desired, Handle, PolicySpec, Spi, reconcile};
 use rand::Rng;
 use tracing::{debug, info, warn};
@@ -23,13 +23,16 @@ use tracing::{debug, info, warn};
 pub(crate) use sa::peer_policies;
 pub use sa::{EpochSas, KeySlot, POLICY_HASH_THRESHOLDS, REQID, SaLimits, ownership};
 
-use super::{PeerDatapath, PeerEnd, PeerSettings, PeerStatus, Tunnel, TunnelError, error_chain};
+use super::{
+    InstalledEpoch, PeerDatapath, PeerEnd, PeerSettings, PeerStatus, Tunnel, TunnelError,
+    error_chain,
+};
 use crate::peer::LocalEnd;
 
 /// One epoch in the kernel.
 #[derive(Debug)]
 struct Installed {
-    epoch: Epoch,
+    epoch: InstalledEpoch,
     sas: EpochSas,
     /// The OUT policies as installed: deleting exactly these stays right when the peer's pod
     /// CIDRs change between install and retirement.
@@ -52,7 +55,9 @@ pub struct IpsecTunnel {
     /// Installed epochs, oldest first.
     epochs: Vec<Installed>,
     /// The epoch traffic uses.
-    current: Option<Epoch>,
+    current: Option<InstalledEpoch>,
+    /// Installations so far (names the next one).
+    installs: u64,
 }
 
 impl IpsecTunnel {
@@ -76,6 +81,7 @@ impl IpsecTunnel {
             policies_installed: false,
             epochs: Vec::new(),
             current: None,
+            installs: 0,
         })
     }
 
@@ -166,7 +172,7 @@ impl Tunnel for IpsecTunnel {
         peer: &PeerEnd,
         keys: &SessionKeys,
         _peer_hello: &Hello,
-    ) -> Result<(), TunnelError> {
+    ) -> Result<InstalledEpoch, TunnelError> {
         let out_spi = xfrm_spi(keys.outbound.spi.get())?;
         let in_spi = xfrm_spi(keys.inbound.spi.get())?;
         let sas = EpochSas::new(
@@ -187,8 +193,10 @@ impl Tunnel for IpsecTunnel {
             batch = batch.update_policy(p.clone());
         }
         batch.execute().await?;
+        self.installs += 1;
+        let epoch = InstalledEpoch::new(keys.epoch, self.installs);
         let installed = Installed {
-            epoch: keys.epoch,
+            epoch,
             sas,
             out_policies,
         };
@@ -201,10 +209,10 @@ impl Tunnel for IpsecTunnel {
             return Err(e);
         }
         self.epochs.push(installed);
-        Ok(())
+        Ok(epoch)
     }
 
-    async fn flip(&mut self, peer: &PeerEnd, epoch: Epoch) -> Result<(), TunnelError> {
+    async fn flip(&mut self, peer: &PeerEnd, epoch: InstalledEpoch) -> Result<(), TunnelError> {
         let Some(new) = self.epochs.iter().find(|i| i.epoch == epoch) else {
             return Err(TunnelError::UnknownEpoch(epoch));
         };
@@ -215,11 +223,11 @@ impl Tunnel for IpsecTunnel {
         self.live_slot = Some(slot);
         self.next_slot = slot.next();
         self.current = Some(epoch);
-        info!(epoch = epoch.0, slot = %slot, out_spi = %out_spi, in_spi = %in_spi, "keys installed and in use");
+        info!(epoch = epoch.epoch.0, slot = %slot, out_spi = %out_spi, in_spi = %in_spi, "keys installed and in use");
         Ok(())
     }
 
-    async fn retire(&mut self, peer: &PeerEnd, epoch: Epoch) -> Result<(), TunnelError> {
+    async fn retire(&mut self, peer: &PeerEnd, epoch: InstalledEpoch) -> Result<(), TunnelError> {
         let Some(pos) = self.epochs.iter().position(|i| i.epoch == epoch) else {
             return Err(TunnelError::UnknownEpoch(epoch));
         };
@@ -233,7 +241,7 @@ impl Tunnel for IpsecTunnel {
         }
         let old = self.epochs.remove(pos);
         self.remove(&old).await?;
-        debug!(epoch = epoch.0, "epoch removed");
+        debug!(epoch = %epoch, "epoch removed");
         Ok(())
     }
 
@@ -282,10 +290,11 @@ fn xfrm_spi(raw: u32) -> Result<Spi, TunnelError> {
 
 #[cfg(test)]
 mod tests {
+    use nodeseal_keymgr::Epoch;
     use nodeseal_keymgr::test_helpers::TestPki;
 
     use super::*;
-    use crate::peer::fakes::{Node, agreements, hold_clock};
+    use crate::peer::fakes::{Node, agreements, agreements_on_spis, hold_clock};
 
     fn tunnel(me: &Node, peer: &Node, strict: bool) -> IpsecTunnel {
         let datapath: Arc<dyn PeerDatapath> = me.datapath.clone();
@@ -311,7 +320,8 @@ mod tests {
             "nothing before keys unless strict"
         );
         let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
-        t.install(&peer, &agreement.keys, &agreement.peer_hello)
+        let installed = t
+            .install(&peer, &agreement.keys, &agreement.peer_hello)
             .await
             .expect("install");
         assert_eq!((a.kernel.states().len(), a.kernel.policies().len()), (2, 3));
@@ -321,7 +331,7 @@ mod tests {
             "no traffic before the flip"
         );
         assert!(!t.carries_spi(agreement.keys.inbound.spi.get()));
-        t.flip(&peer, Epoch(1)).await.expect("flip");
+        t.flip(&peer, installed).await.expect("flip");
         assert_eq!(a.datapath.slot_of(peer.node_id), Some(KeySlot::FIRST));
         assert!(a.datapath.is_admitted(b.ip));
         assert!(t.carries_spi(agreement.keys.inbound.spi.get()));
@@ -334,7 +344,7 @@ mod tests {
             Some(agreement.keys.inbound.spi.get()).map(|s| Spi::new(s).expect("spi").to_string())
         );
 
-        t.retire(&peer, Epoch(1)).await.expect("retire");
+        t.retire(&peer, installed).await.expect("retire");
         assert_eq!(a.datapath.slot_of(peer.node_id), None);
         assert!(a.kernel.states().is_empty());
         assert_eq!(
@@ -355,9 +365,13 @@ mod tests {
         t.prepare(&peer).await.expect("prepare");
         let before = a.kernel.policies();
         assert_eq!(before.len(), 3, "strict: IN, FWD and block before any key");
-        let e = t.flip(&peer, Epoch(9)).await.unwrap_err();
-        assert!(matches!(e, TunnelError::UnknownEpoch(Epoch(9))), "{e}");
-        let e = t.retire(&peer, Epoch(9)).await.unwrap_err();
+        let unknown = InstalledEpoch::new(Epoch(9), 9);
+        let e = t.flip(&peer, unknown).await.unwrap_err();
+        assert!(
+            matches!(e, TunnelError::UnknownEpoch(u) if u == unknown),
+            "{e}"
+        );
+        let e = t.retire(&peer, unknown).await.unwrap_err();
         assert!(e.to_string().starts_with("BUG:"), "{e}");
         assert_eq!(a.kernel.policies(), before);
         assert_eq!(a.datapath.slot_of(peer.node_id), None);
@@ -371,10 +385,11 @@ mod tests {
         let mut t = tunnel(&a, &b, true);
         let peer = a.end_of(&b);
         let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
-        t.install(&peer, &agreement.keys, &agreement.peer_hello)
+        let installed = t
+            .install(&peer, &agreement.keys, &agreement.peer_hello)
             .await
             .expect("install");
-        t.flip(&peer, Epoch(1)).await.expect("flip");
+        t.flip(&peer, installed).await.expect("flip");
         assert_eq!(t.teardown(&peer).await.expect("teardown"), 2 + 4);
         assert!(a.kernel.states().is_empty() && a.kernel.policies().is_empty());
         assert_eq!(
@@ -383,5 +398,55 @@ mod tests {
             "nothing left to want"
         );
         assert!(!t.carries_spi(agreement.keys.inbound.spi.get()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_installations_of_one_epoch_number_flip_and_retire_apart() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let mut t = tunnel(&a, &b, false);
+        let peer = a.end_of(&b);
+        let (first_agreement, _) = agreements(&a, &b, Epoch(7)).await;
+        let first = t
+            .install(&peer, &first_agreement.keys, &first_agreement.peer_hello)
+            .await
+            .expect("first install");
+        t.flip(&peer, first).await.expect("first flip");
+        // The same number again (a handshake started in the same second): other keys, the next slot.
+        let (second_agreement, _) =
+            agreements_on_spis(&a, &b, Epoch(7), (0x0003_0000, 0x0004_0000)).await;
+        let second = t
+            .install(&peer, &second_agreement.keys, &second_agreement.peer_hello)
+            .await
+            .expect("second install");
+        assert_ne!(first, second);
+        t.flip(&peer, second).await.expect("second flip");
+        assert_eq!(
+            a.datapath.slot_of(peer.node_id),
+            Some(KeySlot::FIRST.next())
+        );
+        assert!(t.carries_spi(second_agreement.keys.inbound.spi.get()));
+        assert!(!t.carries_spi(first_agreement.keys.inbound.spi.get()));
+
+        // Retiring the first installation removes its states, not the ones in use.
+        t.retire(&peer, first).await.expect("retire the first");
+        let spis: Vec<u32> = a.kernel.states().iter().map(|s| s.spi).collect();
+        let expected = [
+            second_agreement.keys.inbound.spi.get(),
+            second_agreement.keys.outbound.spi.get(),
+        ];
+        assert_eq!(spis.len(), 2, "{spis:x?}");
+        assert!(expected.iter().all(|s| spis.contains(s)), "{spis:x?}");
+        assert_eq!(
+            a.datapath.slot_of(peer.node_id),
+            Some(KeySlot::FIRST.next())
+        );
+        assert!(t.carries_spi(second_agreement.keys.inbound.spi.get()));
+        let e = t.retire(&peer, first).await.unwrap_err();
+        assert!(
+            matches!(e, TunnelError::UnknownEpoch(u) if u == first),
+            "{e}"
+        );
     }
 }

@@ -7,10 +7,9 @@
 
 use std::time::Duration;
 
-use nodeseal_keymgr::Epoch;
 use tokio::time::Instant;
 
-use super::RESPONDER_PATIENCE;
+use super::{InstalledEpoch, RESPONDER_PATIENCE};
 
 /// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
 pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -39,7 +38,7 @@ pub(super) struct Schedule {
     /// Since when handshakes with an established peer fail (the retention clock).
     unreachable_since: Option<Instant>,
     /// Previous epochs and when they are deleted.
-    retiring: Vec<(Epoch, Instant)>,
+    retiring: Vec<(InstalledEpoch, Instant)>,
     /// A previous agent left objects for this peer; swept a grace period after our first flip.
     leftovers: bool,
     sweep_at: Option<Instant>,
@@ -116,12 +115,12 @@ impl Schedule {
     }
 
     /// Traffic left `epoch`; it is deleted a grace period from now.
-    pub fn retire_later(&mut self, now: Instant, epoch: Epoch) {
+    pub fn retire_later(&mut self, now: Instant, epoch: InstalledEpoch) {
         self.retiring.push((epoch, now + self.timing.grace));
     }
 
     /// The retired epochs due for deletion, removed from the schedule.
-    pub fn take_retirements(&mut self, now: Instant) -> Vec<Epoch> {
+    pub fn take_retirements(&mut self, now: Instant) -> Vec<InstalledEpoch> {
         let (due, keep) = std::mem::take(&mut self.retiring)
             .into_iter()
             .partition(|(_, at)| *at <= now);
@@ -185,6 +184,7 @@ pub(super) fn patience(preferred: bool) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nodeseal_keymgr::Epoch;
 
     const TIMING: Timing = Timing {
         rekey_interval: Duration::from_secs(3600),
@@ -258,11 +258,16 @@ mod tests {
     async fn previous_epochs_retire_after_the_grace_period() {
         let t0 = Instant::now();
         let mut s = Schedule::new(TIMING, t0 + secs(3600), false);
-        s.retire_later(t0, Epoch(1));
-        s.retire_later(t0 + secs(10), Epoch(2));
+        // One epoch number installed twice: each installation retires on its own.
+        let (first, second) = (
+            InstalledEpoch::new(Epoch(1), 1),
+            InstalledEpoch::new(Epoch(1), 2),
+        );
+        s.retire_later(t0, first);
+        s.retire_later(t0 + secs(10), second);
         assert_eq!(s.next_wake(true), Some(t0 + secs(30)));
         assert!(s.take_retirements(t0 + secs(29)).is_empty());
-        assert_eq!(s.take_retirements(t0 + secs(30)), [Epoch(1)]);
+        assert_eq!(s.take_retirements(t0 + secs(30)), [first]);
         assert_eq!(s.next_wake(true), Some(t0 + secs(40)));
         s.clear_retirements();
         assert!(s.take_retirements(t0 + secs(100)).is_empty());

@@ -24,8 +24,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::ipsec::IpsecTunnel;
 use super::schedule::{Schedule, Timing, patience};
 use super::{
-    PeerCommand, PeerContext, PeerDatapath, PeerEnd, PeerError, PeerHandle, PeerInfo, PeerSettings,
-    PeerState, PeerStatus, Tunnel, error_chain, generation_of,
+    InstalledEpoch, PeerCommand, PeerContext, PeerDatapath, PeerEnd, PeerError, PeerHandle,
+    PeerInfo, PeerSettings, PeerState, PeerStatus, Tunnel, error_chain, generation_of,
 };
 use crate::metrics::Metrics;
 use crate::pace::Pace;
@@ -60,7 +60,7 @@ pub struct PeerTask<T: Tunnel = IpsecTunnel> {
     metrics: Arc<Metrics>,
     status: Arc<Mutex<PeerStatus>>,
     /// The epoch traffic uses.
-    current: Option<Epoch>,
+    current: Option<InstalledEpoch>,
     schedule: Schedule,
     commands: mpsc::Receiver<PeerCommand>,
     /// Commands that arrived while a handshake was running, handled right after it.
@@ -218,12 +218,15 @@ impl<T: Tunnel> PeerTask<T> {
         let wanted = *self.generation.borrow();
         match self.current {
             None => true,
-            Some(c) => generation_of(c) < wanted || self.schedule.rekey_due(Instant::now()),
+            Some(c) => generation_of(c.epoch) < wanted || self.schedule.rekey_due(Instant::now()),
         }
     }
 
     fn on_generation(&mut self, wanted: u64) {
-        if self.current.is_some_and(|c| generation_of(c) >= wanted) {
+        if self
+            .current
+            .is_some_and(|c| generation_of(c.epoch) >= wanted)
+        {
             return;
         }
         let delay = patience(self.preferred_initiator());
@@ -302,8 +305,8 @@ impl<T: Tunnel> PeerTask<T> {
         let peer = self.peer_end();
         for old in self.schedule.take_retirements(now) {
             match self.tunnel.retire(&peer, old).await {
-                Ok(()) => debug!(epoch = old.0, "previous epoch removed"),
-                Err(e) => warn!(epoch = old.0, error = %error_chain(&e), "removing previous epoch"),
+                Ok(()) => debug!(epoch = %old, "previous epoch removed"),
+                Err(e) => warn!(epoch = %old, error = %error_chain(&e), "removing previous epoch"),
             }
         }
         if self.schedule.take_sweep(now) {
@@ -333,7 +336,7 @@ impl<T: Tunnel> PeerTask<T> {
         if let Some(current) = self.current.take() {
             let peer = self.peer_end();
             if let Err(e) = self.tunnel.retire(&peer, current).await {
-                warn!(epoch = current.0, error = %error_chain(&e), "removing the current epoch");
+                warn!(epoch = %current, error = %error_chain(&e), "removing the current epoch");
             }
         }
         self.set_state(
@@ -448,7 +451,8 @@ impl<T: Tunnel> PeerTask<T> {
     }
 
     fn next_epoch(&self, generation: u64) -> Epoch {
-        let counter = self.current.map_or(0, |c| {
+        let current = self.current.map(|c| c.epoch);
+        let counter = current.map_or(0, |c| {
             if generation_of(c) == generation {
                 (c.0 & 0xffff_ffff) + 1
             } else {
@@ -457,7 +461,7 @@ impl<T: Tunnel> PeerTask<T> {
         });
         // A restarted agent does not know the last counter; time keeps it increasing.
         let clock = unix_now() & 0xffff_ffff;
-        Epoch((generation.max(self.current.map_or(0, generation_of)) << 32) | counter.max(clock))
+        Epoch((generation.max(current.map_or(0, generation_of)) << 32) | counter.max(clock))
     }
 
     fn hello(&self, config: &HandshakeConfig, epoch: Epoch, spi: u32) -> Result<Hello, PeerError> {
@@ -540,40 +544,43 @@ impl<T: Tunnel> PeerTask<T> {
                 ),
             });
         }
-        let epoch = agreement.keys.epoch;
         let peer = self.peer_end();
-        self.tunnel
+        let installed = self
+            .tunnel
             .install(&peer, &agreement.keys, &agreement.peer_hello)
             .await?;
         // Not cancellable from outside once keys are in the kernel: on any failure, including
         // the peer going quiet, the new epoch is removed again before returning.
         let confirm = self.pace.confirm_timeout();
-        let confirmed =
-            tokio::time::timeout(confirm, agreement.channel.confirm_installed(epoch)).await;
+        let confirmed = tokio::time::timeout(
+            confirm,
+            agreement.channel.confirm_installed(installed.epoch),
+        )
+        .await;
         let failure = match confirmed {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(PeerError::from(e)),
             Err(_) => Some(PeerError::Timeout(confirm)),
         };
         if let Some(e) = failure {
-            self.abandon(&peer, epoch).await;
+            self.abandon(&peer, installed).await;
             return Err(e);
         }
         let _ = agreement.channel.close().await;
-        if let Err(e) = self.tunnel.flip(&peer, epoch).await {
-            self.abandon(&peer, epoch).await;
+        if let Err(e) = self.tunnel.flip(&peer, installed).await {
+            self.abandon(&peer, installed).await;
             return Err(e.into());
         }
-        if let Some(previous) = self.current.replace(epoch) {
+        if let Some(previous) = self.current.replace(installed) {
             self.schedule.retire_later(Instant::now(), previous);
         }
         Ok(())
     }
 
     /// Removes an epoch that never carried traffic.
-    async fn abandon(&mut self, peer: &PeerEnd, epoch: Epoch) {
+    async fn abandon(&mut self, peer: &PeerEnd, epoch: InstalledEpoch) {
         if let Err(e) = self.tunnel.retire(peer, epoch).await {
-            warn!(epoch = epoch.0, error = %error_chain(&e), "removing an unconfirmed epoch");
+            warn!(epoch = %epoch, error = %error_chain(&e), "removing an unconfirmed epoch");
         }
     }
 
@@ -610,8 +617,8 @@ impl<T: Tunnel> PeerTask<T> {
         let wanted = *self.generation.borrow();
         self.on_generation(wanted);
         if let Ok(mut s) = self.status.lock() {
-            if let Some(epoch) = self.current {
-                s.established(epoch);
+            if let Some(installed) = self.current {
+                s.established(installed.epoch);
             }
             self.tunnel.fill_status(&mut s);
         }
@@ -795,9 +802,9 @@ mod tests {
         let (a, mut ta, b, mut tb) = pair(false).await;
         agree((&a, &mut ta), (&b, &mut tb)).await;
         let first = spis(&a.kernel.states());
-        let first_epoch = ta.current.expect("keys");
+        let first_epoch = ta.current.expect("keys").epoch;
         agree((&a, &mut ta), (&b, &mut tb)).await;
-        assert!(ta.current > Some(first_epoch));
+        assert!(ta.current.expect("keys").epoch > first_epoch);
         assert_eq!(
             a.kernel.states().len(),
             4,

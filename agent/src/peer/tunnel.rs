@@ -62,14 +62,14 @@ pub trait Tunnel: Send {
         peer: &PeerEnd,
         keys: &SessionKeys,
         peer_hello: &Hello,
-    ) -> impl Future<Output = Result<(), TunnelError>> + Send;
+    ) -> impl Future<Output = Result<InstalledEpoch, TunnelError>> + Send;
 
     /// Moves the peer's traffic to `epoch`, installed and confirmed by both sides. The previous
     /// epoch still receives until it is retired.
     fn flip(
         &mut self,
         peer: &PeerEnd,
-        epoch: Epoch,
+        epoch: InstalledEpoch,
     ) -> impl Future<Output = Result<(), TunnelError>> + Send;
 
     /// Removes `epoch` from the kernel: a previous one after its grace period, one the peer
@@ -77,7 +77,7 @@ pub trait Tunnel: Send {
     fn retire(
         &mut self,
         peer: &PeerEnd,
-        epoch: Epoch,
+        epoch: InstalledEpoch,
     ) -> impl Future<Output = Result<(), TunnelError>> + Send;
 
     /// Removes the peer's objects that are not this tunnel's epochs (what a previous agent
@@ -95,6 +95,32 @@ pub trait Tunnel: Send {
 
     /// Writes the tunnel's part of the status row (IPsec: slot and SPIs of the current epoch).
     fn fill_status(&self, row: &mut PeerStatus);
+}
+
+/// One installation of an epoch's keys, as the lifecycle names it to [`Tunnel::flip`] and
+/// [`Tunnel::retire`]. Epoch numbers alone are not unique per peer: the responder takes the
+/// initiator's, and handshakes started in the same second by the two ends, or by an agent and
+/// its restarted successor, can carry the same number, so a flip or retirement by number could
+/// act on another installation than the one meant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstalledEpoch {
+    /// The epoch number agreed in the handshake.
+    pub epoch: Epoch,
+    /// Unique among one tunnel's installations.
+    install: u64,
+}
+
+impl InstalledEpoch {
+    /// Names installation number `install` (unique per tunnel) of `epoch`.
+    pub(crate) fn new(epoch: Epoch, install: u64) -> Self {
+        Self { epoch, install }
+    }
+}
+
+impl std::fmt::Display for InstalledEpoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (installation {})", self.epoch, self.install)
+    }
 }
 
 /// Errors of a tunnel's kernel programming.
@@ -118,5 +144,5 @@ pub enum TunnelError {
     BadSpi(u32),
     /// The lifecycle named an epoch the tunnel does not have.
     #[error("BUG: epoch {0} is not installed")]
-    UnknownEpoch(Epoch),
+    UnknownEpoch(InstalledEpoch),
 }
