@@ -54,7 +54,7 @@ pub use monitor::{Expire, ExpireMonitor, MonitorEvent};
 pub use netlink::NetlinkKernel;
 pub use netlink::codec::DecodeError;
 pub use policy::{Action, Direction, KernelPolicy, PolicyId, PolicySpec, Template, TemplateLevel};
-pub use reconcile::{Desired, Ownership, ReconcileError, ReconcileReport, reconcile};
+pub use reconcile::{Desired, Ownership, ReconcileError, ReconcileReport, reconcile, sweep};
 pub use selector::{Mark, Selector, SelectorError};
 pub use spd::{FamilyThresholds, PolicyHashThresholds, ThresholdError};
 pub use state::{

@@ -12,6 +12,12 @@
 //! change in place (key, selector, replay) are deleted and re-added; policies are atomically
 //! replaced (`UPDPOLICY`). New states go in before policies change and old ones go last
 //! (make-before-break). Reconciling twice in a row sends nothing the second time.
+//!
+//! [`sweep`] is the variant for live keys: it never adds, updates or replaces a state. A state
+//! whose keys carry traffic must not be written again with the same key: a re-added ESP state
+//! starts its sequence numbers, from which AES-GCM's IVs derive, from 1 again, and a state the
+//! kernel deleted at its hard limit must stay deleted. So a sweep only removes what is not
+//! desired, and reports desired states that are missing or differ instead of rewriting them.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -179,6 +185,9 @@ pub struct ReconcileReport {
     pub foreign_states: usize,
     /// Foreign policies seen (left alone).
     pub foreign_policies: usize,
+    /// ([`sweep`] only) desired states absent from the kernel, or different there, left as
+    /// they are.
+    pub states_left: usize,
 }
 
 impl ReconcileReport {
@@ -207,6 +216,29 @@ pub fn plan(
     desired: Desired,
     current_states: &[KernelState],
     current_policies: &[KernelPolicy],
+) -> Result<(Vec<Op>, ReconcileReport), ReconcileError> {
+    plan_with(
+        owner,
+        desired,
+        current_states,
+        current_policies,
+        StateWrites::Allowed,
+    )
+}
+
+/// Whether a plan may write states (see [`sweep`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StateWrites {
+    Allowed,
+    Never,
+}
+
+fn plan_with(
+    owner: &Ownership,
+    desired: Desired,
+    current_states: &[KernelState],
+    current_policies: &[KernelPolicy],
+    state_writes: StateWrites,
 ) -> Result<(Vec<Op>, ReconcileReport), ReconcileError> {
     let mut report = ReconcileReport::default();
     let mut ours_s: HashMap<StateKey, &KernelState> = HashMap::new();
@@ -250,7 +282,15 @@ pub fn plan(
         if foreign_s.contains(&key) {
             return Err(ReconcileError::ForeignConflict { object });
         }
-        match ours_s.remove(&key).map(|k| k.spec.as_ref()) {
+        let current = ours_s.remove(&key).map(|k| k.spec.as_ref());
+        if state_writes == StateWrites::Never {
+            match current {
+                Some(Some(cur)) if *cur == spec => report.unchanged += 1,
+                _ => report.states_left += 1,
+            }
+            continue;
+        }
+        match current {
             None => {
                 report.states_added += 1;
                 add_states.push(Op::AddState(spec));
@@ -341,6 +381,24 @@ pub async fn reconcile(
 ) -> Result<ReconcileReport, ReconcileError> {
     let (states, policies) = dump_both(handle).await?;
     let (ops, report) = plan(owner, desired, &states, &policies)?;
+    apply(handle, ops).await?;
+    Ok(report)
+}
+
+/// Like [`reconcile`], except that states are only ever deleted: the owned states not in
+/// `desired` go; desired states that are missing or differ are left as they are and counted in
+/// [`ReconcileReport::states_left`] (see the module docs for why). Policies converge as in
+/// [`reconcile`].
+///
+/// # Errors
+/// As for [`reconcile`].
+pub async fn sweep(
+    handle: &Handle,
+    owner: &Ownership,
+    desired: Desired,
+) -> Result<ReconcileReport, ReconcileError> {
+    let (states, policies) = dump_both(handle).await?;
+    let (ops, report) = plan_with(owner, desired, &states, &policies, StateWrites::Never)?;
     apply(handle, ops).await?;
     Ok(report)
 }
@@ -518,6 +576,7 @@ mod tests {
                 unchanged: 2 * 9 - 2 - 2 + 3 * 9 - 1,
                 foreign_states: 0,
                 foreign_policies: 0,
+                states_left: 0,
             }
         );
         let states = fake.states();
@@ -528,6 +587,47 @@ mod tests {
         assert_eq!(in4k.spec.as_ref().unwrap().lifetime, lft);
         assert!(states.iter().any(|s| s.spec.as_ref() == Some(&new_key5)));
         assert!(reconcile(&handle, &owner, d).await.unwrap().is_noop());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_deletes_what_is_not_desired_and_never_writes_a_state() {
+        let (fake, handle) = setup();
+        let owner = ownership();
+        reconcile(&handle, &owner, mesh(0, 4, |_| 1)).await.unwrap();
+        let mut desired = mesh(0, 3, |_| 1);
+        // One desired state the kernel lost (deleted at its hard limit, say) ...
+        let lost = desired.states[0].clone();
+        handle.states().delete(lost.id()).execute().await.unwrap();
+        // ... and one whose key differs from the kernel's.
+        let differing = &mut desired.states[1];
+        differing.aead = Aead::new(AeadAlgorithm::AesGcm128, &[9; 20]).unwrap();
+        let differing_id = differing.id();
+        let before: Vec<_> = fake.states();
+
+        let r = sweep(&handle, &owner, desired).await.unwrap();
+        assert_eq!(r.states_left, 2, "{r:?}");
+        assert_eq!(
+            (r.states_added, r.states_updated, r.states_replaced),
+            (0, 0, 0)
+        );
+        assert_eq!(
+            (r.states_deleted, r.policies_deleted),
+            (2, 3),
+            "peer 4 goes"
+        );
+        let after = fake.states();
+        assert!(
+            !after.iter().any(|s| s.spi == lost.spi.get()),
+            "not re-added"
+        );
+        let kept = |states: &[KernelState]| {
+            states
+                .iter()
+                .find(|s| s.spi == differing_id.spi.get() && s.dst == differing_id.dst)
+                .and_then(|s| s.spec.clone())
+        };
+        assert_eq!(kept(&after), kept(&before), "not rewritten");
+        assert_eq!(after.len(), 2 * 3 - 1);
     }
 
     #[tokio::test]

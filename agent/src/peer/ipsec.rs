@@ -6,16 +6,17 @@
 //! between epochs without a window. Each epoch gets the slot after the previous one, and after
 //! a restart the slot after the previous agent's, which is still live.
 //!
-//! Sweep and teardown go through [`nodeseal_xfrm::reconcile`] scoped to the peer's node IP
-//! ([`nodeseal_xfrm::Ownership::with_endpoint`]), so they touch only this peer's objects of
-//! our reqid: a sweep makes them equal what this tunnel installed, a teardown removes them all.
+//! Sweep and teardown go through [`nodeseal_xfrm::sweep`] and `flush_owned` scoped to the
+//! peer's node IP ([`nodeseal_xfrm::Ownership::with_endpoint`]), so they touch only this peer's
+//! objects of our reqid: a sweep removes what this tunnel did not install (never rewriting a
+//! state of its own), a teardown removes them all.
 
 mod sa;
 
 use std::sync::Arc;
 
 use nodeseal_keymgr::{Aead as KeyAead, Hello, Mode, SessionKeys};
-use nodeseal_xfrm::{Desired, Handle, PolicySpec, Spi, reconcile};
+use nodeseal_xfrm::{Desired, Handle, PolicySpec, Spi, sweep};
 use rand::Rng;
 use tracing::{debug, info, warn};
 
@@ -247,11 +248,16 @@ impl Tunnel for IpsecTunnel {
 
     async fn sweep(&mut self, peer: &PeerEnd) -> Result<usize, TunnelError> {
         let desired = self.desired(peer)?;
-        let report = reconcile(&self.xfrm, &ownership().with_endpoint(peer.ip), desired).await?;
-        Ok(report.states_added
-            + report.states_updated
-            + report.states_replaced
-            + report.states_deleted
+        // Never a reconcile: it would re-add a state of ours the kernel deleted at its hard
+        // limit, with its key and a sequence restarting at 1 (see `nodeseal_xfrm::sweep`).
+        let report = sweep(&self.xfrm, &ownership().with_endpoint(peer.ip), desired).await?;
+        if report.states_left > 0 {
+            debug!(
+                states = report.states_left,
+                "states of our epochs missing or changed in the kernel; left for the next rekey"
+            );
+        }
+        Ok(report.states_deleted
             + report.policies_added
             + report.policies_updated
             + report.policies_deleted)
