@@ -1,6 +1,7 @@
 //! Test fixtures: the fake kernel and a synthetic peer set like the agent configures.
 //!
-//! Peer `i` has a public key derived from `i`, a preshared key derived from `i`, endpoint
+//! Peer `i` has a public key and a preshared key made from `i` (not derived from a private key:
+//! X25519 in a debug build would make a 5,000-peer fixture slow), endpoint
 //! `172.16.0.0 + i` port 51820, and allowed IPs: its node IP (/32) and pod CIDR
 //! `10.(i/256).(i%256).0/24`.
 
@@ -9,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use ipnet::{IpNet, Ipv4Net};
 
 pub use crate::fake::FakeKernel;
-use crate::{PeerConfig, PresharedKey, PrivateKey};
+use crate::{PeerConfig, PresharedKey, PrivateKey, PublicKey};
 
 /// The port every fixture peer listens on.
 pub const PEER_PORT: u16 = 51820;
@@ -38,6 +39,14 @@ pub fn private_key(i: u32) -> PrivateKey {
     PrivateKey::from_bytes(&mut bytes)
 }
 
+/// The deterministic public key of peer `i` (bytes made from `i`, no private key behind it).
+#[must_use]
+pub fn public_key(i: u32) -> PublicKey {
+    let mut bytes = [0x77; 32];
+    bytes[..4].copy_from_slice(&i.to_be_bytes());
+    PublicKey::from_bytes(bytes)
+}
+
 /// The deterministic preshared key of the pair with peer `i`.
 #[must_use]
 pub fn preshared_key(i: u32) -> PresharedKey {
@@ -49,7 +58,7 @@ pub fn preshared_key(i: u32) -> PresharedKey {
 /// Peer `i` as the agent would configure it.
 #[must_use]
 pub fn peer(i: u32) -> PeerConfig {
-    PeerConfig::new(private_key(i).public_key())
+    PeerConfig::new(public_key(i))
         .preshared_key(preshared_key(i))
         .endpoint(SocketAddr::new(node_ip(i), PEER_PORT))
         .allowed_ips([IpNet::from(node_ip(i)), pod_cidr(i)])

@@ -317,3 +317,238 @@ impl<S: Socket> Worker<S> {
             .map_err(|e| transport(&op)(TransportError::Decode(e)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::test_helpers::{FakeKernel, peer, preshared_key, private_key, public_key};
+    use crate::{DeviceConfig, Error, Handle, LinkName, LinkSpec, PeerConfig, TransportError};
+
+    fn name() -> LinkName {
+        LinkName::default()
+    }
+
+    #[tokio::test]
+    async fn ensure_creates_once_then_reuses_and_refuses_foreign_kinds() {
+        let kernel = FakeKernel::new();
+        let h = Handle::with_fake(&kernel);
+        let spec = LinkSpec::default()
+            .mtu(1380)
+            .address("10.99.0.1/32".parse().unwrap());
+        let link = h.links().ensure(spec.clone()).execute().await.unwrap();
+        assert!(
+            link.is_wireguard() && link.up && link.mtu == 1380,
+            "{link:?}"
+        );
+        let again = h.links().ensure(spec).execute().await.unwrap();
+        assert_eq!(again.index, link.index, "reused, not recreated");
+        assert_eq!(kernel.link("nodeseal0").unwrap().mtu, 1380);
+        assert_eq!(
+            kernel.addresses("nodeseal0"),
+            ["10.99.0.1/32".parse().unwrap()]
+        );
+
+        kernel.add_foreign_link("eth9", "veth");
+        let eth9 = LinkName::new("eth9").unwrap();
+        let e = h
+            .links()
+            .ensure(LinkSpec::new(eth9.clone()))
+            .execute()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::WrongKind { name, kind } if *name == eth9 && kind.as_deref() == Some("veth")),
+            "{e:?}"
+        );
+        let e = h.links().delete(eth9.clone()).execute().await.unwrap_err();
+        assert!(matches!(e, Error::WrongKind { .. }), "{e:?}");
+        assert!(
+            kernel.link("eth9").is_some(),
+            "a foreign link is never deleted"
+        );
+
+        h.links()
+            .delete_address(name(), "10.99.0.1/32".parse().unwrap())
+            .execute()
+            .await
+            .unwrap();
+        assert!(kernel.addresses("nodeseal0").is_empty());
+        assert!(h.links().delete(name()).execute().await.unwrap());
+        assert!(!h.links().delete(name()).execute().await.unwrap());
+        assert!(h.links().get(name()).execute().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_kernel_without_wireguard_says_so() {
+        let kernel = FakeKernel::new();
+        kernel.remove_wireguard();
+        let h = Handle::with_fake(&kernel);
+        let e = h
+            .links()
+            .ensure(LinkSpec::default())
+            .execute()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::NoWireGuard), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "the kernel has no WireGuard (modprobe wireguard)"
+        );
+        let e = h.device(name()).get().execute().await.unwrap_err();
+        assert!(matches!(e, Error::NoWireGuard), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn device_configuration_reads_back_exactly() {
+        let kernel = FakeKernel::new();
+        let h = Handle::with_fake(&kernel);
+        h.links()
+            .ensure(LinkSpec::default())
+            .execute()
+            .await
+            .unwrap();
+        let key = private_key(0);
+        let p1 = peer(1).persistent_keepalive(25);
+        let p2 = peer(2).endpoint("[fd00::2]:4000".parse().unwrap());
+        let config = DeviceConfig::new()
+            .private_key(key.clone())
+            .listen_port(51820)
+            .fwmark(0x0e00)
+            .peer(p1.clone())
+            .peer(p2.clone());
+        h.device(name()).configure(config).execute().await.unwrap();
+        let dev = h.device(name()).get().execute().await.unwrap();
+        assert_eq!(dev.private_key.as_ref(), Some(&key));
+        assert_eq!(dev.public_key, Some(key.public_key()));
+        assert_eq!((dev.listen_port, dev.fwmark), (51820, 0x0e00));
+        assert_eq!(dev.peers.len(), 2);
+        assert!(dev.peer(&p1.public_key).unwrap().matches(&p1));
+        assert!(dev.peer(&p2.public_key).unwrap().matches(&p2));
+
+        // Replace p1's allowed IPs and clear its PSK; remove p2.
+        let p1b = PeerConfig::new(p1.public_key).allowed_ips(["10.200.0.0/16".parse().unwrap()]);
+        h.device(name())
+            .set_peer(p1b.clone())
+            .execute()
+            .await
+            .unwrap();
+        h.device(name())
+            .remove_peer(p2.public_key)
+            .execute()
+            .await
+            .unwrap();
+        let dev = h.device(name()).get().execute().await.unwrap();
+        assert_eq!(dev.peers.len(), 1);
+        let got = &dev.peers[0];
+        assert!(got.matches(&p1b), "{got:?}");
+        assert_eq!(got.preshared_key, None);
+        assert_eq!(got.endpoint, p1.endpoint, "an unset endpoint is kept");
+        assert_eq!(got.persistent_keepalive_secs, 0);
+
+        // replace_peers leaves only the new set.
+        let config = DeviceConfig::new().replace_peers().peer(peer(3));
+        h.device(name()).configure(config).execute().await.unwrap();
+        let dev = h.device(name()).get().execute().await.unwrap();
+        let keys: Vec<_> = dev.peers.iter().map(|p| p.public_key).collect();
+        assert_eq!(keys, [public_key(3)]);
+        assert_eq!(dev.peers[0].preshared_key, Some(preshared_key(3)));
+    }
+
+    #[tokio::test]
+    async fn five_thousand_peers_round_trip_through_split_messages_and_dumps() {
+        let kernel = FakeKernel::new();
+        let h = Handle::with_fake(&kernel);
+        h.links()
+            .ensure(LinkSpec::default())
+            .execute()
+            .await
+            .unwrap();
+        let peers: Vec<PeerConfig> = (1..=5000).map(peer).collect();
+        let config = peers
+            .iter()
+            .cloned()
+            .fold(DeviceConfig::new().replace_peers(), DeviceConfig::peer);
+        h.device(name()).configure(config).execute().await.unwrap();
+        assert!(kernel.set_messages() > 20, "{}", kernel.set_messages());
+        assert!(kernel.largest_set_message() <= 32 * 1024 + 200);
+        let dev = h.device(name()).get().execute().await.unwrap();
+        assert_eq!(dev.peers.len(), 5000);
+        for (got, want) in dev.peers.iter().zip(&peers) {
+            assert!(got.matches(want), "{got:?} vs {want:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_many_allowed_ips_spans_messages_both_ways() {
+        let kernel = FakeKernel::new();
+        kernel.set_set_message_limit(1024);
+        kernel.set_dump_budget(512);
+        let h = Handle::with_fake(&kernel);
+        h.links()
+            .ensure(LinkSpec::default())
+            .execute()
+            .await
+            .unwrap();
+        let nets = (0..300u32).map(|i| {
+            let [_, _, a, b] = i.to_be_bytes();
+            // 10.128.0.0/9: clear of the fixture's own pod CIDRs.
+            format!("10.{}.{b}.0/24", 128 + a).parse().unwrap()
+        });
+        let big = peer(1).allowed_ips(nets);
+        let config = DeviceConfig::new().peer(big.clone()).peer(peer(2));
+        h.device(name()).configure(config).execute().await.unwrap();
+        assert!(kernel.set_messages() > 5, "{}", kernel.set_messages());
+        let dev = h.device(name()).get().execute().await.unwrap();
+        assert_eq!(dev.peers.len(), 2);
+        assert_eq!(dev.peers[0].allowed_ips, big.allowed_ips, "order kept");
+        assert!(dev.peers[1].matches(&peer(2)));
+    }
+
+    #[tokio::test]
+    async fn interrupted_dumps_are_retried_then_reported() {
+        let kernel = FakeKernel::new();
+        let h = Handle::with_fake(&kernel);
+        h.links()
+            .ensure(LinkSpec::default())
+            .execute()
+            .await
+            .unwrap();
+        h.device(name()).set_peer(peer(1)).execute().await.unwrap();
+        kernel.interrupt_next_dumps(2);
+        let dev = h.device(name()).get().execute().await.unwrap();
+        assert_eq!(dev.peers.len(), 1, "no duplicates from the retried dump");
+        kernel.interrupt_next_dumps(100);
+        let e = h.device(name()).get().execute().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Transport {
+                    source: TransportError::DumpInterrupted,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn kernel_refusals_name_the_operation() {
+        let kernel = FakeKernel::new();
+        let h = Handle::with_fake(&kernel);
+        let missing = LinkName::new("nope0").unwrap();
+        let e = h
+            .device(missing)
+            .set_peer(peer(1))
+            .execute()
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e:?}");
+        assert_eq!(e.to_string(), "cannot configure WireGuard device nope0");
+        let e = h
+            .links()
+            .add_address(name(), "10.0.0.1/32".parse().unwrap())
+            .execute()
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "cannot add address 10.0.0.1/32 to nodeseal0");
+    }
+}

@@ -517,3 +517,302 @@ fn decode_allowed_ip(nest: &Attr<'_>) -> Result<IpNet, DecodeError> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_helpers::{peer, private_key};
+
+    /// Every message of `buf` (at the given offsets) with its top-level attributes.
+    fn split(buf: &[u8]) -> Vec<(codec::Message<'_>, Vec<Attr<'_>>)> {
+        codec::messages(buf)
+            .map(|m| {
+                let m = m.unwrap();
+                let attrs = codec::attrs(&m.payload[GENL_HDRLEN..])
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                (m, attrs)
+            })
+            .collect()
+    }
+
+    fn encode(config: &DeviceConfig, limit: usize) -> (Vec<u8>, Vec<(usize, u32)>) {
+        let mut buf = Vec::new();
+        let mut seq = 10;
+        let msgs = encode_set_device(&mut buf, 0x1b, "wg0", config, limit, &mut || {
+            seq += 1;
+            seq
+        });
+        assert!(buf.len() <= encoded_bound(config, limit), "the bound holds");
+        (buf, msgs)
+    }
+
+    fn peers_of<'a>(attrs: &[Attr<'a>]) -> Vec<Vec<Attr<'a>>> {
+        attrs
+            .iter()
+            .filter(|a| a.ty == WGDEVICE_A_PEERS)
+            .flat_map(|a| a.nested())
+            .map(|p| p.unwrap().nested().collect::<Result<_, _>>().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn small_configuration_is_one_message_with_every_attribute() {
+        let mut p = peer(1);
+        p.endpoint = Some("[fd00::1%3]:51820".parse().unwrap());
+        p.persistent_keepalive_secs = 25;
+        let config = DeviceConfig::new()
+            .private_key(private_key(0))
+            .listen_port(51820)
+            .fwmark(0xe00)
+            .replace_peers()
+            .peer(p.clone())
+            .remove_peer(peer(2).public_key);
+        let (buf, msgs) = encode(&config, 32 * 1024);
+        assert_eq!(msgs, vec![(0, 11)]);
+        let split = split(&buf);
+        let (m, attrs) = &split[0];
+        assert_eq!(m.flags, NLM_F_REQUEST | NLM_F_ACK);
+        assert_eq!((m.payload[0], m.payload[1]), (WG_CMD_SET_DEVICE, 1));
+        let tys: Vec<u16> = attrs.iter().map(|a| a.ty).collect();
+        assert_eq!(
+            tys,
+            [
+                WGDEVICE_A_IFNAME,
+                WGDEVICE_A_PRIVATE_KEY,
+                WGDEVICE_A_LISTEN_PORT,
+                WGDEVICE_A_FWMARK,
+                WGDEVICE_A_FLAGS,
+                WGDEVICE_A_PEERS
+            ]
+        );
+        assert_eq!(attrs[1].payload, private_key(0).secret_bytes());
+        assert_eq!(attrs[2].u16("").unwrap(), 51820);
+        assert_eq!(attrs[4].u32("").unwrap(), WGDEVICE_F_REPLACE_PEERS);
+        let peers = peers_of(attrs);
+        assert_eq!(peers.len(), 2);
+        let set: Vec<u16> = peers[0].iter().map(|a| a.ty).collect();
+        assert_eq!(
+            set,
+            [
+                WGPEER_A_PUBLIC_KEY,
+                WGPEER_A_FLAGS,
+                WGPEER_A_PRESHARED_KEY,
+                WGPEER_A_ENDPOINT,
+                WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL,
+                WGPEER_A_ALLOWEDIPS
+            ]
+        );
+        assert_eq!(peers[0][1].u32("").unwrap(), WGPEER_F_REPLACE_ALLOWEDIPS);
+        assert_eq!(
+            decode_endpoint(peers[0][3].payload).unwrap(),
+            p.endpoint.unwrap()
+        );
+        let ips: Vec<IpNet> = peers[0][5]
+            .nested()
+            .map(|a| decode_allowed_ip(&a.unwrap()).unwrap())
+            .collect();
+        assert_eq!(ips, p.allowed_ips);
+        assert_eq!(peers[1].len(), 2);
+        assert_eq!(peers[1][1].u32("").unwrap(), WGPEER_F_REMOVE_ME);
+    }
+
+    #[test]
+    fn many_peers_split_into_messages_under_the_limit() {
+        let mut config = DeviceConfig::new()
+            .private_key(private_key(0))
+            .listen_port(1)
+            .replace_peers();
+        for i in 1..=5000 {
+            config = config.peer(peer(i));
+        }
+        let limit = 32 * 1024;
+        let (buf, msgs) = encode(&config, limit);
+        let split = split(&buf);
+        assert_eq!(split.len(), msgs.len());
+        assert!(msgs.len() > 20, "{} messages", msgs.len());
+        let mut keys = Vec::new();
+        for (i, (m, attrs)) in split.iter().enumerate() {
+            assert!(m.payload.len() + codec::NLMSG_HDRLEN <= limit + 200);
+            assert_eq!(m.seq, 11 + u32::try_from(i).unwrap());
+            // Device-wide settings and REPLACE_PEERS go in the first message only.
+            let first_only = [
+                WGDEVICE_A_PRIVATE_KEY,
+                WGDEVICE_A_LISTEN_PORT,
+                WGDEVICE_A_FLAGS,
+            ];
+            let has = attrs.iter().any(|a| first_only.contains(&a.ty));
+            assert_eq!(has, i == 0, "message {i}");
+            for p in peers_of(attrs) {
+                assert_eq!(p[1].u32("").unwrap(), WGPEER_F_REPLACE_ALLOWEDIPS);
+                keys.push(PublicKey::from_bytes(p[0].array("").unwrap()));
+            }
+        }
+        let want: Vec<_> = (1..=5000).map(|i| peer(i).public_key).collect();
+        assert_eq!(keys, want, "every peer exactly once, in order");
+    }
+
+    #[test]
+    fn a_peer_with_more_allowed_ips_than_fit_continues_without_replace() {
+        let nets: Vec<IpNet> = (0..200u32)
+            .map(|i| IpNet::new(IpAddr::V6(Ipv6Addr::from(u128::from(i) << 64)), 64).unwrap())
+            .collect();
+        let config = DeviceConfig::new().peer(peer(1).allowed_ips(nets.clone()));
+        let (buf, msgs) = encode(&config, MIN_LIMIT);
+        assert!(msgs.len() > 3, "{} messages", msgs.len());
+        let mut got = Vec::new();
+        for (i, (_, attrs)) in split(&buf).iter().enumerate() {
+            let peers = peers_of(attrs);
+            assert_eq!(peers.len(), 1);
+            let p = &peers[0];
+            assert_eq!(p[0].payload, peer(1).public_key.as_bytes());
+            let flags = p.iter().find(|a| a.ty == WGPEER_A_FLAGS);
+            assert_eq!(flags.is_some(), i == 0, "only the first part replaces");
+            let list = p.iter().find(|a| a.ty == WGPEER_A_ALLOWEDIPS).unwrap();
+            got.extend(
+                list.nested()
+                    .map(|a| decode_allowed_ip(&a.unwrap()).unwrap()),
+            );
+        }
+        let mut want = peer(1).allowed_ips;
+        want.extend(nets);
+        assert_eq!(got, want);
+    }
+
+    /// A dump message as the kernel writes it.
+    fn dump_message(device: bool, peers: &[(PublicKey, Vec<IpNet>)]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        genl_header(&mut buf, WG_CMD_GET_DEVICE, 1);
+        if device {
+            codec::attr_u32(&mut buf, WGDEVICE_A_IFINDEX, 4);
+            codec::attr_str(&mut buf, WGDEVICE_A_IFNAME, "wg0");
+            codec::attr_u16(&mut buf, WGDEVICE_A_LISTEN_PORT, 51820);
+        }
+        let nest = codec::nest_begin(&mut buf, WGDEVICE_A_PEERS);
+        for (key, ips) in peers {
+            let p = codec::nest_begin(&mut buf, 0);
+            codec::attr(&mut buf, WGPEER_A_PUBLIC_KEY, key.as_bytes());
+            let list = codec::nest_begin(&mut buf, WGPEER_A_ALLOWEDIPS);
+            for ip in ips {
+                put_allowed_ip(&mut buf, *ip);
+            }
+            assert!(codec::nest_end(&mut buf, list));
+            assert!(codec::nest_end(&mut buf, p));
+        }
+        assert!(codec::nest_end(&mut buf, nest));
+        buf
+    }
+
+    #[test]
+    fn dump_parts_join_and_a_continued_peer_merges() {
+        let (a, b) = (peer(1).public_key, peer(2).public_key);
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let mut reader = DumpReader::default();
+        reader
+            .message(&dump_message(true, &[(a, vec![net("10.0.0.0/24")])]))
+            .unwrap();
+        reader
+            .message(&dump_message(
+                false,
+                &[(a, vec![net("10.0.1.0/24")]), (b, vec![])],
+            ))
+            .unwrap();
+        reader
+            .message(&dump_message(false, &[(b, vec![net("fd00::/64")])]))
+            .unwrap();
+        let device = reader.finish().unwrap();
+        assert_eq!((device.ifindex, device.name.as_str()), (4, "wg0"));
+        assert_eq!(device.listen_port, 51820);
+        assert_eq!(device.peers.len(), 2);
+        assert_eq!(
+            device.peers[0].allowed_ips,
+            [net("10.0.0.0/24"), net("10.0.1.0/24")]
+        );
+        assert_eq!(device.peers[1].allowed_ips, [net("fd00::/64")]);
+        assert!(DumpReader::default().finish().is_err(), "no device part");
+    }
+
+    #[test]
+    fn malformed_dumps_are_errors_not_panics() {
+        let good = dump_message(
+            true,
+            &[(peer(1).public_key, vec!["10.0.0.0/8".parse().unwrap()])],
+        );
+        // Cut at every length: never a panic; an error whenever a nest is cut.
+        for cut in 0..good.len() {
+            let _ = DumpReader::default().message(&good[..cut]);
+        }
+        assert!(
+            DumpReader::default()
+                .message(&good[..good.len() - 3])
+                .is_err()
+        );
+        assert!(DumpReader::default().message(&good[..2]).is_err());
+        // Flip every byte in turn: decoding may fail but must not panic.
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0xff;
+            let _ = DumpReader::default().message(&bad);
+        }
+        // A peer without a public key.
+        let mut buf = Vec::new();
+        genl_header(&mut buf, WG_CMD_GET_DEVICE, 1);
+        let nest = codec::nest_begin(&mut buf, WGDEVICE_A_PEERS);
+        let p = codec::nest_begin(&mut buf, 0);
+        codec::attr_u64(&mut buf, WGPEER_A_RX_BYTES, 1);
+        assert!(codec::nest_end(&mut buf, p));
+        assert!(codec::nest_end(&mut buf, nest));
+        assert_eq!(
+            DumpReader::default().message(&buf),
+            Err(DecodeError::Missing {
+                what: "WGPEER_A_PUBLIC_KEY"
+            })
+        );
+        // Bad field shapes.
+        assert!(decode_endpoint(&[2, 0, 1]).is_err());
+        assert!(decode_endpoint(&[9; SOCKADDR_IN_LEN]).is_err());
+        assert!(decode_time(&[1; 8]).is_err());
+        let mut ts = [0u8; 16];
+        ts[..8].copy_from_slice(&(-1i64).to_ne_bytes());
+        assert!(decode_time(&ts).is_err());
+        let mut ip = Vec::new();
+        put_allowed_ip(&mut ip, "10.0.0.0/8".parse().unwrap());
+        let at = ip.len() - 4; // the CIDR's value
+        ip[at] = 33;
+        let nest = codec::attrs(&ip).next().unwrap().unwrap();
+        assert!(decode_allowed_ip(&nest).is_err());
+    }
+
+    #[test]
+    fn handshake_time_endpoints_and_counters_decode() {
+        let mut ts = [0u8; 16];
+        ts[..8].copy_from_slice(&1_700_000_000i64.to_ne_bytes());
+        ts[8..].copy_from_slice(&5i64.to_ne_bytes());
+        assert_eq!(
+            decode_time(&ts).unwrap(),
+            Some(SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5))
+        );
+        assert_eq!(decode_time(&[0; 16]).unwrap(), None);
+        for e in ["192.0.2.7:51820", "[fd00::7]:1"] {
+            let e: SocketAddr = e.parse().unwrap();
+            let mut buf = Vec::new();
+            put_endpoint(&mut buf, e);
+            let a = codec::attrs(&buf).next().unwrap().unwrap();
+            assert_eq!(decode_endpoint(a.payload).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn family_request_and_reply() {
+        let mut buf = Vec::new();
+        encode_get_family(&mut buf, 3, WG_GENL_NAME);
+        let (m, attrs) = &split(&buf)[0];
+        assert_eq!((m.ty, m.payload[0]), (GENL_ID_CTRL, CTRL_CMD_GETFAMILY));
+        assert_eq!(attrs[0].str("").unwrap(), "wireguard");
+        let mut reply = Vec::new();
+        genl_header(&mut reply, CTRL_CMD_NEWFAMILY, 2);
+        codec::attr_u16(&mut reply, CTRL_ATTR_FAMILY_ID, 0x1b);
+        assert_eq!(decode_family(&reply).unwrap(), 0x1b);
+        assert!(decode_family(&reply[..GENL_HDRLEN]).is_err());
+    }
+}
