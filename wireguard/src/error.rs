@@ -73,6 +73,8 @@ impl Error {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Operation {
+    /// Opening the netlink sockets.
+    Open,
     /// Resolving the `wireguard` generic netlink family.
     ResolveFamily,
     /// Reading a link (`ip link show`).
@@ -103,6 +105,7 @@ pub enum Operation {
 impl fmt::Display for Operation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Open => f.write_str("open netlink sockets"),
             Self::ResolveFamily => f.write_str("resolve the wireguard generic netlink family"),
             Self::GetLink(n) => write!(f, "read link {n}"),
             Self::CreateLink(n) => write!(f, "create WireGuard link {n}"),
@@ -124,7 +127,7 @@ impl fmt::Display for Operation {
 
 /// What the kernel said when it refused a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{} (errno {errno}){}", io::Error::from_raw_os_error(*.errno), .message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+#[error("{}{}", io::Error::from_raw_os_error(*.errno), .message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
 pub struct KernelError {
     /// The positive errno.
     pub errno: i32,
@@ -189,7 +192,7 @@ mod tests {
         );
         let cause = std::error::Error::source(&e).unwrap().to_string();
         assert!(
-            cause.contains("errno 22") && cause.ends_with(": bad attribute"),
+            cause.contains("os error 22") && cause.ends_with(": bad attribute"),
             "{cause}"
         );
         assert!(!e.is_not_found());

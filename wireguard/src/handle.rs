@@ -51,7 +51,7 @@ impl Handle {
     /// [`Error::Transport`] if a socket cannot be opened.
     pub fn new() -> Result<Self, Error> {
         let (route, genl) = open_sockets().map_err(|source| Error::Transport {
-            op: Operation::ResolveFamily,
+            op: Operation::Open,
             source,
         })?;
         Ok(Self::spawn(route, genl, SET_MESSAGE_LIMIT))
@@ -66,7 +66,7 @@ impl Handle {
         let (route, genl) =
             netlink::in_namespace(netns.as_fd(), open_sockets).map_err(|source| {
                 Error::Transport {
-                    op: Operation::ResolveFamily,
+                    op: Operation::Open,
                     source,
                 }
             })?;

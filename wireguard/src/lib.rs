@@ -13,6 +13,8 @@
 //! - one cheap-clone [`Handle`] per network namespace, whose requests finish with
 //!   `.execute().await`.
 //!
+//! Minimum kernel: 5.6 (WireGuard in mainline), or an older kernel with the out-of-tree module.
+//!
 //! It deliberately does not know about nodeseal's peers, identities, epochs or the eBPF
 //! datapath: the agent composes those. Nothing here logs.
 //!

@@ -294,7 +294,14 @@ fn wireguard_thousand_peers_round_trip() {
     let ns = Netns::new("wg-many").expect("netns");
     let h = handle(&ns);
     block_on(h.links().ensure(LinkSpec::default()).execute()).expect("creating the link");
-    let peers: Vec<PeerConfig> = (1..=1000).map(peer).collect();
+    let mut peers: Vec<PeerConfig> = (1..=1000).map(peer).collect();
+    // One peer with 2,000 allowed IPs (56 KB of them): more than one SET_DEVICE message and one
+    // dump message hold, so both continue the peer in a following message.
+    let many = (0..2000u32).map(|i| {
+        let [_, _, hi, lo] = i.to_be_bytes();
+        IpNet::from(std::net::IpAddr::from([100, 64, hi, lo]))
+    });
+    peers.push(peer(1001).allowed_ips(many));
     let config = peers.iter().cloned().fold(
         DeviceConfig::new()
             .private_key(PrivateKey::generate().unwrap())
@@ -302,9 +309,9 @@ fn wireguard_thousand_peers_round_trip() {
             .replace_peers(),
         DeviceConfig::peer,
     );
-    block_on(h.device(link()).configure(config).execute()).expect("configuring 1000 peers");
+    block_on(h.device(link()).configure(config).execute()).expect("configuring 1001 peers");
     let (_, listed) = wg_dump(&ns);
-    assert_eq!(listed.len(), 1000);
+    assert_eq!(listed.len(), 1001);
     for (i, p) in (1..).zip(&peers) {
         assert_eq!(
             listed[&p.public_key.to_string()],
@@ -312,8 +319,8 @@ fn wireguard_thousand_peers_round_trip() {
             "peer {i}"
         );
     }
-    let dev = block_on(h.device(link()).get().execute()).expect("dumping 1000 peers");
-    assert_eq!(dev.peers.len(), 1000);
+    let dev = block_on(h.device(link()).get().execute()).expect("dumping 1001 peers");
+    assert_eq!(dev.peers.len(), 1001);
     for (got, want) in dev.peers.iter().zip(&peers) {
         assert!(got.matches(want), "{got:?} vs {want:?}");
     }
