@@ -206,9 +206,10 @@ pub fn compile(
 /// A unit's entries depend only on the rules that apply to the subject in that direction and
 /// on the identities those rules' peers match. So a unit keeps its rules (compared by value,
 /// in order) and a keyed hash of each part of [`Identities`] its peers can match: workloads
-/// (endpoint selectors, `cluster`), CIDRs (CIDR peers, `world`), or neither (`host`,
-/// `remote-node` and `all` name fixed identities). Every call still checks the identities and
-/// finds each subject's rules, so its result and errors are those of [`compile`].
+/// (endpoint selectors, `cluster`), CIDRs (CIDR peers, `world`), or neither (`host` and
+/// `remote-node` are reserved identities, `all` is every identity). Every call still checks
+/// the identities and finds each subject's rules, so its result and errors are those of
+/// [`compile`].
 #[derive(Debug, Default)]
 pub struct Compiler {
     /// Keys the identities' hashes. Random per compiler, so that no input can be crafted to
@@ -251,8 +252,8 @@ impl Compiler {
     ///
     /// # Errors
     ///
-    /// As [`compile`]. A failed call keeps the units already kept: each still matches what
-    /// it was encoded from.
+    /// As [`compile`]. A failed call drops no unit: each still matches what it was encoded
+    /// from.
     pub fn compile(
         &mut self,
         policies: &[Policy],
