@@ -12,8 +12,10 @@
 //! the datapath against the CIDRs it routes to a member), so neither a record nor a node can
 //! lend an identity to another node's addresses.
 //!
-//! Every change recompiles everything (a few milliseconds for hundreds of endpoints); a compile
-//! or map error keeps the last programmed state and is reported in the status.
+//! Every change compiles through one [`compile::Compiler`], which encodes again only the
+//! (endpoint identity, direction) pairs whose rules or matched identities changed, and
+//! programs the difference of the table; a compile or map error keeps the last programmed
+//! state and is reported in the status.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -23,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt;
 use ipnet::IpNet;
 use nodeseal_bpf::{Enforcement, PolicyDirection, PolicyRule, PolicyVerdict};
-use nodeseal_policy::compile::{self, Compiled, Identities, Verdict};
+use nodeseal_policy::compile::{self, CompileStats, Compiled, Compiler, Identities, Verdict};
 use nodeseal_policy::labels::Labels;
 use nodeseal_policy::rule::{Direction, Policy};
 use nodeseal_store::{Endpoint, Event, Kind, Record, Store};
@@ -152,6 +154,8 @@ struct State {
     identities_changed: bool,
     /// The last program left something to do (an identity to allocate, an interface to find).
     pending: bool,
+    /// Keeps each subject's compiled entries, so a change encodes only what it touches.
+    compiler: Compiler,
 }
 
 impl PolicyEngine {
@@ -235,10 +239,15 @@ impl PolicyEngine {
         }
         match outcome {
             Ok(Applied {
-                entries, writes, ..
+                entries,
+                writes,
+                compile_stats,
+                ..
             }) => {
                 debug!(
                     entries,
+                    encoded = compile_stats.compiled,
+                    reused = compile_stats.reused,
                     took_ms = took.as_millis(),
                     ?writes,
                     "identity policy programmed"
@@ -300,16 +309,26 @@ impl PolicyEngine {
         if !leaving.is_empty() {
             state.last_program = None;
             let both: BTreeSet<u32> = subjects.union(&leaving).copied().collect();
-            let compiled = compile::compile(&policies, &identities, &both)
+            let compiled = state
+                .compiler
+                .compile(&policies, &identities, &both)
                 .map_err(|e| format!("compiling policy: {e}"))?;
-            first = Some(
+            first = Some((
                 self.datapath
                     .program_policy(program_of(&compiled, plan, &identities))
                     .map_err(|e| error_chain(&e))?,
-            );
+                state.compiler.last_stats(),
+            ));
         }
-        let compiled = compile::compile(&policies, &identities, &subjects)
+        let compiled = state
+            .compiler
+            .compile(&policies, &identities, &subjects)
             .map_err(|e| format!("compiling policy: {e}"))?;
+        // The second compile of an identity switch only drops the leaving identities' units:
+        // the first one did all the encoding.
+        let stats = first
+            .as_ref()
+            .map_or_else(|| state.compiler.last_stats(), |(_, stats)| *stats);
         let program = program_of(&compiled, plan, &identities);
         let entries = program.rules.len();
         if leaving.is_empty() && state.last_program.as_ref() == Some(&program) {
@@ -317,6 +336,7 @@ impl PolicyEngine {
                 entries,
                 enforcement: compiled.enforcement,
                 writes: None,
+                compile_stats: stats,
             });
         }
         // Unknown until it succeeds: a failed write may have left part of it.
@@ -325,7 +345,7 @@ impl PolicyEngine {
             .datapath
             .program_policy(program.clone())
             .map_err(|e| error_chain(&e))?;
-        if let Some(first) = first {
+        if let Some((first, _)) = first {
             writes.add(&first);
         }
         state.last_program = Some(program);
@@ -334,6 +354,7 @@ impl PolicyEngine {
             entries,
             enforcement: compiled.enforcement,
             writes: Some(writes),
+            compile_stats: stats,
         })
     }
 
@@ -473,6 +494,8 @@ struct Applied {
     enforcement: BTreeMap<u32, compile::Enforcement>,
     /// What was written; nothing when the program was the one in force.
     writes: Option<PolicyWrites>,
+    /// (subject, direction) units the compile encoded and reused.
+    compile_stats: CompileStats,
 }
 
 /// What the plan needs from the node.

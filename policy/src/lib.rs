@@ -17,7 +17,8 @@
 //!
 //! The crate is pure: no I/O, no BPF, no store. Identity allocation, map writes and the CLI
 //! live elsewhere; they call [`document::parse`], [`compile::cidr_prefixes`],
-//! [`compile::compile`] and [`trace::trace`].
+//! [`compile::compile`] (or [`compile::Compiler`], which compiles only what changed) and
+//! [`trace::trace`].
 
 #![warn(missing_docs)]
 
