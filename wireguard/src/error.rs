@@ -6,7 +6,7 @@ use std::io;
 use ipnet::IpNet;
 
 use crate::link::LinkName;
-use crate::netlink::codec::DecodeError;
+use nodeseal_netlink::DecodeError;
 
 /// Errors of [`Handle`](crate::Handle) requests.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +154,15 @@ pub enum TransportError {
     /// A dump stayed inconsistent (`NLM_F_DUMP_INTR`) after retries.
     #[error("dump kept being interrupted by concurrent changes")]
     DumpInterrupted,
+}
+
+impl From<nodeseal_netlink::Error> for TransportError {
+    fn from(e: nodeseal_netlink::Error) -> Self {
+        match e {
+            nodeseal_netlink::Error::Io { call, source } => Self::Io { call, source },
+            nodeseal_netlink::Error::Decode(source) => Self::Decode(source),
+        }
+    }
 }
 
 #[cfg(test)]

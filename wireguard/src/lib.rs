@@ -55,7 +55,7 @@ pub use error::{Error, KernelError, Operation, TransportError};
 pub use handle::{DeviceRequests, Handle, LinkRequests, Request};
 pub use key::{KEY_LEN, KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use link::{DEFAULT_LINK_NAME, DEFAULT_MTU, Link, LinkName, LinkNameError, LinkSpec};
-pub use netlink::codec::DecodeError;
+pub use nodeseal_netlink::DecodeError;
 
 /// Helpers for tests in this and other crates.
 #[cfg(any(test, feature = "testing"))]

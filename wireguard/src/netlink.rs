@@ -16,17 +16,18 @@
 //! exactly which message failed. Dumps are retried when the kernel flags them inconsistent
 //! (`NLM_F_DUMP_INTR`: the peer list changed while it was being read).
 
-pub(crate) mod codec;
+/// The family-independent framing, shared with `nodeseal-xfrm`.
+pub(crate) use nodeseal_netlink::codec;
 pub(crate) mod genl;
 pub(crate) mod route;
 
 use std::collections::HashMap;
-use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{KernelError, TransportError};
+pub(crate) use nodeseal_netlink::in_namespace;
+
 use codec::{DecodeError, Message, NLM_F_DUMP_INTR, NLMSG_DONE, NLMSG_ERROR};
 
 /// Messages sent before their answers are read.
@@ -37,9 +38,6 @@ pub(crate) const SET_MESSAGE_LIMIT: usize = 32 * 1024;
 /// Receive buffer: more than the kernel puts in one dump datagram (32 KiB).
 const RECV_BYTES: usize = 128 * 1024;
 const SOCKET_BUFFER: libc::c_int = 4 * 1024 * 1024;
-const SOL_NETLINK: libc::c_int = 270;
-const NETLINK_CAP_ACK: libc::c_int = 10;
-const NETLINK_EXT_ACK: libc::c_int = 11;
 const DUMP_RETRIES: usize = 5;
 
 /// The two netlink protocols used.
@@ -62,30 +60,7 @@ pub(crate) trait Socket: Send + 'static {
 
 /// A kernel netlink socket, bound in the network namespace it was opened in.
 #[derive(Debug)]
-pub(crate) struct NetlinkSocket {
-    fd: OwnedFd,
-}
-
-fn io_err(call: &'static str) -> TransportError {
-    TransportError::Io {
-        call,
-        source: io::Error::last_os_error(),
-    }
-}
-
-fn setsockopt(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> bool {
-    // SAFETY: `value` is a live c_int and its size is passed; the fd is open.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    rc == 0
-}
+pub(crate) struct NetlinkSocket(nodeseal_netlink::Socket);
 
 impl NetlinkSocket {
     /// Opens and binds a socket of `proto` in the calling thread's network namespace.
@@ -94,131 +69,20 @@ impl NetlinkSocket {
             Proto::Route => libc::NETLINK_ROUTE,
             Proto::Generic => libc::NETLINK_GENERIC,
         };
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                protocol,
-            )
-        };
-        if raw < 0 {
-            return Err(io_err("socket"));
-        }
-        // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `addr` is a valid sockaddr_nl and its size is passed.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io_err("bind"));
-        }
-        // Best effort: without these we still work, with less precise errors (no extended ACK
-        // text), longer error replies (the whole request echoed) or smaller buffers.
-        setsockopt(&fd, SOL_NETLINK, NETLINK_EXT_ACK, 1);
-        setsockopt(&fd, SOL_NETLINK, NETLINK_CAP_ACK, 1);
-        for (force, plain) in [
-            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-        ] {
-            if !setsockopt(&fd, libc::SOL_SOCKET, force, SOCKET_BUFFER) {
-                setsockopt(&fd, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
-            }
-        }
-        Ok(Self { fd })
+        let socket = nodeseal_netlink::Socket::open(protocol, 0)?;
+        socket.configure(SOCKET_BUFFER);
+        Ok(Self(socket))
     }
 }
 
 impl Socket for NetlinkSocket {
     fn send(&mut self, datagram: &[u8]) -> Result<(), TransportError> {
-        loop {
-            // SAFETY: the pointer and length describe initialised bytes of `datagram`.
-            let n = unsafe {
-                libc::send(
-                    self.fd.as_raw_fd(),
-                    datagram.as_ptr().cast(),
-                    datagram.len(),
-                    0,
-                )
-            };
-            if n >= 0 {
-                // Netlink datagrams are all-or-nothing.
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(TransportError::Io {
-                    call: "send",
-                    source: e,
-                });
-            }
-        }
+        Ok(self.0.send(datagram)?)
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        loop {
-            // SAFETY: the buffer is valid for `len` bytes; MSG_TRUNC reports the real length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(TransportError::Io {
-                    call: "recv",
-                    source: e,
-                });
-            }
-            let n = n.cast_unsigned();
-            if n > buf.len() {
-                return Err(TransportError::Decode(DecodeError::Truncated {
-                    what: "netlink datagram",
-                    len: buf.len(),
-                    need: n,
-                }));
-            }
-            return Ok(n);
-        }
+        Ok(self.0.recv(buf)?)
     }
-}
-
-/// Runs `open` on a short-lived thread inside `netns`, so no caller thread changes namespace;
-/// sockets it opens stay bound to that namespace.
-pub(crate) fn in_namespace<T: Send>(
-    netns: BorrowedFd<'_>,
-    open: impl FnOnce() -> Result<T, TransportError> + Send,
-) -> Result<T, TransportError> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this (scoped, about to exit) thread only.
-            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io_err("setns"));
-            }
-            open()
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            Err(TransportError::Io {
-                call: "setns",
-                source: io::Error::other("BUG: namespace thread panicked"),
-            })
-        })
-    })
 }
 
 /// The outcome of one request message.

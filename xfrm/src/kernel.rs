@@ -8,9 +8,9 @@ pub mod fake;
 use std::fmt;
 use std::io;
 
-use crate::netlink::codec::DecodeError;
 use crate::policy::{KernelPolicy, PolicyId, PolicySpec};
 use crate::state::{KernelState, StateId, StateSpec};
+use nodeseal_netlink::DecodeError;
 
 /// One request to the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,7 +223,7 @@ pub enum TransportError {
     /// A socket call failed.
     #[error("netlink {call} failed")]
     Io {
-        /// The call (`socket`, `sendmsg`, `recv`, `setns`...).
+        /// The call (`socket`, `send`, `recv`, `setns`...).
         call: &'static str,
         /// The OS error.
         #[source]
@@ -252,6 +252,15 @@ pub enum TransportError {
         /// How many.
         missing: usize,
     },
+}
+
+impl From<nodeseal_netlink::Error> for TransportError {
+    fn from(e: nodeseal_netlink::Error) -> Self {
+        match e {
+            nodeseal_netlink::Error::Io { call, source } => Self::Io { call, source },
+            nodeseal_netlink::Error::Decode(source) => Self::Decode { source },
+        }
+    }
 }
 
 /// The seam: executes a batch of requests in order, one result per request.

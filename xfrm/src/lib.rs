@@ -52,7 +52,7 @@ pub use handle::{
 pub use kernel::{KernelError, KernelErrorKind, ObjectRef, TransportError};
 pub use monitor::{Expire, ExpireMonitor, MonitorEvent};
 pub use netlink::NetlinkKernel;
-pub use netlink::codec::DecodeError;
+pub use nodeseal_netlink::DecodeError;
 pub use policy::{Action, Direction, KernelPolicy, PolicyId, PolicySpec, Template, TemplateLevel};
 pub use reconcile::{Desired, Ownership, ReconcileError, ReconcileReport, reconcile, sweep};
 pub use selector::{Mark, Selector, SelectorError};

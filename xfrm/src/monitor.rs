@@ -7,9 +7,10 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
+use nodeseal_netlink::Socket;
 use tokio::sync::mpsc;
 
 use crate::kernel::TransportError;
@@ -77,7 +78,7 @@ impl ExpireMonitor {
         Self::start(fd)
     }
 
-    fn start(fd: OwnedFd) -> Result<Self, TransportError> {
+    fn start(fd: Socket) -> Result<Self, TransportError> {
         let timeout = libc::timeval {
             tv_sec: 0,
             tv_usec: libc::suseconds_t::try_from(POLL.as_micros()).unwrap_or(500_000),
@@ -118,7 +119,7 @@ impl ExpireMonitor {
 }
 
 /// The reader thread: until the monitor is dropped or the socket fails.
-fn read_notices(fd: &OwnedFd, tx: &mpsc::Sender<MonitorEvent>) {
+fn read_notices(fd: &Socket, tx: &mpsc::Sender<MonitorEvent>) {
     let mut buf = vec![0u8; RECV_BYTES];
     while !tx.is_closed() {
         // SAFETY: the buffer is valid for its length; the fd is open.

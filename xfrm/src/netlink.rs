@@ -20,12 +20,14 @@
 pub(crate) mod codec;
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 
+use nodeseal_netlink::Socket;
+pub(crate) use nodeseal_netlink::in_namespace;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::kernel::{Kernel, KernelError, Op, Reply, TransportError};
-use codec::{DecodeError, NLM_F_ACK};
+use codec::NLM_F_ACK;
 
 /// Bytes of requests per `sendmsg`.
 pub const CHUNK_BYTES: usize = 256 * 1024;
@@ -33,15 +35,12 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 const MAX_MESSAGE: usize = 8 * 1024;
 const RECV_BYTES: usize = 1024 * 1024;
 const SOCKET_BUFFER: libc::c_int = 32 * 1024 * 1024;
-const SOL_NETLINK: libc::c_int = 270;
-const NETLINK_CAP_ACK: libc::c_int = 10;
-const NETLINK_EXT_ACK: libc::c_int = 11;
 const DUMP_RETRIES: usize = 5;
 
 /// A `NETLINK_XFRM` socket bound to the network namespace it was opened in.
 #[derive(Debug)]
 pub struct NetlinkKernel {
-    fd: OwnedFd,
+    socket: Socket,
     seq: u32,
     send: Zeroizing<Vec<u8>>,
     recv: Zeroizing<Vec<u8>>,
@@ -54,87 +53,17 @@ pub(crate) fn io_err(call: &'static str) -> TransportError {
     }
 }
 
-pub(crate) fn setsockopt(
-    fd: &OwnedFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> bool {
-    // SAFETY: `value` is a live c_int and its size is passed; the fd is open.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    rc == 0
-}
-
 /// A `NETLINK_XFRM` socket bound in the calling thread's network namespace, member of the
 /// multicast `groups` (a bitmask; 0 for a request socket).
-pub(crate) fn socket(groups: u32) -> Result<OwnedFd, TransportError> {
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_XFRM,
-        )
-    };
-    if raw < 0 {
-        let source = io::Error::last_os_error();
-        if source.raw_os_error() == Some(libc::EPROTONOSUPPORT) {
-            return Err(TransportError::NoXfrmUser { source });
-        }
-        return Err(TransportError::Io {
+pub(crate) fn socket(groups: u32) -> Result<Socket, TransportError> {
+    Socket::open(libc::NETLINK_XFRM, groups).map_err(|e| match e {
+        nodeseal_netlink::Error::Io {
             call: "socket",
             source,
-        });
-    }
-    // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    addr.nl_groups = groups;
-    // SAFETY: `addr` is a valid sockaddr_nl and its size is passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const addr).cast(),
-            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io_err("bind"));
-    }
-    Ok(fd)
-}
-
-/// Runs `open` on a short-lived thread inside `netns`, so no caller thread changes namespace;
-/// a socket it opens stays bound to that namespace.
-pub(crate) fn in_namespace<T: Send>(
-    netns: BorrowedFd<'_>,
-    open: impl FnOnce() -> Result<T, TransportError> + Send,
-) -> Result<T, TransportError> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this (scoped, about to exit) thread only.
-            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io_err("setns"));
-            }
-            open()
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            Err(TransportError::Io {
-                call: "setns",
-                source: io::Error::other("BUG: namespace thread panicked"),
-            })
-        })
+        } if source.raw_os_error() == Some(libc::EPROTONOSUPPORT) => {
+            TransportError::NoXfrmUser { source }
+        }
+        e => e.into(),
     })
 }
 
@@ -144,20 +73,10 @@ impl NetlinkKernel {
     /// # Errors
     /// [`TransportError::NoXfrmUser`] without `xfrm_user`; [`TransportError::Io`] otherwise.
     pub fn open() -> Result<Self, TransportError> {
-        let fd = socket(0)?;
-        // Best effort: without these we still work, with less precise errors or smaller buffers.
-        setsockopt(&fd, SOL_NETLINK, NETLINK_EXT_ACK, 1);
-        setsockopt(&fd, SOL_NETLINK, NETLINK_CAP_ACK, 1);
-        for (force, plain) in [
-            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-        ] {
-            if !setsockopt(&fd, libc::SOL_SOCKET, force, SOCKET_BUFFER) {
-                setsockopt(&fd, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
-            }
-        }
+        let socket = socket(0)?;
+        socket.configure(SOCKET_BUFFER);
         Ok(Self {
-            fd,
+            socket,
             seq: 1,
             send: Zeroizing::new(Vec::with_capacity(CHUNK_BYTES + MAX_MESSAGE)),
             recv: Zeroizing::new(vec![0; RECV_BYTES]),
@@ -180,72 +99,15 @@ impl NetlinkKernel {
     }
 
     fn send_buffer(&mut self) -> Result<(), TransportError> {
-        let mut sent = 0;
-        let result = loop {
-            if sent >= self.send.len() {
-                break Ok(());
-            }
-            // SAFETY: the pointer and length describe initialised bytes of `self.send`.
-            let n = unsafe {
-                libc::send(
-                    self.fd.as_raw_fd(),
-                    self.send[sent..].as_ptr().cast(),
-                    self.send.len() - sent,
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                break Err(TransportError::Io {
-                    call: "sendmsg",
-                    source: e,
-                });
-            }
-            // Netlink datagrams are all-or-nothing; a short count would be a kernel bug.
-            sent += n.cast_unsigned();
-        };
+        let result = self.socket.send(&self.send);
         // Wipe keys from the request buffer (keeps its capacity: no reallocation later).
         self.send.zeroize();
-        result
+        Ok(result?)
     }
 
     /// Receives one datagram; returns its length within `self.recv`.
     fn recv_one(&mut self) -> Result<usize, TransportError> {
-        loop {
-            // SAFETY: the buffer is valid for `len` bytes; MSG_TRUNC reports the real length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.recv.as_mut_ptr().cast(),
-                    self.recv.len(),
-                    libc::MSG_TRUNC,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(TransportError::Io {
-                    call: "recv",
-                    source: e,
-                });
-            }
-            let n = n.cast_unsigned();
-            if n > self.recv.len() {
-                return Err(TransportError::Decode {
-                    source: DecodeError::Truncated {
-                        what: "netlink datagram",
-                        len: self.recv.len(),
-                        need: n,
-                    },
-                });
-            }
-            return Ok(n);
-        }
+        Ok(self.socket.recv(&mut self.recv)?)
     }
 
     /// Sends the chunk in `self.send` and matches replies to `pending` (seq → index in `out`).

@@ -17,17 +17,11 @@ use crate::state::{
     Aead, AeadAlgorithm, KernelState, Lifetime, Limits, ReqId, Spi, StateId, StateSpec, StateStats,
 };
 
-pub(crate) const NLMSG_HDRLEN: usize = 16;
-pub(crate) const NLMSG_ERROR: u16 = 2;
-pub(crate) const NLMSG_DONE: u16 = 3;
-
-pub(crate) const NLM_F_REQUEST: u16 = 0x1;
-pub(crate) const NLM_F_ACK: u16 = 0x4;
-pub(crate) const NLM_F_DUMP: u16 = 0x300;
-pub(crate) const NLM_F_DUMP_INTR: u16 = 0x10;
-const NLM_F_CAPPED: u16 = 0x100;
-const NLM_F_ACK_TLVS: u16 = 0x200;
-const NLMSGERR_ATTR_MSG: u16 = 1;
+// The family-independent framing lives in `nodeseal-netlink`, shared with `nodeseal-wireguard`.
+pub(crate) use nodeseal_netlink::codec::{
+    DecodeError, Message, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE,
+    NLMSG_ERROR, NLMSG_HDRLEN, attr, begin, finish,
+};
 
 pub(crate) const XFRM_MSG_NEWSA: u16 = 0x10;
 pub(crate) const XFRM_MSG_DELSA: u16 = 0x11;
@@ -82,28 +76,6 @@ const USER_TMPL_LEN: usize = 64;
 const ALGO_AEAD_HDR_LEN: usize = 72;
 const REPLAY_ESN_HDR_LEN: usize = 24;
 
-/// Errors decoding what the kernel sent.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DecodeError {
-    /// A structure was shorter than its fixed layout.
-    #[error("{what} truncated: {len} bytes, need {need}")]
-    Truncated {
-        /// What was being decoded.
-        what: &'static str,
-        /// Bytes available.
-        len: usize,
-        /// Bytes needed.
-        need: usize,
-    },
-    /// An address family other than IPv4/IPv6.
-    #[error("unknown address family {family}")]
-    Family {
-        /// The raw family.
-        family: u16,
-    },
-}
-
 /// The raw identity of a policy: selector bytes (as the kernel keeps them), direction and mark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct PolicyKey([u8; SELECTOR_LEN + 1 + 8]);
@@ -129,23 +101,6 @@ impl PolicyKey {
 
 // ---------------------------------------------------------------- writing
 
-/// Starts a netlink message; returns its offset for [`finish`].
-pub(crate) fn begin(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) -> usize {
-    let start = buf.len();
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    start
-}
-
-/// Writes the final length into the header at `start`.
-pub(crate) fn finish(buf: &mut [u8], start: usize) {
-    let len = u32::try_from(buf.len() - start).unwrap_or(u32::MAX);
-    buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-}
-
 fn pad4(buf: &mut Vec<u8>) {
     while !buf.len().is_multiple_of(4) {
         buf.push(0);
@@ -160,12 +115,6 @@ fn attr_header(buf: &mut Vec<u8>, ty: u16, payload_len: usize) {
     let len = u16::try_from(4 + payload_len).unwrap_or(u16::MAX);
     buf.extend_from_slice(&len.to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
-}
-
-fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    attr_header(buf, ty, payload.len());
-    buf.extend_from_slice(payload);
-    pad4(buf);
 }
 
 fn put_addr(buf: &mut Vec<u8>, addr: IpAddr) {
@@ -370,57 +319,17 @@ pub(crate) fn encode_hthresh(buf: &mut Vec<u8>, seq: u32, v4: (u8, u8), v6: (u8,
 
 // ---------------------------------------------------------------- reading
 
-/// One netlink message header and its payload.
-#[derive(Debug)]
-pub(crate) struct Message<'a> {
-    pub(crate) ty: u16,
-    pub(crate) flags: u16,
-    pub(crate) seq: u32,
-    pub(crate) payload: &'a [u8],
-}
-
 /// Splits a receive buffer into messages; stops at the first malformed header.
-pub(crate) fn messages(mut buf: &[u8]) -> impl Iterator<Item = Message<'_>> {
-    std::iter::from_fn(move || {
-        if buf.len() < NLMSG_HDRLEN {
-            return None;
-        }
-        let len = u32_at(buf, 0) as usize;
-        if len < NLMSG_HDRLEN || len > buf.len() {
-            return None;
-        }
-        let msg = Message {
-            ty: u16_at(buf, 4),
-            flags: u16_at(buf, 6),
-            seq: u32_at(buf, 8),
-            payload: &buf[NLMSG_HDRLEN..len],
-        };
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-        Some(msg)
-    })
+pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = Message<'_>> {
+    nodeseal_netlink::codec::messages(buf).map_while(Result::ok)
 }
 
 /// An `NLMSG_ERROR` payload: errno (positive, 0 = ACK) and the extended-ACK message.
 pub(crate) fn decode_error(msg: &Message<'_>) -> Result<(i32, Option<String>), DecodeError> {
-    let p = msg.payload;
-    need("nlmsgerr", p, 4 + NLMSG_HDRLEN)?;
-    let errno = -i32::from_ne_bytes([p[0], p[1], p[2], p[3]]);
-    if msg.flags & NLM_F_ACK_TLVS == 0 {
-        return Ok((errno, None));
-    }
-    let inner_len = u32_at(p, 4) as usize;
-    let skip = if msg.flags & NLM_F_CAPPED != 0 {
-        4 + NLMSG_HDRLEN
-    } else {
-        4 + inner_len.next_multiple_of(4)
-    };
-    let text = attrs(p.get(skip..).unwrap_or_default())
-        .find(|(ty, _)| *ty == NLMSGERR_ATTR_MSG)
-        .map(|(_, v)| {
-            let v = v.split(|b| *b == 0).next().unwrap_or_default();
-            String::from_utf8_lossy(v).into_owned()
-        });
-    Ok((errno, text))
+    // Kept from before the shared decoder: an error reply always echoes at least the request's
+    // header, so a shorter one is malformed here.
+    need("nlmsgerr", msg.payload, 4 + NLMSG_HDRLEN)?;
+    nodeseal_netlink::codec::decode_error(msg)
 }
 
 fn need(what: &'static str, buf: &[u8], n: usize) -> Result<(), DecodeError> {
@@ -453,19 +362,10 @@ fn be32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// Iterates `(type, payload)` of netlink attributes; stops at the first malformed one.
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = u16_at(buf, 0) as usize;
-        if len < 4 || len > buf.len() {
-            return None;
-        }
-        let item = (u16_at(buf, 2) & 0x3fff, &buf[4..len]);
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-        Some(item)
-    })
+fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    nodeseal_netlink::codec::attrs(buf)
+        .map_while(Result::ok)
+        .map(|a| (a.ty, a.payload))
 }
 
 fn addr_at(b: &[u8], at: usize, family: u16) -> Result<IpAddr, DecodeError> {
@@ -746,6 +646,7 @@ pub(crate) fn decode_policy(p: &[u8]) -> Result<KernelPolicy, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nodeseal_netlink::codec::{NLM_F_ACK_TLVS, NLM_F_CAPPED, NLMSGERR_ATTR_MSG};
 
     fn sel(src: &str, dst: &str) -> Selector {
         Selector::new(src.parse().unwrap(), dst.parse().unwrap()).unwrap()

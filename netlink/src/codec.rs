@@ -1,27 +1,40 @@
-//! Netlink framing shared by rtnetlink and generic netlink: message headers, attributes
-//! (nested ones included) and the kernel's error replies.
+//! Netlink framing shared by every netlink family: message headers, attributes (nested ones
+//! included) and the kernel's error replies.
 //!
 //! Writing appends to the caller's buffer, so key material exists in exactly one netlink buffer,
 //! which the sender wipes. Reading never trusts a length: every header and attribute is checked
 //! against what is actually there, and anything that does not fit is a [`DecodeError`], not a
 //! panic.
 
-pub(crate) const NLMSG_HDRLEN: usize = 16;
-pub(crate) const NLMSG_ERROR: u16 = 2;
-pub(crate) const NLMSG_DONE: u16 = 3;
+/// Length of `struct nlmsghdr`.
+pub const NLMSG_HDRLEN: usize = 16;
+/// An error or ACK (`struct nlmsgerr`).
+pub const NLMSG_ERROR: u16 = 2;
+/// The end of a dump.
+pub const NLMSG_DONE: u16 = 3;
 
-pub(crate) const NLM_F_REQUEST: u16 = 0x1;
-#[cfg(any(test, feature = "testing"))]
-pub(crate) const NLM_F_MULTI: u16 = 0x2;
-pub(crate) const NLM_F_ACK: u16 = 0x4;
-pub(crate) const NLM_F_DUMP_INTR: u16 = 0x10;
-pub(crate) const NLM_F_DUMP: u16 = 0x300;
-pub(crate) const NLM_F_REPLACE: u16 = 0x100;
-pub(crate) const NLM_F_EXCL: u16 = 0x200;
-pub(crate) const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_CAPPED: u16 = 0x100;
-const NLM_F_ACK_TLVS: u16 = 0x200;
-const NLMSGERR_ATTR_MSG: u16 = 1;
+/// The message is a request.
+pub const NLM_F_REQUEST: u16 = 0x1;
+/// Part of a multipart reply.
+pub const NLM_F_MULTI: u16 = 0x2;
+/// Asks for an ACK even on success.
+pub const NLM_F_ACK: u16 = 0x4;
+/// The dump was inconsistent (the objects changed while it was read).
+pub const NLM_F_DUMP_INTR: u16 = 0x10;
+/// Asks for a dump (`NLM_F_ROOT | NLM_F_MATCH`).
+pub const NLM_F_DUMP: u16 = 0x300;
+/// New requests: replace an existing object.
+pub const NLM_F_REPLACE: u16 = 0x100;
+/// New requests: fail if the object exists.
+pub const NLM_F_EXCL: u16 = 0x200;
+/// New requests: create the object if it does not exist.
+pub const NLM_F_CREATE: u16 = 0x400;
+/// Error replies: the echoed request was cut to its header (`NETLINK_CAP_ACK`).
+pub const NLM_F_CAPPED: u16 = 0x100;
+/// Error replies: extended-ACK attributes follow the echoed request (`NETLINK_EXT_ACK`).
+pub const NLM_F_ACK_TLVS: u16 = 0x200;
+/// The extended-ACK attribute carrying the kernel's error text.
+pub const NLMSGERR_ATTR_MSG: u16 = 1;
 
 const NLA_HDRLEN: usize = 4;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -61,12 +74,18 @@ pub enum DecodeError {
         /// What was invalid.
         what: &'static str,
     },
+    /// An address family other than IPv4/IPv6.
+    #[error("unknown address family {family}")]
+    Family {
+        /// The raw family.
+        family: u16,
+    },
 }
 
 // ---------------------------------------------------------------- writing
 
 /// Starts a netlink message; returns its offset for [`finish`].
-pub(crate) fn begin(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) -> usize {
+pub fn begin(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) -> usize {
     let start = buf.len();
     buf.extend_from_slice(&0u32.to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
@@ -77,7 +96,7 @@ pub(crate) fn begin(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32) -> usize {
 }
 
 /// Writes the final length into the header of the message at `start`.
-pub(crate) fn finish(buf: &mut [u8], start: usize) {
+pub fn finish(buf: &mut [u8], start: usize) {
     let len = u32::try_from(buf.len() - start).unwrap_or(u32::MAX);
     buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
 }
@@ -87,7 +106,7 @@ fn pad4(buf: &mut Vec<u8>) {
 }
 
 /// Appends an attribute.
-pub(crate) fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+pub fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     let len = u16::try_from(NLA_HDRLEN + payload.len()).unwrap_or(u16::MAX);
     buf.extend_from_slice(&len.to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
@@ -95,25 +114,28 @@ pub(crate) fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     pad4(buf);
 }
 
-pub(crate) fn attr_u8(buf: &mut Vec<u8>, ty: u16, v: u8) {
+/// Appends a `u8` attribute.
+pub fn attr_u8(buf: &mut Vec<u8>, ty: u16, v: u8) {
     attr(buf, ty, &[v]);
 }
 
-pub(crate) fn attr_u16(buf: &mut Vec<u8>, ty: u16, v: u16) {
+/// Appends a `u16` attribute (native byte order).
+pub fn attr_u16(buf: &mut Vec<u8>, ty: u16, v: u16) {
     attr(buf, ty, &v.to_ne_bytes());
 }
 
-pub(crate) fn attr_u32(buf: &mut Vec<u8>, ty: u16, v: u32) {
+/// Appends a `u32` attribute (native byte order).
+pub fn attr_u32(buf: &mut Vec<u8>, ty: u16, v: u32) {
     attr(buf, ty, &v.to_ne_bytes());
 }
 
-#[cfg(any(test, feature = "testing"))]
-pub(crate) fn attr_u64(buf: &mut Vec<u8>, ty: u16, v: u64) {
+/// Appends a `u64` attribute (native byte order).
+pub fn attr_u64(buf: &mut Vec<u8>, ty: u16, v: u64) {
     attr(buf, ty, &v.to_ne_bytes());
 }
 
 /// A NUL-terminated string attribute.
-pub(crate) fn attr_str(buf: &mut Vec<u8>, ty: u16, s: &str) {
+pub fn attr_str(buf: &mut Vec<u8>, ty: u16, s: &str) {
     let len = u16::try_from(NLA_HDRLEN + s.len() + 1).unwrap_or(u16::MAX);
     buf.extend_from_slice(&len.to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
@@ -123,7 +145,7 @@ pub(crate) fn attr_str(buf: &mut Vec<u8>, ty: u16, s: &str) {
 }
 
 /// Starts a nested attribute; returns its offset for [`nest_end`].
-pub(crate) fn nest_begin(buf: &mut Vec<u8>, ty: u16) -> usize {
+pub fn nest_begin(buf: &mut Vec<u8>, ty: u16) -> usize {
     let start = buf.len();
     buf.extend_from_slice(&0u16.to_ne_bytes());
     buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
@@ -133,7 +155,7 @@ pub(crate) fn nest_begin(buf: &mut Vec<u8>, ty: u16) -> usize {
 /// Writes the length of the nest at `start`. Returns `false` (leaving the length unset) when
 /// the nest is larger than an attribute can say (64 KiB); callers keep nests far below that.
 #[must_use]
-pub(crate) fn nest_end(buf: &mut [u8], start: usize) -> bool {
+pub fn nest_end(buf: &mut [u8], start: usize) -> bool {
     let Ok(len) = u16::try_from(buf.len() - start) else {
         return false;
     };
@@ -145,16 +167,20 @@ pub(crate) fn nest_end(buf: &mut [u8], start: usize) -> bool {
 
 /// One netlink message header and its payload.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Message<'a> {
-    pub(crate) ty: u16,
-    pub(crate) flags: u16,
-    pub(crate) seq: u32,
-    pub(crate) payload: &'a [u8],
+pub struct Message<'a> {
+    /// `nlmsg_type`.
+    pub ty: u16,
+    /// `nlmsg_flags`.
+    pub flags: u16,
+    /// `nlmsg_seq`.
+    pub seq: u32,
+    /// Everything after the header, up to `nlmsg_len`.
+    pub payload: &'a [u8],
 }
 
 /// Splits a datagram into messages. A header whose length does not fit the datagram is an
 /// error (and ends the iteration), never a panic.
-pub(crate) fn messages(mut buf: &[u8]) -> impl Iterator<Item = Result<Message<'_>, DecodeError>> {
+pub fn messages(mut buf: &[u8]) -> impl Iterator<Item = Result<Message<'_>, DecodeError>> {
     std::iter::from_fn(move || {
         if buf.is_empty() {
             return None;
@@ -193,7 +219,10 @@ pub(crate) fn messages(mut buf: &[u8]) -> impl Iterator<Item = Result<Message<'_
 }
 
 /// An `NLMSG_ERROR` payload: the errno (positive; 0 is an ACK) and the extended-ACK text.
-pub(crate) fn decode_error(msg: &Message<'_>) -> Result<(i32, Option<String>), DecodeError> {
+///
+/// # Errors
+/// [`DecodeError`] when the payload is shorter than the errno or the errno is `i32::MIN`.
+pub fn decode_error(msg: &Message<'_>) -> Result<(i32, Option<String>), DecodeError> {
     let p = msg.payload;
     let errno_bytes = p.get(..4).ok_or(DecodeError::Truncated {
         what: "netlink error",
@@ -231,9 +260,11 @@ pub(crate) fn decode_error(msg: &Message<'_>) -> Result<(i32, Option<String>), D
 
 /// One attribute: its type (without the nested/byte-order flags) and payload.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Attr<'a> {
-    pub(crate) ty: u16,
-    pub(crate) payload: &'a [u8],
+pub struct Attr<'a> {
+    /// The type, without `NLA_F_NESTED` and `NLA_F_NET_BYTEORDER`.
+    pub ty: u16,
+    /// The payload, without padding.
+    pub payload: &'a [u8],
 }
 
 impl<'a> Attr<'a> {
@@ -244,41 +275,64 @@ impl<'a> Attr<'a> {
         })
     }
 
-    pub(crate) fn u8(&self, what: &'static str) -> Result<u8, DecodeError> {
+    /// A `u8` attribute; another length is a [`DecodeError::Length`] naming `what`.
+    ///
+    /// # Errors
+    /// [`DecodeError::Length`].
+    pub fn u8(&self, what: &'static str) -> Result<u8, DecodeError> {
         Ok(self.exact::<1>(what)?[0])
     }
 
-    pub(crate) fn u16(&self, what: &'static str) -> Result<u16, DecodeError> {
+    /// A `u16` attribute (native byte order); another length is a [`DecodeError::Length`] naming `what`.
+    ///
+    /// # Errors
+    /// [`DecodeError::Length`].
+    pub fn u16(&self, what: &'static str) -> Result<u16, DecodeError> {
         Ok(u16::from_ne_bytes(self.exact(what)?))
     }
 
-    pub(crate) fn u32(&self, what: &'static str) -> Result<u32, DecodeError> {
+    /// A `u32` attribute (native byte order); another length is a [`DecodeError::Length`] naming `what`.
+    ///
+    /// # Errors
+    /// [`DecodeError::Length`].
+    pub fn u32(&self, what: &'static str) -> Result<u32, DecodeError> {
         Ok(u32::from_ne_bytes(self.exact(what)?))
     }
 
-    pub(crate) fn u64(&self, what: &'static str) -> Result<u64, DecodeError> {
+    /// A `u64` attribute (native byte order); another length is a [`DecodeError::Length`] naming `what`.
+    ///
+    /// # Errors
+    /// [`DecodeError::Length`].
+    pub fn u64(&self, what: &'static str) -> Result<u64, DecodeError> {
         Ok(u64::from_ne_bytes(self.exact(what)?))
     }
 
-    pub(crate) fn array<const N: usize>(&self, what: &'static str) -> Result<[u8; N], DecodeError> {
+    /// A fixed-size byte array attribute.
+    ///
+    /// # Errors
+    /// [`DecodeError::Length`] when it has another length.
+    pub fn array<const N: usize>(&self, what: &'static str) -> Result<[u8; N], DecodeError> {
         self.exact(what)
     }
 
     /// A string attribute, up to its first NUL.
-    pub(crate) fn str(&self, what: &'static str) -> Result<&'a str, DecodeError> {
+    ///
+    /// # Errors
+    /// [`DecodeError::Invalid`] when it is not UTF-8.
+    pub fn str(&self, what: &'static str) -> Result<&'a str, DecodeError> {
         let v = self.payload.split(|b| *b == 0).next().unwrap_or_default();
         std::str::from_utf8(v).map_err(|_| DecodeError::Invalid { what })
     }
 
     /// The attributes nested inside this one.
-    pub(crate) fn nested(&self) -> impl Iterator<Item = Result<Attr<'a>, DecodeError>> + use<'a> {
+    pub fn nested(&self) -> impl Iterator<Item = Result<Attr<'a>, DecodeError>> + use<'a> {
         attrs(self.payload)
     }
 }
 
 /// Iterates the attributes in `buf`. An attribute whose length does not fit is an error (and
 /// ends the iteration).
-pub(crate) fn attrs(mut buf: &[u8]) -> impl Iterator<Item = Result<Attr<'_>, DecodeError>> {
+pub fn attrs(mut buf: &[u8]) -> impl Iterator<Item = Result<Attr<'_>, DecodeError>> {
     std::iter::from_fn(move || {
         // Trailing bytes shorter than a header are alignment padding.
         if buf.len() < NLA_HDRLEN {
@@ -304,7 +358,10 @@ pub(crate) fn attrs(mut buf: &[u8]) -> impl Iterator<Item = Result<Attr<'_>, Dec
 }
 
 /// Checks that `buf` holds at least a fixed header of `need` bytes; returns it and the rest.
-pub(crate) fn split_header<'a>(
+///
+/// # Errors
+/// [`DecodeError::Truncated`] naming `what` when `buf` is shorter.
+pub fn split_header<'a>(
     what: &'static str,
     buf: &'a [u8],
     need: usize,
@@ -320,11 +377,13 @@ pub(crate) fn split_header<'a>(
     Ok((&buf[..need], rest))
 }
 
-pub(crate) fn ne_u16(b: &[u8]) -> u16 {
+/// The native-endian `u16` at the start of `b` (which must hold 2 bytes).
+pub fn ne_u16(b: &[u8]) -> u16 {
     u16::from_ne_bytes([b[0], b[1]])
 }
 
-pub(crate) fn ne_u32(b: &[u8]) -> u32 {
+/// The native-endian `u32` at the start of `b` (which must hold 4 bytes).
+pub fn ne_u32(b: &[u8]) -> u32 {
     u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
 }
 
