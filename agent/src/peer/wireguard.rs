@@ -12,11 +12,18 @@
 //! what makes the change hitless). Each installed epoch remembers its key and the peer key it
 //! was installed with: an epoch the peer never confirms is undone by writing the current
 //! epoch's entry back. Flipping sets the peer's slot in the eBPF maps (strict mode lets traffic
-//! to its pods pass once a slot is set) and admits its node.
+//! to its pods pass once a slot is set), admits its node and routes its pod CIDRs into the link.
+//!
+//! Routing: the peers' pod CIDRs go into table [`ROUTE_TABLE`] (`<pod cidr> dev nodeseal0`),
+//! which one rule per family at priority [`RULE_PRIORITY`] consults before the main table. A
+//! peer gets its routes only once it has keys, so traffic to a peer without keys finds nothing
+//! there and falls through to the main table: plaintext, unless strict mode drops it in the
+//! eBPF datapath.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use nodeseal_keymgr::{Hello, Mode, SessionKeys, WgPublicKey};
 use nodeseal_wireguard::{DeviceRequests, Handle, LinkName, PeerConfig, PresharedKey, PublicKey};
 use rand::Rng;
@@ -28,6 +35,13 @@ use super::{InstalledEpoch, PeerDatapath, PeerEnd, PeerStatus, Tunnel, TunnelErr
 
 /// The UDP port WireGuard listens on unless configured otherwise.
 pub const DEFAULT_PORT: u16 = 51871;
+
+/// nodeseal's routing table: `0x4e53` ("NS"), far from the ids distributions and CNIs use
+/// (main 254, local 255, Cilium's 200-202 and 2004-2005).
+pub const ROUTE_TABLE: u32 = 0x4e53;
+/// The priority of the rule that looks up [`ROUTE_TABLE`]: after `local` (0), before `main`
+/// (32766).
+pub const RULE_PRIORITY: u32 = 100;
 
 /// What every WireGuard tunnel of the node shares.
 #[derive(Clone, Debug)]
@@ -58,6 +72,8 @@ pub struct WireguardTunnel {
     epochs: Vec<Installed>,
     /// The epoch traffic uses.
     current: Option<InstalledEpoch>,
+    /// The pod CIDRs routed into the link, as routed (the peer's record may change since).
+    routed: Vec<IpNet>,
     /// Installations so far (names the next one).
     installs: u64,
 }
@@ -79,8 +95,39 @@ impl WireguardTunnel {
             settings: settings.clone(),
             epochs: Vec::new(),
             current: None,
+            routed: Vec::new(),
             installs: 0,
         }
+    }
+
+    /// Routes exactly `peer`'s pod CIDRs into the link.
+    async fn route(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
+        for cidr in &peer.pod_cidrs {
+            self.wg
+                .routes()
+                .replace(ROUTE_TABLE, *cidr, self.settings.link.clone())
+                .execute()
+                .await?;
+        }
+        let stale: Vec<IpNet> = self
+            .routed
+            .iter()
+            .filter(|c| !peer.pod_cidrs.contains(c))
+            .copied()
+            .collect();
+        self.routed = peer.pod_cidrs.clone();
+        for cidr in stale {
+            self.wg.routes().delete(ROUTE_TABLE, cidr).execute().await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the peer's routes out of the link, so its traffic falls through to the main table.
+    async fn unroute(&mut self) -> Result<(), TunnelError> {
+        for cidr in std::mem::take(&mut self.routed) {
+            self.wg.routes().delete(ROUTE_TABLE, cidr).execute().await?;
+        }
+        Ok(())
     }
 
     fn entry(&self, peer: &PeerEnd, key: PublicKey, psk: PresharedKey) -> PeerConfig {
@@ -184,6 +231,7 @@ impl Tunnel for WireguardTunnel {
         self.datapath.admit_node(peer.node_id, peer.ip)?;
         self.datapath.set_slot(peer.node_id, Some(SLOT))?;
         self.current = Some(epoch);
+        self.route(peer).await?;
         info!(epoch = epoch.epoch.0, peer_key = %peer_key, "keys installed and in use");
         Ok(())
     }
@@ -201,6 +249,7 @@ impl Tunnel for WireguardTunnel {
                 warn!(error = %error_chain(&e), "cannot clear peer slot");
             }
             self.current = None;
+            self.unroute().await?;
             if !self.key_in_use(&old.peer_key) {
                 self.device().remove_peer(old.peer_key).execute().await?;
             }
@@ -231,6 +280,7 @@ impl Tunnel for WireguardTunnel {
         if let Err(e) = self.datapath.set_slot(peer.node_id, None) {
             warn!(error = %error_chain(&e), "cannot clear peer slot");
         }
+        self.unroute().await?;
         let mut removed = 0;
         let mut keys: Vec<PublicKey> = self.epochs.iter().map(|i| i.peer_key).collect();
         keys.dedup();
@@ -318,7 +368,6 @@ mod tests {
     }
 
     async fn peers(wg: &Wg) -> Vec<nodeseal_wireguard::Peer> {
-        let _ = &wg.kernel;
         wg.handle
             .device(wg.settings.link.clone())
             .get()
@@ -360,9 +409,17 @@ mod tests {
             "no slot before the flip"
         );
 
+        assert!(
+            wg.kernel.routes(ROUTE_TABLE).is_empty(),
+            "no route before the flip"
+        );
         t.flip(&peer, installed).await.expect("flip");
         assert_eq!(a.datapath.slot_of(peer.node_id), Some(SLOT));
         assert!(a.datapath.is_admitted(b.ip));
+        assert_eq!(
+            wg.kernel.routes(ROUTE_TABLE),
+            [(b.cidr, wg.settings.link.to_string())]
+        );
         assert!(!t.carries_spi(agreement.keys.inbound.spi.get()));
         let mut row = PeerStatus::connecting(&b.name, b.ip, peer.node_id);
         t.fill_status(&mut row);
@@ -478,7 +535,9 @@ mod tests {
         assert!(keys.contains(&PublicKey::from_bytes([7; 32])));
         assert!(keys.contains(&PublicKey::from_bytes([4; 32])));
 
+        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 1);
         assert_eq!(t.teardown(&peer).await.expect("teardown"), 1);
+        assert!(wg.kernel.routes(ROUTE_TABLE).is_empty());
         let keys: Vec<PublicKey> = peers(&wg).await.iter().map(|p| p.public_key).collect();
         assert_eq!(keys, vec![PublicKey::from_bytes([4; 32])]);
         assert_eq!(a.datapath.slot_of(peer.node_id), None);
