@@ -98,6 +98,7 @@ fn settings(config: &AgentConfig) -> DatapathSettings {
         pod_interface_prefix: config.pod_interface_prefix.clone(),
         strict: config.strict_mode,
         local_pod_cidrs: Vec::new(),
+        mode: config.datapath_mode(),
     }
 }
 
