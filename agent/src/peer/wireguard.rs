@@ -228,10 +228,12 @@ impl Tunnel for WireguardTunnel {
             return Err(TunnelError::UnknownEpoch(epoch));
         };
         let peer_key = new.peer_key;
+        // Routes first: with the slot set and no route yet, the datapath would let traffic
+        // pass and the main table would send it in clear.
+        self.route(peer).await?;
         self.datapath.admit_node(peer.node_id, peer.ip)?;
         self.datapath.set_slot(peer.node_id, Some(SLOT))?;
         self.current = Some(epoch);
-        self.route(peer).await?;
         info!(epoch = epoch.epoch.0, peer_key = %peer_key, "keys installed and in use");
         Ok(())
     }
@@ -281,6 +283,14 @@ impl Tunnel for WireguardTunnel {
             warn!(error = %error_chain(&e), "cannot clear peer slot");
         }
         self.unroute().await?;
+        // A previous agent's routes for the peer (this tunnel may never have flipped).
+        for cidr in &peer.pod_cidrs {
+            self.wg
+                .routes()
+                .delete(ROUTE_TABLE, *cidr)
+                .execute()
+                .await?;
+        }
         let mut removed = 0;
         let mut keys: Vec<PublicKey> = self.epochs.iter().map(|i| i.peer_key).collect();
         keys.dedup();
@@ -544,5 +554,25 @@ mod tests {
         let mut row = PeerStatus::connecting(&b.name, b.ip, peer.node_id);
         t.fill_status(&mut row);
         assert_eq!((row.slot, row.wg_public_key), (None, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn teardown_removes_a_previous_agents_routes_and_slot() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let wg = device().await;
+        let peer = a.end_of(&b);
+        wg.handle
+            .routes()
+            .replace(ROUTE_TABLE, b.cidr, wg.settings.link.clone())
+            .execute()
+            .await
+            .expect("leftover route");
+        a.datapath.leave_slot(peer.node_id, SLOT);
+        let mut t = tunnel(&a, &wg);
+        t.teardown(&peer).await.expect("teardown");
+        assert!(wg.kernel.routes(ROUTE_TABLE).is_empty());
+        assert_eq!(a.datapath.slot_of(peer.node_id), None);
     }
 }
