@@ -1363,3 +1363,94 @@ fn wireguard_fabric_carries_pods_and_only_wireguard_crosses_the_wire() {
         }
     }
 }
+
+/// WireGuard mode across a SIGKILL and restart: the new agent reuses the link, takes a new
+/// private key and announces it; the peer re-handshakes, installs the new key and, once the
+/// previous epoch is retired, drops the entry under the old one, so each device again holds
+/// exactly the other node's current key. (A new key means the peer's WireGuard sessions restart:
+/// the loss across the restart is reported, not bounded.)
+#[test]
+fn wireguard_restart_reuses_the_link_and_peers_drop_the_old_key() {
+    let name = "wgrestart";
+    if !require(name, &[Feature::Netns, Feature::WireGuard, Feature::TcBpf]) {
+        return;
+    }
+    let wireguard = vec!["--encryption-type".to_owned(), "wireguard".to_owned()];
+    let options = FabricOptions {
+        agent_args: vec![wireguard; 2],
+        ..FabricOptions::default()
+    };
+    let Some(mut scenario) = established(name, 2, 2, options, Backend::Dir) else {
+        return;
+    };
+    let (topo, fabric) = (&scenario.topo, &mut scenario.fabric);
+    let key_of = |fabric: &nodeseal_netns::Fabric, i: usize| {
+        fabric.status(i).expect("status")["wg_public_key"]
+            .as_str()
+            .expect("key")
+            .to_owned()
+    };
+    let link_index = || {
+        topo.node(0)
+            .ns
+            .ip(&["-o", "link", "show", "nodeseal0"])
+            .expect("link")
+            .split(':')
+            .next()
+            .expect("index")
+            .to_owned()
+    };
+    let old_key = key_of(fabric, 0);
+    let index = link_index();
+    let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
+    assert!(ping(&pod_a.ns, pod_b.ip, 1).expect("ping").all_answered());
+    let stream = UdpStream::start(
+        &pod_a.ns,
+        &pod_b.ns,
+        SocketAddrV4::new(pod_b.ip, 7003),
+        200,
+        Duration::from_secs(180),
+    )
+    .expect("stream");
+    std::thread::sleep(Duration::from_millis(500));
+    fabric.kill_agent(0);
+    std::thread::sleep(Duration::from_secs(1));
+    fabric.restart_agent(topo, 0).expect("restart");
+    let new_key = nodeseal_netns::wait_until(CONVERGE, || {
+        fabric
+            .status(0)
+            .ok()
+            .and_then(|s| s["wg_public_key"].as_str().map(str::to_owned))
+            .is_some()
+    })
+    .then(|| key_of(fabric, 0))
+    .expect("the restarted agent announces a key");
+    assert_ne!(new_key, old_key, "a restarted agent takes a new key");
+    assert_eq!(link_index(), index, "the link is reused, not recreated");
+    let taken_over = nodeseal_netns::wait_until(CONVERGE, || {
+        fabric.peer_row(1, "node0").is_some_and(|row| {
+            row["state"] == "established" && row["wg_public_key"] == new_key.as_str()
+        }) && fabric
+            .peer_row(0, "node1")
+            .is_some_and(|row| row["state"] == "established")
+    });
+    assert!(
+        taken_over,
+        "{:?}\n{:?}",
+        fabric.status_text(0),
+        fabric.status_text(1)
+    );
+    // Past the grace period node1 holds only node0's new key.
+    let cleaned = nodeseal_netns::wait_until(Duration::from_secs(20), || {
+        wg_peers(topo, 1).keys().cloned().collect::<Vec<_>>() == vec![new_key.clone()]
+    });
+    let report = stream.finish(Duration::from_millis(500)).expect("report");
+    eprintln!("stream across SIGKILL + restart in WireGuard mode: {report:?}");
+    assert!(cleaned, "node1's peers: {:?}", wg_peers(topo, 1));
+    assert_eq!(
+        wg_peers(topo, 0).keys().cloned().collect::<Vec<_>>(),
+        vec![key_of(fabric, 1)]
+    );
+    assert!(ping(&pod_a.ns, pod_b.ip, 2).expect("ping").all_answered());
+    assert!(ping(&pod_b.ns, pod_a.ip, 2).expect("ping").all_answered());
+}
