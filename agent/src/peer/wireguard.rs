@@ -293,6 +293,7 @@ impl Tunnel for WireguardTunnel {
         }
         let mut removed = 0;
         let mut keys: Vec<PublicKey> = self.epochs.iter().map(|i| i.peer_key).collect();
+        keys.sort_unstable();
         keys.dedup();
         for key in keys {
             self.device().remove_peer(key).execute().await?;
