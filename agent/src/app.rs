@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::cleanup::{daemon_set_state, remove_kernel_state, should_remove_on_exit};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, EncryptionType};
 use crate::datapath::{DatapathHandle, DatapathSettings};
 use crate::expiry::ExpiryFollower;
 use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_REMOVED, STEP_STORE};
@@ -36,6 +36,7 @@ use crate::metrics::Metrics;
 use crate::observe::ObserveHub;
 use crate::pace::Pace;
 use crate::peer::LocalEnd;
+use crate::peer::wireguard::WireguardSettings;
 use crate::peer::{
     PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerTask,
     error_chain,
@@ -86,11 +87,109 @@ struct Agent {
     svid: watch::Receiver<Option<(SpiffeId, SystemTime)>>,
     metrics: Arc<Metrics>,
     xfrm: Handle,
+    /// The WireGuard device, in WireGuard mode.
+    wireguard: Option<WireguardMode>,
     datapath: DatapathHandle,
     /// Flows for `nodeseal observe`; whoever knows identity labels sets them here.
     observe: ObserveHub,
     tracker: TaskTracker,
     cancel: CancellationToken,
+}
+
+/// The node's WireGuard device: what peer tasks need in WireGuard mode.
+#[derive(Clone, Debug)]
+struct WireguardMode {
+    handle: nodeseal_wireguard::Handle,
+    settings: WireguardSettings,
+}
+
+/// WireGuard's worst-case overhead per packet: outer IPv6 (40) + UDP (8) + WireGuard header and
+/// tag (32). With it the link's MTU is safe whichever family the underlay uses.
+const WIREGUARD_OVERHEAD: u32 = 80;
+
+/// Sets the WireGuard device up: the link (created or reused) with an MTU that fits the uplink,
+/// a fresh private key (generated here and never written anywhere: a restarted agent takes a
+/// new one and its peers re-handshake), the listen port, and the rule that sends lookups to
+/// nodeseal's routing table. Nothing of it is removed on shutdown, so traffic keeps flowing
+/// across a restart.
+async fn start_wireguard(config: &AgentConfig, local_ip: IpAddr) -> Result<WireguardMode> {
+    use nodeseal_wireguard::{DeviceConfig, Family, LinkSpec, PrivateKey, Rule};
+    let handle =
+        nodeseal_wireguard::Handle::new().context("opening the WireGuard netlink sockets")?;
+    let mtu = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", config.uplink))
+        .ok()
+        .and_then(|m| m.trim().parse::<u32>().ok())
+        .map_or(nodeseal_wireguard::DEFAULT_MTU, |m| {
+            m.saturating_sub(WIREGUARD_OVERHEAD)
+        });
+    let link = handle
+        .links()
+        .ensure(LinkSpec::new(config.wireguard_link.clone()).mtu(mtu))
+        .execute()
+        .await
+        .with_context(|| format!("setting up the WireGuard link {}", config.wireguard_link))?;
+    let key = PrivateKey::generate().context("generating the node's WireGuard key")?;
+    let public_key = key.public_key();
+    handle
+        .device(config.wireguard_link.clone())
+        .configure(
+            DeviceConfig::new()
+                .private_key(key)
+                .listen_port(config.wireguard_port),
+        )
+        .execute()
+        .await
+        .with_context(|| format!("configuring the WireGuard device {}", link.name))?;
+    let own = if local_ip.is_ipv4() {
+        Family::V4
+    } else {
+        Family::V6
+    };
+    for family in [Family::V4, Family::V6] {
+        let rule = Rule {
+            family,
+            priority: crate::peer::wireguard::RULE_PRIORITY,
+            table: crate::peer::wireguard::ROUTE_TABLE,
+        };
+        match handle.routes().add_rule(rule).execute().await {
+            Ok(()) => {}
+            Err(e) if family == own => {
+                return Err(e).context("adding the rule that routes pod traffic into WireGuard");
+            }
+            // The other family may be disabled on the node; the peers are all of ours.
+            Err(e) => debug!(error = %error_chain(&e), ?family, "no rule for the other family"),
+        }
+    }
+    info!(link = %link.name, mtu, port = config.wireguard_port, %public_key, "WireGuard device ready");
+    Ok(WireguardMode {
+        handle,
+        settings: WireguardSettings {
+            link: config.wireguard_link.clone(),
+            port: config.wireguard_port,
+            public_key,
+        },
+    })
+}
+
+/// Peers (by node IP) a previous agent left on the WireGuard device: their tasks sweep.
+async fn leftover_wireguard_peers(wg: &WireguardMode) -> std::collections::HashSet<IpAddr> {
+    match wg
+        .handle
+        .device(wg.settings.link.clone())
+        .get()
+        .execute()
+        .await
+    {
+        Ok(device) => device
+            .peers
+            .iter()
+            .filter_map(|p| p.endpoint.map(|e| e.ip()))
+            .collect(),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "cannot read the WireGuard device; no peer will be swept");
+            std::collections::HashSet::new()
+        }
+    }
 }
 
 /// Runs the agent until `cancel` fires.
@@ -177,12 +276,17 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         pod_interface_prefix: config.pod_interface_prefix.clone(),
         strict: config.strict_mode,
         local_pod_cidrs: local.pod_cidrs.clone(),
+        mode: config.datapath_mode(),
     })
     .context("loading the eBPF datapath")?;
     datapath
         .sync_pod_interfaces()
         .context("attaching to pod interfaces")?;
     readiness.done(STEP_DATAPATH);
+    let wireguard = match config.encryption_type {
+        EncryptionType::Wireguard => Some(start_wireguard(&config, local.ip).await?),
+        EncryptionType::Ipsec => None,
+    };
     let xfrm = Handle::new().context("opening the XFRM netlink socket")?;
     let expire_notices =
         ExpireMonitor::open().context("subscribing to the kernel's XFRM expire notices")?;
@@ -282,7 +386,10 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
             crate::peer::MAX_CONCURRENT_HANDSHAKES,
         )),
         pace: Arc::new(Pace::new()),
-        leftover_peers: Arc::new(leftover_peers(&xfrm, local.ip).await),
+        leftover_peers: Arc::new(match &wireguard {
+            Some(wg) => leftover_wireguard_peers(wg).await,
+            None => leftover_peers(&xfrm, local.ip).await,
+        }),
     };
     tracker.spawn(crate::server::serve(
         listener,
@@ -314,6 +421,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         svid: svid_rx,
         metrics,
         xfrm,
+        wireguard,
         datapath,
         observe,
         tracker: tracker.clone(),
@@ -595,6 +703,7 @@ impl StatusSource for Passive {
                 .map(|m| m.clone())
                 .unwrap_or_default(),
             trust_bundle_error: None,
+            wg_public_key: None,
             policy: None,
         }
     }
@@ -1069,10 +1178,28 @@ impl Agent {
             self.registry.remove(old_ip);
         }
         let ip = info.ip;
-        match PeerTask::new(info.clone(), self.peer_ctx.clone()).await {
-            Ok((task, handle)) => {
-                self.registry.insert(ip, info.name.clone(), handle.clone());
+        let started = match &self.wireguard {
+            Some(wg) => PeerTask::new_wireguard(
+                info.clone(),
+                self.peer_ctx.clone(),
+                wg.handle.clone(),
+                &wg.settings,
+            )
+            .await
+            .map(|(task, handle)| {
                 self.tracker.spawn(task.run(handle.cancel.clone()));
+                handle
+            }),
+            None => PeerTask::new(info.clone(), self.peer_ctx.clone())
+                .await
+                .map(|(task, handle)| {
+                    self.tracker.spawn(task.run(handle.cancel.clone()));
+                    handle
+                }),
+        };
+        match started {
+            Ok(handle) => {
+                self.registry.insert(ip, info.name.clone(), handle);
                 info!(peer = %name, %ip, "peer added");
             }
             Err(e) => warn!(peer = %name, error = %error_chain(&e), "cannot set up peer"),
@@ -1299,12 +1426,35 @@ impl StatusSource for Agent {
                 (p.in_bytes, p.in_packets) = lookup(&p.in_spi);
             }
         }
+        // WireGuard: the device's counters per peer key.
+        if let Some(wg) = &self.wireguard
+            && let Ok(device) = wg
+                .handle
+                .device(wg.settings.link.clone())
+                .get()
+                .execute()
+                .await
+        {
+            for p in &mut peers {
+                let key = p.wg_public_key.as_deref();
+                if let Some(d) = device
+                    .peers
+                    .iter()
+                    .find(|d| Some(d.public_key.to_string().as_str()) == key)
+                {
+                    (p.out_bytes, p.in_bytes) = (d.tx_bytes, d.rx_bytes);
+                }
+            }
+        }
         peers.sort_by(|a, b| a.name.cmp(&b.name));
         let (xfrm_errors, datapath_drops) = self.refresh_counters();
         let svid = self.svid.borrow().clone();
         NodeView {
             node: self.node.to_string(),
-            mode: "ipsec".into(),
+            mode: match self.config.encryption_type {
+                EncryptionType::Ipsec => "ipsec".into(),
+                EncryptionType::Wireguard => "wireguard".into(),
+            },
             strict: self.config.strict_mode,
             spiffe_id: svid.as_ref().map(|(id, _)| id.to_string()),
             svid_not_after_unix: svid
@@ -1320,6 +1470,10 @@ impl StatusSource for Agent {
                 .map(|m| m.clone())
                 .unwrap_or_default(),
             trust_bundle_error: self.bundle_error.lock().ok().and_then(|e| e.clone()),
+            wg_public_key: self
+                .wireguard
+                .as_ref()
+                .map(|wg| wg.settings.public_key.to_string()),
             policy: self.policy_view.lock().ok().map(|v| v.clone()),
         }
     }

@@ -1,5 +1,6 @@
 //! Removing everything the agent put into the kernel: its XFRM states and policies (by
-//! ownership, never anyone else's) and its eBPF programs and pins.
+//! ownership, never anyone else's), its WireGuard link (with the link go its peers and the
+//! routes into it) and routing rules, and its eBPF programs and pins.
 //!
 //! A normal stop keeps all of it, so a restarted agent takes over without a gap. This runs only
 //! when the agent is told to stop for good (`--cleanup-on-exit`, e.g. on `helm uninstall`) or
@@ -23,6 +24,9 @@ pub enum CleanupError {
     /// Removing the datapath failed.
     #[error("removing the eBPF datapath")]
     Datapath(#[source] DatapathError),
+    /// Removing the WireGuard link or its routing rules failed.
+    #[error("removing the WireGuard link and rules")]
+    Wireguard(#[source] nodeseal_wireguard::Error),
     /// The blocking removal task panicked (our bug).
     #[error("BUG: the datapath removal task failed")]
     Task(#[source] tokio::task::JoinError),
@@ -35,6 +39,37 @@ pub struct Removed {
     pub xfrm_objects: usize,
     /// Whether a datapath was found and removed.
     pub datapath: bool,
+    /// Whether a WireGuard link was found and removed.
+    pub wireguard_link: bool,
+}
+
+/// Deletes the WireGuard link (a link of that name but another kind is someone else's: left
+/// alone) and nodeseal's rules. Runs in either mode: a run in WireGuard mode may have left them.
+async fn remove_wireguard(config: &AgentConfig) -> Result<bool, CleanupError> {
+    use nodeseal_wireguard::{Error, Family, Rule};
+    let handle = nodeseal_wireguard::Handle::new().map_err(CleanupError::Wireguard)?;
+    let deleted = match handle
+        .links()
+        .delete(config.wireguard_link.clone())
+        .execute()
+        .await
+    {
+        Ok(deleted) => deleted,
+        Err(Error::WrongKind { .. }) => false,
+        Err(e) => return Err(CleanupError::Wireguard(e)),
+    };
+    for family in [Family::V4, Family::V6] {
+        let rule = Rule {
+            family,
+            priority: crate::peer::wireguard::RULE_PRIORITY,
+            table: crate::peer::wireguard::ROUTE_TABLE,
+        };
+        if let Err(e) = handle.routes().delete_rule(rule).execute().await {
+            // IPv6 may be off on the node: then there is no such rule either.
+            warn!(error = %crate::peer::error_chain(&e), ?family, "removing the WireGuard rule");
+        }
+    }
+    Ok(deleted)
 }
 
 /// Removes our XFRM objects and the datapath: `loaded` when this process has it open,
@@ -81,10 +116,15 @@ pub async fn remove_kernel_state(
             }
         }
     }
+    match remove_wireguard(config).await {
+        Ok(deleted) => removed.wireguard_link = deleted,
+        Err(e) => warn!(error = %crate::peer::error_chain(&e), "removing WireGuard state"),
+    }
     removed.datapath = datapath?;
     info!(
         xfrm_objects = removed.xfrm_objects,
         datapath = removed.datapath,
+        wireguard_link = removed.wireguard_link,
         "kernel state removed"
     );
     Ok(removed)
@@ -98,6 +138,7 @@ fn settings(config: &AgentConfig) -> DatapathSettings {
         pod_interface_prefix: config.pod_interface_prefix.clone(),
         strict: config.strict_mode,
         local_pod_cidrs: Vec::new(),
+        mode: config.datapath_mode(),
     }
 }
 

@@ -32,7 +32,8 @@ pub const DEFAULT_DAEMONSET: &str = "nodeseal-agent";
 pub enum EncryptionType {
     /// ESP in the kernel's XFRM, keyed per node pair.
     Ipsec,
-    /// Kernel WireGuard (reserved: refused at start until it exists).
+    /// Kernel WireGuard: one link per node, a peer per node pair with a preshared key per
+    /// epoch.
     Wireguard,
 }
 
@@ -54,11 +55,6 @@ pub enum CleanupOnExit {
 /// A configuration the agent refuses to start with.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// `--encryption-type wireguard`.
-    #[error(
-        "--encryption-type wireguard (NODESEAL_ENCRYPTION_TYPE): wireguard encryption is not implemented yet; use ipsec"
-    )]
-    WireguardNotImplemented,
     /// `--node-encryption true`.
     #[error(
         "--node-encryption (NODESEAL_NODE_ENCRYPTION): encryption of node-to-node (host) traffic is not implemented yet; set it to false"
@@ -243,9 +239,16 @@ pub struct AgentConfig {
     /// `encryption.enabled`).
     #[arg(long, env = "NODESEAL_ENCRYPTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub encryption: bool,
-    /// The encryption datapath. `wireguard` is reserved and refused at start.
+    /// The encryption datapath.
     #[arg(long, env = "NODESEAL_ENCRYPTION_TYPE", value_enum, default_value_t = EncryptionType::Ipsec)]
     pub encryption_type: EncryptionType,
+    /// The WireGuard link (created if missing, reused across restarts) in WireGuard mode.
+    #[arg(long, env = "NODESEAL_WIREGUARD_LINK", default_value = nodeseal_wireguard::DEFAULT_LINK_NAME)]
+    #[serde(serialize_with = "serialize_display")]
+    pub wireguard_link: nodeseal_wireguard::LinkName,
+    /// The UDP port of the WireGuard device; every node uses the same one.
+    #[arg(long, env = "NODESEAL_WIREGUARD_PORT", default_value_t = crate::peer::wireguard::DEFAULT_PORT)]
+    pub wireguard_port: u16,
     /// Also encrypt node-to-node (host) traffic. Reserved: `true` is refused at start.
     #[arg(long, env = "NODESEAL_NODE_ENCRYPTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub node_encryption: bool,
@@ -303,15 +306,28 @@ pub struct AgentConfig {
     pub store: StoreArgs,
 }
 
+fn serialize_display<S: serde::Serializer>(
+    value: &impl std::fmt::Display,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
+}
+
 impl AgentConfig {
+    /// The eBPF datapath's mode for `--encryption-type`.
+    #[must_use]
+    pub const fn datapath_mode(&self) -> nodeseal_bpf::Mode {
+        match self.encryption_type {
+            EncryptionType::Ipsec => nodeseal_bpf::Mode::Ipsec,
+            EncryptionType::Wireguard => nodeseal_bpf::Mode::Wireguard,
+        }
+    }
+
     /// Refuses settings the agent cannot honour, with the flag named, before anything starts.
     ///
     /// # Errors
     /// [`ConfigError`].
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.encryption_type == EncryptionType::Wireguard {
-            return Err(ConfigError::WireguardNotImplemented);
-        }
         if self.node_encryption {
             return Err(ConfigError::NodeEncryptionNotImplemented);
         }
@@ -347,6 +363,8 @@ impl AgentConfig {
             handshake_port: DEFAULT_HANDSHAKE_PORT,
             encryption: true,
             encryption_type: EncryptionType::Ipsec,
+            wireguard_link: nodeseal_wireguard::LinkName::default(),
+            wireguard_port: crate::peer::wireguard::DEFAULT_PORT,
             node_encryption: false,
             rekey_interval: Duration::from_secs(3600),
             rekey_grace: Duration::from_secs(2),
@@ -432,15 +450,27 @@ mod tests {
     }
 
     #[test]
-    fn reserved_settings_are_refused_with_the_flag_named() {
+    fn wireguard_is_accepted_with_its_link_and_port() {
         let wireguard = parse(&["--encryption-type=wireguard"]).unwrap();
-        let e = wireguard.validate().unwrap_err();
-        assert_eq!(e, ConfigError::WireguardNotImplemented);
-        assert!(
-            e.to_string()
-                .contains("wireguard encryption is not implemented yet; use ipsec"),
-            "{e}"
+        assert_eq!(wireguard.validate(), Ok(()));
+        assert_eq!(wireguard.wireguard_link.as_str(), "nodeseal0");
+        assert_eq!(wireguard.wireguard_port, 51871);
+        let custom = parse(&[
+            "--encryption-type=wireguard",
+            "--wireguard-link=wg-ns",
+            "--wireguard-port=51000",
+        ])
+        .unwrap();
+        assert_eq!(
+            (custom.wireguard_link.as_str(), custom.wireguard_port),
+            ("wg-ns", 51000)
         );
+        let e = parse(&["--wireguard-link=a/b"]).err().unwrap().to_string();
+        assert!(e.contains("a/b"), "{e}");
+    }
+
+    #[test]
+    fn reserved_settings_are_refused_with_the_flag_named() {
         let host = parse(&["--node-encryption=true"]).unwrap();
         let e = host.validate().unwrap_err();
         assert_eq!(e, ConfigError::NodeEncryptionNotImplemented);

@@ -87,6 +87,9 @@ pub struct DatapathSettings {
     pub strict: bool,
     /// This node's pod CIDRs.
     pub local_pod_cidrs: Vec<IpNet>,
+    /// The encryption mode (IPsec: pod traffic gets the encryption mark; WireGuard: routing
+    /// takes it into the link).
+    pub mode: Mode,
 }
 
 /// What an endpoint entry of the datapath says: its identity and enforced directions.
@@ -344,7 +347,7 @@ impl DatapathHandle {
         })?;
         dp.config
             .set(DatapathConfig {
-                mode: Mode::Ipsec,
+                mode: settings.mode,
                 local_node: None,
                 strict_egress: settings.strict,
                 strict_ingress: settings.strict,

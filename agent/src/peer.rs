@@ -31,6 +31,7 @@ mod task;
 mod tunnel;
 
 pub mod ipsec;
+pub mod wireguard;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};

@@ -155,6 +155,9 @@ pub struct NodeView {
     /// Why the trust bundle in the store was refused (the node keeps its previous one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_bundle_error: Option<String>,
+    /// This node's WireGuard public key (base64), in WireGuard mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_public_key: Option<String>,
     /// Identity policy: endpoints, identities, policies (encryption on only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<crate::policy_engine::PolicyView>,
@@ -526,6 +529,7 @@ mod tests {
                 datapath_drops: BTreeMap::new(),
                 unusable_nodes: BTreeMap::new(),
                 trust_bundle_error: None,
+                wg_public_key: None,
                 policy: None,
             }
         }

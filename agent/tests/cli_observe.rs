@@ -41,6 +41,7 @@ impl StatusSource for Fixed {
             datapath_drops: BTreeMap::from([("policy_denied".to_owned(), 2)]),
             unusable_nodes: BTreeMap::new(),
             trust_bundle_error: None,
+            wg_public_key: None,
             policy: None,
         }
     }

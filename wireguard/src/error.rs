@@ -6,6 +6,7 @@ use std::io;
 use ipnet::IpNet;
 
 use crate::link::LinkName;
+use crate::routing::Rule;
 use nodeseal_netlink::DecodeError;
 
 /// Errors of [`Handle`](crate::Handle) requests.
@@ -100,6 +101,26 @@ pub enum Operation {
     },
     /// Reading the device (`wg show`).
     ReadDevice(LinkName),
+    /// Adding or replacing a route into the link (`ip route replace`).
+    ReplaceRoute {
+        /// The table.
+        table: u32,
+        /// The destination.
+        dst: IpNet,
+        /// The link.
+        name: LinkName,
+    },
+    /// Removing a route (`ip route del`).
+    DeleteRoute {
+        /// The table.
+        table: u32,
+        /// The destination.
+        dst: IpNet,
+    },
+    /// Adding a policy rule (`ip rule add`).
+    AddRule(Rule),
+    /// Removing a policy rule (`ip rule del`).
+    DeleteRule(Rule),
 }
 
 impl fmt::Display for Operation {
@@ -121,6 +142,20 @@ impl fmt::Display for Operation {
             }
             Self::ConfigureDevice { name, .. } => write!(f, "configure WireGuard device {name}"),
             Self::ReadDevice(n) => write!(f, "read WireGuard device {n}"),
+            Self::ReplaceRoute { table, dst, name } => {
+                write!(f, "route {dst} into {name} in table {table}")
+            }
+            Self::DeleteRoute { table, dst } => write!(f, "remove route {dst} from table {table}"),
+            Self::AddRule(r) => write!(
+                f,
+                "add {:?} rule priority {} lookup {}",
+                r.family, r.priority, r.table
+            ),
+            Self::DeleteRule(r) => write!(
+                f,
+                "remove {:?} rule priority {} lookup {}",
+                r.family, r.priority, r.table
+            ),
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::netlink::codec::{self, Attr, DecodeError, Message};
 use crate::netlink::genl::{self as g, GENL_HDRLEN};
 use crate::netlink::route::{self as r, AF_INET, AF_INET6};
 use crate::netlink::{Proto, SET_MESSAGE_LIMIT, Socket};
+use crate::routing::{Family, Rule};
 
 /// The family id the fake gives `wireguard`.
 const FAMILY: u16 = 0x1b;
@@ -64,6 +65,9 @@ struct State {
     interrupt_dumps: usize,
     set_messages: usize,
     largest_set_message: usize,
+    /// (table, destination) to the output link's index.
+    routes: BTreeMap<(u32, IpNet), u32>,
+    rules: BTreeSet<Rule>,
 }
 
 impl Default for State {
@@ -89,6 +93,8 @@ impl Default for State {
             interrupt_dumps: 0,
             set_messages: 0,
             largest_set_message: 0,
+            routes: BTreeMap::new(),
+            rules: BTreeSet::new(),
         }
     }
 }
@@ -183,6 +189,26 @@ impl FakeKernel {
             .find(|l| l.name == name)
             .map(|l| l.addresses.iter().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// The routes of `table`: destination and output link name.
+    #[must_use]
+    pub fn routes(&self, table: u32) -> Vec<(IpNet, String)> {
+        let s = self.lock();
+        s.routes
+            .iter()
+            .filter(|((t, _), _)| *t == table)
+            .map(|((_, dst), oif)| {
+                let name = s.links.get(oif).map(|l| l.name.clone()).unwrap_or_default();
+                (*dst, name)
+            })
+            .collect()
+    }
+
+    /// The policy rules nodeseal added.
+    #[must_use]
+    pub fn rules(&self) -> Vec<Rule> {
+        self.lock().rules.iter().copied().collect()
     }
 
     pub(crate) fn set_message_limit(&self) -> usize {
@@ -294,6 +320,7 @@ impl State {
     fn route_inner(&mut self, msg: &Message<'_>) -> Result<Vec<Vec<u8>>, i32> {
         let header = match msg.ty {
             r::RTM_NEWADDR | r::RTM_DELADDR => r::IFADDRMSG_LEN,
+            r::RTM_NEWROUTE | r::RTM_DELROUTE | r::RTM_NEWRULE | r::RTM_DELRULE => r::RTMSG_LEN,
             _ => r::IFINFOMSG_LEN,
         };
         let attrs = attrs_of(msg.payload, header).map_err(|_| libc::EINVAL)?;
@@ -347,6 +374,8 @@ impl State {
             }
             r::RTM_DELLINK => {
                 self.links.remove(&index).ok_or(libc::ENODEV)?;
+                // The kernel flushes the routes through a link that goes.
+                self.routes.retain(|_, oif| *oif != index);
                 Ok(vec![])
             }
             r::RTM_NEWADDR | r::RTM_DELADDR => {
@@ -359,6 +388,63 @@ impl State {
                     link.addresses.insert(net);
                 } else if !link.addresses.remove(&net) {
                     return Err(libc::EADDRNOTAVAIL);
+                }
+                Ok(vec![])
+            }
+            r::RTM_NEWROUTE | r::RTM_DELROUTE => {
+                let table = find(&attrs, r::RTA_TABLE)
+                    .ok_or(libc::EINVAL)?
+                    .u32("")
+                    .map_err(|_| libc::EINVAL)?;
+                let dst = find(&attrs, r::RTA_DST).ok_or(libc::EINVAL)?;
+                let ip = ip_of(dst.payload).ok_or(libc::EINVAL)?;
+                let net = IpNet::new(ip, msg.payload[1]).map_err(|_| libc::EINVAL)?;
+                if net.trunc() != net {
+                    return Err(libc::EINVAL);
+                }
+                if msg.ty == r::RTM_DELROUTE {
+                    self.routes.remove(&(table, net)).ok_or(libc::ESRCH)?;
+                    return Ok(vec![]);
+                }
+                let oif = find(&attrs, r::RTA_OIF)
+                    .ok_or(libc::EINVAL)?
+                    .u32("")
+                    .map_err(|_| libc::EINVAL)?;
+                if !self.links.contains_key(&oif) {
+                    return Err(libc::ENODEV);
+                }
+                if msg.flags & codec::NLM_F_REPLACE == 0 && self.routes.contains_key(&(table, net))
+                {
+                    return Err(libc::EEXIST);
+                }
+                self.routes.insert((table, net), oif);
+                Ok(vec![])
+            }
+            r::RTM_NEWRULE | r::RTM_DELRULE => {
+                let family = match msg.payload[0] {
+                    2 => Family::V4,
+                    10 => Family::V6,
+                    _ => return Err(libc::EAFNOSUPPORT),
+                };
+                let u32_of = |ty| {
+                    find(&attrs, ty)
+                        .ok_or(libc::EINVAL)
+                        .and_then(|a| a.u32("").map_err(|_| libc::EINVAL))
+                };
+                let rule = Rule {
+                    family,
+                    priority: u32_of(r::FRA_PRIORITY)?,
+                    table: u32_of(r::FRA_TABLE)?,
+                };
+                if msg.ty == r::RTM_DELRULE {
+                    return if self.rules.remove(&rule) {
+                        Ok(vec![])
+                    } else {
+                        Err(libc::ENOENT)
+                    };
+                }
+                if !self.rules.insert(rule) && msg.flags & codec::NLM_F_EXCL != 0 {
+                    return Err(libc::EEXIST);
                 }
                 Ok(vec![])
             }

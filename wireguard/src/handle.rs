@@ -18,6 +18,7 @@ use crate::error::{Error, Operation};
 use crate::key::PublicKey;
 use crate::link::{Link, LinkName, LinkSpec};
 use crate::netlink::{self, NetlinkSocket, Proto, SET_MESSAGE_LIMIT, Socket};
+use crate::routing::Rule;
 use crate::worker::{Op, Reply, Worker};
 
 struct Job {
@@ -101,6 +102,12 @@ impl Handle {
         LinkRequests { handle: self }
     }
 
+    /// Requests about routes into the link and policy rules (`ip route`, `ip rule`).
+    #[must_use]
+    pub const fn routes(&self) -> RouteRequests<'_> {
+        RouteRequests { handle: self }
+    }
+
     /// Requests about the WireGuard device on link `name` (`wg`).
     #[must_use]
     pub const fn device(&self, name: LinkName) -> DeviceRequests<'_> {
@@ -158,6 +165,41 @@ impl LinkRequests<'_> {
     #[doc(alias = "RTM_DELADDR")]
     pub fn delete_address(&self, name: LinkName, net: IpNet) -> Request<()> {
         Request::new(self.handle, Op::DeleteAddress(name, net))
+    }
+}
+
+/// Builders for route and rule requests.
+#[derive(Debug)]
+pub struct RouteRequests<'a> {
+    handle: &'a Handle,
+}
+
+impl RouteRequests<'_> {
+    /// Routes `dst` into the WireGuard link `name` in `table`, replacing a route to `dst` that
+    /// is there. `ip route replace DST dev NAME table TABLE`.
+    ///
+    /// Fails with [`Error::WrongKind`] if `name` is not a WireGuard link.
+    #[doc(alias = "RTM_NEWROUTE")]
+    pub fn replace(&self, table: u32, dst: IpNet, name: LinkName) -> Request<()> {
+        Request::new(self.handle, Op::ReplaceRoute(table, dst, name))
+    }
+
+    /// Removes the route to `dst` from `table` (absent is fine). `ip route del DST table TABLE`.
+    #[doc(alias = "RTM_DELROUTE")]
+    pub fn delete(&self, table: u32, dst: IpNet) -> Request<()> {
+        Request::new(self.handle, Op::DeleteRoute(table, dst))
+    }
+
+    /// Adds `rule` (already there is fine). `ip rule add priority P lookup T`.
+    #[doc(alias = "RTM_NEWRULE")]
+    pub fn add_rule(&self, rule: Rule) -> Request<()> {
+        Request::new(self.handle, Op::Rule(rule, true))
+    }
+
+    /// Removes `rule` (absent is fine). `ip rule del priority P lookup T`.
+    #[doc(alias = "RTM_DELRULE")]
+    pub fn delete_rule(&self, rule: Rule) -> Request<()> {
+        Request::new(self.handle, Op::Rule(rule, false))
     }
 }
 

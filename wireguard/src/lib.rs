@@ -10,6 +10,8 @@
 //! - the device: [`DeviceConfig`] / [`PeerConfig`] applied with `WG_CMD_SET_DEVICE` over
 //!   WireGuard's generic netlink family, split into as many messages as a large peer set needs,
 //!   and read back whole ([`Device`], [`Peer`]) from a `WG_CMD_GET_DEVICE` dump;
+//! - routes into the link in a table of nodeseal's own and the [`Rule`] that consults it
+//!   (`RTM_NEWROUTE` / `RTM_NEWRULE`), idempotent;
 //! - one cheap-clone [`Handle`] per network namespace, whose requests finish with
 //!   `.execute().await`.
 //!
@@ -48,14 +50,16 @@ mod handle;
 mod key;
 mod link;
 mod netlink;
+mod routing;
 mod worker;
 
 pub use device::{Device, DeviceConfig, Peer, PeerChange, PeerConfig};
 pub use error::{Error, KernelError, Operation, TransportError};
-pub use handle::{DeviceRequests, Handle, LinkRequests, Request};
+pub use handle::{DeviceRequests, Handle, LinkRequests, Request, RouteRequests};
 pub use key::{KEY_LEN, KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use link::{DEFAULT_LINK_NAME, DEFAULT_MTU, Link, LinkName, LinkNameError, LinkSpec};
 pub use nodeseal_netlink::DecodeError;
+pub use routing::{Family, Rule};
 
 /// Helpers for tests in this and other crates.
 #[cfg(any(test, feature = "testing"))]

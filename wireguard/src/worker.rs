@@ -11,6 +11,7 @@ use crate::netlink::codec::DecodeError;
 use crate::netlink::genl::{self, DumpReader};
 use crate::netlink::route;
 use crate::netlink::{Answer, Conn, Proto, Socket};
+use crate::routing::Rule;
 
 /// A request to the worker.
 #[derive(Debug)]
@@ -22,6 +23,9 @@ pub(crate) enum Op {
     DeleteAddress(LinkName, IpNet),
     Configure(LinkName, DeviceConfig),
     ReadDevice(LinkName),
+    ReplaceRoute(u32, IpNet, LinkName),
+    DeleteRoute(u32, IpNet),
+    Rule(Rule, bool),
 }
 
 /// The worker's answer to an [`Op`]. (`pub` in this private module only so the sealed
@@ -72,6 +76,11 @@ impl<S: Socket> Worker<S> {
             Op::DeleteAddress(name, net) => self.address(&name, net, false).map(|()| Reply::Done),
             Op::Configure(name, config) => self.configure(&name, &config).map(|()| Reply::Done),
             Op::ReadDevice(name) => self.read_device(&name).map(|d| Reply::Device(Box::new(d))),
+            Op::ReplaceRoute(table, dst, name) => {
+                self.replace_route(table, dst, &name).map(|()| Reply::Done)
+            }
+            Op::DeleteRoute(table, dst) => self.delete_route(table, dst).map(|()| Reply::Done),
+            Op::Rule(rule, add) => self.rule(rule, add).map(|()| Reply::Done),
         }
     }
 
@@ -228,6 +237,57 @@ impl<S: Socket> Worker<S> {
         }
     }
 
+    fn replace_route(&mut self, table: u32, dst: IpNet, name: &LinkName) -> Result<(), Error> {
+        let op = Operation::ReplaceRoute {
+            table,
+            dst,
+            name: name.clone(),
+        };
+        let Some(link) = self.own_link(name)? else {
+            return Err(refused(
+                op,
+                KernelError {
+                    errno: libc::ENODEV,
+                    message: None,
+                },
+            ));
+        };
+        let (answer, _) = self.route_request(&op, |buf, seq| {
+            route::encode_route(buf, seq, table, dst, Some(link.index));
+        })?;
+        answer.map_err(|e| refused(op, e))
+    }
+
+    fn delete_route(&mut self, table: u32, dst: IpNet) -> Result<(), Error> {
+        let op = Operation::DeleteRoute { table, dst };
+        let (answer, _) = self.route_request(&op, |buf, seq| {
+            route::encode_route(buf, seq, table, dst, None)
+        })?;
+        match answer {
+            Ok(()) => Ok(()),
+            // A route that is not there already has the wanted outcome.
+            Err(e) if e.errno == libc::ESRCH || e.errno == libc::ENOENT => Ok(()),
+            Err(e) => Err(refused(op, e)),
+        }
+    }
+
+    fn rule(&mut self, rule: Rule, add: bool) -> Result<(), Error> {
+        let op = if add {
+            Operation::AddRule(rule)
+        } else {
+            Operation::DeleteRule(rule)
+        };
+        let (answer, _) =
+            self.route_request(&op, |buf, seq| route::encode_rule(buf, seq, add, rule))?;
+        match answer {
+            Ok(()) => Ok(()),
+            // The rule is there (a previous agent's) or already gone: the wanted outcome.
+            Err(e) if add && e.errno == libc::EEXIST => Ok(()),
+            Err(e) if !add && e.errno == libc::ENOENT => Ok(()),
+            Err(e) => Err(refused(op, e)),
+        }
+    }
+
     fn family(&mut self) -> Result<u16, Error> {
         if let Some(id) = self.family {
             return Ok(id);
@@ -325,6 +385,67 @@ mod tests {
 
     fn name() -> LinkName {
         LinkName::default()
+    }
+
+    #[tokio::test]
+    async fn routes_replace_and_delete_idempotently_and_rules_may_exist() {
+        use crate::{Family, Rule};
+        let kernel = FakeKernel::new();
+        let h = Handle::with_fake(&kernel);
+        h.links()
+            .ensure(LinkSpec::default())
+            .execute()
+            .await
+            .unwrap();
+        let cidr: ipnet::IpNet = "10.244.2.0/24".parse().unwrap();
+        for _ in 0..2 {
+            h.routes()
+                .replace(20051, cidr, name())
+                .execute()
+                .await
+                .unwrap();
+        }
+        assert_eq!(kernel.routes(20051), [(cidr, "nodeseal0".to_owned())]);
+        assert!(
+            kernel.routes(254).is_empty(),
+            "the main table is never touched"
+        );
+        for _ in 0..2 {
+            h.routes().delete(20051, cidr).execute().await.unwrap();
+        }
+        assert!(kernel.routes(20051).is_empty());
+
+        kernel.add_foreign_link("eth9", "veth");
+        let e = h
+            .routes()
+            .replace(20051, cidr, LinkName::new("eth9").unwrap())
+            .execute()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::WrongKind { .. }), "{e}");
+
+        let rule = Rule {
+            family: Family::V4,
+            priority: 100,
+            table: 20051,
+        };
+        for _ in 0..2 {
+            h.routes().add_rule(rule).execute().await.unwrap();
+        }
+        assert_eq!(kernel.rules(), [rule]);
+        for _ in 0..2 {
+            h.routes().delete_rule(rule).execute().await.unwrap();
+        }
+        assert!(kernel.rules().is_empty());
+
+        // Routes through a deleted link go with it.
+        h.routes()
+            .replace(20051, cidr, name())
+            .execute()
+            .await
+            .unwrap();
+        h.links().delete(name()).execute().await.unwrap();
+        assert!(kernel.routes(20051).is_empty());
     }
 
     #[tokio::test]

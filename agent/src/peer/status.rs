@@ -44,6 +44,10 @@ pub struct PeerStatus {
     pub out_spi: Option<String>,
     /// SPI of the IN SA.
     pub in_spi: Option<String>,
+    /// The peer's WireGuard public key (base64) as its verified Hello announced it, in WireGuard
+    /// mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_public_key: Option<String>,
     /// When the current keys were installed (Unix seconds).
     pub last_rekey_unix: Option<u64>,
     /// Successful key agreements.
@@ -76,6 +80,7 @@ impl PeerStatus {
             slot: None,
             out_spi: None,
             in_spi: None,
+            wg_public_key: None,
             last_rekey_unix: None,
             rekeys: 0,
             failures: 0,
@@ -121,6 +126,7 @@ impl PeerStatus {
             self.slot = None;
             self.out_spi = None;
             self.in_spi = None;
+            self.wg_public_key = None;
         }
     }
 }

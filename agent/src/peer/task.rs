@@ -23,6 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::ipsec::IpsecTunnel;
 use super::schedule::{Schedule, Timing, patience};
+use super::wireguard::{WireguardSettings, WireguardTunnel};
 use super::{
     InstalledEpoch, PeerCommand, PeerContext, PeerDatapath, PeerEnd, PeerError, PeerHandle,
     PeerInfo, PeerSettings, PeerState, PeerStatus, Tunnel, error_chain, generation_of,
@@ -87,6 +88,37 @@ impl PeerTask<IpsecTunnel> {
         let node_id = datapath.node_id(info.ip)?;
         datapath.set_peer_routes(node_id, &info.pod_cidrs)?;
         let tunnel = IpsecTunnel::new(ctx.xfrm, Arc::clone(&datapath), &ctx.settings, node_id)?;
+        let task = TaskContext {
+            leftovers: ctx.leftover_peers.contains(&info.ip),
+            settings: ctx.settings,
+            handshake: ctx.handshake,
+            generation: ctx.generation,
+            metrics: ctx.metrics,
+            cancel: ctx.cancel,
+            handshake_permits: ctx.handshake_permits,
+            pace: ctx.pace,
+        };
+        Self::start(info, node_id, task, datapath, tunnel).await
+    }
+}
+
+impl PeerTask<WireguardTunnel> {
+    /// Prepares the task for `info` in WireGuard mode: allocates the node id and publishes the
+    /// peer's pod CIDRs to the datapath (strict mode drops traffic to them until keys exist).
+    /// The peer's entry on the device `wg` is written at its first key agreement.
+    ///
+    /// # Errors
+    /// [`PeerError`] from the datapath.
+    pub async fn new_wireguard(
+        info: PeerInfo,
+        ctx: PeerContext,
+        wg: nodeseal_wireguard::Handle,
+        settings: &WireguardSettings,
+    ) -> Result<(Self, PeerHandle), PeerError> {
+        let datapath: Arc<dyn PeerDatapath> = Arc::new(ctx.datapath);
+        let node_id = datapath.node_id(info.ip)?;
+        datapath.set_peer_routes(node_id, &info.pod_cidrs)?;
+        let tunnel = WireguardTunnel::new(wg, Arc::clone(&datapath), settings);
         let task = TaskContext {
             leftovers: ctx.leftover_peers.contains(&info.ip),
             settings: ctx.settings,
@@ -466,11 +498,11 @@ impl<T: Tunnel> PeerTask<T> {
 
     fn hello(&self, config: &HandshakeConfig, epoch: Epoch, spi: u32) -> Result<Hello, PeerError> {
         let spi = nodeseal_keymgr::Spi::new(spi).map_err(|_| PeerError::BadSpi(spi))?;
-        Ok(
+        Ok(self.tunnel.announce(
             Hello::new(config.local_node().clone(), epoch, spi, self.tunnel.mode())
                 .with_node_ips(vec![self.settings.local.ip])
                 .with_pod_cidrs(self.settings.local.pod_cidrs.clone()),
-        )
+        ))
     }
 
     async fn respond<S>(&mut self, incoming: Incoming<S>)

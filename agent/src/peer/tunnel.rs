@@ -6,8 +6,8 @@
 //! retired after a grace period. A tunnel keeps track of the epochs it has in the kernel, so
 //! that it can sweep whatever else a previous agent left for the peer and remove everything at
 //! teardown. IPsec ([`super::ipsec`]) maps an epoch to a pair of XFRM states under a key slot.
-//! The trait is shaped for a WireGuard tunnel too: its epoch is the pair's preshared key
-//! (`SessionKeys::wg_psk`) and its peer key comes from the verified Hello, never the store.
+//! WireGuard ([`super::wireguard`]) maps an epoch to the pair's preshared key
+//! (`SessionKeys::wg_psk`); its peer key comes from the verified Hello, never the store.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -93,6 +93,11 @@ pub trait Tunnel: Send {
     /// Whether the current epoch sends or receives on `spi` (usage-limit notices name SAs).
     fn carries_spi(&self, spi: u32) -> bool;
 
+    /// Adds what the tunnel announces to our Hello (WireGuard: this node's public key).
+    fn announce(&self, hello: Hello) -> Hello {
+        hello
+    }
+
     /// Writes the tunnel's part of the status row (IPsec: slot and SPIs of the current epoch).
     fn fill_status(&self, row: &mut PeerStatus);
 }
@@ -139,6 +144,12 @@ pub enum TunnelError {
     /// Updating the eBPF maps failed.
     #[error("updating the eBPF maps")]
     Datapath(#[from] DatapathError),
+    /// Programming the WireGuard device or its routes failed.
+    #[error("programming WireGuard")]
+    Wireguard(#[from] nodeseal_wireguard::Error),
+    /// The peer's verified Hello carries no WireGuard public key, the only source of its key.
+    #[error("the peer's Hello carries no wg_public_key")]
+    MissingPeerKey,
     /// The SPI the peer chose cannot be used.
     #[error("SPI {0} is not usable")]
     BadSpi(u32),

@@ -1,7 +1,9 @@
-//! rtnetlink messages for the link and its addresses (`ip link`, `ip address`).
+//! rtnetlink messages for the link, its addresses, routes and policy rules (`ip link`,
+//! `ip address`, `ip route`, `ip rule`).
 //!
-//! Layouts follow `include/uapi/linux/rtnetlink.h` and `if_link.h`: `struct ifinfomsg` is 16
-//! bytes, `struct ifaddrmsg` 8.
+//! Layouts follow `include/uapi/linux/rtnetlink.h`, `if_link.h` and `fib_rules.h`:
+//! `struct ifinfomsg` is 16 bytes, `struct ifaddrmsg` 8, `struct rtmsg` and
+//! `struct fib_rule_hdr` 12.
 
 use std::net::IpAddr;
 
@@ -11,12 +13,34 @@ use super::codec::{
     self, DecodeError, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use crate::link::Link;
+use crate::routing::{Family, Rule};
 
 pub(crate) const RTM_NEWLINK: u16 = 16;
 pub(crate) const RTM_DELLINK: u16 = 17;
 pub(crate) const RTM_GETLINK: u16 = 18;
 pub(crate) const RTM_NEWADDR: u16 = 20;
 pub(crate) const RTM_DELADDR: u16 = 21;
+
+pub(crate) const RTM_NEWROUTE: u16 = 24;
+pub(crate) const RTM_DELROUTE: u16 = 25;
+pub(crate) const RTM_NEWRULE: u16 = 32;
+pub(crate) const RTM_DELRULE: u16 = 33;
+
+pub(crate) const RTA_DST: u16 = 1;
+pub(crate) const RTA_OIF: u16 = 4;
+pub(crate) const RTA_TABLE: u16 = 15;
+pub(crate) const FRA_PRIORITY: u16 = 6;
+pub(crate) const FRA_TABLE: u16 = 15;
+/// `RT_TABLE_UNSPEC` in the one-byte table field: the table is in `RTA_TABLE` / `FRA_TABLE`,
+/// which holds ids above 255.
+const RT_TABLE_UNSPEC: u8 = 0;
+const RTPROT_STATIC: u8 = 4;
+const RT_SCOPE_LINK: u8 = 253;
+/// What `ip route del` puts in the scope: match any.
+const RT_SCOPE_NOWHERE: u8 = 255;
+const RTN_UNICAST: u8 = 1;
+const FR_ACT_TO_TBL: u8 = 1;
+pub(crate) const RTMSG_LEN: usize = 12;
 
 pub(crate) const IFLA_IFNAME: u16 = 3;
 pub(crate) const IFLA_MTU: u16 = 4;
@@ -105,6 +129,78 @@ pub(crate) fn encode_address(buf: &mut Vec<u8>, seq: u32, add: bool, index: u32,
     buf.extend_from_slice(&index.to_ne_bytes());
     codec::attr(buf, IFA_LOCAL, &octets);
     codec::attr(buf, IFA_ADDRESS, &octets);
+    codec::finish(buf, m);
+}
+
+fn family_octets(net: IpNet) -> (u8, Vec<u8>) {
+    match net.addr() {
+        IpAddr::V4(a) => (2, a.octets().to_vec()),
+        IpAddr::V6(a) => (10, a.octets().to_vec()),
+    }
+}
+
+/// `RTM_NEWROUTE` with replace semantics (`ip route replace NET dev INDEX table TABLE`) or
+/// `RTM_DELROUTE` (`ip route del NET table TABLE`). The host bits of `net` are cleared, as the
+/// kernel refuses a destination with them set.
+pub(crate) fn encode_route(buf: &mut Vec<u8>, seq: u32, table: u32, net: IpNet, oif: Option<u32>) {
+    let net = net.trunc();
+    let (ty, flags, protocol, scope, kind) = match oif {
+        Some(_) => (
+            RTM_NEWROUTE,
+            NLM_F_CREATE | NLM_F_REPLACE,
+            RTPROT_STATIC,
+            RT_SCOPE_LINK,
+            RTN_UNICAST,
+        ),
+        None => (RTM_DELROUTE, 0, 0, RT_SCOPE_NOWHERE, 0),
+    };
+    let m = codec::begin(buf, ty, NLM_F_REQUEST | NLM_F_ACK | flags, seq);
+    let (family, octets) = family_octets(net);
+    buf.extend_from_slice(&[
+        family,
+        net.prefix_len(),
+        0, // src_len
+        0, // tos
+        RT_TABLE_UNSPEC,
+        protocol,
+        scope,
+        kind,
+    ]);
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // flags
+    codec::attr_u32(buf, RTA_TABLE, table);
+    codec::attr(buf, RTA_DST, &octets);
+    if let Some(oif) = oif {
+        codec::attr_u32(buf, RTA_OIF, oif);
+    }
+    codec::finish(buf, m);
+}
+
+/// `RTM_NEWRULE` (`ip rule add priority P lookup T`; `EEXIST` if the same rule is there) or
+/// `RTM_DELRULE`.
+pub(crate) fn encode_rule(buf: &mut Vec<u8>, seq: u32, add: bool, rule: Rule) {
+    let (ty, flags) = if add {
+        (RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL)
+    } else {
+        (RTM_DELRULE, 0)
+    };
+    let m = codec::begin(buf, ty, NLM_F_REQUEST | NLM_F_ACK | flags, seq);
+    let family = match rule.family {
+        Family::V4 => 2,
+        Family::V6 => 10,
+    };
+    buf.extend_from_slice(&[
+        family,
+        0, // dst_len
+        0, // src_len
+        0, // tos
+        RT_TABLE_UNSPEC,
+        0,
+        0,
+        FR_ACT_TO_TBL,
+    ]);
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // flags
+    codec::attr_u32(buf, FRA_PRIORITY, rule.priority);
+    codec::attr_u32(buf, FRA_TABLE, rule.table);
     codec::finish(buf, m);
 }
 
@@ -201,6 +297,83 @@ mod tests {
         encode_address(&mut buf, 1, false, 9, "10.0.0.1/24".parse().unwrap());
         let m = one(&buf);
         assert_eq!((m.ty, m.payload[0], m.payload[1]), (RTM_DELADDR, 2, 24));
+    }
+
+    #[test]
+    fn routes_carry_table_destination_and_link() {
+        let mut buf = Vec::new();
+        encode_route(
+            &mut buf,
+            3,
+            20051,
+            "10.244.2.7/24".parse().unwrap(),
+            Some(6),
+        );
+        let m = one(&buf);
+        assert_eq!(m.ty, RTM_NEWROUTE);
+        assert_eq!(
+            m.flags,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+        );
+        assert_eq!(&m.payload[..8], &[2, 24, 0, 0, 0, 4, 253, 1]);
+        let attrs: Vec<_> = codec::attrs(&m.payload[RTMSG_LEN..])
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(attrs.len(), 3);
+        assert_eq!(
+            (attrs[0].ty, attrs[0].u32("t").unwrap()),
+            (RTA_TABLE, 20051)
+        );
+        assert_eq!(
+            (attrs[1].ty, attrs[1].payload),
+            (RTA_DST, &[10, 244, 2, 0][..])
+        );
+        assert_eq!((attrs[2].ty, attrs[2].u32("o").unwrap()), (RTA_OIF, 6));
+
+        let mut buf = Vec::new();
+        encode_route(&mut buf, 4, 20051, "fd00:1::/64".parse().unwrap(), None);
+        let m = one(&buf);
+        assert_eq!(m.ty, RTM_DELROUTE);
+        assert_eq!(m.flags & NLM_F_CREATE, 0);
+        assert_eq!((m.payload[0], m.payload[1], m.payload[6]), (10, 64, 255));
+        let attrs: Vec<_> = codec::attrs(&m.payload[RTMSG_LEN..])
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(attrs.len(), 2, "no link on delete");
+        assert_eq!(attrs[1].payload.len(), 16);
+    }
+
+    #[test]
+    fn rules_carry_family_priority_table_and_the_lookup_action() {
+        let rule = Rule {
+            family: Family::V6,
+            priority: 100,
+            table: 20051,
+        };
+        let mut buf = Vec::new();
+        encode_rule(&mut buf, 1, true, rule);
+        let m = one(&buf);
+        assert_eq!(m.ty, RTM_NEWRULE);
+        assert_eq!(
+            m.flags & NLM_F_EXCL,
+            NLM_F_EXCL,
+            "an existing rule answers EEXIST"
+        );
+        assert_eq!(&m.payload[..8], &[10, 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL]);
+        let attrs: Vec<_> = codec::attrs(&m.payload[RTMSG_LEN..])
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            (attrs[0].ty, attrs[0].u32("p").unwrap()),
+            (FRA_PRIORITY, 100)
+        );
+        assert_eq!(
+            (attrs[1].ty, attrs[1].u32("t").unwrap()),
+            (FRA_TABLE, 20051)
+        );
+        let mut buf = Vec::new();
+        encode_rule(&mut buf, 2, false, rule);
+        assert_eq!(one(&buf).ty, RTM_DELRULE);
     }
 
     #[test]

@@ -1,0 +1,579 @@
+//! The WireGuard tunnel: a peer is one entry on the node's WireGuard device, and an epoch is the
+//! preshared key that entry carries.
+//!
+//! The peer's public key is taken only from its Hello, which arrived inside the mutual-TLS
+//! channel whose certificate the handshake verified; a key from the store or anywhere else
+//! would let whoever writes the store impersonate the node. The preshared key of every epoch
+//! comes from the TLS exporter (`SessionKeys::wg_psk`), so each rekey mixes fresh key material
+//! into WireGuard's own sessions.
+//!
+//! A WireGuard peer holds one preshared key, so installing an epoch replaces the previous one
+//! at once (WireGuard's next handshake uses it; the sessions in flight keep theirs, which is
+//! what makes the change hitless). Each installed epoch remembers its key and the peer key it
+//! was installed with: an epoch the peer never confirms is undone by writing the current
+//! epoch's entry back. Flipping sets the peer's slot in the eBPF maps (strict mode lets traffic
+//! to its pods pass once a slot is set), admits its node and routes its pod CIDRs into the link.
+//!
+//! Routing: the peers' pod CIDRs go into table [`ROUTE_TABLE`] (`<pod cidr> dev nodeseal0`),
+//! which one rule per family at priority [`RULE_PRIORITY`] consults before the main table. A
+//! peer gets its routes only once it has keys, so traffic to a peer without keys finds nothing
+//! there and falls through to the main table: plaintext, unless strict mode drops it in the
+//! eBPF datapath.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use nodeseal_keymgr::{Hello, Mode, SessionKeys, WgPublicKey};
+use nodeseal_wireguard::{DeviceRequests, Handle, LinkName, PeerConfig, PresharedKey, PublicKey};
+use rand::Rng;
+use tracing::{debug, info, warn};
+use zeroize::Zeroizing;
+
+use super::ipsec::KeySlot;
+use super::{InstalledEpoch, PeerDatapath, PeerEnd, PeerStatus, Tunnel, TunnelError, error_chain};
+
+/// The UDP port WireGuard listens on unless configured otherwise.
+pub const DEFAULT_PORT: u16 = 51871;
+
+/// nodeseal's routing table: `0x4e53` ("NS"), far from the ids distributions and CNIs use
+/// (main 254, local 255, Cilium's 200-202 and 2004-2005).
+pub const ROUTE_TABLE: u32 = 0x4e53;
+/// The priority of the rule that looks up [`ROUTE_TABLE`]: after `local` (0), before `main`
+/// (32766).
+pub const RULE_PRIORITY: u32 = 100;
+
+/// What every WireGuard tunnel of the node shares.
+#[derive(Clone, Debug)]
+pub struct WireguardSettings {
+    /// The node's WireGuard link.
+    pub link: LinkName,
+    /// The UDP port every node's device listens on.
+    pub port: u16,
+    /// This node's public key, announced in our Hellos.
+    pub public_key: PublicKey,
+}
+
+/// One epoch's entry on the device.
+#[derive(Debug)]
+struct Installed {
+    epoch: InstalledEpoch,
+    peer_key: PublicKey,
+    psk: PresharedKey,
+}
+
+/// A peer's WireGuard tunnel.
+#[derive(Debug)]
+pub struct WireguardTunnel {
+    wg: Handle,
+    datapath: Arc<dyn PeerDatapath>,
+    settings: WireguardSettings,
+    /// Installed epochs, oldest first; the device holds the last one's preshared key.
+    epochs: Vec<Installed>,
+    /// The epoch traffic uses.
+    current: Option<InstalledEpoch>,
+    /// The pod CIDRs routed into the link, as routed (the peer's record may change since).
+    routed: Vec<IpNet>,
+    /// Installations so far (names the next one).
+    installs: u64,
+}
+
+/// The one slot a WireGuard peer uses: the device, not a mark, chooses the keys, so the slot
+/// only tells the datapath (strict mode) that the peer has them.
+const SLOT: KeySlot = KeySlot::FIRST;
+
+impl WireguardTunnel {
+    /// The tunnel to a peer over the node's device.
+    pub(crate) fn new(
+        wg: Handle,
+        datapath: Arc<dyn PeerDatapath>,
+        settings: &WireguardSettings,
+    ) -> Self {
+        Self {
+            wg,
+            datapath,
+            settings: settings.clone(),
+            epochs: Vec::new(),
+            current: None,
+            routed: Vec::new(),
+            installs: 0,
+        }
+    }
+
+    /// Routes exactly `peer`'s pod CIDRs into the link.
+    async fn route(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
+        for cidr in &peer.pod_cidrs {
+            self.wg
+                .routes()
+                .replace(ROUTE_TABLE, *cidr, self.settings.link.clone())
+                .execute()
+                .await?;
+        }
+        let stale: Vec<IpNet> = self
+            .routed
+            .iter()
+            .filter(|c| !peer.pod_cidrs.contains(c))
+            .copied()
+            .collect();
+        self.routed = peer.pod_cidrs.clone();
+        for cidr in stale {
+            self.wg.routes().delete(ROUTE_TABLE, cidr).execute().await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the peer's routes out of the link, so its traffic falls through to the main table.
+    async fn unroute(&mut self) -> Result<(), TunnelError> {
+        for cidr in std::mem::take(&mut self.routed) {
+            self.wg.routes().delete(ROUTE_TABLE, cidr).execute().await?;
+        }
+        Ok(())
+    }
+
+    fn entry(&self, peer: &PeerEnd, key: PublicKey, psk: PresharedKey) -> PeerConfig {
+        PeerConfig::new(key)
+            .preshared_key(psk)
+            .endpoint(SocketAddr::new(peer.ip, self.settings.port))
+            // Node IPs join once node encryption exists; pod CIDRs alone make WireGuard drop
+            // an inner source the peer does not own.
+            .allowed_ips(peer.pod_cidrs.iter().copied())
+    }
+
+    fn device(&self) -> DeviceRequests<'_> {
+        self.wg.device(self.settings.link.clone())
+    }
+
+    fn current(&self) -> Option<&Installed> {
+        let epoch = self.current?;
+        self.epochs.iter().find(|i| i.epoch == epoch)
+    }
+
+    fn key_in_use(&self, key: &PublicKey) -> bool {
+        self.epochs.iter().any(|i| i.peer_key == *key)
+    }
+
+    /// Removes device peers for `peer` whose key is not in `keep`: ours when `keep` is empty,
+    /// and whatever a previous agent left (an entry for the same endpoint or pod CIDRs).
+    async fn remove_others(
+        &self,
+        peer: &PeerEnd,
+        keep: &[PublicKey],
+    ) -> Result<usize, TunnelError> {
+        let device = self.device().get().execute().await?;
+        let mut removed = 0;
+        for p in &device.peers {
+            if keep.contains(&p.public_key) {
+                continue;
+            }
+            let same_endpoint = p.endpoint.is_some_and(|e| e.ip() == peer.ip);
+            let same_pods = p.allowed_ips.iter().any(|a| {
+                peer.pod_cidrs
+                    .iter()
+                    .any(|c| c.contains(a) || a.contains(c))
+            });
+            if same_endpoint || same_pods {
+                self.device().remove_peer(p.public_key).execute().await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl Tunnel for WireguardTunnel {
+    fn mode(&self) -> Mode {
+        Mode::Wireguard
+    }
+
+    fn fresh_spi(&self) -> u32 {
+        // WireGuard has no SPIs; the value only enters the key derivation. Values below
+        // 0x10000 are reserved by the protocol.
+        rand::rng().random_range(0x0001_0000..=u32::MAX)
+    }
+
+    async fn prepare(&mut self, _peer: &PeerEnd) -> Result<(), TunnelError> {
+        // Strict mode needs nothing here: the datapath drops traffic to a peer without a slot.
+        Ok(())
+    }
+
+    async fn install(
+        &mut self,
+        peer: &PeerEnd,
+        keys: &SessionKeys,
+        peer_hello: &Hello,
+    ) -> Result<InstalledEpoch, TunnelError> {
+        let WgPublicKey(bytes) = peer_hello
+            .wg_public_key
+            .ok_or(TunnelError::MissingPeerKey)?;
+        let peer_key = PublicKey::from_bytes(bytes);
+        let mut psk_bytes = Zeroizing::new(*keys.wg_psk.as_bytes());
+        let psk = PresharedKey::from_bytes(&mut psk_bytes);
+        self.wg
+            .device(self.settings.link.clone())
+            .set_peer(self.entry(peer, peer_key, psk.clone()))
+            .execute()
+            .await?;
+        self.installs += 1;
+        let epoch = InstalledEpoch::new(keys.epoch, self.installs);
+        self.epochs.push(Installed {
+            epoch,
+            peer_key,
+            psk,
+        });
+        Ok(epoch)
+    }
+
+    async fn flip(&mut self, peer: &PeerEnd, epoch: InstalledEpoch) -> Result<(), TunnelError> {
+        let Some(new) = self.epochs.iter().find(|i| i.epoch == epoch) else {
+            return Err(TunnelError::UnknownEpoch(epoch));
+        };
+        let peer_key = new.peer_key;
+        // Routes first: with the slot set and no route yet, the datapath would let traffic
+        // pass and the main table would send it in clear.
+        self.route(peer).await?;
+        self.datapath.admit_node(peer.node_id, peer.ip)?;
+        self.datapath.set_slot(peer.node_id, Some(SLOT))?;
+        self.current = Some(epoch);
+        info!(epoch = epoch.epoch.0, peer_key = %peer_key, "keys installed and in use");
+        Ok(())
+    }
+
+    async fn retire(&mut self, peer: &PeerEnd, epoch: InstalledEpoch) -> Result<(), TunnelError> {
+        let Some(pos) = self.epochs.iter().position(|i| i.epoch == epoch) else {
+            return Err(TunnelError::UnknownEpoch(epoch));
+        };
+        let was_current = self.current == Some(epoch);
+        let was_latest = pos + 1 == self.epochs.len();
+        let old = self.epochs.remove(pos);
+        if was_current {
+            // Traffic stops being let through before the entry goes.
+            if let Err(e) = self.datapath.set_slot(peer.node_id, None) {
+                warn!(error = %error_chain(&e), "cannot clear peer slot");
+            }
+            self.current = None;
+            self.unroute().await?;
+            if !self.key_in_use(&old.peer_key) {
+                self.device().remove_peer(old.peer_key).execute().await?;
+            }
+        } else if was_latest {
+            // Never confirmed: the device holds its key, so the current epoch's entry goes back.
+            if let Some(current) = self.current() {
+                let restore = self.entry(peer, current.peer_key, current.psk.clone());
+                self.device().set_peer(restore).execute().await?;
+            }
+            if !self.key_in_use(&old.peer_key) {
+                self.device().remove_peer(old.peer_key).execute().await?;
+            }
+        } else if !self.key_in_use(&old.peer_key) {
+            // A previous epoch: its preshared key is already replaced; only an entry under a key
+            // the peer no longer uses (it restarted) is left to remove.
+            self.device().remove_peer(old.peer_key).execute().await?;
+        }
+        debug!(epoch = %epoch, "epoch removed");
+        Ok(())
+    }
+
+    async fn sweep(&mut self, peer: &PeerEnd) -> Result<usize, TunnelError> {
+        let keep: Vec<PublicKey> = self.epochs.iter().map(|i| i.peer_key).collect();
+        self.remove_others(peer, &keep).await
+    }
+
+    async fn teardown(&mut self, peer: &PeerEnd) -> Result<usize, TunnelError> {
+        if let Err(e) = self.datapath.set_slot(peer.node_id, None) {
+            warn!(error = %error_chain(&e), "cannot clear peer slot");
+        }
+        self.unroute().await?;
+        // A previous agent's routes for the peer (this tunnel may never have flipped).
+        for cidr in &peer.pod_cidrs {
+            self.wg
+                .routes()
+                .delete(ROUTE_TABLE, *cidr)
+                .execute()
+                .await?;
+        }
+        let mut removed = 0;
+        let mut keys: Vec<PublicKey> = self.epochs.iter().map(|i| i.peer_key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            self.device().remove_peer(key).execute().await?;
+            removed += 1;
+        }
+        self.epochs.clear();
+        self.current = None;
+        Ok(removed + self.remove_others(peer, &[]).await?)
+    }
+
+    fn carries_spi(&self, _spi: u32) -> bool {
+        // Usage-limit notices name XFRM states; WireGuard rekeys its sessions itself.
+        false
+    }
+
+    fn announce(&self, hello: Hello) -> Hello {
+        hello.with_wg_public_key(WgPublicKey(*self.settings.public_key.as_bytes()))
+    }
+
+    fn fill_status(&self, row: &mut PeerStatus) {
+        let current = self.current();
+        row.slot = current.map(|_| SLOT.get());
+        row.wg_public_key = current.map(|c| c.peer_key.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nodeseal_keymgr::Epoch;
+    use nodeseal_keymgr::test_helpers::TestPki;
+    use nodeseal_wireguard::test_helpers::FakeKernel;
+    use nodeseal_wireguard::{DeviceConfig, LinkSpec, PrivateKey};
+
+    use super::*;
+    use crate::peer::fakes::{Node, agreements, agreements_on_spis, hold_clock};
+
+    struct Wg {
+        kernel: FakeKernel,
+        handle: Handle,
+        settings: WireguardSettings,
+    }
+
+    async fn device() -> Wg {
+        let kernel = FakeKernel::new();
+        let handle = Handle::with_fake(&kernel);
+        let link = handle
+            .links()
+            .ensure(LinkSpec::default())
+            .execute()
+            .await
+            .expect("link");
+        let key = PrivateKey::generate().expect("key");
+        let public_key = key.public_key();
+        let settings = WireguardSettings {
+            link: link.name.parse().expect("name"),
+            port: DEFAULT_PORT,
+            public_key,
+        };
+        handle
+            .device(settings.link.clone())
+            .configure(
+                DeviceConfig::new()
+                    .private_key(key)
+                    .listen_port(DEFAULT_PORT),
+            )
+            .execute()
+            .await
+            .expect("configure");
+        Wg {
+            kernel,
+            handle,
+            settings,
+        }
+    }
+
+    fn tunnel(me: &Node, wg: &Wg) -> WireguardTunnel {
+        let datapath: Arc<dyn PeerDatapath> = me.datapath.clone();
+        WireguardTunnel::new(wg.handle.clone(), datapath, &wg.settings)
+    }
+
+    fn hello_with_key(hello: &Hello, byte: u8) -> Hello {
+        hello.clone().with_wg_public_key(WgPublicKey([byte; 32]))
+    }
+
+    async fn peers(wg: &Wg) -> Vec<nodeseal_wireguard::Peer> {
+        wg.handle
+            .device(wg.settings.link.clone())
+            .get()
+            .execute()
+            .await
+            .expect("dump")
+            .peers
+    }
+
+    fn psk(keys: &SessionKeys) -> PresharedKey {
+        let mut bytes = Zeroizing::new(*keys.wg_psk.as_bytes());
+        PresharedKey::from_bytes(&mut bytes)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_peer_key_comes_from_the_hello_and_the_flip_sets_the_slot() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let wg = device().await;
+        let mut t = tunnel(&a, &wg);
+        let peer = a.end_of(&b);
+        t.prepare(&peer).await.expect("prepare");
+        let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
+        let hello = hello_with_key(&agreement.peer_hello, 7);
+        let installed = t
+            .install(&peer, &agreement.keys, &hello)
+            .await
+            .expect("install");
+        let peers = peers(&wg).await;
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].public_key, PublicKey::from_bytes([7; 32]));
+        assert_eq!(peers[0].preshared_key, Some(psk(&agreement.keys)));
+        assert_eq!(peers[0].endpoint, Some(SocketAddr::new(b.ip, DEFAULT_PORT)));
+        assert_eq!(peers[0].allowed_ips, vec![b.cidr]);
+        assert_eq!(
+            a.datapath.slot_of(peer.node_id),
+            None,
+            "no slot before the flip"
+        );
+
+        assert!(
+            wg.kernel.routes(ROUTE_TABLE).is_empty(),
+            "no route before the flip"
+        );
+        t.flip(&peer, installed).await.expect("flip");
+        assert_eq!(a.datapath.slot_of(peer.node_id), Some(SLOT));
+        assert!(a.datapath.is_admitted(b.ip));
+        assert_eq!(
+            wg.kernel.routes(ROUTE_TABLE),
+            [(b.cidr, wg.settings.link.to_string())]
+        );
+        assert!(!t.carries_spi(agreement.keys.inbound.spi.get()));
+        let mut row = PeerStatus::connecting(&b.name, b.ip, peer.node_id);
+        t.fill_status(&mut row);
+        assert_eq!(
+            row.wg_public_key,
+            Some(PublicKey::from_bytes([7; 32]).to_string())
+        );
+        let announced = t.announce(a.hello(Epoch(2), 0x0001_0000));
+        assert_eq!(
+            announced.wg_public_key,
+            Some(WgPublicKey(*wg.settings.public_key.as_bytes()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hello_without_a_key_is_refused_and_nothing_is_configured() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let wg = device().await;
+        let mut t = tunnel(&a, &wg);
+        let peer = a.end_of(&b);
+        let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
+        let e = t
+            .install(&peer, &agreement.keys, &agreement.peer_hello)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TunnelError::MissingPeerKey), "{e}");
+        assert!(e.to_string().contains("wg_public_key"), "{e}");
+        assert!(peers(&wg).await.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unconfirmed_epoch_restores_the_previous_psk() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let wg = device().await;
+        let mut t = tunnel(&a, &wg);
+        let peer = a.end_of(&b);
+        let (first, _) = agreements(&a, &b, Epoch(1)).await;
+        let hello = hello_with_key(&first.peer_hello, 7);
+        let one = t
+            .install(&peer, &first.keys, &hello)
+            .await
+            .expect("install");
+        t.flip(&peer, one).await.expect("flip");
+        let (second, _) = agreements_on_spis(&a, &b, Epoch(2), (0x0003_0000, 0x0004_0000)).await;
+        let two = t
+            .install(&peer, &second.keys, &hello_with_key(&second.peer_hello, 7))
+            .await
+            .expect("second install");
+        assert_ne!(psk(&first.keys), psk(&second.keys));
+        assert_eq!(peers(&wg).await[0].preshared_key, Some(psk(&second.keys)));
+
+        // The peer never confirmed: the first epoch's key is back, and traffic still flows.
+        t.retire(&peer, two).await.expect("retire");
+        let now = peers(&wg).await;
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].preshared_key, Some(psk(&first.keys)));
+        assert_eq!(a.datapath.slot_of(peer.node_id), Some(SLOT));
+
+        // A confirmed rekey to a peer that restarted with a new key: the old entry goes when
+        // the previous epoch is retired.
+        let (third, _) = agreements_on_spis(&a, &b, Epoch(3), (0x0005_0000, 0x0006_0000)).await;
+        let three = t
+            .install(&peer, &third.keys, &hello_with_key(&third.peer_hello, 8))
+            .await
+            .expect("third install");
+        t.flip(&peer, three).await.expect("flip");
+        t.retire(&peer, one).await.expect("retire the previous");
+        let now = peers(&wg).await;
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].public_key, PublicKey::from_bytes([8; 32]));
+        assert_eq!(now[0].preshared_key, Some(psk(&third.keys)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn teardown_removes_the_peer_and_sweep_removes_a_previous_agents_entry() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let wg = device().await;
+        let peer = a.end_of(&b);
+        // A previous agent's entry for the same node, under the key the peer had then.
+        let stale = PeerConfig::new(PublicKey::from_bytes([3; 32]))
+            .endpoint(SocketAddr::new(b.ip, DEFAULT_PORT))
+            .allowed_ips([b.cidr]);
+        let foreign = PeerConfig::new(PublicKey::from_bytes([4; 32]))
+            .endpoint("192.0.2.9:51820".parse().expect("endpoint"))
+            .allowed_ips(["10.99.0.0/16".parse().expect("cidr")]);
+        wg.handle
+            .device(wg.settings.link.clone())
+            .configure(DeviceConfig::new().peer(stale).peer(foreign))
+            .execute()
+            .await
+            .expect("leftovers");
+
+        let mut t = tunnel(&a, &wg);
+        let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
+        let installed = t
+            .install(
+                &peer,
+                &agreement.keys,
+                &hello_with_key(&agreement.peer_hello, 7),
+            )
+            .await
+            .expect("install");
+        t.flip(&peer, installed).await.expect("flip");
+        assert_eq!(t.sweep(&peer).await.expect("sweep"), 1);
+        let keys: Vec<PublicKey> = peers(&wg).await.iter().map(|p| p.public_key).collect();
+        assert_eq!(keys.len(), 2, "ours and another node's stay");
+        assert!(keys.contains(&PublicKey::from_bytes([7; 32])));
+        assert!(keys.contains(&PublicKey::from_bytes([4; 32])));
+
+        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 1);
+        assert_eq!(t.teardown(&peer).await.expect("teardown"), 1);
+        assert!(wg.kernel.routes(ROUTE_TABLE).is_empty());
+        let keys: Vec<PublicKey> = peers(&wg).await.iter().map(|p| p.public_key).collect();
+        assert_eq!(keys, vec![PublicKey::from_bytes([4; 32])]);
+        assert_eq!(a.datapath.slot_of(peer.node_id), None);
+        let mut row = PeerStatus::connecting(&b.name, b.ip, peer.node_id);
+        t.fill_status(&mut row);
+        assert_eq!((row.slot, row.wg_public_key), (None, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn teardown_removes_a_previous_agents_routes_and_slot() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let wg = device().await;
+        let peer = a.end_of(&b);
+        wg.handle
+            .routes()
+            .replace(ROUTE_TABLE, b.cidr, wg.settings.link.clone())
+            .execute()
+            .await
+            .expect("leftover route");
+        a.datapath.leave_slot(peer.node_id, SLOT);
+        let mut t = tunnel(&a, &wg);
+        t.teardown(&peer).await.expect("teardown");
+        assert!(wg.kernel.routes(ROUTE_TABLE).is_empty());
+        assert_eq!(a.datapath.slot_of(peer.node_id), None);
+    }
+}
