@@ -108,10 +108,15 @@ struct WireguardMode {
 const WIREGUARD_OVERHEAD: u32 = 80;
 
 /// Sets the WireGuard device up: the link (created or reused) with an MTU that fits the uplink,
-/// a fresh private key (generated here and never written anywhere: a restarted agent takes a
-/// new one and its peers re-handshake), the listen port, and the rule that sends lookups to
-/// nodeseal's routing table. Nothing of it is removed on shutdown, so traffic keeps flowing
-/// across a restart.
+/// the node's private key, the listen port, and the rule that sends lookups to nodeseal's
+/// routing table. Nothing of it is removed on shutdown, so traffic keeps flowing across a
+/// restart.
+///
+/// The private key is generated here and never written to the store or to disk. A restarted
+/// agent takes over the key the kernel device still holds, as it takes over the XFRM states in
+/// IPsec mode: a new key would end every peer's WireGuard session at once and drop traffic until
+/// each pair re-handshakes, while the per-pair preshared keys rotate at the new handshakes anyway.
+/// The key changes when the link goes (reboot, `--cleanup-on-exit`).
 async fn start_wireguard(config: &AgentConfig, local_ip: IpAddr) -> Result<WireguardMode> {
     use nodeseal_wireguard::{DeviceConfig, Family, LinkSpec, PrivateKey, Rule};
     let handle =
@@ -128,7 +133,25 @@ async fn start_wireguard(config: &AgentConfig, local_ip: IpAddr) -> Result<Wireg
         .execute()
         .await
         .with_context(|| format!("setting up the WireGuard link {}", config.wireguard_link))?;
-    let key = PrivateKey::generate().context("generating the node's WireGuard key")?;
+    let kept = match handle
+        .device(config.wireguard_link.clone())
+        .get()
+        .execute()
+        .await
+    {
+        Ok(device) => device.private_key,
+        Err(e) => {
+            warn!(error = %error_chain(&e), "cannot read the WireGuard device; taking a new key");
+            None
+        }
+    };
+    let key = match kept {
+        Some(key) => {
+            info!("taking over the WireGuard key the device holds");
+            key
+        }
+        None => PrivateKey::generate().context("generating the node's WireGuard key")?,
+    };
     let public_key = key.public_key();
     handle
         .device(config.wireguard_link.clone())
