@@ -84,22 +84,33 @@ impl PeerTask<IpsecTunnel> {
     /// # Errors
     /// [`PeerError`] from the datapath or XFRM.
     pub async fn new(info: PeerInfo, ctx: PeerContext) -> Result<(Self, PeerHandle), PeerError> {
-        let datapath: Arc<dyn PeerDatapath> = Arc::new(ctx.datapath);
-        let node_id = datapath.node_id(info.ip)?;
-        datapath.set_peer_routes(node_id, &info.pod_cidrs)?;
-        let tunnel = IpsecTunnel::new(ctx.xfrm, Arc::clone(&datapath), &ctx.settings, node_id)?;
-        let task = TaskContext {
-            leftovers: ctx.leftover_peers.contains(&info.ip),
-            settings: ctx.settings,
-            handshake: ctx.handshake,
-            generation: ctx.generation,
-            metrics: ctx.metrics,
-            cancel: ctx.cancel,
-            handshake_permits: ctx.handshake_permits,
-            pace: ctx.pace,
-        };
+        let xfrm = ctx.xfrm.clone();
+        let (datapath, node_id, task) = task_context(&info, ctx)?;
+        let tunnel = IpsecTunnel::new(xfrm, Arc::clone(&datapath), &task.settings, node_id)?;
         Self::start(info, node_id, task, datapath, tunnel).await
     }
+}
+
+/// What a task needs before its tunnel exists, for every kind of tunnel: the peer's node id,
+/// its pod CIDRs published to the datapath, and the shared context.
+fn task_context(
+    info: &PeerInfo,
+    ctx: PeerContext,
+) -> Result<(Arc<dyn PeerDatapath>, NodeId, TaskContext), PeerError> {
+    let datapath: Arc<dyn PeerDatapath> = Arc::new(ctx.datapath);
+    let node_id = datapath.node_id(info.ip)?;
+    datapath.set_peer_routes(node_id, &info.pod_cidrs)?;
+    let task = TaskContext {
+        leftovers: ctx.leftover_peers.contains(&info.ip),
+        settings: ctx.settings,
+        handshake: ctx.handshake,
+        generation: ctx.generation,
+        metrics: ctx.metrics,
+        cancel: ctx.cancel,
+        handshake_permits: ctx.handshake_permits,
+        pace: ctx.pace,
+    };
+    Ok((datapath, node_id, task))
 }
 
 impl PeerTask<WireguardTunnel> {
@@ -115,20 +126,8 @@ impl PeerTask<WireguardTunnel> {
         wg: nodeseal_wireguard::Handle,
         settings: &WireguardSettings,
     ) -> Result<(Self, PeerHandle), PeerError> {
-        let datapath: Arc<dyn PeerDatapath> = Arc::new(ctx.datapath);
-        let node_id = datapath.node_id(info.ip)?;
-        datapath.set_peer_routes(node_id, &info.pod_cidrs)?;
+        let (datapath, node_id, task) = task_context(&info, ctx)?;
         let tunnel = WireguardTunnel::new(wg, Arc::clone(&datapath), settings);
-        let task = TaskContext {
-            leftovers: ctx.leftover_peers.contains(&info.ip),
-            settings: ctx.settings,
-            handshake: ctx.handshake,
-            generation: ctx.generation,
-            metrics: ctx.metrics,
-            cancel: ctx.cancel,
-            handshake_permits: ctx.handshake_permits,
-            pace: ctx.pace,
-        };
         Self::start(info, node_id, task, datapath, tunnel).await
     }
 }
