@@ -106,6 +106,10 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<IpNet>,
     /// Seconds between keepalives when idle; 0 turns them off.
     pub persistent_keepalive_secs: u16,
+    /// Whether `allowed_ips` replaces the peer's list (the default) or is added to it. The
+    /// kernel replaces a list by emptying it first, so packets to or from the peer that meet
+    /// the empty list in between are dropped: a peer carrying traffic is updated by adding.
+    pub replace_allowed_ips: bool,
 }
 
 impl PeerConfig {
@@ -118,7 +122,16 @@ impl PeerConfig {
             endpoint: None,
             allowed_ips: Vec::new(),
             persistent_keepalive_secs: 0,
+            replace_allowed_ips: true,
         }
+    }
+
+    /// Adds `allowed_ips` to the peer's list instead of replacing it (see
+    /// [`PeerConfig::replace_allowed_ips`]).
+    #[must_use]
+    pub const fn add_allowed_ips(mut self) -> Self {
+        self.replace_allowed_ips = false;
+        self
     }
 
     /// Sets the preshared key.

@@ -76,6 +76,8 @@ pub struct WireguardTunnel {
     routed: Vec<IpNet>,
     /// Installations so far (names the next one).
     installs: u64,
+    /// The key and allowed IPs this tunnel last wrote to the device.
+    written: Option<(PublicKey, Vec<IpNet>)>,
 }
 
 /// The one slot a WireGuard peer uses: the device, not a mark, chooses the keys, so the slot
@@ -97,6 +99,7 @@ impl WireguardTunnel {
             current: None,
             routed: Vec::new(),
             installs: 0,
+            written: None,
         }
     }
 
@@ -130,13 +133,30 @@ impl WireguardTunnel {
         Ok(())
     }
 
+    /// The device entry for `key`. Its allowed IPs replace the entry's list only when they
+    /// differ from what this tunnel wrote last: replacing empties the list first, which drops
+    /// the peer's packets in between, so a rekey (and the first write after a restart, whose
+    /// entry a previous agent left) adds them instead. Whatever else a previous agent's entry
+    /// allowed goes at the sweep.
     fn entry(&self, peer: &PeerEnd, key: PublicKey, psk: PresharedKey) -> PeerConfig {
-        PeerConfig::new(key)
+        let config = PeerConfig::new(key)
             .preshared_key(psk)
             .endpoint(SocketAddr::new(peer.ip, self.settings.port))
             // Node IPs join once node encryption exists; pod CIDRs alone make WireGuard drop
             // an inner source the peer does not own.
-            .allowed_ips(peer.pod_cidrs.iter().copied())
+            .allowed_ips(peer.pod_cidrs.iter().copied());
+        match &self.written {
+            Some((k, ips)) if *k != key || *ips != config.allowed_ips => config,
+            _ => config.add_allowed_ips(),
+        }
+    }
+
+    /// Writes `config` to the device and remembers what it allowed.
+    async fn write(&mut self, config: PeerConfig) -> Result<(), TunnelError> {
+        let written = (config.public_key, config.allowed_ips.clone());
+        self.device().set_peer(config).execute().await?;
+        self.written = Some(written);
+        Ok(())
     }
 
     fn device(&self) -> DeviceRequests<'_> {
@@ -208,11 +228,7 @@ impl Tunnel for WireguardTunnel {
         let peer_key = PublicKey::from_bytes(bytes);
         let mut psk_bytes = Zeroizing::new(*keys.wg_psk.as_bytes());
         let psk = PresharedKey::from_bytes(&mut psk_bytes);
-        self.wg
-            .device(self.settings.link.clone())
-            .set_peer(self.entry(peer, peer_key, psk.clone()))
-            .execute()
-            .await?;
+        self.write(self.entry(peer, peer_key, psk.clone())).await?;
         self.installs += 1;
         let epoch = InstalledEpoch::new(keys.epoch, self.installs);
         self.epochs.push(Installed {
@@ -257,9 +273,11 @@ impl Tunnel for WireguardTunnel {
             }
         } else if was_latest {
             // Never confirmed: the device holds its key, so the current epoch's entry goes back.
-            if let Some(current) = self.current() {
-                let restore = self.entry(peer, current.peer_key, current.psk.clone());
-                self.device().set_peer(restore).execute().await?;
+            if let Some(restore) = self
+                .current()
+                .map(|c| self.entry(peer, c.peer_key, c.psk.clone()))
+            {
+                self.write(restore).await?;
             }
             if !self.key_in_use(&old.peer_key) {
                 self.device().remove_peer(old.peer_key).execute().await?;
@@ -275,7 +293,24 @@ impl Tunnel for WireguardTunnel {
 
     async fn sweep(&mut self, peer: &PeerEnd) -> Result<usize, TunnelError> {
         let keep: Vec<PublicKey> = self.epochs.iter().map(|i| i.peer_key).collect();
-        self.remove_others(peer, &keep).await
+        let mut changed = self.remove_others(peer, &keep).await?;
+        // The entry a previous agent left may allow more than the peer owns now (its pod CIDRs
+        // changed meanwhile): one replacing write, after traffic moved to our keys.
+        if let Some((key, psk)) = self.current().map(|c| (c.peer_key, c.psk.clone())) {
+            let wanted: Vec<IpNet> = peer.pod_cidrs.iter().map(|c| c.trunc()).collect();
+            let device = self.device().get().execute().await?;
+            let stale = device
+                .peers
+                .iter()
+                .any(|p| p.public_key == key && p.allowed_ips.iter().any(|a| !wanted.contains(a)));
+            if stale {
+                let mut config = self.entry(peer, key, psk);
+                config.replace_allowed_ips = true;
+                self.write(config).await?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
     }
 
     async fn teardown(&mut self, peer: &PeerEnd) -> Result<usize, TunnelError> {

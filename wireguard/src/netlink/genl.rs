@@ -241,7 +241,9 @@ impl SetEncoder<'_> {
         let key = p.public_key.as_bytes();
         let mut peer = self.start_peer(&|buf| {
             codec::attr(buf, WGPEER_A_PUBLIC_KEY, key);
-            codec::attr_u32(buf, WGPEER_A_FLAGS, WGPEER_F_REPLACE_ALLOWEDIPS);
+            if p.replace_allowed_ips {
+                codec::attr_u32(buf, WGPEER_A_FLAGS, WGPEER_F_REPLACE_ALLOWEDIPS);
+            }
             // Always written: `None` clears the key (the kernel reads all zeroes as none).
             match &p.preshared_key {
                 Some(psk) => codec::attr(buf, WGPEER_A_PRESHARED_KEY, psk.secret_bytes()),
