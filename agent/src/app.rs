@@ -190,6 +190,7 @@ async fn start_wireguard(config: &AgentConfig, local_ip: IpAddr) -> Result<Wireg
             link: config.wireguard_link.clone(),
             port: config.wireguard_port,
             public_key,
+            holders: crate::peer::wireguard::KeyHolders::default(),
         },
     })
 }

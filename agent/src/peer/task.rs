@@ -127,7 +127,7 @@ impl PeerTask<WireguardTunnel> {
         settings: &WireguardSettings,
     ) -> Result<(Self, PeerHandle), PeerError> {
         let (datapath, node_id, task) = task_context(&info, ctx)?;
-        let tunnel = WireguardTunnel::new(wg, Arc::clone(&datapath), settings);
+        let tunnel = WireguardTunnel::new(wg, Arc::clone(&datapath), settings, &info.name);
         Self::start(info, node_id, task, datapath, tunnel).await
     }
 }

@@ -150,6 +150,18 @@ pub enum TunnelError {
     /// The peer's verified Hello carries no WireGuard public key, the only source of its key.
     #[error("the peer's Hello carries no wg_public_key")]
     MissingPeerKey,
+    /// The peer's verified Hello announces this node's own WireGuard public key.
+    #[error("the peer's Hello announces this node's own WireGuard public key")]
+    PeerKeyIsOurs,
+    /// The peer's verified Hello announces a WireGuard public key another peer holds on the
+    /// device; taking it would hand that peer's entry over.
+    #[error("the peer announces WireGuard public key {key}, which {holder} holds")]
+    PeerKeyHeld {
+        /// The key (base64).
+        key: String,
+        /// The node holding it.
+        holder: String,
+    },
     /// The SPI the peer chose cannot be used.
     #[error("SPI {0} is not usable")]
     BadSpi(u32),

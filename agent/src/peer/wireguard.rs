@@ -20,11 +20,12 @@
 //! there and falls through to the main table: plaintext, unless strict mode drops it in the
 //! eBPF datapath.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::IpNet;
-use nodeseal_keymgr::{Hello, Mode, SessionKeys, WgPublicKey};
+use nodeseal_keymgr::{Hello, Mode, NodeName, SessionKeys, WgPublicKey};
 use nodeseal_wireguard::{DeviceRequests, Handle, LinkName, PeerConfig, PresharedKey, PublicKey};
 use rand::Rng;
 use tracing::{debug, info, warn};
@@ -52,6 +53,38 @@ pub struct WireguardSettings {
     pub port: u16,
     /// This node's public key, announced in our Hellos.
     pub public_key: PublicKey,
+    /// Which peer holds each key on the device.
+    pub holders: KeyHolders,
+}
+
+/// Which peer holds each public key on the device. The device keeps one entry per key, so a
+/// peer announcing a key another peer holds would take that entry over (its endpoint, its
+/// allowed IPs): authenticated as itself, it would cut the other node off or draw its traffic.
+/// The verified Hello proves who announces a key, not that the key is theirs; the first peer
+/// to hold a key keeps it until its tunnel lets it go, and a second claimant is refused.
+#[derive(Clone, Debug, Default)]
+pub struct KeyHolders(Arc<Mutex<BTreeMap<PublicKey, String>>>);
+
+impl KeyHolders {
+    /// Records that `peer` holds `key`; `Err` names the peer that already does.
+    fn claim(&self, key: PublicKey, peer: &str) -> Result<(), String> {
+        let mut holders = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match holders.get(&key) {
+            Some(holder) if holder != peer => Err(holder.clone()),
+            _ => {
+                holders.insert(key, peer.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// Lets `key` go, if `peer` holds it.
+    fn release(&self, key: &PublicKey, peer: &str) {
+        let mut holders = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if holders.get(key).is_some_and(|h| h == peer) {
+            holders.remove(key);
+        }
+    }
 }
 
 /// One epoch's entry on the device.
@@ -68,6 +101,8 @@ pub struct WireguardTunnel {
     wg: Handle,
     datapath: Arc<dyn PeerDatapath>,
     settings: WireguardSettings,
+    /// The peer's node name, as the key holders know it.
+    name: String,
     /// Installed epochs, oldest first; the device holds the last one's preshared key.
     epochs: Vec<Installed>,
     /// The epoch traffic uses.
@@ -85,16 +120,18 @@ pub struct WireguardTunnel {
 const SLOT: KeySlot = KeySlot::FIRST;
 
 impl WireguardTunnel {
-    /// The tunnel to a peer over the node's device.
+    /// The tunnel to the peer `name` over the node's device.
     pub(crate) fn new(
         wg: Handle,
         datapath: Arc<dyn PeerDatapath>,
         settings: &WireguardSettings,
+        name: &NodeName,
     ) -> Self {
         Self {
             wg,
             datapath,
             settings: settings.clone(),
+            name: name.to_string(),
             epochs: Vec::new(),
             current: None,
             routed: Vec::new(),
@@ -172,6 +209,13 @@ impl WireguardTunnel {
         self.epochs.iter().any(|i| i.peer_key == *key)
     }
 
+    /// Removes the entry under `key`, which no epoch uses any more, and lets the key go.
+    async fn remove_key(&self, key: PublicKey) -> Result<(), TunnelError> {
+        self.device().remove_peer(key).execute().await?;
+        self.settings.holders.release(&key, &self.name);
+        Ok(())
+    }
+
     /// Removes device peers for `peer` whose key is not in `keep`: ours when `keep` is empty,
     /// and whatever a previous agent left (an entry for the same endpoint or pod CIDRs).
     async fn remove_others(
@@ -226,9 +270,24 @@ impl Tunnel for WireguardTunnel {
             .wg_public_key
             .ok_or(TunnelError::MissingPeerKey)?;
         let peer_key = PublicKey::from_bytes(bytes);
+        if peer_key == self.settings.public_key {
+            return Err(TunnelError::PeerKeyIsOurs);
+        }
+        self.settings
+            .holders
+            .claim(peer_key, &self.name)
+            .map_err(|holder| TunnelError::PeerKeyHeld {
+                key: peer_key.to_string(),
+                holder,
+            })?;
         let mut psk_bytes = Zeroizing::new(*keys.wg_psk.as_bytes());
         let psk = PresharedKey::from_bytes(&mut psk_bytes);
-        self.write(self.entry(peer, peer_key, psk.clone())).await?;
+        if let Err(e) = self.write(self.entry(peer, peer_key, psk.clone())).await {
+            if !self.key_in_use(&peer_key) {
+                self.settings.holders.release(&peer_key, &self.name);
+            }
+            return Err(e);
+        }
         self.installs += 1;
         let epoch = InstalledEpoch::new(keys.epoch, self.installs);
         self.epochs.push(Installed {
@@ -269,7 +328,7 @@ impl Tunnel for WireguardTunnel {
             self.current = None;
             self.unroute().await?;
             if !self.key_in_use(&old.peer_key) {
-                self.device().remove_peer(old.peer_key).execute().await?;
+                self.remove_key(old.peer_key).await?;
             }
         } else if was_latest {
             // Never confirmed: the device holds its key, so the current epoch's entry goes back.
@@ -280,12 +339,12 @@ impl Tunnel for WireguardTunnel {
                 self.write(restore).await?;
             }
             if !self.key_in_use(&old.peer_key) {
-                self.device().remove_peer(old.peer_key).execute().await?;
+                self.remove_key(old.peer_key).await?;
             }
         } else if !self.key_in_use(&old.peer_key) {
             // A previous epoch: its preshared key is already replaced; only an entry under a key
             // the peer no longer uses (it restarted) is left to remove.
-            self.device().remove_peer(old.peer_key).execute().await?;
+            self.remove_key(old.peer_key).await?;
         }
         debug!(epoch = %epoch, "epoch removed");
         Ok(())
@@ -331,7 +390,7 @@ impl Tunnel for WireguardTunnel {
         keys.sort_unstable();
         keys.dedup();
         for key in keys {
-            self.device().remove_peer(key).execute().await?;
+            self.remove_key(key).await?;
             removed += 1;
         }
         self.epochs.clear();
@@ -386,6 +445,7 @@ mod tests {
             link: link.name.parse().expect("name"),
             port: DEFAULT_PORT,
             public_key,
+            holders: KeyHolders::default(),
         };
         handle
             .device(settings.link.clone())
@@ -404,9 +464,9 @@ mod tests {
         }
     }
 
-    fn tunnel(me: &Node, wg: &Wg) -> WireguardTunnel {
+    fn tunnel(me: &Node, peer: &Node, wg: &Wg) -> WireguardTunnel {
         let datapath: Arc<dyn PeerDatapath> = me.datapath.clone();
-        WireguardTunnel::new(wg.handle.clone(), datapath, &wg.settings)
+        WireguardTunnel::new(wg.handle.clone(), datapath, &wg.settings, &peer.name)
     }
 
     fn hello_with_key(hello: &Hello, byte: u8) -> Hello {
@@ -434,7 +494,7 @@ mod tests {
         let pki = TestPki::new();
         let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
         let wg = device().await;
-        let mut t = tunnel(&a, &wg);
+        let mut t = tunnel(&a, &b, &wg);
         let peer = a.end_of(&b);
         t.prepare(&peer).await.expect("prepare");
         let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
@@ -486,7 +546,7 @@ mod tests {
         let pki = TestPki::new();
         let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
         let wg = device().await;
-        let mut t = tunnel(&a, &wg);
+        let mut t = tunnel(&a, &b, &wg);
         let peer = a.end_of(&b);
         let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
         let e = t
@@ -504,7 +564,7 @@ mod tests {
         let pki = TestPki::new();
         let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
         let wg = device().await;
-        let mut t = tunnel(&a, &wg);
+        let mut t = tunnel(&a, &b, &wg);
         let peer = a.end_of(&b);
         let (first, _) = agreements(&a, &b, Epoch(1)).await;
         let hello = hello_with_key(&first.peer_hello, 7);
@@ -564,7 +624,7 @@ mod tests {
             .await
             .expect("leftovers");
 
-        let mut t = tunnel(&a, &wg);
+        let mut t = tunnel(&a, &b, &wg);
         let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
         let installed = t
             .install(
@@ -606,9 +666,73 @@ mod tests {
             .await
             .expect("leftover route");
         a.datapath.leave_slot(peer.node_id, SLOT);
-        let mut t = tunnel(&a, &wg);
+        let mut t = tunnel(&a, &b, &wg);
         t.teardown(&peer).await.expect("teardown");
         assert!(wg.kernel.routes(ROUTE_TABLE).is_empty());
         assert_eq!(a.datapath.slot_of(peer.node_id), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_announcing_a_key_another_peer_holds_or_ours_gets_nothing() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b, c) = (Node::new(&pki, 1), Node::new(&pki, 2), Node::new(&pki, 3));
+        let wg = device().await;
+        let (peer_b, peer_c) = (a.end_of(&b), a.end_of(&c));
+        let mut to_b = tunnel(&a, &b, &wg);
+        let mut to_c = tunnel(&a, &c, &wg);
+        let (with_b, _) = agreements(&a, &b, Epoch(1)).await;
+        let installed = to_b
+            .install(
+                &peer_b,
+                &with_b.keys,
+                &hello_with_key(&with_b.peer_hello, 7),
+            )
+            .await
+            .expect("b's install");
+        to_b.flip(&peer_b, installed).await.expect("flip");
+        let before = peers(&wg).await;
+
+        // c, authenticated as itself, announces b's key: refused, naming b; b's entry is as it was.
+        let (with_c, _) = agreements(&a, &c, Epoch(1)).await;
+        let e = to_c
+            .install(
+                &peer_c,
+                &with_c.keys,
+                &hello_with_key(&with_c.peer_hello, 7),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TunnelError::PeerKeyHeld { .. }), "{e}");
+        assert!(e.to_string().contains(&b.name.to_string()), "{e}");
+        assert_eq!(peers(&wg).await, before);
+        assert!(
+            wg.kernel
+                .routes(ROUTE_TABLE)
+                .iter()
+                .all(|(c, _)| *c == b.cidr)
+        );
+
+        // Our own key is refused too.
+        let own = with_c
+            .peer_hello
+            .clone()
+            .with_wg_public_key(WgPublicKey(*wg.settings.public_key.as_bytes()));
+        let e = to_c.install(&peer_c, &with_c.keys, &own).await.unwrap_err();
+        assert!(matches!(e, TunnelError::PeerKeyIsOurs), "{e}");
+        assert_eq!(peers(&wg).await, before);
+
+        // Once b's tunnel lets the key go (b removed), it is free again.
+        to_b.teardown(&peer_b).await.expect("teardown");
+        to_c.install(
+            &peer_c,
+            &with_c.keys,
+            &hello_with_key(&with_c.peer_hello, 7),
+        )
+        .await
+        .expect("a released key can be announced");
+        let now = peers(&wg).await;
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].endpoint, Some(SocketAddr::new(c.ip, DEFAULT_PORT)));
     }
 }
