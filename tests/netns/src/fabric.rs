@@ -47,11 +47,50 @@ pub struct KubeConfigs {
     pub agents: Vec<PathBuf>,
 }
 
+/// The datapath every agent of a fabric runs (`--encryption-type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encryption {
+    /// ESP in the kernel's XFRM.
+    #[default]
+    Ipsec,
+    /// Kernel WireGuard on the `nodeseal0` link.
+    Wireguard,
+}
+
+impl Encryption {
+    /// The value of `--encryption-type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ipsec => "ipsec",
+            Self::Wireguard => "wireguard",
+        }
+    }
+
+    /// The kernel feature it needs.
+    pub fn feature(self) -> crate::Feature {
+        match self {
+            Self::Ipsec => crate::Feature::Esp,
+            Self::Wireguard => crate::Feature::WireGuard,
+        }
+    }
+
+    /// The tunnel objects an established peer has on each end once a rekey's grace period is
+    /// over: a pair of SAs, or one WireGuard device entry.
+    pub fn entries_per_peer(self) -> usize {
+        match self {
+            Self::Ipsec => 2,
+            Self::Wireguard => 1,
+        }
+    }
+}
+
 /// Settings of a fabric.
 #[derive(Clone, Debug)]
 pub struct FabricOptions {
     /// Store backend.
     pub store: StoreKind,
+    /// The datapath of every agent (the rogue's and impostors' too).
+    pub encryption: Encryption,
     /// Keep old keys this long after a flip.
     pub grace: Duration,
     /// Rekey interval.
@@ -68,6 +107,7 @@ impl Default for FabricOptions {
     fn default() -> Self {
         Self {
             store: StoreKind::Dir,
+            encryption: Encryption::Ipsec,
             grace: Duration::from_secs(2),
             rekey_interval: Duration::from_secs(3600),
             strict: true,
@@ -197,6 +237,7 @@ impl Fabric {
             .args(["--strict-mode", if strict { "true" } else { "false" }])
             .args(["--peer-retention", &humantime(self.options.retention)])
             .args(["--metrics-addr", AGENT_METRICS])
+            .args(["--encryption-type", self.options.encryption.name()])
             .args(self.agent_store_args(i))
             .args(&extra)
             .env("RUST_LOG", "info,nodeseal_agent=debug");
@@ -205,6 +246,11 @@ impl Fabric {
 
     fn spawn_agent(&self, topo: &Topology, i: usize) -> Result<Process> {
         topo.spawn_command(&format!("agent-node{i}"), self.agent_command(topo, i))
+    }
+
+    /// The datapath the agents run.
+    pub fn encryption(&self) -> Encryption {
+        self.options.encryption
     }
 
     /// Replaces the extra arguments of node `i`'s agent (from its next start on).
@@ -222,10 +268,14 @@ impl Fabric {
         }
     }
 
-    /// Starts node `i`'s agent again (after [`Fabric::kill_agent`]).
+    /// Starts node `i`'s agent: again after [`Fabric::kill_agent`], or for the first time on a node
+    /// the fabric started without an agent.
     pub fn restart_agent(&mut self, topo: &Topology, i: usize) -> Result<()> {
         self.kill_agent(i);
         let agent = self.spawn_agent(topo, i)?;
+        if self.agents.len() <= i {
+            self.agents.resize_with(i + 1, || None);
+        }
         self.agents[i] = Some(agent);
         Ok(())
     }
@@ -482,6 +532,81 @@ pub fn start_etcd(
         bail!("etcd did not start:\n{}", process.log());
     }
     Ok((process, client))
+}
+
+/// One peer of a WireGuard device, as `wg show <link> dump` reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgEntry {
+    /// Public key (base64).
+    pub public_key: String,
+    /// Preshared key (base64), `(none)` when unset.
+    pub preshared_key: String,
+    /// `ip:port`, `(none)` when unknown.
+    pub endpoint: String,
+    /// Comma-separated CIDRs, `(none)` when empty.
+    pub allowed_ips: String,
+    /// Unix seconds of the latest handshake, 0 for never.
+    pub latest_handshake: u64,
+}
+
+impl WgEntry {
+    /// Whether the entry's endpoint is at `ip`.
+    pub fn is_at(&self, ip: std::net::Ipv4Addr) -> bool {
+        self.endpoint.rsplit_once(':').map(|(host, _)| host) == Some(ip.to_string().as_str())
+    }
+}
+
+/// The peers of the `nodeseal0` WireGuard device in `ns`, read with `wg` (none without the
+/// link).
+pub fn wg_entries(ns: &crate::Netns) -> Vec<WgEntry> {
+    let Ok(dump) = ns.exec("wg", &["show", "nodeseal0", "dump"]) else {
+        return Vec::new();
+    };
+    // The first line is the device itself; each further line is a peer: public key, preshared
+    // key, endpoint, allowed IPs, latest handshake, rx, tx, keepalive.
+    dump.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            (f.len() >= 5).then(|| WgEntry {
+                public_key: f[0].to_owned(),
+                preshared_key: f[1].to_owned(),
+                endpoint: f[2].to_owned(),
+                allowed_ips: f[3].to_owned(),
+                latest_handshake: f[4].parse().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// The tunnel objects node `a` has towards node `b` in the kernel: its ESP states between the
+/// two node IPs, or its WireGuard entries at `b`'s address.
+pub fn tunnel_entries(topo: &Topology, encryption: Encryption, a: usize, b: usize) -> usize {
+    let (na, nb) = (topo.node(a), topo.node(b));
+    match encryption {
+        Encryption::Ipsec => esp_spis_between(&na.ns, na.ip, nb.ip).len(),
+        Encryption::Wireguard => wg_entries(&na.ns).iter().filter(|e| e.is_at(nb.ip)).count(),
+    }
+}
+
+/// What names the keys node `a` uses towards node `b` now, as the kernel holds them: the
+/// SPIs of the ESP states between them, or the preshared keys of its WireGuard entries at `b`'s
+/// address. A rekey changes it.
+pub fn tunnel_keys(topo: &Topology, encryption: Encryption, a: usize, b: usize) -> Vec<String> {
+    let (na, nb) = (topo.node(a), topo.node(b));
+    let mut keys: Vec<String> = match encryption {
+        Encryption::Ipsec => esp_spis_between(&na.ns, na.ip, nb.ip)
+            .iter()
+            .map(|spi| format!("{spi:#010x}"))
+            .collect(),
+        Encryption::Wireguard => wg_entries(&na.ns)
+            .into_iter()
+            .filter(|e| e.is_at(nb.ip))
+            .map(|e| e.preshared_key)
+            .collect(),
+    };
+    keys.sort();
+    keys
 }
 
 /// SPIs of the ESP states in `ns` between `a` and `b` (either direction), read with iproute2.
