@@ -38,7 +38,8 @@ const HOST_TIMEOUT: Duration = Duration::from_secs(45 * 60);
 /// Every netns scenario that boots a kube-apiserver has this in its name.
 const KUBERNETES_SCENARIOS: &str = "on_kubernetes";
 /// Directory-store scenarios whose Kubernetes-mode twin runs on the last kernel of the matrix
-/// (`acceptance_scenarios_hold_on_kubernetes`, `a_rogue_with_a_nodes_name_..._on_kubernetes`,
+/// (`acceptance_scenarios_hold_on_kubernetes` in either datapath,
+/// `a_rogue_with_a_nodes_name_..._on_kubernetes`,
 /// `star_wars_rule1_holds_for_pods_on_kubernetes`): the twin drives the same datapath on that
 /// kernel, so these run on the other kernels only. Each datapath scenario still runs on every
 /// kernel, and each store carries it on one. (`--skip` matches substrings: no twin's name
@@ -50,6 +51,7 @@ const SCENARIOS_WITH_A_KUBERNETES_TWIN: &[&str] = &[
     "strict_mode_drops_instead_of_sending_in_clear",
     "rogue_node_with_foreign_ca_never_gets_keys",
     "star_wars_rule1_lets_only_the_empire_land_on_the_deathstar",
+    "acceptance_scenarios_hold_in_wireguard_mode",
 ];
 /// Scenarios of the control plane (a store backend, a node's address change, handshakes over a
 /// slow underlay): the datapath they drive is the one the other scenarios test on every kernel,

@@ -299,10 +299,8 @@ fn acceptance_scenarios_hold(name: &str, backend: Backend, encryption: Encryptio
     let Some(mut scenario) = established(name, 3, 3, options, backend) else {
         return;
     };
-    if backend == Backend::Dir {
-        eprintln!("--- pods talk only through the tunnel");
-        pods_talk_only_through_the_tunnel(&scenario);
-    }
+    eprintln!("--- pods talk only through the tunnel");
+    pods_talk_only_through_the_tunnel(&scenario);
     eprintln!("--- keys rotate under traffic");
     keys_rotate_under_traffic(&scenario);
     eprintln!("--- SIGKILL and restart under traffic");
@@ -560,7 +558,7 @@ fn a_rogue_with_a_nodes_name_and_a_foreign_ca_never_gets_keys_on_kubernetes() {
 
 /// In WireGuard mode: no device entry is ever configured for the rogue.
 #[test]
-fn rogue_node_with_foreign_ca_never_gets_keys_in_wireguard_mode() {
+fn a_rogue_with_a_foreign_ca_gets_no_wireguard_entry() {
     rogue_node_with_foreign_ca("roguewg", Backend::Dir, Encryption::Wireguard);
 }
 
