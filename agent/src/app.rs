@@ -153,6 +153,7 @@ async fn start_wireguard(config: &AgentConfig, local_ip: IpAddr) -> Result<Wireg
         None => PrivateKey::generate().context("generating the node's WireGuard key")?,
     };
     let public_key = key.public_key();
+    let private_key = Arc::new(key.clone());
     handle
         .device(config.wireguard_link.clone())
         .configure(
@@ -190,6 +191,7 @@ async fn start_wireguard(config: &AgentConfig, local_ip: IpAddr) -> Result<Wireg
             link: config.wireguard_link.clone(),
             port: config.wireguard_port,
             public_key,
+            private_key,
             holders: crate::peer::wireguard::KeyHolders::default(),
         },
     })

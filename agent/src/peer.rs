@@ -53,7 +53,7 @@ use ipsec::{KeySlot, SaLimits};
 
 pub use status::{PeerState, PeerStatus};
 pub use task::PeerTask;
-pub use tunnel::{InstalledEpoch, LocalEnd, PeerEnd, Tunnel, TunnelError};
+pub use tunnel::{InstalledEpoch, KeyPossession, LocalEnd, PeerEnd, Tunnel, TunnelError};
 
 /// How long the non-preferred initiator waits for the peer to start a needed handshake.
 pub const RESPONDER_PATIENCE: Duration = Duration::from_secs(2);

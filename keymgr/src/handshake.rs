@@ -35,7 +35,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 use crate::id::NodeName;
 use crate::keys::{SessionKeys, Side, derive};
 use crate::protocol::{
-    Epoch, HEADER_LEN, Hello, Message, MessageError, Mode, RejectReason, decode_body,
+    Epoch, HEADER_LEN, Hello, Message, MessageError, Mode, RejectReason, WgProof, decode_body,
     decode_header, write_message,
 };
 use crate::svid::NodeIdentity;
@@ -259,9 +259,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                 responder: e,
             }),
             Message::Reject { reason } => Err(HandshakeError::Rejected { reason }),
-            Message::Hello(_) => Err(HandshakeError::UnexpectedMessage {
-                expected: "Installed",
-            }),
+            Message::Hello(_) | Message::Possession { .. } => {
+                Err(HandshakeError::UnexpectedMessage {
+                    expected: "Installed",
+                })
+            }
+        }
+    }
+
+    /// Sends our proof of holding the private key of the WireGuard public key we announced, and
+    /// returns the peer's (WireGuard mode, after the Hellos, before installing). Sends before
+    /// reading, so both sides can call it at once.
+    ///
+    /// # Errors
+    /// [`HandshakeError::Message`], [`HandshakeError::Rejected`],
+    /// [`HandshakeError::UnexpectedMessage`].
+    pub async fn exchange_possession(&mut self, ours: WgProof) -> Result<WgProof, HandshakeError> {
+        write_message(&mut self.tls, &Message::Possession { proof: ours }).await?;
+        match recv(&mut self.tls).await? {
+            Message::Possession { proof } => Ok(proof),
+            Message::Reject { reason } => Err(HandshakeError::Rejected { reason }),
+            Message::Hello(_) | Message::Installed { .. } => {
+                Err(HandshakeError::UnexpectedMessage {
+                    expected: "Possession",
+                })
+            }
         }
     }
 
@@ -408,7 +430,7 @@ where
     let peer_hello = match recv(&mut tls).await? {
         Message::Hello(h) => h,
         Message::Reject { reason } => return Err(HandshakeError::Rejected { reason }),
-        Message::Installed { .. } => {
+        Message::Installed { .. } | Message::Possession { .. } => {
             return Err(HandshakeError::UnexpectedMessage { expected: "Hello" });
         }
     };
@@ -466,7 +488,7 @@ where
     let peer_hello = match recv(&mut channel.tls).await {
         Ok(Message::Hello(h)) => h,
         Ok(Message::Reject { reason }) => return Err(HandshakeError::Rejected { reason }),
-        Ok(Message::Installed { .. }) => {
+        Ok(Message::Installed { .. } | Message::Possession { .. }) => {
             let _ = channel.reject(RejectReason::InvalidHello).await;
             return Err(HandshakeError::UnexpectedMessage { expected: "Hello" });
         }

@@ -5,12 +5,18 @@
 //! responder's inbound SPI (u32 BE)`. Purposes separate the two directions, the two AEADs and the
 //! WireGuard PSK, so no two keys share exporter output. Keys are zeroized on drop, print as
 //! `[redacted]`, and are neither `Clone` nor `Serialize`.
+//!
+//! In WireGuard mode each side also proves it holds the private key of the WireGuard public key
+//! it announced: [`SessionKeys::wg_possession_proof`] is an HMAC-SHA256, under a key of its own
+//! from the exporter (so a proof is bound to this TLS session), of the side's role and the
+//! X25519 secret of the two static WireGuard keys, which only a holder of one of the two private
+//! keys can compute.
 
 use std::fmt;
 
 use zeroize::{Zeroize as _, Zeroizing};
 
-use crate::protocol::{Epoch, Spi};
+use crate::protocol::{Epoch, Spi, WgProof};
 
 /// Exporter label (RFC 8446 section 7.5; labels start with "EXPORTER").
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-nodeseal-v1";
@@ -22,6 +28,9 @@ const PURPOSE_I2R_AES256: u8 = 2;
 const PURPOSE_R2I_AES128: u8 = 3;
 const PURPOSE_R2I_AES256: u8 = 4;
 const PURPOSE_WG_PSK: u8 = 5;
+const PURPOSE_WG_POSSESSION: u8 = 6;
+/// Prefixes what a possession proof authenticates.
+const POSSESSION_LABEL: &[u8] = b"nodeseal wireguard key possession v1";
 
 /// ESP AEAD algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -128,6 +137,60 @@ pub struct SessionKeys {
     pub inbound: DirectionKeys,
     /// WireGuard PSK for the pair.
     pub wg_psk: WgPsk,
+    /// The HMAC key of the WireGuard possession proofs.
+    wg_possession: PossessionKey,
+    /// Which side of the handshake we were.
+    side: Side,
+}
+
+impl SessionKeys {
+    /// Our proof that we hold the private key of the WireGuard public key we announced, given
+    /// `shared`: X25519 of our private key and the peer's announced public key.
+    pub fn wg_possession_proof(&self, shared: &[u8; 32]) -> WgProof {
+        possession_proof(&self.wg_possession.0, self.side, shared)
+    }
+
+    /// Whether `proof` is the peer's proof over `shared` (X25519 of our private key and the
+    /// public key the peer announced): only a holder of that key's private half (or of ours)
+    /// can make it. Compared in constant time.
+    pub fn verify_wg_possession(&self, shared: &[u8; 32], proof: &WgProof) -> bool {
+        let theirs = match self.side {
+            Side::Initiator => Side::Responder,
+            Side::Responder => Side::Initiator,
+        };
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.wg_possession.0.as_slice());
+        ring::hmac::verify(&key, &possession_message(theirs, shared), &proof.0).is_ok()
+    }
+}
+
+/// The HMAC key of the possession proofs.
+struct PossessionKey(Zeroizing<[u8; 32]>);
+
+impl fmt::Debug for PossessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PossessionKey([redacted])")
+    }
+}
+
+/// The message a side's possession proof authenticates: the label, the side, the secret. The
+/// side keeps a proof from being reflected back as the other side's.
+fn possession_message(side: Side, shared: &[u8; 32]) -> Zeroizing<Vec<u8>> {
+    let mut message = Zeroizing::new(Vec::with_capacity(POSSESSION_LABEL.len() + 33));
+    message.extend_from_slice(POSSESSION_LABEL);
+    message.push(match side {
+        Side::Initiator => 1,
+        Side::Responder => 2,
+    });
+    message.extend_from_slice(shared);
+    message
+}
+
+fn possession_proof(key: &[u8; 32], side: Side, shared: &[u8; 32]) -> WgProof {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let tag = ring::hmac::sign(&key, &possession_message(side, shared));
+    let mut proof = [0u8; 32];
+    proof.copy_from_slice(tag.as_ref());
+    WgProof(proof)
 }
 
 /// Which side of the handshake we are.
@@ -169,6 +232,9 @@ pub(crate) fn derive<E>(
     let mut psk = Zeroizing::new([0u8; 32]);
     context[0] = PURPOSE_WG_PSK;
     export(psk.as_mut_slice(), EXPORTER_LABEL, &context)?;
+    let mut wg_possession = Zeroizing::new([0u8; 32]);
+    context[0] = PURPOSE_WG_POSSESSION;
+    export(wg_possession.as_mut_slice(), EXPORTER_LABEL, &context)?;
     context.zeroize();
     let (outbound, inbound) = match side {
         Side::Initiator => (i2r, r2i),
@@ -179,5 +245,7 @@ pub(crate) fn derive<E>(
         outbound,
         inbound,
         wg_psk: WgPsk(psk),
+        wg_possession: PossessionKey(wg_possession),
+        side,
     })
 }

@@ -43,6 +43,8 @@ pub use handshake::{
 };
 pub use id::{IdError, NodeName, SpiffeId, TrustDomain};
 pub use keys::{Aead, DirectionKeys, SaKey, SessionKeys, WgPsk};
-pub use protocol::{Epoch, Hello, Message, MessageError, Mode, RejectReason, Spi, WgPublicKey};
+pub use protocol::{
+    Epoch, Hello, Message, MessageError, Mode, RejectReason, Spi, WgProof, WgPublicKey,
+};
 pub use svid::{NodeIdentity, NodeKey, SvidError, SvidInfo};
 pub use verifier::{ExpectedPeer, PeerIdentity, PeerRole, TrustStore, VerifyError};

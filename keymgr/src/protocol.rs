@@ -162,6 +162,35 @@ impl<'de> Deserialize<'de> for WgPublicKey {
     }
 }
 
+/// A side's proof that it holds the private key of the WireGuard public key it announced
+/// (`SessionKeys::wg_possession_proof`); base64 on the wire. Not secret: it is bound to one TLS
+/// session and to one pair of keys.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct WgProof(pub [u8; 32]);
+
+impl fmt::Debug for WgProof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgProof({})", STANDARD.encode(self.0))
+    }
+}
+
+impl Serialize for WgProof {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for WgProof {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bytes = STANDARD.decode(s).map_err(serde::de::Error::custom)?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| serde::de::Error::custom("a possession proof must be 32 bytes"))?;
+        Ok(Self(arr))
+    }
+}
+
 /// What each side tells the other after the TLS handshake.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -270,6 +299,12 @@ pub enum Message {
         /// The epoch installed.
         epoch: Epoch,
     },
+    /// "I hold the private key of the WireGuard public key in my Hello"; sent by both sides in
+    /// WireGuard mode, after the Hellos and before installing anything.
+    Possession {
+        /// The proof.
+        proof: WgProof,
+    },
     /// Refusal, then the sender closes.
     Reject {
         /// Why.
@@ -285,6 +320,12 @@ struct InstalledBody {
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct PossessionBody {
+    proof: WgProof,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RejectBody {
     reason: RejectReason,
 }
@@ -292,6 +333,7 @@ struct RejectBody {
 const TYPE_HELLO: u8 = 1;
 const TYPE_INSTALLED: u8 = 2;
 const TYPE_REJECT: u8 = 3;
+const TYPE_POSSESSION: u8 = 4;
 
 /// Parses a frame header: `(type, body length)`.
 ///
@@ -303,7 +345,10 @@ pub fn decode_header(header: [u8; HEADER_LEN]) -> Result<(u8, usize), MessageErr
     if version != PROTOCOL_VERSION {
         return Err(MessageError::UnsupportedVersion { found: version });
     }
-    if !matches!(ty, TYPE_HELLO | TYPE_INSTALLED | TYPE_REJECT) {
+    if !matches!(
+        ty,
+        TYPE_HELLO | TYPE_INSTALLED | TYPE_REJECT | TYPE_POSSESSION
+    ) {
         return Err(MessageError::UnknownType { found: ty });
     }
     let len = usize::from(u16::from_be_bytes([hi, lo]));
@@ -334,6 +379,10 @@ pub fn decode_body(ty: u8, body: &[u8]) -> Result<Message, MessageError> {
         TYPE_REJECT => {
             let b: RejectBody = serde_json::from_slice(body).map_err(body_err)?;
             Ok(Message::Reject { reason: b.reason })
+        }
+        TYPE_POSSESSION => {
+            let b: PossessionBody = serde_json::from_slice(body).map_err(body_err)?;
+            Ok(Message::Possession { proof: b.proof })
         }
         found => Err(MessageError::UnknownType { found }),
     }
@@ -379,6 +428,10 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, MessageError> {
         Message::Reject { reason } => (
             TYPE_REJECT,
             serde_json::to_vec(&RejectBody { reason: *reason }).map_err(body_err)?,
+        ),
+        Message::Possession { proof } => (
+            TYPE_POSSESSION,
+            serde_json::to_vec(&PossessionBody { proof: *proof }).map_err(body_err)?,
         ),
     };
     let len = u16::try_from(body.len())
@@ -453,6 +506,9 @@ mod tests {
             Message::Reject {
                 reason: RejectReason::Collision,
             },
+            Message::Possession {
+                proof: WgProof([5; 32]),
+            },
         ] {
             let frame = encode_frame(&msg).unwrap();
             assert_eq!(decode_frame(&frame).unwrap(), msg);
@@ -506,6 +562,19 @@ mod tests {
             decode_body(TYPE_HELLO, body),
             Err(MessageError::Body { .. })
         ));
+        for body in [
+            &br#"{"proof":"AAAA"}"#[..],
+            br#"{"proof":"not base64!"}"#,
+            br#"{}"#,
+        ] {
+            assert!(
+                matches!(
+                    decode_body(TYPE_POSSESSION, body),
+                    Err(MessageError::Body { .. })
+                ),
+                "{body:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -158,6 +158,56 @@ async fn wireguard_mode_carries_public_key() {
     assert_eq!(a.keys.wg_psk.as_bytes(), b.keys.wg_psk.as_bytes());
 }
 
+/// Both sides prove they hold their WireGuard keys over the channel. A proof verifies only with
+/// the same X25519 secret, only in this session, and only as the other side's.
+#[tokio::test]
+async fn wireguard_possession_proofs_verify_only_with_the_shared_secret_and_the_right_side() {
+    let pki = TestPki::new();
+    let p = pair(&pki);
+    let wg = |n: &str, spi, k| {
+        Hello::new(node(n), Epoch(5), Spi::new(spi).unwrap(), Mode::Wireguard)
+            .with_wg_public_key(WgPublicKey([k; 32]))
+    };
+    let session = || {
+        run(
+            &p.a,
+            "node-b",
+            wg("node-a", 300, 1),
+            &p.b,
+            ExpectedPeer::AnyNode,
+            wg("node-b", 400, 2),
+        )
+    };
+    let (ra, rb) = session().await;
+    let (mut a, mut b) = (ra.unwrap(), rb.unwrap());
+    let (shared, other) = ([7u8; 32], [8u8; 32]);
+    let (a_proof, b_proof) = (
+        a.keys.wg_possession_proof(&shared),
+        b.keys.wg_possession_proof(&shared),
+    );
+    let (at_a, at_b) = tokio::join!(
+        a.channel.exchange_possession(a_proof),
+        b.channel.exchange_possession(b_proof)
+    );
+    let (at_a, at_b) = (at_a.unwrap(), at_b.unwrap());
+    assert_eq!((at_a, at_b), (b_proof, a_proof));
+    assert!(a.keys.verify_wg_possession(&shared, &at_a));
+    assert!(b.keys.verify_wg_possession(&shared, &at_b));
+    // Without the secret (a key announced but not held), the proof is another one.
+    assert!(
+        !a.keys
+            .verify_wg_possession(&shared, &b.keys.wg_possession_proof(&other))
+    );
+    assert!(!a.keys.verify_wg_possession(&other, &at_a));
+    // A side's own proof reflected back is not the other side's.
+    assert!(!a.keys.verify_wg_possession(&shared, &a_proof));
+    // A proof from another session does not verify in this one.
+    let (rc, _) = session().await;
+    let c = rc.unwrap();
+    assert!(!c.keys.verify_wg_possession(&shared, &at_a));
+    assert!(!format!("{:?}", a.keys).contains(&format!("{:?}", &shared[..4])));
+}
+
 #[tokio::test]
 async fn peer_with_valid_svid_for_other_node_is_refused() {
     let pki = TestPki::new();

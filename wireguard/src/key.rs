@@ -71,6 +71,17 @@ impl PrivateKey {
         PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes())
     }
 
+    /// The X25519 secret shared with whoever holds the private half of `peer`; `None` when it
+    /// is all zeros (`peer` is a low-order point, and anyone can compute that secret).
+    #[must_use]
+    pub fn shared_secret(&self, peer: &PublicKey) -> Option<Zeroizing<[u8; KEY_LEN]>> {
+        let secret = x25519_dalek::StaticSecret::from(self.0);
+        let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(peer.0));
+        shared
+            .was_contributory()
+            .then(|| Zeroizing::new(shared.to_bytes()))
+    }
+
     /// The raw key, for writing into a netlink buffer.
     pub(crate) const fn secret_bytes(&self) -> &[u8; KEY_LEN] {
         &self.0
@@ -242,6 +253,24 @@ fn constant_time_eq(a: &[u8; KEY_LEN], b: &[u8; KEY_LEN]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_holders_compute_one_shared_secret_and_a_low_order_key_gets_none() {
+        let (a, b, c) = (
+            PrivateKey::generate().unwrap(),
+            PrivateKey::generate().unwrap(),
+            PrivateKey::generate().unwrap(),
+        );
+        let ab = a.shared_secret(&b.public_key()).unwrap();
+        assert_eq!(ab, b.shared_secret(&a.public_key()).unwrap());
+        assert_ne!(ab, c.shared_secret(&a.public_key()).unwrap());
+        // The identity point (0) and the order-4 point 1 give an all-zero secret.
+        let mut one = [0u8; KEY_LEN];
+        one[0] = 1;
+        for low in [[0u8; KEY_LEN], one] {
+            assert!(a.shared_secret(&PublicKey::from_bytes(low)).is_none());
+        }
+    }
 
     #[test]
     fn public_key_matches_rfc7748_vector() {

@@ -575,6 +575,19 @@ impl<T: Tunnel> PeerTask<T> {
                 ),
             });
         }
+        let confirm = self.pace.confirm_timeout();
+        if let Some(possession) = self
+            .tunnel
+            .key_possession(&agreement.keys, &agreement.peer_hello)?
+        {
+            let theirs = tokio::time::timeout(
+                confirm,
+                agreement.channel.exchange_possession(possession.ours),
+            )
+            .await
+            .map_err(|_| PeerError::Timeout(confirm))??;
+            possession.check(&agreement.keys, &theirs)?;
+        }
         let peer = self.peer_end();
         let installed = self
             .tunnel
@@ -582,7 +595,6 @@ impl<T: Tunnel> PeerTask<T> {
             .await?;
         // Not cancellable from outside once keys are in the kernel: on any failure, including
         // the peer going quiet, the new epoch is removed again before returning.
-        let confirm = self.pace.confirm_timeout();
         let confirmed = tokio::time::timeout(
             confirm,
             agreement.channel.confirm_installed(installed.epoch),

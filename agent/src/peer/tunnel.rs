@@ -14,7 +14,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use nodeseal_bpf::NodeId;
-use nodeseal_keymgr::{Epoch, Hello, Mode, SessionKeys};
+use nodeseal_keymgr::{Epoch, Hello, Mode, SessionKeys, WgProof};
+use zeroize::Zeroizing;
 
 use super::PeerStatus;
 use crate::datapath::DatapathError;
@@ -54,6 +55,17 @@ pub trait Tunnel: Send {
     /// Puts in place what the peer needs before it has keys (IPsec strict mode: the policies
     /// that block clear traffic to its pods).
     fn prepare(&mut self, peer: &PeerEnd) -> impl Future<Output = Result<(), TunnelError>> + Send;
+
+    /// Before anything of a key agreement is installed: our proof that we hold the key our
+    /// Hello announced, and what checks the peer's (WireGuard); `None` when the tunnel's keys
+    /// come from the agreement alone (IPsec).
+    fn key_possession(
+        &self,
+        _keys: &SessionKeys,
+        _peer_hello: &Hello,
+    ) -> Result<Option<KeyPossession>, TunnelError> {
+        Ok(None)
+    }
 
     /// Installs the keys of a new epoch beside the current one; traffic keeps the current keys
     /// until [`Tunnel::flip`]. On error nothing of the new epoch stays behind.
@@ -100,6 +112,51 @@ pub trait Tunnel: Send {
 
     /// Writes the tunnel's part of the status row (IPsec: slot and SPIs of the current epoch).
     fn fill_status(&self, row: &mut PeerStatus);
+}
+
+/// One key-possession exchange: the proof we send, and the secret the peer's proof is checked
+/// against (X25519 of our private key and the public key the peer announced).
+pub struct KeyPossession {
+    /// Our proof.
+    pub ours: WgProof,
+    shared: Zeroizing<[u8; 32]>,
+    /// The key the peer announced (base64), for the error.
+    peer_key: String,
+}
+
+impl KeyPossession {
+    /// Our proof under `keys`, over `shared`, towards a peer that announced `peer_key`.
+    pub(crate) fn new(keys: &SessionKeys, shared: Zeroizing<[u8; 32]>, peer_key: String) -> Self {
+        Self {
+            ours: keys.wg_possession_proof(&shared),
+            shared,
+            peer_key,
+        }
+    }
+
+    /// Checks that `theirs` proves the peer holds the private half of the key it announced.
+    ///
+    /// # Errors
+    /// [`TunnelError::PeerKeyNotHeld`].
+    pub fn check(&self, keys: &SessionKeys, theirs: &WgProof) -> Result<(), TunnelError> {
+        if keys.verify_wg_possession(&self.shared, theirs) {
+            Ok(())
+        } else {
+            Err(TunnelError::PeerKeyNotHeld {
+                key: self.peer_key.clone(),
+            })
+        }
+    }
+}
+
+impl std::fmt::Debug for KeyPossession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPossession")
+            .field("ours", &self.ours)
+            .field("peer_key", &self.peer_key)
+            .field("shared", &"[redacted]")
+            .finish()
+    }
 }
 
 /// One installation of an epoch's keys, as the lifecycle names it to [`Tunnel::flip`] and
@@ -150,6 +207,16 @@ pub enum TunnelError {
     /// The peer's verified Hello carries no WireGuard public key, the only source of its key.
     #[error("the peer's Hello carries no wg_public_key")]
     MissingPeerKey,
+    /// The peer's WireGuard public key is a low-order point: the secret it shares with any key
+    /// is all zeros, so it cannot be bound to anyone.
+    #[error("the peer's WireGuard public key is a low-order point")]
+    LowOrderPeerKey,
+    /// The peer did not prove it holds the private half of the WireGuard key it announced.
+    #[error("the peer did not prove it holds the WireGuard key {key} it announced")]
+    PeerKeyNotHeld {
+        /// The key (base64).
+        key: String,
+    },
     /// The peer's verified Hello announces this node's own WireGuard public key.
     #[error("the peer's Hello announces this node's own WireGuard public key")]
     PeerKeyIsOurs,

@@ -26,13 +26,18 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::IpNet;
 use nodeseal_keymgr::{Hello, Mode, NodeName, SessionKeys, WgPublicKey};
-use nodeseal_wireguard::{DeviceRequests, Handle, LinkName, PeerConfig, PresharedKey, PublicKey};
+use nodeseal_wireguard::{
+    DeviceRequests, Handle, LinkName, PeerConfig, PresharedKey, PrivateKey, PublicKey,
+};
 use rand::Rng;
 use tracing::{debug, info, warn};
 use zeroize::Zeroizing;
 
 use super::ipsec::KeySlot;
-use super::{InstalledEpoch, PeerDatapath, PeerEnd, PeerStatus, Tunnel, TunnelError, error_chain};
+use super::{
+    InstalledEpoch, KeyPossession, PeerDatapath, PeerEnd, PeerStatus, Tunnel, TunnelError,
+    error_chain,
+};
 
 /// The UDP port WireGuard listens on unless configured otherwise.
 pub const DEFAULT_PORT: u16 = 51871;
@@ -53,6 +58,9 @@ pub struct WireguardSettings {
     pub port: u16,
     /// This node's public key, announced in our Hellos.
     pub public_key: PublicKey,
+    /// Its private half, which the device holds too: it proves to each peer that the key we
+    /// announce is ours.
+    pub private_key: Arc<PrivateKey>,
     /// Which peer holds each key on the device.
     pub holders: KeyHolders,
 }
@@ -113,6 +121,14 @@ pub struct WireguardTunnel {
     installs: u64,
     /// The key and allowed IPs this tunnel last wrote to the device.
     written: Option<(PublicKey, Vec<IpNet>)>,
+}
+
+/// The peer's WireGuard public key, which only its verified Hello gives.
+fn peer_key(peer_hello: &Hello) -> Result<PublicKey, TunnelError> {
+    let WgPublicKey(bytes) = peer_hello
+        .wg_public_key
+        .ok_or(TunnelError::MissingPeerKey)?;
+    Ok(PublicKey::from_bytes(bytes))
 }
 
 /// The one slot a WireGuard peer uses: the device, not a mark, chooses the keys, so the slot
@@ -260,16 +276,27 @@ impl Tunnel for WireguardTunnel {
         Ok(())
     }
 
+    fn key_possession(
+        &self,
+        keys: &SessionKeys,
+        peer_hello: &Hello,
+    ) -> Result<Option<KeyPossession>, TunnelError> {
+        let peer_key = peer_key(peer_hello)?;
+        let shared = self
+            .settings
+            .private_key
+            .shared_secret(&peer_key)
+            .ok_or(TunnelError::LowOrderPeerKey)?;
+        Ok(Some(KeyPossession::new(keys, shared, peer_key.to_string())))
+    }
+
     async fn install(
         &mut self,
         peer: &PeerEnd,
         keys: &SessionKeys,
         peer_hello: &Hello,
     ) -> Result<InstalledEpoch, TunnelError> {
-        let WgPublicKey(bytes) = peer_hello
-            .wg_public_key
-            .ok_or(TunnelError::MissingPeerKey)?;
-        let peer_key = PublicKey::from_bytes(bytes);
+        let peer_key = peer_key(peer_hello)?;
         if peer_key == self.settings.public_key {
             return Err(TunnelError::PeerKeyIsOurs);
         }
@@ -445,6 +472,7 @@ mod tests {
             link: link.name.parse().expect("name"),
             port: DEFAULT_PORT,
             public_key,
+            private_key: Arc::new(key.clone()),
             holders: KeyHolders::default(),
         };
         handle
@@ -734,5 +762,50 @@ mod tests {
         let now = peers(&wg).await;
         assert_eq!(now.len(), 1);
         assert_eq!(now[0].endpoint, Some(SocketAddr::new(c.ip, DEFAULT_PORT)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_cannot_prove_it_holds_the_key_it_announced_is_refused() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let wg = device().await;
+        let t = tunnel(&a, &b, &wg);
+        let (at_a, at_b) = agreements(&a, &b, Epoch(1)).await;
+        let (b_key, stranger) = (
+            PrivateKey::generate().expect("key"),
+            PrivateKey::generate().expect("key"),
+        );
+        let announced = at_a
+            .peer_hello
+            .clone()
+            .with_wg_public_key(WgPublicKey(*b_key.public_key().as_bytes()));
+        let check = t
+            .key_possession(&at_a.keys, &announced)
+            .expect("possession")
+            .expect("WireGuard proves possession");
+        // b, which holds the key, proves it with its side of the agreement.
+        let proof_by = |key: &PrivateKey| {
+            let shared = key.shared_secret(&wg.settings.public_key).expect("secret");
+            KeyPossession::new(&at_b.keys, shared, String::new()).ours
+        };
+        check
+            .check(&at_a.keys, &proof_by(&b_key))
+            .expect("the holder's proof");
+        // Announcing b's key while holding another one proves nothing.
+        let e = check.check(&at_a.keys, &proof_by(&stranger)).unwrap_err();
+        assert!(matches!(e, TunnelError::PeerKeyNotHeld { .. }), "{e}");
+        assert!(
+            e.to_string().contains(&b_key.public_key().to_string()),
+            "{e}"
+        );
+        // Nor does replaying our own proof.
+        assert!(check.check(&at_a.keys, &check.ours).is_err());
+        // A low-order key shares an all-zero secret with anyone: refused before any proof.
+        let e = t
+            .key_possession(&at_a.keys, &hello_with_key(&at_a.peer_hello, 0))
+            .unwrap_err();
+        assert!(matches!(e, TunnelError::LowOrderPeerKey), "{e}");
+        assert!(format!("{check:?}").contains("[redacted]"), "{check:?}");
     }
 }
