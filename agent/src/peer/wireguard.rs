@@ -808,4 +808,40 @@ mod tests {
         assert!(matches!(e, TunnelError::LowOrderPeerKey), "{e}");
         assert!(format!("{check:?}").contains("[redacted]"), "{check:?}");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rekey_after_the_pod_cidrs_changed_moves_the_allowed_ips_and_routes() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let wg = device().await;
+        let mut t = tunnel(&a, &b, &wg);
+        let mut peer = a.end_of(&b);
+        let (first, _) = agreements(&a, &b, Epoch(1)).await;
+        let one = t
+            .install(&peer, &first.keys, &hello_with_key(&first.peer_hello, 7))
+            .await
+            .expect("install");
+        t.flip(&peer, one).await.expect("flip");
+        let moved: IpNet = "10.250.0.0/24".parse().expect("cidr");
+        peer.pod_cidrs = vec![moved];
+        let (second, _) = agreements_on_spis(&a, &b, Epoch(2), (0x0003_0000, 0x0004_0000)).await;
+        let two = t
+            .install(&peer, &second.keys, &hello_with_key(&second.peer_hello, 7))
+            .await
+            .expect("second install");
+        t.flip(&peer, two).await.expect("flip");
+        t.retire(&peer, one).await.expect("retire");
+        let now = peers(&wg).await;
+        assert_eq!(now.len(), 1);
+        assert_eq!(
+            now[0].allowed_ips,
+            vec![moved],
+            "the old CIDR is no longer allowed"
+        );
+        assert_eq!(
+            wg.kernel.routes(ROUTE_TABLE),
+            [(moved, wg.settings.link.to_string())]
+        );
+    }
 }

@@ -99,7 +99,8 @@ pub struct FabricOptions {
     pub strict: bool,
     /// Remove a peer's SAs after its handshakes failed this long.
     pub retention: Duration,
-    /// Extra arguments of node `i`'s agent (index `i`), after the fabric's own.
+    /// Extra arguments of node `i`'s agent (index `i`), after the fabric's own; a
+    /// `--node-ip` or `--encryption-type` here replaces the fabric's.
     pub agent_args: Vec<Vec<String>>,
 }
 
@@ -219,6 +220,14 @@ impl Fabric {
             Some(_) => Vec::new(),
             None => vec!["--node-ip".to_owned(), node.ip.to_string()],
         };
+        // So does a datapath.
+        let encryption = match extra.iter().position(|a| a == "--encryption-type") {
+            Some(_) => Vec::new(),
+            None => vec![
+                "--encryption-type".to_owned(),
+                self.options.encryption.name().to_owned(),
+            ],
+        };
         let mut cmd = node.ns.command(&binary("nodeseal-agent").to_string_lossy());
         cmd.args(["--node-name", name])
             .args(&node_ip)
@@ -237,7 +246,7 @@ impl Fabric {
             .args(["--strict-mode", if strict { "true" } else { "false" }])
             .args(["--peer-retention", &humantime(self.options.retention)])
             .args(["--metrics-addr", AGENT_METRICS])
-            .args(["--encryption-type", self.options.encryption.name()])
+            .args(&encryption)
             .args(self.agent_store_args(i))
             .args(&extra)
             .env("RUST_LOG", "info,nodeseal_agent=debug");

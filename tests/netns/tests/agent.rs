@@ -1388,6 +1388,63 @@ fn etcd_backend_carries_the_fabric_in(name: &str, encryption: Encryption) {
         .unwrap_or_else(|leak| panic!("{leak}"));
 }
 
+/// A node refuses a peer that runs the other datapath, with the reason in both nodes' status,
+/// and configures nothing for it: node0 runs WireGuard, node1 IPsec.
+#[test]
+fn a_peer_in_the_other_datapath_is_refused_with_the_reason_in_status() {
+    let name = "mixedmode";
+    let kernel = [
+        Feature::Netns,
+        Feature::Esp,
+        Feature::WireGuard,
+        Feature::TcBpf,
+    ];
+    if !require(name, &kernel) {
+        return;
+    }
+    let topo = Topology::builder(name)
+        .nodes(2)
+        .pods_per_node(1)
+        .build()
+        .expect("topology");
+    let options = FabricOptions {
+        encryption: Encryption::Wireguard,
+        agent_args: vec![
+            Vec::new(),
+            vec!["--encryption-type".to_owned(), "ipsec".to_owned()],
+        ],
+        ..FabricOptions::default()
+    };
+    let fabric = Fabric::start(&topo, 2, options).expect("fabric");
+    let refused = |i: usize, peer: &str| {
+        fabric.peer_row(i, peer).is_some_and(|row| {
+            row["state"] != "established"
+                && row["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.to_lowercase().contains("mode"))
+        })
+    };
+    let both = nodeseal_netns::wait_until(CONVERGE, || refused(0, "node1") && refused(1, "node0"));
+    let rows = (fabric.peer_row(0, "node1"), fabric.peer_row(1, "node0"));
+    assert!(both, "{rows:?}");
+    eprintln!(
+        "node0 (wireguard): {}\nnode1 (ipsec): {}",
+        rows.0.unwrap_or_default()["last_error"],
+        rows.1.unwrap_or_default()["last_error"]
+    );
+    for (a, b) in [(0, 1), (1, 0)] {
+        for encryption in [Encryption::Ipsec, Encryption::Wireguard] {
+            assert_eq!(
+                tunnel_entries(&topo, encryption, a, b),
+                0,
+                "node{a} {encryption:?}"
+            );
+        }
+    }
+    let attempt = ping(&topo.node(0).pod(0).ns, topo.node(1).pod(0).ip, 2).expect("ping");
+    assert_eq!(attempt.received, 0, "{attempt:?}");
+}
+
 /// In WireGuard mode, node2's device is set up with node1's private key before node2's agent
 /// starts (the agent takes over the key a device holds, as after a restart), so node2, with its
 /// own valid identity, announces node1's key. node0 refuses it, naming node1, and node1 refuses
