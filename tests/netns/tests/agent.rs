@@ -1035,7 +1035,7 @@ fn sigkill_and_restart_under_traffic_loses_nothing() {
 
 /// node0's agent is SIGKILLed under a 500 pps stream and started again: the kernel keeps
 /// carrying the stream meanwhile, the new agent rekeys with node1, the previous agent's keys are
-/// swept after the grace period, and nothing is lost. In WireGuard mode the new agent reuses the
+/// swept after the grace period, and nothing is lost or sent in clear. In WireGuard mode the new agent reuses the
 /// link and takes over the key its device holds, so node1 keeps one entry for it.
 fn sigkill_and_restart_under_traffic(scenario: &mut Scenario) {
     let encryption = scenario.encryption();
@@ -1067,6 +1067,7 @@ fn sigkill_and_restart_under_traffic(scenario: &mut Scenario) {
     )
     .expect("stream");
     std::thread::sleep(Duration::from_millis(500));
+    let capture = topo.capture().expect("capture");
     fabric.kill_agent(0);
     std::thread::sleep(Duration::from_secs(1));
     fabric.restart_agent(topo, 0).expect("restart");
@@ -1097,6 +1098,9 @@ fn sigkill_and_restart_under_traffic(scenario: &mut Scenario) {
         tunnel_keys(topo, encryption, 0, 1)
     );
     assert_eq!((report.lost, report.duplicated), (0, 0), "{report:?}");
+    capture
+        .check_no_plaintext(&topo.pod_cidrs())
+        .unwrap_or_else(|leak| panic!("in clear across the restart: {leak}"));
     if encryption == Encryption::Wireguard {
         assert_eq!(
             wg_key(fabric),
