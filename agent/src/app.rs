@@ -33,6 +33,7 @@ use crate::expiry::ExpiryFollower;
 use crate::health::{Endpoints, Readiness, STEP_DATAPATH, STEP_IDENTITY, STEP_REMOVED, STEP_STORE};
 use crate::identity::{IdentitySource, LocalClaims, Obtained};
 use crate::metrics::Metrics;
+use crate::mtu::{PodMtu, Tunnel as MtuTunnel};
 use crate::observe::ObserveHub;
 use crate::pace::Pace;
 use crate::peer::LocalEnd;
@@ -89,6 +90,8 @@ struct Agent {
     xfrm: Handle,
     /// The WireGuard device, in WireGuard mode.
     wireguard: Option<WireguardMode>,
+    /// What fits through the tunnel (`None` when the uplink's MTU cannot be read).
+    pod_mtu: Option<PodMtu>,
     datapath: DatapathHandle,
     /// Flows for `nodeseal observe`; whoever knows identity labels sets them here.
     observe: ObserveHub,
@@ -102,10 +105,6 @@ struct WireguardMode {
     handle: nodeseal_wireguard::Handle,
     settings: WireguardSettings,
 }
-
-/// WireGuard's worst-case overhead per packet: outer IPv6 (40) + UDP (8) + WireGuard header and
-/// tag (32). With it the link's MTU is safe whichever family the underlay uses.
-const WIREGUARD_OVERHEAD: u32 = 80;
 
 /// Sets the WireGuard device up: the link (created or reused) with an MTU that fits the uplink,
 /// the node's private key, the listen port, and the rule that sends lookups to nodeseal's
@@ -121,11 +120,9 @@ async fn start_wireguard(config: &AgentConfig, local_ip: IpAddr) -> Result<Wireg
     use nodeseal_wireguard::{DeviceConfig, Family, LinkSpec, PrivateKey, Rule};
     let handle =
         nodeseal_wireguard::Handle::new().context("opening the WireGuard netlink sockets")?;
-    let mtu = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", config.uplink))
-        .ok()
-        .and_then(|m| m.trim().parse::<u32>().ok())
+    let mtu = crate::mtu::interface_mtu(&config.uplink)
         .map_or(nodeseal_wireguard::DEFAULT_MTU, |m| {
-            m.saturating_sub(WIREGUARD_OVERHEAD)
+            PodMtu::new(MtuTunnel::Wireguard, m, local_ip).pod
         });
     let link = handle
         .links()
@@ -313,6 +310,21 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         EncryptionType::Wireguard => Some(start_wireguard(&config, local.ip).await?),
         EncryptionType::Ipsec => None,
     };
+    let pod_mtu = crate::mtu::interface_mtu(&config.uplink).map(|uplink| {
+        let tunnel = match config.encryption_type {
+            EncryptionType::Ipsec => MtuTunnel::Esp,
+            EncryptionType::Wireguard => MtuTunnel::Wireguard,
+        };
+        PodMtu::new(tunnel, uplink, local.ip)
+    });
+    match pod_mtu {
+        Some(m) => info!(
+            uplink = m.uplink,
+            pod = m.pod,
+            "pods whose MTU is at most the pod MTU need no path-MTU discovery through the tunnel"
+        ),
+        None => warn!(uplink = %config.uplink, "cannot read the uplink's MTU"),
+    }
     let xfrm = Handle::new().context("opening the XFRM netlink socket")?;
     let expire_notices =
         ExpireMonitor::open().context("subscribing to the kernel's XFRM expire notices")?;
@@ -448,6 +460,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         metrics,
         xfrm,
         wireguard,
+        pod_mtu,
         datapath,
         observe,
         tracker: tracker.clone(),
@@ -730,6 +743,7 @@ impl StatusSource for Passive {
                 .unwrap_or_default(),
             trust_bundle_error: None,
             wg_public_key: None,
+            pod_mtu: None,
             policy: None,
         }
     }
@@ -1500,6 +1514,7 @@ impl StatusSource for Agent {
                 .wireguard
                 .as_ref()
                 .map(|wg| wg.settings.public_key.to_string()),
+            pod_mtu: self.pod_mtu,
             policy: self.policy_view.lock().ok().map(|v| v.clone()),
         }
     }

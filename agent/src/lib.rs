@@ -28,6 +28,7 @@ pub mod kube_signer;
 pub mod leader;
 pub mod logging;
 pub mod metrics;
+pub mod mtu;
 pub mod observe;
 pub mod pace;
 pub mod peer;

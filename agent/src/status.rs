@@ -158,6 +158,9 @@ pub struct NodeView {
     /// This node's WireGuard public key (base64), in WireGuard mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wg_public_key: Option<String>,
+    /// The uplink's MTU and the largest pod packet the tunnel carries whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_mtu: Option<crate::mtu::PodMtu>,
     /// Identity policy: endpoints, identities, policies (encryption on only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<crate::policy_engine::PolicyView>,
@@ -374,6 +377,12 @@ pub fn render(view: &NodeView) -> String {
         }
         _ => out.push_str("identity (none yet)\n"),
     }
+    if let Some(mtu) = view.pod_mtu {
+        out.push_str(&format!(
+            "mtu uplink {}  pods {} (the largest pod MTU that needs no path-MTU discovery)\n",
+            mtu.uplink, mtu.pod
+        ));
+    }
     out.push_str(&format!(
         "{:<16} {:<15} {:<11} {:>14} {:>4} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
         "PEER",
@@ -530,6 +539,7 @@ mod tests {
                 unusable_nodes: BTreeMap::new(),
                 trust_bundle_error: None,
                 wg_public_key: None,
+                pod_mtu: None,
                 policy: None,
             }
         }

@@ -42,6 +42,7 @@ impl StatusSource for Fixed {
             unusable_nodes: BTreeMap::new(),
             trust_bundle_error: None,
             wg_public_key: None,
+            pod_mtu: None,
             policy: None,
         }
     }

@@ -27,7 +27,9 @@ pub use net::Cidr;
 pub use netns::Netns;
 pub use process::Process;
 pub use topology::{Node, Pod, Topology};
-pub use traffic::{PingResult, StreamReport, TcpService, UdpStream, ping, tcp_banner};
+pub use traffic::{
+    PingResult, StreamReport, TcpService, Transfer, UdpStream, ping, tcp_banner, tcp_transfer,
+};
 
 /// With this set to `1` (CI and VM runs), a missing privilege or kernel feature fails a test
 /// instead of skipping it.

@@ -371,6 +371,105 @@ pub fn tcp_banner(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Option<S
     })
 }
 
+/// What a [`tcp_transfer`] moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transfer {
+    /// Bytes written.
+    pub sent: usize,
+    /// Bytes read at the other end.
+    pub received: usize,
+    /// SHA-256 of what was written and of what was read are the same.
+    pub intact: bool,
+    /// From the connection to the last byte read.
+    pub elapsed: Duration,
+}
+
+/// Sends `len` pseudo-random bytes over one TCP connection from inside `from` to a listener on
+/// `to` inside `to_ns`, and compares their SHA-256 at both ends. Each step (accept, connect,
+/// every read and write) is bounded by `timeout`.
+pub fn tcp_transfer(
+    from: &Netns,
+    to_ns: &Netns,
+    to: SocketAddrV4,
+    len: usize,
+    timeout: Duration,
+) -> Result<Transfer> {
+    use std::io::{Read as _, Write as _};
+
+    let data = pseudo_random(len);
+    let sent_hash = ring::digest::digest(&ring::digest::SHA256, &data);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let receiver = to_ns.spawn_thread("tcp-receiver", move || -> Result<(usize, Vec<u8>)> {
+        let listener = match std::net::TcpListener::bind(to) {
+            Ok(l) => {
+                let _ = ready_tx.send(Ok(()));
+                l
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(anyhow::anyhow!("binding {to}: {e}")));
+                bail!("binding {to}: {e}");
+            }
+        };
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + timeout;
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(ACCEPT_POLL),
+                Err(e) => bail!("no connection to {to} within {timeout:?}: {e}"),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(timeout))?;
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        let (mut received, mut buf) = (0, vec![0u8; 64 * 1024]);
+        loop {
+            let n = stream.read(&mut buf).context("reading")?;
+            if n == 0 {
+                break;
+            }
+            context.update(&buf[..n]);
+            received += n;
+        }
+        Ok((received, context.finish().as_ref().to_vec()))
+    })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("TCP receiver did not start")??;
+    let started = Instant::now();
+    from.run(move || -> Result<()> {
+        let mut stream = std::net::TcpStream::connect_timeout(&to.into(), timeout)
+            .with_context(|| format!("connecting to {to}"))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.write_all(&data).context("writing")?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    })?;
+    let (received, received_hash) = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("TCP receiver panicked"))??;
+    Ok(Transfer {
+        sent: len,
+        received,
+        intact: received_hash == sent_hash.as_ref(),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// `len` bytes of xorshift64 output: incompressible, and the same for every run.
+fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
