@@ -116,14 +116,17 @@ struct WireguardMode {
 /// IPsec mode: a new key would end every peer's WireGuard session at once and drop traffic until
 /// each pair re-handshakes, while the per-pair preshared keys rotate at the new handshakes anyway.
 /// The key changes when the link goes (reboot, `--cleanup-on-exit`).
-async fn start_wireguard(config: &AgentConfig, local_ip: IpAddr) -> Result<WireguardMode> {
+async fn start_wireguard(
+    config: &AgentConfig,
+    local_ip: IpAddr,
+    uplink_mtu: Option<u32>,
+) -> Result<WireguardMode> {
     use nodeseal_wireguard::{DeviceConfig, Family, LinkSpec, PrivateKey, Rule};
     let handle =
         nodeseal_wireguard::Handle::new().context("opening the WireGuard netlink sockets")?;
-    let mtu = crate::mtu::interface_mtu(&config.uplink)
-        .map_or(nodeseal_wireguard::DEFAULT_MTU, |m| {
-            PodMtu::new(MtuTunnel::Wireguard, m, local_ip).pod
-        });
+    let mtu = uplink_mtu.map_or(nodeseal_wireguard::DEFAULT_MTU, |m| {
+        PodMtu::new(MtuTunnel::Wireguard, m, local_ip).pod
+    });
     let link = handle
         .links()
         .ensure(LinkSpec::new(config.wireguard_link.clone()).mtu(mtu))
@@ -306,24 +309,24 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         .sync_pod_interfaces()
         .context("attaching to pod interfaces")?;
     readiness.done(STEP_DATAPATH);
+    let uplink_mtu = crate::mtu::interface_mtu(&config.uplink).await;
     let wireguard = match config.encryption_type {
-        EncryptionType::Wireguard => Some(start_wireguard(&config, local.ip).await?),
+        EncryptionType::Wireguard => Some(start_wireguard(&config, local.ip, uplink_mtu).await?),
         EncryptionType::Ipsec => None,
     };
-    let pod_mtu = crate::mtu::interface_mtu(&config.uplink).map(|uplink| {
+    let pod_mtu = uplink_mtu.map(|uplink| {
         let tunnel = match config.encryption_type {
             EncryptionType::Ipsec => MtuTunnel::Esp,
             EncryptionType::Wireguard => MtuTunnel::Wireguard,
         };
         PodMtu::new(tunnel, uplink, local.ip)
     });
-    match pod_mtu {
-        Some(m) => info!(
+    if let Some(m) = pod_mtu {
+        info!(
             uplink = m.uplink,
             pod = m.pod,
             "pods whose MTU is at most the pod MTU need no path-MTU discovery through the tunnel"
-        ),
-        None => warn!(uplink = %config.uplink, "cannot read the uplink's MTU"),
+        );
     }
     let xfrm = Handle::new().context("opening the XFRM netlink socket")?;
     let expire_notices =

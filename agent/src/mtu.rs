@@ -65,12 +65,30 @@ fn esp_inner_mtu(uplink: u32, node_ip: IpAddr) -> u32 {
     (space & !3).saturating_sub(ESP_TRAILER)
 }
 
-/// The MTU of the interface `name`, from sysfs (`None` when it cannot be read).
-#[must_use]
-pub fn interface_mtu(name: &str) -> Option<u32> {
-    std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))
-        .ok()
-        .and_then(|m| m.trim().parse().ok())
+/// The MTU of the interface `name` in the calling thread's network namespace, read over
+/// rtnetlink (sysfs shows the namespace it was mounted in, which a namespaced agent does not
+/// share); `None`, with the reason logged, when it cannot be read.
+pub async fn interface_mtu(name: &str) -> Option<u32> {
+    let cannot = |error: &dyn std::fmt::Display| {
+        tracing::warn!(interface = name, %error, "cannot read the interface's MTU");
+    };
+    let link = nodeseal_wireguard::LinkName::new(name)
+        .map_err(|e| cannot(&e))
+        .ok()?;
+    let handle = nodeseal_wireguard::Handle::new()
+        .map_err(|e| cannot(&e))
+        .ok()?;
+    match handle.links().get(link).execute().await {
+        Ok(Some(link)) => Some(link.mtu),
+        Ok(None) => {
+            cannot(&"no such interface");
+            None
+        }
+        Err(e) => {
+            cannot(&e);
+            None
+        }
+    }
 }
 
 #[cfg(test)]
