@@ -135,9 +135,10 @@ pub enum Mode {
     Wireguard,
 }
 
-/// A WireGuard (Curve25519) public key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct WgPublicKey(pub [u8; 32]);
+/// A WireGuard (Curve25519) public key; base64 on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WgPublicKey(#[serde(with = "base64_32")] pub [u8; 32]);
 
 impl fmt::Debug for WgPublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -145,28 +146,12 @@ impl fmt::Debug for WgPublicKey {
     }
 }
 
-impl Serialize for WgPublicKey {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(self.0))
-    }
-}
-
-impl<'de> Deserialize<'de> for WgPublicKey {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let bytes = STANDARD.decode(s).map_err(serde::de::Error::custom)?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| serde::de::Error::custom("WireGuard key must be 32 bytes"))?;
-        Ok(Self(arr))
-    }
-}
-
 /// A side's proof that it holds the private key of the WireGuard public key it announced
 /// (`SessionKeys::wg_possession_proof`); base64 on the wire. Not secret: it is bound to one TLS
 /// session and to one pair of keys.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct WgProof(pub [u8; 32]);
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WgProof(#[serde(with = "base64_32")] pub [u8; 32]);
 
 impl fmt::Debug for WgProof {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -174,20 +159,22 @@ impl fmt::Debug for WgProof {
     }
 }
 
-impl Serialize for WgProof {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(self.0))
-    }
-}
+/// 32 bytes as a base64 string.
+mod base64_32 {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize as _, Deserializer, Serializer};
 
-impl<'de> Deserialize<'de> for WgProof {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let bytes = STANDARD.decode(s).map_err(serde::de::Error::custom)?;
-        let arr: [u8; 32] = bytes
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = STANDARD.decode(text).map_err(serde::de::Error::custom)?;
+        bytes
             .try_into()
-            .map_err(|_| serde::de::Error::custom("a possession proof must be 32 bytes"))?;
-        Ok(Self(arr))
+            .map_err(|_| serde::de::Error::custom("must be 32 bytes"))
     }
 }
 

@@ -135,15 +135,13 @@ async fn keys_agree_per_direction_and_differ_across_directions_and_epochs() {
     assert_ne!(a2.keys.wg_psk.as_bytes(), a.keys.wg_psk.as_bytes());
 }
 
-#[tokio::test]
-async fn wireguard_mode_carries_public_key() {
-    let pki = TestPki::new();
-    let p = pair(&pki);
+/// node-a and node-b agree in WireGuard mode, announcing keys `[1; 32]` and `[2; 32]`.
+async fn wireguard_agreement(p: &Pair) -> Both {
     let wg = |n: &str, spi, k| {
         Hello::new(node(n), Epoch(5), Spi::new(spi).unwrap(), Mode::Wireguard)
             .with_wg_public_key(WgPublicKey([k; 32]))
     };
-    let (ra, rb) = run(
+    run(
         &p.a,
         "node-b",
         wg("node-a", 300, 1),
@@ -151,7 +149,14 @@ async fn wireguard_mode_carries_public_key() {
         ExpectedPeer::AnyNode,
         wg("node-b", 400, 2),
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn wireguard_mode_carries_public_key() {
+    let pki = TestPki::new();
+    let p = pair(&pki);
+    let (ra, rb) = wireguard_agreement(&p).await;
     let (a, b) = (ra.unwrap(), rb.unwrap());
     assert_eq!(a.peer_hello.wg_public_key, Some(WgPublicKey([2; 32])));
     assert_eq!(b.peer_hello.wg_public_key, Some(WgPublicKey([1; 32])));
@@ -164,21 +169,7 @@ async fn wireguard_mode_carries_public_key() {
 async fn wireguard_possession_proofs_verify_only_with_the_shared_secret_and_the_right_side() {
     let pki = TestPki::new();
     let p = pair(&pki);
-    let wg = |n: &str, spi, k| {
-        Hello::new(node(n), Epoch(5), Spi::new(spi).unwrap(), Mode::Wireguard)
-            .with_wg_public_key(WgPublicKey([k; 32]))
-    };
-    let session = || {
-        run(
-            &p.a,
-            "node-b",
-            wg("node-a", 300, 1),
-            &p.b,
-            ExpectedPeer::AnyNode,
-            wg("node-b", 400, 2),
-        )
-    };
-    let (ra, rb) = session().await;
+    let (ra, rb) = wireguard_agreement(&p).await;
     let (mut a, mut b) = (ra.unwrap(), rb.unwrap());
     let (shared, other) = ([7u8; 32], [8u8; 32]);
     let (a_proof, b_proof) = (
@@ -202,7 +193,7 @@ async fn wireguard_possession_proofs_verify_only_with_the_shared_secret_and_the_
     // A side's own proof reflected back is not the other side's.
     assert!(!a.keys.verify_wg_possession(&shared, &a_proof));
     // A proof from another session does not verify in this one.
-    let (rc, _) = session().await;
+    let (rc, _) = wireguard_agreement(&p).await;
     let c = rc.unwrap();
     assert!(!c.keys.verify_wg_possession(&shared, &at_a));
     assert!(!format!("{:?}", a.keys).contains(&format!("{:?}", &shared[..4])));
