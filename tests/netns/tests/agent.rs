@@ -1292,6 +1292,7 @@ fn wireguard_fabric_carries_pods_and_only_wireguard_crosses_the_wire() {
     let summary = capture.summary();
     // 6 ordered pairs, 2 requests + 2 replies each, and no ESP.
     assert!(summary.wireguard >= 24 && summary.esp == 0, "{summary}");
+    wireguard_status_agrees_with_wg(topo, fabric);
 
     let announced: Vec<String> = (0..3)
         .map(|i| {
@@ -1462,4 +1463,86 @@ fn wireguard_sigkill_and_restart_keeps_the_key_and_loses_nothing() {
     );
     assert!(ping(&pod_a.ns, pod_b.ip, 2).expect("ping").all_answered());
     assert!(ping(&pod_b.ns, pod_a.ip, 2).expect("ping").all_answered());
+}
+
+/// Each WireGuard peer row of `nodeseal status` agrees with what `wg show nodeseal0 dump` reads
+/// in the node's namespace: the key in use, the latest handshake (after traffic, so set), the
+/// endpoint (the peer's node IP on the WireGuard port), the allowed IPs (the peer's pod CIDR),
+/// the byte counters, and the epoch of the preshared key (the epoch in use).
+fn wireguard_status_agrees_with_wg(topo: &Topology, fabric: &Fabric) {
+    /// One peer line of the dump: endpoint, allowed IPs, latest handshake, rx, tx.
+    struct Dumped {
+        endpoint: String,
+        allowed_ips: String,
+        latest_handshake: u64,
+        rx: u64,
+        tx: u64,
+    }
+    let dump = |i: usize| -> std::collections::BTreeMap<String, Dumped> {
+        let text = topo
+            .node(i)
+            .ns
+            .exec("wg", &["show", "nodeseal0", "dump"])
+            .expect("wg show dump");
+        text.lines()
+            .skip(1)
+            .map(|line| {
+                let f: Vec<&str> = line.split('\t').collect();
+                let n = |k: usize| f[k].parse::<u64>().expect(line);
+                let d = Dumped {
+                    endpoint: f[2].to_owned(),
+                    allowed_ips: f[3].to_owned(),
+                    latest_handshake: n(4),
+                    rx: n(5),
+                    tx: n(6),
+                };
+                (f[0].to_owned(), d)
+            })
+            .collect()
+    };
+    let n = topo.nodes().len();
+    for i in 0..n {
+        // The dump before and after the status read brackets what the status saw.
+        let before = dump(i);
+        let status = fabric.status(i).expect("status");
+        let after = dump(i);
+        assert_eq!(status["mode"], "wireguard", "{status}");
+        let rows = status["peers"].as_array().expect("peers");
+        for j in (0..n).filter(|&j| j != i) {
+            let peer = format!("node{j}");
+            let row = rows
+                .iter()
+                .find(|r| r["name"] == peer.as_str())
+                .unwrap_or_else(|| panic!("node{i} has no row for {peer}: {status}"));
+            let key = row["wg_public_key"].as_str().expect("key in use");
+            let (b, a) = (&before[key], &after[key]);
+            let handshake = row["wg_latest_handshake_unix"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("node{i} {peer}: no handshake in {row}"));
+            assert!(handshake > 0, "{row}");
+            assert!(
+                (b.latest_handshake..=a.latest_handshake).contains(&handshake),
+                "node{i} {peer}: status {handshake}, wg {}..{}",
+                b.latest_handshake,
+                a.latest_handshake
+            );
+            let endpoint = format!("{}:51871", topo.node(j).ip);
+            assert_eq!(row["wg_endpoint"], endpoint.as_str(), "node{i} {row}");
+            assert_eq!(a.endpoint, endpoint, "node{i} {peer}: wg endpoint");
+            let cidr = topo.node(j).pod_cidr.to_string();
+            assert_eq!(row["wg_allowed_ips"], serde_json::json!([cidr]), "{row}");
+            assert_eq!(a.allowed_ips, cidr, "node{i} {peer}: wg allowed IPs");
+            let (rx, tx) = (
+                row["in_bytes"].as_u64().expect("in_bytes"),
+                row["out_bytes"].as_u64().expect("out_bytes"),
+            );
+            assert!(rx > 0 && tx > 0, "node{i} {peer}: {row}");
+            assert!((b.rx..=a.rx).contains(&rx), "node{i} {peer}: rx {rx}");
+            assert!((b.tx..=a.tx).contains(&tx), "node{i} {peer}: tx {tx}");
+            let psk_epoch = row["wg_psk_epoch"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("node{i} {peer}: no PSK epoch in {row}"));
+            assert_eq!(Some(psk_epoch), row["epoch"].as_u64(), "{row}");
+        }
+    }
 }
