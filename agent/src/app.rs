@@ -52,6 +52,9 @@ const NODE_LEASE_TTL: Duration = Duration::from_secs(15);
 const SIGN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Housekeeping period: pod interfaces, status publication, metrics.
 const TICK: Duration = Duration::from_millis(500);
+/// How often housekeeping reads the WireGuard device into the per-peer metrics (a dump of every
+/// peer; a status read also refreshes them).
+const WIREGUARD_REFRESH: Duration = Duration::from_secs(5);
 
 struct Agent {
     node: NodeName,
@@ -913,6 +916,7 @@ async fn housekeeping(agent: Arc<Agent>) {
         BTreeMap<nodeseal_store::NodeName, nodeseal_store::PeerStatus>,
     )> = None;
     let mut last_publish_at = std::time::Instant::now();
+    let mut last_wireguard_refresh: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             () = agent.cancel.cancelled() => return,
@@ -941,7 +945,10 @@ async fn housekeeping(agent: Arc<Agent>) {
         }
         agent.metrics.set_peers(peers.len(), established);
         let _ = agent.refresh_counters();
-        if agent.wireguard.is_some() {
+        if agent.wireguard.is_some()
+            && last_wireguard_refresh.is_none_or(|at| at.elapsed() >= WIREGUARD_REFRESH)
+        {
+            last_wireguard_refresh = Some(std::time::Instant::now());
             let mut rows: Vec<PeerStatus> = peers
                 .iter()
                 .filter_map(|(_, _, h)| h.status.lock().ok().map(|s| s.clone()))

@@ -375,7 +375,7 @@ mod tests {
         metrics.set_wireguard_peers(std::slice::from_ref(&row), now);
         assert!(!metrics.encode().contains("peer=\"node2\""));
 
-        row.wg_public_key = Some("key".into());
+        row.wg_public_key = Some(nodeseal_wireguard::PublicKey::from_bytes([7; 32]).to_string());
         (row.in_bytes, row.out_bytes) = (1000, 2000);
         metrics.set_wireguard_peers(std::slice::from_ref(&row), now);
         let text = metrics.encode();

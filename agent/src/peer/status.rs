@@ -155,14 +155,14 @@ impl PeerStatus {
     /// endpoint, allowed IPs and byte counters. A row without a key in use, or whose key the
     /// device does not hold, is left as it is.
     pub fn fill_from_wireguard(&mut self, device: &nodeseal_wireguard::Device) {
-        let Some(key) = self.wg_public_key.as_deref() else {
+        let Some(key) = self
+            .wg_public_key
+            .as_deref()
+            .and_then(|k| k.parse::<nodeseal_wireguard::PublicKey>().ok())
+        else {
             return;
         };
-        let Some(held) = device
-            .peers
-            .iter()
-            .find(|p| p.public_key.to_string() == key)
-        else {
+        let Some(held) = device.peer(&key) else {
             return;
         };
         self.wg_latest_handshake_unix = held
