@@ -39,8 +39,8 @@ use crate::pace::Pace;
 use crate::peer::LocalEnd;
 use crate::peer::wireguard::WireguardSettings;
 use crate::peer::{
-    PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerTask,
-    error_chain,
+    PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerStatus,
+    PeerTask, error_chain,
 };
 use crate::policy_engine::{PolicyEngine, PolicyView};
 use crate::status::{NodeView, StatusSource};
@@ -53,6 +53,9 @@ const NODE_LEASE_TTL: Duration = Duration::from_secs(15);
 const SIGN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Housekeeping period: pod interfaces, status publication, metrics.
 const TICK: Duration = Duration::from_millis(500);
+/// How often housekeeping reads the WireGuard device into the per-peer metrics (a dump of every
+/// peer; a status read also refreshes them).
+const WIREGUARD_REFRESH: Duration = Duration::from_secs(5);
 
 struct Agent {
     node: NodeName,
@@ -933,6 +936,7 @@ async fn housekeeping(agent: Arc<Agent>) {
         BTreeMap<nodeseal_store::NodeName, nodeseal_store::PeerStatus>,
     )> = None;
     let mut last_publish_at = std::time::Instant::now();
+    let mut last_wireguard_refresh: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             () = agent.cancel.cancelled() => return,
@@ -961,6 +965,16 @@ async fn housekeeping(agent: Arc<Agent>) {
         }
         agent.metrics.set_peers(peers.len(), established);
         let _ = agent.refresh_counters();
+        if agent.wireguard.is_some()
+            && last_wireguard_refresh.is_none_or(|at| at.elapsed() >= WIREGUARD_REFRESH)
+        {
+            last_wireguard_refresh = Some(std::time::Instant::now());
+            let mut rows: Vec<PeerStatus> = peers
+                .iter()
+                .filter_map(|(_, _, h)| h.status.lock().ok().map(|s| s.clone()))
+                .collect();
+            agent.refresh_wireguard(&mut rows).await;
+        }
         let generation = *agent.generation_tx.borrow();
         let now = (generation, applied);
         // A periodic re-publication keeps `reported_at` fresh for `status --cluster`; against
@@ -1309,6 +1323,29 @@ impl Agent {
         (xfrm_errors, datapath_drops)
     }
 
+    /// In WireGuard mode, fills `rows` with what the device holds for each peer's key in use
+    /// (latest handshake, endpoint, allowed IPs, bytes) and mirrors that into the metrics.
+    async fn refresh_wireguard(&self, rows: &mut [PeerStatus]) {
+        let Some(wg) = &self.wireguard else {
+            return;
+        };
+        match wg
+            .handle
+            .device(wg.settings.link.clone())
+            .get()
+            .execute()
+            .await
+        {
+            Ok(device) => {
+                for row in rows.iter_mut() {
+                    row.fill_from_wireguard(&device);
+                }
+                self.metrics.set_wireguard_peers(rows, SystemTime::now());
+            }
+            Err(e) => debug!(error = %error_chain(&e), "reading the WireGuard device"),
+        }
+    }
+
     /// Why `cidrs` may not be `name`'s: another peer holds one that overlaps them.
     fn overlapping_peer(&self, name: &str, cidrs: &[IpNet]) -> Option<String> {
         let held = self.peer_cidrs.lock().ok()?;
@@ -1469,26 +1506,8 @@ impl StatusSource for Agent {
                 (p.in_bytes, p.in_packets) = lookup(&p.in_spi);
             }
         }
-        // WireGuard: the device's counters per peer key.
-        if let Some(wg) = &self.wireguard
-            && let Ok(device) = wg
-                .handle
-                .device(wg.settings.link.clone())
-                .get()
-                .execute()
-                .await
-        {
-            for p in &mut peers {
-                let key = p.wg_public_key.as_deref();
-                if let Some(d) = device
-                    .peers
-                    .iter()
-                    .find(|d| Some(d.public_key.to_string().as_str()) == key)
-                {
-                    (p.out_bytes, p.in_bytes) = (d.tx_bytes, d.rx_bytes);
-                }
-            }
-        }
+        // WireGuard: what the device holds per peer key.
+        self.refresh_wireguard(&mut peers).await;
         peers.sort_by(|a, b| a.name.cmp(&b.name));
         let (xfrm_errors, datapath_drops) = self.refresh_counters();
         let svid = self.svid.borrow().clone();

@@ -1,8 +1,13 @@
 //! Prometheus metrics (`/metrics`, served by [`crate::health::serve`]), registered under the
-//! `nodeseal` prefix. No per-peer labels: per-peer detail belongs in `nodeseal status`.
+//! `nodeseal` prefix. Per-peer detail belongs in `nodeseal status`; the one exception is
+//! WireGuard mode's device counters (bytes and latest handshake per peer, labelled with the
+//! peer's node name), which have no node-wide counterpart the way `/proc/net/xfrm_stat` is one
+//! for IPsec. They are one series per peer and metric (as many as the cluster has nodes),
+//! refreshed with the other counters and removed when the peer goes.
 
+use std::collections::BTreeSet;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use nodeseal_bpf::{PolicyDirection, PolicyVerdictCounts};
 
@@ -15,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tracing::warn;
 
 use crate::datapath::PolicyWrites;
+use crate::peer::PeerStatus;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
@@ -35,6 +41,11 @@ struct PolicyVerdictLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabel {
     limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, Ord, PartialOrd, EncodeLabelSet)]
+struct PeerLabel {
+    peer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,6 +70,11 @@ pub struct Metrics {
     policy_verdicts: Family<PolicyVerdictLabels, Counter>,
     /// The datapath's cumulative policy verdict counts last mirrored into `policy_verdicts`.
     policy_verdicts_seen: Mutex<PolicyVerdictCounts>,
+    wireguard_rx_bytes: Family<PeerLabel, Gauge>,
+    wireguard_tx_bytes: Family<PeerLabel, Gauge>,
+    wireguard_handshake_age: Family<PeerLabel, Gauge>,
+    /// The peers `wireguard_*` series exist for.
+    wireguard_peers_seen: Mutex<BTreeSet<PeerLabel>>,
 }
 
 impl Metrics {
@@ -146,8 +162,33 @@ impl Metrics {
                 let _ = policy_verdicts.get_or_create(&PolicyVerdictLabels { direction, verdict });
             }
         }
+        let wireguard_rx_bytes = Family::<PeerLabel, Gauge>::default();
+        registry.register(
+            "wireguard_peer_rx_bytes",
+            "Bytes received from each WireGuard peer, as the device counts them for the peer's \
+             entry (cumulative; starts again when the entry is replaced)",
+            wireguard_rx_bytes.clone(),
+        );
+        let wireguard_tx_bytes = Family::<PeerLabel, Gauge>::default();
+        registry.register(
+            "wireguard_peer_tx_bytes",
+            "Bytes sent to each WireGuard peer, as the device counts them for the peer's entry \
+             (cumulative; starts again when the entry is replaced)",
+            wireguard_tx_bytes.clone(),
+        );
+        let wireguard_handshake_age = Family::<PeerLabel, Gauge>::default();
+        registry.register(
+            "wireguard_peer_latest_handshake_age_seconds",
+            "Seconds since the latest WireGuard handshake with each peer (no series before the \
+             first); WireGuard renews a session every 2 minutes while traffic flows",
+            wireguard_handshake_age.clone(),
+        );
         Self {
             registry,
+            wireguard_rx_bytes,
+            wireguard_tx_bytes,
+            wireguard_handshake_age,
+            wireguard_peers_seen: Mutex::new(BTreeSet::new()),
             policy_programming,
             policy_programs,
             policy_map_writes,
@@ -250,6 +291,49 @@ impl Metrics {
         *seen = now;
     }
 
+    /// Mirrors what the WireGuard device holds for each peer with keys in use (`rows` filled by
+    /// [`PeerStatus::fill_from_wireguard`]): bytes, and seconds from the latest handshake to
+    /// `now`. The series of peers no longer among them are removed, as is a peer's handshake
+    /// age while it has had none.
+    pub fn set_wireguard_peers(&self, rows: &[PeerStatus], now: SystemTime) {
+        let Ok(mut seen) = self.wireguard_peers_seen.lock() else {
+            return;
+        };
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let now_unix = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut present = BTreeSet::new();
+        for row in rows.iter().filter(|r| r.wg_public_key.is_some()) {
+            let label = PeerLabel {
+                peer: row.name.clone(),
+            };
+            self.wireguard_rx_bytes
+                .get_or_create(&label)
+                .set(gauge(row.in_bytes));
+            self.wireguard_tx_bytes
+                .get_or_create(&label)
+                .set(gauge(row.out_bytes));
+            match row.wg_latest_handshake_unix {
+                Some(at) => {
+                    self.wireguard_handshake_age
+                        .get_or_create(&label)
+                        .set(gauge(now_unix.saturating_sub(at)));
+                }
+                None => {
+                    self.wireguard_handshake_age.remove(&label);
+                }
+            }
+            present.insert(label);
+        }
+        for gone in seen.difference(&present) {
+            self.wireguard_rx_bytes.remove(gone);
+            self.wireguard_tx_bytes.remove(gone);
+            self.wireguard_handshake_age.remove(gone);
+        }
+        *seen = present;
+    }
+
     /// Mirrors one xfrm_stat counter.
     pub fn set_xfrm_error(&self, reason: &str, count: u64) {
         self.xfrm_errors
@@ -279,6 +363,49 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wireguard_peers_get_bytes_and_handshake_age_until_they_go() {
+        let metrics = Metrics::new();
+        let name = nodeseal_keymgr::NodeName::new("node2").unwrap();
+        let mut row =
+            PeerStatus::connecting(&name, "10.0.0.2".parse().unwrap(), nodeseal_bpf::NodeId(3));
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_042);
+        // No key in use: no series.
+        metrics.set_wireguard_peers(std::slice::from_ref(&row), now);
+        assert!(!metrics.encode().contains("peer=\"node2\""));
+
+        row.wg_public_key = Some(nodeseal_wireguard::PublicKey::from_bytes([7; 32]).to_string());
+        (row.in_bytes, row.out_bytes) = (1000, 2000);
+        metrics.set_wireguard_peers(std::slice::from_ref(&row), now);
+        let text = metrics.encode();
+        assert!(
+            text.contains("nodeseal_wireguard_peer_rx_bytes{peer=\"node2\"} 1000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodeseal_wireguard_peer_tx_bytes{peer=\"node2\"} 2000"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("nodeseal_wireguard_peer_latest_handshake_age_seconds{"),
+            "no handshake yet: {text}"
+        );
+
+        row.wg_latest_handshake_unix = Some(1_700_000_000);
+        metrics.set_wireguard_peers(std::slice::from_ref(&row), now);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "nodeseal_wireguard_peer_latest_handshake_age_seconds{peer=\"node2\"} 42"
+            ),
+            "{text}"
+        );
+
+        // The peer went: its series go with it.
+        metrics.set_wireguard_peers(&[], now);
+        assert!(!metrics.encode().contains("peer=\"node2\""));
+    }
 
     #[test]
     fn policy_verdicts_follow_the_datapath_counts() {

@@ -383,36 +383,10 @@ pub fn render(view: &NodeView) -> String {
             mtu.uplink, mtu.pod
         ));
     }
-    out.push_str(&format!(
-        "{:<16} {:<15} {:<11} {:>14} {:>4} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
-        "PEER",
-        "IP",
-        "STATE",
-        "EPOCH",
-        "SLOT",
-        "OUT SPI",
-        "IN SPI",
-        "PKTS OUT",
-        "PKTS IN",
-        "FAILS",
-        "LAST ERROR"
-    ));
-    for p in &view.peers {
-        out.push_str(&format!(
-            "{:<16} {:<15} {:<11} {:>14} {:>4} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
-            p.name,
-            p.ip.to_string(),
-            format!("{:?}", p.state).to_lowercase(),
-            p.epoch
-                .map_or("-".into(), |e| format!("{}.{}", e >> 32, e & 0xffff_ffff)),
-            p.slot.map_or("-".into(), |s| s.to_string()),
-            p.out_spi.clone().unwrap_or_else(|| "-".into()),
-            p.in_spi.clone().unwrap_or_else(|| "-".into()),
-            p.out_packets,
-            p.in_packets,
-            p.failures,
-            p.last_error.clone().unwrap_or_default(),
-        ));
+    if view.mode == "wireguard" {
+        render_wireguard_peers(&mut out, &view.peers);
+    } else {
+        render_ipsec_peers(&mut out, &view.peers);
     }
     for (node, reason) in &view.unusable_nodes {
         out.push_str(&format!("unusable node {node}: {reason}\n"));
@@ -438,6 +412,86 @@ pub fn render(view: &NodeView) -> String {
         render_policy(&mut out, policy);
     }
     out
+}
+
+fn render_epoch(epoch: Option<u64>) -> String {
+    epoch.map_or("-".into(), |e| format!("{}.{}", e >> 32, e & 0xffff_ffff))
+}
+
+fn render_ipsec_peers(out: &mut String, peers: &[PeerStatus]) {
+    out.push_str(&format!(
+        "{:<16} {:<15} {:<11} {:>14} {:>4} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
+        "PEER",
+        "IP",
+        "STATE",
+        "EPOCH",
+        "SLOT",
+        "OUT SPI",
+        "IN SPI",
+        "PKTS OUT",
+        "PKTS IN",
+        "FAILS",
+        "LAST ERROR"
+    ));
+    for p in peers {
+        out.push_str(&format!(
+            "{:<16} {:<15} {:<11} {:>14} {:>4} {:>10} {:>10} {:>9} {:>9} {:>6}  {}\n",
+            p.name,
+            p.ip.to_string(),
+            format!("{:?}", p.state).to_lowercase(),
+            render_epoch(p.epoch),
+            p.slot.map_or("-".into(), |s| s.to_string()),
+            p.out_spi.clone().unwrap_or_else(|| "-".into()),
+            p.in_spi.clone().unwrap_or_else(|| "-".into()),
+            p.out_packets,
+            p.in_packets,
+            p.failures,
+            p.last_error.clone().unwrap_or_default(),
+        ));
+    }
+}
+
+/// WireGuard mode's peer rows: no SPIs or packet counts, but what the device holds for the
+/// peer (latest handshake, endpoint, allowed IPs, bytes) and the epoch of its preshared key.
+fn render_wireguard_peers(out: &mut String, peers: &[PeerStatus]) {
+    out.push_str(&format!(
+        "{:<16} {:<15} {:<11} {:>14} {:>14} {:<16} {:<21} {:<18} {:>10} {:>10} {:>6}  {}\n",
+        "PEER",
+        "IP",
+        "STATE",
+        "EPOCH",
+        "PSK EPOCH",
+        "HANDSHAKE",
+        "ENDPOINT",
+        "ALLOWED IPS",
+        "BYTES OUT",
+        "BYTES IN",
+        "FAILS",
+        "LAST ERROR"
+    ));
+    for p in peers {
+        let allowed: Vec<String> = p.wg_allowed_ips.iter().map(ToString::to_string).collect();
+        out.push_str(&format!(
+            "{:<16} {:<15} {:<11} {:>14} {:>14} {:<16} {:<21} {:<18} {:>10} {:>10} {:>6}  {}\n",
+            p.name,
+            p.ip.to_string(),
+            format!("{:?}", p.state).to_lowercase(),
+            render_epoch(p.epoch),
+            render_epoch(p.wg_psk_epoch),
+            p.wg_latest_handshake_unix
+                .map_or_else(|| "never".into(), unix_to_text),
+            p.wg_endpoint.map_or("-".into(), |e| e.to_string()),
+            if allowed.is_empty() {
+                "-".into()
+            } else {
+                allowed.join(",")
+            },
+            p.out_bytes,
+            p.in_bytes,
+            p.failures,
+            p.last_error.clone().unwrap_or_default(),
+        ));
+    }
 }
 
 fn render_policy(out: &mut String, policy: &crate::policy_engine::PolicyView) {
@@ -543,6 +597,55 @@ mod tests {
                 policy: None,
             }
         }
+    }
+
+    #[tokio::test]
+    async fn wireguard_mode_renders_what_the_device_holds() {
+        let mut view = Fixed.snapshot().await;
+        view.mode = "wireguard".into();
+        let name = nodeseal_keymgr::NodeName::new("node2").expect("name");
+        let mut row = PeerStatus::connecting(
+            &name,
+            "10.0.0.2".parse().expect("ip"),
+            nodeseal_bpf::NodeId(3),
+        );
+        row.epoch = Some((1 << 32) | 5);
+        row.wg_psk_epoch = Some((1 << 32) | 5);
+        row.wg_endpoint = Some("10.0.0.2:51871".parse().expect("endpoint"));
+        row.wg_allowed_ips = vec!["10.244.2.0/24".parse().expect("cidr")];
+        (row.out_bytes, row.in_bytes) = (2000, 1000);
+        view.peers.push(row.clone());
+        let text = render(&view);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[2].contains("PSK EPOCH") && lines[2].contains("HANDSHAKE"),
+            "{text}"
+        );
+        assert!(!lines[2].contains("SPI"), "{text}");
+        for part in [
+            "node2",
+            "1.5",
+            "never",
+            "10.0.0.2:51871",
+            "10.244.2.0/24",
+            "2000",
+            "1000",
+        ] {
+            assert!(lines[3].contains(part), "{part} in {text}");
+        }
+        row.wg_latest_handshake_unix = Some(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs()
+                - 30,
+        );
+        view.peers = vec![row];
+        let text = render(&view);
+        assert!(text.contains("30s ago"), "{text}");
+        // IPsec mode keeps its SPI columns.
+        view.mode = "ipsec".into();
+        assert!(render(&view).contains("OUT SPI"));
     }
 
     async fn parse(bytes: &[u8]) -> Result<Request, RequestError> {

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use ipnet::IpNet;
 
@@ -53,6 +54,10 @@ struct FakePeer {
     endpoint: Option<SocketAddr>,
     keepalive: u16,
     allowed: Vec<IpNet>,
+    /// The latest handshake as the kernel reports it (seconds, nanoseconds; zeroes: never).
+    handshake: (i64, i64),
+    rx_bytes: u64,
+    tx_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -156,6 +161,41 @@ impl FakeKernel {
     /// Flags the next `n` device dumps as interrupted by a concurrent change.
     pub fn interrupt_next_dumps(&self, n: usize) {
         self.lock().interrupt_dumps = n;
+    }
+
+    /// Makes the peer `key` of link `name` report traffic, as if packets had moved: its latest
+    /// handshake (`None`: never) and its byte counters. Returns whether the peer exists.
+    pub fn set_peer_traffic(
+        &self,
+        name: &str,
+        key: &PublicKey,
+        latest_handshake: Option<SystemTime>,
+        rx_bytes: u64,
+        tx_bytes: u64,
+    ) -> bool {
+        let handshake = latest_handshake
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or((0, 0), |d| {
+                (
+                    i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                    i64::from(d.subsec_nanos()),
+                )
+            });
+        let mut s = self.lock();
+        let peer = s
+            .links
+            .values_mut()
+            .filter(|l| l.name == name)
+            .filter_map(|l| l.wg.as_mut())
+            .flat_map(|d| d.peers.iter_mut())
+            .find(|p| p.key == *key);
+        let Some(peer) = peer else {
+            return false;
+        };
+        peer.handshake = handshake;
+        peer.rx_bytes = rx_bytes;
+        peer.tx_bytes = tx_bytes;
+        true
     }
 
     /// How many `SET_DEVICE` messages arrived so far.
@@ -547,6 +587,9 @@ impl State {
                         endpoint: None,
                         keepalive: 0,
                         allowed: Vec::new(),
+                        handshake: (0, 0),
+                        rx_bytes: 0,
+                        tx_bytes: 0,
                     });
                     dev.peers.len() - 1
                 }
@@ -701,16 +744,16 @@ impl DumpMessage {
 fn put_peer_state(buf: &mut Vec<u8>, peer: &FakePeer) {
     codec::attr(buf, g::WGPEER_A_PRESHARED_KEY, &peer.psk);
     let mut ts = Vec::with_capacity(16);
-    ts.extend_from_slice(&0i64.to_ne_bytes());
-    ts.extend_from_slice(&0i64.to_ne_bytes());
+    ts.extend_from_slice(&peer.handshake.0.to_ne_bytes());
+    ts.extend_from_slice(&peer.handshake.1.to_ne_bytes());
     codec::attr(buf, g::WGPEER_A_LAST_HANDSHAKE_TIME, &ts);
     codec::attr_u16(
         buf,
         g::WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL,
         peer.keepalive,
     );
-    codec::attr_u64(buf, g::WGPEER_A_TX_BYTES, 0);
-    codec::attr_u64(buf, g::WGPEER_A_RX_BYTES, 0);
+    codec::attr_u64(buf, g::WGPEER_A_TX_BYTES, peer.tx_bytes);
+    codec::attr_u64(buf, g::WGPEER_A_RX_BYTES, peer.rx_bytes);
     codec::attr_u32(buf, 10, 1); // WGPEER_A_PROTOCOL_VERSION
     if let Some(e) = peer.endpoint {
         let mut sa = Vec::new();

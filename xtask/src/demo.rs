@@ -6,7 +6,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use crate::{deps, run, test, vm};
 
@@ -21,8 +21,18 @@ pub struct DemoArgs {
     /// Run the fabric in Kubernetes mode, against a real kube-apiserver on the underlay.
     #[arg(long)]
     kubernetes: bool,
+    /// How the agents encrypt: IPsec (XFRM) or kernel WireGuard.
+    #[arg(long, value_enum, default_value_t = EncryptionType::Ipsec)]
+    encryption_type: EncryptionType,
     #[command(flatten)]
     vm: vm::VmOptions,
+}
+
+/// The agents' `--encryption-type`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EncryptionType {
+    Ipsec,
+    Wireguard,
 }
 
 pub fn run(args: DemoArgs) -> Result<ExitCode> {
@@ -34,6 +44,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     let mut command = vec![demo.to_string_lossy().into_owned()];
     if args.kubernetes {
         command.push("--kubernetes".into());
+    }
+    if args.encryption_type == EncryptionType::Wireguard {
+        command.extend(["--encryption-type".into(), "wireguard".into()]);
     }
     let ok = if test::host_has_kernel_features() {
         run::streamed(

@@ -1,8 +1,9 @@
 //! The row `nodeseal status` shows for a peer, and how the lifecycle's events change it.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::SystemTime;
 
+use ipnet::IpNet;
 use nodeseal_bpf::NodeId;
 use nodeseal_keymgr::{Epoch, NodeName};
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,20 @@ pub struct PeerStatus {
     /// mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wg_public_key: Option<String>,
+    /// The epoch whose preshared key the WireGuard entry in use carries (the installation
+    /// traffic uses), in WireGuard mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_psk_epoch: Option<u64>,
+    /// When the latest WireGuard handshake with the peer completed (Unix seconds); absent when
+    /// none has yet. Read from the device when status is read, as the fields below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_latest_handshake_unix: Option<u64>,
+    /// The endpoint the WireGuard device holds for the peer (configured or learnt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_endpoint: Option<SocketAddr>,
+    /// The allowed IPs the WireGuard device holds for the peer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wg_allowed_ips: Vec<IpNet>,
     /// When the current keys were installed (Unix seconds).
     pub last_rekey_unix: Option<u64>,
     /// Successful key agreements.
@@ -56,7 +71,8 @@ pub struct PeerStatus {
     pub failures: u64,
     /// The last error.
     pub last_error: Option<String>,
-    /// Bytes / packets through the current OUT and IN states (filled when status is read).
+    /// Bytes / packets through the current OUT and IN states (filled when status is read); in
+    /// WireGuard mode the device's byte counters for the peer (no packet counts).
     pub out_bytes: u64,
     /// Packets out.
     pub out_packets: u64,
@@ -81,6 +97,10 @@ impl PeerStatus {
             out_spi: None,
             in_spi: None,
             wg_public_key: None,
+            wg_psk_epoch: None,
+            wg_latest_handshake_unix: None,
+            wg_endpoint: None,
+            wg_allowed_ips: Vec::new(),
             last_rekey_unix: None,
             rekeys: 0,
             failures: 0,
@@ -127,7 +147,31 @@ impl PeerStatus {
             self.out_spi = None;
             self.in_spi = None;
             self.wg_public_key = None;
+            self.wg_psk_epoch = None;
         }
+    }
+
+    /// Fills in what the WireGuard device holds for the peer key in use: latest handshake,
+    /// endpoint, allowed IPs and byte counters. A row without a key in use, or whose key the
+    /// device does not hold, is left as it is.
+    pub fn fill_from_wireguard(&mut self, device: &nodeseal_wireguard::Device) {
+        let Some(key) = self
+            .wg_public_key
+            .as_deref()
+            .and_then(|k| k.parse::<nodeseal_wireguard::PublicKey>().ok())
+        else {
+            return;
+        };
+        let Some(held) = device.peer(&key) else {
+            return;
+        };
+        self.wg_latest_handshake_unix = held
+            .last_handshake
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        self.wg_endpoint = held.endpoint;
+        self.wg_allowed_ips.clone_from(&held.allowed_ips);
+        (self.out_bytes, self.in_bytes) = (held.tx_bytes, held.rx_bytes);
     }
 }
 
@@ -162,6 +206,72 @@ mod tests {
         s.failed("timed out".into(), true);
         assert_eq!(s.state, PeerState::Established);
         assert_eq!(s.last_error.as_deref(), Some("timed out"));
+    }
+
+    #[tokio::test]
+    async fn a_wireguard_row_shows_what_the_device_holds_for_the_key_in_use() {
+        use nodeseal_wireguard::test_helpers::FakeKernel;
+        use nodeseal_wireguard::{DeviceConfig, Handle, LinkName, LinkSpec, PeerConfig, PublicKey};
+
+        let kernel = FakeKernel::new();
+        let handle = Handle::with_fake(&kernel);
+        let link = handle
+            .links()
+            .ensure(LinkSpec::default())
+            .execute()
+            .await
+            .unwrap();
+        let name: LinkName = link.name.parse().unwrap();
+        let key = PublicKey::from_bytes([7; 32]);
+        let endpoint: SocketAddr = "10.0.0.2:51871".parse().unwrap();
+        let pods: IpNet = "10.244.2.0/24".parse().unwrap();
+        handle
+            .device(name.clone())
+            .configure(
+                DeviceConfig::new()
+                    .peer(PeerConfig::new(key).endpoint(endpoint).allowed_ips([pods])),
+            )
+            .execute()
+            .await
+            .unwrap();
+        let device = || async { handle.device(name.clone()).get().execute().await.unwrap() };
+
+        // No key in use: nothing is taken from the device.
+        let mut s = row();
+        s.fill_from_wireguard(&device().await);
+        assert_eq!((s.wg_endpoint, s.wg_allowed_ips.len()), (None, 0));
+
+        s.established(Epoch((1 << 32) | 5));
+        s.wg_public_key = Some(key.to_string());
+        s.wg_psk_epoch = Some((1 << 32) | 5);
+        s.fill_from_wireguard(&device().await);
+        assert_eq!(s.wg_latest_handshake_unix, None, "no handshake yet");
+        assert_eq!(s.wg_endpoint, Some(endpoint));
+        assert_eq!(s.wg_allowed_ips, vec![pods]);
+        assert_eq!((s.out_bytes, s.in_bytes), (0, 0));
+        let json = serde_json::to_value(&s).unwrap();
+        assert!(json.get("wg_latest_handshake_unix").is_none(), "{json}");
+
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        assert!(kernel.set_peer_traffic(&link.name, &key, Some(at), 1000, 2000));
+        s.fill_from_wireguard(&device().await);
+        assert_eq!(s.wg_latest_handshake_unix, Some(1_700_000_000));
+        assert_eq!((s.in_bytes, s.out_bytes), (1000, 2000));
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["wg_latest_handshake_unix"], 1_700_000_000u64);
+        assert_eq!(json["wg_endpoint"], "10.0.0.2:51871");
+        assert_eq!(json["wg_allowed_ips"], serde_json::json!(["10.244.2.0/24"]));
+        assert_eq!(json["wg_psk_epoch"], (1u64 << 32) | 5);
+        let back: PeerStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back.wg_endpoint, Some(endpoint));
+
+        // A key the device does not hold (the peer restarted): the device's fields stay as read.
+        s.wg_public_key = Some(PublicKey::from_bytes([8; 32]).to_string());
+        s.fill_from_wireguard(&device().await);
+        assert_eq!(s.wg_latest_handshake_unix, Some(1_700_000_000));
+
+        s.set_state(PeerState::Connecting, None);
+        assert_eq!((s.wg_public_key, s.wg_psk_epoch), (None, None));
     }
 
     #[test]

@@ -438,6 +438,7 @@ impl Tunnel for WireguardTunnel {
         let current = self.current();
         row.slot = current.map(|_| SLOT.get());
         row.wg_public_key = current.map(|c| c.peer_key.to_string());
+        row.wg_psk_epoch = current.map(|c| c.epoch.epoch.0);
     }
 }
 

@@ -556,6 +556,10 @@ pub struct WgEntry {
     pub allowed_ips: String,
     /// Unix seconds of the latest handshake, 0 for never.
     pub latest_handshake: u64,
+    /// Bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer.
+    pub tx_bytes: u64,
 }
 
 impl WgEntry {
@@ -577,12 +581,14 @@ pub fn wg_entries(ns: &crate::Netns) -> Vec<WgEntry> {
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split('\t').collect();
-            (f.len() >= 5).then(|| WgEntry {
+            (f.len() >= 7).then(|| WgEntry {
                 public_key: f[0].to_owned(),
                 preshared_key: f[1].to_owned(),
                 endpoint: f[2].to_owned(),
                 allowed_ips: f[3].to_owned(),
                 latest_handshake: f[4].parse().unwrap_or(0),
+                rx_bytes: f[5].parse().unwrap_or(0),
+                tx_bytes: f[6].parse().unwrap_or(0),
             })
         })
         .collect()

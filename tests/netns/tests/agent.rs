@@ -141,6 +141,7 @@ fn pods_talk_only_through_the_tunnel(scenario: &Scenario) {
         Encryption::Wireguard => {
             assert!(summary.wireguard >= 24 && summary.esp == 0, "{summary}");
             devices_hold_the_keys_the_peers_announced(topo, fabric);
+            wireguard_status_agrees_with_wg(topo, fabric);
         }
     }
     forwarded_flows_are_observed_while_followed(topo, fabric);
@@ -1671,4 +1672,68 @@ fn a_node_announcing_another_nodes_wireguard_key_gets_nothing() {
     );
     assert!(ping(&pod0.ns, pod1.ip, 2).expect("ping").all_answered());
     assert_eq!(ping(&pod2.ns, pod0.ip, 2).expect("ping").received, 0);
+}
+
+/// Each WireGuard peer row of `nodeseal status` agrees with what `wg show nodeseal0 dump` reads
+/// in the node's namespace: the key in use, the latest handshake (after traffic, so set), the
+/// endpoint (the peer's node IP on the WireGuard port), the allowed IPs (the peer's pod CIDR),
+/// the byte counters, and the epoch of the preshared key (the epoch in use).
+fn wireguard_status_agrees_with_wg(topo: &Topology, fabric: &Fabric) {
+    let dump = |i: usize| -> std::collections::BTreeMap<String, nodeseal_netns::fabric::WgEntry> {
+        wg_entries(&topo.node(i).ns)
+            .into_iter()
+            .map(|e| (e.public_key.clone(), e))
+            .collect()
+    };
+    let n = topo.nodes().len();
+    for i in 0..n {
+        // The dump before and after the status read brackets what the status saw.
+        let before = dump(i);
+        let status = fabric.status(i).expect("status");
+        let after = dump(i);
+        assert_eq!(status["mode"], "wireguard", "{status}");
+        let rows = status["peers"].as_array().expect("peers");
+        for j in (0..n).filter(|&j| j != i) {
+            let peer = format!("node{j}");
+            let row = rows
+                .iter()
+                .find(|r| r["name"] == peer.as_str())
+                .unwrap_or_else(|| panic!("node{i} has no row for {peer}: {status}"));
+            let key = row["wg_public_key"].as_str().expect("key in use");
+            let (b, a) = (&before[key], &after[key]);
+            let handshake = row["wg_latest_handshake_unix"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("node{i} {peer}: no handshake in {row}"));
+            assert!(handshake > 0, "{row}");
+            assert!(
+                (b.latest_handshake..=a.latest_handshake).contains(&handshake),
+                "node{i} {peer}: status {handshake}, wg {}..{}",
+                b.latest_handshake,
+                a.latest_handshake
+            );
+            let endpoint = format!("{}:51871", topo.node(j).ip);
+            assert_eq!(row["wg_endpoint"], endpoint.as_str(), "node{i} {row}");
+            assert_eq!(a.endpoint, endpoint, "node{i} {peer}: wg endpoint");
+            let cidr = topo.node(j).pod_cidr.to_string();
+            assert_eq!(row["wg_allowed_ips"], serde_json::json!([cidr]), "{row}");
+            assert_eq!(a.allowed_ips, cidr, "node{i} {peer}: wg allowed IPs");
+            let (rx, tx) = (
+                row["in_bytes"].as_u64().expect("in_bytes"),
+                row["out_bytes"].as_u64().expect("out_bytes"),
+            );
+            assert!(rx > 0 && tx > 0, "node{i} {peer}: {row}");
+            assert!(
+                (b.rx_bytes..=a.rx_bytes).contains(&rx),
+                "node{i} {peer}: rx {rx}"
+            );
+            assert!(
+                (b.tx_bytes..=a.tx_bytes).contains(&tx),
+                "node{i} {peer}: tx {tx}"
+            );
+            let psk_epoch = row["wg_psk_epoch"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("node{i} {peer}: no PSK epoch in {row}"));
+            assert_eq!(Some(psk_epoch), row["epoch"].as_u64(), "{row}");
+        }
+    }
 }

@@ -620,6 +620,58 @@ mod tests {
     }
 
     #[test]
+    fn added_allowed_ips_are_sent_without_the_replace_flag() {
+        // The peer's flags attribute, if any, and its allowed IPs, as encoded.
+        fn encoded(p: &PeerConfig) -> (Option<u32>, Vec<IpNet>) {
+            let (buf, msgs) = encode(&DeviceConfig::new().peer(p.clone()), 32 * 1024);
+            assert_eq!(msgs.len(), 1);
+            let split = split(&buf);
+            let peers = peers_of(&split[0].1);
+            assert_eq!(peers.len(), 1);
+            let peer = &peers[0];
+            assert_eq!(peer[0].ty, WGPEER_A_PUBLIC_KEY);
+            assert_eq!(peer[0].payload, p.public_key.as_bytes());
+            let flags = peer
+                .iter()
+                .find(|a| a.ty == WGPEER_A_FLAGS)
+                .map(|a| a.u32("").unwrap());
+            let list = peer.iter().find(|a| a.ty == WGPEER_A_ALLOWEDIPS).unwrap();
+            let ips = list
+                .nested()
+                .map(|a| decode_allowed_ip(&a.unwrap()).unwrap())
+                .collect();
+            (flags, ips)
+        }
+
+        let nets: Vec<IpNet> = vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:244:1::/64".parse().unwrap(),
+        ];
+        let added = PeerConfig::new(peer(1).public_key)
+            .allowed_ips(nets.clone())
+            .add_allowed_ips();
+        assert!(!added.replace_allowed_ips);
+        let (flags, ips) = encoded(&added);
+        assert!(
+            flags.is_none_or(|f| f & WGPEER_F_REPLACE_ALLOWEDIPS == 0),
+            "adding must not replace: flags {flags:?}"
+        );
+        assert_eq!(ips, nets, "the allowed IPs are still sent");
+
+        let mut replaced = added;
+        replaced.replace_allowed_ips = true;
+        let (flags, ips) = encoded(&replaced);
+        assert!(
+            flags.is_some_and(|f| f & WGPEER_F_REPLACE_ALLOWEDIPS != 0),
+            "replacing sets the flag: {flags:?}"
+        );
+        assert_eq!(ips, nets);
+        // The default is to replace.
+        let (flags, _) = encoded(&PeerConfig::new(peer(1).public_key).allowed_ips(nets));
+        assert_eq!(flags, Some(WGPEER_F_REPLACE_ALLOWEDIPS));
+    }
+
+    #[test]
     fn many_peers_split_into_messages_under_the_limit() {
         let mut config = DeviceConfig::new()
             .private_key(private_key(0))

@@ -10,6 +10,10 @@
 //! NodesealNodes, CertificateSigningRequests signed by keymgr, the shipped RBAC and admission
 //! policies), and the last act is an agent that claims another node's name with its own
 //! node's credentials, refused by the admission policy.
+//!
+//! With `--encryption-type wireguard` the agents encrypt with kernel WireGuard instead of IPsec:
+//! the same acts, WireGuard instead of ESP on the wire, and `wg show` of node0 beside its
+//! `nodeseal status`.
 
 use std::net::SocketAddrV4;
 use std::time::Duration;
@@ -17,15 +21,63 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use nodeseal_netns::kube::{KubeControlPlane, put_workload};
 use nodeseal_netns::{
-    Fabric, FabricOptions, Feature, PacketClass, StoreKind, TcpService, Topology, UdpStream, ping,
-    require, tcp_banner,
+    Encryption, Fabric, FabricOptions, Feature, PacketClass, StoreKind, TcpService, Topology,
+    UdpStream, ping, require, tcp_banner,
 };
 
 const RULE1: &str = include_str!("../../../../policy/examples/star-wars-rule1.yaml");
 
+/// What the demo runs with (its arguments).
+struct Args {
+    kubernetes: bool,
+    encryption: Encryption,
+}
+
+impl Args {
+    fn parse() -> Result<Self> {
+        let mut args = Self {
+            kubernetes: false,
+            encryption: Encryption::Ipsec,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(arg) = it.next() {
+            let mode = match arg.as_str() {
+                "--kubernetes" => {
+                    args.kubernetes = true;
+                    continue;
+                }
+                "--encryption-type" => it.next().unwrap_or_default(),
+                other => match other.strip_prefix("--encryption-type=") {
+                    Some(mode) => mode.to_owned(),
+                    None => bail!(
+                        "unknown argument {other:?} (expected --kubernetes, --encryption-type ipsec|wireguard)"
+                    ),
+                },
+            };
+            args.encryption = match mode.as_str() {
+                "ipsec" => Encryption::Ipsec,
+                "wireguard" => Encryption::Wireguard,
+                _ => bail!("--encryption-type must be ipsec or wireguard, not {mode:?}"),
+            };
+        }
+        Ok(args)
+    }
+
+    /// What crosses the underlay: the encryption's protocol.
+    fn wire(&self) -> &'static str {
+        match self.encryption {
+            Encryption::Ipsec => "ESP",
+            Encryption::Wireguard => "WireGuard",
+        }
+    }
+}
+
 fn main() -> Result<()> {
-    let kubernetes = std::env::args().skip(1).any(|a| a == "--kubernetes");
-    if !require("demo", &[Feature::Netns, Feature::Esp, Feature::TcBpf]) {
+    let args = Args::parse()?;
+    let kubernetes = args.kubernetes;
+    let wireguard = args.encryption == Encryption::Wireguard;
+    let kernel = [Feature::Netns, args.encryption.feature(), Feature::TcBpf];
+    if !require("demo", &kernel) {
         bail!("this kernel cannot run the demo (see above); `cargo xtask demo` boots one that can");
     }
     banner("building 3 nodes x 2 pods (plus a spare node for a rogue) in network namespaces");
@@ -44,7 +96,11 @@ fn main() -> Result<()> {
         );
     }
 
-    let mut options = FabricOptions::default();
+    // Every node, the rogue's included, runs the chosen datapath.
+    let mut options = FabricOptions {
+        encryption: args.encryption,
+        ..FabricOptions::default()
+    };
     let control = if kubernetes {
         banner("starting etcd and kube-apiserver on the underlay; Node objects, agent pods, RBAC");
         let control = KubeControlPlane::start(&topo, |i| vec![topo.node(i).pod_cidr.to_string()])?;
@@ -57,11 +113,15 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    banner(if kubernetes {
-        "starting keymgr and three nodeseal agents (Kubernetes mode)"
-    } else {
-        "starting keymgr and three nodeseal agents (embedded directory store)"
-    });
+    banner(&format!(
+        "starting keymgr and three nodeseal agents ({}, {})",
+        if kubernetes {
+            "Kubernetes mode"
+        } else {
+            "embedded directory store"
+        },
+        if wireguard { "WireGuard" } else { "IPsec" }
+    ));
     let fabric = Fabric::start(&topo, 3, options)?;
     fabric.wait_established(&[0, 1, 2], Duration::from_secs(90))?;
     for i in 0..3 {
@@ -102,6 +162,23 @@ fn main() -> Result<()> {
         .check_no_plaintext(&topo.pod_cidrs())
         .map_err(|leak| anyhow::anyhow!("{leak}"))?;
     println!("  no plaintext packet carrying a pod address crossed the wire");
+    if wireguard {
+        let summary = capture.summary();
+        ensure!(
+            summary.wireguard > 0 && summary.esp == 0,
+            "expected WireGuard and no ESP on the wire: {summary}"
+        );
+        println!("\n$ nodeseal status    # on node0, after the pings");
+        print!("{}", fabric.status_text(0)?);
+        println!("\n$ wg show nodeseal0    # on node0 (private and preshared keys hidden)");
+        print!(
+            "{}",
+            topo.node(0)
+                .ns
+                .exec("wg", &["show", "nodeseal0"])
+                .context("wg show")?
+        );
+    }
 
     banner("nodeseal keys rotate --wait, under a 500 packets/s UDP stream");
     let (a, b) = (topo.node(0).pod(0), topo.node(1).pod(0));
@@ -127,7 +204,7 @@ fn main() -> Result<()> {
     star_wars(&topo, &fabric, control.as_ref())?;
 
     if let Some(control) = &control {
-        return kubernetes_finale(&topo, &fabric, control);
+        return kubernetes_finale(&topo, &fabric, control, args.wire());
     }
 
     banner("a rogue node with a certificate from another CA joins the store");
@@ -159,13 +236,21 @@ fn main() -> Result<()> {
             .nodeseal_store(&["node", "list"])
             .context("node list")?
     );
-    banner("demo complete: ESP only on the wire, hitless rotation, identity policy, rogue refused");
+    banner(&format!(
+        "demo complete: {} only on the wire, hitless rotation, identity policy, rogue refused",
+        args.wire()
+    ));
     Ok(())
 }
 
 /// Kubernetes mode's last act: the certificates keymgr issued through the CSR API, then an
 /// agent on node3 that claims to be node0 with node3's own pod token.
-fn kubernetes_finale(topo: &Topology, fabric: &Fabric, control: &KubeControlPlane) -> Result<()> {
+fn kubernetes_finale(
+    topo: &Topology,
+    fabric: &Fabric,
+    control: &KubeControlPlane,
+    wire: &str,
+) -> Result<()> {
     println!("\n$ kubectl get csr    # node certificates, approved and signed by keymgr");
     print!("{}", control.kubectl(topo, &["get", "csr"])?);
     println!("\n$ kubectl get nodesealnodes");
@@ -197,12 +282,12 @@ fn kubernetes_finale(topo: &Topology, fabric: &Fabric, control: &KubeControlPlan
     );
     ensure!(attempt.received == 0, "node3's pod reached a pod");
     println!(
-        "\n$ nodeseal status    # on node0: node3 runs no agent, so it has no SA and its pods' plaintext is dropped"
+        "\n$ nodeseal status    # on node0: node3 runs no agent, so it has no keys and its pods' plaintext is dropped"
     );
     print!("{}", fabric.status_text(0)?);
-    banner(
-        "demo complete (Kubernetes mode): ESP only, hitless rotation, identity policy, impostor refused",
-    );
+    banner(&format!(
+        "demo complete (Kubernetes mode): {wire} only, hitless rotation, identity policy, impostor refused"
+    ));
     Ok(())
 }
 
@@ -233,13 +318,17 @@ fn star_wars(topo: &Topology, fabric: &Fabric, control: Option<&KubeControlPlane
                 s["policy"]["endpoints"]
                     .as_array()
                     .is_some_and(|e| e.iter().any(|e| e["state"] == "ready"))
-                    && s["policy"]["identities"]
-                        .as_object()
-                        .is_some_and(|m| m.len() >= 3)
+                    && s["policy"]["identities"].as_u64().is_some_and(|n| n >= 3)
             })
         })
     });
-    ensure!(ready, "the ships' endpoints were not programmed");
+    if !ready {
+        for i in 0..3 {
+            println!("\n$ nodeseal status    # on node{i}");
+            print!("{}", fabric.status_text(i)?);
+        }
+        bail!("the ships' endpoints were not programmed");
+    }
     let attempt = |ship: usize| {
         let banner = tcp_banner(&topo.node(ship).pod(0).ns, landing, Duration::from_secs(3));
         println!(
