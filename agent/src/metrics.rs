@@ -1,11 +1,8 @@
 //! Prometheus metrics (`/metrics`, served by [`crate::health::serve`]), registered under the
-//! `nodeseal` prefix. Per-peer detail belongs in `nodeseal status`; the one exception is
-//! WireGuard mode's device counters (bytes and latest handshake per peer, labelled with the
-//! peer's node name), which have no node-wide counterpart the way `/proc/net/xfrm_stat` is one
-//! for IPsec. They are one series per peer and metric (as many as the cluster has nodes),
-//! refreshed with the other counters and removed when the peer goes.
+//! `nodeseal` prefix. Per-peer detail belongs in `nodeseal status`: a series per peer would be
+//! one per node pair across the cluster. WireGuard mode's device counters are summed over the
+//! peers, and its handshakes counted by freshness.
 
-use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -43,10 +40,13 @@ struct LimitLabel {
     limit: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, Ord, PartialOrd, EncodeLabelSet)]
-struct PeerLabel {
-    peer: String,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionLabel {
+    handshake: &'static str,
 }
+
+/// WireGuard's REJECT_AFTER_TIME: a session older than this carries nothing.
+const WIREGUARD_SESSION_SECS: u64 = 180;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabel {
@@ -70,11 +70,9 @@ pub struct Metrics {
     policy_verdicts: Family<PolicyVerdictLabels, Counter>,
     /// The datapath's cumulative policy verdict counts last mirrored into `policy_verdicts`.
     policy_verdicts_seen: Mutex<PolicyVerdictCounts>,
-    wireguard_rx_bytes: Family<PeerLabel, Gauge>,
-    wireguard_tx_bytes: Family<PeerLabel, Gauge>,
-    wireguard_handshake_age: Family<PeerLabel, Gauge>,
-    /// The peers `wireguard_*` series exist for.
-    wireguard_peers_seen: Mutex<BTreeSet<PeerLabel>>,
+    wireguard_rx_bytes: Gauge,
+    wireguard_tx_bytes: Gauge,
+    wireguard_sessions: Family<SessionLabel, Gauge>,
 }
 
 impl Metrics {
@@ -162,33 +160,36 @@ impl Metrics {
                 let _ = policy_verdicts.get_or_create(&PolicyVerdictLabels { direction, verdict });
             }
         }
-        let wireguard_rx_bytes = Family::<PeerLabel, Gauge>::default();
+        let wireguard_rx_bytes = Gauge::default();
         registry.register(
-            "wireguard_peer_rx_bytes",
-            "Bytes received from each WireGuard peer, as the device counts them for the peer's \
-             entry (cumulative; starts again when the entry is replaced)",
+            "wireguard_rx_bytes",
+            "Bytes received from the WireGuard peers with keys in use, as the device counts them \
+             per entry (an entry replaced starts again from 0)",
             wireguard_rx_bytes.clone(),
         );
-        let wireguard_tx_bytes = Family::<PeerLabel, Gauge>::default();
+        let wireguard_tx_bytes = Gauge::default();
         registry.register(
-            "wireguard_peer_tx_bytes",
-            "Bytes sent to each WireGuard peer, as the device counts them for the peer's entry \
-             (cumulative; starts again when the entry is replaced)",
+            "wireguard_tx_bytes",
+            "Bytes sent to the WireGuard peers with keys in use, as the device counts them per \
+             entry (an entry replaced starts again from 0)",
             wireguard_tx_bytes.clone(),
         );
-        let wireguard_handshake_age = Family::<PeerLabel, Gauge>::default();
+        let wireguard_sessions = Family::<SessionLabel, Gauge>::default();
         registry.register(
-            "wireguard_peer_latest_handshake_age_seconds",
-            "Seconds since the latest WireGuard handshake with each peer (no series before the \
-             first); WireGuard renews a session every 2 minutes while traffic flows",
-            wireguard_handshake_age.clone(),
+            "wireguard_peers",
+            "WireGuard peers with keys in use by their latest handshake: `current` within the \
+             180 s a WireGuard session lasts, `expired` before that (normal for an idle pair: \
+             WireGuard handshakes when there is traffic), `never`",
+            wireguard_sessions.clone(),
         );
+        for handshake in ["current", "expired", "never"] {
+            let _ = wireguard_sessions.get_or_create(&SessionLabel { handshake });
+        }
         Self {
             registry,
             wireguard_rx_bytes,
             wireguard_tx_bytes,
-            wireguard_handshake_age,
-            wireguard_peers_seen: Mutex::new(BTreeSet::new()),
+            wireguard_sessions,
             policy_programming,
             policy_programs,
             policy_map_writes,
@@ -291,47 +292,32 @@ impl Metrics {
         *seen = now;
     }
 
-    /// Mirrors what the WireGuard device holds for each peer with keys in use (`rows` filled by
-    /// [`PeerStatus::fill_from_wireguard`]): bytes, and seconds from the latest handshake to
-    /// `now`. The series of peers no longer among them are removed, as is a peer's handshake
-    /// age while it has had none.
+    /// Mirrors what the WireGuard device holds for the peers with keys in use (`rows` filled
+    /// by [`PeerStatus::fill_from_wireguard`]): their bytes, summed, and how many had their
+    /// latest handshake within a session's lifetime of `now`, before, or never.
     pub fn set_wireguard_peers(&self, rows: &[PeerStatus], now: SystemTime) {
-        let Ok(mut seen) = self.wireguard_peers_seen.lock() else {
-            return;
-        };
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let now_unix = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let mut present = BTreeSet::new();
+        let (mut rx, mut tx) = (0u64, 0u64);
+        let (mut current, mut expired, mut never) = (0u64, 0u64, 0u64);
         for row in rows.iter().filter(|r| r.wg_public_key.is_some()) {
-            let label = PeerLabel {
-                peer: row.name.clone(),
-            };
-            self.wireguard_rx_bytes
-                .get_or_create(&label)
-                .set(gauge(row.in_bytes));
-            self.wireguard_tx_bytes
-                .get_or_create(&label)
-                .set(gauge(row.out_bytes));
+            rx = rx.saturating_add(row.in_bytes);
+            tx = tx.saturating_add(row.out_bytes);
             match row.wg_latest_handshake_unix {
-                Some(at) => {
-                    self.wireguard_handshake_age
-                        .get_or_create(&label)
-                        .set(gauge(now_unix.saturating_sub(at)));
-                }
-                None => {
-                    self.wireguard_handshake_age.remove(&label);
-                }
+                Some(at) if now_unix.saturating_sub(at) <= WIREGUARD_SESSION_SECS => current += 1,
+                Some(_) => expired += 1,
+                None => never += 1,
             }
-            present.insert(label);
         }
-        for gone in seen.difference(&present) {
-            self.wireguard_rx_bytes.remove(gone);
-            self.wireguard_tx_bytes.remove(gone);
-            self.wireguard_handshake_age.remove(gone);
+        self.wireguard_rx_bytes.set(gauge(rx));
+        self.wireguard_tx_bytes.set(gauge(tx));
+        for (handshake, n) in [("current", current), ("expired", expired), ("never", never)] {
+            self.wireguard_sessions
+                .get_or_create(&SessionLabel { handshake })
+                .set(gauge(n));
         }
-        *seen = present;
     }
 
     /// Mirrors one xfrm_stat counter.
@@ -365,46 +351,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wireguard_peers_get_bytes_and_handshake_age_until_they_go() {
+    fn wireguard_peers_are_summed_and_counted_by_handshake() {
         let metrics = Metrics::new();
-        let name = nodeseal_keymgr::NodeName::new("node2").unwrap();
-        let mut row =
-            PeerStatus::connecting(&name, "10.0.0.2".parse().unwrap(), nodeseal_bpf::NodeId(3));
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_042);
-        // No key in use: no series.
-        metrics.set_wireguard_peers(std::slice::from_ref(&row), now);
-        assert!(!metrics.encode().contains("peer=\"node2\""));
-
-        row.wg_public_key = Some(nodeseal_wireguard::PublicKey::from_bytes([7; 32]).to_string());
-        (row.in_bytes, row.out_bytes) = (1000, 2000);
-        metrics.set_wireguard_peers(std::slice::from_ref(&row), now);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_300);
+        let row = |name: &str, key: Option<u8>, handshake: Option<u64>, bytes: (u64, u64)| {
+            let name = nodeseal_keymgr::NodeName::new(name).unwrap();
+            let mut row =
+                PeerStatus::connecting(&name, "10.0.0.2".parse().unwrap(), nodeseal_bpf::NodeId(3));
+            row.wg_public_key =
+                key.map(|k| nodeseal_wireguard::PublicKey::from_bytes([k; 32]).to_string());
+            row.wg_latest_handshake_unix = handshake;
+            (row.in_bytes, row.out_bytes) = bytes;
+            row
+        };
         let text = metrics.encode();
         assert!(
-            text.contains("nodeseal_wireguard_peer_rx_bytes{peer=\"node2\"} 1000"),
+            text.contains("nodeseal_wireguard_peers{handshake=\"never\"} 0"),
             "{text}"
         );
-        assert!(
-            text.contains("nodeseal_wireguard_peer_tx_bytes{peer=\"node2\"} 2000"),
-            "{text}"
+        metrics.set_wireguard_peers(
+            &[
+                row("a", Some(1), Some(1_700_000_200), (1000, 2000)),
+                row("b", Some(2), Some(1_700_000_000), (10, 20)),
+                row("c", Some(3), None, (0, 0)),
+                // No keys in use: not counted.
+                row("d", None, Some(1_700_000_299), (5, 5)),
+            ],
+            now,
         );
-        assert!(
-            !text.contains("nodeseal_wireguard_peer_latest_handshake_age_seconds{"),
-            "no handshake yet: {text}"
-        );
-
-        row.wg_latest_handshake_unix = Some(1_700_000_000);
-        metrics.set_wireguard_peers(std::slice::from_ref(&row), now);
         let text = metrics.encode();
-        assert!(
-            text.contains(
-                "nodeseal_wireguard_peer_latest_handshake_age_seconds{peer=\"node2\"} 42"
-            ),
-            "{text}"
-        );
-
-        // The peer went: its series go with it.
-        metrics.set_wireguard_peers(&[], now);
-        assert!(!metrics.encode().contains("peer=\"node2\""));
+        for line in [
+            "nodeseal_wireguard_rx_bytes 1010",
+            "nodeseal_wireguard_tx_bytes 2020",
+            "nodeseal_wireguard_peers{handshake=\"current\"} 1",
+            "nodeseal_wireguard_peers{handshake=\"expired\"} 1",
+            "nodeseal_wireguard_peers{handshake=\"never\"} 1",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        assert!(!text.contains("peer="), "no per-peer series: {text}");
     }
 
     #[test]

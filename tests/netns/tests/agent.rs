@@ -1736,4 +1736,13 @@ fn wireguard_status_agrees_with_wg(topo: &Topology, fabric: &Fabric) {
             assert_eq!(Some(psk_epoch), row["epoch"].as_u64(), "{row}");
         }
     }
+    // A scrape (refreshed by the agent itself) counts node0's peers as handshaken.
+    let current = format!(
+        "nodeseal_wireguard_peers{{handshake=\"current\"}} {}",
+        n - 1
+    );
+    let scraped = nodeseal_netns::wait_until(Duration::from_secs(15), || {
+        fabric.metrics(topo, 0).is_ok_and(|m| m.contains(&current))
+    });
+    assert!(scraped, "{current}: {:?}", fabric.metrics(topo, 0));
 }
