@@ -15,6 +15,13 @@
 //!    kube-apiserver (and its etcd) in the load generator's namespace, a Node object and a
 //!    NodesealNode per peer, the agent with `--kubernetes`; reported beside the directory store,
 //!    with the apiserver's own count of the non-watch requests during the quiet period.
+//!    With `wireguard` among `NODESEAL_BENCH_MODES` (issue 13), the same runs in WireGuard mode:
+//!    the agent with `--encryption-type wireguard`, the simulated peers answering in WireGuard
+//!    mode with a WireGuard public key of their own in their Hello. Converged there means every
+//!    peer established in the status API and the agent's `nodeseal0` device (read back over
+//!    netlink) holding N peers with preshared keys. Baseline in the same run: `wg setconf` of a
+//!    prepared file with the same N peers (random public and preshared keys, the same
+//!    endpoints and allowed IPs) onto a fresh WireGuard link in a fresh namespace.
 //! 2. Rotation. The 3-node fabric of the acceptance tests under a 500 packets/s UDP stream;
 //!    `nodeseal keys rotate --wait` several times; wall time and the duration it prints, and the
 //!    stream's losses. Baseline: the wall time of a no-op `nodeseal node list`.
@@ -28,7 +35,9 @@
 //!    the same phase without a flood.
 //!
 //! Environment: `NODESEAL_BENCH_PEERS` (default `100,1000`), `NODESEAL_BENCH_STORES` (default
-//! `dir,kube`; `kube` needs the binaries of `cargo xtask setup`), `NODESEAL_BENCH_ROTATIONS`
+//! `dir,kube`; `kube` needs the binaries of `cargo xtask setup`), `NODESEAL_BENCH_MODES`
+//! (convergence only, default `ipsec,wireguard`; every mode runs with every store and peer
+//! count; `wireguard` needs WireGuard in the kernel), `NODESEAL_BENCH_ROTATIONS`
 //! (default 5), `NODESEAL_BENCH_REVOCATIONS` (default 3), `NODESEAL_BENCH_FLOOD_SECS` (length of
 //! each flood phase, default 30), `NODESEAL_BENCH_PARTS` (default
 //! `convergence,rotation,revocation,flood`),
@@ -51,13 +60,14 @@ use ipnet::IpNet;
 use nodeseal_keymgr::handshake::{self, HandshakeConfig};
 use nodeseal_keymgr::{
     ClusterCa, Epoch, ExpectedPeer, Hello, IssueOptions, Mode, NodeClaims, NodeIdentity, NodeKey,
-    NodeName, Spi, TrustBundle, TrustDomain, TrustStore, create_csr, validate_csr,
+    NodeName, Spi, TrustBundle, TrustDomain, TrustStore, WgPublicKey, create_csr, validate_csr,
 };
 use nodeseal_netns::kube::KubeControlPlane;
 use nodeseal_netns::{
     Fabric, FabricOptions, Feature, Netns, Process, Topology, UdpStream, fabric, require,
 };
 use nodeseal_store::{DirOptions, DirStore, KubeStore, NodeRecord, Store};
+use nodeseal_wireguard::LinkName;
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const AGENT_NAME: &str = "a-bench";
@@ -110,6 +120,9 @@ fn run() -> Result<()> {
     let stores = backends(
         &std::env::var("NODESEAL_BENCH_STORES").unwrap_or_else(|_| "dir,kube".to_owned()),
     )?;
+    let modes = modes(
+        &std::env::var("NODESEAL_BENCH_MODES").unwrap_or_else(|_| "ipsec,wireguard".to_owned()),
+    )?;
     let rotations: usize = env_number("NODESEAL_BENCH_ROTATIONS", 5)?;
     let revocations: usize = env_number("NODESEAL_BENCH_REVOCATIONS", 3)?;
     let flood_secs: u64 = env_number("NODESEAL_BENCH_FLOOD_SECS", 30)?;
@@ -132,16 +145,23 @@ fn run() -> Result<()> {
     let mut convergence = Vec::new();
     if parts.contains("convergence") {
         for &n in &peers {
-            for &backend in &stores {
-                println!(
-                    "convergence: 1 agent, {n} peers, {} store ...",
-                    backend.name()
-                );
-                let result = converge(n, timeout, idle, backend).with_context(|| {
-                    format!("convergence with {n} peers on the {} store", backend.name())
-                })?;
-                print!("{}", result.detail());
-                convergence.push(result);
+            for &mode in &modes {
+                for &backend in &stores {
+                    println!(
+                        "convergence: 1 agent, {n} peers, {} mode, {} store ...",
+                        mode_name(mode),
+                        backend.name()
+                    );
+                    let result = converge(n, timeout, idle, mode, backend).with_context(|| {
+                        format!(
+                            "convergence with {n} peers in {} mode on the {} store",
+                            mode_name(mode),
+                            backend.name()
+                        )
+                    })?;
+                    print!("{}", result.detail());
+                    convergence.push(result);
+                }
             }
         }
     }
@@ -169,9 +189,13 @@ fn run() -> Result<()> {
     println!();
     println!("================ nodeseal agent benchmark ================");
     println!("{}", machine_note());
-    if !convergence.is_empty() {
+    if convergence.iter().any(|r| r.mode == Mode::Ipsec) {
         println!();
         println!("{}", convergence_table(&convergence));
+    }
+    if convergence.iter().any(|r| r.mode == Mode::Wireguard) {
+        println!();
+        println!("{}", wireguard_table(&convergence));
     }
     if let Some(r) = &rotation {
         println!();
@@ -218,6 +242,29 @@ fn backends(text: &str) -> Result<Vec<Backend>> {
         }
     }
     Ok(out)
+}
+
+/// `NODESEAL_BENCH_MODES`; `wireguard` is left out (with a note) when the kernel lacks it.
+fn modes(text: &str) -> Result<Vec<Mode>> {
+    let mut out = Vec::new();
+    for word in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match word {
+            "ipsec" => out.push(Mode::Ipsec),
+            "wireguard" if require("bench agent (wireguard mode)", &[Feature::WireGuard]) => {
+                out.push(Mode::Wireguard);
+            }
+            "wireguard" => {}
+            other => bail!("NODESEAL_BENCH_MODES: unknown mode {other:?} (ipsec, wireguard)"),
+        }
+    }
+    Ok(out)
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Ipsec => "ipsec",
+        Mode::Wireguard => "wireguard",
+    }
 }
 
 fn parse_list(text: &str) -> Result<Vec<usize>> {
@@ -282,6 +329,9 @@ struct PeerCreds {
     ip: Ipv4Addr,
     pod_cidr: IpNet,
     config: HandshakeConfig,
+    /// The public key announced in WireGuard mode (random bytes: no private key behind it, as
+    /// no WireGuard traffic flows).
+    wg_public_key: WgPublicKey,
     /// Handshakes answered so far (makes each answer's SPI unique).
     attempts: std::sync::atomic::AtomicU32,
 }
@@ -336,9 +386,19 @@ impl LoadStats {
     }
 }
 
+/// What the agent programmed into the kernel, read back after convergence.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Programmed {
+    /// IPsec mode: XFRM states and policies.
+    Xfrm { states: u64, policies: u64 },
+    /// WireGuard mode: peers of the device, and how many of them carry a preshared key.
+    Wireguard { peers: u64, with_psk: u64 },
+}
+
 /// Figures of one convergence run.
 struct Convergence {
     peers: usize,
+    mode: Mode,
     backend: Backend,
     /// Kubernetes only: non-watch apiserver requests on nodes, nodesealnodes and configmaps
     /// during the quiet period.
@@ -351,14 +411,17 @@ struct Convergence {
     all: Duration,
     /// Agent spawn until `nodeseal status` showed every peer established.
     status_all: Duration,
-    states: u64,
-    policies: u64,
+    /// WireGuard mode: agent spawn until, status showing every peer established, the device
+    /// also held every peer with a preshared key (converged).
+    device_all: Option<Duration>,
+    kernel: Programmed,
     peak_rss_kb: u64,
     rss_kb: u64,
     agent_cpu: Duration,
     loadgen_cpu: Duration,
     handshakes: usize,
     failures: BTreeMap<String, u64>,
+    /// `ip -batch` (IPsec) or `wg setconf` (WireGuard) of the same kernel objects, and how many.
     baseline: Duration,
     baseline_objects: u64,
     /// The quiet period observed after convergence, the agent's CPU time and RSS in it.
@@ -380,14 +443,23 @@ impl Convergence {
             self.all.as_secs_f64(),
             self.status_all.as_secs_f64()
         );
-        let _ = writeln!(
-            s,
-            "  kernel: {} states, {} policies; ip -batch of {} objects: {:.3}s",
-            self.states,
-            self.policies,
-            self.baseline_objects,
-            self.baseline.as_secs_f64()
-        );
+        let _ = match self.kernel {
+            Programmed::Xfrm { states, policies } => writeln!(
+                s,
+                "  kernel: {states} states, {policies} policies; ip -batch of {} objects: {:.3}s",
+                self.baseline_objects,
+                self.baseline.as_secs_f64()
+            ),
+            Programmed::Wireguard { peers, with_psk } => writeln!(
+                s,
+                "  kernel: device {} holds {peers} peers, {with_psk} with a preshared key (status \
+                 and device complete after {:.3}s); wg setconf of {} peers: {:.3}s",
+                LinkName::default(),
+                self.device_all.unwrap_or_default().as_secs_f64(),
+                self.baseline_objects,
+                self.baseline.as_secs_f64()
+            ),
+        };
         let _ = writeln!(
             s,
             "  agent RSS peak {} KiB, after convergence {} KiB; CPU agent {:.2}s, load generator {:.2}s; \
@@ -426,8 +498,9 @@ impl Convergence {
 }
 
 fn convergence_table(rows: &[Convergence]) -> String {
-    let mut s =
-        String::from("Convergence: one nodeseal-agent vs N peers (in-process load generator)\n");
+    let mut s = String::from(
+        "Convergence, IPsec mode: one nodeseal-agent vs N peers (in-process load generator)\n",
+    );
     let _ = writeln!(
         s,
         "{:>6} | {:>10} | {:>9} | {:>9} | {:>9} | {:>10} | {:>8} | {:>8} | {:>9} | {:>9} | {:>8} | {:>10} | {:>9} | {:>9}",
@@ -447,6 +520,9 @@ fn convergence_table(rows: &[Convergence]) -> String {
         "idle CPU"
     );
     for r in rows {
+        let Programmed::Xfrm { states, policies } = r.kernel else {
+            continue;
+        };
         let ratio = r.all.as_secs_f64() / r.baseline.as_secs_f64().max(1e-6);
         let failures: u64 = r.failures.values().sum();
         let _ = writeln!(
@@ -458,8 +534,8 @@ fn convergence_table(rows: &[Convergence]) -> String {
             r.all.as_secs_f64(),
             r.status_all.as_secs_f64(),
             r.agent_cpu.as_secs_f64(),
-            r.states,
-            r.policies,
+            states,
+            policies,
             r.baseline.as_secs_f64(),
             ratio,
             failures,
@@ -477,9 +553,102 @@ fn convergence_table(rows: &[Convergence]) -> String {
          convergence (covers the stale-SA sweep at rekey-grace 30 s);\nip -batch = the same number of XFRM states and policies \
          (agent's layout) installed by one `ip -batch` into a fresh namespace."
     );
-    for kube in rows.iter().filter(|r| r.backend == Backend::Kube) {
+    let ipsec = |r: &&Convergence| r.mode == Mode::Ipsec;
+    kube_vs_dir(&mut s, rows.iter().filter(ipsec));
+    let _ = write!(
+        s,
+        "targets (issue 6, native, 2 cores): 1000 peers in < {}s, RSS < {} MiB",
+        TARGET_CONVERGE_1000.as_secs(),
+        TARGET_RSS_KB / 1024
+    );
+    for r in rows
+        .iter()
+        .filter(|r| r.peers == 1000 && r.backend == Backend::Dir)
+        .filter(ipsec)
+    {
+        let _ = write!(
+            s,
+            "; measured here {:.2}s ({}), peak RSS {} MiB ({})",
+            r.all.as_secs_f64(),
+            verdict(r.all <= TARGET_CONVERGE_1000),
+            r.peak_rss_kb / 1024,
+            verdict(r.peak_rss_kb <= TARGET_RSS_KB)
+        );
+    }
+    s
+}
+
+/// The WireGuard-mode rows (issue 13) against `wg setconf` of the same peers.
+fn wireguard_table(rows: &[Convergence]) -> String {
+    let mut s = String::from(
+        "Convergence, WireGuard mode: one nodeseal-agent vs N peers (in-process load generator)\n",
+    );
+    let _ = writeln!(
+        s,
+        "{:>6} | {:>10} | {:>9} | {:>9} | {:>9} | {:>9} | {:>10} | {:>9} | {:>8} | {:>10} | {:>9} | {:>8} | {:>10} | {:>9} | {:>9}",
+        "peers",
+        "store",
+        "first (s)",
+        "all (s)",
+        "status(s)",
+        "conv. (s)",
+        "agent CPU",
+        "wg peers",
+        "with PSK",
+        "wg setconf",
+        "agent/wg",
+        "fails",
+        "peak RSS",
+        "RSS end",
+        "idle CPU"
+    );
+    for r in rows {
+        let Programmed::Wireguard { peers, with_psk } = r.kernel else {
+            continue;
+        };
+        let converged = r.device_all.unwrap_or(r.status_all);
+        let ratio = converged.as_secs_f64() / r.baseline.as_secs_f64().max(1e-6);
+        let failures: u64 = r.failures.values().sum();
+        let _ = writeln!(
+            s,
+            "{:>6} | {:>10} | {:>9.3} | {:>9.3} | {:>9.3} | {:>9.3} | {:>9.2}s | {:>9} | {:>8} | {:>9.3}s | {:>8.1}x | {:>8} | {:>6} MiB | {:>5} MiB | {:>8.2}s",
+            r.peers,
+            r.backend.name(),
+            r.first.as_secs_f64(),
+            r.all.as_secs_f64(),
+            r.status_all.as_secs_f64(),
+            converged.as_secs_f64(),
+            r.agent_cpu.as_secs_f64(),
+            peers,
+            with_psk,
+            r.baseline.as_secs_f64(),
+            ratio,
+            failures,
+            r.peak_rss_kb.max(r.idle_peak_rss_kb) / 1024,
+            r.rss_kb / 1024,
+            r.idle_cpu.as_secs_f64()
+        );
+    }
+    let _ = writeln!(
+        s,
+        "first / all / status as in the IPsec table; conv. = agent spawn until status shows every \
+         peer established and the device holds every peer with a preshared key (converged);\n\
+         wg peers / with PSK = the agent's device read back at convergence; wg setconf = one \
+         `wg setconf` of a prepared file with the same number of peers (random keys and preshared \
+         keys, the same endpoints and allowed IPs)\nonto a fresh WireGuard link in a fresh \
+         namespace; agent/wg = conv. / wg setconf (the agent also runs a mutual-TLS handshake, \
+         routes and eBPF map writes per peer)."
+    );
+    kube_vs_dir(&mut s, rows.iter().filter(|r| r.mode == Mode::Wireguard));
+    s.truncate(s.trim_end().len());
+    s
+}
+
+/// One line per peer count run on both stores: the Kubernetes store against the directory.
+fn kube_vs_dir<'a>(s: &mut String, rows: impl Iterator<Item = &'a Convergence> + Clone) {
+    for kube in rows.clone().filter(|r| r.backend == Backend::Kube) {
         if let Some(dir) = rows
-            .iter()
+            .clone()
             .find(|r| r.backend == Backend::Dir && r.peers == kube.peers)
         {
             let _ = writeln!(
@@ -495,26 +664,6 @@ fn convergence_table(rows: &[Convergence]) -> String {
             );
         }
     }
-    let _ = write!(
-        s,
-        "targets (issue 6, native, 2 cores): 1000 peers in < {}s, RSS < {} MiB",
-        TARGET_CONVERGE_1000.as_secs(),
-        TARGET_RSS_KB / 1024
-    );
-    for r in rows
-        .iter()
-        .filter(|r| r.peers == 1000 && r.backend == Backend::Dir)
-    {
-        let _ = write!(
-            s,
-            "; measured here {:.2}s ({}), peak RSS {} MiB ({})",
-            r.all.as_secs_f64(),
-            verdict(r.all <= TARGET_CONVERGE_1000),
-            r.peak_rss_kb / 1024,
-            verdict(r.peak_rss_kb <= TARGET_RSS_KB)
-        );
-    }
-    s
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -536,7 +685,13 @@ impl Drop for Bench {
     }
 }
 
-fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Result<Convergence> {
+fn converge(
+    n: usize,
+    timeout: Duration,
+    idle: Duration,
+    mode: Mode,
+    backend: Backend,
+) -> Result<Convergence> {
     let setup_started = Instant::now();
     let dir = std::env::temp_dir().join(format!("nodeseal-bench-agent-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -571,6 +726,7 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
     // One key for all simulated peers (a certificate each): key generation is not what is
     // measured, and it keeps the set-up short under emulation.
     let peer_key = NodeKey::generate()?;
+    let mut wg_keys = random_keys(n)?.into_iter();
     let mut peers = HashMap::with_capacity(n);
     for i in 0..n {
         let name = NodeName::new(&format!("peer-{i:05}"))?;
@@ -580,6 +736,7 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
         let claims = NodeClaims::new(&[IpAddr::V4(ip)], &[pod_cidr])?;
         let identity = issue(&ca, &td, &name, &key, &claims)?;
         let config = HandshakeConfig::new(trust.clone(), &identity)?;
+        let wg_public_key = WgPublicKey(wg_keys.next().context("too few random keys")?);
         peers.insert(
             ip,
             PeerCreds {
@@ -588,6 +745,7 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
                 ip,
                 pod_cidr,
                 config,
+                wg_public_key,
                 attempts: std::sync::atomic::AtomicU32::new(0),
             },
         );
@@ -634,7 +792,7 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
         let (peers, stats, agent_name) =
             (Arc::clone(&peers), Arc::clone(&stats), agent_name.clone());
         bench.loadgen_ns.spawn_thread("loadgen", move || {
-            load_generator(&peers, &stats, &agent_name, &ready_tx, stop_rx)
+            load_generator(&peers, &stats, &agent_name, mode, &ready_tx, stop_rx)
         })?
     };
     ready_rx
@@ -655,6 +813,7 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
         .args(["--state-dir", &bench.dir.join("state").to_string_lossy()])
         .args(["--status-socket", &socket.to_string_lossy()])
         .args(["--bpf-pin-root", &bench.pin_root.to_string_lossy()])
+        .args(["--encryption-type", mode_name(mode)])
         .args(&store_args)
         .args([
             "--identity-cert",
@@ -712,8 +871,19 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
     // The agent's own view, then the kernel's.
     let status_all = wait_status_established(&socket, n, started, Duration::from_secs(120))
         .with_context(|| format!("agent log (tail):\n{}", tail(&agent.log(), 40)))?;
+    let (kernel, device_all) = match mode {
+        Mode::Ipsec => {
+            let (states, policies) = xfrm_counts(&bench.agent_ns)?;
+            (Programmed::Xfrm { states, policies }, None)
+        }
+        Mode::Wireguard => {
+            let (kernel, converged) =
+                wait_device_complete(&bench.agent_ns, n, started, Duration::from_secs(120))
+                    .with_context(|| format!("agent log (tail):\n{}", tail(&agent.log(), 40)))?;
+            (kernel, Some(converged))
+        }
+    };
     let rss_kb = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
-    let (states, policies) = xfrm_counts(&bench.agent_ns)?;
     let handshakes = stats.handshakes.load(Ordering::Relaxed);
 
     // After convergence: what the agent costs while nothing changes. This window includes the
@@ -735,11 +905,10 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
         .saturating_sub(cpu_converged);
     let idle_rss_kb = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
     let idle_peak_rss_kb = proc_status_kb(pid, "VmHWM:").unwrap_or(0);
-    let (idle_states, idle_policies) = xfrm_counts(&bench.agent_ns)?;
-    if (idle_states, idle_policies) != (states, policies) {
+    let idle_kernel = programmed(&bench.agent_ns, mode)?;
+    if idle_kernel != kernel {
         println!(
-            "  note: after {idle:?} the agent holds {idle_states} states and {idle_policies} \
-             policies (at convergence {states} and {policies})"
+            "  note: after {idle:?} the agent holds {idle_kernel:?} (at convergence {kernel:?})"
         );
     }
     let failures = stats.failures.lock().map(|f| f.clone()).unwrap_or_default();
@@ -752,11 +921,17 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
         Err(_) => bail!("the load generator panicked"),
     }
 
-    // Baseline: the same objects, programmed by one `ip -batch`.
-    let (baseline, baseline_objects) = ip_batch_baseline(&peers, states, policies, &bench.dir)?;
+    // Baseline: the same objects, programmed by one `ip -batch` or `wg setconf`.
+    let (baseline, baseline_objects) = match kernel {
+        Programmed::Xfrm { states, policies } => {
+            ip_batch_baseline(&peers, states, policies, &bench.dir)?
+        }
+        Programmed::Wireguard { .. } => wg_setconf_baseline(&peers, &bench.dir)?,
+    };
 
     Ok(Convergence {
         peers: n,
+        mode,
         backend,
         quiet_requests,
         setup,
@@ -764,8 +939,8 @@ fn converge(n: usize, timeout: Duration, idle: Duration, backend: Backend) -> Re
         half,
         all,
         status_all,
-        states,
-        policies,
+        device_all,
+        kernel,
         peak_rss_kb,
         rss_kb,
         agent_cpu,
@@ -941,6 +1116,7 @@ fn load_generator(
     peers: &Arc<HashMap<Ipv4Addr, PeerCreds>>,
     stats: &Arc<LoadStats>,
     agent: &NodeName,
+    mode: Mode,
     ready: &std::sync::mpsc::Sender<Result<()>>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<()> {
@@ -977,7 +1153,7 @@ fn load_generator(
                         tokio::spawn(async move {
                             let served = tokio::time::timeout(
                                 PEER_HANDSHAKE_TIMEOUT,
-                                serve(stream, &peers, &agent, &stats),
+                                serve(stream, &peers, &agent, mode, &stats),
                             )
                             .await;
                             match served {
@@ -1001,11 +1177,13 @@ fn listen() -> Result<tokio::net::TcpListener> {
     Ok(socket.listen(8192)?)
 }
 
-/// One handshake, responder side, as the peer owning the dialled address.
+/// One handshake, responder side, as the peer owning the dialled address, in `mode` (an agent
+/// in the other mode sees a mode mismatch: counted as a failure).
 async fn serve(
     stream: tokio::net::TcpStream,
     peers: &HashMap<Ipv4Addr, PeerCreds>,
     agent: &NodeName,
+    mode: Mode,
     stats: &LoadStats,
 ) -> Result<()> {
     let IpAddr::V4(local) = stream.local_addr()?.ip() else {
@@ -1024,9 +1202,12 @@ async fn serve(
     let raw_spi = 0x0100_0000_u32
         .checked_add(u32::try_from(peer.index << 8)? | attempt)
         .context("SPI space")?;
-    let hello = Hello::new(peer.name.clone(), epoch, Spi::new(raw_spi)?, Mode::Ipsec)
+    let mut hello = Hello::new(peer.name.clone(), epoch, Spi::new(raw_spi)?, mode)
         .with_node_ips(vec![IpAddr::V4(peer.ip)])
         .with_pod_cidrs(vec![peer.pod_cidr]);
+    if mode == Mode::Wireguard {
+        hello = hello.with_wg_public_key(peer.wg_public_key);
+    }
     let mut agreement = incoming.respond(hello).await.context("respond")?;
     agreement
         .channel
@@ -1199,6 +1380,180 @@ fn ip_batch_baseline(
         "ip -batch installed {s} states and {p} policies, expected {n_states} and {n_policies}"
     );
     Ok((took, n_states + n_policies))
+}
+
+/// What the agent programmed in `ns` for `mode`.
+fn programmed(ns: &Netns, mode: Mode) -> Result<Programmed> {
+    match mode {
+        Mode::Ipsec => {
+            let (states, policies) = xfrm_counts(ns)?;
+            Ok(Programmed::Xfrm { states, policies })
+        }
+        Mode::Wireguard => WgReader::new(ns)?.counts(),
+    }
+}
+
+/// Reads the WireGuard device `nodeseal0` of a namespace over netlink, with the crate the agent
+/// uses (a typed read: no key is ever turned into text here).
+struct WgReader {
+    handle: nodeseal_wireguard::Handle,
+    rt: tokio::runtime::Runtime,
+}
+
+impl WgReader {
+    fn new(ns: &Netns) -> Result<Self> {
+        let file = std::fs::File::open(ns.path())
+            .with_context(|| format!("opening {}", ns.path().display()))?;
+        let handle = nodeseal_wireguard::Handle::in_namespace(&file)
+            .context("WireGuard netlink sockets in the namespace")?;
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        Ok(Self { handle, rt })
+    }
+
+    /// The device's peers, and how many of them carry a (non-zero) preshared key.
+    fn counts(&self) -> Result<Programmed> {
+        let device = self
+            .rt
+            .block_on(self.handle.device(LinkName::default()).get().execute())
+            .with_context(|| format!("reading the WireGuard device {}", LinkName::default()))?;
+        let with_psk = device
+            .peers
+            .iter()
+            .filter(|p| p.preshared_key.as_ref().is_some_and(|k| !k.is_zero()))
+            .count();
+        Ok(Programmed::Wireguard {
+            peers: u64::try_from(device.peers.len())?,
+            with_psk: u64::try_from(with_psk)?,
+        })
+    }
+}
+
+/// Polls the agent's WireGuard device until it holds `n` peers, each with a preshared key;
+/// returns what it holds then and the time since `started`.
+fn wait_device_complete(
+    ns: &Netns,
+    n: usize,
+    started: Instant,
+    timeout: Duration,
+) -> Result<(Programmed, Duration)> {
+    let reader = WgReader::new(ns)?;
+    let n = u64::try_from(n)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let counts = reader.counts()?;
+        if counts
+            == (Programmed::Wireguard {
+                peers: n,
+                with_psk: n,
+            })
+        {
+            return Ok((counts, started.elapsed()));
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the device did not hold {n} peers with preshared keys within {timeout:?}: {counts:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `n` random 32-byte keys from the kernel's random source.
+fn random_keys(n: usize) -> Result<Vec<[u8; 32]>> {
+    use std::io::Read as _;
+    let mut random = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
+    let mut keys = vec![[0u8; 32]; n];
+    for key in &mut keys {
+        random.read_exact(key).context("reading /dev/urandom")?;
+    }
+    Ok(keys)
+}
+
+/// Applies, with one `wg setconf`, a prepared configuration with a private key, the agent's
+/// listen port and one peer per simulated peer (a random public and preshared key, the peer's
+/// endpoint and its pod CIDR as allowed IPs, as the agent writes them) to a fresh WireGuard
+/// link in a fresh namespace; returns its wall time and peer count.
+fn wg_setconf_baseline(
+    peers: &HashMap<Ipv4Addr, PeerCreds>,
+    dir: &Path,
+) -> Result<(Duration, u64)> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    let mut ordered: Vec<&PeerCreds> = peers.values().collect();
+    ordered.sort_by_key(|p| p.index);
+    let port = nodeseal_agent::peer::wireguard::DEFAULT_PORT;
+    let mut keys = random_keys(1 + 2 * ordered.len())?.into_iter();
+    let mut key = || {
+        keys.next()
+            .map(|k| BASE64.encode(k))
+            .context("too few random keys")
+    };
+    // Secrets of this throw-away configuration only; the file is private and removed with `dir`.
+    let mut conf = format!(
+        "[Interface]\nPrivateKey = {}\nListenPort = {port}\n",
+        key()?
+    );
+    for p in &ordered {
+        let _ = write!(
+            conf,
+            "\n[Peer]\nPublicKey = {}\nPresharedKey = {}\nEndpoint = {}:{port}\nAllowedIPs = {}\n",
+            key()?,
+            key()?,
+            p.ip,
+            p.pod_cidr
+        );
+    }
+    let file = dir.join("baseline.wg.conf");
+    write_secret(&file, conf.as_bytes())?;
+    drop(conf);
+    let ns = Netns::new("bwg")?;
+    let link = LinkName::default().to_string();
+    ns.ip(&["link", "add", &link, "type", "wireguard"])?;
+    ns.ip(&["link", "set", &link, "up"])?;
+    let started = Instant::now();
+    let out = ns
+        .command("wg")
+        .arg("setconf")
+        .arg(&link)
+        .arg(&file)
+        .output()
+        .context("running wg setconf")?;
+    let took = started.elapsed();
+    let _ = std::fs::remove_file(&file);
+    ensure!(
+        out.status.success(),
+        "wg setconf failed ({}): {}",
+        out.status,
+        redact_keys(&String::from_utf8_lossy(&out.stderr))
+    );
+    let n = u64::try_from(ordered.len())?;
+    let counts = WgReader::new(&ns)?.counts()?;
+    ensure!(
+        counts
+            == Programmed::Wireguard {
+                peers: n,
+                with_psk: n
+            },
+        "wg setconf left {counts:?}, expected {n} peers with preshared keys"
+    );
+    Ok((took, n))
+}
+
+/// `text` with every word that looks like a base64 WireGuard key replaced: `wg` quotes the
+/// values it cannot parse, and those may be keys.
+fn redact_keys(text: &str) -> String {
+    text.split_inclusive(char::is_whitespace)
+        .map(|word| {
+            let core = word
+                .trim()
+                .trim_matches(|c| c == '\'' || c == '`' || c == '"');
+            if core.len() == 44 && core.ends_with('=') {
+                word.replace(core, "<key>")
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect()
 }
 
 /// A field of `/proc/<pid>/status` in KiB.
