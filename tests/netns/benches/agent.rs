@@ -329,9 +329,8 @@ struct PeerCreds {
     ip: Ipv4Addr,
     pod_cidr: IpNet,
     config: HandshakeConfig,
-    /// The public key announced in WireGuard mode (random bytes: no private key behind it, as
-    /// no WireGuard traffic flows).
-    wg_public_key: WgPublicKey,
+    /// The WireGuard key announced in WireGuard mode, whose possession the peer proves.
+    wg_key: nodeseal_wireguard::PrivateKey,
     /// Handshakes answered so far (makes each answer's SPI unique).
     attempts: std::sync::atomic::AtomicU32,
 }
@@ -726,7 +725,6 @@ fn converge(
     // One key for all simulated peers (a certificate each): key generation is not what is
     // measured, and it keeps the set-up short under emulation.
     let peer_key = NodeKey::generate()?;
-    let mut wg_keys = random_keys(n)?.into_iter();
     let mut peers = HashMap::with_capacity(n);
     for i in 0..n {
         let name = NodeName::new(&format!("peer-{i:05}"))?;
@@ -736,7 +734,7 @@ fn converge(
         let claims = NodeClaims::new(&[IpAddr::V4(ip)], &[pod_cidr])?;
         let identity = issue(&ca, &td, &name, &key, &claims)?;
         let config = HandshakeConfig::new(trust.clone(), &identity)?;
-        let wg_public_key = WgPublicKey(wg_keys.next().context("too few random keys")?);
+        let wg_key = nodeseal_wireguard::PrivateKey::generate()?;
         peers.insert(
             ip,
             PeerCreds {
@@ -745,7 +743,7 @@ fn converge(
                 ip,
                 pod_cidr,
                 config,
-                wg_public_key,
+                wg_key,
                 attempts: std::sync::atomic::AtomicU32::new(0),
             },
         );
@@ -1206,9 +1204,28 @@ async fn serve(
         .with_node_ips(vec![IpAddr::V4(peer.ip)])
         .with_pod_cidrs(vec![peer.pod_cidr]);
     if mode == Mode::Wireguard {
-        hello = hello.with_wg_public_key(peer.wg_public_key);
+        hello = hello.with_wg_public_key(WgPublicKey(*peer.wg_key.public_key().as_bytes()));
     }
     let mut agreement = incoming.respond(hello).await.context("respond")?;
+    if mode == Mode::Wireguard {
+        let WgPublicKey(agent_key) = agreement
+            .peer_hello
+            .wg_public_key
+            .context("the agent announced no WireGuard key")?;
+        let shared = peer
+            .wg_key
+            .shared_secret(&nodeseal_wireguard::PublicKey::from_bytes(agent_key))
+            .context("the agent's WireGuard key is a low-order point")?;
+        let theirs = agreement
+            .channel
+            .exchange_possession(agreement.keys.wg_possession_proof(&shared))
+            .await
+            .context("Possession exchange")?;
+        ensure!(
+            agreement.keys.verify_wg_possession(&shared, &theirs),
+            "the agent's possession proof does not verify"
+        );
+    }
     agreement
         .channel
         .confirm_installed(epoch)
