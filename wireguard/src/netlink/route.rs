@@ -40,6 +40,8 @@ const RT_SCOPE_LINK: u8 = 253;
 const RT_SCOPE_NOWHERE: u8 = 255;
 const RTN_UNICAST: u8 = 1;
 const FR_ACT_TO_TBL: u8 = 1;
+/// The length of `struct rtmsg`, where a reader (the fake kernel, the tests) finds the attributes.
+#[cfg(any(test, feature = "testing"))]
 pub(crate) const RTMSG_LEN: usize = 12;
 
 pub(crate) const IFLA_IFNAME: u16 = 3;
