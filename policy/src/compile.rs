@@ -37,8 +37,9 @@ use nodeseal_bpf_common::{
 use thiserror::Error;
 
 use crate::{
-    labels::Labels,
+    labels::{Labels, NAMESPACE_KEY},
     rule::{Action, Direction, Entity, Peer, PeerIdentity, Policy, Rule},
+    selector::Operator,
 };
 
 /// The identities policies can name, besides the reserved ones (host, world, remote-node),
@@ -274,17 +275,19 @@ impl Compiler {
         let mut compiled = Compiled::default();
         let mut stats = CompileStats::default();
         let mut enforced: HashSet<(u32, Direction)> = HashSet::new();
+        let index = SubjectIndex::new(&rules);
         for &subject in subjects {
             let labels = identities
                 .workloads
                 .get(&subject)
                 .ok_or(CompileError::UnknownSubject { identity: subject })?;
             let enforcement = compiled.enforcement.entry(subject).or_default();
+            let selecting = index.selecting(&rules, labels);
             for direction in [Direction::Ingress, Direction::Egress] {
-                let relevant: Vec<usize> = (0..rules.len())
-                    .filter(|&i| {
-                        rules[i].1.direction == direction && rules[i].1.subject.matches(labels)
-                    })
+                let relevant: Vec<usize> = selecting
+                    .iter()
+                    .copied()
+                    .filter(|&i| rules[i].1.direction == direction)
                     .collect();
                 if relevant.is_empty() {
                     continue;
@@ -494,6 +497,63 @@ fn blame(policies: &[Policy], rules: &[(usize, &Rule)], relevant: &[usize]) -> S
         }) => format!("{namespace}/{name}"),
         Some(policy) => policy.name.clone(),
         None => String::new(),
+    }
+}
+
+/// Finds the rules whose subject selector matches a label set without evaluating every
+/// selector: each selector with an `In` requirement is filed under the labels that requirement
+/// accepts (a subject it selects carries one of them), preferring a requirement on another key
+/// than the namespace, which every namespaced policy's selector has. Only the rules filed under
+/// a subject's labels, and those with no `In` requirement, are evaluated for it.
+struct SubjectIndex<'a> {
+    /// (key without source, value) → rules, in rule order.
+    by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
+    /// Rules without an `In` requirement, in rule order.
+    unfiled: Vec<usize>,
+}
+
+impl<'a> SubjectIndex<'a> {
+    fn new(rules: &[(usize, &'a Rule)]) -> Self {
+        let mut index = Self {
+            by_label: HashMap::new(),
+            unfiled: Vec::new(),
+        };
+        for (i, (_, rule)) in rules.iter().enumerate() {
+            let mut anchor = None;
+            for requirement in rule.subject.requirements() {
+                if let Operator::In(values) = requirement.operator() {
+                    let key = requirement.key().key();
+                    anchor = Some((key, values));
+                    if key != NAMESPACE_KEY {
+                        break;
+                    }
+                }
+            }
+            match anchor {
+                Some((key, values)) => {
+                    for value in values {
+                        index.by_label.entry((key, value)).or_default().push(i);
+                    }
+                }
+                None => index.unfiled.push(i),
+            }
+        }
+        index
+    }
+
+    /// The rules whose subject selector matches `labels`, in rule order.
+    fn selecting(&self, rules: &[(usize, &Rule)], labels: &Labels) -> Vec<usize> {
+        let mut candidates: Vec<usize> = labels
+            .iter()
+            .filter_map(|(key, value)| self.by_label.get(&(key.key(), value)))
+            .flatten()
+            .chain(&self.unfiled)
+            .copied()
+            .collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates.retain(|&i| rules[i].1.subject.matches(labels));
+        candidates
     }
 }
 
@@ -884,6 +944,75 @@ mod tests {
             }
         });
         verdict == Some(Verdict::Allow)
+    }
+
+    /// The index finds exactly the rules whose subject selector matches, in rule order, for
+    /// selectors of every shape: on a label, on the namespace alone, on a source, with
+    /// `In`/`NotIn`/`Exists`, and empty (clusterwide).
+    #[test]
+    fn the_subject_index_selects_what_evaluating_every_selector_selects() {
+        let document = |kind: &str, name: &str, namespace: Option<&str>, selector: &str| {
+            let namespace = namespace.map_or(String::new(), |n| format!(", namespace: {n}"));
+            format!(
+                "apiVersion: cilium.io/v2\nkind: {kind}\nmetadata: {{name: {name}{namespace}}}\n\
+                 spec:\n  endpointSelector: {selector}\n  ingress: [{{fromEntities: [world]}}]\n  \
+                 egress: [{{toEntities: [world]}}]\n"
+            )
+        };
+        let cnp = |name, namespace, selector| {
+            document("CiliumNetworkPolicy", name, Some(namespace), selector)
+        };
+        let ccnp =
+            |name, selector| document("CiliumClusterwideNetworkPolicy", name, None, selector);
+        let yaml = [
+            cnp("app-a", "default", "{matchLabels: {app: a}}"),
+            cnp("whole-namespace", "default", "{}"),
+            cnp("app-a-other", "other", "{matchLabels: {app: a}}"),
+            cnp(
+                "tiers",
+                "default",
+                "{matchExpressions: [{key: tier, operator: In, values: [web, api]}]}",
+            ),
+            cnp(
+                "not-a",
+                "default",
+                "{matchExpressions: [{key: app, operator: NotIn, values: [a]}]}",
+            ),
+            cnp("k8s-source", "other", "{matchLabels: {'k8s:app': b}}"),
+            ccnp("everyone", "{}"),
+            ccnp(
+                "any-tier",
+                "{matchExpressions: [{key: tier, operator: Exists}]}",
+            ),
+            ccnp("app-c", "{matchLabels: {app: c, tier: db}}"),
+        ]
+        .join("---\n");
+        let policies = parse(yaml.as_bytes()).unwrap();
+        let rules: Vec<(usize, &Rule)> = policies
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.rules.iter().map(move |r| (i, r)))
+            .collect();
+        let index = SubjectIndex::new(&rules);
+        assert!(!index.by_label.is_empty() && !index.unfiled.is_empty());
+        let mut selected = BTreeSet::new();
+        for namespace in ["default", "other", "kube-system"] {
+            for app in [None, Some("a"), Some("b"), Some("c")] {
+                for tier in [None, Some("web"), Some("db")] {
+                    let labels: BTreeMap<String, String> = [("app", app), ("tier", tier)]
+                        .into_iter()
+                        .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v.to_owned())))
+                        .collect();
+                    let labels = Labels::for_pod(namespace, &labels, &BTreeMap::new());
+                    let every: Vec<usize> = (0..rules.len())
+                        .filter(|&i| rules[i].1.subject.matches(&labels))
+                        .collect();
+                    assert_eq!(index.selecting(&rules, &labels), every, "{labels:?}");
+                    selected.extend(every);
+                }
+            }
+        }
+        assert_eq!(selected.len(), rules.len(), "every rule selects some case");
     }
 
     #[test]
