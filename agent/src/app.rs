@@ -53,8 +53,8 @@ const NODE_LEASE_TTL: Duration = Duration::from_secs(15);
 const SIGN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Housekeeping period: pod interfaces, status publication, metrics.
 const TICK: Duration = Duration::from_millis(500);
-/// How often housekeeping reads the WireGuard device into the per-peer metrics (a dump of every
-/// peer; a status read also refreshes them).
+/// How often housekeeping reads the WireGuard device into the metrics (a dump of every peer; a
+/// status read also refreshes them).
 const WIREGUARD_REFRESH: Duration = Duration::from_secs(5);
 
 struct Agent {

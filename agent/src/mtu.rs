@@ -19,7 +19,7 @@ const ESP_ICV: u32 = 16;
 const ESP_TRAILER: u32 = 2;
 /// WireGuard's worst case per packet: outer IPv6 (40) + UDP (8) + WireGuard header and tag
 /// (32), so the link's MTU is safe whichever family the underlay uses.
-pub const WIREGUARD_OVERHEAD: u32 = 80;
+const WIREGUARD_OVERHEAD: u32 = 80;
 
 /// The tunnel a pod's packet to a remote pod goes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
