@@ -48,6 +48,8 @@ pub struct Tally {
     pub suites: u64,
     /// (binary, seconds) for each summary line, in the order they ran.
     pub durations: Vec<(String, f64)>,
+    /// A (guest) kernel's "Kernel panic" line was seen.
+    pub kernel_panicked: bool,
     running: Option<String>,
 }
 
@@ -66,6 +68,10 @@ impl Tally {
     /// counted; other lines are ignored.
     pub fn add_line(&mut self, line: &str) {
         let line = line.trim();
+        if line.contains("Kernel panic - not syncing") {
+            self.kernel_panicked = true;
+            return;
+        }
         if let Some(binary) = line.strip_prefix("Running ") {
             // cargo prints `Running unittests src/lib.rs (target/debug/deps/x-0123)`.
             let name = binary.rsplit('/').next().unwrap_or(binary);
@@ -111,6 +117,7 @@ impl Tally {
         self.ignored += other.ignored;
         self.suites += other.suites;
         self.durations.extend(other.durations.iter().cloned());
+        self.kernel_panicked |= other.kernel_panicked;
     }
 
     /// The binaries that took at least `min` seconds, slowest first.
@@ -200,6 +207,15 @@ pub fn describe(cmd: &Command) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_panic_line_is_noticed() {
+        let mut t = Tally::default();
+        t.add_line("[  390.489091] CPU: 1 UID: 0 PID: 3847 Comm: ip Not tainted 6.12.117");
+        assert!(!t.kernel_panicked);
+        t.add_line("[  390.492710] Kernel panic - not syncing: Fatal exception in interrupt\r");
+        assert!(t.kernel_panicked);
+    }
 
     #[test]
     fn tally_reads_libtest_summaries() {
