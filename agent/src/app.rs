@@ -109,6 +109,17 @@ struct WireguardMode {
     settings: WireguardSettings,
 }
 
+impl WireguardMode {
+    /// The device and its peers, as the kernel holds them now.
+    async fn read_device(&self) -> Result<nodeseal_wireguard::Device, nodeseal_wireguard::Error> {
+        self.handle
+            .device(self.settings.link.clone())
+            .get()
+            .execute()
+            .await
+    }
+}
+
 /// Sets the WireGuard device up: the link (created or reused) with an MTU that fits the uplink,
 /// the node's private key, the listen port, and the rule that sends lookups to nodeseal's
 /// routing table. Nothing of it is removed on shutdown, so traffic keeps flowing across a
@@ -202,13 +213,7 @@ async fn start_wireguard(
 
 /// Peers (by node IP) a previous agent left on the WireGuard device: their tasks sweep.
 async fn leftover_wireguard_peers(wg: &WireguardMode) -> std::collections::HashSet<IpAddr> {
-    match wg
-        .handle
-        .device(wg.settings.link.clone())
-        .get()
-        .execute()
-        .await
-    {
+    match wg.read_device().await {
         Ok(device) => device
             .peers
             .iter()
@@ -1329,13 +1334,7 @@ impl Agent {
         let Some(wg) = &self.wireguard else {
             return;
         };
-        match wg
-            .handle
-            .device(wg.settings.link.clone())
-            .get()
-            .execute()
-            .await
-        {
+        match wg.read_device().await {
             Ok(device) => {
                 for row in rows.iter_mut() {
                     row.fill_from_wireguard(&device);
