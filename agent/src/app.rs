@@ -1437,8 +1437,10 @@ async fn leftover_peers(xfrm: &Handle, local: IpAddr) -> std::collections::HashS
     }
 }
 
-/// A node record as a peer, checked against this node's address family, and refused when it
-/// claims this node's own address or pod CIDRs (a peer there would take over local traffic).
+/// A node record as a peer, refused when its handshake address is not of this node's family (a
+/// pair's tunnel runs between two node IPs of one family) or when it claims this node's own
+/// address or pod CIDRs (a peer there would take over local traffic). Its pod CIDRs of both
+/// families ride that tunnel.
 fn peer_info(
     record: &NodeRecord,
     local_ip: IpAddr,
@@ -1453,12 +1455,7 @@ fn peer_info(
     if ip == local_ip {
         return Err(format!("claims address {ip}, which is this node's"));
     }
-    let pod_cidrs: Vec<IpNet> = record
-        .pod_cidrs
-        .iter()
-        .filter(|c| c.addr().is_ipv4() == local_ip.is_ipv4())
-        .copied()
-        .collect();
+    let pod_cidrs = record.pod_cidrs.clone();
     if let Some((theirs, ours)) = pod_cidrs.iter().find_map(|c| {
         local_pod_cidrs
             .iter()
@@ -1574,5 +1571,25 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn a_dual_stack_peer_brings_both_families_over_one_underlay() {
+        let local: IpAddr = "10.0.0.1".parse().unwrap();
+        let ours: Vec<IpNet> = vec![
+            "10.244.0.0/24".parse().unwrap(),
+            "fd00:10:244::/64".parse().unwrap(),
+        ];
+        let mut dual = record("10.0.0.2", "10.244.1.0/24");
+        dual.pod_cidrs.push("fd00:10:244:1::/64".parse().unwrap());
+        let info = peer_info(&dual, local, &ours).unwrap();
+        assert_eq!(info.pod_cidrs, dual.pod_cidrs);
+        // IPv6 pods over an IPv4 underlay are checked against this node's IPv6 pods too.
+        dual.pod_cidrs[1] = "fd00:10:244::/48".parse().unwrap();
+        let error = peer_info(&dual, local, &ours).unwrap_err();
+        assert!(error.contains("overlaps this node's fd00:10:244::/64"), "{error}");
+        // A pair's tunnel is between node IPs of one family.
+        let other = peer_info(&record("fd00::2", "10.244.1.0/24"), local, &ours).unwrap_err();
+        assert!(other.contains("not of this node's family"), "{other}");
     }
 }

@@ -85,18 +85,26 @@ fn ip_batch(desired: &Desired) -> String {
         if s.replay_window > 0 {
             let _ = write!(out, " replay-window {}", s.replay_window);
         }
-        if s.esn {
-            out.push_str(" flag esn");
+        let flags: Vec<&str> = [
+            (s.esn, "esn"),
+            (s.selector.is_none(), "af-unspec"),
+        ]
+        .iter()
+        .filter_map(|(on, name)| on.then_some(*name))
+        .collect();
+        if !flags.is_empty() {
+            let _ = write!(out, " flag {}", flags.join(" "));
         }
         if !s.mark.is_none() {
             let _ = write!(out, " {}", mark(s.mark));
         }
-        let _ = writeln!(
-            out,
-            " aead rfc4106(gcm(aes)) 0x{key} 128 sel src {} dst {}",
-            s.selector.src(),
-            s.selector.dst()
-        );
+        let _ = write!(out, " aead rfc4106(gcm(aes)) 0x{key} 128");
+        match s.selector {
+            Some(sel) => {
+                let _ = writeln!(out, " sel src {} dst {}", sel.src(), sel.dst());
+            }
+            None => out.push('\n'),
+        }
     }
     for p in &desired.policies {
         let _ = write!(
@@ -173,9 +181,8 @@ fn agent_layout(mut d: Desired) -> Desired {
     let reqid = test_helpers::reqid(1);
     for s in &mut d.states {
         s.reqid = reqid;
-        if let Ok(sel) = Selector::new(any(s.selector.src()), any(s.selector.dst())) {
-            s.selector = sel;
-        }
+        // The agent's states carry either inner family.
+        s.selector = None;
         if s.mark == test_helpers::IN_MARK {
             s.mark = Mark::NONE;
         }

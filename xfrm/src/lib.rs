@@ -28,7 +28,7 @@
 //! let sel = Selector::new("10.0.1.0/24".parse()?, "10.0.2.0/24".parse()?)?;
 //! let spec = StateSpec::new(
 //!     "192.168.0.1".parse()?, "192.168.0.2".parse()?,
-//!     Spi::new(0x1000)?, ReqId::new(0x4e53_0001)?, aead, sel,
+//!     Spi::new(0x1000)?, ReqId::new(0x4e53_0001)?, aead, Some(sel),
 //! )?;
 //! handle.states().add(spec).execute().await?;
 //! # Ok(()) }

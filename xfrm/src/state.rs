@@ -308,7 +308,8 @@ impl fmt::Display for StateId {
 ///
 /// `ip xfrm state add src SRC dst DST proto esp spi SPI reqid R mode tunnel
 /// aead 'rfc4106(gcm(aes))' KEY 128 [flag esn] replay-window W mark V mask M
-/// output-mark V mask M sel src S dst D`.
+/// output-mark V mask M sel src S dst D` (or `flag af-unspec` and no `sel` for a state that
+/// carries inner traffic of either family).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateSpec {
     /// Outer source address (this end of the tunnel for OUT states).
@@ -329,8 +330,11 @@ pub struct StateSpec {
     pub mark: Mark,
     /// Mark set on packets after this state processed them (`output-mark`).
     pub output_mark: Mark,
-    /// Inner traffic this state may carry.
-    pub selector: Selector,
+    /// Inner traffic this state may carry. `None`: any inner traffic of either family (an empty
+    /// selector with `XFRM_STATE_AF_UNSPEC`), so one tunnel between two nodes carries their
+    /// pods' IPv4 and IPv6 alike, over an underlay of either family; what may enter it is then
+    /// the policies' to say.
+    pub selector: Option<Selector>,
     /// Expiry limits.
     pub lifetime: Lifetime,
 }
@@ -349,7 +353,7 @@ impl StateSpec {
         spi: Spi,
         reqid: ReqId,
         aead: Aead,
-        selector: Selector,
+        selector: Option<Selector>,
     ) -> Result<Self, SpecError> {
         if !same_family(src, dst) {
             return Err(SpecError::MixedEndpoints { src, dst });

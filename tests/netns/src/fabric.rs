@@ -2,6 +2,7 @@
 //! process per node namespace, all sharing a directory store (or etcd). Used by the agent
 //! scenarios and by `cargo xtask demo`.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::net::Cidr;
 use crate::{Process, Topology, wait_until};
 
 /// Where each agent serves Prometheus metrics: loopback of its own node namespace.
@@ -84,6 +86,65 @@ impl Encryption {
     }
 }
 
+/// Which of the topology's addresses the agents take as node IP and pod CIDRs. Every plan but
+/// [`AddressPlan::Ipv4`] needs a dual-stack topology.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AddressPlan {
+    /// IPv4 node IPs and pod CIDRs.
+    #[default]
+    Ipv4,
+    /// IPv4 and IPv6 pod CIDRs; node IPs of IPv6 when `ipv6_underlay`, else of IPv4.
+    DualStack {
+        /// The tunnels run between the nodes' IPv6 addresses.
+        ipv6_underlay: bool,
+    },
+    /// IPv6 node IPs and pod CIDRs.
+    Ipv6,
+}
+
+impl AddressPlan {
+    /// Whether the plan uses the IPv6 addresses of a dual-stack topology.
+    pub fn needs_ipv6(self) -> bool {
+        self != Self::Ipv4
+    }
+
+    /// Whether the tunnels run between IPv6 node IPs.
+    pub fn ipv6_underlay(self) -> bool {
+        matches!(
+            self,
+            Self::Ipv6 | Self::DualStack {
+                ipv6_underlay: true
+            }
+        )
+    }
+
+    /// `pod`'s addresses in the families of the plan's pod CIDRs (IPv4 first).
+    pub fn pod_addresses(self, pod: &crate::Pod) -> Vec<IpAddr> {
+        let v6 = pod.ip6.map(IpAddr::from);
+        match self {
+            Self::Ipv4 => vec![pod.ip.into()],
+            Self::DualStack { .. } => std::iter::once(pod.ip.into()).chain(v6).collect(),
+            Self::Ipv6 => v6.into_iter().collect(),
+        }
+    }
+
+    /// Node `node`'s `--node-ip` and `--pod-cidr`s under this plan (the IPv4 ones where the
+    /// topology has no IPv6).
+    pub fn of(self, node: &crate::Node) -> (IpAddr, Vec<Cidr>) {
+        let ip4 = IpAddr::from(node.ip);
+        let ip6 = node.ip6.map_or(ip4, IpAddr::from);
+        let cidr6 = node.pod_cidr6.unwrap_or(node.pod_cidr);
+        match self {
+            Self::Ipv4 => (ip4, vec![node.pod_cidr]),
+            Self::DualStack { ipv6_underlay } => (
+                if ipv6_underlay { ip6 } else { ip4 },
+                vec![node.pod_cidr, cidr6],
+            ),
+            Self::Ipv6 => (ip6, vec![cidr6]),
+        }
+    }
+}
+
 /// Settings of a fabric.
 #[derive(Clone, Debug)]
 pub struct FabricOptions {
@@ -99,6 +160,8 @@ pub struct FabricOptions {
     pub strict: bool,
     /// Remove a peer's SAs after its handshakes failed this long.
     pub retention: Duration,
+    /// The agents' node IPs and pod CIDRs.
+    pub addresses: AddressPlan,
     /// Extra arguments of node `i`'s agent (index `i`), after the fabric's own; a
     /// `--node-ip` or `--encryption-type` here replaces the fabric's.
     pub agent_args: Vec<Vec<String>>,
@@ -113,6 +176,7 @@ impl Default for FabricOptions {
             rekey_interval: Duration::from_secs(3600),
             strict: true,
             retention: Duration::from_secs(600),
+            addresses: AddressPlan::Ipv4,
             agent_args: Vec::new(),
         }
     }
@@ -133,6 +197,12 @@ impl Fabric {
     /// Creates the CA, starts keymgr and one agent on each of the first `agents` nodes of
     /// `topo` (the others stay free, e.g. for a rogue node).
     pub fn start(topo: &Topology, agents: usize, options: FabricOptions) -> Result<Self> {
+        if options.addresses.needs_ipv6() && topo.nodes().iter().any(|n| n.ip6.is_none()) {
+            bail!(
+                "address plan {:?} needs a dual-stack topology",
+                options.addresses
+            );
+        }
         let dir = topo.log_dir().join("fabric");
         std::fs::create_dir_all(&dir)?;
         let pin_base = PathBuf::from("/sys/fs/bpf").join(format!(
@@ -214,11 +284,12 @@ impl Fabric {
 
     fn agent_command_named(&self, topo: &Topology, i: usize, name: &str, strict: bool) -> Command {
         let node = topo.node(i);
+        let (ip, pod_cidrs) = self.options.addresses.of(node);
         let extra = self.options.agent_args.get(i).cloned().unwrap_or_default();
         // An address given in the node's extra arguments replaces the topology's.
         let node_ip = match extra.iter().position(|a| a == "--node-ip") {
             Some(_) => Vec::new(),
-            None => vec!["--node-ip".to_owned(), node.ip.to_string()],
+            None => vec!["--node-ip".to_owned(), ip.to_string()],
         };
         // So does a datapath.
         let encryption = match extra.iter().position(|a| a == "--encryption-type") {
@@ -231,7 +302,7 @@ impl Fabric {
         let mut cmd = node.ns.command(&binary("nodeseal-agent").to_string_lossy());
         cmd.args(["--node-name", name])
             .args(&node_ip)
-            .args(["--pod-cidr", &node.pod_cidr.to_string()])
+            .args(pod_cidrs.iter().flat_map(|c| ["--pod-cidr".to_owned(), c.to_string()]))
             .args([
                 "--state-dir",
                 &self.dir.join(format!("n{i}-state")).to_string_lossy(),
@@ -260,6 +331,11 @@ impl Fabric {
     /// The datapath the agents run.
     pub fn encryption(&self) -> Encryption {
         self.options.encryption
+    }
+
+    /// The agents' address plan.
+    pub fn addresses(&self) -> AddressPlan {
+        self.options.addresses
     }
 
     /// Replaces the extra arguments of node `i`'s agent (from its next start on).
@@ -563,9 +639,12 @@ pub struct WgEntry {
 }
 
 impl WgEntry {
-    /// Whether the entry's endpoint is at `ip`.
-    pub fn is_at(&self, ip: std::net::Ipv4Addr) -> bool {
-        self.endpoint.rsplit_once(':').map(|(host, _)| host) == Some(ip.to_string().as_str())
+    /// Whether the entry's endpoint is at `ip` (`10.0.0.2:51820`, `[fd00::2]:51820`).
+    pub fn is_at(&self, ip: impl Into<IpAddr>) -> bool {
+        let host = self.endpoint.rsplit_once(':').map(|(host, _)| host);
+        host.map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+            .and_then(|h| h.parse::<IpAddr>().ok())
+            == Some(ip.into())
     }
 }
 
@@ -594,56 +673,69 @@ pub fn wg_entries(ns: &crate::Netns) -> Vec<WgEntry> {
         .collect()
 }
 
+/// The node IP pairs of nodes `a` and `b`, one per family the topology has (the tunnel between
+/// them uses one of them).
+fn node_ip_pairs(topo: &Topology, a: usize, b: usize) -> Vec<(IpAddr, IpAddr)> {
+    let (na, nb) = (topo.node(a), topo.node(b));
+    let mut pairs = vec![(na.ip.into(), nb.ip.into())];
+    if let (Some(x), Some(y)) = (na.ip6, nb.ip6) {
+        pairs.push((x.into(), y.into()));
+    }
+    pairs
+}
+
 /// The tunnel objects node `a` has towards node `b` in the kernel: its ESP states between the
 /// two node IPs, or its WireGuard entries at `b`'s address.
 pub fn tunnel_entries(topo: &Topology, encryption: Encryption, a: usize, b: usize) -> usize {
-    let (na, nb) = (topo.node(a), topo.node(b));
-    match encryption {
-        Encryption::Ipsec => esp_spis_between(&na.ns, na.ip, nb.ip).len(),
-        Encryption::Wireguard => wg_entries(&na.ns).iter().filter(|e| e.is_at(nb.ip)).count(),
-    }
+    let ns = &topo.node(a).ns;
+    node_ip_pairs(topo, a, b)
+        .into_iter()
+        .map(|(ip_a, ip_b)| match encryption {
+            Encryption::Ipsec => esp_spis_between(ns, ip_a, ip_b).len(),
+            Encryption::Wireguard => wg_entries(ns).iter().filter(|e| e.is_at(ip_b)).count(),
+        })
+        .sum()
 }
 
 /// What names the keys node `a` uses towards node `b` now, as the kernel holds them: the
 /// SPIs of the ESP states between them, or the preshared keys of its WireGuard entries at `b`'s
 /// address. A rekey changes it.
 pub fn tunnel_keys(topo: &Topology, encryption: Encryption, a: usize, b: usize) -> Vec<String> {
-    let (na, nb) = (topo.node(a), topo.node(b));
-    let mut keys: Vec<String> = match encryption {
-        Encryption::Ipsec => esp_spis_between(&na.ns, na.ip, nb.ip)
-            .iter()
-            .map(|spi| format!("{spi:#010x}"))
-            .collect(),
-        Encryption::Wireguard => wg_entries(&na.ns)
-            .into_iter()
-            .filter(|e| e.is_at(nb.ip))
-            .map(|e| e.preshared_key)
-            .collect(),
-    };
+    let ns = &topo.node(a).ns;
+    let mut keys: Vec<String> = node_ip_pairs(topo, a, b)
+        .into_iter()
+        .flat_map(|(ip_a, ip_b)| match encryption {
+            Encryption::Ipsec => esp_spis_between(ns, ip_a, ip_b)
+                .iter()
+                .map(|spi| format!("{spi:#010x}"))
+                .collect::<Vec<_>>(),
+            Encryption::Wireguard => wg_entries(ns)
+                .into_iter()
+                .filter(|e| e.is_at(ip_b))
+                .map(|e| e.preshared_key)
+                .collect(),
+        })
+        .collect();
     keys.sort();
     keys
 }
 
 /// SPIs of the ESP states in `ns` between `a` and `b` (either direction), read with iproute2.
-pub fn esp_spis_between(
-    ns: &crate::Netns,
-    a: std::net::Ipv4Addr,
-    b: std::net::Ipv4Addr,
-) -> Vec<u32> {
+pub fn esp_spis_between(ns: &crate::Netns, a: impl Into<IpAddr>, b: impl Into<IpAddr>) -> Vec<u32> {
     esp_spis_in(&ns.ip(&["xfrm", "state"]).unwrap_or_default(), a, b)
 }
 
 /// The SPIs of the ESP states between `a` and `b` (either direction) in `ip xfrm state` output.
-pub fn esp_spis_in(text: &str, a: std::net::Ipv4Addr, b: std::net::Ipv4Addr) -> Vec<u32> {
+pub fn esp_spis_in(text: &str, a: impl Into<IpAddr>, b: impl Into<IpAddr>) -> Vec<u32> {
+    let (a, b) = (a.into(), b.into());
     let mut spis = Vec::new();
     let mut between = false;
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("src ") {
             let mut words = rest.split_whitespace();
-            let src = words.next().unwrap_or_default();
-            let dst = words.nth(1).unwrap_or_default();
-            let (a, b) = (a.to_string(), b.to_string());
-            between = (src == a && dst == b) || (src == b && dst == a);
+            let src = words.next().and_then(|w| w.parse::<IpAddr>().ok());
+            let dst = words.nth(1).and_then(|w| w.parse::<IpAddr>().ok());
+            between = (src == Some(a) && dst == Some(b)) || (src == Some(b) && dst == Some(a));
         } else if between
             && let Some(spi) = line.split_whitespace().skip_while(|w| *w != "spi").nth(1)
         {

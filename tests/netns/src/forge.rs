@@ -35,7 +35,8 @@ pub fn send_udp(
 ///
 /// # Errors
 /// When binding fails.
-pub fn bind_udp(ns: &Netns, addr: SocketAddrV4) -> Result<UdpSocket> {
+pub fn bind_udp(ns: &Netns, addr: impl Into<std::net::SocketAddr>) -> Result<UdpSocket> {
+    let addr = addr.into();
     ns.run(|| UdpSocket::bind(addr))
         .with_context(|| format!("binding UDP {addr}"))
 }

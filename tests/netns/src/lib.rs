@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub use capture::{CaptureSummary, PacketClass, WireCapture};
-pub use fabric::{Encryption, Fabric, FabricOptions, StoreKind};
+pub use fabric::{AddressPlan, Encryption, Fabric, FabricOptions, StoreKind};
 pub use net::Cidr;
 pub use netns::Netns;
 pub use process::Process;

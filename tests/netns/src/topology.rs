@@ -6,11 +6,17 @@
 //! the gateway `10.244.i.1` on its loopback; pod `j` of node `i` is `10.244.i.(10+j)/32` on its
 //! `eth0`, whose peer in the node is `lxc<j>`.
 //!
+//! A dual-stack topology ([`TopologyBuilder::dual_stack`]) adds IPv6 everywhere: node `i` is
+//! also `fd00::(i+1)/64`, its IPv6 pod CIDR `fd00:10:244:i::/64`, pod `j` is also
+//! `fd00:10:244:i::(10+j)/128`, whose default route goes via `fe80::1` (the link-local address of
+//! every `lxc<j>`), and each peer's IPv6 pod CIDR is routed via the peer's IPv6 node IP. Which
+//! families the agents use is the fabric's choice.
+//!
 //! When a test panics while a topology is alive, its drop prints a failure report: every
 //! namespace's addresses, routes and XFRM state, the logs of processes started through it, and a
 //! summary of the wire captures.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -28,6 +34,7 @@ pub struct TopologyBuilder {
     name: String,
     nodes: usize,
     pods_per_node: usize,
+    dual_stack: bool,
 }
 
 impl TopologyBuilder {
@@ -38,6 +45,12 @@ impl TopologyBuilder {
 
     pub fn pods_per_node(mut self, n: usize) -> Self {
         self.pods_per_node = n;
+        self
+    }
+
+    /// IPv6 addresses and routes beside the IPv4 ones, on the underlay and for the pods.
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
         self
     }
 
@@ -70,7 +83,7 @@ impl TopologyBuilder {
             captures: Mutex::new(Vec::new()),
         };
         for i in 0..self.nodes {
-            let node = Node::create(&topo.underlay, &short, i, self.pods_per_node)?;
+            let node = Node::create(&topo.underlay, &short, i, self.pods_per_node, self.dual_stack)?;
             topo.nodes.push(node);
         }
         for node in &topo.nodes {
@@ -82,6 +95,10 @@ impl TopologyBuilder {
                     "via",
                     &peer.ip.to_string(),
                 ])?;
+                if let (Some(cidr), Some(via)) = (peer.pod_cidr6, peer.ip6) {
+                    node.ns
+                        .ip(&["-6", "route", "add", &cidr.to_string(), "via", &via.to_string()])?;
+                }
             }
         }
         Ok(topo)
@@ -104,6 +121,7 @@ impl Topology {
             name: name.to_owned(),
             nodes: 2,
             pods_per_node: 1,
+            dual_stack: false,
         }
     }
 
@@ -124,9 +142,12 @@ impl Topology {
         Arc::clone(&self.underlay)
     }
 
-    /// Every node's pod CIDR.
+    /// Every node's pod CIDRs (IPv4, and IPv6 in a dual-stack topology).
     pub fn pod_cidrs(&self) -> Vec<Cidr> {
-        self.nodes.iter().map(|n| n.pod_cidr).collect()
+        self.nodes
+            .iter()
+            .flat_map(|n| std::iter::once(n.pod_cidr).chain(n.pod_cidr6))
+            .collect()
     }
 
     /// Where processes started through [`Topology::spawn`] write their logs.
@@ -264,17 +285,27 @@ impl Drop for Topology {
     }
 }
 
-/// A node: its namespace, underlay address, pod CIDR and pods.
+/// A node: its namespace, underlay addresses, pod CIDRs and pods.
 pub struct Node {
     pub index: usize,
     pub ns: Netns,
     pub ip: Ipv4Addr,
     pub pod_cidr: Cidr,
+    /// In a dual-stack topology.
+    pub ip6: Option<Ipv6Addr>,
+    /// In a dual-stack topology.
+    pub pod_cidr6: Option<Cidr>,
     pub pods: Vec<Pod>,
 }
 
 impl Node {
-    fn create(underlay: &Netns, prefix: &str, index: usize, pods: usize) -> Result<Self> {
+    fn create(
+        underlay: &Netns,
+        prefix: &str,
+        index: usize,
+        pods: usize,
+        dual_stack: bool,
+    ) -> Result<Self> {
         let i = u8::try_from(index).context("node index")?;
         let ns = Netns::new(&format!("{prefix}-n{i}"))?;
         let ip = Ipv4Addr::new(10, 0, 0, i + 1);
@@ -300,11 +331,27 @@ impl Node {
         for key in ["all", "default", "eth0"] {
             ns.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0")?;
         }
+        let (ip6, pod_cidr6) = if dual_stack {
+            let ip6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(i) + 1);
+            // No duplicate address detection: the addresses are unique by construction, and
+            // DAD would hold them back for a second or more.
+            ns.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            let cidr = Cidr::new(
+                Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(i), 0, 0, 0, 0).into(),
+                64,
+            )?;
+            (Some(ip6), Some(cidr))
+        } else {
+            (None, None)
+        };
         let mut node = Self {
             index,
             ns,
             ip,
             pod_cidr: Cidr::v4(10, 244, i, 0, 24),
+            ip6,
+            pod_cidr6,
             pods: Vec::new(),
         };
         for j in 0..pods {
@@ -332,6 +379,8 @@ fn underlay_port(node_index: usize) -> String {
 pub struct Pod {
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    /// In a dual-stack topology.
+    pub ip6: Option<Ipv6Addr>,
     /// The host-side veth in the node namespace.
     pub host_ifname: String,
 }
@@ -380,9 +429,33 @@ impl Pod {
             "src",
             &ip.to_string(),
         ])?;
+        let ip6 = node.pod_cidr6.map(|_| {
+            Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(i), 0, 0, 0, u16::from(j))
+        });
+        if let Some(ip6) = ip6 {
+            let ip6 = ip6.to_string();
+            // The pod's gateway: the same link-local address on every host-side veth, as
+            // Cilium's; the node answers neighbour solicitations for it on that link.
+            node.ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                "fe80::1/64",
+                "dev",
+                &host_ifname,
+                "nodad",
+            ])?;
+            node.ns
+                .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_ifname])?;
+            ns.ip(&["-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+            ns.ip(&[
+                "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0", "src", &ip6,
+            ])?;
+        }
         Ok(Self {
             ns,
             ip,
+            ip6,
             host_ifname,
         })
     }

@@ -2,7 +2,7 @@
 //! duplicated and reordered packets, for the hitless rotation and restart scenarios.
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -25,9 +25,10 @@ impl PingResult {
     }
 }
 
-/// Sends `count` echo requests from inside `from` to `to`, 0.2 s apart, waiting at most one
-/// second per reply.
-pub fn ping(from: &Netns, to: Ipv4Addr, count: u32) -> Result<PingResult> {
+/// Sends `count` echo requests from inside `from` to `to` (either family), 0.2 s apart,
+/// waiting at most one second per reply.
+pub fn ping(from: &Netns, to: impl Into<IpAddr>, count: u32) -> Result<PingResult> {
+    let to = to.into();
     let out = from
         .command("ping")
         .args(["-n", "-q", "-i", "0.2", "-W", "1", "-c", &count.to_string()])
@@ -90,15 +91,16 @@ pub struct UdpStream {
 const DATAGRAM_LEN: usize = 200;
 
 impl UdpStream {
-    /// Starts a receiver on `dst` inside `receiver_ns` and a sender inside `sender_ns` sending
-    /// `rate_pps` datagrams per second, for at most `max_duration`.
+    /// Starts a receiver on `dst` (either family) inside `receiver_ns` and a sender inside
+    /// `sender_ns` sending `rate_pps` datagrams per second, for at most `max_duration`.
     pub fn start(
         sender_ns: &Netns,
         receiver_ns: &Netns,
-        dst: SocketAddrV4,
+        dst: impl Into<SocketAddr>,
         rate_pps: u32,
         max_duration: Duration,
     ) -> Result<Self> {
+        let dst = dst.into();
         if rate_pps == 0 {
             bail!("rate must be positive");
         }
@@ -109,7 +111,7 @@ impl UdpStream {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let rstop = Arc::clone(&receiver_stop);
         let receiver = receiver_ns.spawn_thread("udp-receiver", move || {
-            let socket = match bind_receiver(dst.port()) {
+            let socket = match bind_receiver(dst) {
                 Ok(s) => {
                     let _ = ready_tx.send(Ok(()));
                     s
@@ -190,9 +192,19 @@ impl Drop for UdpStream {
     }
 }
 
-fn bind_receiver(port: u16) -> Result<UdpSocket> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
-        .with_context(|| format!("binding UDP port {port}"))?;
+/// The unspecified address of `addr`'s family, port 0.
+fn unspecified_like(addr: SocketAddr) -> SocketAddr {
+    let any: IpAddr = match addr {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    SocketAddr::new(any, 0)
+}
+
+fn bind_receiver(dst: SocketAddr) -> Result<UdpSocket> {
+    let mut local = unspecified_like(dst);
+    local.set_port(dst.port());
+    let socket = UdpSocket::bind(local).with_context(|| format!("binding UDP {local}"))?;
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
     // A receiver starved of CPU (a busy emulated VM) must not drop datagrams in its own socket
     // buffer: the stream measures the network, so give it room for seconds of traffic.
@@ -241,13 +253,13 @@ fn receive(
 }
 
 fn send(
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     rate_pps: u32,
     max_duration: Duration,
     stop: &AtomicBool,
     sent: &AtomicU64,
 ) -> Result<()> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let socket = UdpSocket::bind(unspecified_like(dst))?;
     let interval = Duration::from_secs(1) / rate_pps;
     let start = Instant::now();
     let mut payload = [0u8; DATAGRAM_LEN];
@@ -360,10 +372,11 @@ impl Drop for TcpService {
 /// Connects from inside `from` to `to` and reads the service's banner: `Some(banner)` when a
 /// connection was made and answered within `timeout` (connect and read each), `None` when it
 /// timed out or was refused.
-pub fn tcp_banner(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Option<String> {
+pub fn tcp_banner(from: &Netns, to: impl Into<SocketAddr>, timeout: Duration) -> Option<String> {
+    let to = to.into();
     from.run(move || {
         use std::io::Read as _;
-        let mut stream = std::net::TcpStream::connect_timeout(&to.into(), timeout).ok()?;
+        let mut stream = std::net::TcpStream::connect_timeout(&to, timeout).ok()?;
         stream.set_read_timeout(Some(timeout)).ok()?;
         let mut banner = String::new();
         stream.read_to_string(&mut banner).ok()?;
@@ -390,12 +403,13 @@ pub struct Transfer {
 pub fn tcp_transfer(
     from: &Netns,
     to_ns: &Netns,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     len: usize,
     timeout: Duration,
 ) -> Result<Transfer> {
     use std::io::{Read as _, Write as _};
 
+    let to = to.into();
     let data = pseudo_random(len);
     let sent_hash = ring::digest::digest(&ring::digest::SHA256, &data);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
@@ -438,7 +452,7 @@ pub fn tcp_transfer(
         .context("TCP receiver did not start")??;
     let started = Instant::now();
     from.run(move || -> Result<()> {
-        let mut stream = std::net::TcpStream::connect_timeout(&to.into(), timeout)
+        let mut stream = std::net::TcpStream::connect_timeout(&to, timeout)
             .with_context(|| format!("connecting to {to}"))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.write_all(&data).context("writing")?;

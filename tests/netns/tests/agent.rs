@@ -17,13 +17,14 @@
     reason = "scenario helpers panic with context, like the tests"
 )]
 
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use nodeseal_netns::fabric::{tunnel_entries, tunnel_keys, wg_entries};
 use nodeseal_netns::kube::KubeControlPlane;
 use nodeseal_netns::{
-    Encryption, Fabric, FabricOptions, Feature, StoreKind, Topology, UdpStream, ping, require,
+    AddressPlan, Encryption, Fabric, FabricOptions, Feature, StoreKind, Topology, UdpStream, ping,
+    require,
 };
 
 /// Under qemu TCG on a loaded 2-core host, a 3-node fabric has been seen to take just over 60 s.
@@ -76,11 +77,11 @@ fn established(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     });
-    let topo = Topology::builder(name)
-        .nodes(nodes)
-        .pods_per_node(1)
-        .build()
-        .expect("topology");
+    let mut builder = Topology::builder(name).nodes(nodes).pods_per_node(1);
+    if options.addresses.needs_ipv6() {
+        builder = builder.dual_stack();
+    }
+    let topo = builder.build().expect("topology");
     let started = Instant::now();
     let control = (backend == Backend::Kube).then(|| {
         let control = KubeControlPlane::start(&topo, |i| vec![topo.node(i).pod_cidr.to_string()])
@@ -147,21 +148,24 @@ fn pods_talk_only_through_the_tunnel(scenario: &Scenario) {
     forwarded_flows_are_observed_while_followed(topo, fabric);
 }
 
-/// The pod MTU node0 reports is what its tunnel carries whole. With both pods' interfaces at
-/// it, a 10 MB TCP transfer (content hashed at both ends) and the largest UDP datagram and
-/// unfragmentable ping cross without node0 sending a single ICMP "destination unreachable"
-/// (no path-MTU discovery needed, so none filtered on the way can break them). With the pods
-/// back at 1500, a ping one byte larger than the pod MTU that may not be fragmented gets
-/// node0's "fragmentation needed" naming exactly the pod MTU: path-MTU discovery through the
-/// tunnel works, and the kernel agrees with the figure.
+/// The pod MTU node0 reports is what its tunnel carries whole, for every pod family of the
+/// fabric. With both pods' interfaces at it, a 10 MB TCP transfer (content hashed at both ends)
+/// and the largest UDP datagram and unfragmentable ping cross without node0 sending a single
+/// ICMP "destination unreachable" or ICMPv6 "packet too big" (no path-MTU discovery needed, so
+/// none filtered on the underlay can break them). With the pods back at 1500, a ping one byte
+/// larger than the pod MTU that may not be fragmented gets node0's "fragmentation needed" /
+/// "packet too big" naming exactly the pod MTU: path-MTU discovery through the tunnel works,
+/// and the kernel agrees with the figure.
 fn the_pod_mtu_fits_through_the_tunnel(scenario: &Scenario) {
     let (topo, fabric) = (&scenario.topo, &scenario.fabric);
+    let plan = fabric.addresses();
     let status = fabric.status(0).expect("status");
     let mtu = &status["pod_mtu"];
     let (uplink, pod) = (mtu["uplink"].as_u64(), mtu["pod"].as_u64());
-    let expected = match scenario.encryption() {
-        Encryption::Ipsec => 1446,
-        Encryption::Wireguard => 1420,
+    let expected = match (scenario.encryption(), plan.ipv6_underlay()) {
+        (Encryption::Ipsec, false) => 1446,
+        (Encryption::Ipsec, true) => 1426,
+        (Encryption::Wireguard, _) => 1420,
     };
     assert_eq!((uplink, pod), (Some(1500), Some(expected)), "{status}");
     let pod = u32::try_from(expected).expect("MTU");
@@ -172,51 +176,62 @@ fn the_pod_mtu_fits_through_the_tunnel(scenario: &Scenario) {
                 .expect("pod MTU");
         }
     };
-    let unreachables = || icmp_counter(&topo.node(0).ns, "OutDestUnreachs");
+    for (port, dst) in (7300..).step_by(2).zip(plan.pod_addresses(b)) {
+        // Path-MTU signals node0 sends for this family.
+        let signals = || match dst {
+            IpAddr::V4(_) => icmp_counter(&topo.node(0).ns, "OutDestUnreachs"),
+            IpAddr::V6(_) => {
+                icmp6_counter(&topo.node(0).ns, "Icmp6OutDestUnreachs")
+                    + icmp6_counter(&topo.node(0).ns, "Icmp6OutPktTooBigs")
+            }
+        };
+        let headers = if dst.is_ipv4() { 28 } else { 48 };
+        set_mtu(pod);
+        let before = signals();
+        let transfer = nodeseal_netns::tcp_transfer(
+            &a.ns,
+            &b.ns,
+            SocketAddr::new(dst, port),
+            10 << 20,
+            Duration::from_secs(60),
+        )
+        .expect("transfer");
+        eprintln!("10 MB to {dst} at pod MTU {pod}: {transfer:?}");
+        assert!(
+            transfer.intact && transfer.received == transfer.sent,
+            "{transfer:?}"
+        );
+        let largest = pod - headers;
+        let ping = ping_unfragmented(&a.ns, dst, largest);
+        assert!(ping.contains(" 0% packet loss"), "{ping}");
+        let datagram =
+            udp_datagram_arrives(&a.ns, &b.ns, SocketAddr::new(dst, port + 1), largest);
+        assert_eq!(
+            datagram,
+            Some(largest as usize),
+            "a {largest}-byte datagram to {dst}"
+        );
+        assert_eq!(
+            signals(),
+            before,
+            "node0 needed ICMP to carry pod traffic to {dst}"
+        );
 
-    set_mtu(pod);
-    let before = unreachables();
-    let transfer = nodeseal_netns::tcp_transfer(
-        &a.ns,
-        &b.ns,
-        SocketAddrV4::new(b.ip, 7300),
-        10 << 20,
-        Duration::from_secs(60),
-    )
-    .expect("transfer");
-    eprintln!("10 MB at pod MTU {pod}: {transfer:?}");
-    assert!(
-        transfer.intact && transfer.received == transfer.sent,
-        "{transfer:?}"
-    );
-    let largest = pod - 28;
-    let ping = ping_unfragmented(&a.ns, b.ip, largest);
-    assert!(ping.contains(" 0% packet loss"), "{ping}");
-    let datagram = udp_datagram_arrives(&a.ns, &b.ns, SocketAddrV4::new(b.ip, 7301), largest);
-    assert_eq!(
-        datagram,
-        Some(largest as usize),
-        "a {largest}-byte datagram"
-    );
-    assert_eq!(
-        unreachables(),
-        before,
-        "node0 needed ICMP to carry pod traffic"
-    );
-
-    set_mtu(1500);
-    let ping = ping_unfragmented(&a.ns, b.ip, largest + 1);
-    assert!(
-        ping.contains(&format!("mtu = {pod}")) || ping.contains(&format!("mtu={pod}")),
-        "{ping}"
-    );
-    assert!(unreachables() > before);
-    // Forget the learnt path MTU, for the scenarios that follow.
-    let _ = a.ns.ip(&["route", "flush", "cache"]);
+        set_mtu(1500);
+        let ping = ping_unfragmented(&a.ns, dst, largest + 1);
+        assert!(
+            ping.contains(&format!("mtu = {pod}")) || ping.contains(&format!("mtu={pod}")),
+            "{ping}"
+        );
+        assert!(signals() > before);
+        // Forget the learnt path MTU, for the scenarios that follow.
+        let _ = a.ns.ip(&["route", "flush", "cache"]);
+        let _ = a.ns.ip(&["-6", "route", "flush", "cache"]);
+    }
 }
 
 /// `ping -M do` of `size` bytes of payload, 3 times: its output, success or not.
-fn ping_unfragmented(ns: &nodeseal_netns::Netns, to: std::net::Ipv4Addr, size: u32) -> String {
+fn ping_unfragmented(ns: &nodeseal_netns::Netns, to: IpAddr, size: u32) -> String {
     let out = ns
         .command("ping")
         .args([
@@ -246,12 +261,13 @@ fn ping_unfragmented(ns: &nodeseal_netns::Netns, to: std::net::Ipv4Addr, size: u
 fn udp_datagram_arrives(
     from: &nodeseal_netns::Netns,
     to_ns: &nodeseal_netns::Netns,
-    to: SocketAddrV4,
+    to: SocketAddr,
     len: u32,
 ) -> Option<usize> {
     let socket = nodeseal_netns::forge::bind_udp(to_ns, to).expect("bind");
     from.run(move || {
-        let sender = std::net::UdpSocket::bind("0.0.0.0:0").expect("sender");
+        let any = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let sender = std::net::UdpSocket::bind(any).expect("sender");
         sender.send_to(&vec![0x5a; len as usize], to).expect("send");
     });
     socket
@@ -271,6 +287,14 @@ fn icmp_counter(ns: &nodeseal_netns::Netns, name: &str) -> u64 {
         .zip(values.split_whitespace())
         .find(|(n, _)| *n == name)
         .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {snmp}"))
+}
+
+/// A counter of `/proc/net/snmp6` in `ns`.
+fn icmp6_counter(ns: &nodeseal_netns::Netns, name: &str) -> u64 {
+    let snmp = ns.exec("cat", &["/proc/net/snmp6"]).expect("snmp6");
+    snmp.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {snmp}"))
 }
 
@@ -1745,4 +1769,215 @@ fn wireguard_status_agrees_with_wg(topo: &Topology, fabric: &Fabric) {
         fabric.metrics(topo, 0).is_ok_and(|m| m.contains(&current))
     });
     assert!(scraped, "{current}: {:?}", fabric.metrics(topo, 0));
+}
+
+/// A dual-stack fabric: IPv4 and IPv6 pods, one tunnel per pair of nodes between their IPv4
+/// node IPs, one handshake keying both families. Both families cross only inside it, fit its
+/// MTU, keep flowing through a rotation, and strict mode drops either family to a peer without
+/// keys.
+#[test]
+fn a_dual_stack_fabric_carries_both_families_only_through_the_tunnel() {
+    let options = FabricOptions {
+        addresses: AddressPlan::DualStack {
+            ipv6_underlay: false,
+        },
+        retention: SHARED_RETENTION,
+        ..FabricOptions::default()
+    };
+    let Some(mut scenario) = established("dualstack", 3, 3, options, Backend::Dir) else {
+        return;
+    };
+    eprintln!("--- both families cross only through the tunnel");
+    pods_of_every_family_talk_only_through_the_tunnel(&scenario);
+    eprintln!("--- the pod MTU fits, in both families");
+    the_pod_mtu_fits_through_the_tunnel(&scenario);
+    eprintln!("--- keys rotate under a stream of each family");
+    keys_rotate_under_a_stream_of_each_family(&scenario);
+    eprintln!("--- strict mode drops both families to a peer without keys");
+    strict_mode_drops_every_family(&mut scenario);
+}
+
+/// IPv6 underlays: IPv4 and IPv6 pods between IPv6 node IPs, then an IPv6-only fabric.
+#[test]
+fn ipv6_underlays_carry_pods_only_through_the_tunnel() {
+    for (name, addresses) in [
+        (
+            "dual6",
+            AddressPlan::DualStack {
+                ipv6_underlay: true,
+            },
+        ),
+        ("v6only", AddressPlan::Ipv6),
+    ] {
+        let options = FabricOptions {
+            addresses,
+            ..FabricOptions::default()
+        };
+        let Some(scenario) = established(name, 2, 2, options, Backend::Dir) else {
+            return;
+        };
+        eprintln!("--- {addresses:?}: pods talk only through the tunnel");
+        pods_of_every_family_talk_only_through_the_tunnel(&scenario);
+        eprintln!("--- {addresses:?}: the pod MTU fits");
+        the_pod_mtu_fits_through_the_tunnel(&scenario);
+    }
+}
+
+/// WireGuard: one device entry per peer carries its IPv4 and IPv6 pod CIDRs.
+#[test]
+fn a_dual_stack_fabric_in_wireguard_mode() {
+    let options = FabricOptions {
+        encryption: Encryption::Wireguard,
+        addresses: AddressPlan::DualStack {
+            ipv6_underlay: false,
+        },
+        ..FabricOptions::default()
+    };
+    if let Some(scenario) = established("dualwg", 2, 2, options, Backend::Dir) {
+        pods_of_every_family_talk_only_through_the_tunnel(&scenario);
+        let entries = wg_entries(&scenario.topo.node(0).ns);
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        for cidr in ["10.244.1.0/24", "fd00:10:244:1::/64"] {
+            assert!(entries[0].allowed_ips.contains(cidr), "{entries:?}");
+        }
+    }
+}
+
+/// Every pod pings every other node's pod at each of its addresses in the plan's families:
+/// all answered, no packet with a pod address of either family in clear on the wire, every
+/// tunnel packet between the node IPs of the plan's underlay. With ESP, iproute2 shows what
+/// carries the other family: states open to either inner family, and each peer's IPv6 pod
+/// CIDR's policies with a template between the node IPs.
+fn pods_of_every_family_talk_only_through_the_tunnel(scenario: &Scenario) {
+    let (topo, fabric) = (&scenario.topo, &scenario.fabric);
+    let plan = fabric.addresses();
+    let nodes = topo.nodes().len();
+    let capture = topo.capture().expect("capture");
+    let mut crossings = 0;
+    for a in 0..nodes {
+        for b in (0..nodes).filter(|&b| b != a) {
+            for dst in plan.pod_addresses(topo.node(b).pod(0)) {
+                let r = ping(&topo.node(a).pod(0).ns, dst, 2).expect("ping");
+                assert!(r.all_answered(), "node{a} -> {dst}: {r:?}");
+                crossings += 1;
+            }
+        }
+    }
+    capture
+        .check_no_plaintext(&topo.pod_cidrs())
+        .unwrap_or_else(|leak| panic!("{leak}"));
+    let summary = capture.summary();
+    let node_ips: Vec<IpAddr> = topo.nodes().iter().map(|n| plan.of(n).0).collect();
+    match scenario.encryption() {
+        Encryption::Ipsec => {
+            assert!(summary.esp >= crossings * 4, "{crossings}: {summary}");
+            for (src, dst, _) in summary.esp_flows.keys() {
+                assert!(
+                    node_ips.contains(src) && node_ips.contains(dst),
+                    "ESP between {src} and {dst}, outside {node_ips:?}"
+                );
+            }
+            let states = topo.node(0).ns.ip(&["xfrm", "state"]).expect("states");
+            assert!(
+                states.contains("af-unspec") && !states.contains("sel src"),
+                "{states}"
+            );
+            if let (Some(cidr), AddressPlan::DualStack { .. }) = (topo.node(1).pod_cidr6, plan) {
+                let policies = topo.node(0).ns.ip(&["xfrm", "policy"]).expect("policies");
+                let tmpl = format!("tmpl src {} dst {}", node_ips[1], node_ips[0]);
+                let from_peer = policies
+                    .split("\nsrc ")
+                    .filter(|p| p.starts_with(&format!("{cidr} ")) && p.contains("dir in"))
+                    .collect::<Vec<_>>();
+                assert!(
+                    from_peer.len() == 1 && from_peer[0].contains(&tmpl),
+                    "no IN policy for {cidr} with {tmpl}:\n{policies}"
+                );
+            }
+        }
+        Encryption::Wireguard => {
+            assert!(
+                summary.wireguard >= crossings * 4 && summary.esp == 0,
+                "{crossings}: {summary}"
+            );
+        }
+    }
+}
+
+/// `keys rotate --wait` under a 500 pps stream of each family from node0's pod to node1's:
+/// neither loses a datagram, and node0's keys towards node1 change.
+fn keys_rotate_under_a_stream_of_each_family(scenario: &Scenario) {
+    let (topo, fabric) = (&scenario.topo, &scenario.fabric);
+    let encryption = scenario.encryption();
+    let before = tunnel_keys(topo, encryption, 0, 1);
+    let (pod_a, pod_b) = (topo.node(0).pod(0), topo.node(1).pod(0));
+    let streams: Vec<(IpAddr, UdpStream)> = (7001..)
+        .zip(fabric.addresses().pod_addresses(pod_b))
+        .map(|(port, dst)| {
+            let stream = UdpStream::start(
+                &pod_a.ns,
+                &pod_b.ns,
+                SocketAddr::new(dst, port),
+                500,
+                Duration::from_secs(120),
+            )
+            .expect("stream");
+            (dst, stream)
+        })
+        .collect();
+    assert_eq!(streams.len(), 2, "a stream per family");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = fabric
+        .nodeseal_store(&["keys", "rotate", "--wait", "--timeout", "60s"])
+        .expect("keys rotate --wait");
+    assert!(out.contains("all nodes rekeyed"), "{out}");
+    std::thread::sleep(Duration::from_secs(4));
+    for (dst, stream) in streams {
+        let report = stream.finish(Duration::from_millis(500)).expect("report");
+        eprintln!("stream to {dst} during rotation: {report:?}");
+        assert!(report.sent >= 1000, "{dst}: {report:?}");
+        assert_eq!((report.lost, report.duplicated), (0, 0), "{dst}: {report:?}");
+    }
+    let renewed = nodeseal_netns::wait_until(Duration::from_secs(10), || {
+        let now = tunnel_keys(topo, encryption, 0, 1);
+        now.len() == encryption.entries_per_peer() && now.iter().all(|k| !before.contains(k))
+    });
+    assert!(
+        renewed,
+        "{before:?} -> {:?}",
+        tunnel_keys(topo, encryption, 0, 1)
+    );
+}
+
+/// node2's agent dies and node0 withdraws its keys after the retention time: pings of both
+/// families from node0's pod to node2's are dropped (none in clear), and `nodeseal observe`
+/// names the reason for each family.
+fn strict_mode_drops_every_family(scenario: &mut Scenario) {
+    let encryption = scenario.encryption();
+    let (topo, fabric) = (&scenario.topo, &mut scenario.fabric);
+    fabric.kill_agent(2);
+    fabric.nodeseal_store(&["keys", "rotate"]).expect("rotate");
+    let withdrawn =
+        nodeseal_netns::wait_until(CONVERGE, || tunnel_entries(topo, encryption, 0, 2) == 0);
+    assert!(withdrawn, "{:?}", fabric.status_text(0));
+    let capture = topo.capture().expect("capture");
+    let (src, dst) = (topo.node(0).pod(0), topo.node(2).pod(0));
+    let addresses = fabric.addresses().pod_addresses(dst);
+    for to in &addresses {
+        let attempt = ping(&src.ns, *to, 3).expect("ping");
+        assert_eq!(attempt.received, 0, "{to}: {attempt:?}");
+    }
+    capture
+        .check_no_plaintext(&topo.pod_cidrs())
+        .unwrap_or_else(|leak| panic!("{leak}"));
+    let drops = fabric
+        .observe(0, &["--verdict", "dropped", "--since", "5m"])
+        .expect("observe");
+    for to in &addresses {
+        let dropped = drops
+            .iter()
+            .filter(|f| f["drop_reason"] == "no_sa" && f["destination"]["ip"] == to.to_string())
+            .count();
+        assert!(dropped >= 3, "{to}: {drops:#?}");
+    }
 }

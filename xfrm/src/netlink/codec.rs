@@ -63,6 +63,8 @@ const AF_INET6: u16 = 10;
 const IPPROTO_ESP: u8 = 50;
 const XFRM_MODE_TUNNEL: u8 = 1;
 const XFRM_STATE_ESN: u8 = 128;
+/// The state's selector is empty and its inner family open (`flag af-unspec`).
+const XFRM_STATE_AF_UNSPEC: u8 = 32;
 const XFRM_INF: u64 = u64::MAX;
 
 const SELECTOR_LEN: usize = 56;
@@ -183,7 +185,10 @@ fn put_mark(buf: &mut Vec<u8>, ty: u16, mark: Mark) {
 pub(crate) fn encode_state(buf: &mut Vec<u8>, ty: u16, seq: u32, spec: &StateSpec) {
     let start = begin(buf, ty, NLM_F_REQUEST | NLM_F_ACK, seq);
     let info = buf.len();
-    put_selector(buf, &spec.selector);
+    match &spec.selector {
+        Some(sel) => put_selector(buf, sel),
+        None => buf.resize(buf.len() + SELECTOR_LEN, 0),
+    }
     // xfrm_id
     put_addr(buf, spec.dst);
     buf.extend_from_slice(&spec.spi.get().to_be_bytes());
@@ -197,7 +202,13 @@ pub(crate) fn encode_state(buf: &mut Vec<u8>, ty: u16, seq: u32, spec: &StateSpe
     buf.extend_from_slice(&family_of(spec.dst).to_ne_bytes());
     buf.push(XFRM_MODE_TUNNEL);
     buf.push(0); // legacy replay_window: must be 0 when XFRMA_REPLAY_ESN_VAL is used
-    buf.push(if spec.esn { XFRM_STATE_ESN } else { 0 });
+    let esn = if spec.esn { XFRM_STATE_ESN } else { 0 };
+    let af_unspec = if spec.selector.is_none() {
+        XFRM_STATE_AF_UNSPEC
+    } else {
+        0
+    };
+    buf.push(esn | af_unspec);
     pad_to(buf, info, USERSA_INFO_LEN);
 
     let alg = spec.aead.algorithm();
@@ -507,9 +518,15 @@ pub(crate) fn decode_state(p: &[u8]) -> Result<KernelState, DecodeError> {
         if foreign || proto != IPPROTO_ESP || mode != XFRM_MODE_TUNNEL {
             return None;
         }
-        if flags & !XFRM_STATE_ESN != 0 {
+        if flags & !(XFRM_STATE_ESN | XFRM_STATE_AF_UNSPEC) != 0 {
             return None;
         }
+        // The kernel keeps the selector empty with family 0 for an `af-unspec` state.
+        let selector = if flags & XFRM_STATE_AF_UNSPEC != 0 {
+            p[..SELECTOR_LEN].iter().all(|b| *b == 0).then_some(None)?
+        } else {
+            Some(decode_selector(&p[..SELECTOR_LEN])?)
+        };
         Some(StateSpec {
             src,
             dst,
@@ -520,7 +537,7 @@ pub(crate) fn decode_state(p: &[u8]) -> Result<KernelState, DecodeError> {
             replay_window: replay_window?,
             mark,
             output_mark,
-            selector: decode_selector(&p[..SELECTOR_LEN])?,
+            selector,
             lifetime: decode_lifetime(&p[96..160]),
         })
     })();
@@ -660,7 +677,7 @@ mod tests {
             Spi::new(0x1234_5678).unwrap(),
             ReqId::new(0x4e53_0001).unwrap(),
             aead,
-            sel("10.0.1.0/24", "10.0.2.0/24"),
+            Some(sel("10.0.1.0/24", "10.0.2.0/24")),
         )
         .unwrap()
     }
@@ -719,7 +736,9 @@ mod tests {
                     use_seconds: Some(60),
                 },
             };
-            spec.selector = spec.selector.with_protocol(17, Some(53), None).unwrap();
+            spec.selector = spec
+                .selector
+                .map(|s| s.with_protocol(17, Some(53), None).unwrap());
             let mut buf = Vec::new();
             encode_state(&mut buf, XFRM_MSG_NEWSA, 7, &spec);
             let p = payload(&buf, XFRM_MSG_NEWSA);
@@ -740,11 +759,27 @@ mod tests {
         assert_eq!(spec.validate(), Ok(()));
         spec.src = "fd00::1".parse().unwrap();
         spec.dst = "fd00::2".parse().unwrap();
-        spec.selector = sel("fd10:1::/64", "fd10:2::/64");
+        spec.selector = Some(sel("fd10:1::/64", "fd10:2::/64"));
         let mut buf = Vec::new();
         encode_state(&mut buf, XFRM_MSG_UPDSA, 7, &spec);
         let k = decode_state(&payload(&buf, XFRM_MSG_UPDSA)).unwrap();
         assert_eq!(k.spec, Some(spec));
+    }
+
+    #[test]
+    fn a_state_of_either_inner_family_round_trips_with_an_empty_selector() {
+        let mut spec = state(AeadAlgorithm::AesGcm128);
+        spec.selector = None;
+        let mut buf = Vec::new();
+        encode_state(&mut buf, XFRM_MSG_NEWSA, 7, &spec);
+        let p = payload(&buf, XFRM_MSG_NEWSA);
+        assert!(p[..SELECTOR_LEN].iter().all(|b| *b == 0));
+        assert_eq!(p[216], XFRM_STATE_ESN | XFRM_STATE_AF_UNSPEC);
+        assert_eq!(decode_state(&p).unwrap().spec, Some(spec));
+        // A selector the kernel would not keep with that flag is not one of ours.
+        let mut odd = p.clone();
+        odd[40] = 2;
+        assert_eq!(decode_state(&odd).unwrap().spec, None);
     }
 
     #[test]

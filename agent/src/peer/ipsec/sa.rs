@@ -8,6 +8,11 @@
 //! OUT state up with the *policy's* mark, each active slot has its own OUT policy per peer pod
 //! CIDR, with the same mark.
 //!
+//! The states carry inner traffic of either family (an empty selector, `flag af-unspec`): one
+//! handshake keys a peer's IPv4 and IPv6 pod CIDRs alike, all through the tunnel between the two
+//! node IPs, whichever family those are. Each policy has its CIDR's family and a template of the
+//! node IPs' family.
+//!
 //! Per peer pod CIDR, IN and FWD policies with a *required* ESP template from the peer's node IP:
 //! a packet whose inner source lies in that CIDR is accepted only if it was decrypted by a state
 //! of the peer's tunnel. Plaintext claiming a peer pod's address, or a packet another
@@ -192,23 +197,12 @@ pub fn encrypt_mark(peer: NodeId, slot: KeySlot) -> Mark {
     Mark::new(mark::encrypt(peer.0, slot.get()), mark::OWNED_MASK)
 }
 
-fn any_selector(family_of: IpAddr) -> Result<Selector, SpecError> {
-    let any: IpNet = match family_of {
-        IpAddr::V4(_) => IpNet::V4(ipnet::Ipv4Net::default()),
-        IpAddr::V6(_) => IpNet::V6(ipnet::Ipv6Net::default()),
-    };
-    Selector::new(any, any).map_err(|_| SpecError::MixedEndpoints {
-        src: family_of,
-        dst: family_of,
-    })
-}
-
 impl EpochSas {
     /// Builds the two states of an epoch, each with `limits`. `out_key` / `in_key` are
     /// `rfc4106(gcm(aes))` key and salt bytes (20 or 36).
     ///
     /// # Errors
-    /// [`SpecError`] for a key of the wrong length or endpoints of different families.
+    /// [`SpecError`] for a key of the wrong length or node IPs of different families.
     pub fn new(
         local: &LocalEnd,
         peer: &PeerEnd,
@@ -224,14 +218,13 @@ impl EpochSas {
                 AeadAlgorithm::AesGcm128
             }
         };
-        let selector = any_selector(local.ip)?;
         let mut outbound = StateSpec::new(
             local.ip,
             peer.ip,
             out_spi,
             reqid(),
             Aead::new(algorithm(out_key), out_key)?,
-            selector,
+            None,
         )?;
         outbound.mark = encrypt_mark(peer.node_id, slot);
         outbound.lifetime = limits.lifetime();
@@ -241,7 +234,7 @@ impl EpochSas {
             in_spi,
             reqid(),
             Aead::new(algorithm(in_key), in_key)?,
-            selector,
+            None,
         )?;
         inbound.lifetime = limits.lifetime();
         Ok(Self {
@@ -255,7 +248,7 @@ impl EpochSas {
     /// state.
     ///
     /// # Errors
-    /// [`SpecError`] if a CIDR's family differs from the node IPs'.
+    /// [`SpecError`] if the node IPs differ in family.
     pub fn out_policies(
         &self,
         local: &LocalEnd,
@@ -290,7 +283,7 @@ fn to_cidr(local: IpAddr, cidr: IpNet) -> Result<Selector, SpecError> {
 /// and (strict mode) the OUT block for unmarked packets to them.
 ///
 /// # Errors
-/// [`SpecError`] if a CIDR's family differs from the node IPs'.
+/// [`SpecError`] if the node IPs differ in family.
 pub fn peer_policies(
     local: &LocalEnd,
     peer: &PeerEnd,
@@ -430,6 +423,40 @@ mod tests {
         peer.pod_cidrs = vec!["10.96.0.0/16".parse().unwrap()];
         let wide = peer_policies(&local, &peer, false).unwrap();
         assert!(wide.iter().all(|p| !POLICY_HASH_THRESHOLDS.hashes(p)));
+    }
+
+    #[test]
+    fn a_dual_stack_peer_gets_policies_of_both_families_over_one_tunnel() {
+        let (local, mut peer) = ends();
+        peer.pod_cidrs.push("fd00:10:244:1::/64".parse().unwrap());
+        let key = [7; 20];
+        let sas = EpochSas::new(
+            &local,
+            &peer,
+            KeySlot::FIRST,
+            (Spi::new(0x1001).unwrap(), &key),
+            (Spi::new(0x2002).unwrap(), &key),
+            SaLimits::default(),
+        )
+        .unwrap();
+        // One pair of states, open to either inner family.
+        assert_eq!((sas.outbound.selector, sas.inbound.selector), (None, None));
+        let mut policies = sas.out_policies(&local, &peer).unwrap();
+        policies.extend(peer_policies(&local, &peer, true).unwrap());
+        assert_eq!(policies.len(), 8);
+        for cidr in &peer.pod_cidrs {
+            let of_cidr: Vec<_> = policies
+                .iter()
+                .filter(|p| p.selector.src() == *cidr || p.selector.dst() == *cidr)
+                .collect();
+            assert_eq!(of_cidr.len(), 4, "{cidr}");
+            for p in of_cidr {
+                assert!(POLICY_HASH_THRESHOLDS.hashes(p), "{:?}", p.id());
+                let t = &p.templates[0];
+                assert!([t.src, t.dst].contains(&peer.ip), "{:?}", p.id());
+                assert!([t.src, t.dst].contains(&local.ip), "{:?}", p.id());
+            }
+        }
     }
 
     #[test]
