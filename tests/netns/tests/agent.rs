@@ -83,9 +83,14 @@ fn established(
     }
     let topo = builder.build().expect("topology");
     let started = Instant::now();
+    let plan = options.addresses;
     let control = (backend == Backend::Kube).then(|| {
-        let control = KubeControlPlane::start(&topo, |i| vec![topo.node(i).pod_cidr.to_string()])
-            .expect("control plane");
+        // The Node objects' spec.podCIDRs are the plan's (both families for a dual-stack one).
+        let pod_cidrs = |i| {
+            let (_, cidrs) = plan.of(topo.node(i));
+            cidrs.iter().map(ToString::to_string).collect()
+        };
+        let control = KubeControlPlane::start(&topo, pod_cidrs).expect("control plane");
         options.store = StoreKind::Kube(control.configs());
         eprintln!("{name}: control plane ready in {:?}", started.elapsed());
         control
@@ -442,11 +447,19 @@ const SHARED_RETENTION: Duration = Duration::from_secs(30);
 /// establishment (and in Kubernetes mode a kube-apiserver's boot) is most of a scenario's time,
 /// so it is paid once. Each step leaves what the next needs: the revocation takes node2 out,
 /// strict mode then kills node1's agent. (The rogue needs a node without an agent; it has a
-/// fabric of its own.)
+/// fabric of its own.) In Kubernetes mode the cluster is dual-stack: the Node objects list an
+/// IPv4 and an IPv6 pod CIDR, and the IPv6 pods must cross only through the tunnel too.
 fn acceptance_scenarios_hold(name: &str, backend: Backend, encryption: Encryption) {
+    let addresses = match backend {
+        Backend::Dir => AddressPlan::Ipv4,
+        Backend::Kube => AddressPlan::DualStack {
+            ipv6_underlay: false,
+        },
+    };
     let options = FabricOptions {
         encryption,
         retention: SHARED_RETENTION,
+        addresses,
         ..FabricOptions::default()
     };
     let Some(mut scenario) = established(name, 3, 3, options, backend) else {
@@ -454,6 +467,10 @@ fn acceptance_scenarios_hold(name: &str, backend: Backend, encryption: Encryptio
     };
     eprintln!("--- pods talk only through the tunnel");
     pods_talk_only_through_the_tunnel(&scenario);
+    if addresses != AddressPlan::Ipv4 {
+        eprintln!("--- pods of every family talk only through the tunnel");
+        pods_of_every_family_talk_only_through_the_tunnel(&scenario);
+    }
     eprintln!("--- the pod MTU fits through the tunnel");
     the_pod_mtu_fits_through_the_tunnel(&scenario);
     eprintln!("--- keys rotate under traffic");
