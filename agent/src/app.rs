@@ -1587,7 +1587,10 @@ mod tests {
         // IPv6 pods over an IPv4 underlay are checked against this node's IPv6 pods too.
         dual.pod_cidrs[1] = "fd00:10:244::/48".parse().unwrap();
         let error = peer_info(&dual, local, &ours).unwrap_err();
-        assert!(error.contains("overlaps this node's fd00:10:244::/64"), "{error}");
+        assert!(
+            error.contains("overlaps this node's fd00:10:244::/64"),
+            "{error}"
+        );
         // A pair's tunnel is between node IPs of one family.
         let other = peer_info(&record("fd00::2", "10.244.1.0/24"), local, &ours).unwrap_err();
         assert!(other.contains("not of this node's family"), "{other}");

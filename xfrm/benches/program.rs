@@ -85,13 +85,10 @@ fn ip_batch(desired: &Desired) -> String {
         if s.replay_window > 0 {
             let _ = write!(out, " replay-window {}", s.replay_window);
         }
-        let flags: Vec<&str> = [
-            (s.esn, "esn"),
-            (s.selector.is_none(), "af-unspec"),
-        ]
-        .iter()
-        .filter_map(|(on, name)| on.then_some(*name))
-        .collect();
+        let flags: Vec<&str> = [(s.esn, "esn"), (s.selector.is_none(), "af-unspec")]
+            .iter()
+            .filter_map(|(on, name)| on.then_some(*name))
+            .collect();
         if !flags.is_empty() {
             let _ = write!(out, " flag {}", flags.join(" "));
         }

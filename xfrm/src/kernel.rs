@@ -290,7 +290,9 @@ mod tests {
             Spi::new(300).unwrap(),
             ReqId::new(1).unwrap(),
             Aead::new(AeadAlgorithm::AesGcm128, &[1; 20]).unwrap(),
-            Some(Selector::new("fd10::/64".parse().unwrap(), "fd11::/64".parse().unwrap()).unwrap()),
+            Some(
+                Selector::new("fd10::/64".parse().unwrap(), "fd11::/64".parse().unwrap()).unwrap(),
+            ),
         )
         .unwrap();
         let op = Op::AddState(spec);

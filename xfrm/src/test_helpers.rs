@@ -82,7 +82,8 @@ pub fn peer_objects(local: u32, peer: u32, epoch: u32) -> (Vec<StateSpec>, Vec<P
     let sel_in = Selector::new(pp, lp).unwrap_or_else(|_| unreachable!("both v4"));
     let r = reqid(peer);
     let state = |src, dst, spi, aead, sel| {
-        StateSpec::new(src, dst, spi, r, aead, Some(sel)).unwrap_or_else(|_| unreachable!("both v4"))
+        StateSpec::new(src, dst, spi, r, aead, Some(sel))
+            .unwrap_or_else(|_| unreachable!("both v4"))
     };
     let mut out = state(
         l,

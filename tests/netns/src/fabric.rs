@@ -112,9 +112,10 @@ impl AddressPlan {
     pub fn ipv6_underlay(self) -> bool {
         matches!(
             self,
-            Self::Ipv6 | Self::DualStack {
-                ipv6_underlay: true
-            }
+            Self::Ipv6
+                | Self::DualStack {
+                    ipv6_underlay: true
+                }
         )
     }
 
@@ -302,7 +303,11 @@ impl Fabric {
         let mut cmd = node.ns.command(&binary("nodeseal-agent").to_string_lossy());
         cmd.args(["--node-name", name])
             .args(&node_ip)
-            .args(pod_cidrs.iter().flat_map(|c| ["--pod-cidr".to_owned(), c.to_string()]))
+            .args(
+                pod_cidrs
+                    .iter()
+                    .flat_map(|c| ["--pod-cidr".to_owned(), c.to_string()]),
+            )
             .args([
                 "--state-dir",
                 &self.dir.join(format!("n{i}-state")).to_string_lossy(),

@@ -3,7 +3,7 @@
 //! Routing never sees them on the way out, so nothing there refuses a source it does not own;
 //! what the receiving node does with them is what the spoofing scenarios check.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -29,6 +29,60 @@ pub fn send_udp(
     let mac = uplink_mac(node)?;
     let frame = udp_frame(mac, src, dst, payload)?;
     crate::capture::inject_frame(underlay, UNDERLAY_BRIDGE, &frame)
+}
+
+/// The mark of `ns`'s OUT state from `src` to `dst` (as iproute2 prints it: `mark 0xV/0xM`):
+/// what a process of that node must put on a packet to have it encrypted for `dst`'s node.
+pub fn out_state_mark(ns: &Netns, src: IpAddr, dst: IpAddr) -> Option<u32> {
+    let text = ns.ip(&["xfrm", "state"]).ok()?;
+    let header = format!("src {src} dst {dst}");
+    let block = text
+        .split("\nsrc ")
+        .map(|b| {
+            if b.starts_with("src ") {
+                b.to_owned()
+            } else {
+                format!("src {b}")
+            }
+        })
+        .find(|b| b.starts_with(&header))?;
+    let value = block
+        .split_whitespace()
+        .skip_while(|w| *w != "mark")
+        .nth(1)?;
+    let value = value.split('/').next()?.trim_start_matches("0x");
+    u32::from_str_radix(value, 16).ok()
+}
+
+/// Sends one UDP datagram from `src` (a local address of `ns`) to `dst` with `skb->mark`
+/// `mark`, as a process of the node could: with an OUT state's mark, the node encrypts it for
+/// the peer whatever its inner source.
+///
+/// # Errors
+/// When binding, marking or sending fails.
+pub fn send_marked(ns: &Netns, src: IpAddr, dst: SocketAddr, mark: u32) -> Result<()> {
+    ns.run(move || {
+        use std::os::fd::AsRawFd as _;
+        let socket =
+            UdpSocket::bind((src, 0)).with_context(|| format!("binding the source {src}"))?;
+        // SAFETY: a valid socket fd and a u32 option value of the size passed.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                std::ptr::from_ref(&mark).cast(),
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            bail!("SO_MARK: {}", std::io::Error::last_os_error());
+        }
+        socket
+            .send_to(b"landing request", dst)
+            .with_context(|| format!("sending to {dst}"))?;
+        Ok(())
+    })
 }
 
 /// Binds a UDP socket on `addr` inside `ns` (e.g. a pod's) for [`receive_for`].

@@ -83,7 +83,13 @@ impl TopologyBuilder {
             captures: Mutex::new(Vec::new()),
         };
         for i in 0..self.nodes {
-            let node = Node::create(&topo.underlay, &short, i, self.pods_per_node, self.dual_stack)?;
+            let node = Node::create(
+                &topo.underlay,
+                &short,
+                i,
+                self.pods_per_node,
+                self.dual_stack,
+            )?;
             topo.nodes.push(node);
         }
         for node in &topo.nodes {
@@ -96,8 +102,14 @@ impl TopologyBuilder {
                     &peer.ip.to_string(),
                 ])?;
                 if let (Some(cidr), Some(via)) = (peer.pod_cidr6, peer.ip6) {
-                    node.ns
-                        .ip(&["-6", "route", "add", &cidr.to_string(), "via", &via.to_string()])?;
+                    node.ns.ip(&[
+                        "-6",
+                        "route",
+                        "add",
+                        &cidr.to_string(),
+                        "via",
+                        &via.to_string(),
+                    ])?;
                 }
             }
         }
@@ -335,7 +347,15 @@ impl Node {
             let ip6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(i) + 1);
             // No duplicate address detection: the addresses are unique by construction, and
             // DAD would hold them back for a second or more.
-            ns.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             let cidr = Cidr::new(
                 Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(i), 0, 0, 0, 0).into(),
@@ -429,9 +449,9 @@ impl Pod {
             "src",
             &ip.to_string(),
         ])?;
-        let ip6 = node.pod_cidr6.map(|_| {
-            Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(i), 0, 0, 0, u16::from(j))
-        });
+        let ip6 = node
+            .pod_cidr6
+            .map(|_| Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(i), 0, 0, 0, u16::from(j)));
         if let Some(ip6) = ip6 {
             let ip6 = ip6.to_string();
             // The pod's gateway: the same link-local address on every host-side veth, as
@@ -445,9 +465,23 @@ impl Pod {
                 &host_ifname,
                 "nodad",
             ])?;
-            node.ns
-                .ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_ifname])?;
-            ns.ip(&["-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+            node.ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                &host_ifname,
+            ])?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ns.ip(&[
                 "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0", "src", &ip6,
             ])?;

@@ -209,8 +209,7 @@ fn the_pod_mtu_fits_through_the_tunnel(scenario: &Scenario) {
         let largest = pod - headers;
         let ping = ping_unfragmented(&a.ns, dst, largest);
         assert!(ping.contains(" 0% packet loss"), "{ping}");
-        let datagram =
-            udp_datagram_arrives(&a.ns, &b.ns, SocketAddr::new(dst, port + 1), largest);
+        let datagram = udp_datagram_arrives(&a.ns, &b.ns, SocketAddr::new(dst, port + 1), largest);
         assert_eq!(
             datagram,
             Some(largest as usize),
@@ -1810,6 +1809,8 @@ fn a_dual_stack_fabric_carries_both_families_only_through_the_tunnel() {
     the_pod_mtu_fits_through_the_tunnel(&scenario);
     eprintln!("--- keys rotate under a stream of each family");
     keys_rotate_under_a_stream_of_each_family(&scenario);
+    eprintln!("--- no peer sends as another node's IPv6 pods");
+    no_peer_sends_as_another_nodes_ipv6_pods(&scenario);
     eprintln!("--- strict mode drops both families to a peer without keys");
     strict_mode_drops_every_family(&mut scenario);
 }
@@ -1953,7 +1954,11 @@ fn keys_rotate_under_a_stream_of_each_family(scenario: &Scenario) {
         let report = stream.finish(Duration::from_millis(500)).expect("report");
         eprintln!("stream to {dst} during rotation: {report:?}");
         assert!(report.sent >= 1000, "{dst}: {report:?}");
-        assert_eq!((report.lost, report.duplicated), (0, 0), "{dst}: {report:?}");
+        assert_eq!(
+            (report.lost, report.duplicated),
+            (0, 0),
+            "{dst}: {report:?}"
+        );
     }
     let renewed = nodeseal_netns::wait_until(Duration::from_secs(10), || {
         let now = tunnel_keys(topo, encryption, 0, 1);
@@ -1997,4 +2002,62 @@ fn strict_mode_drops_every_family(scenario: &mut Scenario) {
             .count();
         assert!(dropped >= 3, "{to}: {drops:#?}");
     }
+}
+
+/// node1, authenticated, encrypts for node0 an IPv6 datagram whose inner source lies in node2's
+/// IPv6 pod CIDR: node0's kernel drops it after decryption (the policies of that CIDR require
+/// node2's tunnel) and counts it, while the same datagram from node1's own IPv6 pod CIDR
+/// arrives. The inner-source binding holds for IPv6 pods over an IPv4 underlay.
+fn no_peer_sends_as_another_nodes_ipv6_pods(scenario: &Scenario) {
+    let (topo, plan) = (&scenario.topo, scenario.fabric.addresses());
+    let (node0, node1) = (topo.node(0), topo.node(1));
+    let pod = node0.pod(0);
+    let target = SocketAddr::new(pod.ip6.expect("a dual-stack pod").into(), 7400);
+    let receiver = nodeseal_netns::forge::bind_udp(&pod.ns, target).expect("bind");
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mark = nodeseal_netns::forge::out_state_mark(&node1.ns, plan.of(node1).0, plan.of(node0).0)
+        .expect("node1's OUT state toward node0 and its mark");
+    let in_pod_cidr_of = |node: usize| -> IpAddr {
+        let net = u16::try_from(node).expect("node index");
+        std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, net, 0, 0, 0, 0x77).into()
+    };
+    let (own, forged) = (in_pod_cidr_of(1), in_pod_cidr_of(2));
+    for addr in [own, forged] {
+        node1
+            .ns
+            .ip(&["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo"])
+            .expect("address");
+    }
+    // Bounded: 10 reads of at most 500 ms.
+    let received_from = |from: IpAddr| {
+        (0..10).any(|_| {
+            let mut buf = [0u8; 64];
+            matches!(receiver.recv_from(&mut buf), Ok((_, peer)) if peer.ip() == from)
+        })
+    };
+    let errors = || -> u64 {
+        xfrm_stat(&node0.ns)
+            .counters()
+            .iter()
+            .filter(|(name, _)| name.starts_with("XfrmIn") || name.starts_with("XfrmFwd"))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let before = errors();
+    nodeseal_netns::forge::send_marked(&node1.ns, forged, target, mark).expect("send");
+    assert!(
+        !received_from(forged),
+        "a forged inner source reached the pod"
+    );
+    assert!(
+        errors() > before,
+        "node0's kernel did not count the forged packet"
+    );
+    nodeseal_netns::forge::send_marked(&node1.ns, own, target, mark).expect("send");
+    assert!(
+        received_from(own),
+        "the control datagram from node1's own IPv6 pod CIDR did not arrive"
+    );
 }

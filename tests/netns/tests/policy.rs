@@ -11,6 +11,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
+use nodeseal_netns::forge;
 use nodeseal_netns::kube::{KubeControlPlane, put_workload};
 use nodeseal_netns::{
     Fabric, FabricOptions, Feature, StoreKind, TcpService, Topology, UdpStream, require,
@@ -461,49 +462,6 @@ fn an_allowed_stream_survives_policy_and_label_changes() {
     eprintln!("other drops at the deathstar: {flows:?}");
 }
 
-/// The mark of `ns`'s OUT state from `src` to `dst` (as iproute2 prints it: `mark 0xV/0xM`).
-fn out_state_mark(ns: &nodeseal_netns::Netns, src: &str, dst: &str) -> Option<u32> {
-    let text = ns.ip(&["xfrm", "state"]).ok()?;
-    let header = format!("src {src} dst {dst}");
-    let block = text
-        .split("\nsrc ")
-        .map(|b| {
-            if b.starts_with("src ") {
-                b.to_owned()
-            } else {
-                format!("src {b}")
-            }
-        })
-        .find(|b| b.starts_with(&header))?;
-    let value = block
-        .split_whitespace()
-        .skip_while(|w| *w != "mark")
-        .nth(1)?;
-    let value = value.split('/').next()?.trim_start_matches("0x");
-    u32::from_str_radix(value, 16).ok()
-}
-
-/// Sends one UDP datagram from `src` (a local address of `ns`) to `dst` with `skb->mark`
-/// `mark`, as a process of the node could.
-fn send_marked(ns: &nodeseal_netns::Netns, src: Ipv4Addr, dst: SocketAddrV4, mark: u32) {
-    ns.run(move || {
-        use std::os::fd::AsRawFd as _;
-        let socket = UdpSocket::bind((src, 0)).expect("bind the forged source");
-        // SAFETY: a valid socket fd and a u32 option value of the size passed.
-        let set = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_MARK,
-                std::ptr::from_ref(&mark).cast(),
-                u32::try_from(size_of::<u32>()).unwrap(),
-            )
-        };
-        assert_eq!(set, 0, "SO_MARK: {}", std::io::Error::last_os_error());
-        socket.send_to(b"landing request", dst).expect("send");
-    });
-}
-
 /// An authenticated peer that encrypts a packet whose inner source lies in another node's pod
 /// CIDR (here: node1 sending as a pod of node2, to pass a policy that admits node2's pods)
 /// gets nothing through: node0's kernel drops it after decryption (the SA's inner-source
@@ -524,7 +482,7 @@ fn an_authenticated_peer_cannot_send_as_another_nodes_pods() {
             .expect("timeout");
         socket
     }));
-    let mark = out_state_mark(&node1.ns, &node1.ip.to_string(), &node0.ip.to_string())
+    let mark = forge::out_state_mark(&node1.ns, node1.ip.into(), node0.ip.into())
         .expect("node1's OUT state toward node0 and its mark");
     let own = Ipv4Addr::new(10, 244, 1, 77);
     let forged = Ipv4Addr::new(10, 244, 2, 77);
@@ -544,7 +502,7 @@ fn an_authenticated_peer_cannot_send_as_another_nodes_pods() {
     };
     let errors_before = xfrm_error_total(&node0.ns);
     let target = SocketAddrV4::new(deathstar.ip, 7300);
-    send_marked(&node1.ns, forged, target, mark);
+    forge::send_marked(&node1.ns, forged.into(), target.into(), mark).expect("send");
     assert!(
         !received_from(forged),
         "a forged inner source reached the pod"
@@ -567,7 +525,7 @@ fn an_authenticated_peer_cannot_send_as_another_nodes_pods() {
             .any(|k| k.starts_with("XfrmIn") || k.starts_with("XfrmFwd"))),
         "{status}"
     );
-    send_marked(&node1.ns, own, target, mark);
+    forge::send_marked(&node1.ns, own.into(), target.into(), mark).expect("send");
     assert!(
         received_from(own),
         "the control datagram from node1's own CIDR did not arrive"

@@ -79,9 +79,11 @@ mod fixture {
             Aead::new(AeadAlgorithm::AesGcm128, &k).unwrap()
         };
         let out_mark = Mark::new(0x0e00 | (peer << 16), 0xffff_ff00);
-        let mut out = StateSpec::new(l, p, spi(local, peer), r, key(local, peer), Some(sel_out)).unwrap();
+        let mut out =
+            StateSpec::new(l, p, spi(local, peer), r, key(local, peer), Some(sel_out)).unwrap();
         out.mark = out_mark;
-        let mut inb = StateSpec::new(p, l, spi(peer, local), r, key(peer, local), Some(sel_in)).unwrap();
+        let mut inb =
+            StateSpec::new(p, l, spi(peer, local), r, key(peer, local), Some(sel_in)).unwrap();
         inb.mark = IN_MARK;
         let t_out = Template::new(l, p, r).unwrap();
         let t_in = Template::new(p, l, r).unwrap();
@@ -669,8 +671,15 @@ fn live_objects(
         Some(sel_out),
     )
     .expect("out state");
-    let inb =
-        StateSpec::new(p, l, Spi::new(spi_in).expect("spi"), r, key(spi_in), Some(sel_in)).expect("in");
+    let inb = StateSpec::new(
+        p,
+        l,
+        Spi::new(spi_in).expect("spi"),
+        r,
+        key(spi_in),
+        Some(sel_in),
+    )
+    .expect("in");
     let t_out = Template::new(l, p, r).expect("template");
     let t_in = Template::new(p, l, r).expect("template");
     Desired {
