@@ -168,12 +168,21 @@ async fn start_wireguard(
     };
     let public_key = key.public_key();
     let private_key = Arc::new(key.clone());
+    // With node encryption WireGuard's own packets carry a mark that keeps them out of the
+    // link they came from (see `wireguard::exemption_rules`); without, a mark a previous run
+    // set goes.
+    let fwmark = if config.node_encryption {
+        nodeseal_bpf::mark::MAGIC_WIREGUARD
+    } else {
+        0
+    };
     handle
         .device(config.wireguard_link.clone())
         .configure(
             DeviceConfig::new()
                 .private_key(key)
-                .listen_port(config.wireguard_port),
+                .listen_port(config.wireguard_port)
+                .fwmark(fwmark),
         )
         .execute()
         .await
@@ -184,11 +193,11 @@ async fn start_wireguard(
         Family::V6
     };
     for family in [Family::V4, Family::V6] {
-        let rule = Rule {
+        let rule = Rule::all(
             family,
-            priority: crate::peer::wireguard::RULE_PRIORITY,
-            table: crate::peer::wireguard::ROUTE_TABLE,
-        };
+            crate::peer::wireguard::RULE_PRIORITY,
+            crate::peer::wireguard::ROUTE_TABLE,
+        );
         match handle.routes().add_rule(rule).execute().await {
             Ok(()) => {}
             Err(e) if family == own => {
@@ -196,6 +205,26 @@ async fn start_wireguard(
             }
             // The other family may be disabled on the node; the peers are all of ours.
             Err(e) => debug!(error = %error_chain(&e), ?family, "no rule for the other family"),
+        }
+        let exemptions = crate::peer::wireguard::exemption_rules(
+            family,
+            config.handshake_port,
+            &config.node_encryption_exempt_tcp_port,
+        );
+        for rule in exemptions {
+            let request = if config.node_encryption {
+                handle.routes().add_rule(rule)
+            } else {
+                // A previous run's, with node encryption.
+                handle.routes().delete_rule(rule)
+            };
+            match request.execute().await {
+                Ok(()) => {}
+                Err(e) if family == own && config.node_encryption => {
+                    return Err(e).context("adding a rule that keeps traffic out of WireGuard");
+                }
+                Err(e) => debug!(error = %error_chain(&e), ?rule, "exemption rule"),
+            }
         }
     }
     info!(link = %link.name, mtu, port = config.wireguard_port, %public_key, "WireGuard device ready");
@@ -207,6 +236,7 @@ async fn start_wireguard(
             public_key,
             private_key,
             holders: crate::peer::wireguard::KeyHolders::default(),
+            node_encryption: config.node_encryption,
         },
     })
 }
@@ -311,6 +341,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         strict: config.strict_mode,
         local_pod_cidrs: local.pod_cidrs.clone(),
         mode: config.datapath_mode(),
+        node_encryption: config.node_encryption,
     })
     .context("loading the eBPF datapath")?;
     datapath

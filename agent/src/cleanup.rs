@@ -59,14 +59,21 @@ async fn remove_wireguard(config: &AgentConfig) -> Result<bool, CleanupError> {
         Err(e) => return Err(CleanupError::Wireguard(e)),
     };
     for family in [Family::V4, Family::V6] {
-        let rule = Rule {
+        let rule = Rule::all(
             family,
-            priority: crate::peer::wireguard::RULE_PRIORITY,
-            table: crate::peer::wireguard::ROUTE_TABLE,
-        };
-        if let Err(e) = handle.routes().delete_rule(rule).execute().await {
-            // IPv6 may be off on the node: then there is no such rule either.
-            warn!(error = %crate::peer::error_chain(&e), ?family, "removing the WireGuard rule");
+            crate::peer::wireguard::RULE_PRIORITY,
+            crate::peer::wireguard::ROUTE_TABLE,
+        );
+        let exemptions = crate::peer::wireguard::exemption_rules(
+            family,
+            config.handshake_port,
+            &config.node_encryption_exempt_tcp_port,
+        );
+        for rule in std::iter::once(rule).chain(exemptions) {
+            if let Err(e) = handle.routes().delete_rule(rule).execute().await {
+                // IPv6 may be off on the node: then there is no such rule either.
+                warn!(error = %crate::peer::error_chain(&e), ?rule, "removing a WireGuard rule");
+            }
         }
     }
     Ok(deleted)
@@ -139,6 +146,7 @@ fn settings(config: &AgentConfig) -> DatapathSettings {
         strict: config.strict_mode,
         local_pod_cidrs: Vec::new(),
         mode: config.datapath_mode(),
+        node_encryption: config.node_encryption,
     }
 }
 

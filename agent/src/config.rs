@@ -55,11 +55,11 @@ pub enum CleanupOnExit {
 /// A configuration the agent refuses to start with.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// `--node-encryption true`.
+    /// `--node-encryption true` in IPsec mode.
     #[error(
-        "--node-encryption (NODESEAL_NODE_ENCRYPTION): encryption of node-to-node (host) traffic is not implemented yet; set it to false"
+        "--node-encryption (NODESEAL_NODE_ENCRYPTION) needs --encryption-type wireguard: in IPsec mode the node's own packets are routed, and their SA chosen, before any eBPF program could give them the key-slot mark (host SAs of their own are not built yet)"
     )]
-    NodeEncryptionNotImplemented,
+    NodeEncryptionNeedsWireguard,
     /// The health and metrics endpoints would share a port on different addresses.
     #[error(
         "--health-addr {health} and --metrics-addr {metrics} use the same port on different addresses; use one address (one server answers both) or two ports"
@@ -249,9 +249,21 @@ pub struct AgentConfig {
     /// The UDP port of the WireGuard device; every node uses the same one.
     #[arg(long, env = "NODESEAL_WIREGUARD_PORT", default_value_t = crate::peer::wireguard::DEFAULT_PORT)]
     pub wireguard_port: u16,
-    /// Also encrypt node-to-node (host) traffic. Reserved: `true` is refused at start.
+    /// Also encrypt traffic between node IPs (host to host, host to remote pod, remote pod to
+    /// host), WireGuard mode only; every node of the cluster must agree. Stays in clear: the
+    /// handshake port, the ports of `--node-encryption-exempt-tcp-port`, and WireGuard's own
+    /// UDP.
     #[arg(long, env = "NODESEAL_NODE_ENCRYPTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub node_encryption: bool,
+    /// TCP ports (source or destination) that stay outside the tunnel with node encryption:
+    /// what the agent must reach before keys exist when it listens on a node IP, e.g. the
+    /// kube-apiserver's 6443 or etcd's 2379 on control-plane nodes.
+    #[arg(
+        long,
+        env = "NODESEAL_NODE_ENCRYPTION_EXEMPT_TCP_PORTS",
+        value_delimiter = ','
+    )]
+    pub node_encryption_exempt_tcp_port: Vec<u16>,
     /// Drop traffic to and from remote pods that has no SA instead of sending it in clear.
     #[arg(long, env = "NODESEAL_STRICT_MODE", default_value_t = true, action = clap::ArgAction::Set)]
     pub strict_mode: bool,
@@ -328,8 +340,8 @@ impl AgentConfig {
     /// # Errors
     /// [`ConfigError`].
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.node_encryption {
-            return Err(ConfigError::NodeEncryptionNotImplemented);
+        if self.node_encryption && self.encryption_type != EncryptionType::Wireguard {
+            return Err(ConfigError::NodeEncryptionNeedsWireguard);
         }
         if let (Some(health), Some(metrics)) = (self.health_addr, self.metrics_addr)
             && health.port() == metrics.port()
@@ -366,6 +378,7 @@ impl AgentConfig {
             wireguard_link: nodeseal_wireguard::LinkName::default(),
             wireguard_port: crate::peer::wireguard::DEFAULT_PORT,
             node_encryption: false,
+            node_encryption_exempt_tcp_port: Vec::new(),
             rekey_interval: Duration::from_secs(3600),
             rekey_grace: Duration::from_secs(2),
             peer_retention: Duration::from_secs(600),
@@ -470,11 +483,19 @@ mod tests {
     }
 
     #[test]
-    fn reserved_settings_are_refused_with_the_flag_named() {
+    fn node_encryption_is_refused_in_ipsec_mode_with_the_flag_named() {
         let host = parse(&["--node-encryption=true"]).unwrap();
         let e = host.validate().unwrap_err();
-        assert_eq!(e, ConfigError::NodeEncryptionNotImplemented);
+        assert_eq!(e, ConfigError::NodeEncryptionNeedsWireguard);
         assert!(e.to_string().contains("--node-encryption"), "{e}");
+        let wireguard = parse(&[
+            "--node-encryption=true",
+            "--encryption-type=wireguard",
+            "--node-encryption-exempt-tcp-port=6443,2379",
+        ])
+        .unwrap();
+        assert_eq!(wireguard.validate(), Ok(()));
+        assert_eq!(wireguard.node_encryption_exempt_tcp_port, [6443, 2379]);
     }
 
     #[test]

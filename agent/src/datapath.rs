@@ -90,6 +90,9 @@ pub struct DatapathSettings {
     /// The encryption mode (IPsec: pod traffic gets the encryption mark; WireGuard: routing
     /// takes it into the link).
     pub mode: Mode,
+    /// Pods' traffic to remote node IPs is tunnel traffic too (strict mode drops it to a peer
+    /// without keys).
+    pub node_encryption: bool,
 }
 
 /// What an endpoint entry of the datapath says: its identity and enforced directions.
@@ -351,7 +354,7 @@ impl DatapathHandle {
                 local_node: None,
                 strict_egress: settings.strict,
                 strict_ingress: settings.strict,
-                node_encryption: false,
+                node_encryption: settings.node_encryption,
                 trace: false,
             })
             .map_err(map_err("config"))?;

@@ -471,10 +471,25 @@ impl State {
                         .ok_or(libc::EINVAL)
                         .and_then(|a| a.u32("").map_err(|_| libc::EINVAL))
                 };
+                let port = |ty, side| {
+                    let range = find(&attrs, ty)?;
+                    let proto = find(&attrs, r::FRA_IP_PROTO)?;
+                    Some(crate::RulePort {
+                        protocol: *proto.payload.first()?,
+                        side,
+                        port: u16::from_ne_bytes([*range.payload.first()?, *range.payload.get(1)?]),
+                    })
+                };
                 let rule = Rule {
                     family,
                     priority: u32_of(r::FRA_PRIORITY)?,
                     table: u32_of(r::FRA_TABLE)?,
+                    fwmark: u32_of(r::FRA_FWMARK).ok().map(|value| crate::FwMark {
+                        value,
+                        mask: u32_of(r::FRA_FWMASK).unwrap_or(u32::MAX),
+                    }),
+                    port: port(r::FRA_SPORT_RANGE, crate::PortSide::Source)
+                        .or_else(|| port(r::FRA_DPORT_RANGE, crate::PortSide::Destination)),
                 };
                 if msg.ty == r::RTM_DELRULE {
                     return if self.rules.remove(&rule) {

@@ -59,7 +59,7 @@ pub use handle::{DeviceRequests, Handle, LinkRequests, Request, RouteRequests};
 pub use key::{KEY_LEN, KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use link::{DEFAULT_LINK_NAME, DEFAULT_MTU, Link, LinkName, LinkNameError, LinkSpec};
 pub use nodeseal_netlink::DecodeError;
-pub use routing::{Family, Rule};
+pub use routing::{Family, FwMark, PortSide, Rule, RulePort};
 
 /// Helpers for tests in this and other crates.
 #[cfg(any(test, feature = "testing"))]

@@ -27,7 +27,8 @@ impl Family {
     }
 }
 
-/// `ip rule add priority PRIORITY lookup TABLE` for one family.
+/// `ip rule add priority PRIORITY [fwmark M/M] [ipproto P sport|dport N] lookup TABLE` for one
+/// family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Rule {
     /// The address family.
@@ -36,4 +37,51 @@ pub struct Rule {
     pub priority: u32,
     /// The routing table it looks up.
     pub table: u32,
+    /// Only for packets whose mark, under the mask, is the value (`fwmark V/M`).
+    pub fwmark: Option<FwMark>,
+    /// Only for packets of one protocol and port.
+    pub port: Option<RulePort>,
+}
+
+impl Rule {
+    /// The rule for every packet of `family`: `ip rule add priority P lookup T`.
+    #[must_use]
+    pub const fn all(family: Family, priority: u32, table: u32) -> Self {
+        Self {
+            family,
+            priority,
+            table,
+            fwmark: None,
+            port: None,
+        }
+    }
+}
+
+/// `fwmark VALUE/MASK` of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FwMark {
+    /// What the masked mark must be.
+    pub value: u32,
+    /// The bits compared.
+    pub mask: u32,
+}
+
+/// Which port of a packet a rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortSide {
+    /// `sport N`.
+    Source,
+    /// `dport N`.
+    Destination,
+}
+
+/// `ipproto P sport|dport N` of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RulePort {
+    /// The IP protocol (6 TCP, 17 UDP).
+    pub protocol: u8,
+    /// Source or destination.
+    pub side: PortSide,
+    /// The port.
+    pub port: u16,
 }

@@ -424,11 +424,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, Error::WrongKind { .. }), "{e}");
 
-        let rule = Rule {
-            family: Family::V4,
-            priority: 100,
-            table: 20051,
-        };
+        let rule = Rule::all(Family::V4, 100, 20051);
         for _ in 0..2 {
             h.routes().add_rule(rule).execute().await.unwrap();
         }

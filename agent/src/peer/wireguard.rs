@@ -25,9 +25,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::IpNet;
+use nodeseal_bpf::mark;
 use nodeseal_keymgr::{Hello, Mode, NodeName, SessionKeys, WgPublicKey};
 use nodeseal_wireguard::{
-    DeviceRequests, Handle, LinkName, PeerConfig, PresharedKey, PrivateKey, PublicKey,
+    DeviceRequests, Family, FwMark, Handle, LinkName, PeerConfig, PortSide, PresharedKey,
+    PrivateKey, PublicKey, Rule, RulePort,
 };
 use rand::Rng;
 use tracing::{debug, info, warn};
@@ -48,6 +50,40 @@ pub const ROUTE_TABLE: u32 = 0x4e53;
 /// The priority of the rule that looks up [`ROUTE_TABLE`]: after `local` (0), before `main`
 /// (32766).
 pub const RULE_PRIORITY: u32 = 100;
+/// The priority of the node-encryption exemptions, consulted just before [`RULE_PRIORITY`].
+pub const EXEMPT_PRIORITY: u32 = RULE_PRIORITY - 1;
+/// The kernel's main routing table.
+const MAIN_TABLE: u32 = 254;
+
+/// With node encryption the peers' node IPs are routed into the link, so what must stay
+/// outside it is sent to the main table first: WireGuard's own UDP (the device's fwmark,
+/// [`mark::MAGIC_WIREGUARD`]: otherwise its packets to a peer would loop back into the link),
+/// the handshake port in both directions (keys must be agreed before the tunnel exists), and
+/// the operator's exempt TCP ports (a kube-apiserver or etcd the agent reaches before keys).
+#[must_use]
+pub fn exemption_rules(family: Family, handshake_port: u16, exempt_tcp: &[u16]) -> Vec<Rule> {
+    let main = Rule::all(family, EXEMPT_PRIORITY, MAIN_TABLE);
+    let mut rules = vec![Rule {
+        fwmark: Some(FwMark {
+            value: mark::MAGIC_WIREGUARD,
+            mask: mark::MAGIC_MASK,
+        }),
+        ..main
+    }];
+    for port in std::iter::once(handshake_port).chain(exempt_tcp.iter().copied()) {
+        for side in [PortSide::Source, PortSide::Destination] {
+            rules.push(Rule {
+                port: Some(RulePort {
+                    protocol: 6,
+                    side,
+                    port,
+                }),
+                ..main
+            });
+        }
+    }
+    rules
+}
 
 /// What every WireGuard tunnel of the node shares.
 #[derive(Clone, Debug)]
@@ -63,6 +99,8 @@ pub struct WireguardSettings {
     pub private_key: Arc<PrivateKey>,
     /// Which peer holds each key on the device.
     pub holders: KeyHolders,
+    /// Each peer's node IP is routed into the link and allowed on its entry too.
+    pub node_encryption: bool,
 }
 
 /// Which peer holds each public key on the device. The device keeps one entry per key, so a
@@ -156,9 +194,20 @@ impl WireguardTunnel {
         }
     }
 
-    /// Routes exactly `peer`'s pod CIDRs into the link.
+    /// What the peer's entry allows and the link routes to it: its pod CIDRs, and with node
+    /// encryption its node IP.
+    fn prefixes(&self, peer: &PeerEnd) -> Vec<IpNet> {
+        let mut prefixes = peer.pod_cidrs.clone();
+        if self.settings.node_encryption {
+            prefixes.push(IpNet::from(peer.ip));
+        }
+        prefixes
+    }
+
+    /// Routes exactly `peer`'s prefixes into the link.
     async fn route(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
-        for cidr in &peer.pod_cidrs {
+        let prefixes = self.prefixes(peer);
+        for cidr in &prefixes {
             self.wg
                 .routes()
                 .replace(ROUTE_TABLE, *cidr, self.settings.link.clone())
@@ -168,10 +217,10 @@ impl WireguardTunnel {
         let stale: Vec<IpNet> = self
             .routed
             .iter()
-            .filter(|c| !peer.pod_cidrs.contains(c))
+            .filter(|c| !prefixes.contains(c))
             .copied()
             .collect();
-        self.routed = peer.pod_cidrs.clone();
+        self.routed = prefixes;
         for cidr in stale {
             self.wg.routes().delete(ROUTE_TABLE, cidr).execute().await?;
         }
@@ -195,9 +244,8 @@ impl WireguardTunnel {
         let config = PeerConfig::new(key)
             .preshared_key(psk)
             .endpoint(SocketAddr::new(peer.ip, self.settings.port))
-            // Node IPs join once node encryption exists; pod CIDRs alone make WireGuard drop
-            // an inner source the peer does not own.
-            .allowed_ips(peer.pod_cidrs.iter().copied());
+            // Only what the peer owns: WireGuard drops any other inner source from it.
+            .allowed_ips(self.prefixes(peer));
         match &self.written {
             Some((k, ips)) if *k != key || *ips != config.allowed_ips => config,
             _ => config.add_allowed_ips(),
@@ -475,6 +523,7 @@ mod tests {
             public_key,
             private_key: Arc::new(key.clone()),
             holders: KeyHolders::default(),
+            node_encryption: false,
         };
         handle
             .device(settings.link.clone())

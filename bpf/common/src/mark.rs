@@ -23,6 +23,9 @@ pub const MAGIC_MASK: u32 = 0x0F00;
 pub const MAGIC_ENCRYPT: u32 = 0x0E00;
 /// Magic: ESP from a known node; decrypt it (set on ingress from the network).
 pub const MAGIC_DECRYPT: u32 = 0x0D00;
+/// Magic: a packet WireGuard itself sends (the device's fwmark, with node encryption in
+/// WireGuard mode): it goes by the main table, never into the link it came from.
+pub const MAGIC_WIREGUARD: u32 = 0x0C00;
 /// Bit position of the key slot.
 pub const KEY_SHIFT: u32 = 12;
 /// Mask of the key slot.

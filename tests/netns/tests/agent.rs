@@ -2061,3 +2061,104 @@ fn no_peer_sends_as_another_nodes_ipv6_pods(scenario: &Scenario) {
         "the control datagram from node1's own IPv6 pod CIDR did not arrive"
     );
 }
+
+/// The handshake port, which stays outside the tunnel with node encryption.
+const HANDSHAKE_PORT: u16 = 4250;
+
+/// Node encryption in WireGuard mode. The fabric comes up from cold with it on (the handshake
+/// port stays outside the tunnel: no chicken-and-egg); host-to-host, host-to-remote-pod and
+/// remote-pod-to-host traffic then cross the wire only as WireGuard. node0's agent is
+/// SIGKILLed: its node stays reachable through the tunnel the device keeps, and after the
+/// restart everything still goes through it.
+#[test]
+fn node_encryption_carries_host_traffic_only_through_wireguard() {
+    let options = FabricOptions {
+        encryption: Encryption::Wireguard,
+        agent_args: vec![vec!["--node-encryption".to_owned(), "true".to_owned()]; 2],
+        ..FabricOptions::default()
+    };
+    let Some(mut scenario) = established("nodeenc", 2, 2, options, Backend::Dir) else {
+        return;
+    };
+    eprintln!("--- host traffic crosses only through the tunnel");
+    host_traffic_crosses_only_through_the_tunnel(&scenario);
+
+    eprintln!("--- node0's agent is SIGKILLed and restarted");
+    scenario.fabric.kill_agent(0);
+    let (n0, n1) = (scenario.topo.node(0), scenario.topo.node(1));
+    let r = ping(&n1.ns, n0.ip, 3).expect("ping");
+    assert!(
+        r.all_answered(),
+        "node0 unreachable without its agent: {r:?}"
+    );
+    scenario
+        .fabric
+        .restart_agent(&scenario.topo, 0)
+        .expect("restart");
+    scenario
+        .fabric
+        .wait_established(&[0, 1], CONVERGE)
+        .expect("established again");
+    host_traffic_crosses_only_through_the_tunnel(&scenario);
+}
+
+/// Pings both ways between the node IPs and between each node and the other's pod, and a
+/// 1 MB TCP transfer between the node IPs: all through, and nothing between the two node IPs
+/// on the wire in clear but the handshake port (nor anything with a pod address).
+fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario) {
+    let topo = &scenario.topo;
+    let (n0, n1) = (topo.node(0), topo.node(1));
+    let capture = topo.capture().expect("capture");
+    for (from, to) in [
+        (&n0.ns, IpAddr::from(n1.ip)),
+        (&n1.ns, n0.ip.into()),
+        (&n0.ns, n1.pod(0).ip.into()),
+        (&n1.pod(0).ns, n0.ip.into()),
+    ] {
+        let r = ping(from, to, 2).expect("ping");
+        assert!(r.all_answered(), "{} -> {to}: {r:?}", from.name());
+    }
+    let transfer = nodeseal_netns::tcp_transfer(
+        &n0.ns,
+        &n1.ns,
+        SocketAddrV4::new(n1.ip, 7500),
+        1 << 20,
+        Duration::from_secs(60),
+    )
+    .expect("host-to-host transfer");
+    assert!(transfer.intact, "{transfer:?}");
+    let node_ips = [IpAddr::from(n0.ip), n1.ip.into()];
+    let clear: Vec<_> = capture
+        .packets()
+        .into_iter()
+        .filter(|p| match p.class {
+            nodeseal_netns::PacketClass::Plaintext {
+                src,
+                dst,
+                protocol,
+                sport,
+                dport,
+            } => {
+                let handshake = protocol == 6
+                    && (sport == Some(HANDSHAKE_PORT) || dport == Some(HANDSHAKE_PORT));
+                node_ips.contains(&src) && node_ips.contains(&dst) && !handshake
+            }
+            _ => false,
+        })
+        .collect();
+    assert!(
+        clear.is_empty(),
+        "host traffic in clear: {:#?}",
+        &clear[..clear.len().min(10)]
+    );
+    capture
+        .check_no_plaintext(&topo.pod_cidrs())
+        .unwrap_or_else(|leak| panic!("{leak}"));
+    let summary = capture.summary();
+    assert!(summary.wireguard >= 16, "{summary}");
+    let entries = wg_entries(&n0.ns);
+    assert!(
+        entries.len() == 1 && entries[0].allowed_ips.contains(&format!("{}/32", n1.ip)),
+        "{entries:?}"
+    );
+}

@@ -13,7 +13,7 @@ use super::codec::{
     self, DecodeError, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use crate::link::Link;
-use crate::routing::{Family, Rule};
+use crate::routing::{Family, PortSide, Rule};
 
 pub(crate) const RTM_NEWLINK: u16 = 16;
 pub(crate) const RTM_DELLINK: u16 = 17;
@@ -30,7 +30,12 @@ pub(crate) const RTA_DST: u16 = 1;
 pub(crate) const RTA_OIF: u16 = 4;
 pub(crate) const RTA_TABLE: u16 = 15;
 pub(crate) const FRA_PRIORITY: u16 = 6;
+pub(crate) const FRA_FWMARK: u16 = 10;
 pub(crate) const FRA_TABLE: u16 = 15;
+pub(crate) const FRA_FWMASK: u16 = 16;
+pub(crate) const FRA_IP_PROTO: u16 = 22;
+pub(crate) const FRA_SPORT_RANGE: u16 = 23;
+pub(crate) const FRA_DPORT_RANGE: u16 = 24;
 /// `RT_TABLE_UNSPEC` in the one-byte table field: the table is in `RTA_TABLE` / `FRA_TABLE`,
 /// which holds ids above 255.
 const RT_TABLE_UNSPEC: u8 = 0;
@@ -203,6 +208,22 @@ pub(crate) fn encode_rule(buf: &mut Vec<u8>, seq: u32, add: bool, rule: Rule) {
     buf.extend_from_slice(&0u32.to_ne_bytes()); // flags
     codec::attr_u32(buf, FRA_PRIORITY, rule.priority);
     codec::attr_u32(buf, FRA_TABLE, rule.table);
+    if let Some(mark) = rule.fwmark {
+        codec::attr_u32(buf, FRA_FWMARK, mark.value);
+        codec::attr_u32(buf, FRA_FWMASK, mark.mask);
+    }
+    if let Some(port) = rule.port {
+        codec::attr(buf, FRA_IP_PROTO, &[port.protocol]);
+        let side = match port.side {
+            PortSide::Source => FRA_SPORT_RANGE,
+            PortSide::Destination => FRA_DPORT_RANGE,
+        };
+        // struct fib_rule_port_range: start and end, host order.
+        let mut range = [0u8; 4];
+        range[..2].copy_from_slice(&port.port.to_ne_bytes());
+        range[2..].copy_from_slice(&port.port.to_ne_bytes());
+        codec::attr(buf, side, &range);
+    }
     codec::finish(buf, m);
 }
 
@@ -347,11 +368,7 @@ mod tests {
 
     #[test]
     fn rules_carry_family_priority_table_and_the_lookup_action() {
-        let rule = Rule {
-            family: Family::V6,
-            priority: 100,
-            table: 20051,
-        };
+        let rule = Rule::all(Family::V6, 100, 20051);
         let mut buf = Vec::new();
         encode_rule(&mut buf, 1, true, rule);
         let m = one(&buf);
@@ -373,9 +390,60 @@ mod tests {
             (attrs[1].ty, attrs[1].u32("t").unwrap()),
             (FRA_TABLE, 20051)
         );
+        assert_eq!(attrs.len(), 2, "nothing else to match");
         let mut buf = Vec::new();
         encode_rule(&mut buf, 2, false, rule);
         assert_eq!(one(&buf).ty, RTM_DELRULE);
+    }
+
+    #[test]
+    fn rules_match_a_mark_or_a_port() {
+        let marked = Rule {
+            fwmark: Some(crate::routing::FwMark {
+                value: 0x0c00,
+                mask: 0x0f00,
+            }),
+            ..Rule::all(Family::V4, 99, 254)
+        };
+        let port = Rule {
+            port: Some(crate::routing::RulePort {
+                protocol: 6,
+                side: PortSide::Source,
+                port: 4250,
+            }),
+            ..Rule::all(Family::V4, 99, 254)
+        };
+        for (rule, expected) in [
+            (
+                marked,
+                vec![
+                    (FRA_FWMARK, 0x0c00u32.to_ne_bytes().to_vec()),
+                    (FRA_FWMASK, 0x0f00u32.to_ne_bytes().to_vec()),
+                ],
+            ),
+            (
+                port,
+                vec![
+                    (FRA_IP_PROTO, vec![6]),
+                    (
+                        FRA_SPORT_RANGE,
+                        [4250u16.to_ne_bytes(), 4250u16.to_ne_bytes()].concat(),
+                    ),
+                ],
+            ),
+        ] {
+            let mut buf = Vec::new();
+            encode_rule(&mut buf, 1, true, rule);
+            let m = one(&buf);
+            let attrs: Vec<_> = codec::attrs(&m.payload[RTMSG_LEN..])
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let tail: Vec<(u16, Vec<u8>)> = attrs[2..]
+                .iter()
+                .map(|a| (a.ty, a.payload.to_vec()))
+                .collect();
+            assert_eq!(tail, expected, "{rule:?}");
+        }
     }
 
     #[test]
