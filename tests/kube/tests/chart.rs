@@ -154,6 +154,10 @@ fn defaults_render_agents_without_encryption_and_no_keymgr() {
         Some("false")
     );
     assert_eq!(
+        env_value(&agent, "NODESEAL_NODE_ENCRYPTION_EXEMPT_TCP_PORTS").as_deref(),
+        Some("6443")
+    );
+    assert_eq!(
         env_value(&agent, "NODESEAL_KUBERNETES").as_deref(),
         Some("true")
     );
@@ -652,6 +656,11 @@ fn bad_values_are_rejected_naming_the_value() {
         (("metrics.port", "70000"), "/metrics/port"),
         (("agent.cleanupOnExit", "later"), "/agent/cleanupOnExit"),
         (("encryptoin.enabled", "true"), "encryptoin"),
+        (("encryption.nodeEncryption", "true"), "encryption.type=wireguard"),
+        (
+            ("encryption.nodeEncryptionExemptTcpPorts", "{0}"),
+            "/encryption/nodeEncryptionExemptTcpPorts",
+        ),
     ] {
         let e = render_chart(NS, &[set]).expect_err(&format!("{set:?} accepted"));
         let message = format!("{e:#}");
