@@ -656,7 +656,10 @@ fn bad_values_are_rejected_naming_the_value() {
         (("metrics.port", "70000"), "/metrics/port"),
         (("agent.cleanupOnExit", "later"), "/agent/cleanupOnExit"),
         (("encryptoin.enabled", "true"), "encryptoin"),
-        (("encryption.nodeEncryption", "true"), "encryption.type=wireguard"),
+        (
+            ("encryption.nodeEncryption", "true"),
+            "encryption.type=wireguard",
+        ),
         (
             ("encryption.nodeEncryptionExemptTcpPorts", "{0}"),
             "/encryption/nodeEncryptionExemptTcpPorts",

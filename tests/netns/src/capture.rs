@@ -518,6 +518,11 @@ pub fn classify(frame: &[u8]) -> PacketClass {
     }
 }
 
+/// The smallest link MTU (IPv4's): WireGuard pads a packet to a multiple of 16 bytes but never
+/// past its device's MTU, so a padded length that is no multiple of 16 is that MTU, at least
+/// this.
+const MIN_MTU: usize = 576;
+
 /// WireGuard messages: a type byte 1-4, three zero bytes, and a length fixed by the type
 /// (148, 92, 64) or, for transport data, a 16-byte header plus a padded, tagged payload.
 fn wireguard_message_type(body: &[u8]) -> Option<u8> {
@@ -529,7 +534,10 @@ fn wireguard_message_type(body: &[u8]) -> Option<u8> {
         1 => body.len() == 148,
         2 => body.len() == 92,
         3 => body.len() == 64,
-        4 => body.len() >= 32 && (body.len() - 32).is_multiple_of(16),
+        4 => body
+            .len()
+            .checked_sub(32)
+            .is_some_and(|padded| padded.is_multiple_of(16) || padded >= MIN_MTU),
         _ => false,
     };
     fits.then_some(kind)
@@ -607,6 +615,18 @@ mod tests {
             classify(&ipv4_frame(17, &udp)),
             PacketClass::WireGuard {
                 message_type: 1,
+                ..
+            }
+        ));
+        // Transport data padded up to a 1420-byte device MTU (no multiple of 16).
+        let mut full = udp[..8].to_vec();
+        let mut data = vec![4, 0, 0, 0];
+        data.resize(32 + 1420, 0x55);
+        full.extend_from_slice(&data);
+        assert!(matches!(
+            classify(&ipv4_frame(17, &full)),
+            PacketClass::WireGuard {
+                message_type: 4,
                 ..
             }
         ));
