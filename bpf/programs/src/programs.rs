@@ -129,7 +129,9 @@ pub fn from_network(ctx: TcContext) -> i32 {
         return pass_verdict(&ctx, tracing, PROGRAM, &p, &who);
     }
     if cfg.mode == Config::MODE_IPSEC && p.protocol == IPPROTO_ESP {
-        let key = NodeKey { addr: p.src };
+        let key = NodeKey {
+            addr: p.src.bytes(),
+        };
         let Some(node) = NODES.get_ptr(key) else {
             return verdict::drop(&ctx, PROGRAM, DropReason::UnknownNode, &p, &who);
         };
@@ -255,26 +257,22 @@ fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
 /// the trie.
 #[inline(always)]
 fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
-    let addr = if src { &p.src } else { &p.dst };
+    let addr = if src { p.src } else { p.dst };
     if p.ip_version == 4 {
-        let v4 = [addr[12], addr[13], addr[14], addr[15]];
         if prefix_lengths(PrefixLengths::INDEX_V4).state == PrefixLengths::STATE_ARRAYS
-            && let Ok(found) = ipcache_v4_arrays(u32::from_be_bytes(v4))
+            && let Ok(found) = ipcache_v4_arrays(addr.v4())
         {
             return found;
         }
-        IPCACHE_V4.get(Key::new(32, v4)).copied()
+        IPCACHE_V4
+            .get(Key::new(32, addr.0[3].to_ne_bytes()))
+            .copied()
     } else {
         let lens = prefix_lengths(PrefixLengths::INDEX_V6);
         if lens.state != PrefixLengths::STATE_EXACT {
-            return IPCACHE_V6.get(Key::new(128, *addr)).copied();
+            return IPCACHE_V6.get(Key::new(128, addr.bytes())).copied();
         }
-        let mut hi_bytes = [0u8; 8];
-        hi_bytes.copy_from_slice(&addr[..8]);
-        let mut lo_bytes = [0u8; 8];
-        lo_bytes.copy_from_slice(&addr[8..]);
-        let hi = u64::from_be_bytes(hi_bytes);
-        let lo = u64::from_be_bytes(lo_bytes);
+        let (hi, lo) = addr.halves();
         for i in 0..PrefixLengths::MAX_LENS {
             if i >= usize::from(lens.count) {
                 break;
