@@ -10,8 +10,8 @@ use aya_ebpf::programs::TcContext;
 use nodeseal_bpf_common::reason::DropReason;
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
 
 pub const IPPROTO_ICMP: u8 = 1;
