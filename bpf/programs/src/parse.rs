@@ -52,7 +52,7 @@ pub enum L3 {
 ///
 /// Not `[u8; 16]`: the compiler splits a byte array that the parser fills byte by byte into 16
 /// values, which the BPF registers cannot hold, and spilled them to the stack and back on every
-/// packet (a third of `from_pod`'s run time).
+/// packet (7 of `from_pod`'s 52 ns in the datapath benchmark).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Addr(pub [u32; 4]);
 
