@@ -268,7 +268,12 @@ impl Policy {
         }
         let copy_words = 2 * PolicySlot::SLOTS_PER_COPY as usize;
         let table = self.table.map()?;
-        let live = self.live.zip(PolicyTableHeader(self.header.load(0)).live());
+        let header = PolicyTableHeader(self.header.load(0));
+        // A copy an older loader laid out by `policy_buckets_legacy` is rebuilt, not updated.
+        let live = self
+            .live
+            .zip(header.live())
+            .filter(|_| header.multiplicative());
         self.builds += 1;
         let rng = self.seeds.hash_one(self.builds) | 1;
         let updated = live.and_then(|(live, (_, seed))| {

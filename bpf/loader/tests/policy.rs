@@ -1,6 +1,7 @@
 //! The policy table through BPF_PROG_TEST_RUN on the host kernel: batch replacement, removal of
 //! a missing rule, the capacity limit (the old rules stay in force), rules surviving a reload of
-//! the pinned maps, and readers racing table switches. Needs root and BPF; skips with a reason
+//! the pinned maps, a table pinned by an older loader (the earlier bucket hash), and readers
+//! racing table switches. Needs root and BPF; skips with a reason
 //! otherwise (fails instead with NODESEAL_REQUIRE_PRIVILEGED=1).
 #![expect(
     clippy::expect_used,
@@ -225,4 +226,71 @@ fn readers_see_old_or_new_rules_while_tables_switch() {
             assert_eq!(allowed(&dp, 443), round % 2 == 0, "round {round}");
         }
     });
+}
+
+/// A table an older loader pinned, laid out by `policy_buckets_legacy` under a header without
+/// the multiplicative bit: the datapath reads it as it is, the loader reads its rules back, and
+/// the first change rebuilds it under the current hash.
+#[test]
+fn a_table_pinned_by_an_older_loader_is_read_then_rebuilt() {
+    use nodeseal_bpf_common::maps::{
+        PolicyBucket, PolicyKey, PolicySlot, policy_buckets, policy_buckets_legacy, policy_verdict,
+    };
+
+    let name = "policy_legacy";
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let root = TestPinRoot::new(name);
+    let mut dp = root.load().expect("load datapath");
+    setup(&mut dp);
+    drop(dp);
+
+    let key = PolicyKey {
+        subject: POD_A,
+        peer: POD_B,
+        port: 8080,
+        protocol: proto::TCP,
+        direction: PolicyKey::EGRESS,
+    };
+    let seed = 0x5eed_0001;
+    let (legacy, _) = policy_buckets_legacy(key.word0(), key.word1(), seed);
+    let (current, other) = policy_buckets(key.word0(), key.word1(), seed);
+    assert!(
+        legacy != current && legacy != other,
+        "the test needs a key the two hashes place apart"
+    );
+    let mut bucket = PolicyBucket::default();
+    bucket.slots[0] = PolicySlot::new(&key, policy_verdict::ALLOW);
+    let table = aya::maps::MapData::from_pin(root.path().join("POLICY_TABLE")).expect("table pin");
+    let mut table: aya::maps::Array<_, PolicyBucket> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(table)).expect("table");
+    table.set(legacy, bucket, 0).expect("write bucket");
+    let header =
+        aya::maps::MapData::from_pin(root.path().join("POLICY_HEADER")).expect("header pin");
+    let mut header: aya::maps::Array<_, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(header)).expect("header");
+    // Published, copy 0, `seed`: the layout of the older loader's `PolicyTableHeader::new`.
+    header
+        .set(0, (1u64 << 33) | u64::from(seed), 0)
+        .expect("write header");
+
+    let mut dp = root.load().expect("reload datapath");
+    assert_eq!(dp.policy.len(), 1, "the older table's rule is read back");
+    assert!(allowed(&dp, 8080), "the datapath reads the older layout");
+    assert!(!allowed(&dp, 9090), "and nothing else");
+
+    dp.policy
+        .insert(
+            egress(Some(POD_B), Some(proto::TCP), Some(9090)),
+            PolicyVerdict::Allow,
+        )
+        .expect("insert");
+    assert!(
+        dp.policy.last_publication().expect("published").rebuilt,
+        "an older layout is rebuilt, not updated in place"
+    );
+    assert!(allowed(&dp, 8080), "the older rule, under the current hash");
+    assert!(allowed(&dp, 9090), "the new rule");
+    assert!(!allowed(&dp, 443), "and nothing else");
 }

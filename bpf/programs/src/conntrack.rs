@@ -42,8 +42,8 @@ fn key(p: &Packet, direction: u8, reversed: bool) -> CtKey {
         (p.src, p.dst)
     };
     CtKey {
-        src,
-        dst,
+        src: src.bytes(),
+        dst: dst.bytes(),
         src_port: sport,
         dst_port: dport,
         protocol: p.protocol,

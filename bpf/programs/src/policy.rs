@@ -4,8 +4,8 @@
 use nodeseal_bpf_common::{
     identity,
     maps::{
-        PolicyKey, PolicySlot, PolicyTableHeader, policy_buckets, policy_verdict,
-        policy_verdict_slot,
+        PolicyKey, PolicySlot, PolicyTableHeader, policy_buckets, policy_buckets_legacy,
+        policy_verdict, policy_verdict_slot,
     },
     reason::DropReason,
 };
@@ -64,18 +64,33 @@ fn decide(subject: u32, peer: u32, direction: u8, p: &Packet) -> Result<(), Drop
     }
 }
 
-/// `(first slot of the live copy, seed)`; `None` when nothing was published (no rules).
+/// The live copy of the policy table: its first slot, its seed, and whether it is laid out by
+/// `policy_buckets` (else by `policy_buckets_legacy`).
+#[derive(Clone, Copy)]
+struct Table {
+    base: u32,
+    seed: u32,
+    multiplicative: bool,
+}
+
+/// `None` when nothing was published (no rules).
 #[inline(always)]
-fn live_table() -> Option<(u32, u32)> {
+fn live_table() -> Option<Table> {
     let header = POLICY_HEADER.get_ptr(0)?;
     // SAFETY: pointer from a successful lookup; one aligned 8-byte load, which userspace's
     // atomic store makes all-old or all-new.
-    PolicyTableHeader(unsafe { core::ptr::read_volatile(header.cast::<u64>()) }).live()
+    let header = PolicyTableHeader(unsafe { core::ptr::read_volatile(header.cast::<u64>()) });
+    let (base, seed) = header.live()?;
+    Some(Table {
+        base,
+        seed,
+        multiplicative: header.multiplicative(),
+    })
 }
 
 /// Most specific first: (proto, port), (proto, any port), (any proto, any port).
 #[inline(always)]
-fn lookup(table: (u32, u32), subject: u32, peer: u32, direction: u8, p: &Packet) -> Option<u8> {
+fn lookup(table: Table, subject: u32, peer: u32, direction: u8, p: &Packet) -> Option<u8> {
     let mut key = PolicyKey {
         subject,
         peer,
@@ -99,11 +114,15 @@ fn lookup(table: (u32, u32), subject: u32, peer: u32, direction: u8, p: &Packet)
 
 /// The verdict of exactly `key`: a look at the slots of its first bucket, then of its second.
 #[inline(always)]
-fn get((base, seed): (u32, u32), key: &PolicyKey) -> Option<u8> {
+fn get(table: Table, key: &PolicyKey) -> Option<u8> {
     let word0 = key.word0();
     let word1 = key.word1();
-    let (first, second) = policy_buckets(word0, word1, seed);
-    let copy = base / PolicySlot::BUCKET_SLOTS;
+    let (first, second) = if table.multiplicative {
+        policy_buckets(word0, word1, table.seed)
+    } else {
+        policy_buckets_legacy(word0, word1, table.seed)
+    };
+    let copy = table.base / PolicySlot::BUCKET_SLOTS;
     let mut verdict = bucket_verdict(copy + first, word0, word1);
     if verdict == 0 {
         verdict = bucket_verdict(copy + second, word0, word1);

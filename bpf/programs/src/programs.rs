@@ -34,22 +34,36 @@ pub fn pass(_ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     const PROGRAM: u8 = Event::PROGRAM_FROM_POD;
+    match parse::l3(&ctx) {
+        Ok((L3::Ip, parse::ETH_P_IP)) => from_pod_ip(&ctx, parse::ETH_P_IP),
+        Ok((L3::Ip, _)) => from_pod_ip(&ctx, parse::ETH_P_IPV6),
+        Ok((L3::Arp, _)) => TC_ACT_OK,
+        Ok((L3::Other, _)) => verdict::drop(
+            &ctx,
+            PROGRAM,
+            DropReason::UnsupportedL3,
+            &Packet::new(),
+            &Who::unknown(),
+        ),
+        Err(reason) => verdict::drop(&ctx, PROGRAM, reason, &Packet::new(), &Who::unknown()),
+    }
+}
+
+/// `from_pod` for an IP packet of `ethertype`, inlined once per IP version with a constant
+/// `ethertype`: each copy then knows its packet's version, so the compiler keeps no IPv6
+/// address words around for IPv4 packets and merges no IPv4 and IPv6 values where the two
+/// paths would otherwise join (values it spilled to the stack on every packet).
+#[inline(always)]
+fn from_pod_ip(ctx: &TcContext, ethertype: u16) -> i32 {
+    const PROGRAM: u8 = Event::PROGRAM_FROM_POD;
     let mut p = Packet::new();
     let mut who = Who::unknown();
-    let ethertype = match parse::l3(&ctx) {
-        Ok((L3::Ip, ethertype)) => ethertype,
-        Ok((L3::Arp, _)) => return TC_ACT_OK,
-        Ok((L3::Other, _)) => {
-            return verdict::drop(&ctx, PROGRAM, DropReason::UnsupportedL3, &p, &who);
-        }
-        Err(reason) => return verdict::drop(&ctx, PROGRAM, reason, &p, &who),
-    };
-    let Some(endpoint) = endpoint(verdict::ifindex(&ctx)) else {
-        return verdict::drop(&ctx, PROGRAM, DropReason::UnknownEndpoint, &p, &who);
+    let Some(endpoint) = endpoint(verdict::ifindex(ctx)) else {
+        return verdict::drop(ctx, PROGRAM, DropReason::UnknownEndpoint, &p, &who);
     };
     who.src_identity = endpoint.identity;
-    if let Err(reason) = parse::parse_ip(&ctx, ethertype, &mut p) {
-        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+    if let Err(reason) = parse::parse_ip(ctx, ethertype, &mut p) {
+        return verdict::drop(ctx, PROGRAM, reason, &p, &who);
     }
     let dst = ipcache(&p, false);
     who.dst_identity = dst.map_or(identity::WORLD, |e| e.identity);
@@ -58,7 +72,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         && let Err(reason) =
             policy::check(endpoint.identity, who.dst_identity, PolicyKey::EGRESS, &p)
     {
-        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+        return verdict::drop(ctx, PROGRAM, reason, &p, &who);
     }
     // Only replies checked by ingress policy need the flow.
     if endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0 {
@@ -68,13 +82,13 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let cfg = config();
     let tracing = cfg.flags & Config::FLAG_TRACE != 0;
     let Some(dst) = dst else {
-        return pass_verdict(&ctx, tracing, PROGRAM, &p, &who);
+        return pass_verdict(ctx, tracing, PROGRAM, &p, &who);
     };
     let remote = dst.flags & IpCacheEntry::FLAG_REMOTE != 0
         && (dst.flags & IpCacheEntry::FLAG_POD != 0
             || cfg.flags & Config::FLAG_NODE_ENCRYPTION != 0);
     if !remote || cfg.mode == Config::MODE_NONE {
-        return pass_verdict(&ctx, tracing, PROGRAM, &p, &who);
+        return pass_verdict(ctx, tracing, PROGRAM, &p, &who);
     }
     who.node_id = dst.node_id;
     // A revoked node's pods get no key, whatever `PEER_SLOTS` says: in strict mode they are
@@ -89,19 +103,19 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     };
     if slot.flags & PeerSlot::FLAG_READY != 0 && slot.key_slot != 0 {
         if cfg.mode == Config::MODE_IPSEC {
-            let old = verdict::mark(&ctx) & !mark::OWNED_MASK;
+            let old = verdict::mark(ctx) & !mark::OWNED_MASK;
             ctx.set_mark(old | mark::encrypt(dst.node_id, slot.key_slot));
         }
         if tracing {
-            return verdict::trace(&ctx, PROGRAM, TraceReason::Encrypt as u8, &p, &who);
+            return verdict::trace(ctx, PROGRAM, TraceReason::Encrypt as u8, &p, &who);
         }
         return TC_ACT_OK;
     }
     if cfg.flags & Config::FLAG_STRICT_EGRESS != 0 {
-        return verdict::drop(&ctx, PROGRAM, DropReason::NoSa, &p, &who);
+        return verdict::drop(ctx, PROGRAM, DropReason::NoSa, &p, &who);
     }
     if tracing {
-        return verdict::trace(&ctx, PROGRAM, TraceReason::Plaintext as u8, &p, &who);
+        return verdict::trace(ctx, PROGRAM, TraceReason::Plaintext as u8, &p, &who);
     }
     TC_ACT_OK
 }
@@ -129,7 +143,9 @@ pub fn from_network(ctx: TcContext) -> i32 {
         return pass_verdict(&ctx, tracing, PROGRAM, &p, &who);
     }
     if cfg.mode == Config::MODE_IPSEC && p.protocol == IPPROTO_ESP {
-        let key = NodeKey { addr: p.src };
+        let key = NodeKey {
+            addr: p.src.bytes(),
+        };
         let Some(node) = NODES.get_ptr(key) else {
             return verdict::drop(&ctx, PROGRAM, DropReason::UnknownNode, &p, &who);
         };
@@ -189,37 +205,48 @@ fn plaintext_source_verdict(flags: u16, encrypting: bool, strict: bool) -> Optio
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     const PROGRAM: u8 = Event::PROGRAM_TO_POD;
+    match parse::l3(&ctx) {
+        Ok((L3::Ip, parse::ETH_P_IP)) => to_pod_ip(&ctx, parse::ETH_P_IP),
+        Ok((L3::Ip, _)) => to_pod_ip(&ctx, parse::ETH_P_IPV6),
+        Ok((L3::Arp, _)) => TC_ACT_OK,
+        Ok((L3::Other, _)) => verdict::drop(
+            &ctx,
+            PROGRAM,
+            DropReason::UnsupportedL3,
+            &Packet::new(),
+            &Who::unknown(),
+        ),
+        Err(reason) => verdict::drop(&ctx, PROGRAM, reason, &Packet::new(), &Who::unknown()),
+    }
+}
+
+/// `to_pod` for an IP packet of `ethertype`, inlined once per IP version (see `from_pod_ip`).
+#[inline(always)]
+fn to_pod_ip(ctx: &TcContext, ethertype: u16) -> i32 {
+    const PROGRAM: u8 = Event::PROGRAM_TO_POD;
     let mut p = Packet::new();
     let mut who = Who::unknown();
-    let ethertype = match parse::l3(&ctx) {
-        Ok((L3::Ip, ethertype)) => ethertype,
-        Ok((L3::Arp, _)) => return TC_ACT_OK,
-        Ok((L3::Other, _)) => {
-            return verdict::drop(&ctx, PROGRAM, DropReason::UnsupportedL3, &p, &who);
-        }
-        Err(reason) => return verdict::drop(&ctx, PROGRAM, reason, &p, &who),
-    };
-    let Some(endpoint) = endpoint(verdict::ifindex(&ctx)) else {
+    let Some(endpoint) = endpoint(verdict::ifindex(ctx)) else {
         // Not a managed pod: nothing to enforce.
         return TC_ACT_OK;
     };
     who.dst_identity = endpoint.identity;
-    if let Err(reason) = parse::parse_ip(&ctx, ethertype, &mut p) {
-        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+    if let Err(reason) = parse::parse_ip(ctx, ethertype, &mut p) {
+        return verdict::drop(ctx, PROGRAM, reason, &p, &who);
     }
     who.src_identity = ipcache(&p, true).map_or(identity::WORLD, |e| e.identity);
     if endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0
         && let Err(reason) =
             policy::check(endpoint.identity, who.src_identity, PolicyKey::INGRESS, &p)
     {
-        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+        return verdict::drop(ctx, PROGRAM, reason, &p, &who);
     }
     // Only replies checked by egress policy need the flow.
     if endpoint.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0 {
         conntrack::track(&p, PolicyKey::INGRESS);
     }
     let tracing = config().flags & Config::FLAG_TRACE != 0;
-    pass_verdict(&ctx, tracing, PROGRAM, &p, &who)
+    pass_verdict(ctx, tracing, PROGRAM, &p, &who)
 }
 
 #[inline(always)]
@@ -255,26 +282,22 @@ fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
 /// the trie.
 #[inline(always)]
 fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
-    let addr = if src { &p.src } else { &p.dst };
+    let addr = if src { p.src } else { p.dst };
     if p.ip_version == 4 {
-        let v4 = [addr[12], addr[13], addr[14], addr[15]];
         if prefix_lengths(PrefixLengths::INDEX_V4).state == PrefixLengths::STATE_ARRAYS
-            && let Ok(found) = ipcache_v4_arrays(u32::from_be_bytes(v4))
+            && let Ok(found) = ipcache_v4_arrays(addr.v4())
         {
             return found;
         }
-        IPCACHE_V4.get(Key::new(32, v4)).copied()
+        IPCACHE_V4
+            .get(Key::new(32, addr.0[3].to_ne_bytes()))
+            .copied()
     } else {
         let lens = prefix_lengths(PrefixLengths::INDEX_V6);
         if lens.state != PrefixLengths::STATE_EXACT {
-            return IPCACHE_V6.get(Key::new(128, *addr)).copied();
+            return IPCACHE_V6.get(Key::new(128, addr.bytes())).copied();
         }
-        let mut hi_bytes = [0u8; 8];
-        hi_bytes.copy_from_slice(&addr[..8]);
-        let mut lo_bytes = [0u8; 8];
-        lo_bytes.copy_from_slice(&addr[8..]);
-        let hi = u64::from_be_bytes(hi_bytes);
-        let lo = u64::from_be_bytes(lo_bytes);
+        let (hi, lo) = addr.halves();
         for i in 0..PrefixLengths::MAX_LENS {
             if i >= usize::from(lens.count) {
                 break;

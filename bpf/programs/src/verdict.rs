@@ -79,8 +79,8 @@ fn emit(ctx: &TcContext, kind: u8, reason: u8, program: u8, p: &Packet, who: &Wh
         dst_port: p.dst_port,
         node_id: who.node_id,
         reserved2: 0,
-        src_addr: p.src,
-        dst_addr: p.dst,
+        src_addr: p.src.bytes(),
+        dst_addr: p.dst.bytes(),
     });
     entry.submit(0);
 }
