@@ -237,6 +237,7 @@ async fn start_wireguard(
             private_key,
             holders: crate::peer::wireguard::KeyHolders::default(),
             node_encryption: config.node_encryption,
+            strict: config.strict_mode,
         },
     })
 }

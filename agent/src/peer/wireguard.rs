@@ -101,6 +101,10 @@ pub struct WireguardSettings {
     pub holders: KeyHolders,
     /// Each peer's node IP is routed into the link and allowed on its entry too.
     pub node_encryption: bool,
+    /// Strict mode: with node encryption, a peer's node IP is routed into the link from the
+    /// moment the peer is known until it is removed, keys or not, so the host's traffic to a
+    /// peer without keys is dropped by the device rather than sent in clear.
+    pub strict: bool,
 }
 
 /// Which peer holds each public key on the device. The device keeps one entry per key, so a
@@ -153,8 +157,11 @@ pub struct WireguardTunnel {
     epochs: Vec<Installed>,
     /// The epoch traffic uses.
     current: Option<InstalledEpoch>,
-    /// The pod CIDRs routed into the link, as routed (the peer's record may change since).
+    /// The prefixes routed into the link, as routed (the peer's record may change since).
     routed: Vec<IpNet>,
+    /// The peer's node IP, routed into the link before and without keys (strict mode with node
+    /// encryption); not among `routed`.
+    held: Option<IpNet>,
     /// Installations so far (names the next one).
     installs: u64,
     /// The key and allowed IPs this tunnel last wrote to the device.
@@ -189,6 +196,7 @@ impl WireguardTunnel {
             epochs: Vec::new(),
             current: None,
             routed: Vec::new(),
+            held: None,
             installs: 0,
             written: None,
         }
@@ -217,10 +225,13 @@ impl WireguardTunnel {
         let stale: Vec<IpNet> = self
             .routed
             .iter()
-            .filter(|c| !prefixes.contains(c))
+            .filter(|c| !prefixes.contains(c) && self.held != Some(**c))
             .copied()
             .collect();
-        self.routed = prefixes;
+        self.routed = prefixes
+            .into_iter()
+            .filter(|c| self.held != Some(*c))
+            .collect();
         for cidr in stale {
             self.wg.routes().delete(ROUTE_TABLE, cidr).execute().await?;
         }
@@ -319,8 +330,21 @@ impl Tunnel for WireguardTunnel {
         rand::rng().random_range(0x0001_0000..=u32::MAX)
     }
 
-    async fn prepare(&mut self, _peer: &PeerEnd) -> Result<(), TunnelError> {
-        // Strict mode needs nothing here: the datapath drops traffic to a peer without a slot.
+    async fn prepare(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
+        // The datapath drops pods' traffic to a peer without a slot; the host's, which no eBPF
+        // program sees before routing, goes into the link, where no entry means a drop.
+        let hold = IpNet::from(peer.ip);
+        if self.settings.strict && self.settings.node_encryption && self.held != Some(hold) {
+            if let Some(old) = self.held.take() {
+                self.wg.routes().delete(ROUTE_TABLE, old).execute().await?;
+            }
+            self.wg
+                .routes()
+                .replace(ROUTE_TABLE, hold, self.settings.link.clone())
+                .execute()
+                .await?;
+            self.held = Some(hold);
+        }
         Ok(())
     }
 
@@ -431,7 +455,7 @@ impl Tunnel for WireguardTunnel {
         // The entry a previous agent left may allow more than the peer owns now (its pod CIDRs
         // changed meanwhile): one replacing write, after traffic moved to our keys.
         if let Some((key, psk)) = self.current().map(|c| (c.peer_key, c.psk.clone())) {
-            let wanted: Vec<IpNet> = peer.pod_cidrs.iter().map(|c| c.trunc()).collect();
+            let wanted: Vec<IpNet> = self.prefixes(peer).iter().map(IpNet::trunc).collect();
             let device = self.device().get().execute().await?;
             let stale = device
                 .peers
@@ -452,8 +476,11 @@ impl Tunnel for WireguardTunnel {
             warn!(error = %error_chain(&e), "cannot clear peer slot");
         }
         self.unroute().await?;
+        if let Some(held) = self.held.take() {
+            self.wg.routes().delete(ROUTE_TABLE, held).execute().await?;
+        }
         // A previous agent's routes for the peer (this tunnel may never have flipped).
-        for cidr in &peer.pod_cidrs {
+        for cidr in &self.prefixes(peer) {
             self.wg
                 .routes()
                 .delete(ROUTE_TABLE, *cidr)
@@ -524,6 +551,7 @@ mod tests {
             private_key: Arc::new(key.clone()),
             holders: KeyHolders::default(),
             node_encryption: false,
+            strict: true,
         };
         handle
             .device(settings.link.clone())
@@ -748,6 +776,46 @@ mod tests {
         t.teardown(&peer).await.expect("teardown");
         assert!(wg.kernel.routes(ROUTE_TABLE).is_empty());
         assert_eq!(a.datapath.slot_of(peer.node_id), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_node_encryption_the_node_ip_is_allowed_and_held_in_the_link_without_keys() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let mut wg = device().await;
+        wg.settings.node_encryption = true;
+        let peer = a.end_of(&b);
+        let node_ip = IpNet::from(peer.ip);
+        let mut t = tunnel(&a, &b, &wg);
+        // Strict mode: before any key, the host's traffic to the peer goes into the link.
+        t.prepare(&peer).await.expect("prepare");
+        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 1);
+        let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
+        let installed = t
+            .install(
+                &peer,
+                &agreement.keys,
+                &hello_with_key(&agreement.peer_hello, 7),
+            )
+            .await
+            .expect("install");
+        t.flip(&peer, installed).await.expect("flip");
+        let entry = peers(&wg).await.remove(0);
+        assert!(
+            entry.allowed_ips.contains(&node_ip),
+            "{:?}",
+            entry.allowed_ips
+        );
+        assert!(entry.allowed_ips.contains(&b.cidr));
+        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 2);
+        // A sweep finds nothing stale in an entry that allows the node IP.
+        assert_eq!(t.sweep(&peer).await.expect("sweep"), 0);
+        // Keys withdrawn: the pods' route goes, the node IP's stays.
+        t.retire(&peer, installed).await.expect("retire");
+        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 1);
+        t.teardown(&peer).await.expect("teardown");
+        assert!(wg.kernel.routes(ROUTE_TABLE).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

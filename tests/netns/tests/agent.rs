@@ -2069,11 +2069,13 @@ const HANDSHAKE_PORT: u16 = 4250;
 /// port stays outside the tunnel: no chicken-and-egg); host-to-host, host-to-remote-pod and
 /// remote-pod-to-host traffic then cross the wire only as WireGuard. node0's agent is
 /// SIGKILLed: its node stays reachable through the tunnel the device keeps, and after the
-/// restart everything still goes through it.
+/// restart everything still goes through it. Then node1's agent dies and node0 withdraws its
+/// keys: strict mode drops node0's host traffic to node1 instead of sending it in clear.
 #[test]
 fn node_encryption_carries_host_traffic_only_through_wireguard() {
     let options = FabricOptions {
         encryption: Encryption::Wireguard,
+        retention: Duration::from_secs(5),
         agent_args: vec![vec!["--node-encryption".to_owned(), "true".to_owned()]; 2],
         ..FabricOptions::default()
     };
@@ -2100,6 +2102,47 @@ fn node_encryption_carries_host_traffic_only_through_wireguard() {
         .wait_established(&[0, 1], CONVERGE)
         .expect("established again");
     host_traffic_crosses_only_through_the_tunnel(&scenario);
+
+    eprintln!("--- strict mode: no host traffic in clear to a peer without keys");
+    let (topo, fabric) = (&scenario.topo, &mut scenario.fabric);
+    fabric.kill_agent(1);
+    fabric.nodeseal_store(&["keys", "rotate"]).expect("rotate");
+    let withdrawn = nodeseal_netns::wait_until(CONVERGE, || {
+        tunnel_entries(topo, Encryption::Wireguard, 0, 1) == 0
+    });
+    assert!(withdrawn, "{:?}", fabric.status_text(0));
+    let capture = topo.capture().expect("capture");
+    let (n0, n1) = (topo.node(0), topo.node(1));
+    let attempt = ping(&n0.ns, n1.ip, 3).expect("ping");
+    assert_eq!(attempt.received, 0, "{attempt:?}");
+    let clear = host_traffic_in_clear(&capture, &[n0.ip.into(), n1.ip.into()]);
+    assert!(clear.is_empty(), "host traffic in clear: {clear:#?}");
+}
+
+/// What `capture` saw between `node_ips` in clear, the handshake port aside (at most 10).
+fn host_traffic_in_clear(
+    capture: &nodeseal_netns::WireCapture,
+    node_ips: &[IpAddr],
+) -> Vec<nodeseal_netns::capture::Packet> {
+    capture
+        .packets()
+        .into_iter()
+        .filter(|p| match p.class {
+            nodeseal_netns::PacketClass::Plaintext {
+                src,
+                dst,
+                protocol,
+                sport,
+                dport,
+            } => {
+                let handshake = protocol == 6
+                    && (sport == Some(HANDSHAKE_PORT) || dport == Some(HANDSHAKE_PORT));
+                node_ips.contains(&src) && node_ips.contains(&dst) && !handshake
+            }
+            _ => false,
+        })
+        .take(10)
+        .collect()
 }
 
 /// Pings both ways between the node IPs and between each node and the other's pod, and a
@@ -2127,30 +2170,8 @@ fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario) {
     )
     .expect("host-to-host transfer");
     assert!(transfer.intact, "{transfer:?}");
-    let node_ips = [IpAddr::from(n0.ip), n1.ip.into()];
-    let clear: Vec<_> = capture
-        .packets()
-        .into_iter()
-        .filter(|p| match p.class {
-            nodeseal_netns::PacketClass::Plaintext {
-                src,
-                dst,
-                protocol,
-                sport,
-                dport,
-            } => {
-                let handshake = protocol == 6
-                    && (sport == Some(HANDSHAKE_PORT) || dport == Some(HANDSHAKE_PORT));
-                node_ips.contains(&src) && node_ips.contains(&dst) && !handshake
-            }
-            _ => false,
-        })
-        .collect();
-    assert!(
-        clear.is_empty(),
-        "host traffic in clear: {:#?}",
-        &clear[..clear.len().min(10)]
-    );
+    let clear = host_traffic_in_clear(&capture, &[n0.ip.into(), n1.ip.into()]);
+    assert!(clear.is_empty(), "host traffic in clear: {clear:#?}");
     capture
         .check_no_plaintext(&topo.pod_cidrs())
         .unwrap_or_else(|leak| panic!("{leak}"));
