@@ -18,7 +18,10 @@
 //! which one rule per family at priority [`RULE_PRIORITY`] consults before the main table. A
 //! peer gets its routes only once it has keys, so traffic to a peer without keys finds nothing
 //! there and falls through to the main table: plaintext, unless strict mode drops it in the
-//! eBPF datapath.
+//! eBPF datapath. With node encryption the peer's node IP is routed there too, and in strict
+//! mode it stays routed while the peer has no keys (the host's packets are routed before any
+//! eBPF program sees them; in the link, no entry means a drop); [`exemption_rules`] keep what
+//! must stay outside the link out of that table.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
