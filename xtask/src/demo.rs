@@ -24,6 +24,9 @@ pub struct DemoArgs {
     /// How the agents encrypt: IPsec (XFRM) or kernel WireGuard.
     #[arg(long, value_enum, default_value_t = EncryptionType::Ipsec)]
     encryption_type: EncryptionType,
+    /// Give the pods IPv6 addresses beside their IPv4 ones (both over the IPv4 underlay).
+    #[arg(long)]
+    dual_stack: bool,
     #[command(flatten)]
     vm: vm::VmOptions,
 }
@@ -47,6 +50,9 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     if args.encryption_type == EncryptionType::Wireguard {
         command.extend(["--encryption-type".into(), "wireguard".into()]);
+    }
+    if args.dual_stack {
+        command.push("--dual-stack".into());
     }
     let ok = if test::host_has_kernel_features() {
         run::streamed(

@@ -14,6 +14,9 @@
 //! With `--encryption-type wireguard` the agents encrypt with kernel WireGuard instead of IPsec:
 //! the same acts, WireGuard instead of ESP on the wire, and `wg show` of node0 beside its
 //! `nodeseal status`.
+//!
+//! With `--dual-stack` every pod has an IPv6 address too, every node an IPv6 pod CIDR, and the
+//! pods ping each other at both addresses through the one tunnel per pair of nodes.
 
 use std::net::SocketAddrV4;
 use std::time::Duration;
@@ -21,8 +24,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use nodeseal_netns::kube::{KubeControlPlane, put_workload};
 use nodeseal_netns::{
-    Encryption, Fabric, FabricOptions, Feature, PacketClass, StoreKind, TcpService, Topology,
-    UdpStream, ping, require, tcp_banner,
+    AddressPlan, Encryption, Fabric, FabricOptions, Feature, PacketClass, StoreKind, TcpService,
+    Topology, UdpStream, ping, require, tcp_banner,
 };
 
 const RULE1: &str = include_str!("../../../../policy/examples/star-wars-rule1.yaml");
@@ -31,6 +34,7 @@ const RULE1: &str = include_str!("../../../../policy/examples/star-wars-rule1.ya
 struct Args {
     kubernetes: bool,
     encryption: Encryption,
+    addresses: AddressPlan,
 }
 
 impl Args {
@@ -38,6 +42,7 @@ impl Args {
         let mut args = Self {
             kubernetes: false,
             encryption: Encryption::Ipsec,
+            addresses: AddressPlan::Ipv4,
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
@@ -46,11 +51,17 @@ impl Args {
                     args.kubernetes = true;
                     continue;
                 }
+                "--dual-stack" => {
+                    args.addresses = AddressPlan::DualStack {
+                        ipv6_underlay: false,
+                    };
+                    continue;
+                }
                 "--encryption-type" => it.next().unwrap_or_default(),
                 other => match other.strip_prefix("--encryption-type=") {
                     Some(mode) => mode.to_owned(),
                     None => bail!(
-                        "unknown argument {other:?} (expected --kubernetes, --encryption-type ipsec|wireguard)"
+                        "unknown argument {other:?} (expected --kubernetes, --dual-stack, --encryption-type ipsec|wireguard)"
                     ),
                 },
             };
@@ -81,17 +92,24 @@ fn main() -> Result<()> {
         bail!("this kernel cannot run the demo (see above); `cargo xtask demo` boots one that can");
     }
     banner("building 3 nodes x 2 pods (plus a spare node for a rogue) in network namespaces");
-    let topo = Topology::builder("demo")
-        .nodes(4)
-        .pods_per_node(2)
-        .build()?;
+    let mut builder = Topology::builder("demo").nodes(4).pods_per_node(2);
+    if args.addresses.needs_ipv6() {
+        builder = builder.dual_stack();
+    }
+    let topo = builder.build()?;
     for node in &topo.nodes()[..3] {
-        let pods: Vec<String> = node.pods.iter().map(|p| p.ip.to_string()).collect();
+        let (ip, cidrs) = args.addresses.of(node);
+        let pods: Vec<String> = node
+            .pods
+            .iter()
+            .flat_map(|p| args.addresses.pod_addresses(p))
+            .map(|a| a.to_string())
+            .collect();
+        let cidrs: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
         println!(
-            "  node{}  {}  pods {} ({})",
+            "  node{}  {ip}  pods {} ({})",
             node.index,
-            node.ip,
-            node.pod_cidr,
+            cidrs.join(" "),
             pods.join(", ")
         );
     }
@@ -99,11 +117,16 @@ fn main() -> Result<()> {
     // Every node, the rogue's included, runs the chosen datapath.
     let mut options = FabricOptions {
         encryption: args.encryption,
+        addresses: args.addresses,
         ..FabricOptions::default()
     };
     let control = if kubernetes {
         banner("starting etcd and kube-apiserver on the underlay; Node objects, agent pods, RBAC");
-        let control = KubeControlPlane::start(&topo, |i| vec![topo.node(i).pod_cidr.to_string()])?;
+        let pod_cidrs = |i| {
+            let (_, cidrs) = args.addresses.of(topo.node(i));
+            cidrs.iter().map(ToString::to_string).collect()
+        };
+        let control = KubeControlPlane::start(&topo, pod_cidrs)?;
         options.store = StoreKind::Kube(control.configs());
         print!(
             "{}",
@@ -135,13 +158,14 @@ fn main() -> Result<()> {
         for b in 0..3 {
             if a != b {
                 let from = &topo.node(a).pod(0);
-                let to = topo.node(b).pod(1).ip;
-                let r = ping(&from.ns, to, 2)?;
-                println!(
-                    "  ping {} -> {}: {}/{} replies",
-                    from.ip, to, r.received, r.transmitted
-                );
-                ensure!(r.all_answered(), "ping {} -> {to} failed", from.ip);
+                for to in args.addresses.pod_addresses(topo.node(b).pod(1)) {
+                    let r = ping(&from.ns, to, 2)?;
+                    println!(
+                        "  ping {} -> {}: {}/{} replies",
+                        from.ip, to, r.received, r.transmitted
+                    );
+                    ensure!(r.all_answered(), "ping {} -> {to} failed", from.ip);
+                }
             }
         }
     }
