@@ -773,6 +773,7 @@ impl StatusSource for Passive {
             node: self.node.to_string(),
             mode: "off".into(),
             strict: self.strict,
+            node_encryption: false,
             spiffe_id: None,
             svid_not_after_unix: None,
             generation: 0,
@@ -1546,6 +1547,7 @@ impl StatusSource for Agent {
                 EncryptionType::Wireguard => "wireguard".into(),
             },
             strict: self.config.strict_mode,
+            node_encryption: self.config.node_encryption,
             spiffe_id: svid.as_ref().map(|(id, _)| id.to_string()),
             svid_not_after_unix: svid
                 .and_then(|(_, t)| t.duration_since(SystemTime::UNIX_EPOCH).ok())

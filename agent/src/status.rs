@@ -136,6 +136,9 @@ pub struct NodeView {
     pub mode: String,
     /// Strict mode.
     pub strict: bool,
+    /// Traffic between node IPs goes through the tunnel too (`--node-encryption`).
+    #[serde(default)]
+    pub node_encryption: bool,
     /// SPIFFE ID of the node's SVID, once it has one.
     pub spiffe_id: Option<String>,
     /// When the SVID expires (Unix seconds).
@@ -365,10 +368,15 @@ pub async fn fetch(path: &Path) -> Result<NodeView, StatusError> {
 #[must_use]
 pub fn render(view: &NodeView) -> String {
     let mut out = format!(
-        "node {}  mode {}{}  generation {}\n",
+        "node {}  mode {}{}{}  generation {}\n",
         view.node,
         view.mode,
         if view.strict { " (strict)" } else { "" },
+        if view.node_encryption {
+            " (node encryption)"
+        } else {
+            ""
+        },
         view.generation
     );
     match (&view.spiffe_id, view.svid_not_after_unix) {
@@ -584,6 +592,7 @@ mod tests {
                 node: "node-a".into(),
                 mode: "ipsec".into(),
                 strict: true,
+                node_encryption: false,
                 spiffe_id: None,
                 svid_not_after_unix: None,
                 generation: 3,

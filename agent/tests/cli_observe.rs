@@ -33,6 +33,7 @@ impl StatusSource for Fixed {
             node: "deathstar-node".into(),
             mode: "ipsec".into(),
             strict: true,
+            node_encryption: false,
             spiffe_id: None,
             svid_not_after_unix: None,
             generation: 1,

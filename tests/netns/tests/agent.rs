@@ -2082,6 +2082,8 @@ fn node_encryption_carries_host_traffic_only_through_wireguard() {
     let Some(mut scenario) = established("nodeenc", 2, 2, options, Backend::Dir) else {
         return;
     };
+    let status = scenario.fabric.status(0).expect("status");
+    assert_eq!(status["node_encryption"], true, "{status}");
     eprintln!("--- host traffic crosses only through the tunnel");
     host_traffic_crosses_only_through_the_tunnel(&scenario);
 
