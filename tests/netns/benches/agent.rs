@@ -428,6 +428,11 @@ struct Convergence {
     idle_cpu: Duration,
     idle_rss_kb: u64,
     idle_peak_rss_kb: u64,
+    /// Where the memory was: at the highest RSS the polling saw, once every peer completed,
+    /// and at the end of the quiet period.
+    memory_at_peak: Option<MemoryProfile>,
+    memory_converged: Option<MemoryProfile>,
+    memory_idle: Option<MemoryProfile>,
 }
 
 impl Convergence {
@@ -478,6 +483,15 @@ impl Convergence {
             self.idle_rss_kb,
             self.idle_peak_rss_kb
         );
+        for (when, profile) in [
+            ("at the highest RSS seen", &self.memory_at_peak),
+            ("once all completed", &self.memory_converged),
+            ("after the quiet period", &self.memory_idle),
+        ] {
+            if let Some(p) = profile {
+                let _ = writeln!(s, "  memory {when}: {}", p.line());
+            }
+        }
         if let Some(requests) = self.quiet_requests {
             let _ = writeln!(
                 s,
@@ -828,6 +842,8 @@ fn converge(
     let mut agent = Process::spawn("agent", cmd, &bench.dir.join("logs"))?;
     let pid = agent.pid();
     let mut peak_seen = 0;
+    let mut memory_at_peak: Option<MemoryProfile> = None;
+    let mut profiled = Instant::now();
     loop {
         if stats.completed.load(Ordering::Relaxed) >= n {
             break;
@@ -844,7 +860,16 @@ fn converge(
                 tail(&agent.log(), 40)
             );
         }
-        peak_seen = peak_seen.max(proc_status_kb(pid, "VmRSS:").unwrap_or(0));
+        let rss = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
+        // A full smaps read walks the agent's page tables: at most every 100 ms, and only
+        // when the RSS grew past the last profile's by 256 KiB.
+        if rss > memory_at_peak.as_ref().map_or(0, |p| p.rss_kb + 256)
+            && profiled.elapsed() > Duration::from_millis(100)
+        {
+            memory_at_peak = MemoryProfile::read(pid).or(memory_at_peak);
+            profiled = Instant::now();
+        }
+        peak_seen = peak_seen.max(rss);
         std::thread::sleep(Duration::from_millis(10));
     }
     let (first, half, all) = {
@@ -882,6 +907,7 @@ fn converge(
         }
     };
     let rss_kb = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
+    let memory_converged = MemoryProfile::read(pid);
     let handshakes = stats.handshakes.load(Ordering::Relaxed);
 
     // After convergence: what the agent costs while nothing changes. This window includes the
@@ -903,6 +929,7 @@ fn converge(
         .saturating_sub(cpu_converged);
     let idle_rss_kb = proc_status_kb(pid, "VmRSS:").unwrap_or(0);
     let idle_peak_rss_kb = proc_status_kb(pid, "VmHWM:").unwrap_or(0);
+    let memory_idle = MemoryProfile::read(pid);
     let idle_kernel = programmed(&bench.agent_ns, mode)?;
     if idle_kernel != kernel {
         println!(
@@ -951,6 +978,9 @@ fn converge(
         idle_cpu,
         idle_rss_kb,
         idle_peak_rss_kb,
+        memory_at_peak,
+        memory_converged,
+        memory_idle,
     })
 }
 
@@ -1746,4 +1776,121 @@ fn parse_rotate_duration(out: &str) -> Option<Duration> {
     let line = out.lines().find(|l| l.contains("all nodes rekeyed"))?;
     let secs = line.rsplit(' ').next()?.strip_suffix('s')?;
     Duration::try_from_secs_f64(secs.parse().ok()?).ok()
+}
+
+/// Where a process's resident memory is (issue 16): kernel counters from `/proc/<pid>/status`
+/// and the resident KiB of each kind of mapping in `/proc/<pid>/smaps`. A peak RSS is only
+/// actionable when one knows whether it is program text, heap, thread stacks or eBPF maps.
+#[derive(Clone, Debug, Default)]
+struct MemoryProfile {
+    rss_kb: u64,
+    anon_kb: u64,
+    file_kb: u64,
+    shmem_kb: u64,
+    threads: u64,
+    /// Resident KiB by kind of mapping (see [`mapping_kind`]), and how many mappings.
+    by_kind: BTreeMap<&'static str, (u64, u64)>,
+}
+
+impl MemoryProfile {
+    fn read(pid: u32) -> Option<Self> {
+        let mut p = Self {
+            rss_kb: proc_status_kb(pid, "VmRSS:")?,
+            anon_kb: proc_status_kb(pid, "RssAnon:")?,
+            file_kb: proc_status_kb(pid, "RssFile:")?,
+            shmem_kb: proc_status_kb(pid, "RssShmem:")?,
+            threads: proc_status_kb(pid, "Threads:")?,
+            by_kind: BTreeMap::new(),
+        };
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+        let mut mappings = Vec::new();
+        let mut current: Option<(u64, u64, bool, String, u64)> = None;
+        for line in smaps.lines() {
+            if let Some(rss) = line.strip_prefix("Rss:") {
+                if let Some(m) = current.as_mut() {
+                    m.4 = rss.split_whitespace().next()?.parse().ok()?;
+                }
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            let Some(range) = fields.next() else { continue };
+            let Some((start, end)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            else {
+                continue;
+            };
+            let perms = fields.next().unwrap_or("");
+            let name = fields.nth(3).unwrap_or("").to_owned();
+            if let Some(m) = current.take() {
+                mappings.push(m);
+            }
+            current = Some((start, end, perms.starts_with("---"), name, 0));
+        }
+        mappings.extend(current);
+        for (i, (start, end, guard, name, rss)) in mappings.iter().enumerate() {
+            if *guard {
+                continue;
+            }
+            let before = i.checked_sub(1).and_then(|j| mappings.get(j));
+            let after = mappings.get(i + 1);
+            let kind = mapping_kind(*start, *end, name, before, after);
+            let entry = p.by_kind.entry(kind).or_default();
+            entry.0 += rss;
+            entry.1 += 1;
+        }
+        Some(p)
+    }
+
+    fn line(&self) -> String {
+        let kinds: Vec<String> = self
+            .by_kind
+            .iter()
+            .filter(|(_, (kb, _))| *kb > 0)
+            .map(|(k, (kb, n))| format!("{k} {kb} ({n})"))
+            .collect();
+        format!(
+            "RSS {} KiB = anon {} + file {} + shmem {}; {} threads; by mapping KiB (count): {}",
+            self.rss_kb,
+            self.anon_kb,
+            self.file_kb,
+            self.shmem_kb,
+            self.threads,
+            kinds.join(", ")
+        )
+    }
+}
+
+/// The kind of one readable mapping: the agent's own binary, shared libraries, the main heap,
+/// glibc malloc arenas of other threads (64 MiB-aligned, followed by their reserved rest),
+/// thread stacks (preceded by their guard page), eBPF array maps, other anonymous memory.
+fn mapping_kind(
+    start: u64,
+    end: u64,
+    name: &str,
+    before: Option<&(u64, u64, bool, String, u64)>,
+    after: Option<&(u64, u64, bool, String, u64)>,
+) -> &'static str {
+    const ARENA_ALIGN: u64 = 64 << 20;
+    match name {
+        "[heap]" => "heap",
+        "[stack]" => "main stack",
+        n if n.contains("bpf") => "bpf maps",
+        n if n.ends_with("nodeseal-agent") => "exe",
+        n if n.starts_with('/') => "libs",
+        n if n.starts_with('[') && !n.starts_with("[anon") => "kernel",
+        _ => {
+            if start.is_multiple_of(ARENA_ALIGN) && after.is_some_and(|a| a.2 && a.0 == end) {
+                "arenas"
+            } else if before.is_some_and(|b| b.2 && b.1 == start && b.1 - b.0 <= 64 << 10)
+                && end - start <= 16 << 20
+            {
+                "thread stacks"
+            } else {
+                "anon other"
+            }
+        }
+    }
 }
