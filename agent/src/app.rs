@@ -1246,7 +1246,10 @@ impl Agent {
                 }
                 return;
             }
-            let _ = handle.commands.send(PeerCommand::Update(info)).await;
+            let _ = handle
+                .commands
+                .send(PeerCommand::Update(Box::new(info)))
+                .await;
             return;
         }
         // A node that moved: its task at the old address goes, with its SAs, so that one name

@@ -27,6 +27,7 @@ pub mod kube_identity;
 pub mod kube_signer;
 pub mod leader;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod mtu;
 pub mod observe;

@@ -105,8 +105,10 @@ pub enum PeerCommand {
         /// The cluster rekey generation asked for.
         generation: u64,
     },
-    /// The store's view of the peer changed (pod CIDRs, IP, port).
-    Update(PeerInfo),
+    /// The store's view of the peer changed (pod CIDRs, IP, port). Boxed: a channel's
+    /// first block holds 32 commands whatever its capacity, so every peer task pays 32 times
+    /// the largest variant up front, and a `PeerInfo` would more than double it.
+    Update(Box<PeerInfo>),
     /// The peer was revoked or removed: tear everything down and stop.
     Remove {
         /// Why (for logs and status).
@@ -313,5 +315,21 @@ impl PeerRegistry {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PeerCommand;
+
+    /// Every peer task's command channel allocates 32 commands up front (tokio's block size),
+    /// so the largest variant is paid 32 times per peer whether or not it is ever sent.
+    #[test]
+    fn a_peer_command_stays_small() {
+        assert!(
+            std::mem::size_of::<PeerCommand>() <= 48,
+            "PeerCommand is {} bytes: box the large variant",
+            std::mem::size_of::<PeerCommand>()
+        );
     }
 }

@@ -11,13 +11,28 @@ struct Args {
     config: AgentConfig,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Before the runtime's threads exist: the allocator's limits apply to threads yet to come.
+    nodeseal_agent::memory::configure_allocator();
     let args = Args::parse();
     nodeseal_agent::logging::init(args.config.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(args.config))
+}
+
+async fn run(config: AgentConfig) -> std::process::ExitCode {
     let cancel = CancellationToken::new();
     let signals = nodeseal_agent::shutdown::on_signals(cancel.clone());
-    let result = nodeseal_agent::app::run(args.config, cancel).await;
+    let result = nodeseal_agent::app::run(config, cancel).await;
     signals.abort();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

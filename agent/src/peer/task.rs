@@ -277,7 +277,7 @@ impl<T: Tunnel> PeerTask<T> {
             // Boxed: handshake futures are large; see `attempt`.
             PeerCommand::Incoming(incoming) => Box::pin(self.respond(*incoming)).await,
             PeerCommand::Rekey { generation } => self.on_generation(generation),
-            PeerCommand::Update(info) => self.on_update(info),
+            PeerCommand::Update(info) => self.on_update(*info),
             PeerCommand::SaExpired { spi, hard } => self.on_expire(spi, hard),
             PeerCommand::HandshakeFailed { error } => self.record_failure(error),
         }

@@ -173,6 +173,13 @@ impl Datapath {
             None
         };
         let mut ebpf = EbpfLoader::new()
+            // No kernel BTF: it is only the target of CO-RE relocations, which our programs
+            // have none of (`the_object_needs_no_kernel_btf`). aya's `new()` has already read
+            // and parsed all of /sys/kernel/btf/vmlinux by now (about 14 MiB resident on
+            // Debian's 6.12: the agent's peak RSS with few peers, issue 16); dropping it here
+            // at least frees it before the object is parsed and loaded rather than after.
+            // Avoiding it altogether needs a loader that does not read it eagerly.
+            .btf(None)
             .default_map_pin_directory(&pin_root)
             .load(OBJECT)
             .map_err(|source| LoadError::Object {
@@ -421,5 +428,50 @@ impl Datapath {
             },
             result.duration,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OBJECT;
+
+    fn u16_at(bytes: &[u8], at: usize) -> usize {
+        u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes")).into()
+    }
+
+    fn u32_at(bytes: &[u8], at: usize) -> usize {
+        u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize
+    }
+
+    fn u64_at(bytes: &[u8], at: usize) -> usize {
+        u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes")) as usize
+    }
+
+    /// The contents of the ELF64 (little-endian) section `name`.
+    fn section<'a>(elf: &'a [u8], name: &str) -> Option<&'a [u8]> {
+        let (shoff, shentsize) = (u64_at(elf, 0x28), u16_at(elf, 0x3a));
+        let (shnum, shstrndx) = (u16_at(elf, 0x3c), u16_at(elf, 0x3e));
+        let header = |i: usize| shoff + i * shentsize;
+        let names = u64_at(elf, header(shstrndx) + 0x18);
+        (0..shnum).find_map(|i| {
+            let h = header(i);
+            let start = names + u32_at(elf, h);
+            let end = start + elf[start..].iter().position(|&b| b == 0)?;
+            let (offset, size) = (u64_at(elf, h + 0x18), u64_at(elf, h + 0x20));
+            (&elf[start..end] == name.as_bytes()).then(|| &elf[offset..offset + size])
+        })
+    }
+
+    /// `Datapath::load` gives aya no kernel BTF, which is only needed to relocate CO-RE
+    /// accesses. A program that starts using them (reading kernel structures through BTF) needs
+    /// it back: without it the relocations would not be applied.
+    #[test]
+    fn the_object_needs_no_kernel_btf() {
+        let ext = section(OBJECT, ".BTF.ext").expect("the object carries .BTF.ext");
+        // struct btf_ext_header: magic, version, flags, hdr_len, func_info_off/len,
+        // line_info_off/len, then (when hdr_len covers it) core_relo_off/len.
+        let hdr_len = u32_at(ext, 4);
+        let core_relo_len = if hdr_len >= 32 { u32_at(ext, 28) } else { 0 };
+        assert_eq!(core_relo_len, 0, "the eBPF object has CO-RE relocations");
     }
 }
