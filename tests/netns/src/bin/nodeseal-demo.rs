@@ -158,13 +158,18 @@ fn main() -> Result<()> {
         for b in 0..3 {
             if a != b {
                 let from = &topo.node(a).pod(0);
+                let sources = args.addresses.pod_addresses(from);
                 for to in args.addresses.pod_addresses(topo.node(b).pod(1)) {
+                    let source = sources
+                        .iter()
+                        .find(|s| s.is_ipv4() == to.is_ipv4())
+                        .map_or_else(|| from.ip.to_string(), ToString::to_string);
                     let r = ping(&from.ns, to, 2)?;
                     println!(
-                        "  ping {} -> {}: {}/{} replies",
-                        from.ip, to, r.received, r.transmitted
+                        "  ping {source} -> {to}: {}/{} replies",
+                        r.received, r.transmitted
                     );
-                    ensure!(r.all_answered(), "ping {} -> {to} failed", from.ip);
+                    ensure!(r.all_answered(), "ping {source} -> {to} failed");
                 }
             }
         }
