@@ -1754,9 +1754,26 @@ fn wireguard_status_agrees_with_wg(topo: &Topology, fabric: &Fabric) {
             let endpoint = format!("{}:51871", topo.node(j).ip);
             assert_eq!(row["wg_endpoint"], endpoint.as_str(), "node{i} {row}");
             assert_eq!(a.endpoint, endpoint, "node{i} {peer}: wg endpoint");
-            let cidr = topo.node(j).pod_cidr.to_string();
-            assert_eq!(row["wg_allowed_ips"], serde_json::json!([cidr]), "{row}");
-            assert_eq!(a.allowed_ips, cidr, "node{i} {peer}: wg allowed IPs");
+            // The peer's pod CIDRs, of both families in a dual-stack fabric; in any order.
+            let mut cidrs: Vec<String> = fabric
+                .addresses()
+                .of(topo.node(j))
+                .1
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            cidrs.sort();
+            let mut in_status: Vec<String> = row["wg_allowed_ips"]
+                .as_array()
+                .expect("wg_allowed_ips")
+                .iter()
+                .filter_map(|c| c.as_str().map(str::to_owned))
+                .collect();
+            in_status.sort();
+            assert_eq!(in_status, cidrs, "{row}");
+            let mut in_wg: Vec<&str> = a.allowed_ips.split(',').collect();
+            in_wg.sort_unstable();
+            assert_eq!(in_wg, cidrs, "node{i} {peer}: wg allowed IPs");
             let (rx, tx) = (
                 row["in_bytes"].as_u64().expect("in_bytes"),
                 row["out_bytes"].as_u64().expect("out_bytes"),
