@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
 use crate::id::NodeName;
-use crate::keys::{SessionKeys, Side, derive};
+use crate::keys::{SessionKeys, Side, SpiPair, derive};
 use crate::protocol::{
     Epoch, HEADER_LEN, Hello, Message, MessageError, Mode, RejectReason, WgProof, decode_body,
     decode_header, write_message,
@@ -589,6 +589,17 @@ fn export_keys<S>(
     initiator: &Hello,
     responder: &Hello,
 ) -> Result<SessionKeys, HandshakeError> {
+    let spis = SpiPair {
+        initiator: initiator.inbound_spi,
+        responder: responder.inbound_spi,
+    };
+    let host_spis = initiator
+        .host_spi
+        .zip(responder.host_spi)
+        .map(|(initiator, responder)| SpiPair {
+            initiator,
+            responder,
+        });
     let result = match tls {
         TlsStream::Client(s) => {
             let conn = s.get_ref().1;
@@ -599,8 +610,8 @@ fn export_keys<S>(
                 },
                 side,
                 epoch,
-                initiator.inbound_spi,
-                responder.inbound_spi,
+                spis,
+                host_spis,
             )
         }
         TlsStream::Server(s) => {
@@ -612,8 +623,8 @@ fn export_keys<S>(
                 },
                 side,
                 epoch,
-                initiator.inbound_spi,
-                responder.inbound_spi,
+                spis,
+                host_spis,
             )
         }
     };

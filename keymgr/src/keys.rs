@@ -6,6 +6,11 @@
 //! WireGuard PSK, so no two keys share exporter output. Keys are zeroized on drop, print as
 //! `[redacted]`, and are neither `Clone` nor `Serialize`.
 //!
+//! With node encryption in IPsec mode, traffic between the node IPs has SAs of its own
+//! ([`SessionKeys::host`]): their SPIs are the Hellos' `host_spi`, the context carries those in
+//! place of the pod SAs' SPIs, and their purposes are distinct, so they share neither a key nor a
+//! sequence space with the pod SAs.
+//!
 //! In WireGuard mode each side also proves it holds the private key of the WireGuard public key
 //! it announced: [`SessionKeys::wg_possession_proof`] is an HMAC-SHA256, under a key of its own
 //! from the exporter (so a proof is bound to this TLS session), of the side's role and the
@@ -29,6 +34,10 @@ const PURPOSE_R2I_AES128: u8 = 3;
 const PURPOSE_R2I_AES256: u8 = 4;
 const PURPOSE_WG_PSK: u8 = 5;
 const PURPOSE_WG_POSSESSION: u8 = 6;
+const PURPOSE_HOST_I2R_AES128: u8 = 7;
+const PURPOSE_HOST_I2R_AES256: u8 = 8;
+const PURPOSE_HOST_R2I_AES128: u8 = 9;
+const PURPOSE_HOST_R2I_AES256: u8 = 10;
 /// Prefixes what a possession proof authenticates.
 const POSSESSION_LABEL: &[u8] = b"nodeseal wireguard key possession v1";
 
@@ -125,6 +134,25 @@ impl DirectionKeys {
     }
 }
 
+/// The keys of the host SAs: traffic between the two node IPs, apart from the pods' SAs.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct HostKeys {
+    /// Local → peer (SPI chosen by the peer).
+    pub outbound: DirectionKeys,
+    /// Peer → local (SPI chosen by us).
+    pub inbound: DirectionKeys,
+}
+
+/// The SPIs of one pair of SAs, as the two Hellos chose them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SpiPair {
+    /// The initiator's inbound SPI.
+    pub initiator: Spi,
+    /// The responder's inbound SPI.
+    pub responder: Spi,
+}
+
 /// Everything one handshake yields, from the local node's point of view.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -135,6 +163,9 @@ pub struct SessionKeys {
     pub outbound: DirectionKeys,
     /// Peer → local (SPI chosen by us).
     pub inbound: DirectionKeys,
+    /// The SAs of traffic between the two node IPs (node encryption, IPsec mode), when both
+    /// Hellos carried a `host_spi`.
+    pub host: Option<HostKeys>,
     /// WireGuard PSK for the pair.
     pub wg_psk: WgPsk,
     /// The HMAC key of the WireGuard possession proofs.
@@ -200,35 +231,66 @@ pub(crate) enum Side {
     Responder,
 }
 
-/// Derives all keys through `export(output, label, context)`.
+/// Derives all keys through `export(output, label, context)`: the pod SAs' on `spis`, the host
+/// SAs' on `host_spis` when there are some.
 pub(crate) fn derive<E>(
     mut export: impl FnMut(&mut [u8], &[u8], &[u8]) -> Result<(), E>,
     side: Side,
     epoch: Epoch,
-    initiator_spi: Spi,
-    responder_spi: Spi,
+    spis: SpiPair,
+    host_spis: Option<SpiPair>,
 ) -> Result<SessionKeys, E> {
     let mut context = [0u8; 17];
     context[1..9].copy_from_slice(&epoch.0.to_be_bytes());
-    context[9..13].copy_from_slice(&initiator_spi.get().to_be_bytes());
-    context[13..17].copy_from_slice(&responder_spi.get().to_be_bytes());
-    let mut sa = |purpose: u8, aead: Aead| -> Result<SaKey, E> {
-        let mut material = Zeroizing::new(vec![0u8; aead.key_len() + GCM_SALT_LEN]);
-        context[0] = purpose;
-        export(&mut material, EXPORTER_LABEL, &context)?;
-        Ok(SaKey { aead, material })
+    let mut pair = |spis: SpiPair, purposes: [u8; 4]| -> Result<(DirectionKeys, DirectionKeys), E> {
+        context[9..13].copy_from_slice(&spis.initiator.get().to_be_bytes());
+        context[13..17].copy_from_slice(&spis.responder.get().to_be_bytes());
+        let mut sa = |purpose: u8, aead: Aead| -> Result<SaKey, E> {
+            let mut material = Zeroizing::new(vec![0u8; aead.key_len() + GCM_SALT_LEN]);
+            context[0] = purpose;
+            export(&mut material, EXPORTER_LABEL, &context)?;
+            Ok(SaKey { aead, material })
+        };
+        // Initiator → responder travels on the SA whose SPI the responder chose.
+        let i2r = DirectionKeys {
+            spi: spis.responder,
+            aes128_gcm: sa(purposes[0], Aead::Aes128Gcm)?,
+            aes256_gcm: sa(purposes[1], Aead::Aes256Gcm)?,
+        };
+        let r2i = DirectionKeys {
+            spi: spis.initiator,
+            aes128_gcm: sa(purposes[2], Aead::Aes128Gcm)?,
+            aes256_gcm: sa(purposes[3], Aead::Aes256Gcm)?,
+        };
+        Ok(match side {
+            Side::Initiator => (i2r, r2i),
+            Side::Responder => (r2i, i2r),
+        })
     };
-    // Initiator → responder travels on the SA whose SPI the responder chose.
-    let i2r = DirectionKeys {
-        spi: responder_spi,
-        aes128_gcm: sa(PURPOSE_I2R_AES128, Aead::Aes128Gcm)?,
-        aes256_gcm: sa(PURPOSE_I2R_AES256, Aead::Aes256Gcm)?,
+    let host = match host_spis {
+        Some(spis) => {
+            let (outbound, inbound) = pair(
+                spis,
+                [
+                    PURPOSE_HOST_I2R_AES128,
+                    PURPOSE_HOST_I2R_AES256,
+                    PURPOSE_HOST_R2I_AES128,
+                    PURPOSE_HOST_R2I_AES256,
+                ],
+            )?;
+            Some(HostKeys { outbound, inbound })
+        }
+        None => None,
     };
-    let r2i = DirectionKeys {
-        spi: initiator_spi,
-        aes128_gcm: sa(PURPOSE_R2I_AES128, Aead::Aes128Gcm)?,
-        aes256_gcm: sa(PURPOSE_R2I_AES256, Aead::Aes256Gcm)?,
-    };
+    let (outbound, inbound) = pair(
+        spis,
+        [
+            PURPOSE_I2R_AES128,
+            PURPOSE_I2R_AES256,
+            PURPOSE_R2I_AES128,
+            PURPOSE_R2I_AES256,
+        ],
+    )?;
     let mut psk = Zeroizing::new([0u8; 32]);
     context[0] = PURPOSE_WG_PSK;
     export(psk.as_mut_slice(), EXPORTER_LABEL, &context)?;
@@ -236,14 +298,11 @@ pub(crate) fn derive<E>(
     context[0] = PURPOSE_WG_POSSESSION;
     export(wg_possession.as_mut_slice(), EXPORTER_LABEL, &context)?;
     context.zeroize();
-    let (outbound, inbound) = match side {
-        Side::Initiator => (i2r, r2i),
-        Side::Responder => (r2i, i2r),
-    };
     Ok(SessionKeys {
         epoch,
         outbound,
         inbound,
+        host,
         wg_psk: WgPsk(psk),
         wg_possession: PossessionKey(wg_possession),
         side,

@@ -42,7 +42,7 @@ pub use handshake::{
     Agreement, Channel, HandshakeConfig, HandshakeError, Incoming, accept, initiate,
 };
 pub use id::{IdError, NodeName, SpiffeId, TrustDomain};
-pub use keys::{Aead, DirectionKeys, SaKey, SessionKeys, WgPsk};
+pub use keys::{Aead, DirectionKeys, HostKeys, SaKey, SessionKeys, WgPsk};
 pub use protocol::{
     Epoch, Hello, Message, MessageError, Mode, RejectReason, Spi, WgProof, WgPublicKey,
 };

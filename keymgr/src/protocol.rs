@@ -198,6 +198,11 @@ pub struct Hello {
     /// The sender's WireGuard public key (required in WireGuard mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wg_public_key: Option<WgPublicKey>,
+    /// With node encryption in IPsec mode: the SPI the sender chose for the inbound SA of the
+    /// receiver's host traffic (traffic between node IPs has SAs of its own, see
+    /// [`crate::SessionKeys::host`]). Host SAs exist only when both sides send one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_spi: Option<Spi>,
 }
 
 impl Hello {
@@ -211,6 +216,7 @@ impl Hello {
             pod_cidrs: Vec::new(),
             mode,
             wg_public_key: None,
+            host_spi: None,
         }
     }
 
@@ -229,6 +235,12 @@ impl Hello {
     /// Sets the WireGuard public key.
     pub fn with_wg_public_key(mut self, key: WgPublicKey) -> Self {
         self.wg_public_key = Some(key);
+        self
+    }
+
+    /// Sets the SPI of the inbound host SA (node encryption, IPsec mode).
+    pub fn with_host_spi(mut self, spi: Spi) -> Self {
+        self.host_spi = Some(spi);
         self
     }
 
@@ -251,6 +263,13 @@ impl Hello {
         }
         if self.mode == Mode::Wireguard && self.wg_public_key.is_none() {
             return invalid("wg_public_key");
+        }
+        // Host SAs are IPsec's; one SPI for two SAs would give them one sequence space.
+        if self
+            .host_spi
+            .is_some_and(|h| self.mode != Mode::Ipsec || h == self.inbound_spi)
+        {
+            return invalid("host_spi");
         }
         Ok(())
     }
@@ -544,6 +563,19 @@ mod tests {
                 field: "wg_public_key"
             })
         );
+        for body in [
+            &br#"{"node":"a","epoch":1,"inbound_spi":700,"node_ips":[],"pod_cidrs":[],"mode":"ipsec","host_spi":700}"#[..],
+            br#"{"node":"a","epoch":1,"inbound_spi":700,"node_ips":[],"pod_cidrs":[],"mode":"wireguard","wg_public_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","host_spi":701}"#,
+        ] {
+            assert_eq!(
+                decode_body(TYPE_HELLO, body),
+                Err(MessageError::InvalidField { field: "host_spi" }),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let body = br#"{"node":"a","epoch":1,"inbound_spi":700,"node_ips":[],"pod_cidrs":[],"mode":"ipsec","host_spi":701}"#;
+        assert!(decode_body(TYPE_HELLO, body).is_ok());
         let body = br#"{"node":"a","epoch":1,"inbound_spi":700,"node_ips":[],"pod_cidrs":[],"mode":"ipsec","extra":1}"#;
         assert!(matches!(
             decode_body(TYPE_HELLO, body),

@@ -135,6 +135,57 @@ async fn keys_agree_per_direction_and_differ_across_directions_and_epochs() {
     assert_ne!(a2.keys.wg_psk.as_bytes(), a.keys.wg_psk.as_bytes());
 }
 
+/// Node encryption in IPsec mode: host SAs get their own keys, agreed per direction, under the
+/// SPIs of the Hellos' `host_spi`, distinct from the pod SAs' keys; a side that sends no
+/// `host_spi` gets none.
+#[tokio::test]
+async fn host_sas_get_keys_of_their_own_only_when_both_sides_ask() {
+    let pki = TestPki::new();
+    let p = pair(&pki);
+    let host = |h: Hello, spi: u32| h.with_host_spi(Spi::new(spi).unwrap());
+    let (ra, rb) = run(
+        &p.a,
+        "node-b",
+        host(hello("node-a", 1, 0x1000), 0x1001),
+        &p.b,
+        ExpectedPeer::Node(node("node-a")),
+        host(hello("node-b", 1, 0x2000), 0x2001),
+    )
+    .await;
+    let (a, b) = (ra.unwrap(), rb.unwrap());
+    let (a_host, b_host) = (a.keys.host.as_ref().unwrap(), b.keys.host.as_ref().unwrap());
+    assert_eq!(a_host.outbound.spi.get(), 0x2001);
+    assert_eq!(a_host.inbound.spi.get(), 0x1001);
+    assert_eq!(b_host.outbound.spi.get(), 0x1001);
+    for aead in [Aead::Aes128Gcm, Aead::Aes256Gcm] {
+        let a_out = a_host.outbound.key(aead).rfc4106_key();
+        assert_eq!(a_out, b_host.inbound.key(aead).rfc4106_key());
+        assert_eq!(
+            a_host.inbound.key(aead).rfc4106_key(),
+            b_host.outbound.key(aead).rfc4106_key()
+        );
+        assert_ne!(a_out, a_host.inbound.key(aead).rfc4106_key());
+        assert_ne!(a_out, a.keys.outbound.key(aead).rfc4106_key());
+        assert_ne!(a_out, a.keys.inbound.key(aead).rfc4106_key());
+    }
+    assert!(!format!("{:?}", a.keys).contains(&format!(
+        "{:?}",
+        &a_host.outbound.aes128_gcm.key()[0..4]
+    )));
+
+    let (ra, rb) = run(
+        &p.a,
+        "node-b",
+        host(hello("node-a", 2, 0x1000), 0x1001),
+        &p.b,
+        ExpectedPeer::Node(node("node-a")),
+        hello("node-b", 2, 0x2000),
+    )
+    .await;
+    let (a, b) = (ra.unwrap(), rb.unwrap());
+    assert!(a.keys.host.is_none() && b.keys.host.is_none());
+}
+
 /// node-a and node-b agree in WireGuard mode, announcing keys `[1; 32]` and `[2; 32]`.
 async fn wireguard_agreement(p: &Pair) -> Both {
     let wg = |n: &str, spi, k| {
