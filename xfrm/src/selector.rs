@@ -61,8 +61,10 @@ pub enum SelectorError {
         /// The destination prefix.
         dst: IpNet,
     },
-    /// Ports were given without a protocol that has ports.
-    #[error("selector ports need protocol tcp (6), udp (17) or sctp (132), got {proto:?}")]
+    /// Ports (or ICMP type and code) were given without a protocol that has them.
+    #[error(
+        "selector ports need protocol tcp (6), udp (17), sctp (132), icmp (1) or ipv6-icmp (58), got {proto:?}"
+    )]
     PortsWithoutProtocol {
         /// The protocol that was given.
         proto: Option<u8>,
@@ -100,17 +102,20 @@ impl Selector {
         })
     }
 
-    /// Restricts the selector to an IP protocol and, optionally, exact ports.
+    /// Restricts the selector to an IP protocol and, optionally, exact ports. For ICMP and
+    /// ICMPv6 the kernel compares the message type in place of the source port and the code in
+    /// place of the destination port (`ip xfrm ... proto ipv6-icmp type 135`).
     ///
     /// # Errors
-    /// [`SelectorError::PortsWithoutProtocol`] if ports are given for a protocol without ports.
+    /// [`SelectorError::PortsWithoutProtocol`] if ports are given for a protocol with neither
+    /// ports nor ICMP types.
     pub fn with_protocol(
         mut self,
         proto: u8,
         sport: Option<u16>,
         dport: Option<u16>,
     ) -> Result<Self, SelectorError> {
-        if (sport.is_some() || dport.is_some()) && !matches!(proto, 6 | 17 | 132) {
+        if (sport.is_some() || dport.is_some()) && !matches!(proto, 1 | 6 | 17 | 58 | 132) {
             return Err(SelectorError::PortsWithoutProtocol { proto: Some(proto) });
         }
         self.proto = Some(proto);
@@ -162,11 +167,15 @@ impl fmt::Display for Selector {
         if let Some(p) = self.proto {
             write!(f, " proto {p}")?;
         }
+        let (sport, dport) = match self.proto {
+            Some(1 | 58) => ("type", "code"),
+            _ => ("sport", "dport"),
+        };
         if let Some(p) = self.sport {
-            write!(f, " sport {p}")?;
+            write!(f, " {sport} {p}")?;
         }
         if let Some(p) = self.dport {
-            write!(f, " dport {p}")?;
+            write!(f, " {dport} {p}")?;
         }
         Ok(())
     }
@@ -192,10 +201,19 @@ mod tests {
         assert_eq!(s.dst().to_string(), "10.9.0.0/16");
         let err = Selector::new("10.0.0.0/8".parse().unwrap(), "fd00::/64".parse().unwrap());
         assert!(matches!(err, Err(SelectorError::MixedFamilies { .. })));
-        let err = s.with_protocol(1, Some(5), None);
+        let err = s.with_protocol(50, Some(5), None);
         assert_eq!(
             err,
-            Err(SelectorError::PortsWithoutProtocol { proto: Some(1) })
+            Err(SelectorError::PortsWithoutProtocol { proto: Some(50) })
+        );
+        let neighbour_solicitation =
+            Selector::new("::/0".parse().unwrap(), "fd00::2/128".parse().unwrap())
+                .unwrap()
+                .with_protocol(58, Some(135), None)
+                .unwrap();
+        assert_eq!(
+            neighbour_solicitation.to_string(),
+            "::/0 -> fd00::2/128 proto 58 type 135"
         );
     }
 
