@@ -37,6 +37,7 @@ use crate::mtu::{PodMtu, Tunnel as MtuTunnel};
 use crate::observe::ObserveHub;
 use crate::pace::Pace;
 use crate::peer::LocalEnd;
+use crate::peer::ipsec::HostEncryption;
 use crate::peer::wireguard::WireguardSettings;
 use crate::peer::{
     PeerCommand, PeerContext, PeerInfo, PeerRegistry, PeerSettings, PeerState, PeerStatus,
@@ -456,6 +457,12 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
             sa_limits: config.sa_limits(),
             // An external PKI (certificate files) cannot bind claims; keymgr always does.
             require_claims: !matches!(source, IdentitySource::Files { .. }),
+            host_encryption: (config.node_encryption
+                && config.encryption_type == EncryptionType::Ipsec)
+                .then(|| HostEncryption {
+                    handshake_port: config.handshake_port,
+                    exempt_tcp_ports: config.node_encryption_exempt_tcp_port.clone(),
+                }),
         },
         xfrm: xfrm.clone(),
         datapath: datapath.clone(),

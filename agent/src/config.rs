@@ -55,11 +55,6 @@ pub enum CleanupOnExit {
 /// A configuration the agent refuses to start with.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// `--node-encryption true` in IPsec mode.
-    #[error(
-        "--node-encryption (NODESEAL_NODE_ENCRYPTION) needs --encryption-type wireguard: in IPsec mode the node's own packets are routed, and their SA chosen, before any eBPF program could give them the key-slot mark (host SAs of their own are not built yet)"
-    )]
-    NodeEncryptionNeedsWireguard,
     /// The health and metrics endpoints would share a port on different addresses.
     #[error(
         "--health-addr {health} and --metrics-addr {metrics} use the same port on different addresses; use one address (one server answers both) or two ports"
@@ -250,9 +245,9 @@ pub struct AgentConfig {
     #[arg(long, env = "NODESEAL_WIREGUARD_PORT", default_value_t = crate::peer::wireguard::DEFAULT_PORT)]
     pub wireguard_port: u16,
     /// Also encrypt traffic between node IPs (host to host, host to remote pod, remote pod to
-    /// host), WireGuard mode only; every node of the cluster must agree. Stays in clear: the
-    /// handshake port, the ports of `--node-encryption-exempt-tcp-port`, and WireGuard's own
-    /// UDP.
+    /// host); every node of the cluster must agree. Stays in clear: the handshake port, the ports
+    /// of `--node-encryption-exempt-tcp-port`, WireGuard's own UDP (WireGuard mode), and IPv6
+    /// neighbour discovery between node IPs (IPsec mode).
     #[arg(long, env = "NODESEAL_NODE_ENCRYPTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub node_encryption: bool,
     /// TCP ports (source or destination) that stay outside the tunnel with node encryption:
@@ -340,9 +335,6 @@ impl AgentConfig {
     /// # Errors
     /// [`ConfigError`].
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.node_encryption && self.encryption_type != EncryptionType::Wireguard {
-            return Err(ConfigError::NodeEncryptionNeedsWireguard);
-        }
         if let (Some(health), Some(metrics)) = (self.health_addr, self.metrics_addr)
             && health.port() == metrics.port()
             && health != metrics
@@ -483,19 +475,22 @@ mod tests {
     }
 
     #[test]
-    fn node_encryption_is_refused_in_ipsec_mode_with_the_flag_named() {
-        let host = parse(&["--node-encryption=true"]).unwrap();
-        let e = host.validate().unwrap_err();
-        assert_eq!(e, ConfigError::NodeEncryptionNeedsWireguard);
-        assert!(e.to_string().contains("--node-encryption"), "{e}");
-        let wireguard = parse(&[
-            "--node-encryption=true",
-            "--encryption-type=wireguard",
-            "--node-encryption-exempt-tcp-port=6443,2379",
-        ])
-        .unwrap();
-        assert_eq!(wireguard.validate(), Ok(()));
-        assert_eq!(wireguard.node_encryption_exempt_tcp_port, [6443, 2379]);
+    fn node_encryption_is_taken_in_either_mode_with_its_exempt_ports() {
+        for mode in ["ipsec", "wireguard"] {
+            let config = parse(&[
+                "--node-encryption=true",
+                &format!("--encryption-type={mode}"),
+                "--node-encryption-exempt-tcp-port=6443,2379",
+            ])
+            .unwrap();
+            assert_eq!(config.validate(), Ok(()));
+            assert_eq!(config.node_encryption_exempt_tcp_port, [6443, 2379]);
+        }
+        let e = parse(&["--node-encryption-exempt-tcp-port=6443,https"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("https"), "{e}");
     }
 
     #[test]

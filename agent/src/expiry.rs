@@ -214,6 +214,7 @@ mod tests {
                 node_id: NodeId(2),
                 ip: PEER.parse().unwrap(),
                 pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+                handshake_port: 4250,
             },
             KeySlot::FIRST,
             (Spi::new(0x1001).unwrap(), &[1; 20]),

@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use crate::datapath::{DatapathError, DatapathHandle};
 use crate::metrics::Metrics;
 use crate::pace::Pace;
-use ipsec::{KeySlot, SaLimits};
+use ipsec::{HostEncryption, KeySlot, SaLimits};
 
 pub use status::{PeerState, PeerStatus};
 pub use task::PeerTask;
@@ -93,6 +93,8 @@ pub struct PeerSettings {
     /// Refuse peers whose SVID binds no node IPs and pod CIDRs (every issuer but an external
     /// PKI's binds them).
     pub require_claims: bool,
+    /// Node encryption in IPsec mode (`None`: off, or WireGuard mode, whose device does it).
+    pub host_encryption: Option<HostEncryption>,
 }
 
 /// Commands to a peer task.

@@ -242,31 +242,32 @@ pub(crate) fn derive<E>(
 ) -> Result<SessionKeys, E> {
     let mut context = [0u8; 17];
     context[1..9].copy_from_slice(&epoch.0.to_be_bytes());
-    let mut pair = |spis: SpiPair, purposes: [u8; 4]| -> Result<(DirectionKeys, DirectionKeys), E> {
-        context[9..13].copy_from_slice(&spis.initiator.get().to_be_bytes());
-        context[13..17].copy_from_slice(&spis.responder.get().to_be_bytes());
-        let mut sa = |purpose: u8, aead: Aead| -> Result<SaKey, E> {
-            let mut material = Zeroizing::new(vec![0u8; aead.key_len() + GCM_SALT_LEN]);
-            context[0] = purpose;
-            export(&mut material, EXPORTER_LABEL, &context)?;
-            Ok(SaKey { aead, material })
+    let mut pair =
+        |spis: SpiPair, purposes: [u8; 4]| -> Result<(DirectionKeys, DirectionKeys), E> {
+            context[9..13].copy_from_slice(&spis.initiator.get().to_be_bytes());
+            context[13..17].copy_from_slice(&spis.responder.get().to_be_bytes());
+            let mut sa = |purpose: u8, aead: Aead| -> Result<SaKey, E> {
+                let mut material = Zeroizing::new(vec![0u8; aead.key_len() + GCM_SALT_LEN]);
+                context[0] = purpose;
+                export(&mut material, EXPORTER_LABEL, &context)?;
+                Ok(SaKey { aead, material })
+            };
+            // Initiator → responder travels on the SA whose SPI the responder chose.
+            let i2r = DirectionKeys {
+                spi: spis.responder,
+                aes128_gcm: sa(purposes[0], Aead::Aes128Gcm)?,
+                aes256_gcm: sa(purposes[1], Aead::Aes256Gcm)?,
+            };
+            let r2i = DirectionKeys {
+                spi: spis.initiator,
+                aes128_gcm: sa(purposes[2], Aead::Aes128Gcm)?,
+                aes256_gcm: sa(purposes[3], Aead::Aes256Gcm)?,
+            };
+            Ok(match side {
+                Side::Initiator => (i2r, r2i),
+                Side::Responder => (r2i, i2r),
+            })
         };
-        // Initiator → responder travels on the SA whose SPI the responder chose.
-        let i2r = DirectionKeys {
-            spi: spis.responder,
-            aes128_gcm: sa(purposes[0], Aead::Aes128Gcm)?,
-            aes256_gcm: sa(purposes[1], Aead::Aes256Gcm)?,
-        };
-        let r2i = DirectionKeys {
-            spi: spis.initiator,
-            aes128_gcm: sa(purposes[2], Aead::Aes128Gcm)?,
-            aes256_gcm: sa(purposes[3], Aead::Aes256Gcm)?,
-        };
-        Ok(match side {
-            Side::Initiator => (i2r, r2i),
-            Side::Responder => (r2i, i2r),
-        })
-    };
     let host = match host_spis {
         Some(spis) => {
             let (outbound, inbound) = pair(

@@ -168,10 +168,10 @@ async fn host_sas_get_keys_of_their_own_only_when_both_sides_ask() {
         assert_ne!(a_out, a.keys.outbound.key(aead).rfc4106_key());
         assert_ne!(a_out, a.keys.inbound.key(aead).rfc4106_key());
     }
-    assert!(!format!("{:?}", a.keys).contains(&format!(
-        "{:?}",
-        &a_host.outbound.aes128_gcm.key()[0..4]
-    )));
+    assert!(
+        !format!("{:?}", a.keys)
+            .contains(&format!("{:?}", &a_host.outbound.aes128_gcm.key()[0..4]))
+    );
 
     let (ra, rb) = run(
         &p.a,

@@ -171,6 +171,7 @@ impl Node {
             strict,
             sa_limits: SaLimits::default(),
             require_claims: false,
+            host_encryption: None,
         }
     }
 
@@ -223,6 +224,7 @@ impl Node {
             node_id: self.id_of(peer),
             ip: peer.ip,
             pod_cidrs: vec![peer.cidr],
+            handshake_port: 4250,
         }
     }
 
@@ -278,16 +280,22 @@ pub async fn agreements_on_spis(
     epoch: Epoch,
     (a_spi, b_spi): (u32, u32),
 ) -> (Agreement<DuplexStream>, Agreement<DuplexStream>) {
+    agreements_on_hellos(a, b, (a.hello(epoch, a_spi), b.hello(epoch, b_spi))).await
+}
+
+/// The agreements of `a` (initiator) and `b` exchanging these Hellos.
+pub async fn agreements_on_hellos(
+    a: &Node,
+    b: &Node,
+    (a_hello, b_hello): (Hello, Hello),
+) -> (Agreement<DuplexStream>, Agreement<DuplexStream>) {
     let (a_end, b_end) = tokio::io::duplex(64 * 1024);
-    let initiate = handshake::initiate(&a.config, a_end, &b.name, a.hello(epoch, a_spi));
+    let initiate = handshake::initiate(&a.config, a_end, &b.name, a_hello);
     let respond = async {
         let incoming = handshake::accept(&b.config, b_end, ExpectedPeer::Node(a.name.clone()))
             .await
             .expect("accepting");
-        incoming
-            .respond(b.hello(epoch, b_spi))
-            .await
-            .expect("responding")
+        incoming.respond(b_hello).await.expect("responding")
     };
     let (a_side, b_side) = tokio::join!(initiate, respond);
     (a_side.expect("initiating"), b_side)

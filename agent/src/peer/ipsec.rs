@@ -6,6 +6,11 @@
 //! between epochs without a window. Each epoch gets the slot after the previous one, and after
 //! a restart the slot after the previous agent's, which is still live.
 //!
+//! With node encryption the epoch also has host SAs (see [`sa`](self)): the IN state is
+//! installed with the epoch, the OUT state at the flip (the kernel uses the newest host OUT
+//! state, so it must not exist before the peer confirmed its IN state), when the previous
+//! epoch's goes.
+//!
 //! Sweep and teardown go through [`nodeseal_xfrm::sweep`] and `flush_owned` scoped to the
 //! peer's node IP ([`nodeseal_xfrm::Ownership::with_endpoint`]), so they touch only this peer's
 //! objects of our reqid: a sweep removes what this tunnel did not install (never rewriting a
@@ -22,7 +27,10 @@ use tracing::{debug, info, warn};
 
 #[cfg(test)]
 pub(crate) use sa::peer_policies;
-pub use sa::{EpochSas, KeySlot, POLICY_HASH_THRESHOLDS, REQID, SaLimits, ownership};
+pub use sa::{
+    EXEMPT_REQID, EpochSas, HostEncryption, HostSas, KeySlot, POLICY_HASH_THRESHOLDS, REQID,
+    SaLimits, ownership,
+};
 
 use super::{
     InstalledEpoch, PeerDatapath, PeerEnd, PeerSettings, PeerStatus, Tunnel, TunnelError,
@@ -38,6 +46,8 @@ struct Installed {
     /// The OUT policies as installed: deleting exactly these stays right when the peer's pod
     /// CIDRs change between install and retirement.
     out_policies: Vec<PolicySpec>,
+    /// Whether the host OUT state is in the kernel (from the flip until the next flip).
+    host_out_added: bool,
 }
 
 /// A peer's IPsec tunnel.
@@ -48,6 +58,10 @@ pub struct IpsecTunnel {
     local: LocalEnd,
     strict: bool,
     limits: SaLimits,
+    /// Node encryption.
+    host: Option<HostEncryption>,
+    /// Whether the host OUT policies are in place.
+    host_out_installed: bool,
     /// The slot the datapath uses for the peer (after a restart: the previous agent's).
     live_slot: Option<KeySlot>,
     next_slot: KeySlot,
@@ -77,6 +91,8 @@ impl IpsecTunnel {
             local: settings.local.clone(),
             strict: settings.strict,
             limits: settings.sa_limits,
+            host: settings.host_encryption.clone(),
+            host_out_installed: false,
             live_slot,
             next_slot: live_slot.map_or(KeySlot::FIRST, KeySlot::next),
             policies_installed: false,
@@ -88,11 +104,87 @@ impl IpsecTunnel {
 
     async fn install_peer_policies(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
         let mut batch = self.xfrm.batch();
-        for p in sa::peer_policies(&self.local, peer, self.strict)? {
+        for p in sa::peer_policies(&self.local, peer, self.strict, self.host.as_ref())? {
             batch = batch.update_policy(p);
         }
         batch.execute().await?;
         self.policies_installed = true;
+        Ok(())
+    }
+
+    /// Sends this node's traffic for the peer into the host SAs (node encryption).
+    async fn install_host_out_policies(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
+        let Some(host) = &self.host else {
+            return Ok(());
+        };
+        let mut batch = self.xfrm.batch();
+        for p in sa::host_out_policies(&self.local, peer, host)? {
+            batch = batch.update_policy(p);
+        }
+        batch.execute().await?;
+        self.host_out_installed = true;
+        Ok(())
+    }
+
+    /// Lets this node's traffic for the peer go in clear again (not in strict mode).
+    async fn remove_host_out_policies(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
+        let Some(host) = &self.host else {
+            return Ok(());
+        };
+        let mut batch = self.xfrm.batch();
+        for p in sa::host_out_policies(&self.local, peer, host)? {
+            batch = batch.delete_policy(p.id());
+        }
+        batch.execute().await?;
+        self.host_out_installed = false;
+        Ok(())
+    }
+
+    /// Makes `epoch`'s host OUT state the only one: the kernel takes the newest, and an older
+    /// one must not outlive the flip. Without host SAs in `epoch` (the peer did not offer
+    /// them), strict mode keeps dropping host traffic; otherwise it goes in clear.
+    async fn flip_host(
+        &mut self,
+        peer: &PeerEnd,
+        epoch: InstalledEpoch,
+    ) -> Result<(), TunnelError> {
+        if self.host.is_none() {
+            return Ok(());
+        }
+        let mut batch = self.xfrm.batch();
+        let mut added = None;
+        let mut deleted = Vec::new();
+        for (i, installed) in self.epochs.iter().enumerate() {
+            let Some(host) = &installed.sas.host else {
+                continue;
+            };
+            if installed.epoch == epoch && !installed.host_out_added {
+                batch = batch.add_state(host.outbound.clone());
+                added = Some(i);
+            } else if installed.epoch != epoch && installed.host_out_added {
+                batch = batch.delete_state(host.outbound.id());
+                deleted.push(i);
+            }
+        }
+        batch.execute().await?;
+        for i in deleted {
+            self.epochs[i].host_out_added = false;
+        }
+        if let Some(i) = added {
+            self.epochs[i].host_out_added = true;
+        }
+        let has_host = self
+            .epochs
+            .iter()
+            .any(|i| i.epoch == epoch && i.sas.host.is_some());
+        if has_host || self.strict {
+            if !self.host_out_installed {
+                self.install_host_out_policies(peer).await?;
+            }
+        } else if self.host_out_installed {
+            warn!("the peer does not offer host SAs: its node IP is reached in clear");
+            self.remove_host_out_policies(peer).await?;
+        }
         Ok(())
     }
 
@@ -104,6 +196,12 @@ impl IpsecTunnel {
             .batch()
             .delete_state(old.sas.inbound.id())
             .delete_state(old.sas.outbound.id());
+        if let Some(host) = &old.sas.host {
+            batch = batch.delete_state(host.inbound.id());
+            if old.host_out_added {
+                batch = batch.delete_state(host.outbound.id());
+            }
+        }
         let slot_in_use = self
             .current()
             .is_some_and(|c| c.sas.slot == old.sas.slot && c.epoch != old.epoch);
@@ -127,6 +225,12 @@ impl IpsecTunnel {
         for i in &self.epochs {
             desired.states.push(i.sas.inbound.clone());
             desired.states.push(i.sas.outbound.clone());
+            if let Some(host) = &i.sas.host {
+                desired.states.push(host.inbound.clone());
+                if i.host_out_added {
+                    desired.states.push(host.outbound.clone());
+                }
+            }
             for p in &i.out_policies {
                 // Two epochs on one slot share their OUT policies.
                 if !desired.policies.iter().any(|q| q.id() == p.id()) {
@@ -135,9 +239,17 @@ impl IpsecTunnel {
             }
         }
         if self.policies_installed {
+            desired.policies.extend(sa::peer_policies(
+                &self.local,
+                peer,
+                self.strict,
+                self.host.as_ref(),
+            )?);
+        }
+        if let (true, Some(host)) = (self.host_out_installed, &self.host) {
             desired
                 .policies
-                .extend(sa::peer_policies(&self.local, peer, self.strict)?);
+                .extend(sa::host_out_policies(&self.local, peer, host)?);
         }
         Ok(desired)
     }
@@ -152,7 +264,13 @@ impl Tunnel for IpsecTunnel {
         let mut rng = rand::rng();
         loop {
             let spi: u32 = rng.random();
-            let in_use = self.epochs.iter().any(|i| i.sas.inbound.spi.get() == spi);
+            let in_use = self.epochs.iter().any(|i| {
+                i.sas.inbound.spi.get() == spi
+                    || i.sas
+                        .host
+                        .as_ref()
+                        .is_some_and(|h| h.inbound.spi.get() == spi)
+            });
             // Below 0x10000 stays free for other IPsec users of the node.
             if spi > 0xffff && !in_use {
                 return spi;
@@ -161,9 +279,11 @@ impl Tunnel for IpsecTunnel {
     }
 
     async fn prepare(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
-        // Strict mode blocks clear traffic to the peer's pods before any key exists.
+        // Strict mode blocks clear traffic to the peer's pods (and with node encryption to its
+        // node IP) before any key exists.
         if self.strict {
             self.install_peer_policies(peer).await?;
+            self.install_host_out_policies(peer).await?;
         }
         Ok(())
     }
@@ -176,7 +296,7 @@ impl Tunnel for IpsecTunnel {
     ) -> Result<InstalledEpoch, TunnelError> {
         let out_spi = xfrm_spi(keys.outbound.spi.get())?;
         let in_spi = xfrm_spi(keys.inbound.spi.get())?;
-        let sas = EpochSas::new(
+        let mut sas = EpochSas::new(
             &self.local,
             peer,
             self.next_slot,
@@ -184,12 +304,30 @@ impl Tunnel for IpsecTunnel {
             (in_spi, keys.inbound.key(KeyAead::Aes128Gcm).rfc4106_key()),
             self.limits,
         )?;
-        let out_policies = sas.out_policies(&self.local, peer)?;
+        if let (Some(_), Some(host)) = (&self.host, &keys.host) {
+            sas = sas.with_host(
+                &self.local,
+                peer,
+                (
+                    xfrm_spi(host.outbound.spi.get())?,
+                    host.outbound.key(KeyAead::Aes128Gcm).rfc4106_key(),
+                ),
+                (
+                    xfrm_spi(host.inbound.spi.get())?,
+                    host.inbound.key(KeyAead::Aes128Gcm).rfc4106_key(),
+                ),
+                self.limits,
+            )?;
+        }
+        let out_policies = sas.out_policies(&self.local, peer, self.host.as_ref())?;
         let mut batch = self
             .xfrm
             .batch()
             .add_state(sas.inbound.clone())
             .add_state(sas.outbound.clone());
+        if let Some(host) = &sas.host {
+            batch = batch.add_state(host.inbound.clone());
+        }
         for p in &out_policies {
             batch = batch.update_policy(p.clone());
         }
@@ -200,6 +338,7 @@ impl Tunnel for IpsecTunnel {
             epoch,
             sas,
             out_policies,
+            host_out_added: false,
         };
         if !self.policies_installed
             && let Err(e) = self.install_peer_policies(peer).await
@@ -218,6 +357,7 @@ impl Tunnel for IpsecTunnel {
             return Err(TunnelError::UnknownEpoch(epoch));
         };
         let (slot, out_spi, in_spi) = (new.sas.slot, new.sas.outbound.spi, new.sas.inbound.spi);
+        self.flip_host(peer, epoch).await?;
         // ESP from the peer is accepted from now on.
         self.datapath.admit_node(peer.node_id, peer.ip)?;
         self.datapath.set_slot(peer.node_id, Some(slot))?;
@@ -239,6 +379,12 @@ impl Tunnel for IpsecTunnel {
             }
             self.live_slot = None;
             self.current = None;
+            if !self.strict
+                && self.host_out_installed
+                && let Err(e) = self.remove_host_out_policies(peer).await
+            {
+                warn!(error = %error_chain(&e), "cannot let host traffic go in clear");
+            }
         }
         let old = self.epochs.remove(pos);
         self.remove(&old).await?;
@@ -268,16 +414,41 @@ impl Tunnel for IpsecTunnel {
         self.current = None;
         self.live_slot = None;
         self.policies_installed = false;
+        self.host_out_installed = false;
         let owner = ownership().with_endpoint(peer.ip);
         Ok(nodeseal_xfrm::reconcile::flush_owned(&self.xfrm, &owner).await?)
     }
 
     fn carries_spi(&self, spi: u32) -> bool {
         self.current().is_some_and(|c| {
-            [c.sas.outbound.spi, c.sas.inbound.spi]
+            let host = c
+                .sas
+                .host
                 .iter()
+                .flat_map(|h| [h.outbound.spi, h.inbound.spi]);
+            [c.sas.outbound.spi, c.sas.inbound.spi]
+                .into_iter()
+                .chain(host)
                 .any(|s| s.get() == spi)
         })
+    }
+
+    fn announce(&self, hello: Hello) -> Hello {
+        if self.host.is_none() {
+            return hello;
+        }
+        let mut spi = self.fresh_spi();
+        // Bounded: two draws from 2^32 values collide about never.
+        for _ in 0..8 {
+            if spi != hello.inbound_spi.get() {
+                break;
+            }
+            spi = self.fresh_spi();
+        }
+        match nodeseal_keymgr::Spi::new(spi) {
+            Ok(spi) if spi != hello.inbound_spi => hello.with_host_spi(spi),
+            _ => hello,
+        }
     }
 
     fn fill_status(&self, row: &mut PeerStatus) {
@@ -287,6 +458,9 @@ impl Tunnel for IpsecTunnel {
             .map(KeySlot::get);
         row.out_spi = current.map(|c| c.sas.outbound.spi.to_string());
         row.in_spi = current.map(|c| c.sas.inbound.spi.to_string());
+        row.host_spis = current
+            .and_then(|c| c.sas.host.as_ref())
+            .map(|h| [h.outbound.spi.to_string(), h.inbound.spi.to_string()]);
     }
 }
 
@@ -300,7 +474,9 @@ mod tests {
     use nodeseal_keymgr::test_helpers::TestPki;
 
     use super::*;
-    use crate::peer::fakes::{Node, agreements, agreements_on_spis, hold_clock};
+    use crate::peer::fakes::{
+        Node, agreements, agreements_on_hellos, agreements_on_spis, hold_clock,
+    };
 
     fn tunnel(me: &Node, peer: &Node, strict: bool) -> IpsecTunnel {
         let datapath: Arc<dyn PeerDatapath> = me.datapath.clone();
@@ -454,5 +630,172 @@ mod tests {
             matches!(e, TunnelError::UnknownEpoch(u) if u == first),
             "{e}"
         );
+    }
+
+    fn host_tunnel(me: &Node, peer: &Node, strict: bool) -> IpsecTunnel {
+        let mut settings = me.settings(strict);
+        settings.host_encryption = Some(HostEncryption {
+            handshake_port: 4250,
+            exempt_tcp_ports: vec![6443],
+        });
+        let datapath: Arc<dyn PeerDatapath> = me.datapath.clone();
+        IpsecTunnel::new(me.xfrm.clone(), datapath, &settings, me.id_of(peer)).expect("tunnel")
+    }
+
+    /// Agreements of `a` and `b` whose Hellos both offer host SAs.
+    async fn host_agreements(
+        a: &Node,
+        b: &Node,
+        ta: &IpsecTunnel,
+        epoch: Epoch,
+    ) -> (
+        nodeseal_keymgr::handshake::Agreement<tokio::io::DuplexStream>,
+        nodeseal_keymgr::handshake::Agreement<tokio::io::DuplexStream>,
+    ) {
+        let spi = ta.fresh_spi();
+        let a_hello = ta.announce(a.hello(epoch, spi));
+        let b_hello = b
+            .hello(epoch, spi ^ 0x0100_0000)
+            .with_host_spi(nodeseal_keymgr::Spi::new(0x0777_0000 + (epoch.0 as u32)).expect("spi"));
+        agreements_on_hellos(a, b, (a_hello, b_hello)).await
+    }
+
+    fn host_out_states(node: &Node) -> Vec<u32> {
+        node.kernel
+            .states()
+            .iter()
+            .filter(|s| {
+                s.mark == sa::HOST_MARK
+                    && s.dst == "10.0.0.2".parse::<std::net::IpAddr>().expect("ip")
+            })
+            .map(|s| s.spi)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn node_encryption_adds_host_sas_whose_out_state_arrives_at_the_flip_and_is_replaced_at_the_next()
+     {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let mut t = host_tunnel(&a, &b, true);
+        let peer = a.end_of(&b);
+        t.prepare(&peer).await.expect("prepare");
+        let prepared = a.kernel.policies();
+        // IN, FWD, block for the pod CIDR; IN, FWD for the node IP; OUT for the node IP and the
+        // pod CIDR; exemptions: 2 ports x sport/dport x IN/OUT.
+        assert_eq!(prepared.len(), 3 + 2 + 2 + 8, "{prepared:#?}");
+        assert!(
+            prepared
+                .iter()
+                .filter(|p| p.reqids == [EXEMPT_REQID])
+                .all(|p| p.spec.as_ref().is_some_and(
+                    |s| s.templates[0].level == nodeseal_xfrm::TemplateLevel::Optional
+                ))
+        );
+
+        let (first, _) = host_agreements(&a, &b, &t, Epoch(1)).await;
+        let host_keys = first.keys.host.as_ref().expect("host keys");
+        let first_host_out = host_keys.outbound.spi.get();
+        let e1 = t
+            .install(&peer, &first.keys, &first.peer_hello)
+            .await
+            .expect("install");
+        assert_eq!(a.kernel.states().len(), 3, "pod IN/OUT and host IN");
+        assert!(
+            host_out_states(&a).is_empty(),
+            "no host OUT before the flip"
+        );
+        t.flip(&peer, e1).await.expect("flip");
+        assert_eq!(host_out_states(&a), [first_host_out]);
+        assert!(t.carries_spi(host_keys.inbound.spi.get()));
+        let mut row = PeerStatus::connecting(&b.name, b.ip, peer.node_id);
+        t.fill_status(&mut row);
+        assert!(row.host_spis.is_some());
+        // The pods' traffic to the node IP takes the slot's OUT policy.
+        let marked_to_node = a.kernel.policies().into_iter().any(|p| {
+            p.spec.as_ref().is_some_and(|s| {
+                s.dir == nodeseal_xfrm::Direction::Out
+                    && s.mark == sa::encrypt_mark(peer.node_id, KeySlot::FIRST)
+                    && s.selector.dst() == ipnet::IpNet::from(b.ip)
+            })
+        });
+        assert!(marked_to_node);
+
+        let (second, _) = host_agreements(&a, &b, &t, Epoch(2)).await;
+        let second_host_out = second
+            .keys
+            .host
+            .as_ref()
+            .expect("host keys")
+            .outbound
+            .spi
+            .get();
+        let e2 = t
+            .install(&peer, &second.keys, &second.peer_hello)
+            .await
+            .expect("install");
+        assert_eq!(
+            host_out_states(&a),
+            [first_host_out],
+            "the old one until the flip"
+        );
+        t.flip(&peer, e2).await.expect("flip");
+        assert_eq!(host_out_states(&a), [second_host_out], "only the newest");
+        assert_eq!(
+            t.sweep(&peer).await.expect("sweep"),
+            0,
+            "the kernel holds what is wanted"
+        );
+        t.retire(&peer, e1).await.expect("retire");
+        assert_eq!(
+            a.kernel.states().len(),
+            4,
+            "epoch 2: pod IN/OUT, host IN/OUT"
+        );
+        t.teardown(&peer).await.expect("teardown");
+        assert!(a.kernel.states().is_empty() && a.kernel.policies().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_strict_mode_host_traffic_is_encrypted_only_while_host_keys_are_current() {
+        let _clock = hold_clock();
+        let pki = TestPki::new();
+        let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
+        let mut t = host_tunnel(&a, &b, false);
+        let peer = a.end_of(&b);
+        t.prepare(&peer).await.expect("prepare");
+        assert!(a.kernel.policies().is_empty());
+        let host_out_policies = |node: &Node| {
+            node.kernel
+                .policies()
+                .iter()
+                .filter(|p| p.mark == sa::HOST_MARK)
+                .count()
+        };
+
+        // A peer that offers no host SAs: its node IP stays reachable in clear.
+        let (plain, _) = agreements(&a, &b, Epoch(1)).await;
+        assert!(plain.keys.host.is_none());
+        let e1 = t
+            .install(&peer, &plain.keys, &plain.peer_hello)
+            .await
+            .expect("install");
+        t.flip(&peer, e1).await.expect("flip");
+        assert_eq!(host_out_policies(&a), 0);
+
+        let (with_host, _) = host_agreements(&a, &b, &t, Epoch(2)).await;
+        let e2 = t
+            .install(&peer, &with_host.keys, &with_host.peer_hello)
+            .await
+            .expect("install");
+        t.flip(&peer, e2).await.expect("flip");
+        assert_eq!(host_out_policies(&a), 2, "node IP and pod CIDR");
+        assert_eq!(host_out_states(&a).len(), 1);
+
+        t.retire(&peer, e1).await.expect("retire");
+        t.retire(&peer, e2).await.expect("retire the current epoch");
+        assert_eq!(host_out_policies(&a), 0, "in clear again, not dropped");
+        assert!(a.kernel.states().is_empty());
     }
 }

@@ -45,6 +45,9 @@ pub struct PeerStatus {
     pub out_spi: Option<String>,
     /// SPI of the IN SA.
     pub in_spi: Option<String>,
+    /// SPIs of the host SAs (node encryption in IPsec mode): OUT then IN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_spis: Option<[String; 2]>,
     /// The peer's WireGuard public key (base64) as its verified Hello announced it, in WireGuard
     /// mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +99,7 @@ impl PeerStatus {
             slot: None,
             out_spi: None,
             in_spi: None,
+            host_spis: None,
             wg_public_key: None,
             wg_psk_epoch: None,
             wg_latest_handshake_unix: None,

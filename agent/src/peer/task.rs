@@ -159,6 +159,7 @@ impl<T: Tunnel> PeerTask<T> {
             node_id,
             ip: info.ip,
             pod_cidrs: info.pod_cidrs.clone(),
+            handshake_port: info.port,
         };
         tunnel.prepare(&peer).await?;
         let task = Self {
@@ -195,6 +196,7 @@ impl<T: Tunnel> PeerTask<T> {
             node_id: self.node_id,
             ip: self.info.ip,
             pod_cidrs: self.info.pod_cidrs.clone(),
+            handshake_port: self.info.port,
         }
     }
 
@@ -1025,6 +1027,7 @@ mod tests {
                 node_id: a.id_of(peer),
                 ip: peer.ip,
                 pod_cidrs: vec![peer.cidr],
+                handshake_port: 4250,
             };
             let old = EpochSas::new(
                 &settings.local,
@@ -1043,11 +1046,14 @@ mod tests {
                 .batch()
                 .add_state(old.inbound.clone())
                 .add_state(old.outbound.clone());
-            for p in old.out_policies(&settings.local, &end).expect("policies") {
+            for p in old
+                .out_policies(&settings.local, &end, None)
+                .expect("policies")
+            {
                 batch = batch.add_policy(p);
             }
-            for p in
-                crate::peer::ipsec::peer_policies(&settings.local, &end, false).expect("policies")
+            for p in crate::peer::ipsec::peer_policies(&settings.local, &end, false, None)
+                .expect("policies")
             {
                 batch = batch.add_policy(p);
             }

@@ -36,8 +36,10 @@ pub struct PeerEnd {
     pub node_id: NodeId,
     /// The peer's node IP.
     pub ip: IpAddr,
-    /// The peer's pod CIDRs (of the same family as `ip`).
+    /// The peer's pod CIDRs (of either family).
     pub pod_cidrs: Vec<IpNet>,
+    /// The peer's handshake port (stays in clear with node encryption).
+    pub handshake_port: u16,
 }
 
 /// The kernel side of one peer's tunnel. One value per peer, owned by the peer's task, which

@@ -24,8 +24,26 @@
 //! encrypt mark, so nothing reaches a peer's pods in clear even if a packet escaped the eBPF
 //! program (`XfrmOutPolBlock`).
 //!
-//! Every object carries reqid [`REQID`]; [`ownership`] claims exactly that, so nothing foreign is
-//! ever changed.
+//! With node encryption ([`HostEncryption`]) traffic between the node IPs is encrypted too, on
+//! SAs of its own per epoch ([`HostSas`], keys from the handshake's `host_spi`s):
+//! - host traffic (this node's own packets, which no eBPF program marks) to the peer's node IP
+//!   and pod CIDRs matches unmarked OUT policies with a template between the node IPs, below the
+//!   marked ones; the kernel looks its state up with mark 0, which only the host OUT state
+//!   (mark 0 over the owned bits) matches. Of two host OUT states the kernel takes the newest,
+//!   so a flip adds the new one and deletes the older;
+//! - pods' traffic to the peer's node IP is marked by the datapath and goes through the pod SAs
+//!   (a marked OUT policy per slot for the node IP);
+//! - IN and FWD policies require the peer's tunnel for the peer's node IP as a source, so
+//!   plaintext from it is dropped by the kernel;
+//! - exemptions stay in clear: the handshake ports (no chicken-and-egg after a peer lost its
+//!   SAs), the operator's exempt TCP ports, and IPv6 neighbour discovery between the node IPs.
+//!   They are policies above the host ones whose only template is optional and names reqid
+//!   [`EXEMPT_REQID`], which no state carries: the kernel finds nothing to apply and lets the
+//!   packet pass. (A key manager listening for `XFRM_MSG_ACQUIRE` would be asked for such a
+//!   state, and may hold a larval one for 30 s; nodeseal does not listen.)
+//!
+//! Every object carries reqid [`REQID`] (exemptions [`EXEMPT_REQID`]); [`ownership`] claims
+//! exactly those, so nothing foreign is ever changed.
 //!
 //! Every policy names this node's side as "any" and the peer's side by its pod CIDR, so the
 //! kernel could hash them all by the peer's prefix under [`POLICY_HASH_THRESHOLDS`]: under the
@@ -46,8 +64,16 @@ use crate::peer::{LocalEnd, PeerEnd};
 /// The reqid of every nodeseal state and policy ("NS" and 1).
 pub const REQID: u32 = 0x4e53_0001;
 
+/// The reqid of the exemption policies' optional templates: no state carries it.
+pub const EXEMPT_REQID: u32 = 0x4e53_0002;
+
 /// Priority of the marked OUT policies (lower wins).
 const PRIORITY_ENCRYPT: u32 = 100;
+/// Priority of node encryption's exemptions: above the host policies, below the pods' (a pod's
+/// packet to an exempt port stays encrypted).
+const PRIORITY_EXEMPT: u32 = 120;
+/// Priority of node encryption's host policies.
+const PRIORITY_HOST: u32 = 150;
 /// Priority of strict mode's block policies: below the marked ones.
 const PRIORITY_STRICT_BLOCK: u32 = 200;
 /// Priority of IN/FWD policies.
@@ -183,10 +209,48 @@ fn reqid() -> ReqId {
     ReqId::new(REQID).unwrap_or_else(|_| unreachable!("REQID is non-zero"))
 }
 
-/// Which kernel objects are ours: exactly reqid [`REQID`].
+fn exempt_reqid() -> ReqId {
+    ReqId::new(EXEMPT_REQID).unwrap_or_else(|_| unreachable!("EXEMPT_REQID is non-zero"))
+}
+
+/// Which kernel objects are ours: exactly reqids [`REQID`] and [`EXEMPT_REQID`].
 #[must_use]
 pub fn ownership() -> Ownership {
-    Ownership::new(reqid()..=reqid())
+    Ownership::new(reqid()..=exempt_reqid())
+}
+
+/// Node encryption in IPsec mode: what stays in clear between the node IPs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostEncryption {
+    /// This node's handshake port.
+    pub handshake_port: u16,
+    /// TCP ports (source or destination) exempted by the operator.
+    pub exempt_tcp_ports: Vec<u16>,
+}
+
+impl HostEncryption {
+    /// The TCP ports that stay in clear with `peer`: both handshake ports and the exempt ones.
+    fn ports(&self, peer: &PeerEnd) -> Vec<u16> {
+        let mut ports = vec![self.handshake_port, peer.handshake_port];
+        ports.extend(&self.exempt_tcp_ports);
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+/// The mark of the host OUT state: none of the owned bits set. The kernel looks the state up
+/// with the unmarked host policy's mark, 0, which no pod state's mark matches; the pods'
+/// lookups carry marks this one does not match.
+pub(crate) const HOST_MARK: Mark = Mark::new(0, mark::OWNED_MASK);
+
+/// One epoch's host SAs with a peer (node encryption).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostSas {
+    /// OUT state: to the peer, with the host SPI the peer chose, mark [`HOST_MARK`].
+    pub outbound: StateSpec,
+    /// IN state: from the peer, with the host SPI we chose.
+    pub inbound: StateSpec,
 }
 
 /// One epoch's pair of SAs with a peer.
@@ -198,6 +262,8 @@ pub struct EpochSas {
     pub outbound: StateSpec,
     /// IN state: from the peer, with the SPI we chose.
     pub inbound: StateSpec,
+    /// The host SAs, with node encryption when the peer agreed to it.
+    pub host: Option<HostSas>,
 }
 
 /// The mark the datapath writes for `peer` using `slot`, compared over every bit nodeseal owns.
@@ -220,43 +286,40 @@ impl EpochSas {
         (in_spi, in_key): (Spi, &[u8]),
         limits: SaLimits,
     ) -> Result<Self, SpecError> {
-        let algorithm = |key: &[u8]| {
-            if key.len() == 36 {
-                AeadAlgorithm::AesGcm256
-            } else {
-                AeadAlgorithm::AesGcm128
-            }
-        };
-        let mut outbound = StateSpec::new(
-            local.ip,
-            peer.ip,
-            out_spi,
-            reqid(),
-            Aead::new(algorithm(out_key), out_key)?,
-            None,
-        )?;
+        let mut outbound = state(local.ip, peer.ip, (out_spi, out_key), limits)?;
         outbound.mark = encrypt_mark(peer.node_id, slot);
-        outbound.lifetime = limits.lifetime();
-        outbound.replay_window = REPLAY_WINDOW;
-        let mut inbound = StateSpec::new(
-            peer.ip,
-            local.ip,
-            in_spi,
-            reqid(),
-            Aead::new(algorithm(in_key), in_key)?,
-            None,
-        )?;
-        inbound.lifetime = limits.lifetime();
-        inbound.replay_window = REPLAY_WINDOW;
+        let inbound = state(peer.ip, local.ip, (in_spi, in_key), limits)?;
         Ok(Self {
             slot,
             outbound,
             inbound,
+            host: None,
         })
     }
 
-    /// The OUT policies that send marked packets for the peer's pod CIDRs into this epoch's OUT
-    /// state.
+    /// Adds the host SAs (node encryption), keyed like [`EpochSas::new`]'s.
+    ///
+    /// # Errors
+    /// As [`EpochSas::new`].
+    pub fn with_host(
+        mut self,
+        local: &LocalEnd,
+        peer: &PeerEnd,
+        out: (Spi, &[u8]),
+        inbound: (Spi, &[u8]),
+        limits: SaLimits,
+    ) -> Result<Self, SpecError> {
+        let mut outbound = state(local.ip, peer.ip, out, limits)?;
+        outbound.mark = HOST_MARK;
+        self.host = Some(HostSas {
+            outbound,
+            inbound: state(peer.ip, local.ip, inbound, limits)?,
+        });
+        Ok(self)
+    }
+
+    /// The OUT policies that send marked packets for the peer's pod CIDRs (and, with node
+    /// encryption, its node IP) into this epoch's OUT state.
     ///
     /// # Errors
     /// [`SpecError`] if the node IPs differ in family.
@@ -264,10 +327,13 @@ impl EpochSas {
         &self,
         local: &LocalEnd,
         peer: &PeerEnd,
+        host: Option<&HostEncryption>,
     ) -> Result<Vec<PolicySpec>, SpecError> {
         let template = Template::new(local.ip, peer.ip, reqid())?;
+        let node_ip = host.map(|_| IpNet::from(peer.ip));
         peer.pod_cidrs
             .iter()
+            .chain(node_ip.iter())
             .map(|cidr| {
                 let selector = to_cidr(local.ip, *cidr)?;
                 let mut p = PolicySpec::new(selector, Direction::Out, template);
@@ -279,19 +345,117 @@ impl EpochSas {
     }
 }
 
-fn to_cidr(local: IpAddr, cidr: IpNet) -> Result<Selector, SpecError> {
-    let any = match cidr {
-        IpNet::V4(_) => IpNet::V4(ipnet::Ipv4Net::default()),
-        IpNet::V6(_) => IpNet::V6(ipnet::Ipv6Net::default()),
+/// A state from `src` to `dst` carrying inner traffic of either family, with the replay window
+/// and `limits`. `key` is `rfc4106(gcm(aes))` key and salt bytes (20 or 36).
+fn state(
+    src: IpAddr,
+    dst: IpAddr,
+    (spi, key): (Spi, &[u8]),
+    limits: SaLimits,
+) -> Result<StateSpec, SpecError> {
+    let algorithm = if key.len() == 36 {
+        AeadAlgorithm::AesGcm256
+    } else {
+        AeadAlgorithm::AesGcm128
     };
-    Selector::new(any, cidr).map_err(|_| SpecError::MixedEndpoints {
+    let mut state = StateSpec::new(src, dst, spi, reqid(), Aead::new(algorithm, key)?, None)?;
+    state.lifetime = limits.lifetime();
+    state.replay_window = REPLAY_WINDOW;
+    Ok(state)
+}
+
+fn to_cidr(local: IpAddr, cidr: IpNet) -> Result<Selector, SpecError> {
+    Selector::new(any_of(cidr), cidr).map_err(|_| SpecError::MixedEndpoints {
         src: local,
         dst: cidr.addr(),
     })
 }
 
-/// The epoch-independent policies of a peer: IN and FWD requiring its tunnel for its pod CIDRs,
-/// and (strict mode) the OUT block for unmarked packets to them.
+fn any_of(family: IpNet) -> IpNet {
+    match family {
+        IpNet::V4(_) => IpNet::V4(ipnet::Ipv4Net::default()),
+        IpNet::V6(_) => IpNet::V6(ipnet::Ipv6Net::default()),
+    }
+}
+
+/// What stays in clear between the node IPs in direction `dir` (In: from the peer, Out: to it).
+fn exemptions(
+    local: &LocalEnd,
+    peer: &PeerEnd,
+    host: &HostEncryption,
+    dir: Direction,
+) -> Result<Vec<PolicySpec>, SpecError> {
+    let peer_ip = IpNet::from(peer.ip);
+    let (selector, template) = match dir {
+        Direction::Out => (
+            Selector::new(any_of(peer_ip), peer_ip),
+            Template::new(local.ip, peer.ip, exempt_reqid())?,
+        ),
+        _ => (
+            Selector::new(peer_ip, any_of(peer_ip)),
+            Template::new(peer.ip, local.ip, exempt_reqid())?,
+        ),
+    };
+    let selector = selector.map_err(|_| SpecError::MixedEndpoints {
+        src: local.ip,
+        dst: peer.ip,
+    })?;
+    let template = nodeseal_xfrm::Template {
+        level: nodeseal_xfrm::TemplateLevel::Optional,
+        ..template
+    };
+    let mut matches: Vec<(u8, Option<u16>, Option<u16>)> = Vec::new();
+    for port in host.ports(peer) {
+        matches.push((6, Some(port), None));
+        matches.push((6, None, Some(port)));
+    }
+    if peer.ip.is_ipv6() {
+        // Neighbour solicitations and advertisements between the node IPs: without them the
+        // node IPs could not reach each other, ESP included.
+        matches.push((58, Some(135), None));
+        matches.push((58, Some(136), None));
+    }
+    matches
+        .into_iter()
+        .map(|(proto, sport, dport)| {
+            let selector = selector.with_protocol(proto, sport, dport).map_err(|_| {
+                SpecError::MixedEndpoints {
+                    src: local.ip,
+                    dst: peer.ip,
+                }
+            })?;
+            let mut p = PolicySpec::new(selector, dir, template);
+            p.priority = PRIORITY_EXEMPT;
+            Ok(p)
+        })
+        .collect()
+}
+
+/// Node encryption's OUT policies for a peer: this node's unmarked traffic to the peer's node
+/// IP and pod CIDRs goes through the host SAs, the exemptions aside. Without a host OUT state
+/// the kernel drops it.
+///
+/// # Errors
+/// [`SpecError`] if the node IPs differ in family.
+pub fn host_out_policies(
+    local: &LocalEnd,
+    peer: &PeerEnd,
+    host: &HostEncryption,
+) -> Result<Vec<PolicySpec>, SpecError> {
+    let template = Template::new(local.ip, peer.ip, reqid())?;
+    let mut policies = exemptions(local, peer, host, Direction::Out)?;
+    for cidr in std::iter::once(IpNet::from(peer.ip)).chain(peer.pod_cidrs.iter().copied()) {
+        let mut p = PolicySpec::new(to_cidr(local.ip, cidr)?, Direction::Out, template);
+        p.priority = PRIORITY_HOST;
+        p.mark = HOST_MARK;
+        policies.push(p);
+    }
+    Ok(policies)
+}
+
+/// The epoch-independent policies of a peer: IN and FWD requiring its tunnel for its pod CIDRs
+/// (and, with node encryption, its node IP, the exemptions aside), and (strict mode) the OUT
+/// block for unmarked packets to them.
 ///
 /// # Errors
 /// [`SpecError`] if the node IPs differ in family.
@@ -299,25 +463,32 @@ pub fn peer_policies(
     local: &LocalEnd,
     peer: &PeerEnd,
     strict: bool,
+    host: Option<&HostEncryption>,
 ) -> Result<Vec<PolicySpec>, SpecError> {
     let inbound = Template::new(peer.ip, local.ip, reqid())?;
     let outbound = Template::new(local.ip, peer.ip, reqid())?;
     let mut policies = Vec::new();
-    for cidr in &peer.pod_cidrs {
-        let any = match cidr {
-            IpNet::V4(_) => IpNet::V4(ipnet::Ipv4Net::default()),
-            IpNet::V6(_) => IpNet::V6(ipnet::Ipv6Net::default()),
+    if let Some(host) = host {
+        policies.extend(exemptions(local, peer, host, Direction::In)?);
+    }
+    let node_ip = host.map(|_| IpNet::from(peer.ip));
+    for cidr in peer.pod_cidrs.iter().chain(node_ip.iter()) {
+        let from_peer =
+            Selector::new(*cidr, any_of(*cidr)).map_err(|_| SpecError::MixedEndpoints {
+                src: cidr.addr(),
+                dst: local.ip,
+            })?;
+        let priority = if Some(*cidr) == node_ip {
+            PRIORITY_HOST
+        } else {
+            PRIORITY_INBOUND
         };
-        let from_peer = Selector::new(*cidr, any).map_err(|_| SpecError::MixedEndpoints {
-            src: cidr.addr(),
-            dst: local.ip,
-        })?;
         for dir in [Direction::In, Direction::Fwd] {
             let mut p = PolicySpec::new(from_peer, dir, inbound);
-            p.priority = PRIORITY_INBOUND;
+            p.priority = priority;
             policies.push(p);
         }
-        if strict {
+        if strict && Some(*cidr) != node_ip {
             // The template is never used (block wins first); it carries our reqid so the policy
             // is recognisably ours.
             let mut p = PolicySpec::new(to_cidr(local.ip, *cidr)?, Direction::Out, outbound);
@@ -343,6 +514,7 @@ mod tests {
                 node_id: NodeId(7),
                 ip: "10.0.0.2".parse().unwrap(),
                 pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+                handshake_port: 4250,
             },
         )
     }
@@ -375,7 +547,7 @@ mod tests {
         assert_eq!((sas.outbound.src, sas.outbound.dst), (local.ip, peer.ip));
         assert!(sas.inbound.mark.is_none());
         assert_eq!((sas.inbound.src, sas.inbound.dst), (peer.ip, local.ip));
-        let out = sas.out_policies(&local, &peer).unwrap();
+        let out = sas.out_policies(&local, &peer, None).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].mark, sas.outbound.mark);
         assert_eq!(out[0].selector.dst(), peer.pod_cidrs[0]);
@@ -384,14 +556,14 @@ mod tests {
     #[test]
     fn peer_policies_require_the_peer_tunnel_and_strict_blocks() {
         let (local, peer) = ends();
-        let relaxed = peer_policies(&local, &peer, false).unwrap();
+        let relaxed = peer_policies(&local, &peer, false, None).unwrap();
         assert_eq!(relaxed.len(), 2);
         for p in &relaxed {
             assert_eq!(p.selector.src(), peer.pod_cidrs[0]);
             assert_eq!(p.templates[0].src, peer.ip);
             assert_eq!(p.templates[0].level, nodeseal_xfrm::TemplateLevel::Required);
         }
-        let strict = peer_policies(&local, &peer, true).unwrap();
+        let strict = peer_policies(&local, &peer, true, None).unwrap();
         let block = strict.iter().find(|p| p.action == Action::Block).unwrap();
         assert_eq!(block.dir, Direction::Out);
         assert!(block.priority > PRIORITY_ENCRYPT);
@@ -409,6 +581,7 @@ mod tests {
                 node_id: NodeId(9),
                 ip: "fd00::2".parse().unwrap(),
                 pod_cidrs: vec!["fd00:10:244:1::/64".parse().unwrap()],
+                handshake_port: 4250,
             },
         );
         for (local, peer) in [ends(), v6] {
@@ -422,8 +595,8 @@ mod tests {
                 SaLimits::default(),
             )
             .unwrap();
-            let mut policies = sas.out_policies(&local, &peer).unwrap();
-            policies.extend(peer_policies(&local, &peer, true).unwrap());
+            let mut policies = sas.out_policies(&local, &peer, None).unwrap();
+            policies.extend(peer_policies(&local, &peer, true, None).unwrap());
             assert_eq!(policies.len(), 4);
             for p in &policies {
                 assert!(POLICY_HASH_THRESHOLDS.hashes(p), "{:?}", p.id());
@@ -434,7 +607,7 @@ mod tests {
         // A peer with a shorter pod CIDR than the remote threshold is still served, inexactly.
         let (local, mut peer) = ends();
         peer.pod_cidrs = vec!["10.96.0.0/16".parse().unwrap()];
-        let wide = peer_policies(&local, &peer, false).unwrap();
+        let wide = peer_policies(&local, &peer, false, None).unwrap();
         assert!(wide.iter().all(|p| !POLICY_HASH_THRESHOLDS.hashes(p)));
     }
 
@@ -454,8 +627,8 @@ mod tests {
         .unwrap();
         // One pair of states, open to either inner family.
         assert_eq!((sas.outbound.selector, sas.inbound.selector), (None, None));
-        let mut policies = sas.out_policies(&local, &peer).unwrap();
-        policies.extend(peer_policies(&local, &peer, true).unwrap());
+        let mut policies = sas.out_policies(&local, &peer, None).unwrap();
+        policies.extend(peer_policies(&local, &peer, true, None).unwrap());
         assert_eq!(policies.len(), 8);
         for cidr in &peer.pod_cidrs {
             let of_cidr: Vec<_> = policies
@@ -470,6 +643,104 @@ mod tests {
                 assert!([t.src, t.dst].contains(&local.ip), "{:?}", p.id());
             }
         }
+    }
+
+    #[test]
+    fn node_encryption_encrypts_host_traffic_below_the_pods_and_above_it_lets_the_exemptions_pass()
+    {
+        let host = HostEncryption {
+            handshake_port: 4250,
+            exempt_tcp_ports: vec![6443, 4250],
+        };
+        let (local, peer) = ends();
+        let out = host_out_policies(&local, &peer, &host).unwrap();
+        let inbound = peer_policies(&local, &peer, true, Some(&host)).unwrap();
+        let node_ip = IpNet::from(peer.ip);
+        for p in &out {
+            assert_eq!(p.dir, Direction::Out);
+            assert_eq!(p.templates[0].dst, peer.ip);
+        }
+        let (exempt, encrypt): (Vec<_>, Vec<_>) = out
+            .iter()
+            .partition(|p| p.templates[0].reqid.get() == EXEMPT_REQID);
+        // 4250 and 6443, each as source and destination port.
+        assert_eq!(exempt.len(), 4);
+        for p in &exempt {
+            assert_eq!(p.selector.dst(), node_ip);
+            assert_eq!(p.selector.proto(), Some(6));
+            assert_eq!(p.templates[0].level, nodeseal_xfrm::TemplateLevel::Optional);
+            assert!(PRIORITY_ENCRYPT < p.priority && p.priority < PRIORITY_HOST);
+        }
+        assert_eq!(encrypt.len(), 2, "node IP and pod CIDR");
+        for p in &encrypt {
+            assert_eq!((p.mark, p.priority), (HOST_MARK, PRIORITY_HOST));
+            assert_eq!(p.templates[0].level, nodeseal_xfrm::TemplateLevel::Required);
+            assert!(POLICY_HASH_THRESHOLDS.hashes(p), "{:?}", p.id());
+        }
+        let from_node_ip: Vec<_> = inbound
+            .iter()
+            .filter(|p| p.selector.src() == node_ip && p.templates[0].reqid.get() == REQID)
+            .collect();
+        assert_eq!(from_node_ip.len(), 2, "IN and FWD");
+        assert!(from_node_ip.iter().all(|p| p.priority == PRIORITY_HOST));
+        let exempt_in = inbound
+            .iter()
+            .filter(|p| p.templates[0].reqid.get() == EXEMPT_REQID)
+            .count();
+        assert_eq!(exempt_in, 4);
+        assert_eq!(
+            inbound.iter().filter(|p| p.action == Action::Block).count(),
+            1,
+            "strict mode blocks unmarked traffic to the pod CIDR only: host traffic has its SAs"
+        );
+        let sas = EpochSas::new(
+            &local,
+            &peer,
+            KeySlot::FIRST,
+            (Spi::new(0x1001).unwrap(), &[1; 20]),
+            (Spi::new(0x2002).unwrap(), &[2; 20]),
+            SaLimits::default(),
+        )
+        .unwrap()
+        .with_host(
+            &local,
+            &peer,
+            (Spi::new(0x3003).unwrap(), &[3; 20]),
+            (Spi::new(0x4004).unwrap(), &[4; 20]),
+            SaLimits::default(),
+        )
+        .unwrap();
+        let host_sas = sas.host.as_ref().unwrap();
+        assert_eq!(host_sas.outbound.mark, HOST_MARK);
+        assert!(host_sas.inbound.mark.is_none());
+        assert_eq!(host_sas.outbound.validate(), Ok(()));
+        let slot_policies = sas.out_policies(&local, &peer, Some(&host)).unwrap();
+        assert!(slot_policies.iter().any(|p| p.selector.dst() == node_ip));
+
+        // IPv6 node IPs: neighbour discovery between them stays in clear both ways.
+        let peer6 = PeerEnd {
+            ip: "fd00::2".parse().unwrap(),
+            ..peer.clone()
+        };
+        let local6 = LocalEnd {
+            ip: "fd00::1".parse().unwrap(),
+            ..local.clone()
+        };
+        let nd = |policies: &[PolicySpec]| {
+            policies
+                .iter()
+                .filter(|p| p.selector.proto() == Some(58))
+                .filter_map(|p| p.selector.sport())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            nd(&host_out_policies(&local6, &peer6, &host).unwrap()),
+            [135, 136]
+        );
+        assert_eq!(
+            nd(&peer_policies(&local6, &peer6, false, Some(&host)).unwrap()),
+            [135, 136]
+        );
     }
 
     #[test]
