@@ -627,6 +627,34 @@ fn values_change_what_they_say() {
 }
 
 #[test]
+fn node_encryption_renders_in_either_mode() {
+    if !binaries_or_skip("chart::node_encryption_renders_in_either_mode") {
+        return;
+    }
+    for mode in ["ipsec", "wireguard"] {
+        let r = Rendered::of(&[
+            ("encryption.enabled", "true"),
+            ("encryption.type", mode),
+            ("encryption.nodeEncryption", "true"),
+            ("encryption.nodeEncryptionExemptTcpPorts", "{6443,2379}"),
+        ]);
+        let (_, agent) = r.agent();
+        assert_eq!(
+            env_value(&agent, "NODESEAL_ENCRYPTION_TYPE").as_deref(),
+            Some(mode)
+        );
+        assert_eq!(
+            env_value(&agent, "NODESEAL_NODE_ENCRYPTION").as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            env_value(&agent, "NODESEAL_NODE_ENCRYPTION_EXEMPT_TCP_PORTS").as_deref(),
+            Some("6443,2379")
+        );
+    }
+}
+
+#[test]
 fn bad_values_are_rejected_naming_the_value() {
     if !binaries_or_skip("chart::bad_values_are_rejected_naming_the_value") {
         return;
@@ -656,10 +684,6 @@ fn bad_values_are_rejected_naming_the_value() {
         (("metrics.port", "70000"), "/metrics/port"),
         (("agent.cleanupOnExit", "later"), "/agent/cleanupOnExit"),
         (("encryptoin.enabled", "true"), "encryptoin"),
-        (
-            ("encryption.nodeEncryption", "true"),
-            "encryption.type=wireguard",
-        ),
         (
             ("encryption.nodeEncryptionExemptTcpPorts", "{0}"),
             "/encryption/nodeEncryptionExemptTcpPorts",
