@@ -2090,19 +2090,39 @@ const HANDSHAKE_PORT: u16 = 4250;
 /// keys: strict mode drops node0's host traffic to node1 instead of sending it in clear.
 #[test]
 fn node_encryption_carries_host_traffic_only_through_wireguard() {
+    node_encryption_carries_host_traffic_only_through_the_tunnel("nodeenc", Encryption::Wireguard);
+}
+
+/// Node encryption in IPsec mode, the same steps as in WireGuard mode: host traffic crosses
+/// only as ESP, on host SAs of its own (iproute2 shows two pairs of states between the node
+/// IPs, the host OUT state unmarked), and plaintext claiming the peer's node IP is dropped by
+/// the receiving kernel while the same datagram from elsewhere arrives.
+#[test]
+fn node_encryption_carries_host_traffic_only_as_esp() {
+    node_encryption_carries_host_traffic_only_through_the_tunnel("nodeesp", Encryption::Ipsec);
+}
+
+fn node_encryption_carries_host_traffic_only_through_the_tunnel(
+    name: &str,
+    encryption: Encryption,
+) {
     let options = FabricOptions {
-        encryption: Encryption::Wireguard,
+        encryption,
         retention: Duration::from_secs(5),
         agent_args: vec![vec!["--node-encryption".to_owned(), "true".to_owned()]; 2],
         ..FabricOptions::default()
     };
-    let Some(mut scenario) = established("nodeenc", 2, 2, options, Backend::Dir) else {
+    let Some(mut scenario) = established(name, 2, 2, options, Backend::Dir) else {
         return;
     };
     let status = scenario.fabric.status(0).expect("status");
     assert_eq!(status["node_encryption"], true, "{status}");
     eprintln!("--- host traffic crosses only through the tunnel");
-    host_traffic_crosses_only_through_the_tunnel(&scenario);
+    host_traffic_crosses_only_through_the_tunnel(&scenario, encryption);
+    if encryption == Encryption::Ipsec {
+        eprintln!("--- plaintext from the peer's node IP is dropped");
+        plaintext_from_a_peer_node_ip_is_dropped(&scenario.topo);
+    }
 
     eprintln!("--- node0's agent is SIGKILLed and restarted");
     scenario.fabric.kill_agent(0);
@@ -2120,15 +2140,14 @@ fn node_encryption_carries_host_traffic_only_through_wireguard() {
         .fabric
         .wait_established(&[0, 1], CONVERGE)
         .expect("established again");
-    host_traffic_crosses_only_through_the_tunnel(&scenario);
+    host_traffic_crosses_only_through_the_tunnel(&scenario, encryption);
 
     eprintln!("--- strict mode: no host traffic in clear to a peer without keys");
     let (topo, fabric) = (&scenario.topo, &mut scenario.fabric);
     fabric.kill_agent(1);
     fabric.nodeseal_store(&["keys", "rotate"]).expect("rotate");
-    let withdrawn = nodeseal_netns::wait_until(CONVERGE, || {
-        tunnel_entries(topo, Encryption::Wireguard, 0, 1) == 0
-    });
+    let withdrawn =
+        nodeseal_netns::wait_until(CONVERGE, || tunnel_entries(topo, encryption, 0, 1) == 0);
     assert!(withdrawn, "{:?}", fabric.status_text(0));
     let capture = topo.capture().expect("capture");
     let (n0, n1) = (topo.node(0), topo.node(1));
@@ -2136,6 +2155,44 @@ fn node_encryption_carries_host_traffic_only_through_wireguard() {
     assert_eq!(attempt.received, 0, "{attempt:?}");
     let clear = host_traffic_in_clear(&capture, &[n0.ip.into(), n1.ip.into()]);
     assert!(clear.is_empty(), "host traffic in clear: {clear:#?}");
+}
+
+/// With node encryption in IPsec mode node0's IN policy requires node1's tunnel for node1's
+/// node IP: a plaintext datagram claiming it is dropped by node0's kernel (and counted), while
+/// the same datagram from an address outside the fabric arrives (so the path works).
+fn plaintext_from_a_peer_node_ip_is_dropped(topo: &Topology) {
+    use nodeseal_netns::forge;
+    let (n0, n1) = (topo.node(0), topo.node(1));
+    let dst = SocketAddrV4::new(n0.ip, 7200);
+    let socket = forge::bind_udp(&n0.ns, dst).expect("bind");
+    let errors = || -> u64 {
+        xfrm_stat(&n0.ns)
+            .counters()
+            .iter()
+            .filter(|(name, _)| name.starts_with("XfrmIn"))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let before = errors();
+    let sources = [
+        ("outside", std::net::Ipv4Addr::new(192, 0, 2, 1)),
+        ("peer", n1.ip),
+    ];
+    for _ in 0..3 {
+        for (tag, src) in sources {
+            forge::send_udp(topo.underlay(), n0, src, dst, tag.as_bytes()).expect("forge");
+        }
+    }
+    let got = forge::receive_for(&socket, Duration::from_secs(2)).expect("receive");
+    let count = |tag: &str| {
+        got.iter()
+            .filter(|p| p.as_slice() == tag.as_bytes())
+            .count()
+    };
+    assert_eq!(count("outside"), 3, "forged path does not work: {got:?}");
+    assert_eq!(count("peer"), 0, "plaintext from node1's node IP arrived");
+    let after = errors();
+    assert!(after >= before + 3, "XfrmIn* errors {before} -> {after}");
 }
 
 /// What `capture` saw between `node_ips` in clear, the handshake port aside (at most 10).
@@ -2167,7 +2224,7 @@ fn host_traffic_in_clear(
 /// Pings both ways between the node IPs and between each node and the other's pod, and a
 /// 1 MB TCP transfer between the node IPs: all through, and nothing between the two node IPs
 /// on the wire in clear but the handshake port (nor anything with a pod address).
-fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario) {
+fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario, encryption: Encryption) {
     let topo = &scenario.topo;
     let (n0, n1) = (topo.node(0), topo.node(1));
     let capture = topo.capture().expect("capture");
@@ -2195,10 +2252,32 @@ fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario) {
         .check_no_plaintext(&topo.pod_cidrs())
         .unwrap_or_else(|leak| panic!("{leak}"));
     let summary = capture.summary();
-    assert!(summary.wireguard >= 16, "{summary}");
-    let entries = wg_entries(&n0.ns);
-    assert!(
-        entries.len() == 1 && entries[0].allowed_ips.contains(&format!("{}/32", n1.ip)),
-        "{entries:?}"
-    );
+    match encryption {
+        Encryption::Wireguard => {
+            assert!(summary.wireguard >= 16, "{summary}");
+            let entries = wg_entries(&n0.ns);
+            assert!(
+                entries.len() == 1 && entries[0].allowed_ips.contains(&format!("{}/32", n1.ip)),
+                "{entries:?}"
+            );
+        }
+        Encryption::Ipsec => {
+            assert!(summary.esp >= 16, "{summary}");
+            // Pod and host SAs, each a pair; the host OUT state carries no nodeseal mark bits.
+            let states = n0.ns.ip(&["xfrm", "state"]).expect("ip xfrm state");
+            let spis = nodeseal_netns::fabric::esp_spis_in(&states, n0.ip, n1.ip);
+            assert_eq!(spis.len(), 4, "{states}");
+            assert!(states.contains("mark 0x0/0xffffff00"), "{states}");
+            let policies = n0.ns.ip(&["xfrm", "policy"]).expect("ip xfrm policy");
+            let selector = format!("src {}/32 dst 0.0.0.0/0", n1.ip);
+            let lines: Vec<&str> = policies.lines().collect();
+            let required_from_node1 = lines.windows(2).any(|w| {
+                w[0].trim() == selector && w[1].trim_start().starts_with("dir in priority 150")
+            });
+            assert!(
+                required_from_node1,
+                "no IN policy for node1's node IP: {policies}"
+            );
+        }
+    }
 }
