@@ -74,10 +74,8 @@ struct Agent {
     nodes_synced: watch::Sender<bool>,
     /// The policy engine's state, for the status.
     policy_view: Arc<std::sync::Mutex<PolicyView>>,
-    /// This node's IP (underlay): the tunnel endpoint.
-    local_ip: IpAddr,
-    /// This node's pod CIDRs: no peer may claim them.
-    local_pod_cidrs: Vec<IpNet>,
+    /// This node's addresses: no peer may claim them.
+    local: LocalEnd,
     /// The pod CIDRs of each peer with a task: a record claiming one of them is refused before
     /// it gets a route (the holder's certificate is checked at its handshake; the newcomer's
     /// route would otherwise redirect the holder's traffic before anything is checked).
@@ -304,13 +302,14 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
                 .node_ip
                 .context("--node-ip is required without --kubernetes")?,
             pod_cidrs: config.pod_cidrs.iter().map(|c| c.trunc()).collect(),
+            second_ip: config.second_node_ip,
         },
     };
-    info!(node_ip = %local.ip, pod_cidrs = ?local.pod_cidrs, "local addresses");
+    info!(node_ip = %local.ip, second_node_ip = ?local.second_ip, pod_cidrs = ?local.pod_cidrs, "local addresses");
 
     let record = NodeRecord {
         name: nodeseal_store::NodeName::new(config.node_name.clone()).context("--node-name")?,
-        node_ips: vec![local.ip],
+        node_ips: std::iter::once(local.ip).chain(local.second_ip).collect(),
         pod_cidrs: local.pod_cidrs.clone(),
         spiffe_id: nodeseal_store::SpiffeId::new(trust_domain.node_id(&node).as_str().to_owned())
             .context("SPIFFE ID")?,
@@ -395,6 +394,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
     let local_claims = LocalClaims {
         ip: local.ip,
         pod_cidrs: local.pod_cidrs.clone(),
+        second_ip: local.second_ip,
     };
     let source = match (
         &config.identity_cert,
@@ -496,8 +496,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         nodes_changed: Arc::default(),
         nodes_synced: watch::channel(false).0,
         policy_view: Arc::default(),
-        local_ip: local.ip,
-        local_pod_cidrs: local.pod_cidrs.clone(),
+        local: local.clone(),
         peer_cidrs: std::sync::Mutex::default(),
         trust_domain,
         config,
@@ -537,7 +536,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
             datapath: agent.datapath.clone(),
             // In Kubernetes mode keymgr allocates identities: nodes may only read them.
             allocate: cluster.kube.is_none(),
-            local_pod_cidrs: agent.local_pod_cidrs.clone(),
+            local_pod_cidrs: agent.local.pod_cidrs.clone(),
             node_cidrs: Arc::clone(&agent.pod_cidrs_of),
             nodes_changed: Arc::clone(&agent.nodes_changed),
             nodes_synced: agent.nodes_synced.subscribe(),
@@ -552,7 +551,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         ExpiryFollower {
             registry: Arc::clone(&agent.registry),
             xfrm: agent.xfrm.clone(),
-            local: agent.local_ip,
+            local: agent.local.ip,
             metrics: Arc::clone(&agent.metrics),
         }
         .run(expire_notices, cancel.child_token()),
@@ -846,9 +845,15 @@ async fn local_addresses_from_node(
     if !config.pod_cidrs.is_empty() && config.pod_cidrs != facts.pod_cidrs {
         warn!(flag = ?config.pod_cidrs, node_object = ?facts.pod_cidrs, "--pod-cidr differs from the Node object's spec.podCIDRs; using the Node object's");
     }
+    let second_ip = facts
+        .internal_ips
+        .iter()
+        .copied()
+        .find(|other| other.is_ipv4() != ip.is_ipv4());
     Ok(LocalEnd {
         ip,
         pod_cidrs: facts.pod_cidrs,
+        second_ip,
     })
 }
 
@@ -1206,7 +1211,7 @@ impl Agent {
             return;
         }
         let name = record.name.as_str().to_owned();
-        let info = match peer_info(&record, self.local_ip, &self.local_pod_cidrs) {
+        let info = match peer_info(&record, &self.local) {
             Ok(info) => info,
             Err(reason) => {
                 warn!(peer = %name, %reason, "ignoring unusable node record");
@@ -1484,11 +1489,9 @@ async fn leftover_peers(xfrm: &Handle, local: IpAddr) -> std::collections::HashS
 /// pair's tunnel runs between two node IPs of one family) or when it claims this node's own
 /// address or pod CIDRs (a peer there would take over local traffic). Its pod CIDRs of both
 /// families ride that tunnel.
-fn peer_info(
-    record: &NodeRecord,
-    local_ip: IpAddr,
-    local_pod_cidrs: &[IpNet],
-) -> Result<PeerInfo, String> {
+fn peer_info(record: &NodeRecord, local: &LocalEnd) -> Result<PeerInfo, String> {
+    let (local_ip, local_pod_cidrs) = (local.ip, &local.pod_cidrs);
+    let local_ips: Vec<IpAddr> = std::iter::once(local.ip).chain(local.second_ip).collect();
     let name = NodeName::new(record.name.as_str()).map_err(|e| e.to_string())?;
     let spiffe_id = SpiffeId::new(record.spiffe_id.as_str()).map_err(|e| e.to_string())?;
     let ip = record.handshake.ip();
@@ -1497,6 +1500,16 @@ fn peer_info(
     }
     if ip == local_ip {
         return Err(format!("claims address {ip}, which is this node's"));
+    }
+    // The first node IP of the other family; further ones (the record allows up to 16) play no
+    // part in the fabric.
+    let second_ip = record
+        .node_ips
+        .iter()
+        .copied()
+        .find(|other| other.is_ipv4() != ip.is_ipv4());
+    if let Some(second) = second_ip.filter(|s| local_ips.contains(s)) {
+        return Err(format!("claims address {second}, which is this node's"));
     }
     let pod_cidrs = record.pod_cidrs.clone();
     if let Some((theirs, ours)) = pod_cidrs.iter().find_map(|c| {
@@ -1515,6 +1528,7 @@ fn peer_info(
         ip,
         port: record.handshake.port(),
         pod_cidrs,
+        second_ip,
     })
 }
 
@@ -1602,14 +1616,29 @@ mod tests {
 
     #[test]
     fn a_peer_may_not_claim_this_nodes_address_or_pod_cidrs() {
-        let local: IpAddr = "10.0.0.1".parse().unwrap();
-        let ours: Vec<IpNet> = vec!["10.244.0.0/24".parse().unwrap()];
-        let info = peer_info(&record("10.0.0.2", "10.244.1.0/24"), local, &ours).unwrap();
+        let local = LocalEnd {
+            ip: "10.0.0.1".parse().unwrap(),
+            pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()],
+            second_ip: Some("fd00::1".parse().unwrap()),
+        };
+        let info = peer_info(&record("10.0.0.2", "10.244.1.0/24"), &local).unwrap();
         assert_eq!(info.ip, "10.0.0.2".parse::<IpAddr>().unwrap());
-        let own_ip = peer_info(&record("10.0.0.1", "10.244.1.0/24"), local, &ours).unwrap_err();
+        let own_ip = peer_info(&record("10.0.0.1", "10.244.1.0/24"), &local).unwrap_err();
         assert!(own_ip.contains("claims address 10.0.0.1"), "{own_ip}");
+        let mut second = record("10.0.0.2", "10.244.1.0/24");
+        second.node_ips.push("fd00::1".parse().unwrap());
+        let own_second = peer_info(&second, &local).unwrap_err();
+        assert!(
+            own_second.contains("claims address fd00::1"),
+            "{own_second}"
+        );
+        second.node_ips[1] = "fd00::2".parse().unwrap();
+        // A third address of either family plays no part.
+        second.node_ips.push("fd00::3".parse().unwrap());
+        let info = peer_info(&second, &local).unwrap();
+        assert_eq!(info.second_ip, Some("fd00::2".parse().unwrap()));
         for claimed in ["10.244.0.0/24", "10.244.0.128/25", "10.244.0.0/16"] {
-            let error = peer_info(&record("10.0.0.2", claimed), local, &ours).unwrap_err();
+            let error = peer_info(&record("10.0.0.2", claimed), &local).unwrap_err();
             assert!(
                 error.contains(&format!("claims pod CIDR {claimed}")),
                 "{error}"
@@ -1619,24 +1648,27 @@ mod tests {
 
     #[test]
     fn a_dual_stack_peer_brings_both_families_over_one_underlay() {
-        let local: IpAddr = "10.0.0.1".parse().unwrap();
-        let ours: Vec<IpNet> = vec![
-            "10.244.0.0/24".parse().unwrap(),
-            "fd00:10:244::/64".parse().unwrap(),
-        ];
+        let local = LocalEnd {
+            ip: "10.0.0.1".parse().unwrap(),
+            pod_cidrs: vec![
+                "10.244.0.0/24".parse().unwrap(),
+                "fd00:10:244::/64".parse().unwrap(),
+            ],
+            second_ip: None,
+        };
         let mut dual = record("10.0.0.2", "10.244.1.0/24");
         dual.pod_cidrs.push("fd00:10:244:1::/64".parse().unwrap());
-        let info = peer_info(&dual, local, &ours).unwrap();
+        let info = peer_info(&dual, &local).unwrap();
         assert_eq!(info.pod_cidrs, dual.pod_cidrs);
         // IPv6 pods over an IPv4 underlay are checked against this node's IPv6 pods too.
         dual.pod_cidrs[1] = "fd00:10:244::/48".parse().unwrap();
-        let error = peer_info(&dual, local, &ours).unwrap_err();
+        let error = peer_info(&dual, &local).unwrap_err();
         assert!(
             error.contains("overlaps this node's fd00:10:244::/64"),
             "{error}"
         );
         // A pair's tunnel is between node IPs of one family.
-        let other = peer_info(&record("fd00::2", "10.244.1.0/24"), local, &ours).unwrap_err();
+        let other = peer_info(&record("fd00::2", "10.244.1.0/24"), &local).unwrap_err();
         assert!(other.contains("not of this node's family"), "{other}");
     }
 }

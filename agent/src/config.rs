@@ -55,6 +55,16 @@ pub enum CleanupOnExit {
 /// A configuration the agent refuses to start with.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    /// `--second-node-ip` is of the same family as `--node-ip`.
+    #[error(
+        "--second-node-ip {second} must be of the other family than --node-ip {first} (a node has one node IP per family)"
+    )]
+    SecondNodeIpFamily {
+        /// `--node-ip`.
+        first: IpAddr,
+        /// `--second-node-ip`.
+        second: IpAddr,
+    },
     /// The health and metrics endpoints would share a port on different addresses.
     #[error(
         "--health-addr {health} and --metrics-addr {metrics} use the same port on different addresses; use one address (one server answers both) or two ports"
@@ -190,6 +200,12 @@ pub struct AgentConfig {
     /// if given, must agree with it.
     #[arg(long, env = "NODESEAL_NODE_IP", required_unless_present = "kubernetes")]
     pub node_ip: Option<IpAddr>,
+    /// This node's IP of the other family, on a dual-stack node: listed in its record (the
+    /// certificate binds it), and with node encryption reached through the tunnel between the
+    /// first node IPs. In Kubernetes mode the Node object's first InternalIP of the other family
+    /// is used and this flag is ignored.
+    #[arg(long, env = "NODESEAL_SECOND_NODE_IP")]
+    pub second_node_ip: Option<IpAddr>,
     /// This node's pod CIDRs (comma-separated). Required without `--kubernetes`; in
     /// Kubernetes mode the Node object's `spec.podCIDRs` are used and this flag is ignored.
     #[arg(
@@ -335,6 +351,11 @@ impl AgentConfig {
     /// # Errors
     /// [`ConfigError`].
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let (Some(first), Some(second)) = (self.node_ip, self.second_node_ip)
+            && first.is_ipv4() == second.is_ipv4()
+        {
+            return Err(ConfigError::SecondNodeIpFamily { first, second });
+        }
         if let (Some(health), Some(metrics)) = (self.health_addr, self.metrics_addr)
             && health.port() == metrics.port()
             && health != metrics
@@ -361,6 +382,7 @@ impl AgentConfig {
         Self {
             node_name: node.to_owned(),
             node_ip: Some(ip),
+            second_node_ip: None,
             pod_cidrs: vec![pod_cidr],
             uplink: "eth0".into(),
             pod_interface_prefix: "lxc".into(),
@@ -472,6 +494,15 @@ mod tests {
         );
         let e = parse(&["--wireguard-link=a/b"]).err().unwrap().to_string();
         assert!(e.contains("a/b"), "{e}");
+    }
+
+    #[test]
+    fn a_second_node_ip_must_be_of_the_other_family() {
+        let dual = parse(&["--second-node-ip=fd00::1"]).unwrap();
+        assert_eq!(dual.validate(), Ok(()));
+        let same = parse(&["--second-node-ip=10.0.0.9"]).unwrap();
+        let e = same.validate().unwrap_err();
+        assert!(e.to_string().contains("--second-node-ip 10.0.0.9"), "{e}");
     }
 
     #[test]

@@ -522,12 +522,21 @@ impl DatapathHandle {
     /// # Errors
     /// [`DatapathError::Map`].
     pub fn admit_node(&self, id: NodeId, ip: IpAddr) -> Result<(), DatapathError> {
-        let mut inner = self.lock()?;
-        inner
+        self.lock()?
             .dp
             .nodes
             .insert(ip, id)
             .map_err(map_err(format!("node {ip}")))?;
+        self.add_node_address(id, ip)
+    }
+
+    /// Gives `ip` the identity of a remote node, `id` (a dual-stack peer's other node IP; its
+    /// tunnel's is added by [`DatapathHandle::admit_node`]).
+    ///
+    /// # Errors
+    /// [`DatapathError::Map`].
+    pub fn add_node_address(&self, id: NodeId, ip: IpAddr) -> Result<(), DatapathError> {
+        let mut inner = self.lock()?;
         if inner.node_ips.insert(ip) {
             inner.refresh_overlays(Some(IpNet::from(ip)))?;
         }
@@ -576,14 +585,16 @@ impl DatapathHandle {
     pub fn remove_peer(
         &self,
         id: NodeId,
-        ip: IpAddr,
+        ips: &[IpAddr],
         pod_cidrs: &[IpNet],
     ) -> Result<(), DatapathError> {
         let mut inner = self.lock()?;
         let _ = inner.dp.peer_slots.set(id, None);
-        let _ = inner.dp.nodes.remove(ip);
-        let _ = inner.dp.ipcache.remove(Prefix::host(ip));
-        inner.node_ips.remove(&ip);
+        for ip in ips {
+            let _ = inner.dp.nodes.remove(*ip);
+            let _ = inner.dp.ipcache.remove(Prefix::host(*ip));
+            inner.node_ips.remove(ip);
+        }
         for cidr in pod_cidrs {
             if inner.routes.get(cidr) == Some(&id) {
                 inner.routes.remove(cidr);

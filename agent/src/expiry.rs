@@ -209,12 +209,14 @@ mod tests {
             &LocalEnd {
                 ip: LOCAL.parse().unwrap(),
                 pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()],
+                second_ip: None,
             },
             &PeerEnd {
                 node_id: NodeId(2),
                 ip: PEER.parse().unwrap(),
                 pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
                 handshake_port: 4250,
+                second_ip: None,
             },
             KeySlot::FIRST,
             (Spi::new(0x1001).unwrap(), &[1; 20]),

@@ -202,6 +202,8 @@ pub struct LocalClaims {
     pub ip: IpAddr,
     /// Its pod CIDRs.
     pub pod_cidrs: Vec<IpNet>,
+    /// Its node IP of the other family, if any.
+    pub second_ip: Option<IpAddr>,
 }
 
 /// The stored SVID while it is before its renewal time (unless `renew`) and admits `local`,
@@ -225,11 +227,10 @@ where
     let stored = stored_identity(&key_path, &cert_path);
     let reusable = stored.as_ref().is_some_and(|identity| {
         let info = identity.info();
-        match info
-            .claims
-            .as_ref()
-            .map(|c| c.cover(local.ip, &local.pod_cidrs))
-        {
+        match info.claims.as_ref().map(|c| {
+            c.cover(local.ip, &local.pod_cidrs)
+                .and_then(|()| local.second_ip.map_or(Ok(()), |ip| c.cover(ip, &[])))
+        }) {
             Some(Ok(())) => !renew && SystemTime::now() < info.renew_at(),
             Some(Err(e)) => {
                 info!(reason = %e, "stored SVID does not admit this node; renewing");

@@ -73,6 +73,8 @@ pub struct PeerInfo {
     pub port: u16,
     /// Pod CIDRs.
     pub pod_cidrs: Vec<IpNet>,
+    /// The node IP of the other family, on a dual-stack node.
+    pub second_ip: Option<IpAddr>,
 }
 
 /// Settings every peer task shares.
@@ -243,13 +245,20 @@ pub(crate) trait PeerDatapath: Send + Sync + std::fmt::Debug {
     fn set_peer_routes(&self, id: NodeId, pod_cidrs: &[IpNet]) -> Result<(), DatapathError>;
     /// Accepts ESP from the node from now on.
     fn admit_node(&self, id: NodeId, ip: IpAddr) -> Result<(), DatapathError>;
+    /// Gives the node's other node IP (dual-stack) the node's identity.
+    fn add_node_address(&self, id: NodeId, ip: IpAddr) -> Result<(), DatapathError>;
     /// Points traffic for the node at `slot` (`None`: no keys).
     fn set_slot(&self, id: NodeId, slot: Option<KeySlot>) -> Result<(), DatapathError>;
     /// The slot in use, possibly a previous agent's.
     fn slot(&self, id: NodeId) -> Result<Option<KeySlot>, DatapathError>;
-    /// Forgets the node: id, routes, slot and admission.
-    fn remove_peer(&self, id: NodeId, ip: IpAddr, pod_cidrs: &[IpNet])
-    -> Result<(), DatapathError>;
+    /// Forgets the node (its node IPs `ips`, the tunnel's first): id, routes, slot and
+    /// admission.
+    fn remove_peer(
+        &self,
+        id: NodeId,
+        ips: &[IpAddr],
+        pod_cidrs: &[IpNet],
+    ) -> Result<(), DatapathError>;
 }
 
 impl PeerDatapath for DatapathHandle {
@@ -265,6 +274,10 @@ impl PeerDatapath for DatapathHandle {
         DatapathHandle::admit_node(self, id, ip)
     }
 
+    fn add_node_address(&self, id: NodeId, ip: IpAddr) -> Result<(), DatapathError> {
+        DatapathHandle::add_node_address(self, id, ip)
+    }
+
     fn set_slot(&self, id: NodeId, slot: Option<KeySlot>) -> Result<(), DatapathError> {
         DatapathHandle::set_slot(self, id, slot)
     }
@@ -276,10 +289,10 @@ impl PeerDatapath for DatapathHandle {
     fn remove_peer(
         &self,
         id: NodeId,
-        ip: IpAddr,
+        ips: &[IpAddr],
         pod_cidrs: &[IpNet],
     ) -> Result<(), DatapathError> {
-        DatapathHandle::remove_peer(self, id, ip, pod_cidrs)
+        DatapathHandle::remove_peer(self, id, ips, pod_cidrs)
     }
 }
 

@@ -53,7 +53,9 @@ pub use kernel::{KernelError, KernelErrorKind, ObjectRef, TransportError};
 pub use monitor::{Expire, ExpireMonitor, MonitorEvent};
 pub use netlink::NetlinkKernel;
 pub use nodeseal_netlink::DecodeError;
-pub use policy::{Action, Direction, KernelPolicy, PolicyId, PolicySpec, Template, TemplateLevel};
+pub use policy::{
+    Action, Direction, KernelPolicy, PolicyId, PolicySpec, Template, TemplateLevel, TemplateMode,
+};
 pub use reconcile::{Desired, Ownership, ReconcileError, ReconcileReport, reconcile, sweep};
 pub use selector::{Mark, Selector, SelectorError};
 pub use spd::{FamilyThresholds, PolicyHashThresholds, ThresholdError};

@@ -64,7 +64,19 @@ pub enum TemplateLevel {
     Optional,
 }
 
-/// An ESP tunnel-mode template (`struct xfrm_user_tmpl`).
+/// The mode of the states a template asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TemplateMode {
+    /// Tunnel mode: the template's addresses are the outer ones (`mode tunnel`).
+    Tunnel,
+    /// Transport mode (`mode transport`): the kernel looks states up by the packet's own
+    /// addresses and keeps the template's only as given. An optional template that no state
+    /// satisfies lets the packet pass in clear; the kernel refuses optional *tunnel* templates
+    /// in OUT policies, but not transport ones.
+    Transport,
+}
+
+/// An ESP template (`struct xfrm_user_tmpl`).
 ///
 /// `ip xfrm policy ... tmpl src SRC dst DST proto esp reqid R mode tunnel [level use]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -77,6 +89,8 @@ pub struct Template {
     pub reqid: ReqId,
     /// Required or optional.
     pub level: TemplateLevel,
+    /// Tunnel or transport mode.
+    pub mode: TemplateMode,
 }
 
 impl Template {
@@ -93,6 +107,7 @@ impl Template {
             dst,
             reqid,
             level: TemplateLevel::Required,
+            mode: TemplateMode::Tunnel,
         })
     }
 }

@@ -37,6 +37,7 @@ struct Maps {
     routes: HashMap<NodeId, Vec<IpNet>>,
     slots: HashMap<NodeId, KeySlot>,
     admitted: HashSet<IpAddr>,
+    addresses: HashMap<IpAddr, NodeId>,
 }
 
 impl FakeDatapath {
@@ -64,6 +65,11 @@ impl FakeDatapath {
         self.maps().routes.get(&id).cloned().unwrap_or_default()
     }
 
+    /// The node a dual-stack peer's other node IP was given to.
+    pub fn node_of_address(&self, ip: IpAddr) -> Option<NodeId> {
+        self.maps().addresses.get(&ip).copied()
+    }
+
     /// Whether the node at `ip` has an id.
     pub fn knows(&self, ip: IpAddr) -> bool {
         self.maps().ids.contains_key(&ip)
@@ -87,6 +93,11 @@ impl PeerDatapath for FakeDatapath {
         Ok(())
     }
 
+    fn add_node_address(&self, id: NodeId, ip: IpAddr) -> Result<(), DatapathError> {
+        self.maps().addresses.insert(ip, id);
+        Ok(())
+    }
+
     fn set_slot(&self, id: NodeId, slot: Option<KeySlot>) -> Result<(), DatapathError> {
         let mut maps = self.maps();
         match slot {
@@ -103,14 +114,17 @@ impl PeerDatapath for FakeDatapath {
     fn remove_peer(
         &self,
         id: NodeId,
-        ip: IpAddr,
+        ips: &[IpAddr],
         _pod_cidrs: &[IpNet],
     ) -> Result<(), DatapathError> {
         let mut maps = self.maps();
-        maps.ids.remove(&ip);
+        maps.addresses.retain(|_, owner| *owner != id);
+        for ip in ips {
+            maps.ids.remove(ip);
+            maps.admitted.remove(ip);
+        }
         maps.routes.remove(&id);
         maps.slots.remove(&id);
-        maps.admitted.remove(&ip);
         Ok(())
     }
 }
@@ -156,6 +170,7 @@ impl Node {
             ip: self.ip,
             port: 4250,
             pod_cidrs: vec![self.cidr],
+            second_ip: None,
         }
     }
 
@@ -164,6 +179,7 @@ impl Node {
             local: LocalEnd {
                 ip: self.ip,
                 pod_cidrs: vec![self.cidr],
+                second_ip: None,
             },
             rekey_interval: Duration::from_secs(3600),
             grace: GRACE,
@@ -225,6 +241,7 @@ impl Node {
             ip: peer.ip,
             pod_cidrs: vec![peer.cidr],
             handshake_port: 4250,
+            second_ip: None,
         }
     }
 

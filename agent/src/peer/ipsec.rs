@@ -360,6 +360,9 @@ impl Tunnel for IpsecTunnel {
         self.flip_host(peer, epoch).await?;
         // ESP from the peer is accepted from now on.
         self.datapath.admit_node(peer.node_id, peer.ip)?;
+        if let Some(second) = peer.second_ip {
+            self.datapath.add_node_address(peer.node_id, second)?;
+        }
         self.datapath.set_slot(peer.node_id, Some(slot))?;
         self.live_slot = Some(slot);
         self.next_slot = slot.next();
@@ -679,9 +682,22 @@ mod tests {
         let pki = TestPki::new();
         let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
         let mut t = host_tunnel(&a, &b, true);
-        let peer = a.end_of(&b);
+        let second: std::net::IpAddr = "fd00::2".parse().expect("ip");
+        let peer = PeerEnd {
+            second_ip: Some(second),
+            ..a.end_of(&b)
+        };
         t.prepare(&peer).await.expect("prepare");
-        let prepared = a.kernel.policies();
+        let prepared: Vec<_> = a
+            .kernel
+            .policies()
+            .into_iter()
+            .filter(|p| {
+                p.spec.as_ref().is_some_and(|s| {
+                    ![s.selector.src(), s.selector.dst()].contains(&ipnet::IpNet::from(second))
+                })
+            })
+            .collect();
         // IN, FWD, block for the pod CIDR; IN, FWD for the node IP; OUT for the node IP and the
         // pod CIDR; exemptions: 2 ports x sport/dport x IN/OUT.
         assert_eq!(prepared.len(), 3 + 2 + 2 + 8, "{prepared:#?}");
@@ -708,6 +724,7 @@ mod tests {
         );
         t.flip(&peer, e1).await.expect("flip");
         assert_eq!(host_out_states(&a), [first_host_out]);
+        assert_eq!(a.datapath.node_of_address(second), Some(peer.node_id));
         assert!(t.carries_spi(host_keys.inbound.spi.get()));
         let mut row = PeerStatus::connecting(&b.name, b.ip, peer.node_id);
         t.fill_status(&mut row);

@@ -160,6 +160,7 @@ impl<T: Tunnel> PeerTask<T> {
             ip: info.ip,
             pod_cidrs: info.pod_cidrs.clone(),
             handshake_port: info.port,
+            second_ip: info.second_ip,
         };
         tunnel.prepare(&peer).await?;
         let task = Self {
@@ -197,6 +198,7 @@ impl<T: Tunnel> PeerTask<T> {
             ip: self.info.ip,
             pod_cidrs: self.info.pod_cidrs.clone(),
             handshake_port: self.info.port,
+            second_ip: self.info.second_ip,
         }
     }
 
@@ -287,10 +289,7 @@ impl<T: Tunnel> PeerTask<T> {
     }
 
     fn on_update(&mut self, info: PeerInfo) {
-        let refused = self
-            .admitted
-            .as_ref()
-            .and_then(|a| a.cover(info.ip, &info.pod_cidrs).err());
+        let refused = self.admitted.as_ref().and_then(|a| covers(a, &info).err());
         if let Some(e) = refused {
             // Routes follow only what a certificate admitted; ask the peer for a handshake in
             // case it was re-certified for the new claims.
@@ -298,7 +297,10 @@ impl<T: Tunnel> PeerTask<T> {
             self.record_failure(PeerError::NotAdmitted(e.to_string()).to_string());
             self.proposed = Some(info);
             self.schedule.attempt_at(Instant::now());
-        } else if info.pod_cidrs != self.info.pod_cidrs || info.ip != self.info.ip {
+        } else if info.pod_cidrs != self.info.pod_cidrs
+            || info.ip != self.info.ip
+            || info.second_ip != self.info.second_ip
+        {
             self.proposed = None;
             // A changed address plan needs new selectors: rebuild on the next handshake.
             info!(peer = %info.name, "peer record changed; rekeying");
@@ -501,7 +503,11 @@ impl<T: Tunnel> PeerTask<T> {
         let spi = nodeseal_keymgr::Spi::new(spi).map_err(|_| PeerError::BadSpi(spi))?;
         Ok(self.tunnel.announce(
             Hello::new(config.local_node().clone(), epoch, spi, self.tunnel.mode())
-                .with_node_ips(vec![self.settings.local.ip])
+                .with_node_ips(
+                    std::iter::once(self.settings.local.ip)
+                        .chain(self.settings.local.second_ip)
+                        .collect(),
+                )
                 .with_pod_cidrs(self.settings.local.pod_cidrs.clone()),
         ))
     }
@@ -635,9 +641,9 @@ impl<T: Tunnel> PeerTask<T> {
     fn admit<S>(&mut self, agreement: &Agreement<S>) -> Result<(), PeerError> {
         let candidate = self.proposed.as_ref().unwrap_or(&self.info);
         match &agreement.peer.claims {
-            Some(admitted) => admitted
-                .cover(candidate.ip, &candidate.pod_cidrs)
-                .map_err(|e| PeerError::NotAdmitted(e.to_string()))?,
+            Some(admitted) => {
+                covers(admitted, candidate).map_err(|e| PeerError::NotAdmitted(e.to_string()))?;
+            }
             None if self.settings.require_claims => {
                 return Err(PeerError::NotAdmitted(ClaimsError::Unbound.to_string()));
             }
@@ -693,10 +699,11 @@ impl<T: Tunnel> PeerTask<T> {
     /// the peer in the eBPF maps.
     async fn teardown(&mut self, reason: &str) {
         info!(reason, "removing peer");
-        if let Err(e) = self
-            .datapath
-            .remove_peer(self.node_id, self.info.ip, &self.info.pod_cidrs)
-        {
+        if let Err(e) = self.datapath.remove_peer(
+            self.node_id,
+            &self.peer_end().node_ips().collect::<Vec<_>>(),
+            &self.info.pod_cidrs,
+        ) {
             warn!(error = %error_chain(&e), "cannot remove peer from the eBPF maps");
         }
         let peer = self.peer_end();
@@ -707,6 +714,15 @@ impl<T: Tunnel> PeerTask<T> {
         self.current = None;
         self.schedule.clear_retirements();
         self.set_state(PeerState::Removed, Some(reason.to_owned()));
+    }
+}
+
+/// Whether `claims` admit every address `info` gives the peer: its node IPs and pod CIDRs.
+fn covers(claims: &NodeClaims, info: &PeerInfo) -> Result<(), ClaimsError> {
+    claims.cover(info.ip, &info.pod_cidrs)?;
+    match info.second_ip {
+        Some(ip) => claims.cover(ip, &[]),
+        None => Ok(()),
     }
 }
 
@@ -1028,6 +1044,7 @@ mod tests {
                 ip: peer.ip,
                 pod_cidrs: vec![peer.cidr],
                 handshake_port: 4250,
+                second_ip: None,
             };
             let old = EpochSas::new(
                 &settings.local,

@@ -27,6 +27,9 @@ pub struct LocalEnd {
     pub ip: IpAddr,
     /// This node's pod CIDRs.
     pub pod_cidrs: Vec<IpNet>,
+    /// This node's IP of the other family, on a dual-stack node (`--second-node-ip`): listed in
+    /// its record, and with node encryption reached through the tunnel like the first.
+    pub second_ip: Option<IpAddr>,
 }
 
 /// A peer's side of its tunnel.
@@ -40,6 +43,15 @@ pub struct PeerEnd {
     pub pod_cidrs: Vec<IpNet>,
     /// The peer's handshake port (stays in clear with node encryption).
     pub handshake_port: u16,
+    /// The peer's node IP of the other family, if its record lists one its certificate admits.
+    pub second_ip: Option<IpAddr>,
+}
+
+impl PeerEnd {
+    /// The peer's node IPs: the tunnel's, then the other family's.
+    pub fn node_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.ip).chain(self.second_ip)
+    }
 }
 
 /// The kernel side of one peer's tunnel. One value per peer, owned by the peer's task, which

@@ -162,9 +162,9 @@ pub struct WireguardTunnel {
     current: Option<InstalledEpoch>,
     /// The prefixes routed into the link, as routed (the peer's record may change since).
     routed: Vec<IpNet>,
-    /// The peer's node IP, routed into the link before and without keys (strict mode with node
-    /// encryption); not among `routed`.
-    held: Option<IpNet>,
+    /// The peer's node IPs, routed into the link before and without keys (strict mode with
+    /// node encryption); not among `routed`.
+    held: Vec<IpNet>,
     /// Installations so far (names the next one).
     installs: u64,
     /// The key and allowed IPs this tunnel last wrote to the device.
@@ -199,18 +199,18 @@ impl WireguardTunnel {
             epochs: Vec::new(),
             current: None,
             routed: Vec::new(),
-            held: None,
+            held: Vec::new(),
             installs: 0,
             written: None,
         }
     }
 
     /// What the peer's entry allows and the link routes to it: its pod CIDRs, and with node
-    /// encryption its node IP.
+    /// encryption its node IPs.
     fn prefixes(&self, peer: &PeerEnd) -> Vec<IpNet> {
         let mut prefixes = peer.pod_cidrs.clone();
         if self.settings.node_encryption {
-            prefixes.push(IpNet::from(peer.ip));
+            prefixes.extend(peer.node_ips().map(IpNet::from));
         }
         prefixes
     }
@@ -228,12 +228,12 @@ impl WireguardTunnel {
         let stale: Vec<IpNet> = self
             .routed
             .iter()
-            .filter(|c| !prefixes.contains(c) && self.held != Some(**c))
+            .filter(|c| !prefixes.contains(c) && !self.held.contains(c))
             .copied()
             .collect();
         self.routed = prefixes
             .into_iter()
-            .filter(|c| self.held != Some(*c))
+            .filter(|c| !self.held.contains(c))
             .collect();
         for cidr in stale {
             self.wg.routes().delete(ROUTE_TABLE, cidr).execute().await?;
@@ -336,17 +336,21 @@ impl Tunnel for WireguardTunnel {
     async fn prepare(&mut self, peer: &PeerEnd) -> Result<(), TunnelError> {
         // The datapath drops pods' traffic to a peer without a slot; the host's, which no eBPF
         // program sees before routing, goes into the link, where no entry means a drop.
-        let hold = IpNet::from(peer.ip);
-        if self.settings.strict && self.settings.node_encryption && self.held != Some(hold) {
-            if let Some(old) = self.held.take() {
-                self.wg.routes().delete(ROUTE_TABLE, old).execute().await?;
+        let hold: Vec<IpNet> = peer.node_ips().map(IpNet::from).collect();
+        if self.settings.strict && self.settings.node_encryption && self.held != hold {
+            for old in std::mem::take(&mut self.held) {
+                if !hold.contains(&old) {
+                    self.wg.routes().delete(ROUTE_TABLE, old).execute().await?;
+                }
             }
-            self.wg
-                .routes()
-                .replace(ROUTE_TABLE, hold, self.settings.link.clone())
-                .execute()
-                .await?;
-            self.held = Some(hold);
+            for ip in &hold {
+                self.wg
+                    .routes()
+                    .replace(ROUTE_TABLE, *ip, self.settings.link.clone())
+                    .execute()
+                    .await?;
+            }
+            self.held = hold;
         }
         Ok(())
     }
@@ -409,6 +413,9 @@ impl Tunnel for WireguardTunnel {
         // pass and the main table would send it in clear.
         self.route(peer).await?;
         self.datapath.admit_node(peer.node_id, peer.ip)?;
+        if let Some(second) = peer.second_ip {
+            self.datapath.add_node_address(peer.node_id, second)?;
+        }
         self.datapath.set_slot(peer.node_id, Some(SLOT))?;
         self.current = Some(epoch);
         info!(epoch = epoch.epoch.0, peer_key = %peer_key, "keys installed and in use");
@@ -479,7 +486,7 @@ impl Tunnel for WireguardTunnel {
             warn!(error = %error_chain(&e), "cannot clear peer slot");
         }
         self.unroute().await?;
-        if let Some(held) = self.held.take() {
+        for held in std::mem::take(&mut self.held) {
             self.wg.routes().delete(ROUTE_TABLE, held).execute().await?;
         }
         // A previous agent's routes for the peer (this tunnel may never have flipped).
@@ -788,12 +795,17 @@ mod tests {
         let (a, b) = (Node::new(&pki, 1), Node::new(&pki, 2));
         let mut wg = device().await;
         wg.settings.node_encryption = true;
-        let peer = a.end_of(&b);
+        // A dual-stack peer: both node IPs.
+        let second: IpNet = "fd00::2/128".parse().expect("prefix");
+        let peer = PeerEnd {
+            second_ip: Some(second.addr()),
+            ..a.end_of(&b)
+        };
         let node_ip = IpNet::from(peer.ip);
         let mut t = tunnel(&a, &b, &wg);
         // Strict mode: before any key, the host's traffic to the peer goes into the link.
         t.prepare(&peer).await.expect("prepare");
-        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 1);
+        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 2);
         let (agreement, _) = agreements(&a, &b, Epoch(1)).await;
         let installed = t
             .install(
@@ -811,12 +823,17 @@ mod tests {
             entry.allowed_ips
         );
         assert!(entry.allowed_ips.contains(&b.cidr));
-        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 2);
-        // A sweep finds nothing stale in an entry that allows the node IP.
+        assert!(entry.allowed_ips.contains(&second));
+        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 3);
+        assert_eq!(
+            a.datapath.node_of_address(second.addr()),
+            Some(peer.node_id)
+        );
+        // A sweep finds nothing stale in an entry that allows the node IPs.
         assert_eq!(t.sweep(&peer).await.expect("sweep"), 0);
-        // Keys withdrawn: the pods' route goes, the node IP's stays.
+        // Keys withdrawn: the pods' route goes, the node IPs' stay.
         t.retire(&peer, installed).await.expect("retire");
-        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 1);
+        assert_eq!(wg.kernel.routes(ROUTE_TABLE).len(), 2);
         t.teardown(&peer).await.expect("teardown");
         assert!(wg.kernel.routes(ROUTE_TABLE).is_empty());
     }

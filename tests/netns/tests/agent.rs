@@ -2106,15 +2106,37 @@ fn node_encryption_carries_host_traffic_only_through_the_tunnel(
     name: &str,
     encryption: Encryption,
 ) {
+    // Dual-stack nodes over an IPv4 underlay: each node's IPv6 address is its second node IP.
+    let second_ip = |i: usize| format!("fd00::{}", i + 1);
     let options = FabricOptions {
         encryption,
         retention: Duration::from_secs(5),
-        agent_args: vec![vec!["--node-encryption".to_owned(), "true".to_owned()]; 2],
+        addresses: AddressPlan::DualStack {
+            ipv6_underlay: false,
+        },
+        agent_args: (0..2)
+            .map(|i| {
+                [
+                    "--node-encryption",
+                    "true",
+                    "--second-node-ip",
+                    &second_ip(i),
+                ]
+                .map(str::to_owned)
+                .to_vec()
+            })
+            .collect(),
         ..FabricOptions::default()
     };
     let Some(mut scenario) = established(name, 2, 2, options, Backend::Dir) else {
         return;
     };
+    let n1_ip6 = scenario.topo.node(1).ip6.expect("a dual-stack node");
+    assert_eq!(
+        n1_ip6.to_string(),
+        second_ip(1),
+        "the topology's IPv6 plan moved"
+    );
     let status = scenario.fabric.status(0).expect("status");
     assert_eq!(status["node_encryption"], true, "{status}");
     eprintln!("--- host traffic crosses only through the tunnel");
@@ -2151,10 +2173,23 @@ fn node_encryption_carries_host_traffic_only_through_the_tunnel(
     assert!(withdrawn, "{:?}", fabric.status_text(0));
     let capture = topo.capture().expect("capture");
     let (n0, n1) = (topo.node(0), topo.node(1));
-    let attempt = ping(&n0.ns, n1.ip, 3).expect("ping");
-    assert_eq!(attempt.received, 0, "{attempt:?}");
-    let clear = host_traffic_in_clear(&capture, &[n0.ip.into(), n1.ip.into()]);
+    for to in [IpAddr::from(n1.ip), n1_ip6.into()] {
+        let attempt = ping(&n0.ns, to, 3).expect("ping");
+        assert_eq!(attempt.received, 0, "{to}: {attempt:?}");
+    }
+    let clear = host_traffic_in_clear(&capture, &node_ips(topo));
     assert!(clear.is_empty(), "host traffic in clear: {clear:#?}");
+}
+
+/// Both node IPs of nodes 0 and 1.
+fn node_ips(topo: &Topology) -> Vec<IpAddr> {
+    (0..2)
+        .flat_map(|i| {
+            let node = topo.node(i);
+            [Some(IpAddr::from(node.ip)), node.ip6.map(IpAddr::from)]
+        })
+        .flatten()
+        .collect()
 }
 
 /// With node encryption in IPsec mode node0's IN policy requires node1's tunnel for node1's
@@ -2221,18 +2256,23 @@ fn host_traffic_in_clear(
         .collect()
 }
 
-/// Pings both ways between the node IPs and between each node and the other's pod, and a
-/// 1 MB TCP transfer between the node IPs: all through, and nothing between the two node IPs
-/// on the wire in clear but the handshake port (nor anything with a pod address).
+/// Pings both ways between the node IPs of each family and between each node and the other's
+/// pod, and a 1 MB TCP transfer between the node IPs: all through, and nothing between the node
+/// IPs on the wire in clear but the handshake port (nor anything with a pod address).
 fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario, encryption: Encryption) {
     let topo = &scenario.topo;
     let (n0, n1) = (topo.node(0), topo.node(1));
     let capture = topo.capture().expect("capture");
+    let v6 = |ip: Option<std::net::Ipv6Addr>| IpAddr::from(ip.expect("a dual-stack fabric"));
     for (from, to) in [
         (&n0.ns, IpAddr::from(n1.ip)),
         (&n1.ns, n0.ip.into()),
         (&n0.ns, n1.pod(0).ip.into()),
         (&n1.pod(0).ns, n0.ip.into()),
+        (&n0.ns, v6(n1.ip6)),
+        (&n1.ns, v6(n0.ip6)),
+        (&n0.ns, v6(n1.pod(0).ip6)),
+        (&n1.pod(0).ns, v6(n0.ip6)),
     ] {
         let r = ping(from, to, 2).expect("ping");
         assert!(r.all_answered(), "{} -> {to}: {r:?}", from.name());
@@ -2246,7 +2286,7 @@ fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario, encryption:
     )
     .expect("host-to-host transfer");
     assert!(transfer.intact, "{transfer:?}");
-    let clear = host_traffic_in_clear(&capture, &[n0.ip.into(), n1.ip.into()]);
+    let clear = host_traffic_in_clear(&capture, &node_ips(topo));
     assert!(clear.is_empty(), "host traffic in clear: {clear:#?}");
     capture
         .check_no_plaintext(&topo.pod_cidrs())
@@ -2257,7 +2297,11 @@ fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario, encryption:
             assert!(summary.wireguard >= 16, "{summary}");
             let entries = wg_entries(&n0.ns);
             assert!(
-                entries.len() == 1 && entries[0].allowed_ips.contains(&format!("{}/32", n1.ip)),
+                entries.len() == 1
+                    && entries[0].allowed_ips.contains(&format!("{}/32", n1.ip))
+                    && entries[0]
+                        .allowed_ips
+                        .contains(&format!("{}/128", v6(n1.ip6))),
                 "{entries:?}"
             );
         }

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use crate::monitor::Expire;
 use crate::policy::{
-    Action, Direction, KernelPolicy, PolicyId, PolicySpec, Template, TemplateLevel,
+    Action, Direction, KernelPolicy, PolicyId, PolicySpec, Template, TemplateLevel, TemplateMode,
 };
 use crate::selector::{Mark, Selector};
 use crate::state::{
@@ -61,6 +61,7 @@ const XFRMA_SPD_IPV6_HTHRESH: u16 = 4;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_ESP: u8 = 50;
+const XFRM_MODE_TRANSPORT: u8 = 0;
 const XFRM_MODE_TUNNEL: u8 = 1;
 const XFRM_STATE_ESN: u8 = 128;
 /// The state's selector is empty and its inner family open (`flag af-unspec`).
@@ -287,7 +288,10 @@ pub(crate) fn encode_policy(buf: &mut Vec<u8>, ty: u16, seq: u32, spec: &PolicyS
             buf.extend_from_slice(&[0; 2]);
             put_addr(buf, t.src);
             buf.extend_from_slice(&t.reqid.get().to_ne_bytes());
-            buf.push(XFRM_MODE_TUNNEL);
+            buf.push(match t.mode {
+                TemplateMode::Tunnel => XFRM_MODE_TUNNEL,
+                TemplateMode::Transport => XFRM_MODE_TRANSPORT,
+            });
             buf.push(0); // share
             buf.push(u8::from(t.level == TemplateLevel::Optional));
             buf.push(0);
@@ -579,7 +583,12 @@ fn decode_template(t: &[u8]) -> (u32, Option<Template>) {
         let src = addr_at(t, 28, family).ok()?;
         let spi = be32_at(t, 16);
         let any_alg = (52..64).step_by(4).all(|at| u32_at(t, at) == u32::MAX);
-        if spi != 0 || t[20] != IPPROTO_ESP || t[48] != XFRM_MODE_TUNNEL || t[49] != 0 || !any_alg {
+        let mode = match t[48] {
+            XFRM_MODE_TUNNEL => TemplateMode::Tunnel,
+            XFRM_MODE_TRANSPORT => TemplateMode::Transport,
+            _ => return None,
+        };
+        if spi != 0 || t[20] != IPPROTO_ESP || t[49] != 0 || !any_alg {
             return None;
         }
         let level = match t[50] {
@@ -591,6 +600,7 @@ fn decode_template(t: &[u8]) -> (u32, Option<Template>) {
             dst,
             reqid: ReqId::new(reqid).ok()?,
             level,
+            mode,
         })
     })();
     (reqid, tmpl)
@@ -876,6 +886,7 @@ mod tests {
             dst: d.parse().unwrap(),
             reqid: ReqId::new(r).unwrap(),
             level: TemplateLevel::Required,
+            mode: TemplateMode::Tunnel,
         };
         for dir in [Direction::In, Direction::Out, Direction::Fwd] {
             let mut spec = PolicySpec::new(
@@ -887,6 +898,7 @@ mod tests {
             spec.mark = Mark::new(0x0e00, 0x0f00);
             spec.templates.push(Template {
                 level: TemplateLevel::Optional,
+                mode: TemplateMode::Transport,
                 ..t("3.3.3.3", "4.4.4.4", 6)
             });
             let mut buf = Vec::new();

@@ -330,12 +330,16 @@ impl EpochSas {
         host: Option<&HostEncryption>,
     ) -> Result<Vec<PolicySpec>, SpecError> {
         let template = Template::new(local.ip, peer.ip, reqid())?;
-        let node_ip = host.map(|_| IpNet::from(peer.ip));
+        let node_ips = host
+            .map(|_| peer.node_ips().map(IpNet::from))
+            .into_iter()
+            .flatten();
         peer.pod_cidrs
             .iter()
-            .chain(node_ip.iter())
+            .copied()
+            .chain(node_ips)
             .map(|cidr| {
-                let selector = to_cidr(local.ip, *cidr)?;
+                let selector = to_cidr(local.ip, cidr)?;
                 let mut p = PolicySpec::new(selector, Direction::Out, template);
                 p.priority = PRIORITY_ENCRYPT;
                 p.mark = encrypt_mark(peer.node_id, self.slot);
@@ -378,32 +382,38 @@ fn any_of(family: IpNet) -> IpNet {
     }
 }
 
-/// What stays in clear between the node IPs in direction `dir` (In: from the peer, Out: to it).
+/// What stays in clear between the tunnel's node IPs in direction `dir` (In: from the peer,
+/// Out: to it).
 fn exemptions(
     local: &LocalEnd,
     peer: &PeerEnd,
     host: &HostEncryption,
     dir: Direction,
 ) -> Result<Vec<PolicySpec>, SpecError> {
-    let peer_ip = IpNet::from(peer.ip);
-    let (selector, template) = match dir {
-        Direction::Out => (
-            Selector::new(any_of(peer_ip), peer_ip),
-            Template::new(local.ip, peer.ip, exempt_reqid())?,
-        ),
-        _ => (
-            Selector::new(peer_ip, any_of(peer_ip)),
-            Template::new(peer.ip, local.ip, exempt_reqid())?,
-        ),
+    let template = match dir {
+        Direction::Out => Template::new(local.ip, peer.ip, exempt_reqid())?,
+        _ => Template::new(peer.ip, local.ip, exempt_reqid())?,
     };
-    let selector = selector.map_err(|_| SpecError::MixedEndpoints {
-        src: local.ip,
-        dst: peer.ip,
-    })?;
+    // Optional transport mode: the kernel refuses optional tunnel templates in OUT policies,
+    // and a transport template keeps the selector's family, that of the tunnel's node IPs.
     let template = nodeseal_xfrm::Template {
         level: nodeseal_xfrm::TemplateLevel::Optional,
+        mode: nodeseal_xfrm::TemplateMode::Transport,
         ..template
     };
+    // The tunnel's node IP only: the handshake runs there, and everything to a dual-stack
+    // peer's other node IP crosses the tunnel (which needs no neighbour discovery of that
+    // family).
+    let node = IpNet::from(peer.ip);
+    let mixed = |_| SpecError::MixedEndpoints {
+        src: local.ip,
+        dst: peer.ip,
+    };
+    let selector = match dir {
+        Direction::Out => Selector::new(any_of(node), node),
+        _ => Selector::new(node, any_of(node)),
+    }
+    .map_err(mixed)?;
     let mut matches: Vec<(u8, Option<u16>, Option<u16>)> = Vec::new();
     for port in host.ports(peer) {
         matches.push((6, Some(port), None));
@@ -418,12 +428,7 @@ fn exemptions(
     matches
         .into_iter()
         .map(|(proto, sport, dport)| {
-            let selector = selector.with_protocol(proto, sport, dport).map_err(|_| {
-                SpecError::MixedEndpoints {
-                    src: local.ip,
-                    dst: peer.ip,
-                }
-            })?;
+            let selector = selector.with_protocol(proto, sport, dport).map_err(mixed)?;
             let mut p = PolicySpec::new(selector, dir, template);
             p.priority = PRIORITY_EXEMPT;
             Ok(p)
@@ -444,7 +449,11 @@ pub fn host_out_policies(
 ) -> Result<Vec<PolicySpec>, SpecError> {
     let template = Template::new(local.ip, peer.ip, reqid())?;
     let mut policies = exemptions(local, peer, host, Direction::Out)?;
-    for cidr in std::iter::once(IpNet::from(peer.ip)).chain(peer.pod_cidrs.iter().copied()) {
+    for cidr in peer
+        .node_ips()
+        .map(IpNet::from)
+        .chain(peer.pod_cidrs.iter().copied())
+    {
         let mut p = PolicySpec::new(to_cidr(local.ip, cidr)?, Direction::Out, template);
         p.priority = PRIORITY_HOST;
         p.mark = HOST_MARK;
@@ -471,14 +480,18 @@ pub fn peer_policies(
     if let Some(host) = host {
         policies.extend(exemptions(local, peer, host, Direction::In)?);
     }
-    let node_ip = host.map(|_| IpNet::from(peer.ip));
-    for cidr in peer.pod_cidrs.iter().chain(node_ip.iter()) {
+    let node_ips: Vec<IpNet> = match host {
+        Some(_) => peer.node_ips().map(IpNet::from).collect(),
+        None => Vec::new(),
+    };
+    for cidr in peer.pod_cidrs.iter().chain(&node_ips) {
         let from_peer =
             Selector::new(*cidr, any_of(*cidr)).map_err(|_| SpecError::MixedEndpoints {
                 src: cidr.addr(),
                 dst: local.ip,
             })?;
-        let priority = if Some(*cidr) == node_ip {
+        let is_node_ip = node_ips.contains(cidr);
+        let priority = if is_node_ip {
             PRIORITY_HOST
         } else {
             PRIORITY_INBOUND
@@ -488,7 +501,7 @@ pub fn peer_policies(
             p.priority = priority;
             policies.push(p);
         }
-        if strict && Some(*cidr) != node_ip {
+        if strict && !is_node_ip {
             // The template is never used (block wins first); it carries our reqid so the policy
             // is recognisably ours.
             let mut p = PolicySpec::new(to_cidr(local.ip, *cidr)?, Direction::Out, outbound);
@@ -509,12 +522,14 @@ mod tests {
             LocalEnd {
                 ip: "10.0.0.1".parse().unwrap(),
                 pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()],
+                second_ip: None,
             },
             PeerEnd {
                 node_id: NodeId(7),
                 ip: "10.0.0.2".parse().unwrap(),
                 pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
                 handshake_port: 4250,
+                second_ip: None,
             },
         )
     }
@@ -576,12 +591,14 @@ mod tests {
             LocalEnd {
                 ip: "fd00::1".parse().unwrap(),
                 pod_cidrs: vec!["fd00:10:244::/64".parse().unwrap()],
+                second_ip: None,
             },
             PeerEnd {
                 node_id: NodeId(9),
                 ip: "fd00::2".parse().unwrap(),
                 pod_cidrs: vec!["fd00:10:244:1::/64".parse().unwrap()],
                 handshake_port: 4250,
+                second_ip: None,
             },
         );
         for (local, peer) in [ends(), v6] {
@@ -740,6 +757,37 @@ mod tests {
         assert_eq!(
             nd(&peer_policies(&local6, &peer6, false, Some(&host)).unwrap()),
             [135, 136]
+        );
+
+        // A dual-stack peer's second node IP is covered like the first, through the tunnel
+        // between the first ones.
+        let second: IpAddr = "fd00::2".parse().unwrap();
+        let dual = PeerEnd {
+            second_ip: Some(second),
+            ..peer.clone()
+        };
+        let out = host_out_policies(&local, &dual, &host).unwrap();
+        let inbound = peer_policies(&local, &dual, true, Some(&host)).unwrap();
+        let of_second = |policies: &[PolicySpec]| -> Vec<PolicySpec> {
+            policies
+                .iter()
+                .filter(|p| [p.selector.src(), p.selector.dst()].contains(&IpNet::from(second)))
+                .cloned()
+                .collect()
+        };
+        // No exemptions there: everything to it crosses the tunnel.
+        assert_eq!(of_second(&out).len(), 1);
+        // IN and FWD.
+        assert_eq!(of_second(&inbound).len(), 2);
+        for p in of_second(&out).iter().chain(&of_second(&inbound)) {
+            let t = p.templates[0];
+            assert!([t.src, t.dst].contains(&peer.ip) && [t.src, t.dst].contains(&local.ip));
+        }
+        let slot_policies = sas.out_policies(&local, &dual, Some(&host)).unwrap();
+        assert!(
+            slot_policies
+                .iter()
+                .any(|p| p.selector.dst() == IpNet::from(second))
         );
     }
 
