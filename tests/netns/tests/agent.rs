@@ -2311,7 +2311,7 @@ fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario, encryption:
             let states = n0.ns.ip(&["xfrm", "state"]).expect("ip xfrm state");
             let spis = nodeseal_netns::fabric::esp_spis_in(&states, n0.ip, n1.ip);
             assert_eq!(spis.len(), 4, "{states}");
-            assert!(states.contains("mark 0x0/0xffffff00"), "{states}");
+            assert!(states.contains("mark 0/0xffffff00"), "{states}");
             let policies = n0.ns.ip(&["xfrm", "policy"]).expect("ip xfrm policy");
             let selector = format!("src {}/32 dst 0.0.0.0/0", n1.ip);
             let lines: Vec<&str> = policies.lines().collect();

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::kernel::{Kernel, KernelError, Op, Reply, TransportError};
 use crate::netlink::codec::{self, PolicyKey};
-use crate::policy::{KernelPolicy, PolicySpec};
+use crate::policy::{Direction, KernelPolicy, PolicySpec, TemplateLevel, TemplateMode};
 use crate::selector::Mark;
 use crate::state::{KernelState, StateSpec};
 
@@ -147,6 +147,17 @@ impl Inner {
                 .ok_or_else(|| err(libc::ESRCH, None)),
             Op::DumpStates => Ok(Reply::States(self.states.values().cloned().collect())),
             Op::AddPolicy(spec) | Op::UpdatePolicy(spec) => {
+                // As Linux's `validate_tmpl` does (seen on 6.12).
+                let optional_tunnel = spec
+                    .templates
+                    .iter()
+                    .any(|t| t.level == TemplateLevel::Optional && t.mode == TemplateMode::Tunnel);
+                if spec.dir == Direction::Out && optional_tunnel {
+                    return Err(err(
+                        libc::EINVAL,
+                        Some("Mode in optional template not allowed in outbound policy"),
+                    ));
+                }
                 let new = through_codec_policy(spec)?;
                 match self.policies.iter_mut().find(|p| p.key == new.key) {
                     Some(_) if matches!(op, Op::AddPolicy(_)) => Err(err(libc::EEXIST, None)),

@@ -37,9 +37,11 @@
 //!   plaintext from it is dropped by the kernel;
 //! - exemptions stay in clear: the handshake ports (no chicken-and-egg after a peer lost its
 //!   SAs), the operator's exempt TCP ports, and IPv6 neighbour discovery between the node IPs.
-//!   They are policies above the host ones whose only template is optional and names reqid
+//!   They are policies above the host ones whose only template is optional, in transport mode
+//!   (the kernel refuses optional tunnel templates in OUT policies), and names reqid
 //!   [`EXEMPT_REQID`], which no state carries: the kernel finds nothing to apply and lets the
-//!   packet pass. (A key manager listening for `XFRM_MSG_ACQUIRE` would be asked for such a
+//!   packet pass. They cover the tunnel's node IPs; a dual-stack peer's second node IP is
+//!   reached only through the tunnel. (A key manager listening for `XFRM_MSG_ACQUIRE` would be asked for such a
 //!   state, and may hold a larval one for 30 s; nodeseal does not listen.)
 //!
 //! Every object carries reqid [`REQID`] (exemptions [`EXEMPT_REQID`]); [`ownership`] claims
