@@ -631,8 +631,8 @@ pub mod capacity {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, NodeEntry,
-        NodeKey, PeerSlot, PolicyBucket, PolicySlot, PolicyTableHeader, PrefixLengths,
+        Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, Ipv6Chunk,
+        NodeEntry, NodeKey, PeerSlot, PolicyBucket, PolicySlot, PolicyTableHeader, PrefixLengths,
     };
 
     // SAFETY: each type is #[repr(C)], Copy, made only of integers and has no padding (checked
@@ -648,6 +648,8 @@ mod pod {
     unsafe impl aya::Pod for IpCacheSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for IpCacheKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Ipv6Chunk {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PrefixLengths {}
     // SAFETY: as above.

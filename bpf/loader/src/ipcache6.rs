@@ -44,7 +44,11 @@ enum Shape {
     Leaf(IpCacheSlot),
     /// Prefixes lie strictly inside the block: a chunk resolving `depth..depth + 8` under
     /// `key`, answering `miss` outside `key/depth`.
-    Chunk { depth: u8, key: u128, miss: IpCacheSlot },
+    Chunk {
+        depth: u8,
+        key: u128,
+        miss: IpCacheSlot,
+    },
 }
 
 /// A chunk's identity in the layout: linked chunks with the same `(depth, key)` are updated in
@@ -95,7 +99,11 @@ impl Ipv6Arrays {
         {
             return Err(MapError::Layout {
                 name: "IPCACHE6_CHUNKS",
-                why: format!("{} words, not {} chunks", chunks.len(), capacity::IPCACHE6_CHUNKS),
+                why: format!(
+                    "{} words, not {} chunks",
+                    chunks.len(),
+                    capacity::IPCACHE6_CHUNKS
+                ),
             });
         }
         Ok(Self {

@@ -329,7 +329,13 @@ fn ipcache_v6_arrays(hi: u64, lo: u64) -> Result<Option<IpCacheEntry>, ()> {
         } else {
             let index = Ipv6Chunk::slot_index(depth, hi, lo) as usize;
             // SAFETY: as above; `index` is below 256 (masked by `slot_index`), in bounds.
-            unsafe { core::ptr::read_volatile((&raw const (*chunk).slots).cast::<IpCacheSlot>().add(index & 0xff)) }
+            unsafe {
+                core::ptr::read_volatile(
+                    (&raw const (*chunk).slots)
+                        .cast::<IpCacheSlot>()
+                        .add(index & 0xff),
+                )
+            }
         };
         match slot.chunk() {
             Some(next) => chunk_index = next,
