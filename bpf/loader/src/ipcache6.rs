@@ -75,11 +75,7 @@ pub(crate) enum SetOutcome {
 #[derive(Debug)]
 pub(crate) struct Ipv6Arrays {
     chunks: Mapping,
-    /// Every IPv6 prefix: (network address, length) → entry.
-    prefixes: HashMap<(u128, u8), IpCacheEntry>,
-    /// Network addresses per present prefix length: the range queries that find the prefixes
-    /// inside a block, and the lengths to try when resolving one.
-    by_len: BTreeMap<u8, BTreeSet<u128>>,
+    prefixes: PrefixSet,
     free: Vec<u32>,
     /// Unlinked chunks waiting for a grace period.
     retired: Vec<u32>,
@@ -108,8 +104,7 @@ impl Ipv6Arrays {
         }
         Ok(Self {
             chunks,
-            prefixes: HashMap::new(),
-            by_len: BTreeMap::new(),
+            prefixes: PrefixSet::default(),
             free: Vec::new(),
             retired: Vec::new(),
             in_sync: false,
@@ -157,23 +152,7 @@ impl Ipv6Arrays {
 
     /// Records the prefix `addr/len` (`Some`) or its removal (`None`) in the model only.
     pub(crate) fn set_model(&mut self, addr: u128, len: u8, entry: Option<IpCacheEntry>) {
-        match entry {
-            Some(e) => {
-                if self.prefixes.insert((addr, len), e).is_none() {
-                    self.by_len.entry(len).or_default().insert(addr);
-                }
-            }
-            None => {
-                if self.prefixes.remove(&(addr, len)).is_some()
-                    && let Some(set) = self.by_len.get_mut(&len)
-                {
-                    set.remove(&addr);
-                    if set.is_empty() {
-                        self.by_len.remove(&len);
-                    }
-                }
-            }
-        }
+        self.prefixes.set(addr, len, entry);
     }
 
     /// Makes the arrays agree with the model after the datapath stopped reading them: waits a
@@ -187,7 +166,7 @@ impl Ipv6Arrays {
         self.write_header(Ipv6Chunk::ROOT, 0, 0, IpCacheSlot::EMPTY);
         for index in 0..CHUNK_SLOTS {
             let (start, len) = slot_block(0, 0, index);
-            let slot = match self.shape(start, len) {
+            let slot = match self.prefixes.shape(start, len) {
                 Shape::Leaf(slot) => slot,
                 Shape::Chunk { depth, key, miss } => match self.build_chunk(depth, key, miss) {
                     Ok(chunk) => IpCacheSlot::link(chunk),
@@ -201,52 +180,6 @@ impl Ipv6Arrays {
         }
         self.in_sync = true;
         Ok(())
-    }
-
-    /// What the slot for the block `start/len` must hold.
-    fn shape(&self, start: u128, len: u8) -> Shape {
-        let end = start | !mask(len);
-        let mut inner: Option<(u8, u128, u128)> = None;
-        for (&l, addrs) in self.by_len.range(len + 1..) {
-            let mut found = addrs.range(start..=end);
-            let Some(&first) = found.next() else {
-                continue;
-            };
-            let last = found.next_back().copied().unwrap_or(first);
-            inner = Some(match inner {
-                None => (l, first, last),
-                Some((min_len, lo, hi)) => (min_len.min(l), lo.min(first), hi.max(last)),
-            });
-        }
-        let Some((min_len, lo, hi)) = inner else {
-            return Shape::Leaf(self.leaf(start, len));
-        };
-        // Longest common prefix of the inner prefixes (as bit strings): at least `len`, as they
-        // all lie inside the block. Rounded down to a stride, the chunk's depth is at least
-        // `len` and every inner prefix is at least that long, so the chunk holds them all; the
-        // last stride (120) takes the /128s.
-        let common = u8::try_from((lo ^ hi).leading_zeros())
-            .unwrap_or(128)
-            .min(min_len);
-        let depth = (common / 8 * 8).min(120);
-        Shape::Chunk {
-            depth,
-            key: lo & mask(depth),
-            miss: self.leaf(start, len),
-        }
-    }
-
-    /// The longest prefix of length <= `len` covering the block `start/len`.
-    fn leaf(&self, start: u128, len: u8) -> IpCacheSlot {
-        for (&l, addrs) in self.by_len.range(..=len).rev() {
-            let network = start & mask(l);
-            if addrs.contains(&network)
-                && let Some(entry) = self.prefixes.get(&(network, l))
-            {
-                return IpCacheSlot::leaf(*entry);
-            }
-        }
-        IpCacheSlot::EMPTY
     }
 
     /// Brings the linked chunk `chunk` at `place` up to date with a change of `addr/len`: its
@@ -287,7 +220,7 @@ impl Ipv6Arrays {
     ) -> Result<(), OutOfChunks> {
         let current = self.load_slot(chunk, index);
         let (start, block_len) = slot_block(place.depth, place.key, index);
-        match self.shape(start, block_len) {
+        match self.prefixes.shape(start, block_len) {
             Shape::Leaf(slot) => {
                 if current != slot {
                     self.store_slot(chunk, index, slot);
@@ -322,7 +255,7 @@ impl Ipv6Arrays {
         self.write_header(chunk, depth, key, miss);
         for index in 0..CHUNK_SLOTS {
             let (start, len) = slot_block(depth, key, index);
-            let slot = match self.shape(start, len) {
+            let slot = match self.prefixes.shape(start, len) {
                 Shape::Leaf(slot) => slot,
                 Shape::Chunk { depth, key, miss } => {
                     IpCacheSlot::link(self.build_chunk(depth, key, miss)?)
@@ -398,6 +331,88 @@ impl Ipv6Arrays {
     }
 }
 
+/// The IPv6 prefixes, indexed for the questions the layout asks.
+#[derive(Debug, Default)]
+struct PrefixSet {
+    /// Every IPv6 prefix: (network address, length) → entry.
+    entries: HashMap<(u128, u8), IpCacheEntry>,
+    /// Network addresses per present prefix length: the range queries that find the prefixes
+    /// inside a block, and the lengths to try when resolving one.
+    by_len: BTreeMap<u8, BTreeSet<u128>>,
+}
+
+impl PrefixSet {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn set(&mut self, addr: u128, len: u8, entry: Option<IpCacheEntry>) {
+        match entry {
+            Some(e) => {
+                if self.entries.insert((addr, len), e).is_none() {
+                    self.by_len.entry(len).or_default().insert(addr);
+                }
+            }
+            None => {
+                if self.entries.remove(&(addr, len)).is_some()
+                    && let Some(set) = self.by_len.get_mut(&len)
+                {
+                    set.remove(&addr);
+                    if set.is_empty() {
+                        self.by_len.remove(&len);
+                    }
+                }
+            }
+        }
+    }
+
+    /// What the slot for the block `start/len` must hold.
+    fn shape(&self, start: u128, len: u8) -> Shape {
+        let end = start | !mask(len);
+        let mut inner: Option<(u8, u128, u128)> = None;
+        for (&l, addrs) in self.by_len.range(len + 1..) {
+            let mut found = addrs.range(start..=end);
+            let Some(&first) = found.next() else {
+                continue;
+            };
+            let last = found.next_back().copied().unwrap_or(first);
+            inner = Some(match inner {
+                None => (l, first, last),
+                Some((min_len, lo, hi)) => (min_len.min(l), lo.min(first), hi.max(last)),
+            });
+        }
+        let Some((min_len, lo, hi)) = inner else {
+            return Shape::Leaf(self.leaf(start, len));
+        };
+        // Longest common prefix of the inner prefixes (as bit strings): at least `len`, as they
+        // all lie inside the block. Rounded down to a stride, the chunk's depth is at least
+        // `len` and every inner prefix is at least that long, so the chunk holds them all; the
+        // last stride (120) takes the /128s.
+        let common = u8::try_from((lo ^ hi).leading_zeros())
+            .unwrap_or(128)
+            .min(min_len);
+        let depth = (common / 8 * 8).min(120);
+        Shape::Chunk {
+            depth,
+            key: lo & mask(depth),
+            miss: self.leaf(start, len),
+        }
+    }
+
+    /// The longest prefix of length <= `len` covering the block `start/len`.
+    fn leaf(&self, start: u128, len: u8) -> IpCacheSlot {
+        for (&l, addrs) in self.by_len.range(..=len).rev() {
+            let network = start & mask(l);
+            if addrs.contains(&network)
+                && let Some(entry) = self.entries.get(&(network, l))
+            {
+                return IpCacheSlot::leaf(*entry);
+            }
+        }
+        IpCacheSlot::EMPTY
+    }
+}
+
 /// The top `len` bits set.
 fn mask(len: u8) -> u128 {
     u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
@@ -417,6 +432,95 @@ fn slot_of(depth: u8, addr: u128) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PODS: u128 = 0xfd00_0010_0244u128 << 80;
+
+    fn entry(identity: u32) -> Option<IpCacheEntry> {
+        Some(IpCacheEntry {
+            identity,
+            ..IpCacheEntry::default()
+        })
+    }
+
+    fn leaf(identity: u32) -> IpCacheSlot {
+        IpCacheSlot::leaf(IpCacheEntry {
+            identity,
+            ..IpCacheEntry::default()
+        })
+    }
+
+    /// The block of the root slot holding `fd00::/8`.
+    fn fd_block() -> (u128, u8) {
+        (0xfdu128 << 120, 8)
+    }
+
+    #[test]
+    fn a_block_without_inner_prefixes_is_the_longest_covering_prefix() {
+        let mut set = PrefixSet::default();
+        let (start, len) = fd_block();
+        assert_eq!(set.shape(start, len), Shape::Leaf(IpCacheSlot::EMPTY));
+        set.set(0, 0, entry(1));
+        set.set(0xfcu128 << 120, 7, entry(2));
+        assert_eq!(set.shape(start, len), Shape::Leaf(leaf(2)));
+        set.set(0xfcu128 << 120, 7, None);
+        assert_eq!(set.shape(start, len), Shape::Leaf(leaf(1)));
+    }
+
+    #[test]
+    fn chunks_skip_to_where_the_inner_prefixes_branch() {
+        let mut set = PrefixSet::default();
+        let (start, len) = fd_block();
+        set.set(0, 0, entry(1));
+        // A lone /64: one chunk at its own depth, whose slots are all that /64.
+        set.set(PODS | 5 << 64, 64, entry(2));
+        let lone = Shape::Chunk {
+            depth: 64,
+            key: PODS | 5 << 64,
+            miss: leaf(1),
+        };
+        assert_eq!(set.shape(start, len), lone);
+        // Two /64s differing in bit 61: the chunk resolves bits 56..64.
+        set.set(PODS | 6 << 64, 64, entry(3));
+        let pair = Shape::Chunk {
+            depth: 56,
+            key: PODS,
+            miss: leaf(1),
+        };
+        assert_eq!(set.shape(start, len), pair);
+        // A /52 above them: no inner prefix may be shorter than the chunk's depth.
+        set.set(PODS, 52, entry(4));
+        let capped = Shape::Chunk {
+            depth: 48,
+            key: PODS,
+            miss: leaf(1),
+        };
+        assert_eq!(set.shape(start, len), capped);
+        // Inside the /52's /56 block, the /64s again.
+        assert_eq!(set.shape(PODS, 56), pair_below(leaf(4)));
+    }
+
+    fn pair_below(miss: IpCacheSlot) -> Shape {
+        Shape::Chunk {
+            depth: 56,
+            key: PODS,
+            miss,
+        }
+    }
+
+    #[test]
+    fn a_lone_host_route_takes_the_last_stride() {
+        let mut set = PrefixSet::default();
+        let host = PODS | 5 << 64 | 9;
+        set.set(host, 128, entry(7));
+        let (start, len) = fd_block();
+        let want = Shape::Chunk {
+            depth: 120,
+            key: host & mask(120),
+            miss: IpCacheSlot::EMPTY,
+        };
+        assert_eq!(set.shape(start, len), want);
+        assert_eq!(set.shape(host, 128), Shape::Leaf(leaf(7)));
+    }
 
     #[test]
     fn slot_blocks_and_indexes_agree() {

@@ -583,3 +583,49 @@ fn ipv6_state_pinned_by_an_older_loader_is_rebuilt_not_misread() {
         "updated after the rebuild"
     );
 }
+
+#[test]
+fn ipv6_out_of_chunks_walks_the_trie_until_the_prefixes_fit_again() {
+    let name = "ipcache6_chunks";
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let root = TestPinRoot::new(name);
+    let mut dp = root.load().expect("load datapath");
+    setup(&mut dp);
+    // A /128 alone in each /48 of 2001:db8::/32 takes a chunk of its own: 2,100 of them need
+    // more than the 2,048 chunks there are.
+    let host = |i: u128| 0x2001_0db8u128 << 96 | i << 80 | 7;
+    let node = |i: u128| 1 + (i % 20) as u16;
+    add6(&mut dp, 0x2001_0db8u128 << 96, 32, 20);
+    let mut first_out = None;
+    for i in 0..2100 {
+        add6(&mut dp, host(i), 128, node(i));
+        if first_out.is_none() && !dp.ipcache.ipv6_arrays_in_use() {
+            first_out = Some(i);
+        }
+    }
+    let first_out = first_out.expect("the arrays never ran out of chunks");
+    assert!(
+        first_out > 2000,
+        "ran out after only {first_out} host routes"
+    );
+    // The trie answers meanwhile.
+    for i in [0, 1, 1500, 2099] {
+        assert_eq!(matched6(&dp, host(i)), Some(node(i)), "trie: host {i}");
+        assert_eq!(
+            matched6(&dp, host(i) + 1),
+            Some(20),
+            "trie: next to host {i}"
+        );
+    }
+    // Removing host routes until they fit rebuilds the arrays.
+    for i in (1700..2100).rev() {
+        del6(&mut dp, host(i), 128);
+    }
+    assert!(dp.ipcache.ipv6_arrays_in_use(), "arrays not rebuilt");
+    for i in [0, 1, 1699, 1700, 2099] {
+        let want = if i < 1700 { node(i) } else { 20 };
+        assert_eq!(matched6(&dp, host(i)), Some(want), "arrays: host {i}");
+    }
+}
