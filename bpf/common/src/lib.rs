@@ -53,7 +53,11 @@ pub mod map_names {
     pub const IPCACHE4_L1: &str = "IPCACHE4_L1";
     /// `IPCACHE4_CHUNKS`: 256-slot chunks of the IPv4 ipcache arrays (mmapable).
     pub const IPCACHE4_CHUNKS: &str = "IPCACHE4_CHUNKS";
-    /// `IPCACHE_EXACT_V6`: the IPv6 prefixes of `IPCACHE_V6` as an exact-match hash.
+    /// `IPCACHE6_CHUNKS`: the IPv6 ipcache arrays, chunks of [`crate::maps::Ipv6Chunk`]
+    /// (mmapable).
+    pub const IPCACHE6_CHUNKS: &str = "IPCACHE6_CHUNKS";
+    /// `IPCACHE_EXACT_V6`: the IPv6 exact-match hash older loaders pinned; this version removes
+    /// its pin at load (replaced by `IPCACHE6_CHUNKS`).
     pub const IPCACHE_EXACT_V6: &str = "IPCACHE_EXACT_V6";
     /// `IPCACHE_LENS`: [`crate::maps::PrefixLengths`] per address family.
     pub const IPCACHE_LENS: &str = "IPCACHE_LENS";

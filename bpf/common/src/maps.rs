@@ -61,8 +61,9 @@ impl IpCacheEntry {
     pub const FLAG_REVOKED: u16 = 8;
 }
 
-/// Key of `IPCACHE_EXACT_V6`: one IPv6 ipcache prefix, host bits cleared (the same prefix as in
-/// the trie, so the same layout as its LPM key).
+/// Key of `IPCACHE_EXACT_V6`, the IPv6 exact-match hash older loaders pinned (this version
+/// removes its pin at load and reads IPv6 prefixes from the arrays of [`Ipv6Chunk`] instead):
+/// one IPv6 ipcache prefix, host bits cleared.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct IpCacheKeyV6 {
@@ -72,42 +73,40 @@ pub struct IpCacheKeyV6 {
     pub addr: [u8; 16],
 }
 
-/// Value of `IPCACHE_LENS` (index [`Self::INDEX_V4`] / [`Self::INDEX_V6`]): how the datapath
-/// finds the longest matching prefix.
+/// Value of `IPCACHE_LENS` (index [`Self::INDEX_V4`] / [`Self::INDEX_V6`]): whether the datapath
+/// may read the family's ipcache arrays.
 ///
-/// IPv4: with [`Self::STATE_ARRAYS`] the datapath reads the `IPCACHE4_L1` / `IPCACHE4_CHUNKS`
-/// arrays ([`IpCacheSlot`]); `lens` is unused.
+/// With [`Self::STATE_ARRAYS`] the datapath reads the arrays: `IPCACHE4_L1` /
+/// `IPCACHE4_CHUNKS` ([`IpCacheSlot`]) for IPv4, `IPCACHE6_CHUNKS` ([`Ipv6Chunk`]) for IPv6.
+/// Any other state (a fresh map is all zero) means the datapath walks the family's LPM trie,
+/// which is always authoritative. Only a loader that has just rebuilt a family's arrays from
+/// its trie publishes [`Self::STATE_ARRAYS`] for it.
 ///
-/// IPv6: the `IPCACHE_EXACT_V6` hash map holds the same prefixes as the trie. With
-/// [`Self::STATE_EXACT`], the datapath looks the address up in it once per distinct prefix
-/// length present, longest first (`lens[..count]`, descending); the first hit is the longest
-/// match. That is a few hash lookups instead of a trie walk.
-///
-/// Any other state (a fresh map is all zero) means the datapath walks the trie, which is always
-/// authoritative.
+/// Older loaders published [`Self::STATE_EXACT`] for IPv6 (probe `IPCACHE_EXACT_V6` once per
+/// length in `lens[..count]`); this version's datapath reads that state as "walk the trie", and
+/// this loader replaces it at load, so a pinned value from an older loader is never misread.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PrefixLengths {
     /// `STATE_*`.
     pub state: u8,
-    /// Number of valid entries of `lens` (with [`Self::STATE_EXACT`]).
+    /// Older loaders' IPv6 state only: number of valid entries of `lens`.
     pub count: u8,
-    /// Prefix lengths present, longest first.
+    /// Older loaders' IPv6 state only: prefix lengths present, longest first.
     pub lens: [u8; Self::MAX_LENS],
 }
 
 impl PrefixLengths {
-    /// Most distinct prefix lengths the datapath probes in the hash maps; with more, it walks
-    /// the trie.
+    /// Size of `lens`.
     pub const MAX_LENS: usize = 6;
-    /// The exact maps are not (known to be) in sync with the trie: walk the trie.
+    /// Walk the trie.
     pub const STATE_TRIE: u8 = 0;
-    /// Probe the exact maps for `lens[..count]`.
+    /// Published by older loaders for IPv6 only (the `IPCACHE_EXACT_V6` hash probed per
+    /// length); this datapath walks the trie instead.
     pub const STATE_EXACT: u8 = 1;
-    /// The exact maps are in sync but more than [`Self::MAX_LENS`] lengths are present: walk
-    /// the trie.
+    /// Published by older loaders for IPv6 with more lengths than `lens` holds: walk the trie.
     pub const STATE_TOO_MANY: u8 = 2;
-    /// IPv4 only: the ipcache arrays are in sync with the trie; read them.
+    /// The family's ipcache arrays are in sync with its trie; read them.
     pub const STATE_ARRAYS: u8 = 3;
     /// Index of the IPv4 entry.
     pub const INDEX_V4: u32 = 0;
@@ -186,6 +185,80 @@ impl IpCacheSlot {
             node_id: (self.0 >> 32) as u16,
             flags: flags & !(Self::PRESENT | Self::LINK),
         })
+    }
+}
+
+/// One chunk of the IPv6 ipcache arrays (`IPCACHE6_CHUNKS`): a path-compressed multibit trie
+/// with 8-bit strides built by userspace from the prefixes of the `IPCACHE_V6` LPM trie, which
+/// stays authoritative.
+///
+/// Chunk [`Self::ROOT`] resolves the top 8 bits of an address. Every other chunk is reached
+/// through a link slot ([`IpCacheSlot::link`]) of its parent, which covers a block of
+/// `8 * k` bits; the chunk resolves bits `depth..depth + 8` of the addresses whose top `depth`
+/// bits are `key` (`depth` is a multiple of 8, at least the parent block's length). Between the
+/// parent block and `depth` there is no branching: every prefix inside the parent block and
+/// longer than it lies inside `key/depth`, so the levels in between are skipped (path
+/// compression), and an address of the parent block outside `key/depth` matches what covers
+/// the whole parent block, `miss`. A slot is empty, a leaf (the longest prefix covering its
+/// block) or a link. Each level adds at least 8 bits, so a lookup reads at most
+/// [`Self::MAX_LEVELS`] chunks, whatever the number of prefixes; typically 3 or 4 for a /64.
+///
+/// Concurrency (as for the IPv4 arrays): every word is written by userspace with one atomic
+/// store through a shared mapping and read by the datapath with one load. A chunk is filled
+/// completely before the slot linking it is stored; `key`, `mask` and `depth` never change while
+/// the chunk is linked (a block whose shape changes gets a new chunk, and the old one is reused
+/// only after an RCU grace period); `miss` and the slots change in place, each from the old
+/// answer for its addresses to the new one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Chunk {
+    /// Top 64 bits of `key` (host order of the address's first 8 bytes), bits below `depth`
+    /// clear.
+    pub key_hi: u64,
+    /// Low 64 bits of `key`.
+    pub key_lo: u64,
+    /// The top `depth` bits set, high half.
+    pub mask_hi: u64,
+    /// The top `depth` bits set, low half.
+    pub mask_lo: u64,
+    /// First bit the slots resolve: 0, 8, ..., 120.
+    pub depth: u64,
+    /// The answer for addresses of the parent block outside `key/depth`.
+    pub miss: IpCacheSlot,
+    /// Slot `i`: the addresses `key | i << (120 - depth)` / `depth + 8`.
+    pub slots: [IpCacheSlot; IpCacheSlot::CHUNK_SLOTS as usize],
+}
+
+impl Ipv6Chunk {
+    /// The chunk every lookup starts with (depth 0, matches every address).
+    pub const ROOT: u32 = 0;
+    /// Most chunks a lookup reads: one per 8-bit stride.
+    pub const MAX_LEVELS: u32 = 16;
+    /// Size in `u64` words.
+    pub const WORDS: usize = 6 + IpCacheSlot::CHUNK_SLOTS as usize;
+    /// Word offsets of the fields.
+    pub const WORD_KEY_HI: usize = 0;
+    /// See [`Self::WORD_KEY_HI`].
+    pub const WORD_KEY_LO: usize = 1;
+    /// See [`Self::WORD_KEY_HI`].
+    pub const WORD_MASK_HI: usize = 2;
+    /// See [`Self::WORD_KEY_HI`].
+    pub const WORD_MASK_LO: usize = 3;
+    /// See [`Self::WORD_KEY_HI`].
+    pub const WORD_DEPTH: usize = 4;
+    /// See [`Self::WORD_KEY_HI`].
+    pub const WORD_MISS: usize = 5;
+    /// See [`Self::WORD_KEY_HI`].
+    pub const WORD_SLOTS: usize = 6;
+
+    /// Index of the slot for the address `(hi, lo)` in a chunk of `depth` (at most 120, a
+    /// multiple of 8). Branch-light and with shifts below 64, for the verifier.
+    #[must_use]
+    #[inline(always)]
+    pub const fn slot_index(depth: u64, hi: u64, lo: u64) -> u32 {
+        let word = if depth >= 64 { lo } else { hi };
+        let shift = 56u64.wrapping_sub(depth & 63) & 63;
+        ((word >> shift) & 0xff) as u32
     }
 }
 
@@ -510,6 +583,10 @@ const _: () = {
     assert!(size_of::<EndpointInfo>() == 8);
     assert!(size_of::<IpCacheEntry>() == 8);
     assert!(size_of::<IpCacheSlot>() == 8);
+    assert!(size_of::<Ipv6Chunk>() == Ipv6Chunk::WORDS * 8);
+    assert!(core::mem::offset_of!(Ipv6Chunk, miss) == Ipv6Chunk::WORD_MISS * 8);
+    assert!(core::mem::offset_of!(Ipv6Chunk, depth) == Ipv6Chunk::WORD_DEPTH * 8);
+    assert!(core::mem::offset_of!(Ipv6Chunk, slots) == Ipv6Chunk::WORD_SLOTS * 8);
     assert!(size_of::<IpCacheKeyV6>() == 20);
     assert!(size_of::<PrefixLengths>() == 8);
     assert!(size_of::<NodeKey>() == 16);
@@ -527,12 +604,18 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 4096;
     /// `ENDPOINTS_BY_IFINDEX`: endpoints whose ifindex is below this are also in the array.
     pub const ENDPOINTS_BY_IFINDEX: u32 = 16_384;
-    /// `IPCACHE_V4`, `IPCACHE_V6` and `IPCACHE_EXACT_V6` each.
+    /// `IPCACHE_V4` and `IPCACHE_V6` each.
     pub const IPCACHE: u32 = 65_536;
     /// Chunks of `IPCACHE4_CHUNKS` ([`super::IpCacheSlot`]; 2 KiB each). One per /16 that
     /// holds prefixes longer than /16, one per /24 that holds prefixes longer than /24; with
     /// more, the datapath falls back to the trie.
     pub const IPCACHE4_CHUNKS: u32 = 1024;
+    /// Chunks of `IPCACHE6_CHUNKS` ([`super::Ipv6Chunk`]; 2 KiB each, all mapped by the
+    /// agent). Path compression makes it one chunk per block of 256 addresses (of some stride)
+    /// in which prefixes branch, plus one per prefix longer than /64 alone in its block: about 45
+    /// for 10,000 /64s in one /48, about 1,000 for 1,000 scattered node /128s. With more, the
+    /// datapath falls back to the trie.
+    pub const IPCACHE6_CHUNKS: u32 = 2048;
     /// `NODES`.
     pub const NODES: u32 = 16_384;
     /// `PEER_SLOTS` (one per possible node id).
@@ -548,8 +631,8 @@ pub mod capacity {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, NodeEntry,
-        NodeKey, PeerSlot, PolicyBucket, PolicySlot, PolicyTableHeader, PrefixLengths,
+        Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, Ipv6Chunk,
+        NodeEntry, NodeKey, PeerSlot, PolicyBucket, PolicySlot, PolicyTableHeader, PrefixLengths,
     };
 
     // SAFETY: each type is #[repr(C)], Copy, made only of integers and has no padding (checked
@@ -565,6 +648,8 @@ mod pod {
     unsafe impl aya::Pod for IpCacheSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for IpCacheKeyV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Ipv6Chunk {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PrefixLengths {}
     // SAFETY: as above.

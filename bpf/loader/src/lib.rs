@@ -27,6 +27,7 @@
 mod attach;
 mod events;
 mod ipcache4;
+mod ipcache6;
 mod load;
 mod maps;
 mod policy;

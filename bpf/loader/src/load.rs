@@ -201,7 +201,7 @@ impl Datapath {
             v6: take(&mut ebpf, map_names::IPCACHE_V6)?,
             l1_v4: take(&mut ebpf, map_names::IPCACHE4_L1)?,
             chunks_v4: take(&mut ebpf, map_names::IPCACHE4_CHUNKS)?,
-            exact_v6: take(&mut ebpf, map_names::IPCACHE_EXACT_V6)?,
+            chunks_v6: take(&mut ebpf, map_names::IPCACHE6_CHUNKS)?,
             lens: take(&mut ebpf, map_names::IPCACHE_LENS)?,
         })?;
         let nodes = Nodes::new(take(&mut ebpf, map_names::NODES)?)?;
@@ -305,9 +305,12 @@ fn lock_pin_root(pin_root: &Path) -> Result<std::fs::File, LoadError> {
     })
 }
 
-/// Maps earlier versions pinned and this one no longer uses (replaced by the IPv4 ipcache
-/// arrays and the policy table). Left pinned they would hold their memory until uninstall.
-const OBSOLETE_PINS: [&str; 2] = ["IPCACHE_EXACT_V4", "POLICY"];
+/// Maps earlier versions pinned and this one no longer uses (replaced by the IPv4 and IPv6
+/// ipcache arrays and the policy table). Left pinned they would hold their memory until
+/// uninstall. Programs of an older loader still attached keep their own references until
+/// [`Datapath::attach`] replaces them, and do not read `IPCACHE_EXACT_V6` meanwhile: the new
+/// loader's `IPCACHE_LENS` state for IPv6 is not the one that tells them to.
+const OBSOLETE_PINS: [&str; 3] = ["IPCACHE_EXACT_V4", "POLICY", map_names::IPCACHE_EXACT_V6];
 
 fn remove_obsolete_pins(pin_root: &Path) {
     for name in OBSOLETE_PINS {

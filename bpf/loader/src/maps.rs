@@ -8,7 +8,7 @@ use aya::maps::{
 };
 use nodeseal_bpf_common::{
     maps::{
-        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, NodeEntry, NodeKey, PeerSlot, PolicyKey,
+        Config, EndpointInfo, IpCacheEntry, Ipv6Chunk, NodeEntry, NodeKey, PeerSlot, PolicyKey,
         PrefixLengths, capacity, policy_verdict_slot,
     },
     mark,
@@ -17,6 +17,7 @@ use nodeseal_bpf_common::{
 
 use crate::{
     ipcache4::Ipv4Arrays,
+    ipcache6::{Ipv6Arrays, SetOutcome},
     policy::{PolicyDirection, PolicyRule},
     shared::Mapping,
 };
@@ -178,21 +179,18 @@ pub enum Location {
 /// The ipcache: prefix → identity and location.
 ///
 /// Each prefix is written to the `IPCACHE_V4` / `IPCACHE_V6` LPM trie (authoritative; what
-/// [`IpCache::lookup`] reads) and to the structure the datapath reads first: for IPv4 the
-/// ipcache arrays (at most three array reads per lookup; see
-/// [`nodeseal_bpf_common::maps::IpCacheSlot`]), for IPv6 the
-/// `IPCACHE_EXACT_V6` hash map probed once per prefix length present (see [`PrefixLengths`]).
-/// `IPCACHE_LENS` says per family whether that structure is in sync; when it is not (more
-/// chunks needed than the arrays hold, more than [`PrefixLengths::MAX_LENS`] IPv6 lengths, a
-/// failed write) the datapath walks the trie, always right, only slower.
+/// [`IpCache::lookup`] reads) and to the family's ipcache arrays, which the datapath reads
+/// first: for IPv4 at most three array reads per lookup (see
+/// [`nodeseal_bpf_common::maps::IpCacheSlot`]), for IPv6 at most 16 and typically 3 or 4 (see
+/// [`nodeseal_bpf_common::maps::Ipv6Chunk`]), whatever the number of prefixes. `IPCACHE_LENS`
+/// says per family whether the arrays are in sync; when they are not (more chunks needed than
+/// the arrays hold) the datapath walks the trie, always right, only slower.
 pub struct IpCache {
     v4: LpmTrie<MapData, [u8; 4], IpCacheEntry>,
     v6: LpmTrie<MapData, [u8; 16], IpCacheEntry>,
     arrays_v4: Ipv4Arrays,
-    exact_v6: HashMap<MapData, IpCacheKeyV6, IpCacheEntry>,
+    arrays_v6: Ipv6Arrays,
     lens: Array<MapData, PrefixLengths>,
-    /// Prefixes in `exact_v6` per prefix length.
-    counts_v6: [u32; 129],
 }
 
 impl std::fmt::Debug for IpCache {
@@ -202,8 +200,9 @@ impl std::fmt::Debug for IpCache {
 }
 
 impl IpCache {
-    /// Opens the maps and rebuilds the IPv4 arrays, the IPv6 exact map and the prefix lengths
-    /// from the tries (pinned maps may come from an earlier loader, or an older one).
+    /// Opens the maps and rebuilds the IPv4 and IPv6 arrays from the tries (pinned maps may come
+    /// from an earlier loader, or an older one: its `IPCACHE_LENS` states are replaced, never
+    /// read).
     pub(crate) fn new(maps: IpCacheMaps) -> Result<Self, MapError> {
         let mut cache = Self {
             v4: shape(maps.v4, "IPCACHE_V4")?,
@@ -212,9 +211,12 @@ impl IpCache {
                 Mapping::open(maps.l1_v4, "IPCACHE4_L1", 8)?,
                 Mapping::open(maps.chunks_v4, "IPCACHE4_CHUNKS", 8)?,
             )?,
-            exact_v6: shape(maps.exact_v6, "IPCACHE_EXACT_V6")?,
+            arrays_v6: Ipv6Arrays::new(Mapping::open(
+                maps.chunks_v6,
+                "IPCACHE6_CHUNKS",
+                u32::try_from(Ipv6Chunk::WORDS * 8).unwrap_or(u32::MAX),
+            )?)?,
             lens: shape(maps.lens, "IPCACHE_LENS")?,
-            counts_v6: [0; 129],
         };
         cache.resync_v4()?;
         cache.resync_v6()?;
@@ -236,18 +238,19 @@ impl IpCache {
             self.arrays_v4.set_model(addr, len, Some(entry));
         }
         match self.arrays_v4.resync() {
-            Ok(()) => self.publish_v4(),
+            Ok(()) => self.publish_arrays(PrefixLengths::INDEX_V4),
             Err(_) => {
-                Self::warn_out_of_chunks();
+                Self::warn_out_of_chunks("IPv4", capacity::IPCACHE4_CHUNKS);
                 Ok(())
             }
         }
     }
 
-    fn warn_out_of_chunks() {
+    fn warn_out_of_chunks(family: &'static str, chunks: u32) {
         tracing::warn!(
-            chunks = capacity::IPCACHE4_CHUNKS,
-            "IPv4 ipcache prefixes need more array chunks than there are; the datapath walks the \
+            family,
+            chunks,
+            "ipcache prefixes need more array chunks than there are; the datapath walks the \
              trie instead (slower) until they fit again"
         );
     }
@@ -263,52 +266,64 @@ impl IpCache {
         let was_in_sync = self.arrays_v4.in_sync();
         match self.arrays_v4.set(addr, len, entry) {
             Ok(()) if was_in_sync => Ok(()),
-            Ok(()) => self.publish_v4(),
+            Ok(()) => self.publish_arrays(PrefixLengths::INDEX_V4),
             Err(_) => {
                 if was_in_sync {
                     self.set_lens(PrefixLengths::INDEX_V4, PrefixLengths::default())?;
                 }
-                Self::warn_out_of_chunks();
+                Self::warn_out_of_chunks("IPv4", capacity::IPCACHE4_CHUNKS);
                 Ok(())
             }
         }
     }
 
+    /// Rebuilds the IPv6 arrays from the trie. Whatever state an older loader left in
+    /// `IPCACHE_LENS` (its exact-hash probe list) is overwritten first, so the datapath walks
+    /// the trie until the arrays are complete.
     fn resync_v6(&mut self) -> Result<(), MapError> {
         self.set_lens(PrefixLengths::INDEX_V6, PrefixLengths::default())?;
-        let mut entries = Vec::new();
+        let mut prefixes = Vec::new();
         for item in self.v6.iter() {
             let (key, entry) = item.map_err(|source| kernel("iterate", "IPCACHE_V6", source))?;
-            entries.push((
-                IpCacheKeyV6 {
-                    prefix_len: key.prefix_len(),
-                    addr: key.data(),
-                },
-                entry,
-            ));
+            let len = u8::try_from(key.prefix_len()).unwrap_or(128).min(128);
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            prefixes.push((u128::from_be_bytes(key.data()) & mask, len, entry));
         }
-        let mut stale = Vec::new();
-        for key in self.exact_v6.keys() {
-            let key = key.map_err(|source| kernel("iterate", "IPCACHE_EXACT_V6", source))?;
-            if !entries.iter().any(|(k, _)| *k == key) {
-                stale.push(key);
+        for (addr, len, entry) in prefixes {
+            self.arrays_v6.set_model(addr, len, Some(entry));
+        }
+        self.rebuild_v6()
+    }
+
+    /// Rebuilds the IPv6 arrays from their model; the datapath must be walking the trie.
+    fn rebuild_v6(&mut self) -> Result<(), MapError> {
+        match self.arrays_v6.resync() {
+            Ok(()) => self.publish_arrays(PrefixLengths::INDEX_V6),
+            Err(_) => {
+                Self::warn_out_of_chunks("IPv6", capacity::IPCACHE6_CHUNKS);
+                Ok(())
             }
         }
-        for key in &stale {
-            self.exact_v6
-                .remove(key)
-                .map_err(|source| kernel("remove", "IPCACHE_EXACT_V6", source))?;
-        }
-        self.counts_v6 = [0; 129];
-        for (key, entry) in &entries {
-            self.exact_v6
-                .insert(key, entry, 0)
-                .map_err(|source| kernel("insert", "IPCACHE_EXACT_V6", source))?;
-            if let Some(c) = self.counts_v6.get_mut(key.prefix_len as usize) {
-                *c += 1;
+    }
+
+    /// Applies a v6 change to the arrays, switching the datapath between them and the trie as
+    /// their state requires.
+    fn update_v6(
+        &mut self,
+        addr: u128,
+        len: u8,
+        entry: Option<IpCacheEntry>,
+    ) -> Result<(), MapError> {
+        match self.arrays_v6.set(addr, len, entry) {
+            Ok(SetOutcome::Applied | SetOutcome::OutOfSync) => Ok(()),
+            Ok(SetOutcome::MayFitAgain) => self.rebuild_v6(),
+            Err(_) => {
+                self.set_lens(PrefixLengths::INDEX_V6, PrefixLengths::default())?;
+                // An update in place needs the replaced subtree and its replacement at once; a
+                // rebuild from scratch needs only the latter, and may still fit.
+                self.rebuild_v6()
             }
         }
-        self.publish_v6()
     }
 
     fn set_lens(&mut self, index: u32, value: PrefixLengths) -> Result<(), MapError> {
@@ -317,25 +332,12 @@ impl IpCache {
             .map_err(|source| kernel("set", "IPCACHE_LENS", source))
     }
 
-    fn publish_v4(&mut self) -> Result<(), MapError> {
+    fn publish_arrays(&mut self, index: u32) -> Result<(), MapError> {
         let value = PrefixLengths {
             state: PrefixLengths::STATE_ARRAYS,
             ..PrefixLengths::default()
         };
-        self.set_lens(PrefixLengths::INDEX_V4, value)
-    }
-
-    fn publish_v6(&mut self) -> Result<(), MapError> {
-        let value = prefix_lengths(&self.counts_v6);
-        self.set_lens(PrefixLengths::INDEX_V6, value)
-    }
-
-    /// After a failed exact-map write: make the datapath walk the trie (always right) until the
-    /// next load resynchronises.
-    fn degrade(&mut self, index: u32, err: MapError) -> MapError {
-        // If even this write fails the map is unusable; report the original failure.
-        let _ = self.set_lens(index, PrefixLengths::default());
-        err
+        self.set_lens(index, value)
     }
 
     /// Maps `prefix` to `identity` at `location` (insert or replace).
@@ -369,7 +371,6 @@ impl IpCache {
             flags,
         };
         let len = u32::from(prefix.len);
-        let slot = usize::from(prefix.len);
         match prefix.addr {
             IpAddr::V4(a) => {
                 self.v4
@@ -381,28 +382,7 @@ impl IpCache {
                 self.v6
                     .insert(&Key::new(len, a.octets()), entry, 0)
                     .map_err(|source| kernel("insert", "IPCACHE_V6", source))?;
-                let key = IpCacheKeyV6 {
-                    prefix_len: len,
-                    addr: a.octets(),
-                };
-                let new = match self.exact_v6.get(&key, 0) {
-                    Ok(_) => false,
-                    Err(aya::maps::MapError::KeyNotFound) => true,
-                    Err(source) => {
-                        let err = kernel("lookup", "IPCACHE_EXACT_V6", source);
-                        return Err(self.degrade(PrefixLengths::INDEX_V6, err));
-                    }
-                };
-                if let Err(source) = self.exact_v6.insert(key, entry, 0) {
-                    let err = kernel("insert", "IPCACHE_EXACT_V6", source);
-                    return Err(self.degrade(PrefixLengths::INDEX_V6, err));
-                }
-                if new && let Some(c) = self.counts_v6.get_mut(slot) {
-                    *c += 1;
-                    if *c == 1 {
-                        self.publish_v6()?;
-                    }
-                }
+                self.update_v6(u128::from(a), prefix.len, Some(entry))?;
             }
         }
         Ok(())
@@ -415,7 +395,6 @@ impl IpCache {
     /// [`MapError::Kernel`] if it is not there.
     pub fn remove(&mut self, prefix: Prefix) -> Result<(), MapError> {
         let len = u32::from(prefix.len);
-        let slot = usize::from(prefix.len);
         match prefix.addr {
             IpAddr::V4(a) => {
                 self.v4
@@ -427,20 +406,7 @@ impl IpCache {
                 self.v6
                     .remove(&Key::new(len, a.octets()))
                     .map_err(|source| kernel("remove", "IPCACHE_V6", source))?;
-                if let Some(c) = self.counts_v6.get_mut(slot) {
-                    *c = c.saturating_sub(1);
-                    if *c == 0 {
-                        self.publish_v6()?;
-                    }
-                }
-                let key = IpCacheKeyV6 {
-                    prefix_len: len,
-                    addr: a.octets(),
-                };
-                if let Err(source) = self.exact_v6.remove(&key) {
-                    let err = kernel("remove", "IPCACHE_EXACT_V6", source);
-                    return Err(self.degrade(PrefixLengths::INDEX_V6, err));
-                }
+                self.update_v6(u128::from(a), prefix.len, None)?;
             }
         }
         Ok(())
@@ -451,6 +417,21 @@ impl IpCache {
     #[must_use]
     pub fn ipv4_arrays_in_use(&self) -> bool {
         self.arrays_v4.in_sync()
+    }
+
+    /// Whether the datapath finds IPv6 prefixes through the ipcache arrays (else it walks the
+    /// trie: the prefixes need more chunks than the arrays hold).
+    #[must_use]
+    pub fn ipv6_arrays_in_use(&self) -> bool {
+        self.arrays_v6.in_sync()
+    }
+
+    /// Chunks of the IPv6 ipcache arrays in use (linked, or unlinked and waiting for a grace
+    /// period before reuse), out of
+    /// [`nodeseal_bpf_common::maps::capacity::IPCACHE6_CHUNKS`].
+    #[must_use]
+    pub fn ipv6_chunks_in_use(&self) -> usize {
+        self.arrays_v6.chunks_in_use()
     }
 
     /// Longest-prefix match for `addr`: `(identity, location)`.
@@ -518,7 +499,7 @@ pub(crate) struct IpCacheMaps {
     pub(crate) v6: Map,
     pub(crate) l1_v4: Map,
     pub(crate) chunks_v4: Map,
-    pub(crate) exact_v6: Map,
+    pub(crate) chunks_v6: Map,
     pub(crate) lens: Map,
 }
 
@@ -528,30 +509,6 @@ where
 {
     map.try_into()
         .map_err(|source| MapError::Shape { name, source })
-}
-
-/// The probe list for per-length prefix counts (index = length).
-fn prefix_lengths(counts: &[u32]) -> PrefixLengths {
-    let mut value = PrefixLengths {
-        state: PrefixLengths::STATE_EXACT,
-        ..PrefixLengths::default()
-    };
-    let mut n = 0;
-    for (len, count) in counts.iter().enumerate().rev() {
-        if *count == 0 {
-            continue;
-        }
-        let (Some(slot), Ok(len)) = (value.lens.get_mut(n), u8::try_from(len)) else {
-            return PrefixLengths {
-                state: PrefixLengths::STATE_TOO_MANY,
-                ..PrefixLengths::default()
-            };
-        };
-        *slot = len;
-        n += 1;
-    }
-    value.count = u8::try_from(n).unwrap_or(u8::MAX);
-    value
 }
 
 fn ipcache_name(prefix: Prefix) -> &'static str {

@@ -262,6 +262,41 @@ pub fn check_while<T>(
     result
 }
 
+/// `BPF_MAP_TYPE_HASH`, for [`pin_scratch_map`].
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
+/// `BPF_MAP_TYPE_ARRAY`, for [`pin_scratch_map`].
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
+
+/// Creates a small map (16 entries) of `map_type` with keys and values of the given sizes and
+/// pins it at `path` with raw `bpf()` calls: what an older loader left behind.
+///
+/// # Panics
+///
+/// If the kernel refuses the map or the pin.
+pub fn pin_scratch_map(path: &std::path::Path, map_type: u32, key_size: u32, value_size: u32) {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[map_type, key_size, value_size, 16]);
+    // SAFETY: attr is a zeroed bpf_attr-sized buffer for BPF_MAP_CREATE.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), 128) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    let mut pin = [0u64; 16];
+    pin[0] = c_path.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: pin is a bpf_attr for BPF_OBJ_PIN (pathname, bpf_fd); c_path outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), 128) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is the map fd created above; the pin keeps the map.
+    unsafe { libc::close(fd as libc::c_int) };
+}
+
 /// A pin root unique to this process and `name`, removed on drop.
 #[derive(Debug)]
 pub struct TestPinRoot(PathBuf);

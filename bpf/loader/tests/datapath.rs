@@ -17,7 +17,8 @@ use nodeseal_bpf::{
     Datapath, DatapathConfig, DropReason, Enforcement, LoadError, Location, Mode, NodeId, Outcome,
     Policy, PolicyDirection, PolicyRule, PolicyVerdict, Prefix, Program, Verdict, identity, mark,
     test_helpers::{
-        Ext, TestPinRoot, V4, esp, ethernet, icmp, ipv4, ipv6, privileged_or_skip, proto, tcp, udp,
+        BPF_MAP_TYPE_ARRAY, Ext, TestPinRoot, V4, esp, ethernet, icmp, ipv4, ipv6, pin_scratch_map,
+        privileged_or_skip, proto, tcp, udp,
     },
 };
 
@@ -1308,33 +1309,6 @@ fn pinned_maps_survive_reload() {
     assert_eq!(v.mark, mark::encrypt(PEER.0, SLOT));
 }
 
-/// Creates a small array map and pins it at `path` with raw `bpf()` calls (what an older
-/// loader left behind).
-fn pin_scratch_map(path: &std::path::Path) {
-    use std::os::unix::ffi::OsStrExt as _;
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let mut attr = [0u32; 32];
-    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, 8, 1]);
-    // SAFETY: attr is a zeroed bpf_attr-sized buffer for BPF_MAP_CREATE.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), 128) };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
-    let mut pin = [0u64; 16];
-    pin[0] = c_path.as_ptr() as u64;
-    pin[1] = fd as u64;
-    // SAFETY: pin is a bpf_attr for BPF_OBJ_PIN (pathname, bpf_fd); c_path outlives the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), 128) };
-    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is the map fd created above; the pin keeps the map.
-    unsafe { libc::close(fd as libc::c_int) };
-}
-
 #[test]
 fn load_removes_pins_of_maps_this_version_no_longer_uses() {
     if !privileged_or_skip("obsolete_pins") {
@@ -1343,7 +1317,7 @@ fn load_removes_pins_of_maps_this_version_no_longer_uses() {
     let root = TestPinRoot::new("obsolete");
     drop(root.load().expect("first load"));
     for name in ["POLICY", "IPCACHE_EXACT_V4"] {
-        pin_scratch_map(&root.path().join(name));
+        pin_scratch_map(&root.path().join(name), BPF_MAP_TYPE_ARRAY, 4, 8);
         assert!(root.path().join(name).exists());
     }
     let _dp = root.load().expect("second load");

@@ -1,7 +1,8 @@
 //! Longest-prefix semantics of the datapath's ipcache through BPF_PROG_TEST_RUN on the host
 //! kernel: the IPv4 arrays (nested prefixes, removals, random prefix sets against a reference
 //! longest-prefix match, running out of chunks and back, readers racing writers), the IPv6
-//! exact maps, a reload of the pinned maps.
+//! arrays (random nested prefixes against a reference, readers racing changes of the trie's
+//! shape, the state an older loader pinned), a reload of the pinned maps.
 //! The encrypt mark carries the node id of the prefix that matched. Needs root and BPF; skips
 //! with a reason otherwise (fails instead with NODESEAL_REQUIRE_PRIVILEGED=1).
 #![expect(
@@ -17,7 +18,10 @@ use std::{
 
 use nodeseal_bpf::{
     Datapath, DatapathConfig, Location, Mode, NodeId, Prefix, Program, Verdict, mark,
-    test_helpers::{TestPinRoot, V4, check_while, ipv4, ipv6, privileged_or_skip, proto, tcp},
+    test_helpers::{
+        BPF_MAP_TYPE_HASH, TestPinRoot, V4, check_while, ipv4, ipv6, pin_scratch_map,
+        privileged_or_skip, proto, tcp,
+    },
 };
 
 /// `lo`: exists in every network namespace.
@@ -333,4 +337,295 @@ fn readers_see_old_or_new_entries_while_chunks_are_recycled() {
         }
     });
     assert!(dp.ipcache.ipv4_arrays_in_use());
+}
+
+/// Longest match of `addr` in IPv6 `prefixes` ((network, len) → node).
+fn reference6(prefixes: &HashMap<(u128, u8), u16>, addr: u128) -> Option<u16> {
+    (0..=128u8).rev().find_map(|len| {
+        let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+        prefixes.get(&(addr & mask, len)).copied()
+    })
+}
+
+fn mask6(len: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
+}
+
+/// An address under fd00::/16 whose 16-bit groups come from a few values, so that random
+/// prefixes nest, share blocks and branch at many depths.
+fn clustered6(rng: &mut Rng) -> u128 {
+    const GROUPS: [u128; 5] = [0, 1, 0x10, 0x244, 0x8000];
+    let mut addr = 0xfd00u128 << 112;
+    for group in 1..8 {
+        addr |= GROUPS[rng.below(GROUPS.len() as u64) as usize] << (112 - 16 * group);
+    }
+    addr
+}
+
+fn add6(dp: &mut Datapath, addr: u128, len: u8, node: u16) {
+    add(dp, Ipv6Addr::from(addr), len, node);
+}
+
+fn del6(dp: &mut Datapath, addr: u128, len: u8) {
+    del(dp, Ipv6Addr::from(addr), len);
+}
+
+fn matched6(dp: &Datapath, addr: u128) -> Option<u16> {
+    matched(dp, IpAddr::V6(Ipv6Addr::from(addr)))
+}
+
+#[test]
+fn ipv6_random_nested_prefixes_match_a_reference_longest_prefix_match() {
+    let name = "ipcache6_random";
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let root = TestPinRoot::new(name);
+    let mut dp = root.load().expect("load datapath");
+    setup(&mut dp);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    // Every stride boundary, lengths between them, and the usual /48, /56, /64, /128.
+    let lens = [
+        0u8, 8, 16, 20, 24, 32, 40, 44, 48, 48, 52, 56, 56, 60, 63, 64, 64, 64, 64, 65, 72, 80, 96,
+        100, 112, 120, 124, 127, 128, 128, 128, 128,
+    ];
+    let mut prefixes: HashMap<(u128, u8), u16> = HashMap::new();
+    for round in 0..6 {
+        // Changes: mostly inserts (some replacing a prefix), a third removals.
+        for _ in 0..150 {
+            let existing: Vec<(u128, u8)> = prefixes.keys().copied().collect();
+            if !existing.is_empty() && rng.below(3) == 0 {
+                let (addr, len) = existing[rng.below(existing.len() as u64) as usize];
+                del6(&mut dp, addr, len);
+                prefixes.remove(&(addr, len));
+                continue;
+            }
+            let len = lens[rng.below(lens.len() as u64) as usize];
+            if len == 0 && rng.below(4) != 0 {
+                continue;
+            }
+            let addr = clustered6(&mut rng) & mask6(len);
+            let node = 1 + rng.below(20) as u16;
+            add6(&mut dp, addr, len, node);
+            prefixes.insert((addr, len), node);
+        }
+        assert!(dp.ipcache.ipv6_arrays_in_use(), "round {round}");
+        // Probes: every prefix's first and last address and their neighbours, random addresses
+        // near the prefixes and anywhere.
+        let mut probes: Vec<u128> = Vec::new();
+        for &(addr, len) in prefixes.keys() {
+            let last = addr | !mask6(len);
+            probes.extend([addr, addr.wrapping_sub(1), last, last.wrapping_add(1)]);
+        }
+        probes.extend((0..200).map(|_| clustered6(&mut rng)));
+        probes.extend((0..50).map(|_| u128::from(rng.next()) << 64 | u128::from(rng.next())));
+        for addr in probes {
+            assert_eq!(
+                matched6(&dp, addr),
+                reference6(&prefixes, addr),
+                "round {round}: {} with {} prefixes",
+                Ipv6Addr::from(addr),
+                prefixes.len()
+            );
+        }
+    }
+    let chunks = dp.ipcache.ipv6_chunks_in_use();
+    // The pinned trie rebuilds the same answers.
+    drop(dp);
+    let dp = root.load().expect("reload datapath");
+    assert!(dp.ipcache.ipv6_arrays_in_use());
+    assert!(
+        dp.ipcache.ipv6_chunks_in_use() <= chunks,
+        "a rebuild needs no more chunks than the updates left in use"
+    );
+    for _ in 0..300 {
+        let addr = clustered6(&mut rng);
+        assert_eq!(
+            matched6(&dp, addr),
+            reference6(&prefixes, addr),
+            "reloaded: {}",
+            Ipv6Addr::from(addr)
+        );
+    }
+}
+
+#[test]
+fn ipv6_lookups_see_old_or_new_answers_while_chunks_change_shape() {
+    let name = "ipcache6_race";
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let root = TestPinRoot::new(name);
+    // The reader only runs programs; it is loaded first, so the writer's load (which rebuilds
+    // the arrays) is the last to set them up.
+    let reader = root.load_program_runner().expect("load reader");
+    let mut dp = root.load().expect("load writer");
+    setup(&mut dp);
+    // One /128 alone in each of 1,900 /48s: a chunk each, so that the churn below runs out of
+    // free chunks and reuses retired ones (after grace periods).
+    for i in 0..1900u128 {
+        add6(&mut dp, 0x2001_0db8u128 << 96 | i << 80 | 1, 128, 9);
+    }
+    assert!(
+        dp.ipcache.ipv6_chunks_in_use() > 1900,
+        "the fillers take a chunk each"
+    );
+    let pods: u128 = 0xfd00_0010_0244u128 << 80;
+    let stable_net = pods | 5 << 64;
+    let flipping_net = pods | 6 << 64;
+    add6(&mut dp, stable_net, 64, 1);
+    add6(&mut dp, flipping_net, 64, 5);
+    let stable = stable_net | 9;
+    let flipping = flipping_net | 9;
+    let unknown = pods | 7 << 64 | 1;
+    let check = move |runs| {
+        assert_eq!(matched6(&reader, stable), Some(1), "after {runs} runs");
+        let flip = matched6(&reader, flipping);
+        assert!(matches!(flip, Some(5 | 6)), "after {runs} runs: {flip:?}");
+        assert_eq!(matched6(&reader, unknown), None, "after {runs} runs");
+    };
+    check_while(Duration::from_secs(30), check, || {
+        for round in 0..150u128 {
+            // The stable /64's slot turns from a leaf into a link (a /65 in its upper half, a
+            // /128 next to the stable address), and a /48 outside its /48 moves the branching
+            // point above it, which replaces the chunks on its path with new ones.
+            let upper = stable_net | 1 << 63;
+            let neighbour = stable_net | 10;
+            let outside = 0xfd00_0010u128 << 96 | (round % 500) << 80;
+            add6(&mut dp, upper, 65, 2);
+            add6(&mut dp, neighbour, 128, 3);
+            add6(&mut dp, outside, 48, 4);
+            add6(&mut dp, flipping_net, 64, 5 + (round % 2) as u16);
+            assert_eq!(matched6(&dp, neighbour), Some(3), "round {round}");
+            assert_eq!(matched6(&dp, outside | 1), Some(4), "round {round}");
+            del6(&mut dp, neighbour, 128);
+            del6(&mut dp, upper, 65);
+            del6(&mut dp, outside, 48);
+        }
+    });
+    assert!(dp.ipcache.ipv6_arrays_in_use());
+}
+
+/// What an older loader pinned: `IPCACHE_LENS` telling its programs to probe the
+/// `IPCACHE_EXACT_V6` hash once per listed prefix length, the hash itself, and no IPv6 arrays.
+/// This version's datapath never reads the arrays under that state (it walks the trie, even
+/// with garbage in the arrays), and its loader replaces the state, rebuilds the arrays from
+/// the trie and removes the obsolete pin.
+#[test]
+fn ipv6_state_pinned_by_an_older_loader_is_rebuilt_not_misread() {
+    use nodeseal_bpf_common::maps::{IpCacheSlot, Ipv6Chunk, PrefixLengths};
+
+    let name = "ipcache6_legacy";
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let root = TestPinRoot::new(name);
+    let mut dp = root.load().expect("load datapath");
+    setup(&mut dp);
+    let pods: u128 = 0xfd00_0010_0244u128 << 80;
+    add6(&mut dp, 0xfd00_0010u128 << 96, 32, 2);
+    add6(&mut dp, pods | 5 << 64, 64, 1);
+    add6(&mut dp, pods | 5 << 64 | 7, 128, 3);
+    let cases = [
+        (pods | 5 << 64 | 9, Some(1)),
+        (pods | 5 << 64 | 7, Some(3)),
+        (pods | 6 << 64 | 9, Some(2)),
+        (0xfd00_0011u128 << 96, None),
+    ];
+    let check = |dp: &Datapath, label: &str| {
+        for (addr, want) in cases {
+            assert_eq!(
+                matched6(dp, addr),
+                want,
+                "{label}: {}",
+                Ipv6Addr::from(addr)
+            );
+        }
+    };
+    check(&dp, "arrays");
+
+    let lens_pin = aya::maps::MapData::from_pin(root.path().join("IPCACHE_LENS")).expect("lens");
+    let mut lens: aya::maps::Array<_, PrefixLengths> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(lens_pin)).expect("lens map");
+    let older = PrefixLengths {
+        state: PrefixLengths::STATE_EXACT,
+        count: 2,
+        lens: [128, 64, 0, 0, 0, 0],
+    };
+    lens.set(PrefixLengths::INDEX_V6, older, 0)
+        .expect("write older state");
+    // Garbage in the root chunk: every slot a link to chunk 7, whose slots would match node 20.
+    let chunks_pin =
+        aya::maps::MapData::from_pin(root.path().join("IPCACHE6_CHUNKS")).expect("chunks");
+    let mut chunks: aya::maps::Array<_, Ipv6Chunk> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(chunks_pin)).expect("chunks map");
+    let mut garbage = chunks.get(&Ipv6Chunk::ROOT, 0).expect("root chunk");
+    garbage.slots = [IpCacheSlot::link(7); 256];
+    chunks.set(Ipv6Chunk::ROOT, garbage, 0).expect("write root");
+    check(&dp, "older loader's state: the trie");
+    drop(dp);
+
+    // Reload from what an older loader leaves: its exact hash pinned, no IPv6 arrays.
+    drop(chunks);
+    std::fs::remove_file(root.path().join("IPCACHE6_CHUNKS")).expect("unpin arrays");
+    let exact = root.path().join("IPCACHE_EXACT_V6");
+    pin_scratch_map(&exact, BPF_MAP_TYPE_HASH, 20, 8);
+    let mut dp = root.load().expect("reload datapath");
+    assert!(!exact.exists(), "the older exact hash is unpinned");
+    assert!(dp.ipcache.ipv6_arrays_in_use());
+    let state = lens.get(&PrefixLengths::INDEX_V6, 0).expect("read state");
+    assert_eq!(state.state, PrefixLengths::STATE_ARRAYS);
+    check(&dp, "rebuilt");
+    add6(&mut dp, pods | 6 << 64, 64, 4);
+    assert_eq!(
+        matched6(&dp, pods | 6 << 64 | 9),
+        Some(4),
+        "updated after the rebuild"
+    );
+}
+
+#[test]
+fn ipv6_out_of_chunks_walks_the_trie_until_the_prefixes_fit_again() {
+    let name = "ipcache6_chunks";
+    if !privileged_or_skip(name) {
+        return;
+    }
+    let root = TestPinRoot::new(name);
+    let mut dp = root.load().expect("load datapath");
+    setup(&mut dp);
+    // A /128 alone in each /48 of 2001:db8::/32 takes a chunk of its own: 2,100 of them need
+    // more than the 2,048 chunks there are.
+    let host = |i: u128| 0x2001_0db8u128 << 96 | i << 80 | 7;
+    let node = |i: u128| 1 + (i % 20) as u16;
+    add6(&mut dp, 0x2001_0db8u128 << 96, 32, 20);
+    let mut first_out = None;
+    for i in 0..2100 {
+        add6(&mut dp, host(i), 128, node(i));
+        if first_out.is_none() && !dp.ipcache.ipv6_arrays_in_use() {
+            first_out = Some(i);
+        }
+    }
+    let first_out = first_out.expect("the arrays never ran out of chunks");
+    assert!(
+        first_out > 2000,
+        "ran out after only {first_out} host routes"
+    );
+    // The trie answers meanwhile.
+    for i in [0, 1, 1500, 2099] {
+        assert_eq!(matched6(&dp, host(i)), Some(node(i)), "trie: host {i}");
+        assert_eq!(
+            matched6(&dp, host(i) + 1),
+            Some(20),
+            "trie: next to host {i}"
+        );
+    }
+    // Removing host routes until they fit rebuilds the arrays.
+    for i in (1700..2100).rev() {
+        del6(&mut dp, host(i), 128);
+    }
+    assert!(dp.ipcache.ipv6_arrays_in_use(), "arrays not rebuilt");
+    for i in [0, 1, 1699, 1700, 2099] {
+        let want = if i < 1700 { node(i) } else { 20 };
+        assert_eq!(matched6(&dp, host(i)), Some(want), "arrays: host {i}");
+    }
 }

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use nodeseal_bpf_common::{
     maps::{
-        Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot,
+        Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheSlot, Ipv6Chunk,
         MAP_FLAG_MMAPABLE, NodeEntry, NodeKey, POLICY_VERDICT_SLOTS, PeerSlot, PolicyBucket,
         PolicySlot, PolicyTableHeader, PrefixLengths, capacity,
     },
@@ -38,8 +38,8 @@ pub static IPCACHE4_CHUNKS: Array<IpCacheSlot> = Array::pinned(
 );
 
 #[map]
-pub static IPCACHE_EXACT_V6: HashMap<IpCacheKeyV6, IpCacheEntry> =
-    HashMap::pinned(capacity::IPCACHE, 0);
+pub static IPCACHE6_CHUNKS: Array<Ipv6Chunk> =
+    Array::pinned(capacity::IPCACHE6_CHUNKS, MAP_FLAG_MMAPABLE);
 
 #[map]
 pub static IPCACHE_LENS: Array<PrefixLengths> = Array::pinned(2, 0);

@@ -6,8 +6,8 @@ use nodeseal_bpf_common::{
     event::Event,
     identity,
     maps::{
-        Config, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, NodeKey, PeerSlot,
-        PolicyKey, PrefixLengths,
+        Config, EndpointInfo, IpCacheEntry, IpCacheSlot, Ipv6Chunk, NodeKey, PeerSlot, PolicyKey,
+        PrefixLengths,
     },
     mark,
     reason::{DropReason, TraceReason},
@@ -16,8 +16,8 @@ use nodeseal_bpf_common::{
 use crate::{
     conntrack,
     maps::{
-        CONFIG, ENDPOINTS, ENDPOINTS_BY_IFINDEX, IPCACHE_EXACT_V6, IPCACHE_LENS, IPCACHE_V4,
-        IPCACHE_V6, IPCACHE4_CHUNKS, IPCACHE4_L1, NODES, PEER_SLOTS,
+        CONFIG, ENDPOINTS, ENDPOINTS_BY_IFINDEX, IPCACHE_LENS, IPCACHE_V4, IPCACHE_V6,
+        IPCACHE4_CHUNKS, IPCACHE4_L1, IPCACHE6_CHUNKS, NODES, PEER_SLOTS,
     },
     parse::{self, IPPROTO_ESP, L3, Packet},
     policy,
@@ -277,9 +277,8 @@ fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
     ENDPOINTS.get_ptr(ifindex).map(|e| unsafe { *e })
 }
 
-/// Longest-prefix match of the packet's source (`src`) or destination address: the IPv4
-/// arrays or IPv6 hash lookups per present prefix length when `IPCACHE_LENS` allows it, else
-/// the trie.
+/// Longest-prefix match of the packet's source (`src`) or destination address: the family's
+/// ipcache arrays when `IPCACHE_LENS` says they are in sync, else the trie.
 #[inline(always)]
 fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
     let addr = if src { p.src } else { p.dst };
@@ -293,37 +292,57 @@ fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
             .get(Key::new(32, addr.0[3].to_ne_bytes()))
             .copied()
     } else {
-        let lens = prefix_lengths(PrefixLengths::INDEX_V6);
-        if lens.state != PrefixLengths::STATE_EXACT {
-            return IPCACHE_V6.get(Key::new(128, addr.bytes())).copied();
-        }
-        let (hi, lo) = addr.halves();
-        for i in 0..PrefixLengths::MAX_LENS {
-            if i >= usize::from(lens.count) {
-                break;
-            }
-            let len = u32::from(lens.lens[i]);
-            let (mask_hi, mask_lo) = if len >= 64 {
-                (
-                    u64::MAX,
-                    u64::MAX.checked_shl(128u32.wrapping_sub(len)).unwrap_or(0),
-                )
-            } else {
-                (u64::MAX.checked_shl(64 - len).unwrap_or(0), 0)
-            };
-            let mut key = IpCacheKeyV6 {
-                prefix_len: len,
-                addr: [0; 16],
-            };
-            key.addr[..8].copy_from_slice(&(hi & mask_hi).to_be_bytes());
-            key.addr[8..].copy_from_slice(&(lo & mask_lo).to_be_bytes());
-            if let Some(e) = IPCACHE_EXACT_V6.get_ptr(key) {
-                // SAFETY: pointer from a successful lookup, copied at once.
-                return Some(unsafe { *e });
+        // Any other state, including an older loader's `STATE_EXACT`, means the trie.
+        if prefix_lengths(PrefixLengths::INDEX_V6).state == PrefixLengths::STATE_ARRAYS {
+            let (hi, lo) = addr.halves();
+            if let Ok(found) = ipcache_v6_arrays(hi, lo) {
+                return found;
             }
         }
-        None
+        IPCACHE_V6.get(Key::new(128, addr.bytes())).copied()
     }
+}
+
+/// At most [`Ipv6Chunk::MAX_LEVELS`] chunk reads (see `Ipv6Chunk`). `Err` if a link points
+/// outside the chunk array or the walk does not end, which only a corrupted map can do: the
+/// caller asks the trie instead.
+#[inline(always)]
+fn ipcache_v6_arrays(hi: u64, lo: u64) -> Result<Option<IpCacheEntry>, ()> {
+    let mut chunk_index = Ipv6Chunk::ROOT;
+    for _ in 0..Ipv6Chunk::MAX_LEVELS {
+        let chunk = IPCACHE6_CHUNKS.get_ptr(chunk_index).ok_or(())?;
+        // SAFETY: pointer from a successful lookup; each field is one aligned 8-byte load,
+        // which userspace's atomic stores make all-old or all-new. The key, mask and depth of
+        // a linked chunk never change (see `Ipv6Chunk`).
+        let (key_hi, key_lo, mask_hi, mask_lo, depth) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*chunk).key_hi),
+                core::ptr::read_volatile(&raw const (*chunk).key_lo),
+                core::ptr::read_volatile(&raw const (*chunk).mask_hi),
+                core::ptr::read_volatile(&raw const (*chunk).mask_lo),
+                core::ptr::read_volatile(&raw const (*chunk).depth),
+            )
+        };
+        let slot = if ((hi & mask_hi) ^ key_hi) | ((lo & mask_lo) ^ key_lo) != 0 {
+            // SAFETY: as above.
+            unsafe { core::ptr::read_volatile(&raw const (*chunk).miss) }
+        } else {
+            let index = Ipv6Chunk::slot_index(depth, hi, lo) as usize;
+            // SAFETY: as above; `index` is below 256 (masked by `slot_index`), in bounds.
+            unsafe {
+                core::ptr::read_volatile(
+                    (&raw const (*chunk).slots)
+                        .cast::<IpCacheSlot>()
+                        .add(index & 0xff),
+                )
+            }
+        };
+        match slot.chunk() {
+            Some(next) => chunk_index = next,
+            None => return Ok(slot.entry()),
+        }
+    }
+    Err(())
 }
 
 /// At most three slot reads (see `IpCacheSlot`). `Err` if a link points outside the chunk
