@@ -304,18 +304,25 @@ fn out_of_chunks_walks_the_trie_until_the_prefixes_fit_again() {
     }
 }
 
-#[test]
-fn readers_see_old_or_new_entries_while_chunks_are_recycled() {
-    let name = "ipcache_race";
+/// Two datapaths on one pin root for the race tests (`None` without privileges): a reader that
+/// only runs programs, loaded first so that the writer's load (which rebuilds the arrays) is the
+/// last to set them up, and the writer, set up.
+fn reader_and_writer(name: &str) -> Option<(TestPinRoot, Datapath, Datapath)> {
     if !privileged_or_skip(name) {
-        return;
+        return None;
     }
     let root = TestPinRoot::new(name);
-    // The reader only runs programs; it is loaded first, so the writer's load (which rebuilds
-    // the arrays) is the last to set them up.
     let reader = root.load_program_runner().expect("load reader");
     let mut dp = root.load().expect("load writer");
     setup(&mut dp);
+    Some((root, reader, dp))
+}
+
+#[test]
+fn readers_see_old_or_new_entries_while_chunks_are_recycled() {
+    let Some((_root, reader, mut dp)) = reader_and_writer("ipcache_race") else {
+        return;
+    };
     // Nearly fill the chunks, so the churn below reuses retired ones (after grace periods).
     for i in 0..1000u32 {
         add(&mut dp, Ipv4Addr::from(0x0b00_0000 | i << 8 | 1), 32, 9);
@@ -451,16 +458,9 @@ fn ipv6_random_nested_prefixes_match_a_reference_longest_prefix_match() {
 
 #[test]
 fn ipv6_lookups_see_old_or_new_answers_while_chunks_change_shape() {
-    let name = "ipcache6_race";
-    if !privileged_or_skip(name) {
+    let Some((_root, reader, mut dp)) = reader_and_writer("ipcache6_race") else {
         return;
-    }
-    let root = TestPinRoot::new(name);
-    // The reader only runs programs; it is loaded first, so the writer's load (which rebuilds
-    // the arrays) is the last to set them up.
-    let reader = root.load_program_runner().expect("load reader");
-    let mut dp = root.load().expect("load writer");
-    setup(&mut dp);
+    };
     // One /128 alone in each of 1,900 /48s: a chunk each, so that the churn below runs out of
     // free chunks and reuses retired ones (after grace periods).
     for i in 0..1900u128 {

@@ -124,6 +124,35 @@ pub fn receive_for(socket: &UdpSocket, window: Duration) -> Result<Vec<Vec<u8>>>
     }
 }
 
+/// Sends `rounds` datagrams from each of `sources` (a tag and a source address; the tag is the
+/// payload) onto the underlay to `node`'s `dst`, where `socket` listens, and counts per source
+/// how many arrived within 2 s after the last.
+///
+/// # Errors
+/// When sending or receiving fails.
+pub fn tagged_arrivals(
+    underlay: &Netns,
+    node: &Node,
+    sources: &[(&str, Ipv4Addr)],
+    (dst, socket): (SocketAddrV4, &UdpSocket),
+    rounds: usize,
+) -> Result<Vec<usize>> {
+    for _ in 0..rounds {
+        for (tag, src) in sources {
+            send_udp(underlay, node, *src, dst, tag.as_bytes())?;
+        }
+    }
+    let got = receive_for(socket, Duration::from_secs(2))?;
+    Ok(sources
+        .iter()
+        .map(|(tag, _)| {
+            got.iter()
+                .filter(|p| p.as_slice() == tag.as_bytes())
+                .count()
+        })
+        .collect())
+}
+
 fn uplink_mac(node: &Node) -> Result<[u8; 6]> {
     // "2: eth0@if5: <...> ... link/ether 7a:1b:... brd ff:ff:..."
     let out = node.ns.ip(&["-o", "link", "show", "eth0"])?;

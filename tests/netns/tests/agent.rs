@@ -910,19 +910,20 @@ fn forged_plaintext_never_reaches_a_pod(topo: &Topology, fabric: &Fabric) {
         ("local", std::net::Ipv4Addr::new(10, 244, 0, 99)),
         ("revoked", topo.node(2).pod(0).ip),
     ];
-    for _ in 0..3 {
-        for (tag, src) in sources {
-            forge::send_udp(topo.underlay(), topo.node(0), src, dst, tag.as_bytes())
-                .expect("forge");
-        }
-    }
-    let got = forge::receive_for(&socket, Duration::from_secs(2)).expect("receive");
+    let arrived =
+        forge::tagged_arrivals(topo.underlay(), topo.node(0), &sources, (dst, &socket), 3)
+            .expect("forge");
     let count = |tag: &str| {
-        got.iter()
-            .filter(|p| p.as_slice() == tag.as_bytes())
-            .count()
+        sources
+            .iter()
+            .position(|(t, _)| *t == tag)
+            .map_or(0, |i| arrived[i])
     };
-    assert_eq!(count("outside"), 3, "forged path does not work: {got:?}");
+    assert_eq!(
+        count("outside"),
+        3,
+        "forged path does not work: {arrived:?}"
+    );
     assert_eq!(
         count("local"),
         0,
@@ -2213,19 +2214,10 @@ fn plaintext_from_a_peer_node_ip_is_dropped(topo: &Topology) {
         ("outside", std::net::Ipv4Addr::new(192, 0, 2, 1)),
         ("peer", n1.ip),
     ];
-    for _ in 0..3 {
-        for (tag, src) in sources {
-            forge::send_udp(topo.underlay(), n0, src, dst, tag.as_bytes()).expect("forge");
-        }
-    }
-    let got = forge::receive_for(&socket, Duration::from_secs(2)).expect("receive");
-    let count = |tag: &str| {
-        got.iter()
-            .filter(|p| p.as_slice() == tag.as_bytes())
-            .count()
-    };
-    assert_eq!(count("outside"), 3, "forged path does not work: {got:?}");
-    assert_eq!(count("peer"), 0, "plaintext from node1's node IP arrived");
+    let arrived =
+        forge::tagged_arrivals(topo.underlay(), n0, &sources, (dst, &socket), 3).expect("forge");
+    assert_eq!(arrived[0], 3, "forged path does not work: {arrived:?}");
+    assert_eq!(arrived[1], 0, "plaintext from node1's node IP arrived");
     let after = errors();
     assert!(after >= before + 3, "XfrmIn* errors {before} -> {after}");
 }
