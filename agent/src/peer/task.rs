@@ -820,6 +820,20 @@ mod tests {
         v
     }
 
+    #[test]
+    fn a_second_node_ip_needs_the_certificates_admission_like_the_first() {
+        let pki = TestPki::new();
+        let node = Node::new(&pki, 2);
+        let mut info = node.info();
+        let second: IpAddr = "fd00::2".parse().expect("ip");
+        let claims = |ips: &[IpAddr]| NodeClaims::new(ips, &[node.cidr]).expect("claims");
+        assert!(covers(&claims(&[node.ip]), &info).is_ok());
+        info.second_ip = Some(second);
+        let e = covers(&claims(&[node.ip]), &info).unwrap_err();
+        assert!(e.to_string().contains("fd00::2"), "{e}");
+        assert!(covers(&claims(&[node.ip, second]), &info).is_ok());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_key_agreement_installs_confirms_and_flips_on_both_sides() {
         let _clock = hold_clock();
