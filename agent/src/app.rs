@@ -343,6 +343,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<()> {
         local_pod_cidrs: local.pod_cidrs.clone(),
         mode: config.datapath_mode(),
         node_encryption: config.node_encryption,
+        clear_ports: config.clear_ports(),
     })
     .context("loading the eBPF datapath")?;
     datapath

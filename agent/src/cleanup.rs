@@ -147,6 +147,7 @@ fn settings(config: &AgentConfig) -> DatapathSettings {
         local_pod_cidrs: Vec::new(),
         mode: config.datapath_mode(),
         node_encryption: config.node_encryption,
+        clear_ports: config.clear_ports(),
     }
 }
 

@@ -346,6 +346,26 @@ impl AgentConfig {
         }
     }
 
+    /// The (IP protocol, port) pairs a remote node IP may use in clear with node encryption: the
+    /// handshake port and the exempt TCP ports, and in WireGuard mode WireGuard's own UDP port.
+    #[must_use]
+    pub fn clear_ports(&self) -> Vec<(u8, u16)> {
+        const TCP: u8 = 6;
+        const UDP: u8 = 17;
+        let mut ports = vec![(TCP, self.handshake_port)];
+        ports.extend(
+            self.node_encryption_exempt_tcp_port
+                .iter()
+                .map(|port| (TCP, *port)),
+        );
+        if self.encryption_type == EncryptionType::Wireguard {
+            ports.push((UDP, self.wireguard_port));
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
     /// Refuses settings the agent cannot honour, with the flag named, before anything starts.
     ///
     /// # Errors
@@ -516,6 +536,13 @@ mod tests {
             .unwrap();
             assert_eq!(config.validate(), Ok(()));
             assert_eq!(config.node_encryption_exempt_tcp_port, [6443, 2379]);
+            let wireguard_udp =
+                (mode == "wireguard").then_some((17, crate::peer::wireguard::DEFAULT_PORT));
+            let expected: Vec<(u8, u16)> = [(6, 2379), (6, DEFAULT_HANDSHAKE_PORT), (6, 6443)]
+                .into_iter()
+                .chain(wireguard_udp)
+                .collect();
+            assert_eq!(config.clear_ports(), expected);
         }
         let e = parse(&["--node-encryption-exempt-tcp-port=6443,https"])
             .err()

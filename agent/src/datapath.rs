@@ -91,8 +91,11 @@ pub struct DatapathSettings {
     /// takes it into the link).
     pub mode: Mode,
     /// Pods' traffic to remote node IPs is tunnel traffic too (strict mode drops it to a peer
-    /// without keys).
+    /// without keys), and in strict mode plaintext from remote node IPs is dropped unless on
+    /// one of `clear_ports`.
     pub node_encryption: bool,
+    /// (IP protocol, port) pairs on which remote node IPs may send in clear.
+    pub clear_ports: Vec<(u8, u16)>,
 }
 
 /// What an endpoint entry of the datapath says: its identity and enforced directions.
@@ -348,6 +351,10 @@ impl DatapathHandle {
             pin_root: settings.pin_root.clone(),
             source: Box::new(source),
         })?;
+        // Before the config: a restarted agent's programs are attached already.
+        dp.clear_ports
+            .set(&settings.clear_ports)
+            .map_err(map_err("ports that stay in clear"))?;
         dp.config
             .set(DatapathConfig {
                 mode: settings.mode,

@@ -63,6 +63,9 @@ pub mod map_names {
     pub const IPCACHE_LENS: &str = "IPCACHE_LENS";
     /// `NODES`: node IP → [`crate::maps::NodeEntry`].
     pub const NODES: &str = "NODES";
+    /// `CLEAR_PORTS`: the [`crate::maps::ClearPort`]s on which a remote node IP may send in
+    /// clear with node encryption.
+    pub const CLEAR_PORTS: &str = "CLEAR_PORTS";
     /// `PEER_SLOTS`: node id → [`crate::maps::PeerSlot`].
     pub const PEER_SLOTS: &str = "PEER_SLOTS";
     /// `POLICY_TABLE`: the policy rules, two copies of a cuckoo hash table of

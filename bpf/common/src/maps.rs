@@ -516,6 +516,20 @@ pub struct NodeKey {
     pub addr: [u8; 16],
 }
 
+/// Key of `CLEAR_PORTS`: a port (either end) on which traffic from a remote node IP may arrive
+/// in clear with node encryption and strict ingress: the handshake port, the operator's exempt
+/// ports, WireGuard's own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ClearPort {
+    /// IP protocol (TCP or UDP).
+    pub protocol: u8,
+    /// Zero.
+    pub reserved: u8,
+    /// The port, host order.
+    pub port: u16,
+}
+
 /// Value of `NODES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -564,7 +578,9 @@ impl Config {
     pub const FLAG_STRICT_EGRESS: u32 = 1;
     /// Drop plaintext from remote pod CIDRs arriving on the uplink (`Unencrypted`).
     pub const FLAG_STRICT_INGRESS: u32 = 2;
-    /// Also encrypt pod traffic to remote node IPs.
+    /// Node encryption: pod traffic to remote node IPs is tunnel traffic, and with strict
+    /// ingress plaintext from a remote node IP is dropped (`UnencryptedNode`) unless it is
+    /// on a port of `CLEAR_PORTS` or IPv6 neighbour discovery.
     pub const FLAG_NODE_ENCRYPTION: u32 = 4;
     /// Emit trace events for passed packets too (costly; debugging only).
     pub const FLAG_TRACE: u32 = 8;
@@ -596,6 +612,7 @@ const _: () = {
     assert!(size_of::<PolicyBucket>() == 64);
     assert!(size_of::<PolicyTableHeader>() == 8);
     assert!(size_of::<Config>() == 8);
+    assert!(size_of::<ClearPort>() == 4);
 };
 
 /// Maximum number of entries of each map (the loader can't resize pinned maps).
@@ -618,6 +635,8 @@ pub mod capacity {
     pub const IPCACHE6_CHUNKS: u32 = 2048;
     /// `NODES`.
     pub const NODES: u32 = 16_384;
+    /// `CLEAR_PORTS`.
+    pub const CLEAR_PORTS: u32 = 64;
     /// `PEER_SLOTS` (one per possible node id).
     pub const PEER_SLOTS: u32 = 65_536;
     /// Policy rules (`POLICY_TABLE` has two copies of twice this many slots).
@@ -631,8 +650,9 @@ pub mod capacity {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot, Ipv6Chunk,
-        NodeEntry, NodeKey, PeerSlot, PolicyBucket, PolicySlot, PolicyTableHeader, PrefixLengths,
+        ClearPort, Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheKeyV6, IpCacheSlot,
+        Ipv6Chunk, NodeEntry, NodeKey, PeerSlot, PolicyBucket, PolicySlot, PolicyTableHeader,
+        PrefixLengths,
     };
 
     // SAFETY: each type is #[repr(C)], Copy, made only of integers and has no padding (checked
@@ -654,6 +674,8 @@ mod pod {
     unsafe impl aya::Pod for PrefixLengths {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NodeKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ClearPort {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NodeEntry {}
     // SAFETY: as above.

@@ -33,11 +33,14 @@ pub enum DropReason {
     LocalSourceSpoof = 11,
     /// Plaintext arrived on the uplink from a pod CIDR of a revoked node (encryption on).
     RevokedSource = 12,
+    /// Plaintext arrived on the uplink from a remote node IP with node encryption and strict
+    /// ingress on, not on a port that stays in clear.
+    UnencryptedNode = 13,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::NoSa,
         Self::UnknownNode,
         Self::Unencrypted,
@@ -50,6 +53,7 @@ impl DropReason {
         Self::UnsupportedL3,
         Self::LocalSourceSpoof,
         Self::RevokedSource,
+        Self::UnencryptedNode,
     ];
 
     /// Size of the counters array (codes are `1..COUNT`; index 0 is unused).
@@ -77,6 +81,7 @@ impl DropReason {
             10 => Self::UnsupportedL3,
             11 => Self::LocalSourceSpoof,
             12 => Self::RevokedSource,
+            13 => Self::UnencryptedNode,
             _ => return None,
         })
     }
@@ -97,6 +102,7 @@ impl DropReason {
             Self::UnsupportedL3 => "unsupported_l3",
             Self::LocalSourceSpoof => "local_source_spoof",
             Self::RevokedSource => "revoked_source",
+            Self::UnencryptedNode => "unencrypted_node",
         }
     }
 }

@@ -40,8 +40,8 @@ pub use attach::{AttachError, Attachment, CLSACT_HANDLE, CLSACT_PRIORITY, uses_t
 pub use events::{DropEvent, EventError, EventReader, Outcome};
 pub use load::{DEFAULT_PIN_ROOT, Datapath, LoadError, Program, TestRunError, Verdict};
 pub use maps::{
-    ConfigMap, DatapathConfig, DropCounters, Endpoints, Enforcement, IpCache, Location, MapError,
-    Mode, NodeId, Nodes, PeerSlots, PolicyVerdictCounts, PolicyVerdicts, Prefix,
+    ClearPorts, ConfigMap, DatapathConfig, DropCounters, Endpoints, Enforcement, IpCache, Location,
+    MapError, Mode, NodeId, Nodes, PeerSlots, PolicyVerdictCounts, PolicyVerdicts, Prefix,
 };
 pub use nodeseal_bpf_common::{identity, mark, reason::DropReason, reason::TraceReason};
 pub use policy::{Policy, PolicyDirection, PolicyRule, PolicyVerdict, Publication};

@@ -11,8 +11,8 @@ use nodeseal_bpf_common::{map_names, program_names};
 use crate::{
     events::EventReader,
     maps::{
-        ConfigMap, DropCounters, Endpoints, IpCache, IpCacheMaps, MapError, Nodes, PeerSlots,
-        PolicyVerdicts,
+        ClearPorts, ConfigMap, DropCounters, Endpoints, IpCache, IpCacheMaps, MapError, Nodes,
+        PeerSlots, PolicyVerdicts,
     },
     policy::Policy,
 };
@@ -119,6 +119,8 @@ pub struct Datapath {
     pub ipcache: IpCache,
     /// `NODES`.
     pub nodes: Nodes,
+    /// `CLEAR_PORTS`.
+    pub clear_ports: ClearPorts,
     /// `PEER_SLOTS`.
     pub peer_slots: PeerSlots,
     /// `ENDPOINTS`.
@@ -205,6 +207,7 @@ impl Datapath {
             lens: take(&mut ebpf, map_names::IPCACHE_LENS)?,
         })?;
         let nodes = Nodes::new(take(&mut ebpf, map_names::NODES)?)?;
+        let clear_ports = ClearPorts::new(take(&mut ebpf, map_names::CLEAR_PORTS)?)?;
         let peer_slots = PeerSlots::new(take(&mut ebpf, map_names::PEER_SLOTS)?)?;
         let endpoints = Endpoints::new(
             take(&mut ebpf, map_names::ENDPOINTS)?,
@@ -225,6 +228,7 @@ impl Datapath {
             _pin_lock: pin_lock,
             ipcache,
             nodes,
+            clear_ports,
             peer_slots,
             endpoints,
             policy,

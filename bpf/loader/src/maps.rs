@@ -8,8 +8,8 @@ use aya::maps::{
 };
 use nodeseal_bpf_common::{
     maps::{
-        Config, EndpointInfo, IpCacheEntry, Ipv6Chunk, NodeEntry, NodeKey, PeerSlot, PolicyKey,
-        PrefixLengths, capacity, policy_verdict_slot,
+        ClearPort, Config, EndpointInfo, IpCacheEntry, Ipv6Chunk, NodeEntry, NodeKey, PeerSlot,
+        PolicyKey, PrefixLengths, capacity, policy_verdict_slot,
     },
     mark,
     reason::DropReason,
@@ -584,6 +584,68 @@ impl Nodes {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(kernel("lookup", "NODES", source)),
         }
+    }
+}
+
+/// `CLEAR_PORTS`: the ports on which a remote node IP may send in clear with node encryption
+/// and strict ingress (see `Config::FLAG_NODE_ENCRYPTION`).
+pub struct ClearPorts {
+    map: HashMap<MapData, ClearPort, u8>,
+}
+
+impl ClearPorts {
+    pub(crate) fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            map: map.try_into().map_err(|source| MapError::Shape {
+                name: "CLEAR_PORTS",
+                source,
+            })?,
+        })
+    }
+
+    /// Makes `ports` ((IP protocol, port) pairs) the whole set: the new ones are added before
+    /// the old ones go, so a port in both sets never drops out.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Kernel`] if the map is full or a write fails.
+    pub fn set(&mut self, ports: &[(u8, u16)]) -> Result<(), MapError> {
+        let key = |(protocol, port): (u8, u16)| ClearPort {
+            protocol,
+            reserved: 0,
+            port,
+        };
+        let wanted: Vec<ClearPort> = ports.iter().copied().map(key).collect();
+        for k in &wanted {
+            self.map
+                .insert(k, 1, 0)
+                .map_err(|source| kernel("insert", "CLEAR_PORTS", source))?;
+        }
+        let stale: Vec<ClearPort> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for k in stale {
+            self.map
+                .remove(&k)
+                .map_err(|source| kernel("remove", "CLEAR_PORTS", source))?;
+        }
+        Ok(())
+    }
+
+    /// The set, as (IP protocol, port) pairs, sorted.
+    #[must_use]
+    pub fn get(&self) -> Vec<(u8, u16)> {
+        let mut ports: Vec<(u8, u16)> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.protocol, k.port))
+            .collect();
+        ports.sort_unstable();
+        ports
     }
 }
 

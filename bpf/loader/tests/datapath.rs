@@ -861,6 +861,153 @@ fn from_network_node_authentication_and_strict_ingress() {
     );
 }
 
+/// Node encryption with strict ingress: plaintext from a remote node IP is dropped
+/// (`UnencryptedNode`) unless it is TCP or UDP on a port of `CLEAR_PORTS` (either end), IPv6
+/// neighbour discovery or a path-MTU error; the set is replaced whole; ESP, and what the kernel
+/// decrypted, pass as before; without node encryption, or without strict ingress, nothing
+/// changes.
+#[test]
+fn from_network_with_node_encryption_drops_plaintext_from_node_ips_but_the_clear_ports() {
+    let Some((_root, mut dp)) = load("from_network_node_clear") else {
+        return;
+    };
+    let p = Program::FromNetwork;
+    let local_node = Ipv4Addr::new(192, 168, 0, 1);
+    let local_node6 = Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, 1);
+    dp.ipcache
+        .insert(
+            Prefix::host(PEER_NODE6.into()),
+            identity::REMOTE_NODE,
+            Location::RemoteNode(PEER),
+        )
+        .expect("peer node v6");
+    dp.clear_ports
+        .set(&[(proto::TCP, 4250), (proto::UDP, 51871), (proto::TCP, 6443)])
+        .expect("clear ports");
+    assert_eq!(
+        dp.clear_ports.get(),
+        [(proto::TCP, 4250), (proto::TCP, 6443), (proto::UDP, 51871)]
+    );
+    let mut cfg = dp.config.get().expect("config");
+    cfg.node_encryption = true;
+    cfg.strict_ingress = true;
+    dp.config.set(cfg).expect("config");
+    let drop = Expect::Drop(DropReason::UnencryptedNode);
+    let dec = Expect::Pass {
+        mark: mark::decrypt(PEER.0),
+    };
+    let cases = [
+        case(
+            "tcp to a service port",
+            p,
+            v4(PEER_NODE, local_node, proto::TCP, &tcp(50000, 10250)),
+            drop,
+        ),
+        case(
+            "udp to a service port",
+            p,
+            v4(PEER_NODE, local_node, proto::UDP, &udp(50000, 53)),
+            drop,
+        ),
+        case(
+            "icmp echo",
+            p,
+            v4(PEER_NODE, local_node, proto::ICMP, &icmp(8, 0)),
+            drop,
+        ),
+        case(
+            "tcp v6",
+            p,
+            ipv6(PEER_NODE6, local_node6, proto::TCP, &tcp(50000, 22), &[]),
+            drop,
+        ),
+        case(
+            "handshake, to us",
+            p,
+            v4(PEER_NODE, local_node, proto::TCP, &tcp(50000, 4250)),
+            CLEAR,
+        ),
+        case(
+            "handshake, our connection's answer",
+            p,
+            v4(PEER_NODE, local_node, proto::TCP, &tcp(4250, 50000)),
+            CLEAR,
+        ),
+        case(
+            "an exempt port",
+            p,
+            v4(PEER_NODE, local_node, proto::TCP, &tcp(6443, 50000)),
+            CLEAR,
+        ),
+        case(
+            "wireguard's udp",
+            p,
+            v4(PEER_NODE, local_node, proto::UDP, &udp(51871, 51871)),
+            CLEAR,
+        ),
+        case(
+            "the handshake port over udp",
+            p,
+            v4(PEER_NODE, local_node, proto::UDP, &udp(50000, 4250)),
+            drop,
+        ),
+        case(
+            "neighbour solicitation",
+            p,
+            ipv6(PEER_NODE6, local_node6, proto::ICMPV6, &icmp(135, 0), &[]),
+            CLEAR,
+        ),
+        case(
+            "fragmentation needed",
+            p,
+            v4(PEER_NODE, local_node, proto::ICMP, &icmp(3, 4)),
+            CLEAR,
+        ),
+        case(
+            "esp",
+            p,
+            v4(PEER_NODE, local_node, proto::ESP, &esp(0x1234_5678)),
+            dec,
+        ),
+        case(
+            "plaintext from world",
+            p,
+            v4(WORLD, local_node, proto::TCP, &tcp(443, 50000)),
+            CLEAR,
+        ),
+    ];
+    for c in &cases {
+        check(&mut dp, c);
+    }
+    // Replacing the set takes the old ports out.
+    dp.clear_ports
+        .set(&[(proto::TCP, 4250)])
+        .expect("clear ports");
+    check(
+        &mut dp,
+        &case(
+            "a port no longer exempt",
+            p,
+            v4(PEER_NODE, local_node, proto::TCP, &tcp(6443, 50000)),
+            drop,
+        ),
+    );
+    for (node_encryption, strict_ingress) in [(false, true), (true, false)] {
+        cfg.node_encryption = node_encryption;
+        cfg.strict_ingress = strict_ingress;
+        dp.config.set(cfg).expect("config");
+        check(
+            &mut dp,
+            &case(
+                "node encryption and strict ingress not both on",
+                p,
+                v4(PEER_NODE, local_node, proto::TCP, &tcp(50000, 10250)),
+                CLEAR,
+            ),
+        );
+    }
+}
+
 /// Plaintext on the uplink whose source claims this node's own pod CIDRs is forged: dropped
 /// with `LocalSourceSpoof` whenever encryption is on, strict or not. A revoked node's pod
 /// CIDRs stay in the ipcache as `RevokedPod`: plaintext from them is dropped with

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use nodeseal_bpf_common::{
     maps::{
-        Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheSlot, Ipv6Chunk,
+        ClearPort, Config, CtEntry, CtKey, EndpointInfo, IpCacheEntry, IpCacheSlot, Ipv6Chunk,
         MAP_FLAG_MMAPABLE, NodeEntry, NodeKey, POLICY_VERDICT_SLOTS, PeerSlot, PolicyBucket,
         PolicySlot, PolicyTableHeader, PrefixLengths, capacity,
     },
@@ -46,6 +46,9 @@ pub static IPCACHE_LENS: Array<PrefixLengths> = Array::pinned(2, 0);
 
 #[map]
 pub static NODES: HashMap<NodeKey, NodeEntry> = HashMap::pinned(capacity::NODES, 0);
+
+#[map]
+pub static CLEAR_PORTS: HashMap<ClearPort, u8> = HashMap::pinned(capacity::CLEAR_PORTS, 0);
 
 #[map]
 pub static PEER_SLOTS: Array<PeerSlot> = Array::pinned(capacity::PEER_SLOTS, 0);

@@ -6,8 +6,8 @@ use nodeseal_bpf_common::{
     event::Event,
     identity,
     maps::{
-        Config, EndpointInfo, IpCacheEntry, IpCacheSlot, Ipv6Chunk, NodeKey, PeerSlot, PolicyKey,
-        PrefixLengths,
+        ClearPort, Config, EndpointInfo, IpCacheEntry, IpCacheSlot, Ipv6Chunk, NodeKey, PeerSlot,
+        PolicyKey, PrefixLengths,
     },
     mark,
     reason::{DropReason, TraceReason},
@@ -16,7 +16,7 @@ use nodeseal_bpf_common::{
 use crate::{
     conntrack,
     maps::{
-        CONFIG, ENDPOINTS, ENDPOINTS_BY_IFINDEX, IPCACHE_LENS, IPCACHE_V4, IPCACHE_V6,
+        CLEAR_PORTS, CONFIG, ENDPOINTS, ENDPOINTS_BY_IFINDEX, IPCACHE_LENS, IPCACHE_V4, IPCACHE_V6,
         IPCACHE4_CHUNKS, IPCACHE4_L1, IPCACHE6_CHUNKS, NODES, PEER_SLOTS,
     },
     parse::{self, IPPROTO_ESP, L3, Packet},
@@ -161,15 +161,50 @@ pub fn from_network(ctx: TcContext) -> i32 {
     }
     let encrypting = cfg.mode != Config::MODE_NONE;
     let strict = cfg.flags & Config::FLAG_STRICT_INGRESS != 0;
+    let node_encryption = cfg.flags & Config::FLAG_NODE_ENCRYPTION != 0;
     if (encrypting || strict)
         && let Some(src) = ipcache(&p, true)
-        && let Some(reason) = plaintext_source_verdict(src.flags, encrypting, strict)
+        && let Some(reason) =
+            plaintext_source_verdict(src.flags, encrypting, strict).or_else(|| {
+                (strict
+                    && node_encryption
+                    && src.flags & (IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_POD)
+                        == IpCacheEntry::FLAG_REMOTE
+                    && !stays_in_clear(&p))
+                .then_some(DropReason::UnencryptedNode)
+            })
     {
         who.src_identity = src.identity;
         who.node_id = src.node_id;
         return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
     }
     pass_verdict(&ctx, tracing, PROGRAM, &p, &who)
+}
+
+/// Whether plaintext from a remote node IP may arrive with node encryption: TCP or UDP on a
+/// port of `CLEAR_PORTS` (either end: the handshake, the operator's exemptions, WireGuard's own
+/// UDP), IPv6 neighbour discovery, or a path-MTU error (about the tunnel's own packets). ESP,
+/// and what the kernel decrypted, never get here.
+#[inline(always)]
+fn stays_in_clear(p: &Packet) -> bool {
+    if !p.has_ports {
+        return false;
+    }
+    if p.is_neighbour_discovery() || p.is_pmtu_error() {
+        return true;
+    }
+    match p.protocol {
+        parse::IPPROTO_TCP | parse::IPPROTO_UDP => [p.src_port, p.dst_port].iter().any(|port| {
+            let key = ClearPort {
+                protocol: p.protocol,
+                reserved: 0,
+                port: *port,
+            };
+            // SAFETY: a map lookup; the value is not read.
+            unsafe { CLEAR_PORTS.get(&key) }.is_some()
+        }),
+        _ => false,
+    }
 }
 
 /// Why plaintext from the wire whose source the ipcache knows with `flags` is dropped, if it is.

@@ -2142,10 +2142,8 @@ fn node_encryption_carries_host_traffic_only_through_the_tunnel(
     assert_eq!(status["node_encryption"], true, "{status}");
     eprintln!("--- host traffic crosses only through the tunnel");
     host_traffic_crosses_only_through_the_tunnel(&scenario, encryption);
-    if encryption == Encryption::Ipsec {
-        eprintln!("--- plaintext from the peer's node IP is dropped");
-        plaintext_from_a_peer_node_ip_is_dropped(&scenario.topo);
-    }
+    eprintln!("--- plaintext from the peer's node IP is dropped");
+    plaintext_from_a_peer_node_ip_is_dropped(&scenario.topo, &scenario.fabric);
 
     eprintln!("--- node0's agent is SIGKILLed and restarted");
     scenario.fabric.kill_agent(0);
@@ -2193,21 +2191,28 @@ fn node_ips(topo: &Topology) -> Vec<IpAddr> {
         .collect()
 }
 
-/// With node encryption in IPsec mode node0's IN policy requires node1's tunnel for node1's
-/// node IP: a plaintext datagram claiming it is dropped by node0's kernel (and counted), while
-/// the same datagram from an address outside the fabric arrives (so the path works).
-fn plaintext_from_a_peer_node_ip_is_dropped(topo: &Topology) {
+/// With node encryption and strict mode node0 takes nothing in clear from node1's node IP but
+/// the ports that stay in clear: a plaintext datagram claiming it is dropped by node0's
+/// datapath (`unencrypted_node`; in IPsec mode node0's kernel would drop it too, its IN policy
+/// requiring node1's tunnel), while the same datagram from an address outside the fabric
+/// arrives (so the path works).
+fn plaintext_from_a_peer_node_ip_is_dropped(topo: &Topology, fabric: &Fabric) {
     use nodeseal_netns::forge;
     let (n0, n1) = (topo.node(0), topo.node(1));
     let dst = SocketAddrV4::new(n0.ip, 7200);
     let socket = forge::bind_udp(&n0.ns, dst).expect("bind");
     let errors = || -> u64 {
-        xfrm_stat(&n0.ns)
+        let status = fabric.status(0).expect("status");
+        let xfrm: u64 = xfrm_stat(&n0.ns)
             .counters()
             .iter()
             .filter(|(name, _)| name.starts_with("XfrmIn"))
             .map(|(_, n)| n)
-            .sum()
+            .sum();
+        status["datapath_drops"]["unencrypted_node"]
+            .as_u64()
+            .unwrap_or(0)
+            + xfrm
     };
     let before = errors();
     let sources = [
@@ -2219,7 +2224,10 @@ fn plaintext_from_a_peer_node_ip_is_dropped(topo: &Topology) {
     assert_eq!(arrived[0], 3, "forged path does not work: {arrived:?}");
     assert_eq!(arrived[1], 0, "plaintext from node1's node IP arrived");
     let after = errors();
-    assert!(after >= before + 3, "XfrmIn* errors {before} -> {after}");
+    assert!(
+        after >= before + 3,
+        "unencrypted_node and XfrmIn* drops {before} -> {after}"
+    );
 }
 
 /// What `capture` saw between `node_ips` in clear, the handshake port aside (at most 10).
