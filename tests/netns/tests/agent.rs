@@ -2285,6 +2285,7 @@ fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario, encryption:
         Duration::from_secs(60),
     )
     .expect("host-to-host transfer");
+    eprintln!("1 MB host to host ({encryption:?}): {transfer:?}");
     assert!(transfer.intact, "{transfer:?}");
     let clear = host_traffic_in_clear(&capture, &node_ips(topo));
     assert!(clear.is_empty(), "host traffic in clear: {clear:#?}");
@@ -2313,6 +2314,11 @@ fn host_traffic_crosses_only_through_the_tunnel(scenario: &Scenario, encryption:
             assert_eq!(spis.len(), 4, "{states}");
             assert!(states.contains("mark 0/0xffffff00"), "{states}");
             let policies = n0.ns.ip(&["xfrm", "policy"]).expect("ip xfrm policy");
+            eprintln!(
+                "node0's XFRM objects for its one peer with node encryption: {} states, {} policies",
+                spis.len(),
+                policies.lines().filter(|l| l.starts_with("src ")).count()
+            );
             let selector = format!("src {}/32 dst 0.0.0.0/0", n1.ip);
             let lines: Vec<&str> = policies.lines().collect();
             let required_from_node1 = lines.windows(2).any(|w| {
