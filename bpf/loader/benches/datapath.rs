@@ -184,7 +184,8 @@ fn main() {
 
 /// The same nodes' IPv6 pod CIDRs (10,000 /64s, the same identities, so the same policy
 /// entries decide), and `from_pod` with egress enforced for an IPv6 packet next to the IPv4
-/// one, interleaved in the same run, each against the pass-through on its own packet.
+/// one, interleaved in the same run, each against the pass-through on its own packet; then
+/// `to_pod` with ingress enforced for the IPv6 reply direction.
 fn ipv6_beside_ipv4(dp: &mut Datapath, v4_frame: &[u8]) {
     let started = Instant::now();
     for i in 0u32..10_000 {
@@ -245,6 +246,39 @@ fn ipv6_beside_ipv4(dp: &mut Datapath, v4_frame: &[u8]) {
             }
         }
     }
+    // to_pod with ingress enforced, from the remote pod the IPv6 from_pod packet went to.
+    dp.endpoints
+        .insert(
+            1,
+            100,
+            Enforcement {
+                ingress: true,
+                egress: false,
+            },
+        )
+        .expect("endpoint");
+    let v6_to_pod_frame = ipv6(
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, 5_000, 0, 0, 0, 9),
+        Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 5),
+        proto::TCP,
+        &tcp(40_000, 8080),
+        &[],
+    );
+    let (verdict, _) = dp
+        .test_run_repeat(Program::ToPod, &v6_to_pod_frame, 1, 0, 1)
+        .expect("to_pod");
+    assert_eq!(
+        verdict.action,
+        Verdict::PASS,
+        "IPv6 to_pod bench packet must pass"
+    );
+    // [pass, to_pod]
+    let mut best_to_pod = [f64::MAX; 2];
+    for _ in 0..ROUNDS {
+        for (i, program) in [Program::Pass, Program::ToPod].into_iter().enumerate() {
+            best_to_pod[i] = best_to_pod[i].min(run_ns(dp, program, &v6_to_pod_frame));
+        }
+    }
     println!(
         "IPv6 beside IPv4 (10k /24 and 10k /64 pod CIDRs in the ipcache; 10k IPv6 inserts {ipcache_ms:.0} ms)"
     );
@@ -258,6 +292,11 @@ fn ipv6_beside_ipv4(dp: &mut Datapath, v4_frame: &[u8]) {
     println!(
         "  IPv6 / IPv4 from_pod      {:5.2}",
         best[1][1] / best[0][1]
+    );
+    let [pass, to_pod] = best_to_pod;
+    println!(
+        "  IPv6 to_pod   {to_pod:6.1} ns  pass-through {pass:6.1} ns  ratio {:5.2}",
+        to_pod / pass
     );
     ipv6_update_costs(dp);
 }

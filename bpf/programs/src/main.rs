@@ -39,6 +39,7 @@
 //! `conntrack`), and a packet whose reversed flow was tracked in the other direction is a
 //! reply, which policy does not check (as in Kubernetes and Cilium).
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;

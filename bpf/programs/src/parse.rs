@@ -169,6 +169,39 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, DropReason> {
     ctx.load::<T>(off).map_err(|_| DropReason::Truncated)
 }
 
+/// Reads `N` consecutive 4-byte words at `off` straight from the linear data when it is
+/// there, else through `bpf_skb_load_bytes`.
+///
+/// One 4-byte load per word, in assembly: behind the 14-byte Ethernet header the IP header's
+/// words are rarely 4-byte aligned, and the BPF backend turns every load it cannot prove
+/// aligned into four byte loads, shifts and ors (about 60 instructions for an IPv4 header, 2 to
+/// 4 ns of `from_pod` in the datapath benchmark). The verifier accepts misaligned packet loads
+/// on architectures with efficient unaligned access (x86-64, arm64), which is what it checks
+/// at load time; elsewhere it refuses the program rather than running it slowly.
+#[inline(always)]
+fn read_words<const N: usize>(ctx: &TcContext, off: usize) -> Result<[u32; N], DropReason> {
+    let start = ctx.data();
+    if start + off + 4 * N <= ctx.data_end() {
+        let mut words = [0u32; N];
+        for (i, word) in words.iter_mut().enumerate() {
+            let value: u64;
+            // SAFETY: the 4 bytes at `start + off + 4 * i` lie inside the linear packet data
+            // (checked against `data_end` above, which the verifier also enforces).
+            unsafe {
+                core::arch::asm!(
+                    "{v} = *(u32 *)({p} + 0)",
+                    v = lateout(reg) value,
+                    p = in(reg) start + off + 4 * i,
+                    options(readonly, nostack, preserves_flags, pure),
+                );
+            }
+            *word = value as u32;
+        }
+        return Ok(words);
+    }
+    ctx.load::<[u32; N]>(off).map_err(|_| DropReason::Truncated)
+}
+
 /// Reads the ethertype.
 #[inline(always)]
 pub fn l3(ctx: &TcContext) -> Result<(L3, u16), DropReason> {
@@ -194,7 +227,7 @@ pub fn parse_ip(ctx: &TcContext, ethertype: u16, p: &mut Packet) -> Result<(), D
     }
     match p.protocol {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            let ports = read::<u32>(ctx, l4)?.to_ne_bytes();
+            let ports = read_words::<1>(ctx, l4)?[0].to_ne_bytes();
             p.src_port = u16::from_be_bytes([ports[0], ports[1]]);
             p.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
             p.has_ports = true;
@@ -225,7 +258,7 @@ pub fn parse_ip(ctx: &TcContext, ethertype: u16, p: &mut Packet) -> Result<(), D
 #[inline(always)]
 fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<usize, DropReason> {
     // Whole words, not bytes: see `Addr`.
-    let h = read::<[u32; 5]>(ctx, ETH_HLEN)?;
+    let h = read_words::<5>(ctx, ETH_HLEN)?;
     let [version_ihl, _, total_hi, total_lo] = h[0].to_ne_bytes();
     if version_ihl >> 4 != 4 {
         return Err(DropReason::Malformed);
@@ -265,7 +298,7 @@ fn parse_v4(ctx: &TcContext, p: &mut Packet) -> Result<usize, DropReason> {
 #[inline(always)]
 fn parse_v6(ctx: &TcContext, p: &mut Packet) -> Result<usize, DropReason> {
     // Whole words, not bytes: see `Addr`.
-    let h = read::<[u32; 10]>(ctx, ETH_HLEN)?;
+    let h = read_words::<10>(ctx, ETH_HLEN)?;
     if h[0].to_ne_bytes()[0] >> 4 != 6 {
         return Err(DropReason::Malformed);
     }

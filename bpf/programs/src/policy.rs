@@ -156,10 +156,9 @@ fn bucket_verdict(index: u32, word0: u64, word1: u32) -> u64 {
 /// backend would turn into a branch).
 #[inline(always)]
 fn slot_verdict(slot: &PolicySlot, word0: u64, word1: u32) -> u64 {
-    let diff = (slot.word0 ^ word0) | ((slot.word1 ^ u64::from(word1)) & 0xffff_ffff);
-    // Below 2^32, and 0 exactly when the key matches.
-    let folded = (diff >> 32) | (diff & 0xffff_ffff);
-    // 1 when `folded` is not 0: adding 2^32 - 1 carries into bit 32.
-    let miss = (folded + 0xffff_ffff) >> 32;
-    (slot.word1 >> 32) & (miss ^ 1).wrapping_neg()
+    // 0 exactly when the key matches: the shift drops the verdict bits of `slot.word1`.
+    let diff = (slot.word0 ^ word0) | ((slot.word1 ^ u64::from(word1)) << 32);
+    // Bit 63 of `diff | -diff` is set exactly when `diff` is not 0.
+    let miss = (diff | diff.wrapping_neg()) >> 63;
+    (slot.word1 >> 32) & miss.wrapping_sub(1)
 }

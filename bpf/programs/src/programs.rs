@@ -66,7 +66,7 @@ fn from_pod_ip(ctx: &TcContext, ethertype: u16) -> i32 {
         return verdict::drop(ctx, PROGRAM, reason, &p, &who);
     }
     let dst = ipcache(&p, false);
-    who.dst_identity = dst.map_or(identity::WORLD, |e| e.identity);
+    who.dst_identity = dst.identity;
 
     if endpoint.flags & EndpointInfo::FLAG_ENFORCE_EGRESS != 0
         && let Err(reason) =
@@ -81,9 +81,6 @@ fn from_pod_ip(ctx: &TcContext, ethertype: u16) -> i32 {
 
     let cfg = config();
     let tracing = cfg.flags & Config::FLAG_TRACE != 0;
-    let Some(dst) = dst else {
-        return pass_verdict(ctx, tracing, PROGRAM, &p, &who);
-    };
     let remote = dst.flags & IpCacheEntry::FLAG_REMOTE != 0
         && (dst.flags & IpCacheEntry::FLAG_POD != 0
             || cfg.flags & Config::FLAG_NODE_ENCRYPTION != 0);
@@ -162,21 +159,21 @@ pub fn from_network(ctx: TcContext) -> i32 {
     let encrypting = cfg.mode != Config::MODE_NONE;
     let strict = cfg.flags & Config::FLAG_STRICT_INGRESS != 0;
     let node_encryption = cfg.flags & Config::FLAG_NODE_ENCRYPTION != 0;
-    if (encrypting || strict)
-        && let Some(src) = ipcache(&p, true)
-        && let Some(reason) =
-            plaintext_source_verdict(src.flags, encrypting, strict).or_else(|| {
-                (strict
-                    && node_encryption
-                    && src.flags & (IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_POD)
-                        == IpCacheEntry::FLAG_REMOTE
-                    && !stays_in_clear(&p))
-                .then_some(DropReason::UnencryptedNode)
-            })
-    {
-        who.src_identity = src.identity;
-        who.node_id = src.node_id;
-        return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+    if encrypting || strict {
+        let src = ipcache(&p, true);
+        let reason = plaintext_source_verdict(src.flags, encrypting, strict).or_else(|| {
+            (strict
+                && node_encryption
+                && src.flags & (IpCacheEntry::FLAG_REMOTE | IpCacheEntry::FLAG_POD)
+                    == IpCacheEntry::FLAG_REMOTE
+                && !stays_in_clear(&p))
+            .then_some(DropReason::UnencryptedNode)
+        });
+        if let Some(reason) = reason {
+            who.src_identity = src.identity;
+            who.node_id = src.node_id;
+            return verdict::drop(&ctx, PROGRAM, reason, &p, &who);
+        }
     }
     pass_verdict(&ctx, tracing, PROGRAM, &p, &who)
 }
@@ -269,7 +266,7 @@ fn to_pod_ip(ctx: &TcContext, ethertype: u16) -> i32 {
     if let Err(reason) = parse::parse_ip(ctx, ethertype, &mut p) {
         return verdict::drop(ctx, PROGRAM, reason, &p, &who);
     }
-    who.src_identity = ipcache(&p, true).map_or(identity::WORLD, |e| e.identity);
+    who.src_identity = ipcache(&p, true).identity;
     if endpoint.flags & EndpointInfo::FLAG_ENFORCE_INGRESS != 0
         && let Err(reason) =
             policy::check(endpoint.identity, who.src_identity, PolicyKey::INGRESS, &p)
@@ -312,10 +309,30 @@ fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
     ENDPOINTS.get_ptr(ifindex).map(|e| unsafe { *e })
 }
 
+/// What the ipcache says of an address it does not know: outside the cluster (`WORLD`), on no
+/// node, no flags. Every caller treats it exactly as a miss (no flag means nothing to encrypt and
+/// no plaintext source to refuse).
+const NOT_IN_IPCACHE: IpCacheEntry = IpCacheEntry {
+    identity: identity::WORLD,
+    node_id: 0,
+    flags: 0,
+};
+
+/// Longest-prefix match of the packet's source (`src`) or destination address, or
+/// [`NOT_IN_IPCACHE`].
+///
+/// A plain entry rather than an `Option`: the payload of a `None` is undefined, and the
+/// compiler spilled that undefined register to the stack where the paths joined, which the
+/// verifier refuses (`!read_ok`) as soon as a change elsewhere moves the register allocation.
+#[inline(always)]
+fn ipcache(p: &Packet, src: bool) -> IpCacheEntry {
+    ipcache_lookup(p, src).unwrap_or(NOT_IN_IPCACHE)
+}
+
 /// Longest-prefix match of the packet's source (`src`) or destination address: the family's
 /// ipcache arrays when `IPCACHE_LENS` says they are in sync, else the trie.
 #[inline(always)]
-fn ipcache(p: &Packet, src: bool) -> Option<IpCacheEntry> {
+fn ipcache_lookup(p: &Packet, src: bool) -> Option<IpCacheEntry> {
     let addr = if src { p.src } else { p.dst };
     if p.ip_version == 4 {
         if prefix_lengths(PrefixLengths::INDEX_V4).state == PrefixLengths::STATE_ARRAYS
