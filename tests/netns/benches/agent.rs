@@ -94,10 +94,10 @@ const TARGET_CONVERGE_1000: Duration = Duration::from_secs(5);
 const TARGET_RSS_KB: u64 = 40 * 1024;
 const TARGET_ROTATE: Duration = Duration::from_secs(2);
 
-#[path = "agent/floor.rs"]
-mod floor;
 #[path = "agent/flood.rs"]
 mod flood;
+#[path = "agent/floor.rs"]
+mod floor;
 #[path = "agent/revocation.rs"]
 mod revocation;
 #[path = "agent/rolling.rs"]
@@ -167,13 +167,14 @@ fn run() -> Result<()> {
                         mode_name(mode),
                         backend.name()
                     );
-                    let result = converge(n, timeout, idle, rolling_window, mode, backend).with_context(|| {
-                        format!(
-                            "convergence with {n} peers in {} mode on the {} store",
-                            mode_name(mode),
-                            backend.name()
-                        )
-                    })?;
+                    let result = converge(n, timeout, idle, rolling_window, mode, backend)
+                        .with_context(|| {
+                            format!(
+                                "convergence with {n} peers in {} mode on the {} store",
+                                mode_name(mode),
+                                backend.name()
+                            )
+                        })?;
                     print!("{}", result.detail());
                     convergence.push(result);
                 }
@@ -887,7 +888,15 @@ fn converge(
         let (peers, stats, agent_name) =
             (Arc::clone(&peers), Arc::clone(&stats), agent_name.clone());
         bench.loadgen_ns.spawn_thread("loadgen", move || {
-            load_generator(&peers, &stats, &agent_name, mode, &ready_tx, stop_rx, roll_rx)
+            load_generator(
+                &peers,
+                &stats,
+                &agent_name,
+                mode,
+                &ready_tx,
+                stop_rx,
+                roll_rx,
+            )
         })?
     };
     ready_rx
@@ -1240,7 +1249,16 @@ struct Rolling {
 fn profile_idle(pid: u32, idle: Duration, dir: &Path) -> Result<()> {
     let data = dir.join("idle.perf");
     let recorded = Command::new("perf")
-        .args(["record", "-q", "-F", "499", "-g", "-p", &pid.to_string(), "-o"])
+        .args([
+            "record",
+            "-q",
+            "-F",
+            "499",
+            "-g",
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
         .arg(&data)
         .args(["--", "sleep", &idle.as_secs().to_string()])
         .output()
@@ -1251,8 +1269,24 @@ fn profile_idle(pid: u32, idle: Duration, dir: &Path) -> Result<()> {
         String::from_utf8_lossy(&recorded.stderr)
     );
     for args in [
-        &["--no-children", "--sort", "dso,sym", "--percent-limit", "0.5", "-g", "none"][..],
-        &["--children", "--sort", "sym", "--percent-limit", "3", "-g", "none"][..],
+        &[
+            "--no-children",
+            "--sort",
+            "dso,sym",
+            "--percent-limit",
+            "0.5",
+            "-g",
+            "none",
+        ][..],
+        &[
+            "--children",
+            "--sort",
+            "sym",
+            "--percent-limit",
+            "3",
+            "-g",
+            "none",
+        ][..],
     ] {
         let report = Command::new("perf")
             .args(["report", "--stdio", "-i"])

@@ -57,8 +57,8 @@ pub fn measure(trust: &TrustStore, peer: &NodeIdentity) -> Result<Floor> {
     let rng = SystemRandom::new();
     let alg = &signature::ECDSA_P256_SHA256_ASN1_SIGNING;
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).map_err(|_| anyhow::anyhow!("keygen"))?;
-    let key = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng)
-        .map_err(|_| anyhow::anyhow!("key"))?;
+    let key =
+        EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).map_err(|_| anyhow::anyhow!("key"))?;
     // About the size of what TLS 1.3 signs in a CertificateVerify.
     let msg = [7u8; 130];
     let sign = per_op(|| {
@@ -68,9 +68,7 @@ pub fn measure(trust: &TrustStore, peer: &NodeIdentity) -> Result<Floor> {
         );
         Ok(())
     })?;
-    let sig = key
-        .sign(&rng, &msg)
-        .map_err(|_| anyhow::anyhow!("sign"))?;
+    let sig = key.sign(&rng, &msg).map_err(|_| anyhow::anyhow!("sign"))?;
     let public =
         signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, key.public_key());
     let verify = per_op(|| {
