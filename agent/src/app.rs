@@ -980,12 +980,37 @@ async fn renew_identity(
     }
 }
 
+/// One peer's applied keys as the housekeeping tick compares them: (node IP, epoch, generation).
+type AppliedKey = (IpAddr, u64, u64);
+
+/// The epoch and generation every peer applied, by node name, as the node's status record
+/// publishes them.
+fn applied_by_name(
+    registry: &PeerRegistry,
+) -> BTreeMap<nodeseal_store::NodeName, nodeseal_store::PeerStatus> {
+    let mut applied = BTreeMap::new();
+    registry.for_each(|_, name, handle| {
+        let Ok(s) = handle.status.lock() else {
+            return;
+        };
+        if let (Some(epoch), Some(generation), Ok(n)) = (
+            s.epoch,
+            s.generation,
+            nodeseal_store::NodeName::new(name.as_str()),
+        ) {
+            applied.insert(n, nodeseal_store::PeerStatus { epoch, generation });
+        }
+    });
+    applied
+}
+
 /// Pod interfaces, status publication for `keys rotate --wait`, metrics.
 async fn housekeeping(agent: Arc<Agent>) {
-    let mut last_published: Option<(
-        u64,
-        BTreeMap<nodeseal_store::NodeName, nodeseal_store::PeerStatus>,
-    )> = None;
+    // What was last published, as (generation, every peer's (IP, epoch, generation) by IP):
+    // comparing this is all a tick costs while nothing changes; the store's map (a validated
+    // name per peer) is built only when something did.
+    let mut last_published: Option<(u64, Vec<AppliedKey>)> = None;
+    let mut applied_now: Vec<AppliedKey> = Vec::new();
     let mut last_publish_at = std::time::Instant::now();
     let mut last_wireguard_refresh: Option<std::time::Instant> = None;
     loop {
@@ -996,55 +1021,57 @@ async fn housekeeping(agent: Arc<Agent>) {
         if let Err(e) = agent.datapath.sync_pod_interfaces() {
             warn!(error = %error_chain(&e), "syncing pod interfaces");
         }
-        let peers = agent.registry.all();
-        let mut applied = BTreeMap::new();
-        let mut established = 0;
-        for (_, name, handle) in &peers {
+        // One pass over the registry in place (no copy of it): twice a second at every size.
+        applied_now.clear();
+        let (mut total, mut established) = (0, 0);
+        agent.registry.for_each(|ip, _, handle| {
+            total += 1;
             let Ok(s) = handle.status.lock() else {
-                continue;
+                return;
             };
             if s.state == PeerState::Established {
                 established += 1;
             }
-            if let (Some(epoch), Some(generation), Ok(n)) = (
-                s.epoch,
-                s.generation,
-                nodeseal_store::NodeName::new(name.as_str()),
-            ) {
-                applied.insert(n, nodeseal_store::PeerStatus { epoch, generation });
+            if let (Some(epoch), Some(generation)) = (s.epoch, s.generation) {
+                applied_now.push((ip, epoch, generation));
             }
-        }
-        agent.metrics.set_peers(peers.len(), established);
+        });
+        applied_now.sort_unstable();
+        agent.metrics.set_peers(total, established);
         let _ = agent.refresh_counters();
         if agent.wireguard.is_some()
             && last_wireguard_refresh.is_none_or(|at| at.elapsed() >= WIREGUARD_REFRESH)
         {
             last_wireguard_refresh = Some(std::time::Instant::now());
-            let mut rows: Vec<PeerStatus> = peers
+            let mut rows: Vec<PeerStatus> = agent
+                .registry
+                .all()
                 .iter()
                 .filter_map(|(_, _, h)| h.status.lock().ok().map(|s| s.clone()))
                 .collect();
             agent.refresh_wireguard(&mut rows).await;
         }
         let generation = *agent.generation_tx.borrow();
-        let now = (generation, applied);
         // A periodic re-publication keeps `reported_at` fresh for `status --cluster`; against
         // the apiserver every write is a watch event on every node, so there only changes go.
         let refresh = agent.store.backend_name() != "kubernetes"
             && last_publish_at.elapsed() > Duration::from_secs(30);
-        if last_published.as_ref() != Some(&now) || refresh {
+        let unchanged = last_published
+            .as_ref()
+            .is_some_and(|(g, applied)| *g == generation && *applied == applied_now);
+        if !unchanged || refresh {
             let Ok(node) = nodeseal_store::NodeName::new(agent.node.as_str()) else {
                 continue;
             };
             let record = nodeseal_store::NodeStatus {
                 node,
                 reported_at: SystemTime::now(),
-                generation: now.0,
-                peers: now.1.clone(),
+                generation,
+                peers: applied_by_name(&agent.registry),
             };
             match agent.store.put(&record).await {
                 Ok(()) => {
-                    last_published = Some(now);
+                    last_published = Some((generation, applied_now.clone()));
                     last_publish_at = std::time::Instant::now();
                 }
                 Err(e) => warn!(error = %e, "publishing node status"),

@@ -320,6 +320,16 @@ impl PeerRegistry {
         self.by_ip.write().ok()?.remove(&ip)
     }
 
+    /// Calls `f` with every registered peer in place, without copying the registry (the
+    /// housekeeping tick visits every peer twice a second). `f` must not touch the registry.
+    pub fn for_each(&self, mut f: impl FnMut(IpAddr, &NodeName, &PeerHandle)) {
+        if let Ok(map) = self.by_ip.read() {
+            for (ip, (name, handle)) in map.iter() {
+                f(*ip, name, handle);
+            }
+        }
+    }
+
     /// Every registered peer.
     pub fn all(&self) -> Vec<(IpAddr, NodeName, PeerHandle)> {
         self.by_ip

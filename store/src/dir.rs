@@ -329,13 +329,17 @@ impl Stamp {
 
 type Scan = BTreeMap<String, (Stamp, Vec<u8>)>;
 
-/// Reads the records of one kind directory, re-reading only files whose stamp changed since
-/// `previous`. A missing kind directory counts as empty; an unreadable root is an error.
+/// Reads the records of one kind directory into `into`, re-reading only files whose stamp
+/// changed since `previous` (their keys are added to `reread`). An unchanged file's entry is
+/// moved out of `previous`, not copied, so an idle rescan neither reads nor copies a record;
+/// what stays in `previous` is what changed or went away. A missing kind directory counts as
+/// empty; an unreadable root is an error.
 fn scan_kind(
     root: &Path,
     prefix: &str,
-    previous: &Scan,
+    previous: &mut Scan,
     into: &mut Scan,
+    reread: &mut Vec<String>,
 ) -> Result<(), StoreError> {
     let dir = root.join(prefix);
     let entries = match fs::read_dir(&dir) {
@@ -372,14 +376,17 @@ fn scan_kind(
             continue;
         }
         let stamp = Stamp::of(&meta);
-        if let Some((old, value)) = previous.get(&key)
-            && *old == stamp
-        {
-            into.insert(key, (stamp, value.clone()));
-            continue;
+        if let Some((old, value)) = previous.remove(&key) {
+            if old == stamp {
+                into.insert(key, (stamp, value));
+                continue;
+            }
+            // Changed: the old value stays for the diff.
+            previous.insert(key.clone(), (old, value));
         }
         match read_optional(&path)? {
             Some(value) => {
+                reread.push(key.clone());
                 into.insert(key, (stamp, value));
             }
             None => continue,
@@ -388,18 +395,38 @@ fn scan_kind(
     Ok(())
 }
 
-fn scan_all(root: &Path, kinds: &[Kind], previous: &Scan) -> Result<Scan, StoreError> {
+/// A rescan of every kind: the new view and the keys re-read (sorted). `previous` is left with
+/// what changed or went away (see [`scan_kind`]); on error it is whole again.
+fn scan_all(
+    root: &Path,
+    kinds: &[Kind],
+    previous: &mut Scan,
+) -> Result<(Scan, Vec<String>), StoreError> {
     let mut scan = Scan::new();
+    let mut reread = Vec::new();
     for &kind in kinds {
-        scan_kind(root, kind.as_str(), previous, &mut scan)?;
+        if let Err(error) = scan_kind(root, kind.as_str(), previous, &mut scan, &mut reread) {
+            reread.sort();
+            for (key, entry) in scan {
+                if reread.binary_search(&key).is_err() {
+                    previous.insert(key, entry);
+                }
+            }
+            return Err(error);
+        }
     }
-    Ok(scan)
+    reread.sort();
+    Ok((scan, reread))
 }
 
-/// Turns two scans into change events, in key order.
-fn diff(old: &Scan, new: &Scan) -> Vec<RawEvent> {
+/// Turns a rescan into change events, in key order: `old` is what the rescan left of the
+/// previous view (changed or gone), `reread` the keys whose files were read again.
+fn diff(old: &Scan, new: &Scan, reread: &[String]) -> Vec<RawEvent> {
     let mut events = Vec::new();
-    for (key, (_, value)) in new {
+    for key in reread {
+        let Some((_, value)) = new.get(key) else {
+            continue;
+        };
         if old.get(key).is_none_or(|(_, before)| before != value) {
             events.push(RawEvent::Put(key.clone(), value.clone()));
         }
@@ -461,7 +488,7 @@ impl StoreBackend for DirStore {
         }
         let scan = blocking(move || {
             let mut scan = Scan::new();
-            scan_kind(&root, &prefix, &Scan::new(), &mut scan)?;
+            scan_kind(&root, &prefix, &mut Scan::new(), &mut scan, &mut Vec::new())?;
             Ok(scan)
         })
         .await?;
@@ -534,9 +561,9 @@ impl StoreBackend for DirStore {
                 }
                 let scan_root = root.clone();
                 let scan_kinds = kinds.clone();
-                let previous = std::mem::take(&mut state);
+                let mut previous = std::mem::take(&mut state);
                 let (previous, result) = match blocking(move || {
-                    let result = scan_all(&scan_root, &scan_kinds, &previous);
+                    let result = scan_all(&scan_root, &scan_kinds, &mut previous);
                     Ok((previous, result))
                 })
                 .await
@@ -546,7 +573,7 @@ impl StoreBackend for DirStore {
                     Err(error) => (Scan::new(), Err(error)),
                 };
                 match result {
-                    Ok(scan) => {
+                    Ok((scan, reread)) => {
                         if !sent_snapshot {
                             yield RawEvent::Snapshot { entries: entries(&scan), resync: false };
                             sent_snapshot = true;
@@ -554,7 +581,7 @@ impl StoreBackend for DirStore {
                             info!(root = %root.display(), "store directory readable again");
                             yield RawEvent::Snapshot { entries: entries(&scan), resync: true };
                         } else {
-                            for event in diff(&previous, &scan) {
+                            for event in diff(&previous, &scan, &reread) {
                                 yield event;
                             }
                         }
@@ -612,6 +639,45 @@ mod tests {
             read_optional(&dir.path().join("absent")).expect("read"),
             None
         );
+    }
+
+    #[test]
+    fn a_rescan_rereads_only_changed_files_and_reports_puts_and_deletes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nodes = dir.path().join("nodes");
+        fs::create_dir_all(&nodes).expect("mkdir");
+        for name in ["a", "b", "c"] {
+            write_atomic(&nodes, &format!("{name}.json"), name.as_bytes()).expect("write");
+        }
+        let kinds = [Kind::Node];
+        let (first, reread) = scan_all(dir.path(), &kinds, &mut Scan::new()).expect("scan");
+        assert_eq!(reread, ["nodes/a", "nodes/b", "nodes/c"]);
+
+        // Nothing changed: nothing read again, no events, the values moved over.
+        let mut previous = first;
+        let (second, reread) = scan_all(dir.path(), &kinds, &mut previous).expect("scan");
+        assert!(reread.is_empty() && previous.is_empty());
+        assert!(diff(&previous, &second, &reread).is_empty());
+        assert_eq!(entries(&second).len(), 3);
+
+        // b rewritten with other bytes, c rewritten with the same bytes, a deleted.
+        write_atomic(&nodes, "b.json", b"B").expect("write");
+        write_atomic(&nodes, "c.json", b"c").expect("write");
+        fs::remove_file(nodes.join("a.json")).expect("rm");
+        let mut previous = second;
+        let (third, reread) = scan_all(dir.path(), &kinds, &mut previous).expect("scan");
+        assert_eq!(reread, ["nodes/b", "nodes/c"]);
+        let events: Vec<String> = diff(&previous, &third, &reread)
+            .into_iter()
+            .map(|e| match e {
+                RawEvent::Put(key, value) => {
+                    format!("put {key} {}", String::from_utf8_lossy(&value))
+                }
+                RawEvent::Delete(key) => format!("delete {key}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(events, ["put nodes/b B", "delete nodes/a"]);
     }
 
     #[tokio::test]

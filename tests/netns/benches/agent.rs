@@ -22,6 +22,13 @@
 //!    netlink) holding N peers with preshared keys. Baseline in the same run: `wg setconf` of a
 //!    prepared file with the same N peers (random public and preshared keys, the same
 //!    endpoints and allowed IPs) onto a fresh WireGuard link in a fresh namespace.
+//!    After convergence, the quiet period gives the steady state (issue 16): the agent's CPU and
+//!    its read/write syscalls (`/proc/<pid>/io`; with the directory store mostly its rescans)
+//!    per peer per minute.
+//!    With `NODESEAL_BENCH_ROLLING_SECS` set (issue 16), then a rolling restart
+//!    (`agent/rolling.rs`): every simulated peer restarts once, the restarts spread evenly over
+//!    that many seconds, and re-initiates a key agreement as a restarted agent does; reported:
+//!    time until all are keyed again (against the window) and each peer's wait.
 //! 2. Rotation. The 3-node fabric of the acceptance tests under a 500 packets/s UDP stream;
 //!    `nodeseal keys rotate --wait` several times; wall time and the duration it prints, and the
 //!    stream's losses. Baseline: the wall time of a no-op `nodeseal node list`.
@@ -43,7 +50,9 @@
 //! `convergence,rotation,revocation,flood`),
 //! `NODESEAL_BENCH_TIMEOUT_SECS` (bound of one convergence run, default 900),
 //! `NODESEAL_BENCH_IDLE_SECS` (quiet period observed after convergence, default 40: it covers
-//! the agent's post-flip sweep at the default 30 s `--rekey-grace`). Needs root, veth,
+//! the agent's post-flip sweep at the default 30 s `--rekey-grace`),
+//! `NODESEAL_BENCH_ROLLING_SECS` (window of the rolling restart after each convergence run;
+//! default 0: none). Needs root, veth,
 //! ESP and tc BPF: skips with a reason otherwise, unless `NODESEAL_REQUIRE_PRIVILEGED=1`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -87,8 +96,12 @@ const TARGET_ROTATE: Duration = Duration::from_secs(2);
 
 #[path = "agent/flood.rs"]
 mod flood;
+#[path = "agent/floor.rs"]
+mod floor;
 #[path = "agent/revocation.rs"]
 mod revocation;
+#[path = "agent/rolling.rs"]
+mod rolling;
 
 fn main() -> ExitCode {
     // `cargo bench` passes `--bench`; nothing else is accepted.
@@ -128,6 +141,8 @@ fn run() -> Result<()> {
     let flood_secs: u64 = env_number("NODESEAL_BENCH_FLOOD_SECS", 30)?;
     let timeout = Duration::from_secs(env_number("NODESEAL_BENCH_TIMEOUT_SECS", 900)?);
     let idle = Duration::from_secs(env_number("NODESEAL_BENCH_IDLE_SECS", 40)?);
+    let rolling_secs: u64 = env_number("NODESEAL_BENCH_ROLLING_SECS", 0)?;
+    let rolling_window = (rolling_secs > 0).then(|| Duration::from_secs(rolling_secs));
     let agent_bin = fabric::binary("nodeseal-agent");
     let cli_bin = fabric::binary("nodeseal");
     for bin in [&agent_bin, &cli_bin] {
@@ -152,13 +167,14 @@ fn run() -> Result<()> {
                         mode_name(mode),
                         backend.name()
                     );
-                    let result = converge(n, timeout, idle, mode, backend).with_context(|| {
-                        format!(
-                            "convergence with {n} peers in {} mode on the {} store",
-                            mode_name(mode),
-                            backend.name()
-                        )
-                    })?;
+                    let result = converge(n, timeout, idle, rolling_window, mode, backend)
+                        .with_context(|| {
+                            format!(
+                                "convergence with {n} peers in {} mode on the {} store",
+                                mode_name(mode),
+                                backend.name()
+                            )
+                        })?;
                     print!("{}", result.detail());
                     convergence.push(result);
                 }
@@ -196,6 +212,10 @@ fn run() -> Result<()> {
     if convergence.iter().any(|r| r.mode == Mode::Wireguard) {
         println!();
         println!("{}", wireguard_table(&convergence));
+    }
+    if convergence.iter().any(|r| r.rolling.is_some()) {
+        println!();
+        println!("{}", rolling_table(&convergence));
     }
     if let Some(r) = &rotation {
         println!();
@@ -333,6 +353,8 @@ struct PeerCreds {
     wg_key: nodeseal_wireguard::PrivateKey,
     /// Handshakes answered so far (makes each answer's SPI unique).
     attempts: std::sync::atomic::AtomicU32,
+    /// The epoch of the last key agreement with the agent.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// Peer `i`'s node IP: `10.1.(1 + i / 200).(1 + i % 200)`.
@@ -433,9 +455,22 @@ struct Convergence {
     memory_at_peak: Option<MemoryProfile>,
     memory_converged: Option<MemoryProfile>,
     memory_idle: Option<MemoryProfile>,
+    /// The agent's read/write syscalls in the quiet period (directory store: its rescans and
+    /// status writes; plus netlink/BPF reads of the housekeeping tick).
+    idle_io: Option<ProcIo>,
+    rolling: Option<Rolling>,
+    /// The crypto floor of one key agreement, one side, timed in this run.
+    floor: floor::Floor,
 }
 
 impl Convergence {
+    /// Agent CPU per peer until all keyed, over the crypto floor of one key agreement.
+    fn floor_ratio(&self) -> f64 {
+        self.agent_cpu.as_secs_f64()
+            / self.peers.max(1) as f64
+            / self.floor.per_agreement().as_secs_f64().max(1e-9)
+    }
+
     fn detail(&self) -> String {
         let mut s = format!(
             "  set-up (CA, {} SVIDs, store) {:.2}s; agent: first peer after {:.3}s, 50% after \
@@ -483,6 +518,40 @@ impl Convergence {
             self.idle_rss_kb,
             self.idle_peak_rss_kb
         );
+        let _ = writeln!(
+            s,
+            "  {}; agent CPU per peer until all {:.0} µs = {:.2}x the floor",
+            self.floor.line(),
+            self.agent_cpu.as_secs_f64() * 1e6 / self.peers.max(1) as f64,
+            self.floor_ratio()
+        );
+        let minutes = (self.idle.as_secs_f64() / 60.0).max(1e-6);
+        let per_peer_minute = |x: f64| x / self.peers.max(1) as f64 / minutes;
+        let _ = writeln!(
+            s,
+            "  steady state: agent CPU {:.3} ms per peer per minute ({:.3}s per minute)",
+            per_peer_minute(self.idle_cpu.as_secs_f64() * 1000.0),
+            self.idle_cpu.as_secs_f64() / minutes
+        );
+        if let Some(io) = self.idle_io {
+            let _ = writeln!(
+                s,
+                "  steady state I/O (/proc/pid/io, quiet period): {} read calls / {} bytes, {} write \
+                 calls / {} bytes; per peer per minute {:.1} read calls / {:.0} bytes, {:.2} write \
+                 calls / {:.1} bytes",
+                io.syscr,
+                io.rchar,
+                io.syscw,
+                io.wchar,
+                per_peer_minute(io.syscr as f64),
+                per_peer_minute(io.rchar as f64),
+                per_peer_minute(io.syscw as f64),
+                per_peer_minute(io.wchar as f64)
+            );
+        }
+        if let Some(r) = &self.rolling {
+            let _ = writeln!(s, "  {}", r.line(self.peers));
+        }
         for (when, profile) in [
             ("at the highest RSS seen", &self.memory_at_peak),
             ("once all completed", &self.memory_converged),
@@ -516,13 +585,14 @@ fn convergence_table(rows: &[Convergence]) -> String {
     );
     let _ = writeln!(
         s,
-        "{:>6} | {:>10} | {:>9} | {:>9} | {:>9} | {:>10} | {:>8} | {:>8} | {:>9} | {:>9} | {:>8} | {:>10} | {:>9} | {:>9}",
+        "{:>6} | {:>10} | {:>9} | {:>9} | {:>9} | {:>10} | {:>9} | {:>8} | {:>8} | {:>9} | {:>9} | {:>8} | {:>10} | {:>9} | {:>9}",
         "peers",
         "store",
         "first (s)",
         "all (s)",
         "status(s)",
         "agent CPU",
+        "CPU/floor",
         "states",
         "policies",
         "ip -batch",
@@ -540,13 +610,14 @@ fn convergence_table(rows: &[Convergence]) -> String {
         let failures: u64 = r.failures.values().sum();
         let _ = writeln!(
             s,
-            "{:>6} | {:>10} | {:>9.3} | {:>9.3} | {:>9.3} | {:>9.2}s | {:>8} | {:>8} | {:>8.3}s | {:>8.1}x | {:>8} | {:>6} MiB | {:>5} MiB | {:>8.2}s",
+            "{:>6} | {:>10} | {:>9.3} | {:>9.3} | {:>9.3} | {:>9.2}s | {:>8.2}x | {:>8} | {:>8} | {:>8.3}s | {:>8.1}x | {:>8} | {:>6} MiB | {:>5} MiB | {:>8.2}s",
             r.peers,
             r.backend.name(),
             r.first.as_secs_f64(),
             r.all.as_secs_f64(),
             r.status_all.as_secs_f64(),
             r.agent_cpu.as_secs_f64(),
+            r.floor_ratio(),
             states,
             policies,
             r.baseline.as_secs_f64(),
@@ -561,7 +632,9 @@ fn convergence_table(rows: &[Convergence]) -> String {
         s,
         "first / all = agent spawn -> first / last peer's Installed exchange done (first includes \
          the agent's start-up); status = until `nodeseal status` \
-         shows every peer established;\nagent CPU = user + system until all; \
+         shows every peer established;\nagent CPU = user + system until all; CPU/floor = agent \
+         CPU per peer over the crypto floor of one key agreement's side (sign, verify, SVID \
+         checks, X25519) timed in this run (issue 16 target <= 1.5x);\n\
          peak RSS = VmHWM (also over the idle period); idle CPU = agent CPU in the quiet period after \
          convergence (covers the stale-SA sweep at rekey-grace 30 s);\nip -batch = the same number of XFRM states and policies \
          (agent's layout) installed by one `ip -batch` into a fresh namespace."
@@ -702,6 +775,7 @@ fn converge(
     n: usize,
     timeout: Duration,
     idle: Duration,
+    rolling_window: Option<Duration>,
     mode: Mode,
     backend: Backend,
 ) -> Result<Convergence> {
@@ -759,9 +833,18 @@ fn converge(
                 config,
                 wg_key,
                 attempts: std::sync::atomic::AtomicU32::new(0),
+                epoch: std::sync::atomic::AtomicU64::new(0),
             },
         );
     }
+
+    // The crypto floor of one key agreement, timed here and now (issue 16).
+    let floor = {
+        let name = NodeName::new("peer-floor")?;
+        let claims = NodeClaims::new(&[IpAddr::V4(LOADGEN_IP)], &[peer_pod_cidr(0)?])?;
+        let identity = issue(&ca, &td, &name, &peer_key, &claims)?;
+        floor::measure(&trust, &identity).context("timing the crypto primitives")?
+    };
 
     // The store: trust bundle and every peer's node record, before the agent starts.
     let records = peers
@@ -799,12 +882,21 @@ fn converge(
     let stats = Arc::new(LoadStats::new(n));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let (roll_tx, roll_rx) = tokio::sync::mpsc::unbounded_channel::<rolling::Start>();
     let peers = Arc::new(peers);
     let loadgen = {
         let (peers, stats, agent_name) =
             (Arc::clone(&peers), Arc::clone(&stats), agent_name.clone());
         bench.loadgen_ns.spawn_thread("loadgen", move || {
-            load_generator(&peers, &stats, &agent_name, mode, &ready_tx, stop_rx)
+            load_generator(
+                &peers,
+                &stats,
+                &agent_name,
+                mode,
+                &ready_tx,
+                stop_rx,
+                roll_rx,
+            )
         })?
     };
     ready_rx
@@ -913,8 +1005,14 @@ fn converge(
     // After convergence: what the agent costs while nothing changes. This window includes the
     // sweep of stale SAs each peer task runs `--rekey-grace` (default 30 s) after its first flip.
     let cpu_converged = process_cpu(pid).unwrap_or_default();
+    let io_before = ProcIo::read(pid);
     let requests_before = control.as_ref().map(quiet_requests).transpose()?;
-    std::thread::sleep(idle);
+    if std::env::var_os("NODESEAL_BENCH_PERF_IDLE").is_some() {
+        profile_idle(pid, idle, &bench.dir)?;
+    } else {
+        std::thread::sleep(idle);
+    }
+    let idle_io = io_before.and_then(|before| Some(ProcIo::read(pid)?.since(&before)));
     let quiet_requests = match (&control, requests_before) {
         (Some(control), Some(before)) => Some(quiet_requests(control)? - before),
         _ => None,
@@ -937,6 +1035,14 @@ fn converge(
         );
     }
     let failures = stats.failures.lock().map(|f| f.clone()).unwrap_or_default();
+
+    let rolling = match rolling_window {
+        Some(window) => Some(
+            roll(n, window, timeout, pid, &roll_tx, &mut agent)
+                .with_context(|| format!("agent log (tail):\n{}", tail(&agent.log(), 40)))?,
+        ),
+        None => None,
+    };
 
     agent.terminate(Duration::from_secs(5));
     drop(control);
@@ -981,7 +1087,260 @@ fn converge(
         memory_at_peak,
         memory_converged,
         memory_idle,
+        idle_io,
+        rolling,
+        floor,
     })
+}
+
+/// The rolling restart phase (see `agent/rolling.rs`): tells the load generator to restart
+/// every peer once over `window` and waits (at most `window + timeout`) until each is keyed
+/// again or has given up.
+fn roll(
+    n: usize,
+    window: Duration,
+    timeout: Duration,
+    pid: u32,
+    roll_tx: &tokio::sync::mpsc::UnboundedSender<rolling::Start>,
+    agent: &mut Process,
+) -> Result<Rolling> {
+    let stats = Arc::new(rolling::Stats::new(n, window, Duration::from_millis(500)));
+    let cpu_before = process_cpu(pid).unwrap_or_default();
+    roll_tx
+        .send(rolling::Start {
+            stats: Arc::clone(&stats),
+        })
+        .map_err(|_| anyhow::anyhow!("the load generator stopped"))?;
+    let deadline = stats.started + window + timeout;
+    loop {
+        let finished =
+            stats.completed.load(Ordering::Relaxed) + stats.gave_up.load(Ordering::Relaxed);
+        if finished >= n {
+            break;
+        }
+        ensure!(
+            agent.is_running(),
+            "the agent exited during the rolling restart"
+        );
+        if Instant::now() > deadline {
+            bail!(
+                "rolling restart: only {finished} of {n} peers finished within {:?} of the \
+                 first slot; failures: {:?}",
+                window + timeout,
+                stats.failures.lock().map(|f| f.clone()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let agent_cpu = process_cpu(pid)
+        .unwrap_or_default()
+        .saturating_sub(cpu_before);
+    let (all, waits) = stats.waits();
+    Ok(Rolling {
+        window,
+        all,
+        keyed: waits.len(),
+        median: rolling::percentile(&waits, 50),
+        p99: rolling::percentile(&waits, 99),
+        longest: waits.last().copied().unwrap_or_default(),
+        retries: stats.retries.load(Ordering::Relaxed),
+        gave_up: stats.gave_up.load(Ordering::Relaxed),
+        agent_cpu,
+        failures: stats.failures.lock().map(|f| f.clone()).unwrap_or_default(),
+    })
+}
+
+impl Rolling {
+    fn line(&self, n: usize) -> String {
+        let mut s = format!(
+            "rolling restart of {n} peers over {:.0}s: {} keyed again, all after {:.3}s ({:.3}x \
+             the window); wait per peer median {:.3}s, p99 {:.3}s, longest {:.3}s; {} retries, \
+             {} gave up; agent CPU {:.2}s ({:.3} ms per peer)",
+            self.window.as_secs_f64(),
+            self.keyed,
+            self.all.as_secs_f64(),
+            self.all.as_secs_f64() / self.window.as_secs_f64().max(1e-6),
+            self.median.as_secs_f64(),
+            self.p99.as_secs_f64(),
+            self.longest.as_secs_f64(),
+            self.retries,
+            self.gave_up,
+            self.agent_cpu.as_secs_f64(),
+            self.agent_cpu.as_secs_f64() * 1000.0 / n.max(1) as f64
+        );
+        for (e, count) in &self.failures {
+            let _ = write!(s, "\n    {count} x {e}");
+        }
+        s
+    }
+}
+
+/// Rolling restarts (issue 16), one row per convergence run that had one.
+fn rolling_table(rows: &[Convergence]) -> String {
+    let mut s = String::from(
+        "Rolling restart: every peer re-initiates once, spread evenly over the window\n",
+    );
+    let _ = writeln!(
+        s,
+        "{:>6} | {:>9} | {:>10} | {:>8} | {:>9} | {:>9} | {:>9} | {:>9} | {:>7} | {:>7} | {:>10} | {:>11} | {:>13}",
+        "peers",
+        "mode",
+        "store",
+        "window",
+        "all (s)",
+        "all/win",
+        "median(s)",
+        "p99 (s)",
+        "longest",
+        "retries",
+        "agent CPU",
+        "CPU/peer ms",
+        "idle ms/peer/m"
+    );
+    for r in rows {
+        let Some(roll) = &r.rolling else { continue };
+        let minutes = (r.idle.as_secs_f64() / 60.0).max(1e-6);
+        let _ = writeln!(
+            s,
+            "{:>6} | {:>9} | {:>10} | {:>7.0}s | {:>9.3} | {:>8.3}x | {:>9.3} | {:>9.3} | {:>6.2}s | {:>7} | {:>9.2}s | {:>11.3} | {:>13.3}",
+            r.peers,
+            mode_name(r.mode),
+            r.backend.name(),
+            roll.window.as_secs_f64(),
+            roll.all.as_secs_f64(),
+            roll.all.as_secs_f64() / roll.window.as_secs_f64().max(1e-6),
+            roll.median.as_secs_f64(),
+            roll.p99.as_secs_f64(),
+            roll.longest.as_secs_f64(),
+            roll.retries,
+            roll.agent_cpu.as_secs_f64(),
+            roll.agent_cpu.as_secs_f64() * 1000.0 / r.peers.max(1) as f64,
+            r.idle_cpu.as_secs_f64() * 1000.0 / r.peers.max(1) as f64 / minutes
+        );
+    }
+    let _ = write!(
+        s,
+        "all = first restart's slot until the last peer keyed again (floor: the window itself); \
+         median / p99 / longest = per peer, its slot until its keys were confirmed;\nCPU/peer = \
+         agent CPU over the phase per restarted peer; idle ms/peer/m = agent CPU in the quiet \
+         period before the restart, per peer per minute."
+    );
+    s
+}
+
+/// Figures of one rolling restart.
+struct Rolling {
+    window: Duration,
+    /// First slot until the last peer keyed again.
+    all: Duration,
+    keyed: usize,
+    /// Per peer: its slot until its keys were confirmed.
+    median: Duration,
+    p99: Duration,
+    longest: Duration,
+    retries: usize,
+    gave_up: usize,
+    agent_cpu: Duration,
+    failures: BTreeMap<String, u64>,
+}
+
+/// `NODESEAL_BENCH_PERF_IDLE` set: samples the agent with `perf record` for the quiet period and
+/// prints where its CPU went (a diagnosis aid: perf's sampling adds a little to the agent's CPU).
+fn profile_idle(pid: u32, idle: Duration, dir: &Path) -> Result<()> {
+    let data = dir.join("idle.perf");
+    let recorded = Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-F",
+            "499",
+            "-g",
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(&data)
+        .args(["--", "sleep", &idle.as_secs().to_string()])
+        .output()
+        .context("running perf record")?;
+    ensure!(
+        recorded.status.success(),
+        "perf record: {}",
+        String::from_utf8_lossy(&recorded.stderr)
+    );
+    for args in [
+        &[
+            "--no-children",
+            "--sort",
+            "dso,sym",
+            "--percent-limit",
+            "0.5",
+            "-g",
+            "none",
+        ][..],
+        &[
+            "--children",
+            "--sort",
+            "sym",
+            "--percent-limit",
+            "3",
+            "-g",
+            "none",
+        ][..],
+    ] {
+        let report = Command::new("perf")
+            .args(["report", "--stdio", "-i"])
+            .arg(&data)
+            .args(args)
+            .output()
+            .context("running perf report")?;
+        println!("  perf report {} of the quiet period:", args.join(" "));
+        for line in String::from_utf8_lossy(&report.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .take(40)
+        {
+            println!("    {line}");
+        }
+    }
+    Ok(())
+}
+
+/// Read and write syscalls and bytes of a process, from `/proc/<pid>/io`.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProcIo {
+    rchar: u64,
+    wchar: u64,
+    syscr: u64,
+    syscw: u64,
+}
+
+impl ProcIo {
+    fn read(pid: u32) -> Option<Self> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+        let mut io = Self::default();
+        for line in text.lines() {
+            let (key, value) = line.split_once(':')?;
+            let value: u64 = value.trim().parse().ok()?;
+            match key {
+                "rchar" => io.rchar = value,
+                "wchar" => io.wchar = value,
+                "syscr" => io.syscr = value,
+                "syscw" => io.syscw = value,
+                _ => {}
+            }
+        }
+        Some(io)
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            rchar: self.rchar.saturating_sub(before.rchar),
+            wchar: self.wchar.saturating_sub(before.wchar),
+            syscr: self.syscr.saturating_sub(before.syscr),
+            syscw: self.syscw.saturating_sub(before.syscw),
+        }
+    }
 }
 
 fn fill_dir_store(dir: &Path, records: &[NodeRecord], bundle: String) -> Result<()> {
@@ -1147,6 +1506,7 @@ fn load_generator(
     mode: Mode,
     ready: &std::sync::mpsc::Sender<Result<()>>,
     stop: tokio::sync::oneshot::Receiver<()>,
+    mut roll: tokio::sync::mpsc::UnboundedReceiver<rolling::Start>,
 ) -> Result<()> {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1175,6 +1535,7 @@ fn load_generator(
         loop {
             tokio::select! {
                 _ = &mut stop => return Ok(()),
+                Some(start) = roll.recv() => rolling::spawn(&start, peers, agent, mode),
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let (peers, stats, agent) = (Arc::clone(peers), Arc::clone(stats), agent.clone());
@@ -1225,12 +1586,7 @@ async fn serve(
         .await
         .context("accept")?;
     let epoch: Epoch = incoming.peer_hello().epoch;
-    // Unique per peer and attempt (the kernel keys states by destination, SPI and protocol).
-    let attempt = peer.attempts.fetch_add(1, Ordering::Relaxed) & 0xff;
-    let raw_spi = 0x0100_0000_u32
-        .checked_add(u32::try_from(peer.index << 8)? | attempt)
-        .context("SPI space")?;
-    let mut hello = Hello::new(peer.name.clone(), epoch, Spi::new(raw_spi)?, mode)
+    let mut hello = Hello::new(peer.name.clone(), epoch, next_spi(peer)?, mode)
         .with_node_ips(vec![IpAddr::V4(peer.ip)])
         .with_pod_cidrs(vec![peer.pod_cidr]);
     if mode == Mode::Wireguard {
@@ -1238,23 +1594,7 @@ async fn serve(
     }
     let mut agreement = incoming.respond(hello).await.context("respond")?;
     if mode == Mode::Wireguard {
-        let WgPublicKey(agent_key) = agreement
-            .peer_hello
-            .wg_public_key
-            .context("the agent announced no WireGuard key")?;
-        let shared = peer
-            .wg_key
-            .shared_secret(&nodeseal_wireguard::PublicKey::from_bytes(agent_key))
-            .context("the agent's WireGuard key is a low-order point")?;
-        let theirs = agreement
-            .channel
-            .exchange_possession(agreement.keys.wg_possession_proof(&shared))
-            .await
-            .context("Possession exchange")?;
-        ensure!(
-            agreement.keys.verify_wg_possession(&shared, &theirs),
-            "the agent's possession proof does not verify"
-        );
+        prove_wg_possession(peer, &mut agreement).await?;
     }
     agreement
         .channel
@@ -1262,7 +1602,46 @@ async fn serve(
         .await
         .context("Installed exchange")?;
     let _ = agreement.channel.close().await;
+    peer.epoch.store(epoch.0, Ordering::Relaxed);
     stats.success(peer.index);
+    Ok(())
+}
+
+/// A fresh inbound SPI for `peer`'s next Hello: unique per peer and attempt (the kernel keys
+/// states by destination, SPI and protocol).
+fn next_spi(peer: &PeerCreds) -> Result<Spi> {
+    let attempt = peer.attempts.fetch_add(1, Ordering::Relaxed) & 0xff;
+    let raw_spi = 0x0100_0000_u32
+        .checked_add(u32::try_from(peer.index << 8)? | attempt)
+        .context("SPI space")?;
+    Ok(Spi::new(raw_spi)?)
+}
+
+/// WireGuard mode: both sides prove they hold the private key of the public key they announced.
+async fn prove_wg_possession<S>(
+    peer: &PeerCreds,
+    agreement: &mut handshake::Agreement<S>,
+) -> Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let WgPublicKey(agent_key) = agreement
+        .peer_hello
+        .wg_public_key
+        .context("the agent announced no WireGuard key")?;
+    let shared = peer
+        .wg_key
+        .shared_secret(&nodeseal_wireguard::PublicKey::from_bytes(agent_key))
+        .context("the agent's WireGuard key is a low-order point")?;
+    let theirs = agreement
+        .channel
+        .exchange_possession(agreement.keys.wg_possession_proof(&shared))
+        .await
+        .context("Possession exchange")?;
+    ensure!(
+        agreement.keys.verify_wg_possession(&shared, &theirs),
+        "the agent's possession proof does not verify"
+    );
     Ok(())
 }
 
